@@ -1,0 +1,39 @@
+# lmforge: two commands on a fresh machine.
+#   make demo   creates .venv if needed, then trains a tokenizer + tiny GPT on tinyshakespeare (CPU) and samples
+#   make test   creates .venv if needed, then runs the test suite
+#
+# Torch: an interpreter that already has torch (a GPU image) keeps it: the venv then sees the system
+# site-packages and torch is not reinstalled. Otherwise the venv gets torch 2.13.0, the CPU build on a
+# machine without CUDA, before the project is installed, so no dependency range can pull a CUDA build.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.lmforge-installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	@if [ ! -x $(BIN)/python ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    echo "using the torch already installed for $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; \
+	fi
+	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install torch; \
+	  else $(BIN)/pip install torch==2.13.0; fi; \
+	fi
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lmforge demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	@for script in bench/*.py; do echo "# $$script"; $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,31 @@
+"""The checkpoint directory: the one hand-off format between stages (layer 3).
+
+    CKPT/
+      config.json          {"format": 1, "model": {...ModelConfig...}}
+      model.safetensors    weights (tied weights stored once)
+      tokenizer.json       the tokenizer the model was trained with
+      trainer_state.json   training runs only: step, configs, RNG-free data position, optimizer layout
+      optimizer.safetensors  training runs only: optimizer tensors
+      metrics.jsonl        training runs only: the metrics up to this step
+
+A training run writes `RUN/step-000100/`, `RUN/step-000200/`, ...; anything that takes a checkpoint
+also takes the run directory and uses its latest complete step.
+"""
+
+from lmforge.checkpoint.store import (
+    Checkpoint,
+    find_checkpoints,
+    load_checkpoint,
+    load_model,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+
+__all__ = [
+    "Checkpoint",
+    "find_checkpoints",
+    "load_checkpoint",
+    "load_model",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,161 @@
+"""Write and read checkpoint directories: atomically, and without ever executing file contents."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model as st_load_model, save_file, save_model as st_save_model
+
+from lmforge.config import ModelConfig
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+from lmforge.utils.errors import UserError
+from lmforge.utils.fs import atomic_dir, atomic_write_json
+
+FORMAT = 1
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint directory holds, loaded; trainer fields are None for a bare model."""
+
+    path: Path
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    trainer_state: dict[str, Any] | None
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    *,
+    trainer_state: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    metrics_file: str | Path | None = None,
+) -> Path:
+    """Write a checkpoint directory at `path` in one rename (a crash leaves the old one or none)."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        atomic_write_json(tmp / "config.json", {"format": FORMAT, "model": model.config.to_dict()})
+        st_save_model(model, str(tmp / "model.safetensors"))
+        tokenizer.save(tmp)
+        if trainer_state is not None:
+            state = dict(trainer_state)
+            if optimizer_state is not None:
+                tensors: dict[str, torch.Tensor] = {}
+                state["optimizer"] = _split_tensors(optimizer_state, "optimizer", tensors)
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
+            atomic_write_json(tmp / "trainer_state.json", state)
+        if metrics_file is not None and Path(metrics_file).exists():
+            shutil.copyfile(metrics_file, tmp / "metrics.jsonl")
+    return path
+
+
+def find_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete step checkpoints under a run directory, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    steps = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(steps) if (p / "config.json").exists()]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory itself, or the latest complete step checkpoint of a run directory."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    found = find_checkpoints(path)
+    if found:
+        return found[-1]
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist; pass a directory written by `lmforge pretrain`")
+    raise UserError(f"{path} holds no checkpoint (no config.json and no step-* directories); pass a checkpoint or run directory")
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint's config, tokenizer and trainer state (weights are loaded by `load_model`)."""
+    path = resolve_checkpoint(path)
+    config = _read_json(path / "config.json")
+    if not isinstance(config, dict) or config.get("format") != FORMAT or "model" not in config:
+        raise UserError(f"{path / 'config.json'} is not an lmforge checkpoint config (format {FORMAT}); re-export it")
+    model_config = ModelConfig.from_dict(config["model"])
+    tokenizer = Tokenizer.load(path)
+    state_file = path / "trainer_state.json"
+    trainer_state = _read_json(state_file) if state_file.exists() else None
+    return Checkpoint(path, model_config, tokenizer, trainer_state)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, Checkpoint]:
+    """The model of a checkpoint in eval mode on `device`, and the checkpoint's other contents."""
+    ckpt = load_checkpoint(path)
+    model = Transformer(ckpt.model_config)
+    weights = ckpt.path / "model.safetensors"
+    if not weights.exists():
+        raise UserError(f"{weights} is missing; the checkpoint is incomplete, use another step or retrain")
+    try:
+        missing, unexpected = st_load_model(model, str(weights), strict=False, device=str(device))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"{weights} is corrupt ({_first_line(e)}); use another checkpoint or retrain") from None
+    if missing or unexpected:
+        raise UserError(
+            f"{weights} does not match config.json (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); "
+            "the checkpoint is inconsistent, re-save it"
+        )
+    return model.to(device).eval(), ckpt
+
+
+def load_optimizer_state(ckpt: Checkpoint) -> dict[str, Any]:
+    """The optimizer state_dict saved with a training checkpoint."""
+    if ckpt.trainer_state is None or "optimizer" not in ckpt.trainer_state:
+        raise UserError(f"{ckpt.path} holds no optimizer state; it cannot be resumed, start a new run from it")
+    try:
+        tensors = load_file(str(ckpt.path / "optimizer.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{ckpt.path / 'optimizer.safetensors'} is unreadable ({_first_line(e)}); resume from another step") from None
+    return _join_tensors(ckpt.trainer_state["optimizer"], tensors)
+
+
+def _split_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested dict/list by {"__tensor__": key}, collecting it into `out`."""
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj.detach().cpu()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _split_tensors(v, f"{prefix}.{k}", out)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_split_tensors(v, f"{prefix}.{i}", out) for i, v in enumerate(obj)]
+    return obj
+
+
+def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if isinstance(obj, dict) and "__dict__" in obj:
+        # Keys keep their type (optimizer state is keyed by int parameter index).
+        return {k: _join_tensors(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; pass a complete checkpoint directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({_first_line(e)}); use another checkpoint or retrain") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -1,0 +1,95 @@
+"""One handler per verb: build typed configs from parsed arguments, call the library, report.
+
+Human-readable progress goes to stderr (bars) and stdout (summaries); each handler returns the
+dict that `--json` prints.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Callable
+
+from jsonargparse import Namespace
+
+from lmforge.config import ModelConfig, TrainConfig
+from lmforge.data import prepare, train_tokenizer
+from lmforge.evaluate import evaluate_lm
+from lmforge.infer import load
+from lmforge.train import pretrain
+
+
+def _say(args: Namespace) -> Callable[..., None]:
+    """print, or print to stderr when stdout is reserved for --json."""
+    return (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+
+
+def tokenizer_train(args: Namespace) -> dict[str, Any]:
+    tok = train_tokenizer(args.files, args.vocab_size, args.out, min_frequency=args.min_frequency)
+    _say(args)(f"tokenizer: {tok.vocab_size} tokens -> {args.out}/tokenizer.json")
+    return {"out": args.out, "vocab_size": tok.vocab_size, "sha256": tok.sha256}
+
+
+def prepare_cmd(args: Namespace) -> dict[str, Any]:
+    meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction)
+    say = _say(args)
+    for split, s in meta["splits"].items():
+        say(f"{split}: {s['tokens']:,} tokens from {s['documents']} documents, {s['bytes_per_token']:.2f} bytes/token")
+    say(f"dropped {meta['duplicates_dropped']} duplicate documents; wrote {args.out}")
+    return meta
+
+
+def pretrain_cmd(args: Namespace) -> dict[str, Any]:
+    model = ModelConfig(**args.model.as_dict())
+    train = TrainConfig(**args.train.as_dict())
+    result = pretrain(args.data, args.out, model, train, resume=args.resume, log=_say(args))
+    _report_run(result, _say(args))
+    return result.to_dict()
+
+
+def _report_run(result, say) -> None:
+    val = f", val loss {result.val_loss:.4f} nats/token = {result.val_bpb:.4f} bits/byte" if result.val_loss is not None else ""
+    say(f"done: step {result.step}, train loss {result.train_loss:.4f}{val}, {result.seconds:.1f}s")
+    say(f"checkpoint: {result.checkpoint}\nloss curve: {result.plot}")
+
+
+def generate_cmd(args: Namespace) -> dict[str, Any]:
+    lm = load(args.checkpoint, device=args.device)
+    kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    t0 = time.perf_counter()
+    pieces = []
+    for piece in lm.stream(args.prompt, args.max_new_tokens, **kwargs):
+        pieces.append(piece)
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    seconds = time.perf_counter() - t0
+    text = "".join(pieces)
+    if not args.json:
+        sys.stdout.write("\n")
+    return {"prompt": args.prompt, "text": text, "seconds": seconds}
+
+
+def eval_cmd(args: Namespace) -> dict[str, Any]:
+    result = evaluate_lm(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device)
+    _say(args)(
+        f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
+        f"{result['bpb']:.4f} bits/byte over {result['tokens']:,} tokens"
+    )
+    return result
+
+
+def demo_cmd(args: Namespace) -> dict[str, Any]:
+    from lmforge.cli.demo import run_demo
+
+    return run_demo(args.out, max_steps=args.max_steps, device=args.device, say=_say(args))
+
+
+HANDLERS: dict[str, Callable[[Namespace], dict[str, Any]]] = {
+    "demo": demo_cmd,
+    "tokenizer.train": tokenizer_train,
+    "prepare": prepare_cmd,
+    "pretrain": pretrain_cmd,
+    "generate": generate_cmd,
+    "eval": eval_cmd,
+}

@@ -1,0 +1,81 @@
+"""`lmforge demo`: the whole path on the bundled tinyshakespeare, on a laptop CPU.
+
+tokenizer -> shards (last 10% held out, as nanoGPT's shakespeare_char) -> pretrain -> full
+validation pass -> loss-curve PNG -> a 200-token sample.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from lmforge.config import TrainConfig, preset
+from lmforge.data import prepare, train_tokenizer
+from lmforge.evaluate import evaluate_lm
+from lmforge.infer import load
+from lmforge.train import pretrain
+
+VOCAB_SIZE = 2048
+MODEL = preset("demo")
+TRAIN = TrainConfig(
+    max_steps=500,
+    batch_size=32,
+    lr=2e-3,
+    min_lr=2e-4,
+    warmup_steps=50,
+    weight_decay=0.1,
+    eval_interval=250,
+    eval_batches=8,
+    log_interval=10,
+    ckpt_interval=0,
+    keep_checkpoints=1,
+    seed=1337,
+    compile=False,
+)
+PROMPT = "ROMEO:"
+SAMPLE_TOKENS = 200
+
+
+def corpus_path() -> Path:
+    return Path(str(resources.files("lmforge") / "assets" / "tinyshakespeare.txt"))
+
+
+def run_demo(
+    out: str | Path = "runs/demo",
+    max_steps: int | None = None,
+    device: str = "cpu",
+    say: Callable[..., None] = print,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    out = Path(out)
+    corpus = corpus_path()
+    if (out / "run").exists():
+        shutil.rmtree(out / "run")  # the demo's own previous run: start it again from scratch
+    say(f"[1/5] tokenizer: byte-level BPE, {VOCAB_SIZE} tokens, on {corpus.name}")
+    train_tokenizer([corpus], VOCAB_SIZE, out / "tokenizer")
+    say("[2/5] prepare: tokenize, last 10% of the text held out for validation")
+    prepare([corpus], out / "tokenizer", out / "data", val_fraction=0.1)
+    say("[3/5] pretrain")
+    train = TRAIN.replace(device=device, max_steps=max_steps or TRAIN.max_steps)
+    run = pretrain(out / "data", out / "run", MODEL, train, log=say)
+    say("[4/5] evaluate on the whole validation split")
+    ev = evaluate_lm(run.checkpoint, out / "data", split="val", device=device)
+    say(f"validation: {ev['loss']:.4f} nats/token, {ev['bpb']:.4f} bits/byte, perplexity {ev['perplexity']:.2f}")
+    say(f"loss curve: {run.plot}")
+    say(f"[5/5] sample ({SAMPLE_TOKENS} tokens, temperature 0.8, top-k 200, seed 1337)")
+    lm = load(run.checkpoint, device=device)
+    sample = PROMPT + lm.generate(PROMPT, SAMPLE_TOKENS, temperature=0.8, top_k=200, seed=1337, stop_at_eot=False)
+    say("-" * 60 + "\n" + sample + "\n" + "-" * 60)
+    seconds = time.perf_counter() - t0
+    say(f"demo finished in {seconds:.1f}s; checkpoint {run.checkpoint}")
+    return {
+        "val_loss": ev["loss"],
+        "val_bpb": ev["bpb"],
+        "seconds": seconds,
+        "sample": sample,
+        "checkpoint": str(run.checkpoint),
+        "plot": str(run.plot),
+    }

@@ -1,0 +1,140 @@
+"""The `lmforge` command: parse a verb's arguments (jsonargparse: YAML configs and dotted
+overrides such as `--train.lr 3e-4`), call the library, print the result.
+
+Every user-caused error ends as one line on stderr and exit status 2; `--json` makes the last
+line of stdout a JSON object with the verb's result.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from argparse import ArgumentError
+from typing import Any, Callable, Sequence
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from lmforge.config import PRESETS, ModelConfig, TrainConfig
+from lmforge.utils.errors import UserError
+
+
+def _parser(description: str) -> ArgumentParser:
+    return ArgumentParser(description=description, exit_on_error=False, default_env=False)
+
+
+def _option(p: ArgumentParser, name: str, **kwargs: Any) -> None:
+    """An option spelled `--max-new-tokens` that also accepts `--max_new_tokens`."""
+    dashed = "--" + name.replace("_", "-")
+    flags = [dashed] if "-" not in name and "_" not in name else [dashed, "--" + name]
+    p.add_argument(*flags, dest=name, **kwargs)
+
+
+def _json_flag(p: ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+
+
+def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentParser:
+    root = _parser("lmforge: Transformer language models from theory to practice.")
+    verbs = root.add_subcommands(dest="verb", required=True)
+
+    demo = _parser("Train a tokenizer and a small GPT on the bundled tinyshakespeare, evaluate, sample.")
+    _option(demo, "out", default="runs/demo", help="directory for the tokenizer, data, run and plot")
+    _option(demo, "max_steps", type=int, default=None, help="training steps (default: the demo recipe)")
+    _option(demo, "device", default="cpu", help="cpu, cuda or auto")
+    _json_flag(demo)
+    verbs.add_subcommand("demo", demo, help="the main job: tokenizer + tiny GPT on tinyshakespeare + sample")
+
+    tok = _parser("Tokenizer commands.")
+    verbs.add_subcommand("tokenizer", tok, help="train a byte-level BPE tokenizer")
+    tok_verbs = tok.add_subcommands(dest="action", required=True)
+    tok_train = _parser("Train a byte-level BPE tokenizer (HF tokenizers) with special tokens.")
+    tok_train.add_argument("files", nargs="+", help=".txt, .jsonl, .gz files or directories")
+    _option(tok_train, "vocab_size", type=int, default=8192, help="vocabulary size including special tokens")
+    _option(tok_train, "out", required=True, help="directory to write tokenizer.json into")
+    _option(tok_train, "min_frequency", type=int, default=2, help="minimum pair count for a merge")
+    _json_flag(tok_train)
+    tok_verbs.add_subcommand("train", tok_train, help="train a tokenizer on text files")
+
+    prep = _parser("Tokenize text into uint16/uint32 memmap shards with meta.json.")
+    prep.add_argument("inputs", nargs="+", help=".txt, .jsonl, .gz files or directories")
+    _option(prep, "tokenizer", required=True, help="directory with tokenizer.json")
+    _option(prep, "out", required=True, help="output data directory")
+    _option(prep, "val_fraction", type=float, default=0.1, help="last fraction of the text held out for validation")
+    _json_flag(prep)
+    verbs.add_subcommand("prepare", prep, help="tokenize a corpus into train/val shards")
+
+    pre = _parser("Pretrain a decoder-only Transformer on prepared shards.")
+    pre.add_argument("--config", action=ActionConfigFile, help="YAML file with data/out/model/train keys")
+    pre.add_argument("--data", required=True, help="prepared data directory (lmforge prepare)")
+    pre.add_argument("--out", required=True, help="run directory for checkpoints, metrics and plots")
+    pre.add_class_arguments(ModelConfig, "model")
+    pre.add_class_arguments(TrainConfig, "train")
+    pre.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    _json_flag(pre)
+    if pretrain_defaults:
+        pre.set_defaults(pretrain_defaults)
+    verbs.add_subcommand("pretrain", pre, help="train a model from scratch or resume a run")
+
+    gen = _parser("Generate text from a checkpoint, streaming tokens to stdout.")
+    gen.add_argument("checkpoint", help="checkpoint or run directory")
+    _option(gen, "prompt", default="\n", help="text to continue")
+    _option(gen, "max_new_tokens", type=int, default=200)
+    _option(gen, "temperature", type=float, default=0.8, help="0 is greedy")
+    _option(gen, "top_k", type=int, default=200, help="0 disables")
+    _option(gen, "top_p", type=float, default=1.0, help="1 disables")
+    _option(gen, "seed", type=int | None, default=None)
+    _option(gen, "device", default="auto")
+    _json_flag(gen)
+    verbs.add_subcommand("generate", gen, help="sample a continuation of a prompt")
+
+    ev = _parser("Loss, perplexity and bits per byte of a checkpoint on text.")
+    ev.add_argument("checkpoint", help="checkpoint or run directory")
+    _option(ev, "data", nargs="+", required=True, help="a prepared data directory, or text files/directories")
+    _option(ev, "split", default="val", help="split of a prepared data directory")
+    _option(ev, "batch_size", type=int, default=8)
+    _option(ev, "device", default="auto")
+    _json_flag(ev)
+    verbs.add_subcommand("eval", ev, help="evaluate a language model")
+    return root
+
+
+def parse(argv: Sequence[str]) -> Namespace:
+    """Parse argv; a model preset (from the command line or a YAML file) becomes the defaults
+    that explicit `--model.*` values override."""
+    ns = build_parser().parse_args(list(argv))
+    if ns.verb == "pretrain" and ns.pretrain.model.preset:
+        name = ns.pretrain.model.preset
+        if name not in PRESETS:
+            raise UserError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        defaults = {f"model.{k}": v for k, v in PRESETS[name].items()}
+        ns = build_parser(defaults).parse_args(list(argv))
+    return ns
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        ns = parse(argv)
+        from lmforge.cli import commands  # torch is imported only once the arguments are valid
+
+        verb = ns.verb if ns.verb != "tokenizer" else f"tokenizer.{ns.tokenizer.action}"
+        args = ns[verb]
+        handler: Callable[[Namespace], dict[str, Any]] = commands.HANDLERS[verb]
+        result = handler(args)
+    except UserError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return UserError.exit_code
+    except ArgumentError as e:
+        message = " ".join(str(e).split())
+        print(f"lmforge: error: {message} (see `lmforge {' '.join(argv[:1])} --help`)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+    if args.get("json"):
+        print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""How to train: optimizer, schedule, batch, logging and checkpoint cadence, device."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lmforge.utils.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    """Pretraining settings.
+
+    Args:
+        max_steps: optimizer steps in the run (the cosine schedule ends here).
+        batch_size: sequences per micro-batch.
+        grad_accum: micro-batches per optimizer step; tokens/step = batch_size * grad_accum * seq_len.
+        seq_len: tokens per sequence; None means the model's context_length.
+        lr: peak learning rate.
+        min_lr: learning rate at the end of the cosine decay.
+        warmup_steps: steps of linear warmup from 0 to lr.
+        weight_decay: AdamW decay on matrices (never on norms, biases or embeddings).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        grad_clip: clip the global gradient norm to this; 0 disables.
+        eval_interval: validate every this many steps (and at the end); 0 disables.
+        eval_batches: micro-batches of validation data per evaluation.
+        log_interval: write training metrics every this many steps.
+        ckpt_interval: write a checkpoint every this many steps (and at the end); 0 only at the end.
+        keep_checkpoints: how many step checkpoints to keep (oldest are deleted).
+        seed: seeds weights, data order and dropout; a run is a function of its config.
+        device: `auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:1`, ...
+        dtype: `auto` (bf16 autocast on CUDA, fp32 on CPU), `float32`, `bfloat16`.
+        compile: torch.compile the model; None means on for CUDA, off for CPU.
+        threads: CPU threads for torch; None keeps torch's default.
+        tensorboard: also write TensorBoard event files.
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    seq_len: int | None = None
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_batches: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    compile: bool | None = None
+    threads: int | None = None
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval", "ckpt_interval", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise UserError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise UserError(f"train.seq_len must be >= 1, got {self.seq_len}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)

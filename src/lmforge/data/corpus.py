@@ -1,0 +1,187 @@
+"""Reading a text corpus: files and directories in, NFC-normalised documents out.
+
+What counts as a document decides where `<|endoftext|>` goes, so it is fixed here once:
+a `.txt`/`.md` file is one document (a book stays whole), a `.jsonl` line is one document (its
+`text` field). Any of them may be gzipped. Empty documents are skipped: they carry no text.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import unicodedata
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator, Sequence
+
+from lmforge.tokenizer import Tokenizer
+from lmforge.utils.errors import UserError
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIX = ".jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One unit of text; `source` is the file, or `file:line` for a `.jsonl` record."""
+
+    source: str
+    text: str
+
+
+def iter_documents(paths: Sequence[str | Path]) -> Iterator[Document]:
+    """Yield the documents of `paths` in order; directories are walked recursively, sorted.
+
+    Every path is checked before the first document is read, so a typo in the last argument
+    fails at once rather than after an hour of reading.
+    """
+    files = [file for path in path_list(paths) for file in _expand(path)]
+    for file in files:
+        yield from _read_file(file)
+
+
+def train_tokenizer(
+    paths: Sequence[str | Path],
+    vocab_size: int,
+    out: str | Path,
+    min_frequency: int = 2,
+    progress: bool = True,
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on the deduplicated documents of `paths`; save `out/tokenizer.json`.
+
+    Duplicates are dropped because a document repeated a thousand times would otherwise buy
+    merges for its own phrases.
+    """
+    n_docs = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal n_docs
+        seen: set[bytes] = set()
+        for doc in iter_documents(paths):
+            key = text_key(doc.text)
+            if key not in seen:
+                seen.add(key)
+                n_docs += 1
+                yield doc.text
+
+    tokenizer = Tokenizer.train(texts(), vocab_size, min_frequency=min_frequency, show_progress=progress)
+    if n_docs == 0:
+        raise UserError(f"corpus {_names(paths)} is empty; pass files that contain text")
+    tokenizer.save(out)
+    return tokenizer
+
+
+def text_key(text: str) -> bytes:
+    """A 128-bit digest identifying a document's text, for exact deduplication."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def path_list(paths: Sequence[str | Path] | str | Path) -> list[Path]:
+    """`paths` as a list; a lone str or Path is one path (not a sequence of one-letter paths, which
+    would turn "/data/a.txt" into "/", "d", ... and walk the whole filesystem)."""
+    if isinstance(paths, (str, os.PathLike)):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
+
+
+def _names(paths: Sequence[str | Path]) -> str:
+    return " ".join(str(p) for p in path_list(paths)) or "(no paths)"
+
+
+def _kind(path: Path) -> str | None:
+    """'text', 'jsonl' or None (not a corpus file) from the suffix, looking inside `.gz`."""
+    suffixes = [s.lower() for s in path.suffixes]
+    suffixes = suffixes[-2:] if suffixes[-1:] == [".gz"] else suffixes[-1:]
+    inner = suffixes[0] if suffixes and suffixes[0] != ".gz" else ""
+    if inner == JSONL_SUFFIX:
+        return "jsonl"
+    if inner in TEXT_SUFFIXES:
+        return "text"
+    return None
+
+
+def _expand(path: Path) -> list[Path]:
+    """The corpus files `path` stands for: itself, or the corpus files found below a directory."""
+    if path.is_file():
+        return [path]
+    if not path.exists():
+        raise UserError(f"{path} does not exist; check the path")
+    if not path.is_dir():
+        raise UserError(f"{path} is not a regular file or directory; pass text files or directories")
+    # Hidden entries (.git, editor swap files) are never corpus text.
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and _kind(p) is not None and not any(s.startswith(".") for s in p.relative_to(path).parts)
+    )
+    if not files:
+        raise UserError(
+            f"directory {path} has no .txt, .md or .jsonl files (optionally .gz); "
+            "pass the files explicitly or a directory that holds them"
+        )
+    return files
+
+
+def _open(file: Path) -> BinaryIO:
+    return gzip.open(file, "rb") if file.suffix == ".gz" else open(file, "rb")
+
+
+def _read_file(file: Path) -> Iterator[Document]:
+    """Documents of one file, with every read or decode failure turned into a one-line UserError."""
+    try:
+        with _open(file) as f:
+            if _kind(file) == "jsonl":
+                yield from _read_jsonl(file, f)
+            else:
+                text = _decode(f.read(), file, 0)
+                text = _nfc(text.removeprefix("\ufeff"))
+                if text:
+                    yield Document(str(file), text)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise UserError(f"{file} is not a valid gzip file ({e}); re-compress it with gzip, or decompress it") from None
+    except OSError as e:
+        raise UserError(f"cannot read {file} ({e.strerror or e}); check that it exists and is readable") from None
+
+
+def _read_jsonl(file: Path, f: BinaryIO) -> Iterator[Document]:
+    """One document per line, streamed so that a many-GB .jsonl never sits in memory at once."""
+    offset = 0
+    hint = 'each line must be a JSON object with a string "text" field'
+    for lineno, raw in enumerate(f, start=1):
+        line = _decode(raw, file, offset)
+        offset += len(raw)
+        if lineno == 1:
+            line = line.removeprefix("\ufeff")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{file}:{lineno}: invalid JSON ({e.msg}, column {e.colno}); {hint}") from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise UserError(f'{file}:{lineno}: no "text" field; {hint}')
+        if not isinstance(record["text"], str):
+            raise UserError(f'{file}:{lineno}: "text" is {type(record["text"]).__name__}, not a string; {hint}')
+        text = _nfc(record["text"])
+        if text:
+            yield Document(f"{file}:{lineno}", text)
+
+
+def _decode(data: bytes, file: Path, offset: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = "of the decompressed text " if file.suffix == ".gz" else ""
+        bad = data[e.start : e.start + 4]
+        raise UserError(
+            f"{file} is not valid UTF-8 (byte offset {offset + e.start} {where}is {bad!r}); convert it, "
+            f"e.g. `iconv -f latin1 -t utf-8 {file} > {file}.utf8` if it is Latin-1"
+        ) from None
+
+
+def _nfc(text: str) -> str:
+    """NFC, so that 'é' typed as one code point or as 'e' + U+0301 becomes the same tokens."""
+    return unicodedata.normalize("NFC", text)

@@ -1,0 +1,54 @@
+"""Training batches from token shards: random windows that are a pure function of (seed, step).
+
+Because batch `step` depends on nothing but the seed and the step number, a resumed run sees
+exactly the batches an uninterrupted one would, with no sampler state to save.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lmforge.utils.errors import UserError
+
+
+class TokenWindows:
+    """Windows of seq_len + 1 tokens (inputs and shifted targets) over a list of 1-D token arrays."""
+
+    def __init__(self, shards: list[np.ndarray], seq_len: int, split: str = "train") -> None:
+        self.shards = shards
+        self.seq_len = seq_len
+        # Number of valid window starts in each shard, and their running total.
+        counts = [max(len(s) - seq_len, 0) for s in shards]
+        if sum(counts) == 0:
+            longest = max((len(s) for s in shards), default=0)
+            raise UserError(
+                f"the {split} split has {longest} tokens in its longest shard, too few for sequences of "
+                f"{seq_len}; lower --train.seq_len or prepare more text"
+            )
+        self.cumulative = np.cumsum([0] + counts)
+
+    @property
+    def num_windows(self) -> int:
+        return int(self.cumulative[-1])
+
+    def windows(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (B, seq_len) int64 for global window starts."""
+        rows = []
+        for g in starts.tolist():
+            shard = int(np.searchsorted(self.cumulative, g, side="right")) - 1
+            offset = g - int(self.cumulative[shard])
+            rows.append(self.shards[shard][offset : offset + self.seq_len + 1])
+        chunk = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def random_batch(self, batch_size: int, seed: int, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number (step, micro) of a run seeded with `seed`."""
+        rng = np.random.default_rng([seed, step, micro])
+        return self.windows(rng.integers(0, self.num_windows, size=batch_size))
+
+    def spread_batches(self, batch_size: int, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`n_batches` fixed batches whose windows are spread evenly over the split (for validation)."""
+        n = min(batch_size * n_batches, self.num_windows)
+        starts = np.linspace(0, self.num_windows - 1, n).astype(np.int64)
+        return [self.windows(starts[i : i + batch_size]) for i in range(0, n, batch_size)]

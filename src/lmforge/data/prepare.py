@@ -1,0 +1,309 @@
+"""Turning a corpus into token shards: the `lmforge prepare` verb, and reading the shards back.
+
+A prepared data directory is self-describing:
+
+    out/
+      meta.json           format, tokenizer hash, dtype, per-split token/byte counts and shards
+      tokenizer.json      the tokenizer the shards were made with
+      train-00000.bin     raw little-endian token ids, <|endoftext|> after every document
+      val-00000.bin       ...
+
+Raw arrays (as nanoGPT's `train.bin`) because a trainer memory-maps them and slices random windows
+without parsing anything; shards because one file per hundred million tokens is easy to copy.
+
+Reading is two passes over the corpus: the first counts characters (and finds duplicates), because
+the validation split is the *last* `val_fraction` of the text, and where that starts is only known
+once the total is; the second tokenizes and writes. Two reads cost far less than holding a large
+corpus in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from itertools import chain
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from lmforge.data.corpus import iter_documents, path_list, text_key
+from lmforge.tokenizer import Tokenizer
+from lmforge.utils.errors import UserError
+from lmforge.utils.fs import atomic_dir, atomic_write_json
+
+FORMAT = 1
+SPLITS = ("train", "val")
+# Chunks are the unit of parallel work for the Rust encoder; batches bound the memory held in
+# Python lists of ids (about 8 bytes per character of text) between writes.
+CHUNK_CHARS = 1 << 16
+BATCH_CHARS = 1 << 22
+
+# Where a document may be cut so that the pieces' encodings concatenate to the whole encoding: right
+# after a '\n' that has non-whitespace on both sides ("word\n|Word"). The GPT-2 pre-tokenizer regex
+# (`'s|'t|...| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`) has no look-behind, and a lone
+# '\n' there is its own pre-token both in the whole text and at the end of a piece, so every
+# pre-token is the same. Both neighbours matter: a run of two or more whitespace characters before
+# non-whitespace is cut before its last character ("\n\nA" -> "\n", "\n", "A"), but at the end of a
+# piece `(?!\S)` holds and the run stays whole ("\n\n"), a different token wherever "\n\n" is a
+# merge (GPT-2's id 628). Text with only "\r\n" line ends has no such position and is encoded in one
+# piece: slower, never different.
+# Python's \s is a superset of Unicode White_Space, so a doubtful character only costs a boundary.
+_SAFE_BOUNDARY = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds every id: uint16 up to 65536 tokens, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def safe_chunks(text: str, chunk_chars: int) -> list[str]:
+    """Cut `text` into pieces of at least `chunk_chars` characters (the last may be shorter) at safe
+    boundaries only, so that concatenating the pieces' encodings gives the encoding of `text`."""
+    pieces = []
+    start = 0
+    while len(text) - start > chunk_chars:
+        match = _SAFE_BOUNDARY.search(text, start + chunk_chars - 1)
+        if match is None:
+            break
+        pieces.append(text[start : match.end()])
+        start = match.end()
+    pieces.append(text[start:])
+    return pieces
+
+
+def prepare(
+    paths: Sequence[str | Path],
+    tokenizer: str | Path,
+    out: str | Path,
+    val_fraction: float = 0.1,
+    shard_tokens: int = 100_000_000,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize the corpus at `paths` into train/val shards in `out`; return the meta dict.
+
+    Exact duplicate documents are dropped (the first copy stays). Validation is the last
+    `val_fraction` of the characters, as nanoGPT holds out the end of tinyshakespeare: a held-out
+    tail tests generalisation to unseen text rather than to shuffled neighbours of training lines.
+    The document straddling the cut is split at the first line start at or after the cut (a
+    position right after a newline): the same rule as for whole documents, where one starting
+    exactly at the cut is all val.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"val_fraction {val_fraction} is out of range; pass a value in [0, 1), e.g. 0.1")
+    if shard_tokens < 1:
+        raise UserError(f"shard_tokens {shard_tokens} must be positive; pass e.g. 100000000")
+    out = Path(out)
+    if out.exists() and not (out / "meta.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        # `out` is replaced wholesale; refuse to replace anything that is not a data directory.
+        raise UserError(f"{out} exists and is not a prepared data directory; pass a new --out or remove it")
+    tok = Tokenizer.load(tokenizer)
+    sources = [str(p) for p in path_list(paths)]
+
+    keep, total_chars, duplicates = _scan(paths, progress)
+    if total_chars == 0:
+        raise UserError(f"corpus {' '.join(sources) or '(no paths)'} is empty; pass files that contain text")
+    # As nanoGPT's `data[:int(n*0.9)]`; with val_fraction 0 the cut is the end and val stays empty.
+    cut = int(total_chars * (1.0 - val_fraction))
+
+    dtype = token_dtype(tok.vocab_size)
+    with atomic_dir(out) as tmp:
+        writers = {name: _SplitWriter(name, tmp, dtype, shard_tokens) for name in SPLITS}
+        try:
+            _tokenize(paths, keep, cut, total_chars, tok, writers, progress)
+        finally:
+            for writer in writers.values():
+                writer.close()
+        if writers["train"].tokens == 0:
+            raise UserError(f"train split is empty: val_fraction {val_fraction} leaves no text for it; lower it")
+        if val_fraction > 0 and writers["val"].tokens == 0:
+            raise UserError(
+                f"val split is empty: the last {val_fraction:.0%} of the text has no line start to split at; "
+                "add more documents or lines, or pass val_fraction=0"
+            )
+        meta = {
+            "format": FORMAT,
+            "tokenizer_sha256": tok.sha256,
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "dtype": dtype.name,
+            "val_fraction": val_fraction,
+            "documents": len(keep) - duplicates,
+            "duplicates_dropped": duplicates,
+            "sources": sources,
+            "splits": {name: writer.summary() for name, writer in writers.items()},
+        }
+        tok.save(tmp)
+        atomic_write_json(tmp / "meta.json", meta)
+    return meta
+
+
+def _scan(paths: Sequence[str | Path], progress: bool) -> tuple[bytearray, int, int]:
+    """First pass: which documents to keep (first copies), their total characters, and duplicates."""
+    seen: set[bytes] = set()
+    keep = bytearray()  # one byte per document, not a list's eight
+    total_chars = 0
+    for doc in tqdm(iter_documents(paths), desc="reading", unit=" docs", file=sys.stderr, disable=not progress):
+        key = text_key(doc.text)
+        keep.append(key not in seen)
+        if keep[-1]:
+            seen.add(key)
+            total_chars += len(doc.text)
+    return keep, total_chars, keep.count(0)
+
+
+def _tokenize(
+    paths: Sequence[str | Path],
+    keep: bytearray,
+    cut: int,
+    total_chars: int,
+    tok: Tokenizer,
+    writers: dict[str, _SplitWriter],
+    progress: bool,
+) -> None:
+    """Second pass: split the kept documents at `cut` into train/val parts and write their tokens."""
+    pending: list[tuple[str, str]] = []  # (split, part) waiting for the next batch
+    pending_chars = 0
+    pos = 0
+    bar = tqdm(
+        total=total_chars, desc="tokenizing", unit="char", unit_scale=True, file=sys.stderr, disable=not progress
+    )
+    with bar:
+        for doc, kept in zip(iter_documents(paths), keep, strict=True):
+            if not kept:
+                continue
+            text, start = doc.text, pos
+            pos += len(text)
+            if pos <= cut:
+                parts = [("train", text)]
+            elif start >= cut:
+                parts = [("val", text)]
+            else:
+                # cut - start >= 1 here; a '\n' just before the cut makes the cut itself a line start.
+                newline = text.find("\n", cut - start - 1)
+                at = len(text) if newline == -1 else newline + 1
+                parts = [("train", text[:at]), ("val", text[at:])]
+            for split, part in parts:
+                if part:
+                    pending.append((split, part))
+                    pending_chars += len(part)
+            if pending_chars >= BATCH_CHARS:
+                _encode_and_write(pending, tok, writers, bar)
+                pending, pending_chars = [], 0
+        _encode_and_write(pending, tok, writers, bar)
+
+
+def _encode_and_write(
+    pending: list[tuple[str, str]], tok: Tokenizer, writers: dict[str, _SplitWriter], bar: tqdm
+) -> None:
+    """Encode all parts of a batch in one multi-threaded call, then append each part's ids + eot."""
+    chunks: list[str] = []
+    counts: list[int] = []
+    for _, part in pending:
+        pieces = safe_chunks(part, CHUNK_CHARS)
+        chunks.extend(pieces)
+        counts.append(len(pieces))
+    encoded = iter(tok.encode_batch(chunks))
+    ids: dict[str, list[int]] = {name: [] for name in writers}
+    for (split, part), count in zip(pending, counts):
+        for _ in range(count):
+            ids[split].extend(next(encoded))
+        ids[split].append(tok.eot_id)
+        writers[split].count_document(part)
+    for name, writer in writers.items():
+        writer.write(np.array(ids[name], dtype=writer.dtype))
+    bar.update(sum(len(part) for _, part in pending))
+
+
+class _SplitWriter:
+    """Appends one split's tokens to `<split>-NNNNN.bin` files of at most `shard_tokens` tokens."""
+
+    def __init__(self, name: str, directory: Path, dtype: np.dtype, shard_tokens: int):
+        self.name, self.directory, self.dtype, self.shard_tokens = name, directory, dtype, shard_tokens
+        self.tokens = self.bytes = self.documents = 0
+        self.shards: list[dict[str, Any]] = []
+        self._file = None
+
+    def count_document(self, text: str) -> None:
+        self.documents += 1
+        self.bytes += len(text.encode("utf-8"))
+
+    def write(self, ids: np.ndarray) -> None:
+        ids = ids.astype(self.dtype.newbyteorder("<"), copy=False)
+        while len(ids):
+            if self._file is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self._next_shard()
+            take = min(len(ids), self.shard_tokens - self.shards[-1]["tokens"])
+            ids[:take].tofile(self._file)
+            self.shards[-1]["tokens"] += take
+            self.tokens += take
+            ids = ids[take:]
+
+    def _next_shard(self) -> None:
+        self.close()
+        name = f"{self.name}-{len(self.shards):05d}.bin"
+        self._file = open(self.directory / name, "wb")
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "documents": self.documents,
+            "bytes_per_token": round(self.bytes / self.tokens, 4) if self.tokens else None,
+            "shards": self.shards,
+        }
+
+
+def load_meta(data_dir: str | Path) -> dict[str, Any]:
+    """The `meta.json` of a prepared data directory."""
+    data_dir = Path(data_dir)
+    path = data_dir / "meta.json"
+    if not path.is_file():
+        raise UserError(
+            f"{data_dir} is not a prepared data directory (no meta.json); "
+            f"run `lmforge prepare ... --out {data_dir}` first"
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is unreadable ({e}); re-run `lmforge prepare ... --out {data_dir}`") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise UserError(
+            f"{path} has data format {found!r}, this lmforge reads format {FORMAT}; "
+            f"re-run `lmforge prepare ... --out {data_dir}`"
+        )
+    return meta
+
+
+def open_split(data_dir: str | Path, split: str) -> list[np.memmap]:
+    """Read-only memory maps of a split's shards, in order; each shard's size is checked against meta."""
+    data_dir = Path(data_dir)
+    meta = load_meta(data_dir)
+    if split not in meta["splits"]:
+        raise UserError(f"unknown split {split!r}; choose one of {', '.join(meta['splits'])}")
+    info = meta["splits"][split]
+    if info["tokens"] == 0:
+        raise UserError(
+            f"{data_dir} has no {split} tokens (prepared with val_fraction={meta['val_fraction']}); "
+            f"re-run `lmforge prepare ... --out {data_dir}` with a val fraction such as 0.1"
+        )
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    maps = []
+    for shard in info["shards"]:
+        path = data_dir / shard["file"]
+        expected = shard["tokens"] * dtype.itemsize
+        size = path.stat().st_size if path.is_file() else None
+        if size != expected:
+            found = "missing" if size is None else f"{size} bytes, expected {expected}"
+            raise UserError(f"shard {path} is {found}; re-run `lmforge prepare ... --out {data_dir}`")
+        maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(shard["tokens"],)))
+    return maps

@@ -1,0 +1,100 @@
+"""Language-model evaluation: loss (nats/token), perplexity and bits per byte over a whole text."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from lmforge.checkpoint import load_model
+from lmforge.data import iter_documents, load_meta, open_split
+from lmforge.model.losses import lm_loss
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+from lmforge.utils.device import autocast, autocast_dtype, resolve_device
+from lmforge.utils.errors import UserError
+
+
+def evaluate_lm(
+    checkpoint: str | Path,
+    data: Sequence[str | Path] | str | Path,
+    split: str = "val",
+    batch_size: int = 8,
+    device: str = "auto",
+    max_tokens: int | None = None,
+) -> dict:
+    """Loss, perplexity and bits per byte of a checkpoint on a prepared data dir's split or on raw files.
+
+    Every token after the first is predicted once, from the tokens before it in its window of
+    context_length (non-overlapping windows).
+    """
+    dev = resolve_device(device)
+    model, ckpt = load_model(checkpoint, dev)
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    if len(paths) == 1 and (Path(paths[0]) / "meta.json").exists():
+        tokens, n_bytes = _prepared_split(Path(paths[0]), split, ckpt.tokenizer)
+    else:
+        tokens, n_bytes = _tokenize_files(paths, ckpt.tokenizer)
+    if max_tokens is not None and len(tokens) > max_tokens:
+        n_bytes = int(n_bytes * max_tokens / len(tokens))  # proportional share of the bytes
+        tokens = tokens[:max_tokens]
+    if len(tokens) < 2:
+        raise UserError("the evaluation text has fewer than 2 tokens; give more text")
+    total_nats, predicted = _sum_nll(model, tokens, batch_size, dev, autocast_dtype(dev, "auto"))
+    loss = total_nats / predicted
+    return {
+        "checkpoint": str(ckpt.path),
+        "tokens": predicted,
+        "bytes": n_bytes,
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bpb": total_nats / (n_bytes * math.log(2)),
+    }
+
+
+def _prepared_split(data_dir: Path, split: str, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
+    meta = load_meta(data_dir)
+    if meta["tokenizer_sha256"] != tokenizer.sha256:
+        raise UserError(
+            f"{data_dir} was prepared with a different tokenizer than the checkpoint's; "
+            "pass raw text files instead, or prepare the data with the checkpoint's tokenizer"
+        )
+    tokens = np.concatenate([np.asarray(s) for s in open_split(data_dir, split)])
+    return tokens, int(meta["splits"][split]["bytes"])
+
+
+def _tokenize_files(paths: Sequence[str | Path], tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
+    ids: list[int] = []
+    n_bytes = 0
+    for doc in iter_documents(paths):
+        ids.extend(tokenizer.encode(doc.text))
+        ids.append(tokenizer.eot_id)
+        n_bytes += len(doc.text.encode("utf-8"))
+    if n_bytes == 0:
+        raise UserError(f"no text found in {', '.join(map(str, paths))}; give non-empty text files")
+    return np.asarray(ids, dtype=np.int64), n_bytes
+
+
+@torch.no_grad()
+def _sum_nll(
+    model: Transformer, tokens: np.ndarray, batch_size: int, device: torch.device, amp: torch.dtype | None
+) -> tuple[float, int]:
+    """Summed next-token NLL (nats) and the number of predicted tokens."""
+    T = model.config.context_length
+    n_full = (len(tokens) - 1) // T
+    windows = [tokens[s : s + T + 1] for s in range(0, n_full * T, T)]
+    batches = [np.stack(windows[i : i + batch_size]) for i in range(0, n_full, batch_size)]
+    if len(tokens) - n_full * T >= 2:
+        batches.append(tokens[n_full * T :][None])  # the final, shorter window
+    total, count = 0.0, 0
+    for batch in batches:
+        chunk = torch.from_numpy(batch.astype(np.int64)).to(device)
+        with autocast(device, amp):
+            logits = model(chunk[:, :-1])
+        n = chunk[:, 1:].numel()
+        total += lm_loss(logits, chunk[:, 1:]).item() * n
+        count += n
+    return total, count

@@ -1,0 +1,6 @@
+"""Inference workflows (layer 4): load a checkpoint and generate."""
+
+from lmforge.infer.generate import SamplingConfig, decode_one_token, generate_tokens, prefill, sample
+from lmforge.infer.session import LanguageModel, load
+
+__all__ = ["LanguageModel", "SamplingConfig", "decode_one_token", "generate_tokens", "load", "prefill", "sample"]

@@ -1,0 +1,103 @@
+"""Autoregressive generation as small functions: sample, prefill, decode_one_token, generate.
+
+The KV cache is created here and passed to the model; `use_cache=False` recomputes the whole
+sequence every step (the reference the cached path is tested against).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from lmforge.model import KVCache, Transformer
+from lmforge.utils.errors import UserError
+
+
+@dataclass
+class SamplingConfig:
+    """How the next token is picked. temperature 0 is greedy; top_k 0 and top_p 1 disable them."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V)."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.size(-1):
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays).
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > cfg.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prefill(model: Transformer, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    """Run the prompt (B, T) through the model, filling the cache; last-position logits (B, V)."""
+    return model(idx, cache=cache, start=0)[:, -1, : model.config.vocab_size]
+
+
+def decode_one_token(model: Transformer, token: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+    """Logits (B, V) for one new token per sequence (B,) at position `pos`."""
+    return model(token[:, None], cache=cache, start=pos)[:, -1, : model.config.vocab_size]
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: Transformer,
+    prompt: list[int] | torch.Tensor,
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    stop_tokens: tuple[int, ...] = (),
+    use_cache: bool = True,
+) -> Iterator[int]:
+    """Yield new token ids one at a time (batch 1) until max_new_tokens or a stop token.
+
+    Past the context length the window slides: each token is predicted from the last
+    `context_length` tokens.
+    """
+    sampling = sampling or SamplingConfig()
+    idx = torch.as_tensor(prompt, dtype=torch.long, device=model.tok_embeddings.weight.device).view(1, -1)
+    T, ctx = idx.size(1), model.config.context_length
+    if T == 0:
+        raise UserError("the prompt is empty; give at least one token of text")
+    if T > ctx:
+        raise UserError(f"the prompt is {T} tokens, longer than the model's context of {ctx}; shorten the prompt")
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(sampling.seed)
+    cache = model.new_cache(batch_size=1, max_seq_len=ctx) if use_cache else None
+    logits = prefill(model, idx, cache)
+    for i in range(max_new_tokens):
+        token = sample(logits, sampling, generator)
+        tid = int(token.item())
+        yield tid
+        if tid in stop_tokens or i == max_new_tokens - 1:
+            return
+        idx = torch.cat([idx, token[:, None]], dim=1)
+        if use_cache and idx.size(1) <= ctx:
+            logits = decode_one_token(model, token, cache, idx.size(1) - 1)
+        else:
+            # Without a cache, or once the context is full: recompute over the last `ctx` tokens
+            # (nanoGPT's sliding window; absolute positions make cached keys stale after a shift).
+            logits = prefill(model, idx[:, -ctx:], None)

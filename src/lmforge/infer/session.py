@@ -1,0 +1,65 @@
+"""`load(CKPT)`: a model and its tokenizer, ready to generate text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from lmforge.checkpoint import load_model
+from lmforge.infer.generate import SamplingConfig, generate_tokens
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+from lmforge.utils.device import resolve_device
+
+
+class LanguageModel:
+    """A loaded checkpoint: `.model` (a torch module), `.tokenizer`, and text generation."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 100,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_at_eot: bool = True,
+    ) -> Iterator[str]:
+        """Yield the continuation of `prompt` piece by piece, each piece complete UTF-8 text."""
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        stops = (self.tokenizer.eot_id,) if stop_at_eot else ()
+        ids: list[int] = []
+        emitted = ""
+        for tid in generate_tokens(self.model, self.tokenizer.encode(prompt), max_new_tokens, sampling, stops):
+            if tid in stops:
+                break
+            ids.append(tid)
+            text = self.tokenizer.decode(ids)
+            # A byte-level token can end inside a multi-byte character: wait for the rest of it.
+            if not text.endswith("\ufffd") and len(text) > len(emitted):
+                yield text[len(emitted) :]
+                emitted = text
+        text = self.tokenizer.decode(ids)
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
+
+    def generate(self, prompt: str, max_new_tokens: int = 100, **kwargs) -> str:
+        """The continuation of `prompt` (not including it); keyword arguments as in `stream`."""
+        return "".join(self.stream(prompt, max_new_tokens, **kwargs))
+
+
+def load(checkpoint: str | Path, device: str = "auto") -> LanguageModel:
+    """Load a checkpoint (or a run directory's latest checkpoint) for inference."""
+    model, ckpt = load_model(checkpoint, resolve_device(device))
+    return LanguageModel(model, ckpt.tokenizer, ckpt.path)

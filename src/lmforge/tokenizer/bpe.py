@@ -1,0 +1,124 @@
+"""A byte-level BPE tokenizer over HF `tokenizers`, the GPT-2 recipe.
+
+Byte level means every string is representable: text is turned into UTF-8 bytes before BPE, so
+there is no unknown token and `decode(encode(text)) == text` for any Unicode (emoji ZWJ sequences,
+combining marks, `\\r\\n` included). There is deliberately no normalizer: normalisation (NFC) is a
+property of the corpus and happens in `lmforge.data`, so the tokenizer never changes text.
+
+The five special tokens take ids 0..4 in every lmforge tokenizer, so code can rely on them.
+`encode` never adds any of them by itself; a literal `<|endoftext|>` in the text is matched as the
+special token (the HF default), and `decode` writes special tokens back out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from lmforge.utils.errors import UserError
+from lmforge.utils.fs import atomic_write_text
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|mask|>", "<|cls|>", "<|sep|>")
+_ALPHABET = pre_tokenizers.ByteLevel.alphabet()
+MIN_VOCAB_SIZE = len(_ALPHABET) + len(SPECIAL_TOKENS)
+_TRAIN_HINT = "train one with `lmforge tokenizer train FILES... --vocab-size N --out DIR`"
+
+
+class Tokenizer:
+    """Byte-level BPE with the lmforge special tokens; the wrapped HF tokenizer is `self.hf`."""
+
+    def __init__(self, hf: tokenizers.Tokenizer, origin: str = "tokenizer"):
+        ids = [hf.token_to_id(token) for token in SPECIAL_TOKENS]
+        if ids != list(range(len(SPECIAL_TOKENS))):
+            raise UserError(
+                f"{origin} is not an lmforge tokenizer: special tokens {list(SPECIAL_TOKENS)} "
+                f"must have ids 0..{len(SPECIAL_TOKENS) - 1}, found {ids}; {_TRAIN_HINT}"
+            )
+        self.hf = hf
+        self.eot_id, self.pad_id, self.mask_id, self.cls_id, self.sep_id = ids
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        # Hash of the canonical serialisation: data shards and checkpoints record it, so a
+        # mismatch between the tokenizer a model was trained with and the one used later shows.
+        self.sha256 = hashlib.sha256(self.to_str().encode("utf-8")).hexdigest()
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        min_frequency: int = 2,
+        show_progress: bool = True,
+    ) -> Tokenizer:
+        """Learn merges from `texts` until the vocabulary (specials and 256 bytes included) is full.
+
+        On a small corpus there may be fewer than `vocab_size` merges worth making; `vocab_size`
+        of the result is then smaller than asked.
+        """
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise UserError(
+                f"vocab_size {vocab_size} is too small: a byte-level tokenizer needs at least "
+                f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens); "
+                f"pass --vocab-size {MIN_VOCAB_SIZE} or more"
+            )
+        hf = tokenizers.Tokenizer(models.BPE())
+        # add_prefix_space=False keeps the round trip exact: no space is invented before the text.
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=_ALPHABET,  # every byte gets a token even if the corpus lacks it
+            show_progress=show_progress,
+        )
+        hf.train_from_iterator(texts, trainer)
+        return cls(hf)
+
+    @classmethod
+    def from_str(cls, s: str, origin: str = "tokenizer JSON") -> Tokenizer:
+        try:
+            hf = tokenizers.Tokenizer.from_str(s)
+        except Exception as e:  # HF raises a bare Exception for every parse error
+            raise UserError(f"{origin} is corrupt ({e}); {_TRAIN_HINT}") from None
+        return cls(hf, origin)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load `path/tokenizer.json`, or `path` itself when it names the file."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            where = path if path.is_dir() or path.name != "tokenizer.json" else path.parent
+            raise UserError(f"no tokenizer.json in {where}; {_TRAIN_HINT}")
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {file} ({e}); {_TRAIN_HINT}") from None
+        return cls.from_str(text, origin=str(file))
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `directory/tokenizer.json` atomically and return its path."""
+        path = Path(directory) / "tokenizer.json"
+        atomic_write_text(path, self.hf.to_str(pretty=True))
+        return path
+
+    def to_str(self) -> str:
+        """The canonical (compact) JSON that `sha256` is computed from."""
+        return self.hf.to_str()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts at once on all cores (HF runs the batch on Rust threads)."""
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"

@@ -1,0 +1,38 @@
+"""Device and precision defaults: CUDA + bf16 autocast where available, CPU + fp32 otherwise."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from lmforge.utils.errors import UserError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for but CUDA is not available; use --train.device cpu")
+    return device
+
+
+def autocast_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for `dtype` on `device`, or None for plain fp32."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if dtype == "float32":
+        return None
+    if dtype == "bfloat16":
+        return torch.bfloat16
+    raise UserError(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

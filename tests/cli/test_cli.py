@@ -1,0 +1,90 @@
+"""The command line: the whole path through `main()`, `--json`, presets, and one-line errors."""
+
+import json
+
+import pytest
+
+from lmforge.cli.main import main, parse
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def fails_with(capsys, match, *argv):
+    code, out, err = run(capsys, *argv)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2, (out, err)
+    assert lines and lines[-1].startswith("lmforge: error: ") and match in lines[-1], err
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+def test_whole_path_through_the_cli(capsys, tmp_path, corpus_file):
+    code, out, _ = run(capsys, "tokenizer", "train", corpus_file, "--vocab-size", 400, "--out", tmp_path / "tok", "--json")
+    assert code == 0 and json.loads(out.splitlines()[-1])["vocab_size"] == 400
+    code, out, _ = run(capsys, "prepare", corpus_file, "--tokenizer", tmp_path / "tok", "--out", tmp_path / "data", "--json")
+    assert code == 0 and json.loads(out.splitlines()[-1])["splits"]["val"]["tokens"] > 1000
+    code, out, _ = run(
+        capsys, "pretrain", "--data", tmp_path / "data", "--out", tmp_path / "run", "--model.preset", "tiny",
+        "--model.n_layer", 1, "--train.max_steps", 6, "--train.batch_size", 4, "--train.eval_interval", 3,
+        "--train.device", "cpu", "--train.tensorboard", "false", "--json",
+    )
+    result = json.loads(out.splitlines()[-1])
+    assert code == 0 and result["step"] == 6 and result["val_bpb"] > 0
+    config = json.loads((tmp_path / "run" / "step-000006" / "config.json").read_text())["model"]
+    assert (config["n_layer"], config["n_embd"], config["vocab_size"]) == (1, 64, 400)  # preset, then override
+
+    code, out, _ = run(capsys, "generate", tmp_path / "run", "--prompt", "ROMEO:", "--max-new-tokens", 20, "--seed", 1)
+    assert code == 0 and len(out) > 1
+    code, out2, _ = run(capsys, "generate", tmp_path / "run", "--prompt", "ROMEO:", "--max_new_tokens", 20, "--seed", 1, "--json")
+    assert code == 0 and json.loads(out2.splitlines()[-1])["text"] + "\n" == out
+    code, out, _ = run(capsys, "eval", tmp_path / "run", "--data", tmp_path / "data", "--json")
+    assert code == 0 and set(json.loads(out.splitlines()[-1])) >= {"loss", "perplexity", "bpb"}
+
+
+def test_yaml_config_with_preset_and_overrides(tmp_path):
+    (tmp_path / "c.yaml").write_text("model:\n  preset: tiny\n  n_embd: 96\ntrain:\n  max_steps: 7\n")
+    ns = parse(["pretrain", "--config", str(tmp_path / "c.yaml"), "--data", "d", "--out", "o", "--model.n_head", "8"])
+    m = ns.pretrain.model
+    assert (m.preset, m.n_layer, m.n_embd, m.n_head, m.context_length) == ("tiny", 2, 96, 8, 64)
+    assert ns.pretrain.train.max_steps == 7
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    fails_with(capsys, "--model.n_layers", "pretrain", "--data", "d", "--out", "o", "--model.n_layers", 3)
+    (tmp_path / "c.yaml").write_text("train:\n  max_stepz: 7\n")
+    fails_with(capsys, "max_stepz", "pretrain", "--config", tmp_path / "c.yaml", "--data", "d", "--out", "o")
+
+
+def test_bad_values(capsys, data_dir, tmp_path):
+    fails_with(capsys, "unknown model preset", "pretrain", "--data", data_dir, "--out", tmp_path / "r", "--model.preset", "gpt9")
+    fails_with(capsys, "divisible", "pretrain", "--data", data_dir, "--out", tmp_path / "r", "--model.n_head", 5)
+    fails_with(capsys, "not a prepared data directory", "pretrain", "--data", tmp_path / "none", "--out", tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_corpus_errors(capsys, tmp_path):
+    fails_with(capsys, "does not exist", "tokenizer", "train", tmp_path / "missing.txt", "--out", tmp_path / "tok")
+    (tmp_path / "empty.txt").write_text("")
+    fails_with(capsys, "empty", "tokenizer", "train", tmp_path / "empty.txt", "--out", tmp_path / "tok")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    fails_with(capsys, "latin1.txt", "tokenizer", "train", tmp_path / "latin1.txt", "--out", tmp_path / "tok")
+    (tmp_path / "ok.txt").write_text("hello world " * 50)
+    fails_with(capsys, "vocab", "tokenizer", "train", tmp_path / "ok.txt", "--vocab-size", 100, "--out", tmp_path / "tok")
+    assert not (tmp_path / "tok").exists()
+
+
+def test_generation_errors(capsys, trained_run, tmp_path):
+    fails_with(capsys, "longer than the model's context", "generate", trained_run.out, "--prompt", "word " * 200)
+    fails_with(capsys, "does not exist", "generate", tmp_path / "nope", "--prompt", "hi")
+    fails_with(capsys, "top_p", "generate", trained_run.out, "--top-p", 0)
+
+
+@pytest.mark.parametrize("verb", [["demo"], ["tokenizer", "train"], ["prepare"], ["pretrain"], ["generate"], ["eval"]])
+def test_every_verb_has_help(capsys, verb):
+    with pytest.raises(SystemExit) as e:
+        main([*verb, "--help"])
+    assert e.value.code == 0 and "usage" in capsys.readouterr().out

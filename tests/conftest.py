@@ -1,0 +1,73 @@
+"""Shared fixtures: a small real corpus, its tokenizer and shards, and a briefly trained checkpoint.
+
+Everything is built once per session from a 120 KB slice of tinyshakespeare, on the CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT / "src" / "lmforge" / "assets" / "tinyshakespeare.txt"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Tiny models gain nothing from a second thread, and OpenMP threads that spin-wait on a busy
+# core slow a step down a hundredfold: the suite runs single-threaded.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_state():
+    """Tests may change the default dtype, thread count or RNG; put them back afterwards."""
+    dtype, threads, rng = torch.get_default_dtype(), torch.get_num_threads(), torch.get_rng_state()
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+    torch.set_rng_state(rng)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare-120k.txt"
+    path.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:120_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(corpus_file, tmp_path_factory) -> Path:
+    from lmforge.data import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer([corpus_file], 512, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(corpus_file, tokenizer_dir, tmp_path_factory) -> Path:
+    from lmforge.data import prepare
+
+    out = tmp_path_factory.mktemp("data") / "shards"
+    prepare([corpus_file], tokenizer_dir, out, val_fraction=0.1, progress=False)
+    return out
+
+
+def tiny_train_config(**overrides):
+    from lmforge.config import TrainConfig
+
+    base = dict(
+        max_steps=60, batch_size=8, lr=1e-2, min_lr=1e-3, warmup_steps=5, eval_interval=20, eval_batches=4,
+        log_interval=10, ckpt_interval=20, device="cpu", compile=False, tensorboard=False, seed=7, threads=1,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def trained_run(data_dir, tmp_path_factory):
+    """A tiny model trained for 60 steps (about a second)."""
+    from lmforge.train import pretrain
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    return pretrain(data_dir, out, "tiny", tiny_train_config(), progress=False, log=lambda *a: None)

@@ -1,0 +1,134 @@
+"""Reading a corpus: what a document is, NFC, and one-line errors that name the file and the fix."""
+
+import gzip
+import json
+
+import pytest
+
+from lmforge.data import Document, iter_documents, train_tokenizer
+from lmforge.tokenizer import Tokenizer
+from lmforge.utils.errors import UserError
+
+
+def texts(paths):
+    return [d.text for d in iter_documents(paths)]
+
+
+def test_txt_file_is_one_document(tmp_path):
+    body = "first line\n\nsecond paragraph\r\n\tindented\n"
+    (tmp_path / "a.txt").write_bytes(body.encode())
+    assert list(iter_documents([tmp_path / "a.txt"])) == [Document(str(tmp_path / "a.txt"), body)]
+
+
+def test_jsonl_line_is_one_document(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "one", "id": 1}\n\n   \n{"text": "two\\nlines"}\n{"text": ""}\n')
+    docs = list(iter_documents([tmp_path / "d.jsonl"]))
+    assert [d.text for d in docs] == ["one", "two\nlines"]  # blank lines and empty texts skipped
+    assert [d.source for d in docs] == [f"{tmp_path / 'd.jsonl'}:1", f"{tmp_path / 'd.jsonl'}:4"]
+
+
+def test_gzip_by_inner_extension(tmp_path):
+    with gzip.open(tmp_path / "a.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("gzipped text\nwith two lines")
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write('{"text": "x"}\n{"text": "y"}\n')
+    assert texts([tmp_path]) == ["gzipped text\nwith two lines", "x", "y"]
+
+
+def test_directory_is_walked_recursively_in_sorted_order(tmp_path):
+    for rel, body in {
+        "b.TXT": "b",
+        "a.md": "a",
+        "sub/c.txt": "c",
+        "sub/deeper/d.txt": "d",
+        "z.py": "code is not corpus",
+        ".hidden.txt": "hidden",
+        ".git/HEAD.txt": "hidden dir",
+    }.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(body)
+    assert texts([tmp_path]) == ["a", "b", "c", "d"]
+    assert texts([tmp_path / "z.py", tmp_path / "b.TXT"]) == ["code is not corpus", "b"]  # named files: any extension
+
+
+def test_a_lone_path_string_is_one_path(tmp_path):
+    (tmp_path / "a.txt").write_text("a")
+    assert texts(str(tmp_path / "a.txt")) == ["a"]
+
+
+def test_documents_are_nfc_normalised(tmp_path):
+    (tmp_path / "a.txt").write_text("cafe\u0301 A\u030a")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "e\u0301"}) + "\n")
+    assert texts([tmp_path / "a.txt", tmp_path / "b.jsonl"]) == ["café Å", "é"]
+
+
+def test_byte_order_mark_is_dropped(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfhello")
+    (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "hi"}\n')
+    assert texts([tmp_path / "a.txt", tmp_path / "b.jsonl"]) == ["hello", "hi"]
+
+
+def test_invalid_utf8_names_file_offset_and_fix(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("naïve café".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1\.txt is not valid UTF-8 \(byte offset 2 .*iconv -f latin1 -t utf-8"):
+        list(iter_documents([tmp_path / "latin1.txt"]))
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl is not valid UTF-8 \(byte offset 28 "):
+        list(iter_documents([tmp_path / "bad.jsonl"]))
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"text": "unterminated', "invalid JSON"),
+        ('{"body": "x"}', 'no "text" field'),
+        ('["text"]', 'no "text" field'),
+        ('{"text": 42}', '"text" is int, not a string'),
+    ],
+)
+def test_bad_jsonl_names_file_and_line(tmp_path, line, message):
+    (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(UserError, match=rf"d\.jsonl:2: {message}"):
+        list(iter_documents([tmp_path / "d.jsonl"]))
+
+
+def test_missing_path_fails_before_reading_anything(tmp_path):
+    (tmp_path / "a.txt").write_text("a")
+    docs = iter_documents([tmp_path / "a.txt", tmp_path / "typo.txt"])
+    with pytest.raises(UserError, match=r"typo\.txt does not exist"):
+        next(docs)
+
+
+def test_directory_without_corpus_files(tmp_path):
+    (tmp_path / "notes.py").write_text("x = 1")
+    with pytest.raises(UserError, match=r"has no \.txt, \.md or \.jsonl files"):
+        list(iter_documents([tmp_path]))
+
+
+def test_corrupt_gzip(tmp_path):
+    (tmp_path / "a.txt.gz").write_bytes(b"this is not gzip")
+    with pytest.raises(UserError, match=r"a\.txt\.gz is not a valid gzip file"):
+        list(iter_documents([tmp_path / "a.txt.gz"]))
+
+
+def test_train_tokenizer_writes_a_loadable_tokenizer(tmp_path):
+    (tmp_path / "a.txt").write_text("the cat sat on the mat\n" * 50)
+    tok = train_tokenizer([tmp_path / "a.txt"], vocab_size=300, out=tmp_path / "tok", progress=False)
+    assert Tokenizer.load(tmp_path / "tok").sha256 == tok.sha256
+    assert tok.decode(tok.encode("the cat")) == "the cat"
+
+
+def test_train_tokenizer_ignores_duplicate_documents(tmp_path):
+    a, b = "the cat sat on the mat\n" * 5, "a dog barked at the moon\n" * 5
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in [a, a, a, b, a]))
+    (tmp_path / "u.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in [a, b]))
+    deduped = train_tokenizer([tmp_path / "d.jsonl"], vocab_size=300, out=tmp_path / "t1", progress=False)
+    unique = train_tokenizer([tmp_path / "u.jsonl"], vocab_size=300, out=tmp_path / "t2", progress=False)
+    assert deduped.sha256 == unique.sha256
+
+
+def test_train_tokenizer_on_empty_corpus(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UserError, match="is empty"):
+        train_tokenizer([tmp_path / "empty.txt"], vocab_size=300, out=tmp_path / "tok", progress=False)
+    assert not (tmp_path / "tok").exists()

@@ -1,0 +1,43 @@
+import math
+
+import pytest
+import torch
+
+from lmforge.checkpoint import load_model
+from lmforge.data import load_meta
+from lmforge.evaluate import evaluate_lm
+from lmforge.utils.errors import UserError
+
+
+def test_short_text_matches_direct_log_likelihood(trained_run, tmp_path):
+    text = "KING HENRY:\nWhat say you, my lord?\n"
+    (tmp_path / "t.txt").write_text(text)
+    result = evaluate_lm(trained_run.out, [tmp_path / "t.txt"], device="cpu")
+
+    model, ckpt = load_model(trained_run.out)
+    ids = ckpt.tokenizer.encode(text) + [ckpt.tokenizer.eot_id]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), dim=-1)
+    nll = -sum(logp[i, ids[i + 1]].item() for i in range(len(ids) - 1))
+    assert result["tokens"] == len(ids) - 1
+    assert result["bytes"] == len(text.encode())
+    assert result["loss"] == pytest.approx(nll / (len(ids) - 1), rel=1e-5)
+    assert result["bpb"] == pytest.approx(nll / (len(text.encode()) * math.log(2)), rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+
+
+def test_prepared_val_split(trained_run, data_dir):
+    result = evaluate_lm(trained_run.out, data_dir, device="cpu")
+    val = load_meta(data_dir)["splits"]["val"]
+    assert result["tokens"] == val["tokens"] - 1 and result["bytes"] == val["bytes"]
+    # The run's own periodic validation used a sample of the same split: close, not equal.
+    assert result["loss"] == pytest.approx(trained_run.val_loss, abs=0.15)
+
+
+def test_data_from_another_tokenizer_is_refused(trained_run, tmp_path, corpus_file):
+    from lmforge.data import prepare, train_tokenizer
+
+    train_tokenizer([corpus_file], 300, tmp_path / "tok")
+    prepare([corpus_file], tmp_path / "tok", tmp_path / "data", progress=False)
+    with pytest.raises(UserError, match="different tokenizer"):
+        evaluate_lm(trained_run.out, tmp_path / "data", device="cpu")

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from lmforge.config import preset
+from lmforge.infer import SamplingConfig, generate_tokens, load, sample
+from lmforge.model import Transformer
+from lmforge.utils.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(preset("tiny", vocab_size=100, context_length=32)).eval()
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(temperature=0), SamplingConfig(temperature=1.0, top_k=20, seed=5)])
+def test_cache_equals_no_cache(model, sampling):
+    """Incremental decoding with the KV cache picks the same tokens as recomputing everything,
+    including past the context length where the window slides."""
+    prompt = [1, 2, 3, 4, 5]
+    cached = list(generate_tokens(model, prompt, 50, sampling, use_cache=True))
+    full = list(generate_tokens(model, prompt, 50, sampling, use_cache=False))
+    assert len(cached) == 50 and cached == full
+
+
+def test_greedy_equals_argmax_of_full_forward(model):
+    seq = [7, 8, 9]
+    for tid in generate_tokens(model, seq, 10, SamplingConfig(temperature=0)):
+        expected = model(torch.tensor([seq]))[0, -1, :100].argmax().item()
+        assert tid == expected
+        seq.append(tid)
+
+
+def test_same_seed_same_sample_and_seeds_differ(model):
+    run = lambda seed: list(generate_tokens(model, [1], 20, SamplingConfig(temperature=1.0, seed=seed)))
+    assert run(11) == run(11)
+    assert run(11) != run(12)
+
+
+def test_stop_token_ends_generation(model):
+    first = next(iter(generate_tokens(model, [1, 2], 5, SamplingConfig(temperature=0))))
+    out = list(generate_tokens(model, [1, 2], 5, SamplingConfig(temperature=0), stop_tokens=(first,)))
+    assert out == [first]
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = lambda cfg: {sample(logits, cfg, g).item() for _ in range(300)}
+    assert draws(SamplingConfig(top_k=2)) == {0, 1}
+    assert draws(SamplingConfig(top_p=0.7)) == {0, 1}  # 0.5 < 0.7, so the second token is needed too
+    assert draws(SamplingConfig(top_p=0.45)) == {0}
+    assert draws(SamplingConfig(top_k=1)) == {0}
+    assert draws(SamplingConfig()) == {0, 1, 2, 3}
+
+
+def test_prompt_longer_than_context_is_a_user_error(model):
+    with pytest.raises(UserError, match="longer than the model's context of 32"):
+        list(generate_tokens(model, list(range(40)), 1))
+
+
+def test_bad_sampling_values():
+    with pytest.raises(UserError, match="top_p"):
+        SamplingConfig(top_p=0)
+    with pytest.raises(UserError, match="temperature"):
+        SamplingConfig(temperature=-1)
+
+
+def test_load_and_generate_text(trained_run):
+    lm = load(trained_run.out, device="cpu")
+    assert lm.path == trained_run.checkpoint
+    a = lm.generate("ROMEO:", 30, temperature=0.8, seed=1)
+    assert a == lm.generate("ROMEO:", 30, temperature=0.8, seed=1)
+    assert len(a) > 0
+    pieces = list(lm.stream("ROMEO:", 30, temperature=0.8, seed=1))
+    assert "".join(pieces) == a and len(pieces) > 1

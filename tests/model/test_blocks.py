@@ -1,0 +1,78 @@
+import math
+
+import pytest
+import torch
+
+from lmforge.config import preset
+from lmforge.model import Transformer
+from lmforge.model.blocks import CausalSelfAttention, sinusoidal_table
+
+
+def naive_attention(x: torch.Tensor, attn: CausalSelfAttention) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d) + causal mask) V, head by head, with plain matmuls."""
+    B, T, C = x.shape
+    nh, hs = attn.n_head, attn.head_size
+    q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).split(C, dim=2)
+    out = torch.zeros(B, T, C, dtype=x.dtype)
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    for h in range(nh):
+        sl = slice(h * hs, (h + 1) * hs)
+        scores = q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(hs)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out[..., sl] = torch.softmax(scores, dim=-1) @ v[..., sl]
+    return out @ attn.proj.weight.T + attn.proj.bias
+
+
+def test_attention_equals_naive_softmax():
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=100)
+    attn = CausalSelfAttention(cfg, layer=0).double().eval()
+    for p in attn.parameters():  # non-zero biases so they are checked too
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(3, 11, cfg.n_embd, dtype=torch.float64)
+    torch.testing.assert_close(attn(x), naive_attention(x, attn), rtol=1e-10, atol=1e-10)
+
+
+def test_sinusoidal_table_equals_formula():
+    n, d = 50, 16
+    table = sinusoidal_table(n, d)
+    for pos in range(n):
+        for i in range(d // 2):
+            assert table[pos, 2 * i].item() == pytest.approx(math.sin(pos / 10000 ** (2 * i / d)), abs=1e-6)
+            assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(pos / 10000 ** (2 * i / d)), abs=1e-6)
+
+
+@pytest.mark.parametrize("position", ["learned", "sinusoidal"])
+def test_cached_forward_equals_full_forward(position):
+    """Prefill, a multi-token chunk after the cache, then single tokens: same logits as one pass."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=100, position=position)).eval()
+    idx = torch.randint(0, 100, (2, 20))
+    full = model(idx)
+    cache = model.new_cache(batch_size=2)
+    pieces = [model(idx[:, :7], cache=cache, start=0), model(idx[:, 7:12], cache=cache, start=7)]
+    pieces += [model(idx[:, t : t + 1], cache=cache, start=t) for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_count_and_flops():
+    cfg = preset("tiny", vocab_size=128)
+    model = Transformer(cfg)
+    C, L, V, T = cfg.n_embd, cfg.n_layer, cfg.padded_vocab_size, cfg.context_length
+    per_block = (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C) + 2 * 2 * C
+    expected = V * C + L * per_block + 2 * C  # tied head; final norm; positions excluded
+    assert model.num_params() == expected
+    assert model.num_params(exclude_positions=False) == expected + T * C
+    assert model.flops_per_token() == 6 * expected + 12 * L * C * T
+
+
+def test_tied_embeddings_share_storage():
+    model = Transformer(preset("tiny", vocab_size=100))
+    assert model.output.weight is model.tok_embeddings.weight
+    untied = Transformer(preset("tiny", vocab_size=100, tie_embeddings=False))
+    assert untied.output.weight is not untied.tok_embeddings.weight
+
+
+def test_padded_vocab():
+    assert preset("tiny", vocab_size=100).padded_vocab_size == 128
+    assert preset("tiny", vocab_size=128).padded_vocab_size == 128

@@ -1,0 +1,149 @@
+"""Byte-level BPE: exact round trips on any Unicode, fixed special ids, save/load identity."""
+
+import hashlib
+
+import pytest
+import tokenizers
+
+from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer
+from lmforge.utils.errors import UserError
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.\n" * 20,
+    "Der schnelle braune Fuchs springt über den faulen Hund. Größe, Straße, Äpfel.\n" * 10,
+    "敏捷的棕色狐狸跳过了懒狗。我们今天去公园散步吧！\n" * 10,
+    "Быстрая коричневая лиса прыгает через ленивую собаку.\n" * 10,
+    "def f(x):\n\treturn x + 1  # comment\r\n" * 10,
+    "emoji 😀🎉👍🏽 and more 🚀🔥\n" * 10,
+]
+
+SAMPLES = [
+    "",
+    "hello world",
+    "  two leading spaces and trailing  ",
+    "\ttab\tseparated\tvalues\n",
+    "windows\r\nline\r\nendings\r\n",
+    "中文字符和标点：你好，世界！",
+    "日本語のテキスト、한국어 텍스트, ภาษาไทย, हिन्दी, العربية, עברית",
+    "family 👨\u200d👩\u200d👧\u200d👦, flag 🏳️\u200d🌈, skin 👋🏿, keycap 1️⃣",
+    "combining: e\u0301 a\u0308 n\u0303 (not normalised on purpose)",
+    "control \x00\x01\x7f and specials <|endoftext|><|pad|> inside text",
+    "math ∑∫√∞ ≠ ≤, arrows ←→, box ┌─┐, private use \ue000, astral 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "\n\n\n   \n",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(CORPUS, vocab_size=400, show_progress=False)
+
+
+def test_special_tokens_have_ids_0_to_4(tok):
+    assert SPECIAL_TOKENS == ("<|endoftext|>", "<|pad|>", "<|mask|>", "<|cls|>", "<|sep|>")
+    assert [tok.eot_id, tok.pad_id, tok.mask_id, tok.cls_id, tok.sep_id] == [0, 1, 2, 3, 4]
+    assert [tok.hf.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert tok.encode("<|endoftext|>") == [0]
+
+
+def test_vocab_size_is_what_was_asked(tok):
+    assert tok.vocab_size == 400 == tok.hf.get_vocab_size(with_added_tokens=True)
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_round_trip_is_exact(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert all(0 <= i < tok.vocab_size for i in ids)
+
+
+def test_every_token_is_bytes_of_the_text(tok):
+    """Byte level means the tokens partition the UTF-8 bytes: no unknown token, no lost byte."""
+    text = "".join(SAMPLES[1:9])
+    ids = tok.encode(text)
+    vocab = {i: t for t, i in tok.hf.get_vocab().items()}
+    byte_of = {c: b for b, c in enumerate(_gpt2_byte_chars())}
+    token_bytes = b"".join(bytes(byte_of[c] for c in vocab[i]) for i in ids)
+    assert token_bytes == text.encode("utf-8")
+
+
+def _gpt2_byte_chars() -> list[str]:
+    """GPT-2's bytes_to_unicode table, written out independently of HF."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def test_merges_compress_frequent_text(tok):
+    text = "The quick brown fox jumps over the lazy dog."
+    assert len(tok.encode(text)) < len(text.encode("utf-8")) / 2
+
+
+def test_encode_adds_no_special_tokens(tok):
+    assert tok.encode("") == []
+    ids = tok.encode("hello")
+    assert not set(ids) & {0, 1, 2, 3, 4}
+
+
+def test_encode_batch_equals_encode(tok):
+    assert tok.encode_batch(SAMPLES) == [tok.encode(t) for t in SAMPLES]
+
+
+def test_decode_keeps_special_tokens(tok):
+    assert tok.decode(tok.encode("a") + [tok.eot_id] + tok.encode("b")) == "a<|endoftext|>b"
+
+
+def test_too_small_vocab_names_the_minimum():
+    with pytest.raises(UserError, match="at least 261"):
+        Tokenizer.train(CORPUS, vocab_size=260, show_progress=False)
+
+
+def test_smallest_vocab_is_bytes_and_specials_only():
+    tok = Tokenizer.train(CORPUS, vocab_size=261, show_progress=False)
+    assert tok.vocab_size == 261
+    assert tok.decode(tok.encode(SAMPLES[7])) == SAMPLES[7]
+
+
+def test_save_load_is_identity(tok, tmp_path):
+    path = tok.save(tmp_path / "t")
+    assert path == tmp_path / "t" / "tokenizer.json"
+    for where in (tmp_path / "t", path, str(path)):
+        loaded = Tokenizer.load(where)
+        assert loaded.sha256 == tok.sha256
+        assert loaded.encode_batch(SAMPLES) == tok.encode_batch(SAMPLES)
+    assert [p.name for p in (tmp_path / "t").iterdir()] == ["tokenizer.json"]  # no temp file left
+
+
+def test_sha256_is_of_the_canonical_json(tok):
+    assert tok.sha256 == hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()
+    assert Tokenizer.from_str(tok.to_str()).sha256 == tok.sha256
+    other = Tokenizer.train(CORPUS, vocab_size=300, show_progress=False)
+    assert other.sha256 != tok.sha256
+
+
+def test_load_missing_says_how_to_train(tmp_path):
+    with pytest.raises(UserError, match=r"no tokenizer.json in .*lmforge tokenizer train"):
+        Tokenizer.load(tmp_path)
+    with pytest.raises(UserError, match="no tokenizer.json in"):
+        Tokenizer.load(tmp_path / "nope")
+
+
+def test_load_corrupt_is_a_user_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(UserError, match="corrupt"):
+        Tokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.json").write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(UserError, match="cannot read"):
+        Tokenizer.load(tmp_path)
+
+
+def test_foreign_tokenizer_without_our_specials_is_refused(tmp_path):
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    (tmp_path / "tokenizer.json").write_text(hf.to_str())
+    with pytest.raises(UserError, match="not an lmforge tokenizer"):
+        Tokenizer.load(tmp_path)

@@ -1,0 +1,117 @@
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, tiny_train_config
+from lmforge.checkpoint import find_checkpoints
+from lmforge.train import pretrain
+from lmforge.utils.errors import UserError
+
+quiet = dict(progress=False, log=lambda *a: None)
+
+
+def test_short_run_lowers_validation_loss(trained_run):
+    rows = [json.loads(l) for l in (trained_run.out / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in rows if r["kind"] == "val"]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert len(val) == 3 and val[-1] < val[0] - 0.1
+    # Chance is ln(512) = 6.24 nats; after 60 steps the model must beat it by more than a nat.
+    assert trained_run.val_loss == val[-1] < math.log(512) - 1.0
+    assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60]
+    assert trained_run.val_bpb > 0 and trained_run.plot.exists() and trained_run.plot.stat().st_size > 5000
+
+
+def test_run_writes_checkpoints(trained_run):
+    ckpts = find_checkpoints(trained_run.out)
+    assert [p.name for p in ckpts] == ["step-000040", "step-000060"]
+    final = ckpts[-1]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.json", "optimizer.safetensors", "metrics.jsonl"):
+        assert (final / name).is_file(), name
+    assert json.loads((final / "trainer_state.json").read_text())["step"] == 60
+    assert not any(p.name.startswith(".") for p in trained_run.out.iterdir())  # no temporary leftovers
+
+
+def test_existing_run_needs_resume(trained_run, data_dir):
+    with pytest.raises(UserError, match="--resume"):
+        pretrain(data_dir, trained_run.out, "tiny", tiny_train_config(), **quiet)
+
+
+def test_resume_in_process_equals_uninterrupted(data_dir, tmp_path):
+    """Stop at step 10 (by running a copy whose checkpoint 10 we keep), resume to 20: same weights."""
+    cfg = tiny_train_config(max_steps=20, ckpt_interval=10)
+    full = pretrain(data_dir, tmp_path / "full", "tiny", cfg, **quiet)
+    part = tmp_path / "part"
+    part.mkdir()
+    # Start the second run from the first run's step-10 checkpoint, as if it had died right after it.
+    shutil.copytree(full.out / "step-000010", part / "step-000010")
+    resumed = pretrain(data_dir, part, "tiny", cfg, resume=True, **quiet)
+    a = load_file(str(full.checkpoint / "model.safetensors"))
+    b = load_file(str(resumed.checkpoint / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path):
+    """SIGKILL a real `lmforge pretrain` process mid-run, resume it: bit-identical final weights."""
+    args = [
+        "--data", str(data_dir), "--model.preset", "tiny", "--model.dropout", "0.1",
+        "--train.max_steps", "40", "--train.batch_size", "8", "--train.ckpt_interval", "10",
+        "--train.eval_interval", "0", "--train.device", "cpu", "--train.tensorboard", "false",
+        "--train.seed", "3", "--train.threads", "1",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "lmforge", "pretrain"]
+    subprocess.run(cmd + args + ["--out", str(tmp_path / "full")], check=True, env=env, capture_output=True)
+
+    victim = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + args + ["--out", str(victim)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (victim / "step-000020").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = [p.name for p in find_checkpoints(victim)]
+    assert "step-000040" not in steps, "the run finished before it could be killed"
+    subprocess.run(cmd + args + ["--out", str(victim), "--resume"], check=True, env=env, capture_output=True)
+
+    a = load_file(str(tmp_path / "full" / "step-000040" / "model.safetensors"))
+    b = load_file(str(victim / "step-000040" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = [json.loads(l) for l in (victim / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(10, 41, 10))
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_finished_steps(data_dir, tmp_path):
+    """SIGINT stops at a step boundary, writes a checkpoint there and says how to resume."""
+    out = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "lmforge", "pretrain", "--data", str(data_dir), "--out", str(out),
+        "--model.preset", "tiny", "--train.max_steps", "100000", "--train.batch_size", "4",
+        "--train.ckpt_interval", "5", "--train.eval_interval", "0", "--train.device", "cpu",
+        "--train.tensorboard", "false", "--train.threads", "1",
+    ]
+    proc = subprocess.Popen(args, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "step-000005").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in err
+    assert last.startswith("lmforge: error: interrupted at step ") and "--resume" in last
+    step = int(last.split("interrupted at step ")[1].split(";")[0])
+    assert find_checkpoints(out)[-1].name == f"step-{step:06d}"
