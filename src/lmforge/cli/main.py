@@ -18,6 +18,9 @@ from lmforge.config import PRESETS, ModelConfig, TrainConfig
 from lmforge.utils.errors import UserError
 
 
+VERBS = ("demo", "tokenizer", "prepare", "pretrain", "generate", "eval")
+
+
 def _parser(description: str) -> ArgumentParser:
     return ArgumentParser(description=description, exit_on_error=False, default_env=False)
 
@@ -126,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return UserError.exit_code
     except ArgumentError as e:
         message = " ".join(str(e).split())
-        print(f"lmforge: error: {message} (see `lmforge {' '.join(argv[:1])} --help`)", file=sys.stderr)
+        hint = f"lmforge {argv[0]} --help" if argv and argv[0] in VERBS else "lmforge --help"
+        print(f"lmforge: error: {message} (see `{hint}`)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)

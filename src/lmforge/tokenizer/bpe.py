@@ -13,6 +13,7 @@ special token (the HF default), and `decode` writes special tokens back out.
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -73,7 +74,8 @@ class Tokenizer:
             min_frequency=min_frequency,
             special_tokens=list(SPECIAL_TOKENS),
             initial_alphabet=_ALPHABET,  # every byte gets a token even if the corpus lacks it
-            show_progress=show_progress,
+            # HF draws its bar on a terminal; elsewhere it would only print blank lines.
+            show_progress=show_progress and sys.stderr.isatty(),
         )
         hf.train_from_iterator(texts, trainer)
         return cls(hf)
