@@ -55,6 +55,7 @@ def test_yaml_config_with_preset_and_overrides(tmp_path):
 
 def test_unknown_config_key(capsys, tmp_path):
     fails_with(capsys, "--model.n_layers", "pretrain", "--data", "d", "--out", "o", "--model.n_layers", 3)
+    fails_with(capsys, "--train.max_step", "pretrain", "--data", "d", "--out", "o", "--train.max_step", 3)  # no prefixes
     (tmp_path / "c.yaml").write_text("train:\n  max_stepz: 7\n")
     fails_with(capsys, "max_stepz", "pretrain", "--config", tmp_path / "c.yaml", "--data", "d", "--out", "o")
 

@@ -22,7 +22,8 @@ VERBS = ("demo", "tokenizer", "prepare", "pretrain", "generate", "eval")
 
 
 def _parser(description: str) -> ArgumentParser:
-    return ArgumentParser(description=description, exit_on_error=False, default_env=False)
+    # allow_abbrev=False: a misspelt key such as --train.max_step must be an error, not a prefix match.
+    return ArgumentParser(description=description, exit_on_error=False, default_env=False, allow_abbrev=False)
 
 
 def _option(p: ArgumentParser, name: str, **kwargs: Any) -> None:

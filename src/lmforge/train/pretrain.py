@@ -53,7 +53,7 @@ class RunResult:
 def pretrain(
     data: str | Path,
     out: str | Path,
-    model: ModelConfig | str = "tiny",
+    model: ModelConfig | str | None = None,
     train: TrainConfig | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -61,7 +61,8 @@ def pretrain(
 ) -> RunResult:
     """Train a decoder-only model on prepared shards in `data`, writing checkpoints under `out`.
 
-    `model` is a config or a preset name; its vocab_size, when unset, is the data's tokenizer's.
+    `model` is a config or a preset name (default: `ModelConfig()`, the GPT-2 124M shape); its
+    vocab_size, when unset, is the data's tokenizer's.
     With `resume`, continue from the latest checkpoint in `out`.
     """
     t0 = time.perf_counter()
@@ -234,8 +235,8 @@ def _stop_on_interrupt() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
-def _resolve_model_config(model: ModelConfig | str, meta: dict) -> ModelConfig:
-    cfg = preset(model) if isinstance(model, str) else model
+def _resolve_model_config(model: ModelConfig | str | None, meta: dict) -> ModelConfig:
+    cfg = preset(model) if isinstance(model, str) else (model or ModelConfig())
     if cfg.vocab_size is None:
         return cfg.replace(vocab_size=meta["vocab_size"])
     if cfg.vocab_size < meta["vocab_size"]:
