@@ -30,10 +30,11 @@ def test_whole_path_through_the_cli(capsys, tmp_path, corpus_file):
     code, out, _ = run(
         capsys, "pretrain", "--data", tmp_path / "data", "--out", tmp_path / "run", "--model.preset", "tiny",
         "--model.n_layer", 1, "--train.max_steps", 6, "--train.batch_size", 4, "--train.eval_interval", 3,
-        "--train.device", "cpu", "--train.tensorboard", "false", "--json",
+        "--train.device", "cpu", "--json",
     )
     result = json.loads(out.splitlines()[-1])
     assert code == 0 and result["step"] == 6 and result["val_bpb"] > 0
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     config = json.loads((tmp_path / "run" / "step-000006" / "config.json").read_text())["model"]
     assert (config["n_layer"], config["n_embd"], config["vocab_size"]) == (1, 64, 400)  # preset, then override
 
