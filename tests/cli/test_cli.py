@@ -85,8 +85,18 @@ def test_generation_errors(capsys, trained_run, tmp_path):
     fails_with(capsys, "top_p", "generate", trained_run.out, "--top-p", 0)
 
 
-@pytest.mark.parametrize("verb", [["demo"], ["tokenizer", "train"], ["prepare"], ["pretrain"], ["generate"], ["eval"]])
+@pytest.mark.parametrize(
+    "verb", [["demo"], ["tokenizer", "train"], ["prepare"], ["pretrain"], ["generate"], ["eval"], ["import", "hf"], ["export", "hf"]]
+)
 def test_every_verb_has_help(capsys, verb):
     with pytest.raises(SystemExit) as e:
         main([*verb, "--help"])
     assert e.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_export_and_import_hf(capsys, trained_run, tmp_path):
+    code, out, _ = run(capsys, "export", "hf", trained_run.out, "--out", tmp_path / "hf", "--json")
+    assert code == 0 and json.loads(out.splitlines()[-1])["out"] == str(tmp_path / "hf")
+    code, out, _ = run(capsys, "import", "hf", tmp_path / "hf", "--out", tmp_path / "back")
+    assert code == 0 and (tmp_path / "back" / "model.safetensors").exists()
+    fails_with(capsys, "config.json is missing", "import", "hf", tmp_path / "nothing", "--out", tmp_path / "x")

@@ -142,8 +142,18 @@ def test_load_corrupt_is_a_user_error(tmp_path):
         Tokenizer.load(tmp_path)
 
 
-def test_foreign_tokenizer_without_our_specials_is_refused(tmp_path):
+def test_foreign_tokenizer_without_end_of_text_is_refused(tmp_path):
     hf = tokenizers.Tokenizer(tokenizers.models.BPE())
     (tmp_path / "tokenizer.json").write_text(hf.to_str())
-    with pytest.raises(UserError, match="not an lmforge tokenizer"):
+    with pytest.raises(UserError, match="no end-of-text token"):
         Tokenizer.load(tmp_path)
+
+
+def test_foreign_tokenizer_keeps_its_own_ids(tmp_path):
+    """A GPT-2-style tokenizer: only <|endoftext|>, at the end of the vocabulary."""
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf.add_tokens(["a", "b", "c"])
+    hf.add_special_tokens(["<|endoftext|>"])
+    (tmp_path / "tokenizer.json").write_text(hf.to_str())
+    tok = Tokenizer.load(tmp_path)
+    assert tok.eot_id == 3 and tok.pad_id is None and tok.mask_id is None

@@ -16,6 +16,7 @@ from lmforge.config import ModelConfig, TrainConfig
 from lmforge.data import prepare, train_tokenizer
 from lmforge.evaluate import evaluate_lm
 from lmforge.infer import load
+from lmforge.interop import export_hf, import_hf
 from lmforge.train import pretrain
 
 
@@ -79,6 +80,18 @@ def eval_cmd(args: Namespace) -> dict[str, Any]:
     return result
 
 
+def import_hf_cmd(args: Namespace) -> dict[str, Any]:
+    path = import_hf(args.source, args.out)
+    _say(args)(f"imported {args.source} -> {path}")
+    return {"checkpoint": str(path)}
+
+
+def export_hf_cmd(args: Namespace) -> dict[str, Any]:
+    path = export_hf(args.checkpoint, args.out)
+    _say(args)(f"exported {args.checkpoint} -> {path} (load it with transformers' AutoModelForCausalLM)")
+    return {"out": str(path)}
+
+
 def demo_cmd(args: Namespace) -> dict[str, Any]:
     from lmforge.cli.demo import run_demo
 
@@ -92,4 +105,6 @@ HANDLERS: dict[str, Callable[[Namespace], dict[str, Any]]] = {
     "pretrain": pretrain_cmd,
     "generate": generate_cmd,
     "eval": eval_cmd,
+    "import.hf": import_hf_cmd,
+    "export.hf": export_hf_cmd,
 }

@@ -18,7 +18,7 @@ from lmforge.config import PRESETS, ModelConfig, TrainConfig
 from lmforge.utils.errors import UserError
 
 
-VERBS = ("demo", "tokenizer", "prepare", "pretrain", "generate", "eval")
+VERBS = ("demo", "tokenizer", "prepare", "pretrain", "generate", "eval", "import", "export")
 
 
 def _parser(description: str) -> ArgumentParser:
@@ -99,6 +99,24 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(ev, "device", default="auto")
     _json_flag(ev)
     verbs.add_subcommand("eval", ev, help="evaluate a language model")
+
+    imp = _parser("Convert a model from another format into an lmforge checkpoint.")
+    verbs.add_subcommand("import", imp, help="import a Hugging Face model directory")
+    imp_verbs = imp.add_subcommands(dest="format", required=True)
+    imp_hf = _parser("Import a Hugging Face GPT-2 or Llama directory (config.json, safetensors, tokenizer.json).")
+    imp_hf.add_argument("source", help="Hugging Face model directory")
+    _option(imp_hf, "out", required=True, help="checkpoint directory to write")
+    _json_flag(imp_hf)
+    imp_verbs.add_subcommand("hf", imp_hf, help="from Hugging Face format")
+
+    exp = _parser("Write an lmforge checkpoint in another format.")
+    verbs.add_subcommand("export", exp, help="export a checkpoint to Hugging Face format")
+    exp_verbs = exp.add_subcommands(dest="format", required=True)
+    exp_hf = _parser("Export a GPT-2- or Llama-shaped checkpoint for transformers' Auto classes.")
+    exp_hf.add_argument("checkpoint", help="checkpoint or run directory")
+    _option(exp_hf, "out", required=True, help="directory to write")
+    _json_flag(exp_hf)
+    exp_verbs.add_subcommand("hf", exp_hf, help="to Hugging Face format")
     return root
 
 
@@ -121,7 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns = parse(argv)
         from lmforge.cli import commands  # torch is imported only once the arguments are valid
 
-        verb = ns.verb if ns.verb != "tokenizer" else f"tokenizer.{ns.tokenizer.action}"
+        verb = {
+            "tokenizer": lambda: f"tokenizer.{ns.tokenizer.action}",
+            "import": lambda: f"import.{ns['import'].format}",
+            "export": lambda: f"export.{ns.export.format}",
+        }.get(ns.verb, lambda: ns.verb)()
         args = ns[verb]
         handler: Callable[[Namespace], dict[str, Any]] = commands.HANDLERS[verb]
         result = handler(args)

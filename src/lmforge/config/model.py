@@ -11,27 +11,40 @@ from typing import Any, Literal
 
 from lmforge.utils.errors import UserError
 
-Position = Literal["learned", "sinusoidal"]
-Norm = Literal["layernorm"]
-MLP = Literal["gelu"]
+Position = Literal["learned", "sinusoidal", "rotary"]
+Norm = Literal["layernorm", "rmsnorm"]
+MLP = Literal["gelu", "gelu_tanh", "swiglu"]
+RopeScaling = Literal["none", "linear", "ntk", "llama3"]
 
 
 @dataclass
 class ModelConfig:
-    """A decoder-only Transformer (GPT family).
+    """A decoder-only Transformer: GPT-2 (learned positions, LayerNorm, GELU, biases) and the
+    Llama family (rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases) are two
+    settings of the same fields.
 
     Args:
         preset: name the values came from (`tiny`, `gpt2-124m`, ...); informational once resolved.
         vocab_size: tokens the tokenizer produces; None means "take it from the training data".
         context_length: the longest sequence the model attends over (nanoGPT's block_size).
         n_layer: number of Transformer blocks.
-        n_head: attention heads per block.
+        n_head: attention (query) heads per block.
+        n_kv_head: key/value heads; None means n_head (multi-head), 1 is multi-query, between is
+            grouped-query attention.
         n_embd: width of the residual stream.
         mlp_hidden: width of the MLP's hidden layer; None means 4 * n_embd.
-        position: `learned` (GPT-2) or `sinusoidal` ("Attention Is All You Need", section 3.5).
-        norm: `layernorm`.
-        mlp: `gelu`.
-        bias: biases in linear layers and norms.
+        position: `learned` (GPT-2), `sinusoidal` ("Attention Is All You Need", section 3.5) or
+            `rotary` (RoPE, Su et al. 2021, applied to queries and keys).
+        rope_theta: RoPE base.
+        rope_scaling: `none`, `linear` (positions divided by rope_factor), `ntk` (NTK-aware: the
+            base grows by rope_factor^(d/(d-2))) or `llama3` (Llama 3.1's frequency-band rule).
+        rope_factor: context extension factor of the scaling.
+        rope_low_freq_factor: llama3 scaling: wavelengths above original_context/low go fully scaled.
+        rope_high_freq_factor: llama3 scaling: wavelengths below original_context/high stay unscaled.
+        rope_original_context: llama3 scaling: the context the model was pretrained with.
+        norm: `layernorm` or `rmsnorm`.
+        mlp: `gelu` (exact), `gelu_tanh` (GPT-2's approximation) or `swiglu` (Llama).
+        bias: biases in linear layers and LayerNorms.
         dropout: dropout on embeddings, attention weights and residual branches.
         tie_embeddings: share the token embedding with the output head.
         norm_eps: epsilon of the norms.
@@ -44,8 +57,15 @@ class ModelConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    n_kv_head: int | None = None
     mlp_hidden: int | None = None
     position: Position = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
     norm: Norm = "layernorm"
     mlp: MLP = "gelu"
     bias: bool = True
@@ -63,11 +83,19 @@ class ModelConfig:
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}); "
                 "change one of them"
             )
+        if self.n_kv_head is not None and self.n_kv_head < 1:
+            raise UserError(f"model.n_kv_head must be >= 1, got {self.n_kv_head}")
+        if self.n_head % self.kv_heads:
+            raise UserError(
+                f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head}); change one of them"
+            )
+        if self.position == "rotary" and self.head_size % 2:
+            raise UserError(f"rotary positions need an even head size, got {self.head_size}; change n_embd or n_head")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise UserError(f"model.vocab_size must be >= 1, got {self.vocab_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        for name, allowed in (("position", Position), ("norm", Norm), ("mlp", MLP)):
+        for name, allowed in (("position", Position), ("norm", Norm), ("mlp", MLP), ("rope_scaling", RopeScaling)):
             if getattr(self, name) not in allowed.__args__:
                 raise UserError(
                     f"model.{name}={getattr(self, name)!r} is not supported; use one of {list(allowed.__args__)}"
@@ -76,6 +104,10 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
 
     @property
     def hidden_size(self) -> int:

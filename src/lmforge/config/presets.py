@@ -7,16 +7,28 @@ from typing import Any
 from lmforge.config.model import ModelConfig
 from lmforge.utils.errors import UserError
 
+_LLAMA: dict[str, Any] = dict(position="rotary", norm="rmsnorm", mlp="swiglu", bias=False, norm_eps=1e-5)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Builds in milliseconds: what every unit test uses.
     "tiny": dict(context_length=64, n_layer=2, n_head=4, n_embd=64),
     # What `lmforge demo` trains on a laptop CPU in about two minutes.
     "demo": dict(context_length=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
-    # GPT-2 shapes (Radford et al. 2019, table 2); vocab 50257 when trained on the GPT-2 tokenizer.
-    "gpt2-124m": dict(context_length=1024, n_layer=12, n_head=12, n_embd=768),
-    "gpt2-350m": dict(context_length=1024, n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-774m": dict(context_length=1024, n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-1.5b": dict(context_length=1024, n_layer=48, n_head=25, n_embd=1600),
+    # GPT-2 shapes (Radford et al. 2019, table 2) with its tanh-approximate GELU.
+    "gpt2-124m": dict(context_length=1024, n_layer=12, n_head=12, n_embd=768, mlp="gelu_tanh"),
+    "gpt2-350m": dict(context_length=1024, n_layer=24, n_head=16, n_embd=1024, mlp="gelu_tanh"),
+    "gpt2-774m": dict(context_length=1024, n_layer=36, n_head=20, n_embd=1280, mlp="gelu_tanh"),
+    "gpt2-1.5b": dict(context_length=1024, n_layer=48, n_head=25, n_embd=1600, mlp="gelu_tanh"),
+    # Llama family: rotary positions, RMSNorm, SwiGLU, no biases (shapes from the released config.json files).
+    "llama-2-7b": dict(_LLAMA, context_length=4096, n_layer=32, n_head=32, n_embd=4096, mlp_hidden=11008,
+                       tie_embeddings=False),
+    "llama-3-8b": dict(_LLAMA, context_length=8192, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096,
+                       mlp_hidden=14336, rope_theta=500000.0, tie_embeddings=False),
+    "llama-3.2-1b": dict(_LLAMA, context_length=131072, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048,
+                         mlp_hidden=8192, rope_theta=500000.0, rope_scaling="llama3", rope_factor=32.0,
+                         rope_original_context=8192),
+    "smollm2-135m": dict(_LLAMA, context_length=8192, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
+                         mlp_hidden=1536, rope_theta=100000.0),
 }
 
 

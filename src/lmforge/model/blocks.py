@@ -1,6 +1,6 @@
 """The blocks every architecture is assembled from: attention, MLP, norms, positions.
 
-Shapes: B batch, T sequence, C = n_embd, nh heads, hs = C // nh head size.
+Shapes: B batch, T sequence, C = n_embd, nh query heads, nkv key/value heads, hs head size.
 """
 
 from __future__ import annotations
@@ -39,30 +39,88 @@ class SinusoidalPositions(nn.Module):
         return self.table[pos]
 
 
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Rotary angular frequencies theta^(-2i/d), i < d/2, after the configured context scaling (float64)."""
+    d, theta, factor = config.head_size, config.rope_theta, config.rope_factor
+    if config.rope_scaling == "ntk":
+        # NTK-aware scaling (bloc97, 2023): stretch low frequencies, keep the highest one.
+        theta = theta * factor ** (d / (d - 2))
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    if config.rope_scaling == "linear":
+        inv_freq = inv_freq / factor  # position interpolation (Chen et al. 2023)
+    elif config.rope_scaling == "llama3":
+        # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between
+        # interpolated linearly in original_context / wavelength.
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((config.rope_original_context / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return inv_freq
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for rotary positions, in the "rotate half" layout (pairs (i, i + hs/2))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        angles = torch.arange(config.context_length, dtype=torch.float64)[:, None] * rope_inv_freq(config)[None]
+        angles = torch.cat([angles, angles], dim=-1)  # (context, hs)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[pos], self.sin[pos]  # (T, hs) each
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, nh, T, hs) by position: x * cos + rotate_half(x) * sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
+
+
 def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention through `scaled_dot_product_attention`."""
+    """Causal self-attention through `scaled_dot_product_attention`; multi-head, grouped-query
+    (n_kv_head < n_head: each key/value head serves n_head / n_kv_head consecutive query heads)
+    or multi-query (n_kv_head = 1).
+
+        x ─> qkv ─> q (nh heads) ─┐
+                    k (nkv heads) ─┼─> [rotary on q, k] ─> [cache] ─> repeat k, v to nh ─> SDPA ─> proj
+                    v (nkv heads) ─┘
+    """
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.n_head = config.n_head
-        self.head_size = config.head_size
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
+        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_size, bias=config.bias)
+        self.proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_size).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        hs = self.head_size
+        q, k, v = self.qkv(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         mask, is_causal = None, T > 1
         if cache is not None:
-            k, v = cache.update(self.layer, start, k, v)  # (B, nh, start+T, hs)
+            k, v = cache.update(self.layer, start, k, v)  # (B, nkv, start+T, hs)
             if start > 0 and T > 1:
                 # A chunk after cached positions: query i (absolute start+i) sees keys 0..start+i.
                 # SDPA's is_causal aligns to the top-left corner, so spell the mask out.
@@ -70,22 +128,35 @@ class CausalSelfAttention(nn.Module):
                 is_causal = False
             elif T == 1:
                 is_causal = False  # one new query attends to every cached key
+        if self.n_kv_head != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, S, hs)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * hs)  # (B, T, nh * hs)
         return self.resid_dropout(self.proj(y))
 
 
 class MLP(nn.Module):
+    """GELU MLP (GPT), or SwiGLU (Shazeer 2020; Llama): proj(silu(gate) * up), with `fc` = [gate; up]."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, config.hidden_size, bias=config.bias)
+        self.kind = config.mlp
+        fc_out = 2 * config.hidden_size if config.mlp == "swiglu" else config.hidden_size
+        self.fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
         self.proj = nn.Linear(config.hidden_size, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        h = self.fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return self.dropout(self.proj(h))
 
 
 class Block(nn.Module):
@@ -98,8 +169,14 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(config)
         self.feed_forward = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cache, start)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cache, start, rope)
         x = x + self.feed_forward(self.ffn_norm(x))
         return x
 

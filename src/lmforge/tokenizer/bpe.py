@@ -5,7 +5,8 @@ there is no unknown token and `decode(encode(text)) == text` for any Unicode (em
 combining marks, `\\r\\n` included). There is deliberately no normalizer: normalisation (NFC) is a
 property of the corpus and happens in `lmforge.data`, so the tokenizer never changes text.
 
-The five special tokens take ids 0..4 in every lmforge tokenizer, so code can rely on them.
+The five special tokens take ids 0..4 in every tokenizer lmforge trains. A tokenizer imported
+from elsewhere keeps its own ids; its end-of-text token is found by name, the others may be None.
 `encode` never adds any of them by itself; a literal `<|endoftext|>` in the text is matched as the
 special token (the HF default), and `decode` writes special tokens back out.
 """
@@ -24,23 +25,24 @@ from lmforge.utils.errors import UserError
 from lmforge.utils.fs import atomic_write_text
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|mask|>", "<|cls|>", "<|sep|>")
+# End-of-text by the names lmforge/GPT-2, Llama 3, Llama 2 and ChatML tokenizers give it.
+EOT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>")
 _ALPHABET = pre_tokenizers.ByteLevel.alphabet()
 MIN_VOCAB_SIZE = len(_ALPHABET) + len(SPECIAL_TOKENS)
 _TRAIN_HINT = "train one with `lmforge tokenizer train FILES... --vocab-size N --out DIR`"
 
 
 class Tokenizer:
-    """Byte-level BPE with the lmforge special tokens; the wrapped HF tokenizer is `self.hf`."""
+    """An HF `tokenizers` tokenizer with named special-token roles; the wrapped one is `self.hf`."""
 
     def __init__(self, hf: tokenizers.Tokenizer, origin: str = "tokenizer"):
-        ids = [hf.token_to_id(token) for token in SPECIAL_TOKENS]
-        if ids != list(range(len(SPECIAL_TOKENS))):
-            raise UserError(
-                f"{origin} is not an lmforge tokenizer: special tokens {list(SPECIAL_TOKENS)} "
-                f"must have ids 0..{len(SPECIAL_TOKENS) - 1}, found {ids}; {_TRAIN_HINT}"
-            )
+        # Tokenizers trained here hold SPECIAL_TOKENS at ids 0..4. Imported ones (GPT-2, Llama,
+        # SmolLM2) keep their own ids: roles are found by name, and only end-of-text is required.
+        self.eot_id = next((i for name in EOT_NAMES if (i := hf.token_to_id(name)) is not None), None)
+        if self.eot_id is None:
+            raise UserError(f"{origin} has no end-of-text token (looked for {list(EOT_NAMES)}); {_TRAIN_HINT}")
         self.hf = hf
-        self.eot_id, self.pad_id, self.mask_id, self.cls_id, self.sep_id = ids
+        self.pad_id, self.mask_id, self.cls_id, self.sep_id = (hf.token_to_id(t) for t in SPECIAL_TOKENS[1:])
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         # Hash of the canonical serialisation: data shards and checkpoints record it, so a
         # mismatch between the tokenizer a model was trained with and the one used later shows.

@@ -17,7 +17,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     embedding matrix) is not decayed either.
     """
     no_decay_ids = {
-        id(p) for m in model.modules() if isinstance(m, (nn.Embedding, nn.LayerNorm)) for p in m.parameters(recurse=False)
+        id(p) for m in model.modules() if isinstance(m, (nn.Embedding, nn.LayerNorm, nn.RMSNorm)) for p in m.parameters(recurse=False)
     }
     decay, no_decay = [], []
     seen: set[int] = set()

@@ -1,0 +1,271 @@
+"""Hugging Face format: `config.json` + safetensors + `tokenizer.json`, for GPT-2 and Llama.
+
+Import maps HF names onto lmforge's (fusing q/k/v and gate/up projections, transposing GPT-2's
+Conv1D weights); export undoes it, so `transformers`' Auto classes load the result with no missing
+or unexpected weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.checkpoint import load_model, save_checkpoint
+from lmforge.config import ModelConfig
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+from lmforge.utils.errors import UserError
+from lmforge.utils.fs import atomic_dir, atomic_write_json
+
+Tensors = dict[str, torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------- configs
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """The lmforge config of a Hugging Face `config.json` (GPT-2 or Llama)."""
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in _GPT2_ACT:
+            raise UserError(f"GPT-2 activation {act!r} is not supported; supported: {sorted(_GPT2_ACT)}")
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], context_length=hf["n_positions"], n_layer=hf["n_layer"],
+            n_head=hf["n_head"], n_embd=hf["n_embd"], mlp_hidden=hf.get("n_inner"), position="learned",
+            norm="layernorm", mlp=_GPT2_ACT[act], bias=True, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            tie_embeddings=hf.get("tie_word_embeddings", True), pad_vocab_multiple=1,
+        )
+    if kind == "llama":
+        if hf.get("hidden_act", "silu") != "silu":
+            raise UserError(f"Llama activation {hf['hidden_act']!r} is not supported; only silu (SwiGLU)")
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise UserError("Llama checkpoints with attention_bias or mlp_bias are not supported yet")
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+            raise UserError(f"head_dim {head_dim} x heads != hidden_size {hf['hidden_size']}: not supported yet")
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+            n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            n_embd=hf["hidden_size"], mlp_hidden=hf["intermediate_size"], position="rotary", norm="rmsnorm",
+            mlp="swiglu", bias=False, norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_embeddings=hf.get("tie_word_embeddings", False), pad_vocab_multiple=1, **_rope_from_hf(hf),
+        )
+    raise UserError(f"Hugging Face model_type {kind!r} is not supported; supported: gpt2, llama")
+
+
+_GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    # transformers >= 5 keeps theta and scaling in `rope_parameters`; older files in rope_theta/rope_scaling.
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    src = params if "rope_type" in params else scaling
+    if kind == "default":
+        return {"rope_theta": theta}
+    if kind == "linear":
+        return {"rope_theta": theta, "rope_scaling": "linear", "rope_factor": src["factor"]}
+    if kind == "llama3":
+        return {
+            "rope_theta": theta, "rope_scaling": "llama3", "rope_factor": src["factor"],
+            "rope_low_freq_factor": src["low_freq_factor"], "rope_high_freq_factor": src["high_freq_factor"],
+            "rope_original_context": src["original_max_position_embeddings"],
+        }
+    raise UserError(f"RoPE scaling {kind!r} is not supported for import; supported: default, linear, llama3")
+
+
+def config_to_hf(c: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    """A Hugging Face `config.json` for an lmforge config that has an HF equivalent."""
+    special = {"eos_token_id": tokenizer.eot_id, "bos_token_id": tokenizer.eot_id} if tokenizer else {}
+    if _family(c) == "gpt2":
+        act = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[c.mlp]
+        return {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+            "n_positions": c.context_length, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
+            "n_inner": c.hidden_size, "activation_function": act, "layer_norm_epsilon": c.norm_eps,
+            "tie_word_embeddings": c.tie_embeddings, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            **special,
+        }
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rope_scaling == "linear":
+        rope.update(rope_type="linear", factor=c.rope_factor)
+    elif c.rope_scaling == "llama3":
+        rope.update(rope_type="llama3", factor=c.rope_factor, low_freq_factor=c.rope_low_freq_factor,
+                    high_freq_factor=c.rope_high_freq_factor, original_max_position_embeddings=c.rope_original_context)
+    legacy_scaling = {k: v for k, v in rope.items() if k != "rope_theta"} if c.rope_scaling != "none" else None
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+        "hidden_size": c.n_embd, "intermediate_size": c.hidden_size, "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head, "num_key_value_heads": c.kv_heads, "head_dim": c.head_size,
+        "max_position_embeddings": c.context_length, "rms_norm_eps": c.norm_eps, "hidden_act": "silu",
+        "tie_word_embeddings": c.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        # Both spellings, so that transformers before and after v5 read the same rotary settings.
+        "rope_parameters": rope, "rope_theta": c.rope_theta, "rope_scaling": legacy_scaling,
+        **special,
+    }
+
+
+def _family(c: ModelConfig) -> str:
+    if c.position == "learned" and c.norm == "layernorm" and c.mlp in ("gelu", "gelu_tanh") and c.bias and c.kv_heads == c.n_head:
+        return "gpt2"
+    if c.position == "rotary" and c.norm == "rmsnorm" and c.mlp == "swiglu" and not c.bias and c.rope_scaling != "ntk":
+        return "llama"
+    raise UserError(
+        f"this architecture (position={c.position}, norm={c.norm}, mlp={c.mlp}, bias={c.bias}, "
+        f"rope_scaling={c.rope_scaling}) has no Hugging Face equivalent; export supports GPT-2 and Llama shapes"
+    )
+
+
+# ----------------------------------------------------------------------------------- weight names
+def state_dict_from_hf(c: ModelConfig, hf: Tensors) -> Tensors:
+    """lmforge state dict from HF tensors (names with or without the `transformer.`/`model.` prefix)."""
+    hf = {k.removeprefix("transformer.") if k.startswith("transformer.") else k: v for k, v in hf.items()}
+    get = _getter(hf)
+    sd: Tensors = {}
+    if _family(c) == "gpt2":
+        sd["tok_embeddings.weight"] = get("wte.weight")
+        sd["pos_embeddings.weight"] = get("wpe.weight")
+        for i in range(c.n_layer):
+            p, q = f"h.{i}.", f"layers.{i}."
+            for ours, theirs in (("attention_norm", "ln_1"), ("ffn_norm", "ln_2")):
+                sd[q + ours + ".weight"], sd[q + ours + ".bias"] = get(p + theirs + ".weight"), get(p + theirs + ".bias")
+            # GPT-2's Conv1D stores (in, out): transpose to nn.Linear's (out, in).
+            for ours, theirs in (("attention.qkv", "attn.c_attn"), ("attention.proj", "attn.c_proj"),
+                                 ("feed_forward.fc", "mlp.c_fc"), ("feed_forward.proj", "mlp.c_proj")):
+                sd[q + ours + ".weight"] = get(p + theirs + ".weight").t().contiguous()
+                sd[q + ours + ".bias"] = get(p + theirs + ".bias")
+        sd["norm.weight"], sd["norm.bias"] = get("ln_f.weight"), get("ln_f.bias")
+    else:
+        sd["tok_embeddings.weight"] = get("model.embed_tokens.weight")
+        for i in range(c.n_layer):
+            p, q = f"model.layers.{i}.", f"layers.{i}."
+            sd[q + "attention_norm.weight"] = get(p + "input_layernorm.weight")
+            sd[q + "ffn_norm.weight"] = get(p + "post_attention_layernorm.weight")
+            sd[q + "attention.qkv.weight"] = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            sd[q + "attention.proj.weight"] = get(p + "self_attn.o_proj.weight")
+            sd[q + "feed_forward.fc.weight"] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+            sd[q + "feed_forward.proj.weight"] = get(p + "mlp.down_proj.weight")
+        sd["norm.weight"] = get("model.norm.weight")
+    if not c.tie_embeddings:
+        sd["output.weight"] = get("lm_head.weight")
+    return sd
+
+
+def state_dict_to_hf(c: ModelConfig, sd: Tensors) -> Tensors:
+    """HF tensors (the names `from_pretrained` expects) from an lmforge state dict."""
+    V = c.vocab_size
+    out: Tensors = {}
+    if _family(c) == "gpt2":
+        out["transformer.wte.weight"] = sd["tok_embeddings.weight"][:V]
+        out["transformer.wpe.weight"] = sd["pos_embeddings.weight"]
+        for i in range(c.n_layer):
+            p, q = f"transformer.h.{i}.", f"layers.{i}."
+            for ours, theirs in (("attention_norm", "ln_1"), ("ffn_norm", "ln_2")):
+                out[p + theirs + ".weight"], out[p + theirs + ".bias"] = sd[q + ours + ".weight"], sd[q + ours + ".bias"]
+            for ours, theirs in (("attention.qkv", "attn.c_attn"), ("attention.proj", "attn.c_proj"),
+                                 ("feed_forward.fc", "mlp.c_fc"), ("feed_forward.proj", "mlp.c_proj")):
+                out[p + theirs + ".weight"] = sd[q + ours + ".weight"].t()
+                out[p + theirs + ".bias"] = sd[q + ours + ".bias"]
+        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
+    else:
+        hs = c.head_size
+        out["model.embed_tokens.weight"] = sd["tok_embeddings.weight"][:V]
+        for i in range(c.n_layer):
+            p, q = f"model.layers.{i}.", f"layers.{i}."
+            out[p + "input_layernorm.weight"] = sd[q + "attention_norm.weight"]
+            out[p + "post_attention_layernorm.weight"] = sd[q + "ffn_norm.weight"]
+            wq, wk, wv = sd[q + "attention.qkv.weight"].split([c.n_head * hs, c.kv_heads * hs, c.kv_heads * hs])
+            out[p + "self_attn.q_proj.weight"], out[p + "self_attn.k_proj.weight"], out[p + "self_attn.v_proj.weight"] = wq, wk, wv
+            out[p + "self_attn.o_proj.weight"] = sd[q + "attention.proj.weight"]
+            gate, up = sd[q + "feed_forward.fc.weight"].chunk(2)
+            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
+            out[p + "mlp.down_proj.weight"] = sd[q + "feed_forward.proj.weight"]
+        out["model.norm.weight"] = sd["norm.weight"]
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = sd["output.weight"][:V]
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def _getter(tensors: Tensors) -> Callable[[str], torch.Tensor]:
+    def get(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise UserError(f"weight {name!r} is missing from the checkpoint; it does not match its config.json")
+        return tensors[name]
+
+    return get
+
+
+# ------------------------------------------------------------------------------------ directories
+def import_hf(src: str | Path, out: str | Path) -> Path:
+    """Convert a Hugging Face model directory (config.json, *.safetensors, tokenizer.json) to a checkpoint."""
+    src = Path(src)
+    hf_config = _read_json(src / "config.json")
+    config = config_from_hf(hf_config)
+    tensors = _read_safetensors(src)
+    model = Transformer(config)
+    sd = state_dict_from_hf(config, tensors)
+    expected = {k: v.shape for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "output.weight")}
+    for name, shape in expected.items():
+        if name in sd and sd[name].shape != shape:
+            raise UserError(
+                f"{src}: tensor for {name} has shape {tuple(sd[name].shape)} but config.json implies {tuple(shape)}; "
+                "the config and the weights disagree"
+            )
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if set(missing) - {"output.weight"} or unexpected:  # a tied head is the embedding: not separately stored
+        raise UserError(f"{src}: weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    tokenizer = Tokenizer.load(src)
+    return save_checkpoint(out, model, tokenizer)
+
+
+def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write a checkpoint as a Hugging Face directory that `AutoModelForCausalLM`/`AutoTokenizer` load."""
+    model, ckpt = load_model(checkpoint)
+    config = ckpt.model_config
+    hf_config = config_to_hf(config, ckpt.tokenizer)
+    tensors = state_dict_to_hf(config, model.state_dict())
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        atomic_write_json(tmp / "config.json", hf_config)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copyfile(ckpt.path / "tokenizer.json", tmp / "tokenizer.json")
+        tok = ckpt.tokenizer
+        names = {"eos_token": tok.eot_id, "bos_token": tok.eot_id, "pad_token": tok.pad_id}
+        atomic_write_json(tmp / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.context_length,
+            **{k: tok.hf.id_to_token(v) for k, v in names.items() if v is not None},
+        })
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; pass a Hugging Face model directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); re-download or re-export the model") from None
+
+
+def _read_safetensors(src: Path) -> Tensors:
+    index = src / "model.safetensors.index.json"
+    files = sorted(set(_read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    tensors: Tensors = {}
+    for name in files:
+        path = src / name
+        if not path.exists():
+            bins = list(src.glob("*.bin"))
+            hint = " (only PyTorch .bin files found: convert them to safetensors first)" if bins else ""
+            raise UserError(f"{path} is missing{hint}; lmforge reads weights from safetensors only")
+        try:
+            tensors.update(load_file(str(path)))
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{path} is truncated or corrupt ({str(e).splitlines()[0]}); re-download it") from None
+    return tensors
