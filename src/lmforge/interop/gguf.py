@@ -1,0 +1,259 @@
+"""GGUF (llama.cpp's format): read Llama-architecture files, dequantize, rebuild the tokenizer.
+
+Layout (GGUF v2/v3, little-endian): magic "GGUF", version u32, tensor count u64, metadata count
+u64; metadata key/value pairs; tensor infos (name, dims with the fastest-varying first, ggml
+type, offset); padding to `general.alignment` (32); tensor data. Quantized tensors are blocks of
+32 values (ggml's QK4_0 = QK4_1 = QK8_0 = 32):
+
+    Q8_0: f16 d, 32 x i8 q          value = d * q
+    Q4_0: f16 d, 16 bytes of nibbles value = d * (nibble - 8)
+    Q4_1: f16 d, f16 m, 16 bytes     value = d * nibble + m
+    (byte j holds element j in its low nibble and element j + 16 in its high nibble)
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+from lmforge.checkpoint import save_checkpoint
+from lmforge.config import ModelConfig
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+from lmforge.utils.errors import UserError
+
+# ggml tensor types lmforge can dequantize: name, bytes per block, values per block.
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 4, 1),
+    1: ("F16", 2, 1),
+    2: ("Q4_0", 18, 32),
+    3: ("Q4_1", 20, 32),
+    8: ("Q8_0", 34, 32),
+    30: ("BF16", 2, 1),
+}
+_UNSUPPORTED_NAMES = {6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K"}
+
+# Metadata value types: struct format for the scalar ones.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order (slowest first)
+    ggml_type: int
+    offset: int
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    metadata: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    data_start: int
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Tensor `name` dequantized to float32."""
+        if name not in self.tensors:
+            raise UserError(f"{self.path}: tensor {name!r} is missing; the file does not match its metadata")
+        info = self.tensors[name]
+        type_name, block_bytes, block_values = GGML_TYPES[info.ggml_type]
+        n = int(np.prod(info.shape))
+        nbytes = n // block_values * block_bytes
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_start + info.offset, shape=(nbytes,))
+        return torch.from_numpy(dequantize(np.asarray(raw), type_name, n).reshape(info.shape))
+
+
+def dequantize(raw: np.ndarray, type_name: str, n: int) -> np.ndarray:
+    """float32 values of `n` elements stored as `type_name` in the bytes `raw`."""
+    if type_name == "F32":
+        return raw.view("<f4").astype(np.float32)
+    if type_name == "F16":
+        return raw.view("<f2").astype(np.float32)
+    if type_name == "BF16":
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    if type_name == "Q8_0":
+        blocks = raw.reshape(-1, 34)
+        d = blocks[:, :2].copy().view("<f2").astype(np.float32)  # (nb, 1)
+        q = blocks[:, 2:].view(np.int8).astype(np.float32)  # (nb, 32)
+        return (d * q).reshape(n)
+    if type_name in ("Q4_0", "Q4_1"):
+        head = 2 if type_name == "Q4_0" else 4
+        blocks = raw.reshape(-1, head + 16)
+        d = blocks[:, :2].copy().view("<f2").astype(np.float32)
+        qs = blocks[:, head:]
+        nibbles = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)  # (nb, 32): low half, then high
+        if type_name == "Q4_0":
+            return (d * (nibbles - 8.0)).reshape(n)
+        m = blocks[:, 2:4].copy().view("<f2").astype(np.float32)
+        return (d * nibbles + m).reshape(n)
+    raise UserError(f"GGUF tensor type {type_name} is not supported")
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Parse a GGUF file's header, metadata and tensor index (tensor data stays on disk)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass a .gguf file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        reader = _Reader(f, path)
+        if reader.read(4) != b"GGUF":
+            raise UserError(f"{path} is not a GGUF file (bad magic); pass a llama.cpp .gguf file")
+        version = reader.unpack("<I")
+        if version not in (2, 3):
+            raise UserError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+        n_tensors, n_kv = reader.unpack("<Q"), reader.unpack("<Q")
+        metadata = {}
+        for _ in range(n_kv):
+            key = reader.string()
+            metadata[key] = reader.value(reader.unpack("<I"))
+        tensors = {}
+        for _ in range(n_tensors):
+            name = reader.string()
+            dims = [reader.unpack("<Q") for _ in range(reader.unpack("<I"))]
+            ggml_type, offset = reader.unpack("<I"), reader.unpack("<Q")
+            if ggml_type not in GGML_TYPES:
+                kind = _UNSUPPORTED_NAMES.get(ggml_type, f"type {ggml_type}")
+                raise UserError(
+                    f"{path}: tensor {name} is quantized as {kind}, which lmforge cannot dequantize "
+                    f"(supported: {', '.join(t[0] for t in GGML_TYPES.values())}); requantize the model to one of them"
+                )
+            tensors[name] = TensorInfo(name, tuple(reversed(dims)), ggml_type, offset)
+        alignment = int(metadata.get("general.alignment", 32))
+        data_start = -(-f.tell() // alignment) * alignment
+    for info in tensors.values():
+        _, block_bytes, block_values = GGML_TYPES[info.ggml_type]
+        end = data_start + info.offset + int(np.prod(info.shape)) // block_values * block_bytes
+        if end > size:
+            raise UserError(f"{path} is truncated ({size} bytes, tensor {info.name} ends at {end}); re-download it")
+    return GGUFFile(path, metadata, tensors, data_start)
+
+
+class _Reader:
+    def __init__(self, f, path: Path) -> None:
+        self.f, self.path = f, path
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if len(data) != n:
+            raise UserError(f"{self.path} is truncated in its header; re-download it")
+        return data
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return self.read(self.unpack("<Q")).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            item_type, count = self.unpack("<I"), self.unpack("<Q")
+            if item_type in _SCALARS and item_type != 7:  # numeric arrays: read in one go
+                dtype = np.dtype(_SCALARS[item_type])
+                return np.frombuffer(self.read(dtype.itemsize * count), dtype=dtype).tolist()
+            return [self.value(item_type) for _ in range(count)]
+        raise UserError(f"{self.path}: unknown metadata value type {vtype}; the file is corrupt")
+
+
+# ----------------------------------------------------------------------------------------- llama
+def config_from_gguf(g: GGUFFile) -> ModelConfig:
+    md = g.metadata
+    arch = md.get("general.architecture")
+    if arch != "llama":
+        raise UserError(f"{g.path}: GGUF architecture {arch!r} is not supported; only llama")
+    a = lambda key, default=None: md.get(f"llama.{key}", default)  # noqa: E731
+    n_embd, n_head = a("embedding_length"), a("attention.head_count")
+    scaling: dict[str, Any] = {}
+    kind = a("rope.scaling.type")
+    if kind == "linear":
+        scaling = {"rope_scaling": "linear", "rope_factor": a("rope.scaling.factor")}
+    elif kind not in (None, "none"):
+        raise UserError(f"{g.path}: RoPE scaling {kind!r} is not supported; supported: none, linear")
+    vocab = a("vocab_size") or len(md["tokenizer.ggml.tokens"])
+    return ModelConfig(
+        vocab_size=vocab, context_length=a("context_length"), n_layer=a("block_count"), n_head=n_head,
+        n_kv_head=a("attention.head_count_kv", n_head), n_embd=n_embd, mlp_hidden=a("feed_forward_length"),
+        position="rotary", rope_theta=float(a("rope.freq_base", 10000.0)), norm="rmsnorm", mlp="swiglu", bias=False,
+        norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)), tie_embeddings="output.weight" not in g.tensors,
+        pad_vocab_multiple=1, **scaling,
+    )
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of q/k rows (interleaved rotary pairs -> "rotate half" halves)."""
+    rows, cols = w.shape
+    hs = rows // n_head
+    return w.reshape(n_head, hs // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def state_dict_from_gguf(g: GGUFFile, c: ModelConfig) -> dict[str, torch.Tensor]:
+    t = g.tensor
+    sd = {"tok_embeddings.weight": t("token_embd.weight"), "norm.weight": t("output_norm.weight")}
+    for i in range(c.n_layer):
+        p, q = f"blk.{i}.", f"layers.{i}."
+        sd[q + "attention_norm.weight"] = t(p + "attn_norm.weight")
+        sd[q + "ffn_norm.weight"] = t(p + "ffn_norm.weight")
+        sd[q + "attention.qkv.weight"] = torch.cat([
+            _unpermute(t(p + "attn_q.weight"), c.n_head), _unpermute(t(p + "attn_k.weight"), c.kv_heads), t(p + "attn_v.weight"),
+        ])
+        sd[q + "attention.proj.weight"] = t(p + "attn_output.weight")
+        sd[q + "feed_forward.fc.weight"] = torch.cat([t(p + "ffn_gate.weight"), t(p + "ffn_up.weight")])
+        sd[q + "feed_forward.proj.weight"] = t(p + "ffn_down.weight")
+    if not c.tie_embeddings:
+        sd["output.weight"] = t("output.weight")
+    return sd
+
+
+def tokenizer_from_gguf(g: GGUFFile) -> Tokenizer:
+    """Rebuild a byte-level BPE tokenizer (`tokenizer.ggml.model` = gpt2) from the GGUF metadata."""
+    md = g.metadata
+    kind = md.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise UserError(f"{g.path}: GGUF tokenizer model {kind!r} is not supported; only gpt2 (byte-level BPE)")
+    tokens: list[str] = md["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in md.get("tokenizer.ggml.merges", [])]
+    hf = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    types = md.get("tokenizer.ggml.token_type", [])
+    # Token type 3 is CONTROL in llama.cpp's vocabulary: <|im_start|>, <|endoftext|>, ...
+    hf.add_special_tokens([tokenizers.AddedToken(tokens[i], special=True, normalized=False)
+                           for i, kind in enumerate(types) if kind == 3])
+    roles = {role: tokens[md[f"tokenizer.ggml.{role}_token_id"]] for role in ("bos", "eos", "padding")
+             if f"tokenizer.ggml.{role}_token_id" in md}
+    return Tokenizer(
+        hf, origin=str(g.path), eos_token=roles.get("eos"), bos_token=roles.get("bos"),
+        chat_template=md.get("tokenizer.chat_template"),
+    )
+
+
+def import_gguf(path: str | Path, out: str | Path) -> Path:
+    """Convert a Llama-architecture GGUF file to an lmforge checkpoint (weights in float32)."""
+    g = read_gguf(path)
+    config = config_from_gguf(g)
+    tokenizer = tokenizer_from_gguf(g)
+    model = Transformer(config)
+    sd = state_dict_from_gguf(g, config)
+    for name, p in model.state_dict().items():
+        if name in sd and sd[name].shape != p.shape:
+            raise UserError(
+                f"{g.path}: tensor for {name} has shape {tuple(sd[name].shape)} but the metadata implies "
+                f"{tuple(p.shape)}; the file is inconsistent"
+            )
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if set(missing) - {"output.weight"} or unexpected:
+        raise UserError(f"{g.path}: weights do not match the architecture (missing {missing[:3]})")
+    return save_checkpoint(out, model, tokenizer)

