@@ -109,7 +109,7 @@ def smollm2_file() -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    """(our model, our tokenizer, transformers' model, transformers' tokenizer), all fp32."""
+    """(our model, our tokenizer, transformers' model, transformers' tokenizer, our checkpoint path), fp32."""
     path = smollm2_file()
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("gguf", reason="transformers reads GGUF through the gguf package")
@@ -119,12 +119,12 @@ def smollm2(tmp_path_factory):
     model, ckpt = load_model(import_gguf(path, tmp_path_factory.mktemp("smol") / "ckpt"))
     hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return model, ckpt.tokenizer, hf_model.eval(), hf_tok
+    return model, ckpt.tokenizer, hf_model.eval(), hf_tok, ckpt.path
 
 
 @pytest.mark.slow
 def test_smollm2_tokens_match_transformers(smollm2):
-    _, tok, _, hf_tok = smollm2
+    _, tok, _, hf_tok, _ = smollm2
     samples = [
         "The quick brown fox jumps over the lazy dog, doesn't it?",
         "机器学习是人工智能的一个分支。",
@@ -140,7 +140,7 @@ def test_smollm2_tokens_match_transformers(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_logits_and_greedy_tokens_match_transformers(smollm2):
-    model, tok, hf_model, _ = smollm2
+    model, tok, hf_model, _, _ = smollm2
     ids = torch.tensor([tok.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")])
     with torch.no_grad():
         diff = (model(ids) - hf_model(ids).logits).abs().max().item()
@@ -152,3 +152,19 @@ def test_smollm2_logits_and_greedy_tokens_match_transformers(smollm2):
     with torch.no_grad():
         theirs = hf_model.generate(ids, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=tok.eot_id)
     assert ours == theirs[0, ids.size(1):].tolist()
+
+
+@pytest.mark.slow
+def test_chat_with_smollm2_through_the_cli(smollm2, monkeypatch, capsys):
+    """The chat template from the GGUF drives a real conversation; /reset and /exit work."""
+    import io
+
+    from lmforge.cli.main import main
+
+    checkpoint = smollm2[4]
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n/reset\nName a color.\n/exit\nnever read\n"))
+    assert main(["chat", str(checkpoint), "--temperature", "0", "--max-new-tokens", "20", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    replies = [line for line in out.splitlines() if line.strip()]
+    assert "Paris" in replies[0]
+    assert "conversation cleared" in err and len(out.split("\n")) >= 3

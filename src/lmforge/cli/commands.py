@@ -15,8 +15,9 @@ from jsonargparse import Namespace
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.data import prepare, train_tokenizer
 from lmforge.evaluate import evaluate_lm
-from lmforge.infer import load
-from lmforge.interop import export_hf, import_hf
+from lmforge.infer import ChatSession, load, render_chat
+from lmforge.interop import export_hf, import_gguf, import_hf
+from lmforge.utils.errors import UserError
 from lmforge.train import pretrain
 
 
@@ -86,6 +87,44 @@ def import_hf_cmd(args: Namespace) -> dict[str, Any]:
     return {"checkpoint": str(path)}
 
 
+def import_gguf_cmd(args: Namespace) -> dict[str, Any]:
+    path = import_gguf(args.source, args.out)
+    _say(args)(f"imported {args.source} -> {path}")
+    return {"checkpoint": str(path)}
+
+
+def chat_cmd(args: Namespace) -> None:
+    lm = load(args.checkpoint, device=args.device)
+    session = ChatSession(lm, system=args.system, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed)
+    render_chat(lm, [{"role": "user", "content": "hi"}])  # a checkpoint without a template fails here, once
+    interactive = sys.stdin.isatty()
+    print(f"chatting with {lm.path} (/reset clears the conversation, /exit quits)", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not text:
+            continue
+        try:
+            for piece in session.send(text, args.max_new_tokens):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except UserError as e:  # a full context ends the turn, not the session
+            print(f"lmforge: {e}", file=sys.stderr)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return None
+
+
 def export_hf_cmd(args: Namespace) -> dict[str, Any]:
     path = export_hf(args.checkpoint, args.out)
     _say(args)(f"exported {args.checkpoint} -> {path} (load it with transformers' AutoModelForCausalLM)")
@@ -98,13 +137,15 @@ def demo_cmd(args: Namespace) -> dict[str, Any]:
     return run_demo(args.out, max_steps=args.max_steps, device=args.device, say=_say(args))
 
 
-HANDLERS: dict[str, Callable[[Namespace], dict[str, Any]]] = {
+HANDLERS: dict[str, Callable[[Namespace], dict[str, Any] | None]] = {
     "demo": demo_cmd,
     "tokenizer.train": tokenizer_train,
     "prepare": prepare_cmd,
     "pretrain": pretrain_cmd,
     "generate": generate_cmd,
     "eval": eval_cmd,
+    "chat": chat_cmd,
     "import.hf": import_hf_cmd,
+    "import.gguf": import_gguf_cmd,
     "export.hf": export_hf_cmd,
 }

@@ -18,7 +18,7 @@ from lmforge.config import PRESETS, ModelConfig, TrainConfig
 from lmforge.utils.errors import UserError
 
 
-VERBS = ("demo", "tokenizer", "prepare", "pretrain", "generate", "eval", "import", "export")
+VERBS = ("demo", "tokenizer", "prepare", "pretrain", "generate", "chat", "eval", "import", "export")
 
 
 def _parser(description: str) -> ArgumentParser:
@@ -100,6 +100,17 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _json_flag(ev)
     verbs.add_subcommand("eval", ev, help="evaluate a language model")
 
+    chat = _parser("Chat with an instruction-tuned checkpoint through its chat template (/reset, /exit).")
+    chat.add_argument("checkpoint", help="checkpoint or run directory")
+    _option(chat, "system", default=None, help="system message")
+    _option(chat, "max_new_tokens", type=int, default=256)
+    _option(chat, "temperature", type=float, default=0.7, help="0 is greedy")
+    _option(chat, "top_k", type=int, default=50, help="0 disables")
+    _option(chat, "top_p", type=float, default=0.9, help="1 disables")
+    _option(chat, "seed", type=int | None, default=None)
+    _option(chat, "device", default="auto")
+    verbs.add_subcommand("chat", chat, help="interactive chat that streams replies")
+
     imp = _parser("Convert a model from another format into an lmforge checkpoint.")
     verbs.add_subcommand("import", imp, help="import a Hugging Face model directory")
     imp_verbs = imp.add_subcommands(dest="format", required=True)
@@ -108,6 +119,11 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(imp_hf, "out", required=True, help="checkpoint directory to write")
     _json_flag(imp_hf)
     imp_verbs.add_subcommand("hf", imp_hf, help="from Hugging Face format")
+    imp_gguf = _parser("Import a Llama-architecture GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1), tokenizer and chat template included.")
+    imp_gguf.add_argument("source", help=".gguf file")
+    _option(imp_gguf, "out", required=True, help="checkpoint directory to write")
+    _json_flag(imp_gguf)
+    imp_verbs.add_subcommand("gguf", imp_gguf, help="from llama.cpp's GGUF")
 
     exp = _parser("Write an lmforge checkpoint in another format.")
     verbs.add_subcommand("export", exp, help="export a checkpoint to Hugging Face format")
@@ -141,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         verb = {
             "tokenizer": lambda: f"tokenizer.{ns.tokenizer.action}",
-            "import": lambda: f"import.{ns['import'].format}",
+            "import": lambda: f"import.{ns['import'].format}",  # `import` is a keyword: no attribute access
             "export": lambda: f"export.{ns.export.format}",
         }.get(ns.verb, lambda: ns.verb)()
         args = ns[verb]
@@ -158,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130
-    if args.get("json"):
+    if result is not None and args.get("json"):
         print(json.dumps(result, ensure_ascii=False))
     return 0
 

@@ -1,6 +1,7 @@
 """Inference workflows (layer 4): load a checkpoint and generate."""
 
 from lmforge.infer.generate import SamplingConfig, decode_one_token, generate_tokens, prefill, sample
+from lmforge.infer.chat import ChatSession, render_chat
 from lmforge.infer.session import LanguageModel, load
 
-__all__ = ["LanguageModel", "SamplingConfig", "decode_one_token", "generate_tokens", "load", "prefill", "sample"]
+__all__ = ["ChatSession", "LanguageModel", "render_chat", "SamplingConfig", "decode_one_token", "generate_tokens", "load", "prefill", "sample"]

@@ -1,0 +1,50 @@
+import pytest
+
+from lmforge.infer import ChatSession, load, render_chat
+from lmforge.utils.errors import UserError
+
+TEMPLATE = (
+    "{% for m in messages %}<|cls|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|cls|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture
+def lm(trained_run):
+    lm = load(trained_run.out, device="cpu")
+    lm.tokenizer.chat_template = TEMPLATE
+    return lm
+
+
+def test_render_follows_the_template(lm):
+    prompt = render_chat(lm, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert prompt == "<|cls|>system\nBe brief.<|endoftext|>\n<|cls|>user\nHi<|endoftext|>\n<|cls|>assistant\n"
+
+
+def test_session_keeps_turns_and_resets(lm):
+    chat = ChatSession(lm, system="Be brief.", temperature=0)
+    first = "".join(chat.send("ROMEO:", max_new_tokens=8))
+    assert [m["role"] for m in chat.messages] == ["system", "user", "assistant"]
+    assert chat.messages[-1]["content"] == first.strip()
+    "".join(chat.send("JULIET:", max_new_tokens=8))
+    assert len(chat.messages) == 5
+    chat.reset()
+    assert chat.messages == [{"role": "system", "content": "Be brief."}]
+
+
+def test_full_context_is_a_user_error_that_keeps_the_session(lm):
+    chat = ChatSession(lm, temperature=0)
+    with pytest.raises(UserError, match="no longer fits"):
+        list(chat.send("word " * 200))
+    assert chat.messages == []
+
+
+def test_template_is_sandboxed(lm):
+    lm.tokenizer.chat_template = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(UserError, match="chat template"):
+        render_chat(lm, [{"role": "user", "content": "x"}])
+
+
+def test_checkpoint_without_template(trained_run):
+    with pytest.raises(UserError, match="no chat template"):
+        render_chat(load(trained_run.out, device="cpu"), [{"role": "user", "content": "x"}])
