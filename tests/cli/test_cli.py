@@ -86,7 +86,9 @@ def test_generation_errors(capsys, trained_run, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "verb", [["demo"], ["tokenizer", "train"], ["prepare"], ["pretrain"], ["generate"], ["eval"], ["import", "hf"], ["export", "hf"]]
+    "verb",
+    [["demo"], ["tokenizer", "train"], ["prepare"], ["pretrain"], ["generate"], ["chat"], ["eval"], ["import", "hf"],
+     ["import", "gguf"], ["export", "hf"]],
 )
 def test_every_verb_has_help(capsys, verb):
     with pytest.raises(SystemExit) as e:

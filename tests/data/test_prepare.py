@@ -152,7 +152,7 @@ def test_meta_describes_the_data(tmp_path, tok, tok_dir):
     assert meta["sources"] == [str(tmp_path / "a.txt")]
     assert meta["val_fraction"] == 0.1
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["meta.json", "tokenizer.json", "train-00000.bin", "val-00000.bin"]
+    assert names == ["meta.json", "tokenizer.json", "tokenizer_config.json", "train-00000.bin", "val-00000.bin"]
 
 
 def test_progress_bar_goes_to_stderr(tmp_path, tok_dir, capsys):
