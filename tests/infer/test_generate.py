@@ -74,3 +74,9 @@ def test_load_and_generate_text(trained_run):
     assert len(a) > 0
     pieces = list(lm.stream("ROMEO:", 30, temperature=0.8, seed=1))
     assert "".join(pieces) == a and len(pieces) > 1
+
+
+def test_encoder_cannot_generate():
+    encoder = Transformer(preset("bert-base", vocab_size=100, n_layer=1, n_embd=64, n_head=4, mlp_hidden=128)).eval()
+    with pytest.raises(UserError, match="encoder model cannot generate"):
+        list(generate_tokens(encoder, [1, 2], 3))

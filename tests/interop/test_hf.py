@@ -73,6 +73,43 @@ def test_import_then_export_matches_transformers(name, tmp_path, tokenizer_dir):
     assert (again - logits).abs().max().item() < 1e-4
 
 
+def bert(tie=True):
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        max_position_embeddings=128, type_vocab_size=2, tie_word_embeddings=tie,
+    )
+    return transformers.BertForPreTraining(cfg)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_bert_mlm_and_nsp_match_transformers_with_padding_and_segments(tie, tmp_path, tokenizer_dir):
+    hf_model = bert(tie).eval()
+    src = hf_dir(tmp_path, hf_model, tokenizer_dir)
+    idx = torch.randint(0, VOCAB, (3, 50))
+    types = (torch.arange(50) >= 20).long().expand(3, 50)
+    mask = torch.ones(3, 50, dtype=torch.long)
+    mask[1, 35:] = 0  # padded sequences
+    mask[2, 10:] = 0
+    with torch.no_grad():
+        ref = hf_model(idx, attention_mask=mask, token_type_ids=types)
+
+    ckpt = import_hf(src, tmp_path / "ckpt")
+    ours, _ = load_model(ckpt)
+    with torch.no_grad():
+        hidden = ours.encode(idx, attention_mask=mask, token_type_ids=types)
+        mlm = ours.mlm(hidden)[..., :VOCAB]
+        nsp = ours.nsp_logits(hidden)
+    assert (mlm - ref.prediction_logits).abs().max().item() < 1e-4
+    assert (nsp - ref.seq_relationship_logits).abs().max().item() < 1e-4
+
+    back, info = transformers.AutoModelForPreTraining.from_pretrained(export_hf(ckpt, tmp_path / "export"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    with torch.no_grad():
+        again = back.eval()(idx, attention_mask=mask, token_type_ids=types)
+    assert (again.prediction_logits - mlm).abs().max().item() < 1e-4
+    assert (again.seq_relationship_logits - nsp).abs().max().item() < 1e-4
+
+
 def test_exported_tokenizer_loads_in_transformers(tmp_path, tokenizer_dir, trained_run):
     out = export_hf(trained_run.out, tmp_path / "export")
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)

@@ -5,10 +5,10 @@ import torch
 
 from lmforge.config import preset
 from lmforge.model import Transformer
-from lmforge.model.blocks import CausalSelfAttention, sinusoidal_table
+from lmforge.model.blocks import SelfAttention, sinusoidal_table
 
 
-def naive_attention(x: torch.Tensor, attn: CausalSelfAttention) -> torch.Tensor:
+def naive_attention(x: torch.Tensor, attn: SelfAttention) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d) + causal mask) V, head by head, with plain matmuls."""
     B, T, C = x.shape
     nh, hs = attn.n_head, attn.head_size
@@ -26,7 +26,7 @@ def naive_attention(x: torch.Tensor, attn: CausalSelfAttention) -> torch.Tensor:
 def test_attention_equals_naive_softmax():
     torch.manual_seed(0)
     cfg = preset("tiny", vocab_size=100)
-    attn = CausalSelfAttention(cfg, layer=0).double().eval()
+    attn = SelfAttention(cfg, layer=0).double().eval()
     for p in attn.parameters():  # non-zero biases so they are checked too
         torch.nn.init.normal_(p, std=0.2)
     x = torch.randn(3, 11, cfg.n_embd, dtype=torch.float64)

@@ -15,16 +15,20 @@ Position = Literal["learned", "sinusoidal", "rotary"]
 Norm = Literal["layernorm", "rmsnorm"]
 MLP = Literal["gelu", "gelu_tanh", "swiglu"]
 RopeScaling = Literal["none", "linear", "ntk", "llama3"]
+Arch = Literal["decoder", "encoder"]
+NormPosition = Literal["pre", "post"]
 
 
 @dataclass
 class ModelConfig:
-    """A decoder-only Transformer: GPT-2 (learned positions, LayerNorm, GELU, biases) and the
-    Llama family (rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases) are two
-    settings of the same fields.
+    """A Transformer as plain values. GPT-2 (learned positions, LayerNorm, GELU, biases), the Llama
+    family (rotary positions, RMSNorm, SwiGLU, grouped-query attention, no biases) and BERT (a
+    bidirectional post-norm encoder with token types and MLM/NSP heads) are settings of the same fields.
 
     Args:
         preset: name the values came from (`tiny`, `gpt2-124m`, ...); informational once resolved.
+        arch: `decoder` (causal attention, next-token head) or `encoder` (bidirectional attention,
+            masked-LM head, pooler and next-sentence head, as BERT).
         vocab_size: tokens the tokenizer produces; None means "take it from the training data".
         context_length: the longest sequence the model attends over (nanoGPT's block_size).
         n_layer: number of Transformer blocks.
@@ -43,6 +47,10 @@ class ModelConfig:
         rope_high_freq_factor: llama3 scaling: wavelengths below original_context/high stay unscaled.
         rope_original_context: llama3 scaling: the context the model was pretrained with.
         norm: `layernorm` or `rmsnorm`.
+        norm_position: `pre` (x + f(norm(x)), with a final norm; GPT-2, Llama) or `post`
+            (norm(x + f(x)); the original Transformer, BERT).
+        embed_norm: a norm right after the embeddings (BERT).
+        type_vocab_size: number of token types (segments) with their own embedding; 0 for none.
         mlp: `gelu` (exact), `gelu_tanh` (GPT-2's approximation) or `swiglu` (Llama).
         bias: biases in linear layers and LayerNorms.
         dropout: dropout on embeddings, attention weights and residual branches.
@@ -52,6 +60,7 @@ class ModelConfig:
     """
 
     preset: str | None = None
+    arch: Arch = "decoder"
     vocab_size: int | None = None
     context_length: int = 1024
     n_layer: int = 12
@@ -67,6 +76,9 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
     norm: Norm = "layernorm"
+    norm_position: NormPosition = "pre"
+    embed_norm: bool = False
+    type_vocab_size: int = 0
     mlp: MLP = "gelu"
     bias: bool = True
     dropout: float = 0.0
@@ -95,7 +107,9 @@ class ModelConfig:
             raise UserError(f"model.vocab_size must be >= 1, got {self.vocab_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        for name, allowed in (("position", Position), ("norm", Norm), ("mlp", MLP), ("rope_scaling", RopeScaling)):
+        choices = (("arch", Arch), ("position", Position), ("norm", Norm), ("norm_position", NormPosition),
+                   ("mlp", MLP), ("rope_scaling", RopeScaling))
+        for name, allowed in choices:
             if getattr(self, name) not in allowed.__args__:
                 raise UserError(
                     f"model.{name}={getattr(self, name)!r} is not supported; use one of {list(allowed.__args__)}"

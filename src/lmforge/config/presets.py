@@ -29,6 +29,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                          rope_original_context=8192),
     "smollm2-135m": dict(_LLAMA, context_length=8192, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
                          mlp_hidden=1536, rope_theta=100000.0),
+    # BERT-base (Devlin et al. 2018): a post-norm bidirectional encoder with segments, MLM and NSP heads.
+    "bert-base": dict(arch="encoder", context_length=512, n_layer=12, n_head=12, n_embd=768, mlp_hidden=3072,
+                      norm_position="post", embed_norm=True, type_vocab_size=2, norm_eps=1e-12),
 }
 
 

@@ -76,6 +76,8 @@ def generate_tokens(
     Past the context length the window slides: each token is predicted from the last
     `context_length` tokens.
     """
+    if model.config.arch != "decoder":
+        raise UserError(f"a {model.config.arch} model cannot generate text; use a decoder (GPT, Llama) checkpoint")
     sampling = sampling or SamplingConfig()
     idx = torch.as_tensor(prompt, dtype=torch.long, device=model.tok_embeddings.weight.device).view(1, -1)
     T, ctx = idx.size(1), model.config.context_length

@@ -1,4 +1,4 @@
-"""Hugging Face format: `config.json` + safetensors + `tokenizer.json`, for GPT-2 and Llama.
+"""Hugging Face format: `config.json` + safetensors + `tokenizer.json`, for GPT-2, Llama and BERT.
 
 Import maps HF names onto lmforge's (fusing q/k/v and gate/up projections, transposing GPT-2's
 Conv1D weights); export undoes it, so `transformers`' Auto classes load the result with no missing
@@ -55,7 +55,18 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             mlp="swiglu", bias=False, norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_embeddings=hf.get("tie_word_embeddings", False), pad_vocab_multiple=1, **_rope_from_hf(hf),
         )
-    raise UserError(f"Hugging Face model_type {kind!r} is not supported; supported: gpt2, llama")
+    if kind == "bert":
+        if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
+            raise UserError("BERT variants other than GELU with absolute positions are not supported yet")
+        return ModelConfig(
+            arch="encoder", vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"],
+            n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
+            mlp_hidden=hf["intermediate_size"], position="learned", norm="layernorm", norm_position="post",
+            embed_norm=True, type_vocab_size=hf.get("type_vocab_size", 2), mlp="gelu", bias=True,
+            norm_eps=hf.get("layer_norm_eps", 1e-12), tie_embeddings=hf.get("tie_word_embeddings", True),
+            pad_vocab_multiple=1,
+        )
+    raise UserError(f"Hugging Face model_type {kind!r} is not supported; supported: gpt2, llama, bert")
 
 
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -84,7 +95,17 @@ def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 def config_to_hf(c: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
     """A Hugging Face `config.json` for an lmforge config that has an HF equivalent."""
     special = {"eos_token_id": tokenizer.eot_id, "bos_token_id": tokenizer.eot_id} if tokenizer else {}
-    if _family(c) == "gpt2":
+    family = _family(c)
+    if family == "bert":
+        return {
+            "architectures": ["BertForPreTraining"], "model_type": "bert", "vocab_size": c.vocab_size,
+            "hidden_size": c.n_embd, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+            "intermediate_size": c.hidden_size, "hidden_act": "gelu", "max_position_embeddings": c.context_length,
+            "type_vocab_size": c.type_vocab_size, "layer_norm_eps": c.norm_eps, "tie_word_embeddings": c.tie_embeddings,
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "position_embedding_type": "absolute",
+            **({"pad_token_id": tokenizer.pad_id} if tokenizer and tokenizer.pad_id is not None else {}),
+        }
+    if family == "gpt2":
         act = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[c.mlp]
         return {
             "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
@@ -113,23 +134,84 @@ def config_to_hf(c: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[str
 
 
 def _family(c: ModelConfig) -> str:
-    if c.position == "learned" and c.norm == "layernorm" and c.mlp in ("gelu", "gelu_tanh") and c.bias and c.kv_heads == c.n_head:
+    if c.arch == "encoder":
+        if (c.position, c.norm, c.norm_position, c.mlp, c.embed_norm, c.bias) == ("learned", "layernorm", "post", "gelu", True, True) \
+                and c.type_vocab_size > 0 and c.kv_heads == c.n_head:
+            return "bert"
+    elif c.norm_position == "pre" and c.position == "learned" and c.norm == "layernorm" and c.mlp in ("gelu", "gelu_tanh") and c.bias and c.kv_heads == c.n_head:
         return "gpt2"
-    if c.position == "rotary" and c.norm == "rmsnorm" and c.mlp == "swiglu" and not c.bias and c.rope_scaling != "ntk":
+    if c.arch == "decoder" and c.norm_position == "pre" and c.position == "rotary" and c.norm == "rmsnorm" \
+            and c.mlp == "swiglu" and not c.bias and c.rope_scaling != "ntk":
         return "llama"
     raise UserError(
-        f"this architecture (position={c.position}, norm={c.norm}, mlp={c.mlp}, bias={c.bias}, "
-        f"rope_scaling={c.rope_scaling}) has no Hugging Face equivalent; export supports GPT-2 and Llama shapes"
+        f"this architecture (arch={c.arch}, position={c.position}, norm={c.norm}/{c.norm_position}, mlp={c.mlp}, bias={c.bias}, "
+        f"rope_scaling={c.rope_scaling}) has no Hugging Face equivalent; export supports GPT-2, Llama and BERT shapes"
     )
 
 
 # ----------------------------------------------------------------------------------- weight names
+# BERT names under `bert.` (BertForPreTraining) against lmforge's, per layer and outside the layers.
+_BERT_LAYER = {
+    "attention.proj": "attention.output.dense", "attention_norm": "attention.output.LayerNorm",
+    "feed_forward.fc": "intermediate.dense", "feed_forward.proj": "output.dense", "ffn_norm": "output.LayerNorm",
+}
+_BERT_TOP = {
+    "tok_embeddings.weight": "bert.embeddings.word_embeddings.weight",
+    "pos_embeddings.weight": "bert.embeddings.position_embeddings.weight",
+    "type_embeddings.weight": "bert.embeddings.token_type_embeddings.weight",
+    "embed_norm.weight": "bert.embeddings.LayerNorm.weight", "embed_norm.bias": "bert.embeddings.LayerNorm.bias",
+    "pooler.dense.weight": "bert.pooler.dense.weight", "pooler.dense.bias": "bert.pooler.dense.bias",
+    "mlm.dense.weight": "cls.predictions.transform.dense.weight", "mlm.dense.bias": "cls.predictions.transform.dense.bias",
+    "mlm.norm.weight": "cls.predictions.transform.LayerNorm.weight", "mlm.norm.bias": "cls.predictions.transform.LayerNorm.bias",
+    "mlm.decoder.bias": "cls.predictions.bias",
+    "nsp.weight": "cls.seq_relationship.weight", "nsp.bias": "cls.seq_relationship.bias",
+}
+
+
+def _bert_from_hf(c: ModelConfig, hf: Tensors) -> Tensors:
+    if not any(k.startswith("bert.") for k in hf):  # a bare BertModel saved on its own has no prefix
+        hf = {(k if k.startswith("cls.") else "bert." + k): v for k, v in hf.items()}
+    get = _getter(hf)
+    sd = {ours: get(theirs) for ours, theirs in _BERT_TOP.items()}
+    for i in range(c.n_layer):
+        p, q = f"bert.encoder.layer.{i}.", f"layers.{i}."
+        for w in ("weight", "bias"):
+            sd[f"{q}attention.qkv.{w}"] = torch.cat([get(f"{p}attention.self.{n}.{w}") for n in ("query", "key", "value")])
+            for ours, theirs in _BERT_LAYER.items():
+                sd[f"{q}{ours}.{w}"] = get(f"{p}{theirs}.{w}")
+    if not c.tie_embeddings:
+        sd["mlm.decoder.weight"] = get("cls.predictions.decoder.weight")
+        # transformers >= 5 keeps an untied decoder's own bias, and that is the one its forward adds.
+        sd["mlm.decoder.bias"] = hf.get("cls.predictions.decoder.bias", sd["mlm.decoder.bias"])
+    return sd
+
+
+def _bert_to_hf(c: ModelConfig, sd: Tensors) -> Tensors:
+    out = {theirs: sd[ours] for ours, theirs in _BERT_TOP.items()}
+    out["bert.embeddings.word_embeddings.weight"] = sd["tok_embeddings.weight"][: c.vocab_size]
+    out["cls.predictions.bias"] = sd["mlm.decoder.bias"][: c.vocab_size]
+    for i in range(c.n_layer):
+        p, q = f"bert.encoder.layer.{i}.", f"layers.{i}."
+        for w in ("weight", "bias"):
+            for n, t in zip(("query", "key", "value"), sd[f"{q}attention.qkv.{w}"].chunk(3)):
+                out[f"{p}attention.self.{n}.{w}"] = t
+            for ours, theirs in _BERT_LAYER.items():
+                out[f"{p}{theirs}.{w}"] = sd[f"{q}{ours}.{w}"]
+    if not c.tie_embeddings:
+        out["cls.predictions.decoder.weight"] = sd["mlm.decoder.weight"][: c.vocab_size]
+        out["cls.predictions.decoder.bias"] = out["cls.predictions.bias"].clone()
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
 def state_dict_from_hf(c: ModelConfig, hf: Tensors) -> Tensors:
-    """lmforge state dict from HF tensors (names with or without the `transformer.`/`model.` prefix)."""
+    """lmforge state dict from HF tensors (names with or without the `transformer.` prefix)."""
     hf = {k.removeprefix("transformer.") if k.startswith("transformer.") else k: v for k, v in hf.items()}
     get = _getter(hf)
+    family = _family(c)
+    if family == "bert":
+        return _bert_from_hf(c, hf)
     sd: Tensors = {}
-    if _family(c) == "gpt2":
+    if family == "gpt2":
         sd["tok_embeddings.weight"] = get("wte.weight")
         sd["pos_embeddings.weight"] = get("wpe.weight")
         for i in range(c.n_layer):
@@ -162,7 +244,10 @@ def state_dict_to_hf(c: ModelConfig, sd: Tensors) -> Tensors:
     """HF tensors (the names `from_pretrained` expects) from an lmforge state dict."""
     V = c.vocab_size
     out: Tensors = {}
-    if _family(c) == "gpt2":
+    family = _family(c)
+    if family == "bert":
+        return _bert_to_hf(c, sd)
+    if family == "gpt2":
         out["transformer.wte.weight"] = sd["tok_embeddings.weight"][:V]
         out["transformer.wpe.weight"] = sd["pos_embeddings.weight"]
         for i in range(c.n_layer):
@@ -211,15 +296,14 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     tensors = _read_safetensors(src)
     model = Transformer(config)
     sd = state_dict_from_hf(config, tensors)
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "output.weight")}
-    for name, shape in expected.items():
+    for name, shape in ((k, v.shape) for k, v in model.state_dict().items()):
         if name in sd and sd[name].shape != shape:
             raise UserError(
                 f"{src}: tensor for {name} has shape {tuple(sd[name].shape)} but config.json implies {tuple(shape)}; "
                 "the config and the weights disagree"
             )
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    if set(missing) - {"output.weight"} or unexpected:  # a tied head is the embedding: not separately stored
+    if set(missing) - {"output.weight", "mlm.decoder.weight"} or unexpected:  # a tied head is the embedding
         raise UserError(f"{src}: weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
     tokenizer = Tokenizer.load(src)
     return save_checkpoint(out, model, tokenizer)

@@ -84,8 +84,9 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
-class CausalSelfAttention(nn.Module):
-    """Causal self-attention through `scaled_dot_product_attention`; multi-head, grouped-query
+class SelfAttention(nn.Module):
+    """Self-attention through `scaled_dot_product_attention`, causal (decoders) or bidirectional
+    (encoders), with an optional padding mask; multi-head, grouped-query
     (n_kv_head < n_head: each key/value head serves n_head / n_kv_head consecutive query heads)
     or multi-query (n_kv_head = 1).
 
@@ -97,6 +98,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
+        self.causal = config.arch == "decoder"
         self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
         self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_size, bias=config.bias)
         self.proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=config.bias)
@@ -109,7 +111,9 @@ class CausalSelfAttention(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`padding_mask` (B, S) is True at the keys that may be attended to (False at padding)."""
         B, T, C = x.shape
         hs = self.head_size
         q, k, v = self.qkv(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
@@ -118,7 +122,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        mask, is_causal = None, T > 1
+        mask, is_causal = None, self.causal and T > 1
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # (B, nkv, start+T, hs)
             if start > 0 and T > 1:
@@ -128,6 +132,12 @@ class CausalSelfAttention(nn.Module):
                 is_causal = False
             elif T == 1:
                 is_causal = False  # one new query attends to every cached key
+        if padding_mask is not None:
+            keep = padding_mask[:, None, None, :].bool()  # (B, 1, 1, S)
+            if is_causal:
+                keep = keep & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = keep if mask is None else keep & mask
+            is_causal = False
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, S, hs)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
@@ -160,12 +170,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attention(norm(x)), then x + feed_forward(norm(x))."""
+    """Residual block. Pre-norm: x + attention(norm(x)), then x + feed_forward(norm(x)).
+    Post-norm: norm(x + attention(x)), then norm(x + feed_forward(x))."""
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.pre_norm = config.norm_position == "pre"
         self.attention_norm = make_norm(config)
-        self.attention = CausalSelfAttention(config, layer)
+        self.attention = SelfAttention(config, layer)
         self.ffn_norm = make_norm(config)
         self.feed_forward = MLP(config)
 
@@ -175,10 +187,13 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         start: int = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cache, start, rope)
-        x = x + self.feed_forward(self.ffn_norm(x))
-        return x
+        if self.pre_norm:
+            x = x + self.attention(self.attention_norm(x), cache, start, rope, padding_mask)
+            return x + self.feed_forward(self.ffn_norm(x))
+        x = self.attention_norm(x + self.attention(x, cache, start, rope, padding_mask))
+        return self.ffn_norm(x + self.feed_forward(x))
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

@@ -1,6 +1,8 @@
-"""The decoder-only Transformer (GPT family), assembled from `blocks`.
+"""The Transformer, assembled from `blocks`: decoder-only (GPT, Llama) or encoder-only (BERT).
 
-    tokens ─> token embedding (+ positions) ─> dropout ─> [Block] x n_layer ─> norm ─> head ─> logits
+    tokens ─> token (+ position) (+ type) embedding ─> [norm] ─> dropout ─> [Block] x n_layer ─> [norm]
+          ─> decoder: output ─> next-token logits
+          ─> encoder: mlm ─> masked-token logits;  pooler([CLS]) ─> nsp ─> is-next logits
 """
 
 from __future__ import annotations
@@ -11,6 +13,30 @@ from torch import nn
 from lmforge.config import ModelConfig
 from lmforge.model.blocks import Block, Rotary, SinusoidalPositions, init_weights, make_norm, residual_std
 from lmforge.model.cache import KVCache
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-LM head: dense, GELU, norm, then the (tied) vocabulary projection with a bias."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.n_embd, config.n_embd)
+        self.norm = make_norm(config)
+        self.decoder = nn.Linear(config.n_embd, config.padded_vocab_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(torch.nn.functional.gelu(self.dense(h))))
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: tanh(dense(hidden state of the first ([CLS]) token))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(h[:, 0]))
 
 
 class Transformer(nn.Module):
@@ -27,19 +53,52 @@ class Transformer(nn.Module):
             self.pos_embeddings = SinusoidalPositions(config.context_length, config.n_embd)
         else:
             self.rotary = Rotary(config)
+        self.type_embeddings = nn.Embedding(config.type_vocab_size, config.n_embd) if config.type_vocab_size else None
+        self.embed_norm = make_norm(config) if config.embed_norm else None
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm = make_norm(config)
-        self.output = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # Post-norm blocks end normalised already; pre-norm stacks need a final norm.
+        self.norm = make_norm(config) if config.norm_position == "pre" else None
+        if config.arch == "decoder":
+            self.output = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+            head = self.output
+        else:
+            self.mlm = MLMHead(config)
+            self.pooler = Pooler(config)
+            self.nsp = nn.Linear(config.n_embd, 2)
+            head = self.mlm.decoder
         if config.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+            head.weight = self.tok_embeddings.weight
         self.apply(init_weights)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=residual_std(config))
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        """Logits (B, T, padded_vocab_size) for tokens `idx` (B, T) at positions start..start+T-1."""
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, padded_vocab_size): next-token for decoders, masked-token for encoders."""
+        h = self.encode(idx, cache, start, attention_mask, token_type_ids)
+        return self.output(h) if self.config.arch == "decoder" else self.mlm(h)
+
+    def encode(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states (B, T, C) for tokens `idx` (B, T) at positions start..start+T-1.
+
+        `attention_mask` (B, T) is 1 for real tokens and 0 for padding; `token_type_ids` (B, T)
+        are segment ids for models with type embeddings (0 when not given).
+        """
         B, T = idx.shape
         if start + T > self.config.context_length:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.context_length}")
@@ -47,11 +106,19 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(idx)  # (B, T, C)
         if self.pos_embeddings is not None:
             x = x + self.pos_embeddings(pos)
+        if self.type_embeddings is not None:
+            x = x + self.type_embeddings(token_type_ids if token_type_ids is not None else torch.zeros_like(idx))
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         x = self.dropout(x)
         rope = self.rotary(pos) if self.rotary is not None else None
         for block in self.layers:
-            x = block(x, cache, start, rope)
-        return self.output(self.norm(x))
+            x = block(x, cache, start, rope, attention_mask)
+        return self.norm(x) if self.norm is not None else x
+
+    def nsp_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-sentence logits (B, 2) from an encoder's hidden states: index 0 = "B follows A"."""
+        return self.nsp(self.pooler(hidden))
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
         c = self.config

@@ -237,6 +237,8 @@ def _stop_on_interrupt() -> Iterator[threading.Event]:
 
 def _resolve_model_config(model: ModelConfig | str | None, meta: dict) -> ModelConfig:
     cfg = preset(model) if isinstance(model, str) else (model or ModelConfig())
+    if cfg.arch != "decoder":
+        raise UserError(f"pretrain trains decoders with next-token prediction; a {cfg.arch} model needs the MLM objective, not built yet")
     if cfg.vocab_size is None:
         return cfg.replace(vocab_size=meta["vocab_size"])
     if cfg.vocab_size < meta["vocab_size"]:
