@@ -44,13 +44,14 @@ def prepare_cmd(args: Namespace) -> dict[str, Any]:
 def pretrain_cmd(args: Namespace) -> dict[str, Any]:
     model = ModelConfig(**args.model.as_dict())
     train = TrainConfig(**args.train.as_dict())
-    result = pretrain(args.data, args.out, model, train, resume=args.resume, log=_say(args))
+    result = pretrain(args.data, args.out, model, train, resume=args.resume, objective=args.objective, log=_say(args))
     _report_run(result, _say(args))
     return result.to_dict()
 
 
 def _report_run(result, say) -> None:
-    val = f", val loss {result.val_loss:.4f} nats/token = {result.val_bpb:.4f} bits/byte" if result.val_loss is not None else ""
+    val = f", val loss {result.val_loss:.4f} nats/token" if result.val_loss is not None else ""
+    val += f" = {result.val_bpb:.4f} bits/byte" if result.val_bpb is not None else ""
     say(f"done: step {result.step}, train loss {result.train_loss:.4f}{val}, {result.seconds:.1f}s")
     say(f"checkpoint: {result.checkpoint}\nloss curve: {result.plot}")
 

@@ -74,6 +74,8 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     pre.add_class_arguments(ModelConfig, "model")
     pre.add_class_arguments(TrainConfig, "train")
     pre.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    pre.add_argument("--objective", default="causal", choices=["causal", "mlm", "mlm+nsp"],
+                     help="causal (GPT, Llama) or masked-LM / masked-LM + next-sentence (BERT)")
     _json_flag(pre)
     if pretrain_defaults:
         pre.set_defaults(pretrain_defaults)

@@ -8,6 +8,7 @@ checkpoint ends with exactly the weights of one that was never interrupted.
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import signal
 import threading
@@ -25,9 +26,10 @@ from lmforge.config import ModelConfig, TrainConfig, preset
 from lmforge.data import load_meta, open_split
 from lmforge.data.loader import TokenWindows
 from lmforge.model import Transformer
-from lmforge.model.losses import bits_per_byte, lm_loss, mean_loss
+from lmforge.model.losses import bits_per_byte
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.metrics import MetricsLog, plot_loss
+from lmforge.train.objectives import Objective
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.utils.device import autocast, autocast_dtype, resolve_device
 from lmforge.utils.errors import UserError
@@ -56,14 +58,16 @@ def pretrain(
     model: ModelConfig | str | None = None,
     train: TrainConfig | None = None,
     resume: bool = False,
+    objective: str = "causal",
     progress: bool = True,
     log=print,
 ) -> RunResult:
-    """Train a decoder-only model on prepared shards in `data`, writing checkpoints under `out`.
+    """Train a model on prepared shards in `data`, writing checkpoints under `out`.
 
     `model` is a config or a preset name (default: `ModelConfig()`, the GPT-2 124M shape); its
-    vocab_size, when unset, is the data's tokenizer's.
-    With `resume`, continue from the latest checkpoint in `out`.
+    vocab_size, when unset, is the data's tokenizer's. `objective` is `causal` (decoders) or
+    `mlm` / `mlm+nsp` (encoders, e.g. `bert-base`). With `resume`, continue from the latest
+    checkpoint in `out`.
     """
     t0 = time.perf_counter()
     train = train or TrainConfig()
@@ -71,6 +75,7 @@ def pretrain(
     meta = load_meta(data)
     tokenizer = Tokenizer.load(data)
     model_cfg = _resolve_model_config(model, meta)
+    task = Objective(objective, model_cfg, tokenizer, train.seed)
     seq_len = train.seq_len or model_cfg.context_length
     if seq_len > model_cfg.context_length:
         raise UserError(f"train.seq_len {seq_len} exceeds model.context_length {model_cfg.context_length}; lower one or raise the other")
@@ -105,7 +110,8 @@ def pretrain(
     train_windows = TokenWindows(open_split(data, "train"), seq_len, "train")
     val_batches, val_ratio = None, None
     if train.eval_interval and meta["splits"]["val"]["tokens"] > seq_len:
-        val_batches = TokenWindows(open_split(data, "val"), seq_len, "val").spread_batches(train.batch_size, train.eval_batches)
+        val_windows = TokenWindows(open_split(data, "val"), seq_len, "val")
+        val_batches = task.val_batches(val_windows, train.batch_size, train.eval_batches)
         val_ratio = meta["splits"]["val"]["tokens"], meta["splits"]["val"]["bytes"]
 
     out.mkdir(parents=True, exist_ok=True)
@@ -122,12 +128,12 @@ def pretrain(
         + (f", resuming at step {start_step}" if start_step else "")
     )
 
-    def validate(step: int) -> tuple[float, float] | None:
+    def validate(step: int) -> tuple[float, float | None] | None:
         if val_batches is None:
             return None
-        loss, _ = mean_loss(compiled, val_batches, device, amp)
-        bpb = bits_per_byte(loss, *val_ratio)
-        metrics.log({"kind": "val", "step": step, "val_loss": loss, "val_bpb": bpb, "val_ppl": float(torch.tensor(loss).exp())})
+        loss = task.evaluate(compiled, val_batches, device, amp)
+        bpb = bits_per_byte(loss, *val_ratio) if task.reports_bpb else None
+        metrics.log({"kind": "val", "step": step, "val_loss": loss, "val_bpb": bpb, "val_ppl": math.exp(loss)})
         return loss, bpb
 
     def checkpoint(step: int) -> Path:
@@ -135,7 +141,8 @@ def pretrain(
             out / f"step-{step:06d}",
             net,
             tokenizer,
-            trainer_state={"step": step, "tokens": step * tokens_per_step, "train": train.to_dict(), "data": str(data)},
+            trainer_state={"step": step, "tokens": step * tokens_per_step, "train": train.to_dict(), "data": str(data),
+                           "objective": objective},
             optimizer_state=optimizer.state_dict(),
             metrics_file=metrics.path,
         )
@@ -156,10 +163,10 @@ def pretrain(
             torch.manual_seed(train.seed * 1_000_003 + step)  # dropout masks are a function of the step
             loss_sum = torch.zeros((), device=device)
             for micro in range(train.grad_accum):
-                x, y = train_windows.random_batch(train.batch_size, train.seed, step, micro)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                batch = task.batch(train_windows, train.batch_size, step, micro)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast(device, amp):
-                    loss = lm_loss(compiled(x), y) / train.grad_accum
+                    loss = task.loss(compiled, batch) / train.grad_accum
                 loss.backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), train.grad_clip) if train.grad_clip else None
@@ -182,7 +189,8 @@ def pretrain(
             if train.eval_interval and (step % train.eval_interval == 0 or step == train.max_steps):
                 last_val = validate(step)
                 if last_val:
-                    bar.write(f"step {step}: val loss {last_val[0]:.4f} nats/token, {last_val[1]:.4f} bits/byte")
+                    bpb = f", {last_val[1]:.4f} bits/byte" if last_val[1] is not None else ""
+                    bar.write(f"step {step}: val loss {last_val[0]:.4f} nats/token{bpb}")
             if step == train.max_steps or (train.ckpt_interval and step % train.ckpt_interval == 0):
                 checkpoint(step)
             bar.update(1)
@@ -237,8 +245,6 @@ def _stop_on_interrupt() -> Iterator[threading.Event]:
 
 def _resolve_model_config(model: ModelConfig | str | None, meta: dict) -> ModelConfig:
     cfg = preset(model) if isinstance(model, str) else (model or ModelConfig())
-    if cfg.arch != "decoder":
-        raise UserError(f"pretrain trains decoders with next-token prediction; a {cfg.arch} model needs the MLM objective, not built yet")
     if cfg.vocab_size is None:
         return cfg.replace(vocab_size=meta["vocab_size"])
     if cfg.vocab_size < meta["vocab_size"]:

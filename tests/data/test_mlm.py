@@ -1,0 +1,55 @@
+"""BERT's objectives: the 80/10/10 masking rule and 50/50 next-sentence pairs."""
+
+import numpy as np
+import pytest
+
+from lmforge.data.loader import TokenWindows
+from lmforge.data.mlm import IGNORE, MaskingSpec, mask_tokens, mlm_batch
+
+SPEC = MaskingSpec(cls_id=9001, sep_id=9002, mask_id=9003, vocab_size=9000, special_ids=(0, 9001, 9002, 9003))
+
+
+def test_masking_statistics():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 9000, size=400_000)
+    ids[::50] = 0  # specials are never chosen
+    inputs, labels = mask_tokens(ids, SPEC, rng)
+    chosen = labels != IGNORE
+    assert not chosen[::50].any()
+    eligible = (ids != 0).sum()
+    assert chosen.sum() / eligible == pytest.approx(0.15, abs=0.003)
+    assert (labels[chosen] == ids[chosen]).all()  # the target is always the original token
+    assert (inputs[~chosen] == ids[~chosen]).all()  # nothing else changes
+    masked = (inputs[chosen] == SPEC.mask_id).mean()
+    kept = (inputs[chosen] == ids[chosen]).mean()  # includes random draws that hit the original (1/9000)
+    random = 1 - masked - kept
+    assert masked == pytest.approx(0.8, abs=0.01)
+    assert kept == pytest.approx(0.1, abs=0.01) and random == pytest.approx(0.1, abs=0.01)
+    assert inputs[chosen & (inputs != SPEC.mask_id)].max() < 9000  # random replacements are real tokens
+
+
+def test_nsp_pairs_are_half_consecutive_half_random():
+    stream = np.arange(1, 8001, dtype=np.int64)  # token i is followed by i + 1: continuity is checkable
+    windows = TokenWindows([stream], seq_len=32)
+    follows = []
+    for step in range(40):
+        b = mlm_batch(windows, SPEC, 16, seed=3, step=step, nsp=True)
+        ids = np.where(b["labels"] != IGNORE, b["labels"], b["input_ids"])  # undo the masking
+        a_len = (32 - 3) // 2
+        assert (ids[:, 0] == SPEC.cls_id).all() and (ids[:, a_len + 1] == SPEC.sep_id).all() and (ids[:, -1] == SPEC.sep_id).all()
+        types = b["token_type_ids"].numpy()
+        assert (types[:, : a_len + 2] == 0).all() and (types[:, a_len + 2 :] == 1).all()
+        a, rest = ids[:, 1 : a_len + 1], ids[:, a_len + 2 : -1]
+        assert (np.diff(a, axis=1) == 1).all() and (np.diff(rest, axis=1) == 1).all()  # each segment is contiguous text
+        consecutive = rest[:, 0] == a[:, -1] + 1
+        assert (consecutive == (b["nsp_labels"].numpy() == 0)).all()  # label 0 exactly when B follows A
+        follows.extend(consecutive.tolist())
+    assert np.mean(follows) == pytest.approx(0.5, abs=0.06)
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    windows = TokenWindows([np.arange(1, 5000, dtype=np.int64)], seq_len=16)
+    a, b = (mlm_batch(windows, SPEC, 4, seed=1, step=7, nsp=True) for _ in range(2))
+    assert all((a[k] == b[k]).all() for k in a)
+    c = mlm_batch(windows, SPEC, 4, seed=1, step=8, nsp=True)
+    assert not (a["input_ids"] == c["input_ids"]).all()
