@@ -5,10 +5,15 @@ Everything is built once per session from a 120 KB slice of tinyshakespeare, on 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# Scaling fits run L-BFGS-B thousands of times on 5 variables; OpenBLAS waking its thread pool for
+# such tiny calls makes each fit 10-30x slower on a busy core. Read when scipy loads: set it first.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT / "src" / "lmforge" / "assets" / "tinyshakespeare.txt"

@@ -88,7 +88,7 @@ def test_generation_errors(capsys, trained_run, tmp_path):
 @pytest.mark.parametrize(
     "verb",
     [["demo"], ["tokenizer", "train"], ["prepare"], ["pretrain"], ["generate"], ["chat"], ["eval"], ["import", "hf"],
-     ["import", "gguf"], ["export", "hf"]],
+     ["import", "gguf"], ["export", "hf"], ["scaling", "fit"], ["scaling", "plan"]],
 )
 def test_every_verb_has_help(capsys, verb):
     with pytest.raises(SystemExit) as e:
@@ -102,3 +102,32 @@ def test_export_and_import_hf(capsys, trained_run, tmp_path):
     code, out, _ = run(capsys, "import", "hf", tmp_path / "hf", "--out", tmp_path / "back")
     assert code == 0 and (tmp_path / "back" / "model.safetensors").exists()
     fails_with(capsys, "config.json is missing", "import", "hf", tmp_path / "nothing", "--out", tmp_path / "x")
+
+
+def test_scaling_plan_and_fit(capsys, tmp_path):
+    code, out, _ = run(capsys, "scaling", "plan", "--flops", "5.76e23", "--json")
+    result = json.loads(out.splitlines()[-1])
+    assert code == 0 and {"params", "tokens", "flops", "loss", "tokens_per_param", "gpu_hours"} <= set(result)
+    fails_with(capsys, "too small for any model", "scaling", "plan", "--flops", "1e6")
+
+    # A study generated from a known law: the fit finds its exponents again.
+    import numpy as np
+
+    from lmforge.scaling import ParametricLaw
+
+    law = ParametricLaw(E=1.8, A=400.0, B=1200.0, alpha=0.34, beta=0.28)
+    rng = np.random.default_rng(0)
+    rows = [
+        {"params": n, "tokens": d, "loss": float(law.loss(n, d)) * (1 + 0.003 * rng.normal())}
+        for n in (1e6, 3e6, 1e7, 3e7, 1e8, 3e8) for d in (1e8, 3e8, 1e9, 3e9, 1e10)
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, _ = run(capsys, "scaling", "fit", tmp_path, "--approaches", "approach3", "--bootstrap", "20", "--json")
+    fitted = json.loads(out.splitlines()[-1])["approach3"]["exponents"]
+    assert code == 0 and abs(fitted["alpha"] - 0.34) < 0.34 * 0.05 and abs(fitted["beta"] - 0.28) < 0.28 * 0.05
+    assert (tmp_path / "fit.json").exists() and (tmp_path / "fitted_vs_observed.png").exists()
+    code, out, _ = run(capsys, "scaling", "plan", "--params", "1e8", "--law", tmp_path / "fit.json", "--json")
+    assert code == 0 and json.loads(out.splitlines()[-1])["params"] == 1e8
+    (tmp_path / "few").mkdir()
+    (tmp_path / "few" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    fails_with(capsys, "needs >= 6 runs", "scaling", "fit", tmp_path / "few", "--approaches", "approach3")

@@ -17,6 +17,7 @@ from lmforge.data import prepare, train_tokenizer
 from lmforge.evaluate import evaluate_lm
 from lmforge.infer import ChatSession, load, render_chat
 from lmforge.interop import export_hf, import_gguf, import_hf
+from lmforge.scaling import fit, plan
 from lmforge.utils.errors import UserError
 from lmforge.train import pretrain
 
@@ -78,6 +79,42 @@ def eval_cmd(args: Namespace) -> dict[str, Any]:
     _say(args)(
         f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
         f"{result['bpb']:.4f} bits/byte over {result['tokens']:,} tokens"
+    )
+    return result
+
+
+def scaling_fit_cmd(args: Namespace) -> dict[str, Any]:
+    result = fit(args.directory, approaches=args.approaches, n_bootstrap=args.bootstrap, level=args.level)
+    say = _say(args)
+    say(f"{result['runs']} runs from {result['results']}")
+    for name in ("kaplan", "approach1", "approach2", "approach3"):
+        section = result.get(name)
+        if section is None:
+            continue
+        if "skipped" in section:
+            say(f"{name}: skipped ({section['skipped']})")
+            continue
+        intervals = section.get("bootstrap", {}).get("intervals", {})
+        parts = []
+        for key, value in section["exponents"].items():
+            lo_hi = intervals.get(key)
+            parts.append(f"{key} = {value:.4g}" + (f" [{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]" if lo_hi else ""))
+        say(f"{name}: " + ", ".join(parts))
+    for path in result.get("plots", []):
+        say(f"plot: {path}")
+    say(f"wrote {args.directory}/fit.json")
+    return result
+
+
+def scaling_plan_cmd(args: Namespace) -> dict[str, Any]:
+    result = plan(flops=args.flops, params=args.params, tokens=args.tokens, law=args.law, gpu=args.gpu, mfu=args.mfu,
+                  gpus=args.gpus)
+    _say(args)(
+        f"{result['law']}: N = {result['params']:.3g} parameters, D = {result['tokens']:.3g} tokens "
+        f"({result['tokens_per_param']:.1f} tokens/parameter), C = {result['flops']:.3g} FLOPs, "
+        f"predicted loss {result['loss']:.3f}\n"
+        f"{result['gpu_hours']:,.0f} {result['gpu']} GPU-hours at MFU {result['mfu']}"
+        f" ({result['wall_hours']:,.1f} h on {result['gpus']} GPU{'s' if result['gpus'] > 1 else ''})"
     )
     return result
 
@@ -146,6 +183,8 @@ HANDLERS: dict[str, Callable[[Namespace], dict[str, Any] | None]] = {
     "generate": generate_cmd,
     "eval": eval_cmd,
     "chat": chat_cmd,
+    "scaling.fit": scaling_fit_cmd,
+    "scaling.plan": scaling_plan_cmd,
     "import.hf": import_hf_cmd,
     "import.gguf": import_gguf_cmd,
     "export.hf": export_hf_cmd,

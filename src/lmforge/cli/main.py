@@ -18,7 +18,7 @@ from lmforge.config import PRESETS, ModelConfig, TrainConfig
 from lmforge.utils.errors import UserError
 
 
-VERBS = ("demo", "tokenizer", "prepare", "pretrain", "generate", "chat", "eval", "import", "export")
+VERBS = ("demo", "tokenizer", "prepare", "pretrain", "generate", "chat", "eval", "scaling", "import", "export")
 
 
 def _parser(description: str) -> ArgumentParser:
@@ -113,6 +113,29 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(chat, "device", default="auto")
     verbs.add_subcommand("chat", chat, help="interactive chat that streams replies")
 
+    sc = _parser("Scaling laws: fit a table of runs, plan a compute-optimal run.")
+    verbs.add_subcommand("scaling", sc, help="fit scaling laws and plan compute")
+    sc_verbs = sc.add_subcommands(dest="action", required=True)
+    sc_fit = _parser("Fit Kaplan power laws and Chinchilla approaches 1-3 (with bootstrap intervals) to DIR/results.jsonl.")
+    sc_fit.add_argument("directory", help="a scaling study directory holding results.jsonl")
+    _option(sc_fit, "approaches", nargs="+", default=None, choices=["kaplan", "approach1", "approach2", "approach3"],
+            help="which fits (default: every one the runs support)")
+    _option(sc_fit, "bootstrap", type=int, default=200, help="resamples for the confidence intervals; 0 for none")
+    _option(sc_fit, "level", type=float, default=0.95, help="confidence level of the intervals")
+    _json_flag(sc_fit)
+    sc_verbs.add_subcommand("fit", sc_fit, help="fit laws to the runs of a study")
+    sc_plan = _parser("The compute-optimal model size and token count for a budget, with loss and GPU time.")
+    budget = sc_plan.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--flops", type=float, help="training compute C in FLOPs")
+    budget.add_argument("--params", type=float, help="model parameters N")
+    budget.add_argument("--tokens", type=float, help="training tokens D")
+    _option(sc_plan, "law", default="chinchilla", help="chinchilla, besiroglu, or a fit.json from `lmforge scaling fit`")
+    _option(sc_plan, "gpu", default="h100", help="h100, h100-pcie, h200, a100, a10 or l4")
+    _option(sc_plan, "mfu", type=float, default=0.45, help="model FLOPs utilisation the run achieves")
+    _option(sc_plan, "gpus", type=int, default=1, help="GPUs in parallel (wall time = GPU-hours / gpus)")
+    _json_flag(sc_plan)
+    sc_verbs.add_subcommand("plan", sc_plan, help="plan a compute-optimal run")
+
     imp = _parser("Convert a model from another format into an lmforge checkpoint.")
     verbs.add_subcommand("import", imp, help="import a Hugging Face model directory")
     imp_verbs = imp.add_subcommands(dest="format", required=True)
@@ -159,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         verb = {
             "tokenizer": lambda: f"tokenizer.{ns.tokenizer.action}",
+            "scaling": lambda: f"scaling.{ns.scaling.action}",
             "import": lambda: f"import.{ns['import'].format}",  # `import` is a keyword: no attribute access
             "export": lambda: f"export.{ns.export.format}",
         }.get(ns.verb, lambda: ns.verb)()

@@ -1,0 +1,27 @@
+"""Scaling laws (layer 4): count FLOPs, fit laws to a table of runs, plan compute-optimal training.
+
+    flops(config, tokens) ──> results.jsonl (a row per run) ──> fit(DIR) ──> fit.json ──> plan(law=...)
+"""
+
+from lmforge.scaling.fitting import (
+    APPROACHES,
+    approach1,
+    approach2,
+    approach3,
+    bootstrap,
+    fit,
+    fit_power_law,
+    frontier,
+    isoflop_profiles,
+    kaplan,
+)
+from lmforge.scaling.counting import flops
+from lmforge.scaling.laws import BESIROGLU, CHINCHILLA, ParametricLaw, load_law
+from lmforge.scaling.plan import GPU_PEAK_FLOPS, plan
+from lmforge.scaling.runs import Run, read_runs
+
+__all__ = [
+    "APPROACHES", "BESIROGLU", "CHINCHILLA", "GPU_PEAK_FLOPS", "ParametricLaw", "Run",
+    "approach1", "approach2", "approach3", "bootstrap", "fit", "fit_power_law", "flops", "frontier",
+    "isoflop_profiles", "kaplan", "load_law", "plan", "read_runs",
+]

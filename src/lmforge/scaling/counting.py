@@ -1,0 +1,91 @@
+"""Parameters and training FLOPs of a model config: Kaplan's 6·N·D and Chinchilla's exact count.
+
+Kaplan et al. 2020 (arXiv:2001.08361, section 2.1) estimate training compute as C = 6 N D with N the
+non-embedding parameters. Hoffmann et al. 2022 (arXiv:2203.15556, appendix F) count every matmul of the
+forward pass, embeddings and logits and attention over the sequence included, and take the backward
+pass as twice the forward. Their table A4 finds the two within a few percent for large models; for
+small ones the embedding, logits and attention terms make the exact count much larger.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.model import Transformer
+from lmforge.utils.errors import UserError
+
+
+def _param_counts(config: ModelConfig) -> tuple[int, int]:
+    """(all parameters, embedding parameters), read off the real module tree.
+
+    The model is built on the meta device: shapes without storage, so GPT-2-sized configs cost
+    milliseconds and the count can never drift from what `Transformer` builds.
+    """
+    with torch.device("meta"):
+        model = Transformer(config)
+    total = model.num_params(exclude_positions=False)  # tied weights counted once
+    embed = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
+    if model.output.weight is not model.tok_embeddings.weight:
+        embed += model.output.weight.numel()  # an untied head is a vocabulary matrix too
+    return total, embed
+
+
+def chinchilla_forward_flops(config: ModelConfig, seq_len: int) -> int:
+    """Forward FLOPs of one sequence of `seq_len` tokens, term by term as Hoffmann et al. 2022, appendix F.
+
+    A matmul of (m x k) by (k x n) costs 2 m k n (a multiply and an add). Like the paper, this ignores
+    norms, biases, nonlinearities and the causal mask's savings, and counts the embedding lookup as a
+    one-hot matmul. `vocab` is the padded vocabulary, the width the embedding and logits really have.
+    """
+    seq, d_model, vocab = seq_len, config.n_embd, config.padded_vocab_size
+    key_size, n_heads, ffw_size = config.head_size, config.n_head, config.hidden_size
+    embeddings = 2 * seq * vocab * d_model
+    attention = (
+        2 * 3 * seq * d_model * (key_size * n_heads)  # key, query and value projections
+        + 2 * seq * seq * (key_size * n_heads)  # key @ query logits
+        + 3 * n_heads * seq * seq  # softmax
+        + 2 * seq * seq * (key_size * n_heads)  # softmax @ value reductions
+        + 2 * seq * (key_size * n_heads) * d_model  # final linear
+    )
+    dense_block = 2 * seq * (d_model * ffw_size + d_model * ffw_size)
+    logits = 2 * seq * d_model * vocab
+    return embeddings + config.n_layer * (attention + dense_block) + logits
+
+
+def flops(config: ModelConfig, tokens: float, seq_len: int | None = None) -> dict[str, float]:
+    """Parameter counts and the training compute of `tokens` tokens, both ways.
+
+    Args:
+        config: the architecture; `vocab_size` must be set.
+        tokens: training tokens D.
+        seq_len: tokens per training sequence; defaults to `config.context_length`. Only the exact
+            count depends on it (attention cost grows with the sequence).
+
+    Returns:
+        params: every parameter, embeddings and positions included, tied weights counted once
+            (the N of Hoffmann et al. 2022).
+        params_no_embed: without the token embedding, learned position embedding and an untied output
+            head: Kaplan et al.'s N ("excluding all vocabulary and positional embeddings").
+        flops_6nd: 6 * params_no_embed * tokens, Kaplan's C (section 2.1), with Kaplan's N.
+        flops_chinchilla: Hoffmann et al. 2022, appendix F: 3 x the forward pass (backward = 2 x forward).
+        flops_per_token_chinchilla: the same per training token.
+    """
+    if isinstance(tokens, bool) or not isinstance(tokens, Real) or not math.isfinite(tokens) or tokens < 0:
+        raise UserError(f"tokens must be a finite number >= 0, got {tokens!r}; pass the training token count")
+    seq = config.context_length if seq_len is None else seq_len
+    if seq < 1:
+        raise UserError(f"seq_len must be >= 1, got {seq}; pass the training sequence length")
+    total, embed = _param_counts(config)
+    per_token = 3 * chinchilla_forward_flops(config, seq) / seq
+    return {
+        "params": total,
+        "params_no_embed": total - embed,
+        "flops_6nd": 6.0 * (total - embed) * tokens,
+        "flops_chinchilla": per_token * tokens,
+        "flops_per_token_chinchilla": per_token,
+    }

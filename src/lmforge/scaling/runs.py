@@ -1,0 +1,138 @@
+"""The table a scaling study is fitted from: `DIR/results.jsonl`, one JSON object per training run.
+
+Each line describes one finished run:
+
+    key              type                        required  meaning
+    params           int                         yes       every parameter, embeddings included, tied
+                                                           weights once (Hoffmann et al.'s N; `flops()["params"]`)
+    tokens           number                      yes       training tokens D
+    loss             number                      yes       final validation loss, nats/token
+    params_no_embed  int                         no        without token/position embeddings (Kaplan's N);
+                                                           defaults to `params`
+    flops            number                      no        training compute C, measured or 6·N·D;
+                                                           defaults to 6 * params * tokens
+    budget           number                      no        the isoFLOP budget the run was planned for;
+                                                           approach 2 groups runs by it (without it,
+                                                           runs whose `flops` agree within 10% form a budget)
+    seconds          number                      no        wall time of the run
+    config           object                      no        the run's ModelConfig as a dict
+    curve            [[tokens_seen, val_loss]]   no        the validation curve; approach 1 and the
+                                                           compute frontier use it
+
+Other keys (a run name, the learning rate, ...) are allowed and ignored. For example:
+
+    {"params": 124475904, "params_no_embed": 85056000, "tokens": 2.5e9, "flops": 1.87e18,
+     "loss": 3.31, "seconds": 5400, "curve": [[5e8, 3.9], [1e9, 3.6], [2.5e9, 3.31]]}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.utils.errors import UserError
+
+RESULTS = "results.jsonl"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of a scaling study; see the module docstring for what each field means."""
+
+    params: float
+    tokens: float
+    loss: float
+    params_no_embed: float | None = None
+    flops: float | None = None
+    budget: float | None = None
+    seconds: float | None = None
+    curve: tuple[tuple[float, float], ...] = ()
+    config: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.params_no_embed is None:
+            object.__setattr__(self, "params_no_embed", self.params)
+        if self.flops is None:
+            object.__setattr__(self, "flops", 6.0 * self.params * self.tokens)
+
+    def points(self) -> list[tuple[float, float, float]]:
+        """(tokens_seen, compute, loss) along the curve, ending with the final result.
+
+        Compute at an intermediate point scales the run's `flops` by the fraction of tokens seen.
+        """
+        pts = {t: loss for t, loss in self.curve}
+        pts[self.tokens] = self.loss
+        return [(t, self.flops * t / self.tokens, loss) for t, loss in sorted(pts.items())]
+
+
+def _number(row: dict, key: str, where: str, required: bool, positive: bool = True) -> float | None:
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise UserError(f"{where}: missing {key!r}; every run needs 'params', 'tokens' and 'loss'")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{where}: {key!r} must be a finite number, got {value!r}; fix that line")
+    if value < 0 or (positive and value == 0):
+        raise UserError(f"{where}: {key!r} must be {'> 0' if positive else '>= 0'}, got {value!r}; fix that line")
+    return value
+
+
+def _curve(value: Any, where: str) -> tuple[tuple[float, float], ...]:
+    ok = isinstance(value, list) and all(
+        isinstance(p, list) and len(p) == 2
+        and all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in p)
+        for p in value
+    )
+    if not ok:
+        raise UserError(f"{where}: 'curve' must be a list of [tokens_seen, val_loss] pairs, all > 0; fix that line")
+    return tuple((float(t), float(loss)) for t, loss in value)
+
+
+def parse_run(row: Any, where: str) -> Run:
+    """A `Run` from one decoded results.jsonl line; `where` ("file:line") prefixes every error."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object per line, got {type(row).__name__}; fix that line")
+    config = row.get("config")
+    if config is not None and not isinstance(config, dict):
+        raise UserError(f"{where}: 'config' must be a JSON object; fix that line")
+    return Run(
+        params=_number(row, "params", where, required=True),
+        tokens=_number(row, "tokens", where, required=True),
+        loss=_number(row, "loss", where, required=True),
+        params_no_embed=_number(row, "params_no_embed", where, required=False),
+        flops=_number(row, "flops", where, required=False),
+        budget=_number(row, "budget", where, required=False),
+        seconds=_number(row, "seconds", where, required=False, positive=False),
+        curve=_curve(row["curve"], where) if row.get("curve") is not None else (),
+        config=config,
+    )
+
+
+def read_runs(directory: str | os.PathLike) -> list[Run]:
+    """Every run in `directory/results.jsonl`; blank lines are skipped, anything malformed names file:line."""
+    directory = Path(directory)
+    path = directory / RESULTS
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not a directory; pass the scaling-study directory that holds {RESULTS}")
+    if not path.is_file():
+        raise UserError(
+            f"{path} does not exist; write one JSON object per training run there (schema: lmforge.scaling.runs)"
+        )
+    runs = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg}); fix or delete that line") from None
+        runs.append(parse_run(row, where))
+    if not runs:
+        raise UserError(f"{path} holds no runs; add one JSON object per finished training run")
+    return runs

@@ -1,0 +1,243 @@
+"""Fits of synthetic studies whose true law is known: losses drawn from L(N, D) with 0.5% lognormal noise."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from lmforge.scaling import (
+    ParametricLaw,
+    Run,
+    approach1,
+    approach2,
+    approach3,
+    bootstrap,
+    fit,
+    fit_power_law,
+    isoflop_profiles,
+    kaplan,
+    load_law,
+    plan,
+    read_runs,
+)
+from lmforge.utils.errors import UserError
+
+TRUE = ParametricLaw(E=1.8, A=400.0, B=1200.0, alpha=0.34, beta=0.28, name="true")
+
+
+def noisy(rng, loss):
+    return float(loss * math.exp(rng.normal(0.0, 0.005)))
+
+
+def grid_runs(seed=0):
+    """6 model sizes x 5 token counts, four decades each."""
+    rng = np.random.default_rng(seed)
+    return [
+        Run(params=float(N), tokens=float(D), loss=noisy(rng, TRUE.loss(N, D)))
+        for N in np.geomspace(1e6, 1e10, 6) for D in np.geomspace(1e8, 1e12, 5)
+    ]
+
+
+def isoflop_runs(seed=0, curves=False):
+    """5 budgets 1e17..1e21, 6 sizes each spread x/÷ 5.7 around the optimum, as a study centres its sweeps."""
+    rng = np.random.default_rng(seed)
+    runs = []
+    for C in np.geomspace(1e17, 1e21, 5):
+        for N in TRUE.optimum(C)[0] * 4.0 ** np.linspace(-1.25, 1.25, 6):
+            D = C / (6 * N)
+            curve = tuple((float(t), noisy(rng, TRUE.loss(N, t))) for t in D * np.geomspace(0.05, 1, 12)[:-1])
+            runs.append(Run(params=float(N), tokens=float(D), loss=noisy(rng, TRUE.loss(N, D)),
+                            curve=curve if curves else ()))
+    return runs
+
+
+def curve_runs(seed=0):
+    """10 sizes, each trained to 8x its compute-optimal tokens, with a 40-point validation curve."""
+    rng = np.random.default_rng(seed)
+    runs = []
+    for N in np.geomspace(1e6, 1e9, 10):
+        t = 8 * TRUE.tokens_for(N) * np.geomspace(0.02, 1, 40)
+        losses = [noisy(rng, TRUE.loss(N, x)) for x in t]
+        runs.append(Run(params=float(N), tokens=float(t[-1]), loss=losses[-1], curve=tuple(zip(t[:-1], losses[:-1]))))
+    return runs
+
+
+def write_results(directory, runs):
+    rows = [
+        {"params": r.params, "params_no_embed": r.params, "tokens": r.tokens, "flops": r.flops, "loss": r.loss,
+         "seconds": 1.0, "config": {"n_layer": 2}, "curve": [list(p) for p in r.curve] or None}
+        for r in runs
+    ]
+    (directory / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return directory
+
+
+def test_approach3_recovers_the_law_and_its_intervals_contain_it():
+    runs = grid_runs()
+    out = approach3(runs)
+    assert out["law"]["alpha"] == pytest.approx(TRUE.alpha, rel=0.05)
+    assert out["law"]["beta"] == pytest.approx(TRUE.beta, rel=0.05)
+    assert out["a"] == pytest.approx(TRUE.a, rel=0.05)
+    boot = bootstrap(runs, approach3, n=50, seed=0)
+    assert boot["resamples"] + boot["failed"] == 50 and boot["resamples"] >= 45
+    for name, true in (("alpha", TRUE.alpha), ("beta", TRUE.beta), ("a", TRUE.a), ("b", TRUE.b)):
+        lo, hi = boot["intervals"][name]
+        assert lo < true < hi, name
+        assert lo < out["exponents"][name] < hi, name
+
+
+def test_approach2_recovers_the_exponent_of_n_opt():
+    runs = isoflop_runs()
+    assert [len(members) for _, members in isoflop_profiles(runs)] == [6] * 5
+    out = approach2(runs)
+    assert out["a"] == pytest.approx(TRUE.a, rel=0.03)
+    assert out["b"] == pytest.approx(TRUE.b, rel=0.03)
+    assert len(out["budgets"]) == 5 and not out["skipped_budgets"]
+    for b in out["budgets"]:
+        N, D = TRUE.optimum(b["flops"])
+        assert b["params_opt"] == pytest.approx(N, rel=0.25)
+        assert 6 * b["params_opt"] * b["tokens_opt"] == pytest.approx(b["flops"], rel=1e-6)
+    strata = [members for _, members in isoflop_profiles(runs)]
+    lo, hi = bootstrap(runs, approach2, n=50, seed=0, strata=strata)["intervals"]["a"]
+    assert lo < TRUE.a < hi
+
+
+def test_isoflop_profiles_use_an_explicit_budget():
+    runs = [Run(params=N, tokens=1e21 / (6 * N) * f, loss=3.0, budget=1e21) for N, f in ((1e8, 1.3), (2e8, 0.8), (4e8, 1.0))]
+    assert isoflop_profiles(runs) == [(1e21, runs)]
+
+
+def test_approach1_recovers_the_exponent_from_curves():
+    out = approach1(curve_runs())
+    assert out["a"] == pytest.approx(TRUE.a, rel=0.05)
+    assert out["b"] == pytest.approx(TRUE.b, rel=0.05)
+    assert len(out["envelope_sizes"]) == 8  # every size but the smallest and largest
+
+
+def test_kaplan_recovers_a_pure_power_law():
+    # Kaplan et al. 2020, eq. 1.3: L(C_min) = (C_c / C)^0.050 with C_c = 3.1e8 PF-days = 2.68e28 FLOPs.
+    C = np.geomspace(1e17, 1e22, 8)
+    out = fit_power_law(C, (2.68e28 / C) ** 0.050, "C")
+    assert out["exponent"] == pytest.approx(0.050, rel=1e-9)
+    assert out["scale"] == pytest.approx(2.68e28, rel=1e-6)
+    # Eq. 1.5, L(N, D) = [(N_c/N)^(a_N/a_D) + D_c/D]^a_D: at 1e13 tokens the data term is negligible,
+    # so the best loss of each size follows L(N) = (N_c/N)^0.076.
+    rng = np.random.default_rng(0)
+    runs = [
+        Run(params=N, tokens=D, loss=noisy(rng, ((8.8e13 / N) ** (0.076 / 0.095) + 5.4e13 / D) ** 0.095))
+        for N in np.geomspace(1e6, 1e9, 4) for D in np.geomspace(1e9, 1e13, 5)
+    ]
+    out = kaplan(runs)
+    assert out["exponents"]["alpha_N"] == pytest.approx(0.076, rel=0.05)
+    assert out["L(N)"]["points"] == 4
+    assert all(v > 0 for v in out["exponents"].values())
+
+
+@pytest.mark.parametrize(
+    "fn, runs, message",
+    [
+        (approach3, grid_runs()[:5], r"approach 3 fits 5 parameters and needs >= 6 runs .*; got 5 runs"),
+        (approach2, grid_runs(), r"approach 2 needs isoFLOP profiles at >= 2 compute budgets .*; found 0"),
+        (approach1, grid_runs(), r"approach 1 needs training curves \('curve' in results.jsonl\) of >= 4 model sizes; found 0"),
+        (kaplan, grid_runs()[:10], r"Kaplan's L\(N\) needs >= 3 model sizes; these runs give 2"),
+    ],
+    ids=["approach3", "approach2", "approach1", "kaplan"],
+)
+def test_too_few_points_for_an_approach(fn, runs, message):
+    with pytest.raises(UserError, match=message):
+        fn(runs)
+
+
+def test_fit_writes_json_and_plots_and_feeds_the_planner(tmp_path):
+    write_results(tmp_path, isoflop_runs(curves=True))
+    result = fit(tmp_path, n_bootstrap=10, progress=False)
+    assert json.loads((tmp_path / "fit.json").read_text()) == result
+    assert result["runs"] == 30
+    for name in ("kaplan", "approach1", "approach2", "approach3"):
+        section = result[name]
+        assert "skipped" not in section, name
+        assert set(section["bootstrap"]["intervals"]) == set(section["exponents"]), name
+    assert result["approach2"]["a"] == pytest.approx(TRUE.a, rel=0.03)
+    assert result["approach3"]["law"]["alpha"] == pytest.approx(TRUE.alpha, rel=0.05)
+    for png in ("loss_vs_compute.png", "isoflop.png", "fitted_vs_observed.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(result["plots"]) == sorted(str(tmp_path / p) for p in ("loss_vs_compute.png", "isoflop.png", "fitted_vs_observed.png"))
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+    law = load_law(tmp_path / "fit.json")
+    assert law.alpha == result["approach3"]["law"]["alpha"]
+    assert plan(flops=1e21, law=tmp_path / "fit.json")["params"] == pytest.approx(law.optimum(1e21)[0])
+
+
+def test_fit_skips_what_the_runs_cannot_support_but_a_named_approach_raises(tmp_path):
+    write_results(tmp_path, grid_runs())
+    (tmp_path / "isoflop.png").write_bytes(b"stale")
+    result = fit(tmp_path, n_bootstrap=0)
+    assert "needs training curves" in result["approach1"]["skipped"]
+    assert "needs isoFLOP profiles" in result["approach2"]["skipped"]
+    assert "skipped" not in result["approach3"] and "bootstrap" not in result["approach3"]
+    assert not (tmp_path / "isoflop.png").exists()  # a stale plot of a skipped approach is removed
+    with pytest.raises(UserError, match="approach 1 needs training curves"):
+        fit(tmp_path, approaches=["approach1"], plots=False)
+
+
+def test_fit_with_nothing_to_fit(tmp_path):
+    write_results(tmp_path, grid_runs()[:2])
+    with pytest.raises(UserError, match=r"no approach could be fitted to .*results.jsonl: kaplan: .* \| approach3: "):
+        fit(tmp_path)
+    assert not (tmp_path / "fit.json").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"approaches": ["approach4"]}, r"approaches must be a non-empty subset of \['kaplan', 'approach1'"),
+        ({"n_bootstrap": 1}, "n_bootstrap must be 0 .* or >= 2"),
+    ],
+)
+def test_fit_bad_options(tmp_path, kwargs, message):
+    write_results(tmp_path, grid_runs())
+    with pytest.raises(UserError, match=message):
+        fit(tmp_path, **kwargs)
+
+
+def test_bootstrap_bad_options():
+    with pytest.raises(UserError, match="bootstrap needs >= 2 resamples"):
+        bootstrap(grid_runs(), approach3, n=1)
+    with pytest.raises(UserError, match=r"bootstrap level must be in \(0, 1\)"):
+        bootstrap(grid_runs(), approach3, level=95)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"params": 1e8, "tokens": 2e9, "loss": 3.1}\n{"params": 1e8, "tokens": 2e9, "loss": 3.1',
+         r"results.jsonl:2: not valid JSON .*; fix or delete that line"),
+        ('{"params": 1e8, "tokens": 2e9}\n', r"results.jsonl:1: missing 'loss'; every run needs 'params', 'tokens' and 'loss'"),
+        ('\n{"params": 1e8, "tokens": -2e9, "loss": 3.1}\n', r"results.jsonl:2: 'tokens' must be > 0, got -2000000000.0"),
+        ('{"params": "1e8", "tokens": 2e9, "loss": 3.1}\n', r"results.jsonl:1: 'params' must be a finite number, got '1e8'"),
+        ('{"params": 1e8, "tokens": 2e9, "loss": 3.1, "curve": [[1e9]]}\n', r"results.jsonl:1: 'curve' must be a list of"),
+        ('[1, 2]\n', r"results.jsonl:1: expected a JSON object per line, got list"),
+        ("\n\n", r"results.jsonl holds no runs"),
+    ],
+)
+def test_read_runs_names_file_and_line(tmp_path, content, message):
+    (tmp_path / "results.jsonl").write_text(content)
+    with pytest.raises(UserError, match=message):
+        read_runs(tmp_path)
+
+
+def test_read_runs_schema_and_missing_file(tmp_path):
+    with pytest.raises(UserError, match=r"results.jsonl does not exist; write one JSON object per training run there"):
+        read_runs(tmp_path)
+    with pytest.raises(UserError, match="is not a directory"):
+        read_runs(tmp_path / "nope")
+    (tmp_path / "results.jsonl").write_text(
+        '{"params": 1000, "tokens": 4e4, "loss": 3.0, "curve": [[1e4, 4.0], [2e4, 3.5]], "name": "a"}\n'
+        '{"params": 1000, "params_no_embed": 600, "tokens": 4e4, "loss": 2.9, "flops": 3e8, "budget": 2.4e8}\n'
+    )
+    plain, full = read_runs(tmp_path)
+    assert (plain.params_no_embed, plain.flops, plain.budget) == (1000, 6 * 1000 * 4e4, None)
+    assert plain.points() == [(1e4, 6e7, 4.0), (2e4, 1.2e8, 3.5), (4e4, 2.4e8, 3.0)]
+    assert (full.params_no_embed, full.flops, full.budget) == (600, 3e8, 2.4e8)

@@ -1,0 +1,81 @@
+import pytest
+
+from lmforge.config import preset
+from lmforge.model import Transformer
+from lmforge.scaling import flops
+from lmforge.utils.errors import UserError
+
+
+def test_tiny_config_by_hand():
+    # tiny: 2 layers, 4 heads, d_model 64, ffw 256, context 64; vocab 100 is padded to 128.
+    cfg = preset("tiny", vocab_size=100)
+    out = flops(cfg, tokens=1e6)
+
+    block = (64 + 64) * 2 + (64 * 192 + 192) + (64 * 64 + 64) + (64 * 256 + 256) + (256 * 64 + 64)  # 49_984
+    assert out["params"] == 128 * 64 + 64 * 64 + 2 * block + 2 * 64 == 112_384  # tok, pos, blocks, final norm
+    assert out["params_no_embed"] == 2 * block + 2 * 64 == 100_096
+    assert out["params"] == Transformer(cfg).num_params(exclude_positions=False)
+    assert out["flops_6nd"] == 6 * 100_096 * 1e6
+
+    # Hoffmann et al. 2022, appendix F, one sequence of 64 tokens:
+    embeddings = 2 * 64 * 128 * 64  # 1_048_576
+    attention = (
+        2 * 3 * 64 * 64 * 64  # QKV                 1_572_864
+        + 2 * 64 * 64 * 64  # K @ Q logits          524_288
+        + 3 * 4 * 64 * 64  # softmax                 49_152
+        + 2 * 64 * 64 * 64  # softmax @ V           524_288
+        + 2 * 64 * 64 * 64  # final linear          524_288
+    )
+    assert attention == 3_194_880
+    dense = 2 * 64 * (64 * 256 + 64 * 256)  # 4_194_304
+    logits = 2 * 64 * 64 * 128  # 1_048_576
+    forward = embeddings + 2 * (attention + dense) + logits
+    assert forward == 16_875_520
+    assert out["flops_per_token_chinchilla"] == 3 * forward / 64 == 791_040
+    assert out["flops_chinchilla"] == 791_040 * 1e6
+
+
+def test_sequence_length_changes_only_the_attention_terms():
+    cfg = preset("tiny", vocab_size=100)
+    out = flops(cfg, tokens=1.0, seq_len=32)
+    attention = 2 * 3 * 32 * 64 * 64 + 2 * 32 * 32 * 64 + 3 * 4 * 32 * 32 + 2 * 32 * 32 * 64 + 2 * 32 * 64 * 64
+    forward = 2 * 32 * 128 * 64 + 2 * (attention + 2 * 32 * 2 * 64 * 256) + 2 * 32 * 64 * 128
+    assert forward == 7_888_896
+    assert out["flops_per_token_chinchilla"] == 3 * forward / 32 == 739_584
+    assert out["params"] == flops(cfg, tokens=1.0)["params"]
+
+
+def test_untied_head_and_sinusoidal_positions():
+    """No position parameters; the untied head is a vocabulary matrix, out of Kaplan's N like the embedding."""
+    cfg = preset("tiny", vocab_size=100, tie_embeddings=False, position="sinusoidal")
+    out = flops(cfg, tokens=1.0)
+    assert out["params"] == 128 * 64 + 99_968 + 128 + 128 * 64 == 116_480
+    assert out["params"] == Transformer(cfg).num_params(exclude_positions=False)
+    assert out["params_no_embed"] == 100_096
+
+
+def test_gpt2_124m_exact_count_is_about_twice_6nd():
+    """For a model this small the embedding and logits matmuls (2·V·d each per token, V = 50304) and
+    attention over 1024 positions weigh as much as the blocks: the exact count is ~2.13x 6·N·D. The
+    paper's table A4 finds the two within a few percent only for models of billions of parameters."""
+    cfg = preset("gpt2-124m", vocab_size=50257)
+    out = flops(cfg, tokens=1e9)
+    V, d, S, L, h, f = 50304, 768, 1024, 12, 12, 3072
+    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
+    assert out["params_no_embed"] == L * block + 2 * d == 85_056_000
+    assert out["params"] == 85_056_000 + V * d + S * d == 124_475_904
+    per_layer = 2 * 3 * d * d + 2 * S * d + 3 * h * S + 2 * S * d + 2 * d * d + 2 * 2 * d * f  # per token
+    forward_per_token = 2 * V * d + L * per_layer + 2 * d * V
+    assert forward_per_token == 362_594_304
+    assert out["flops_per_token_chinchilla"] == 3 * forward_per_token == 1_087_782_912
+    assert out["flops_6nd"] == 6 * 85_056_000 * 1e9 == 5.10336e17
+    assert out["flops_chinchilla"] / out["flops_6nd"] == pytest.approx(2.1315, abs=1e-4)
+
+
+def test_bad_input():
+    with pytest.raises(UserError, match="tokens must be a finite number >= 0"):
+        flops(preset("tiny", vocab_size=100), tokens=-1)
+    with pytest.raises(UserError, match="seq_len must be >= 1"):
+        flops(preset("tiny", vocab_size=100), tokens=1, seq_len=0)
+    with pytest.raises(UserError, match="vocab_size is not set"):
+        flops(preset("tiny"), tokens=1)
