@@ -17,7 +17,7 @@ from lmforge.data import prepare, train_tokenizer
 from lmforge.evaluate import evaluate_lm
 from lmforge.infer import ChatSession, load, render_chat
 from lmforge.interop import export_hf, import_gguf, import_hf
-from lmforge.scaling import fit, plan
+from lmforge.scaling import fit, plan, sweep
 from lmforge.utils.errors import UserError
 from lmforge.train import pretrain
 
@@ -81,6 +81,12 @@ def eval_cmd(args: Namespace) -> dict[str, Any]:
         f"{result['bpb']:.4f} bits/byte over {result['tokens']:,} tokens"
     )
     return result
+
+
+def scaling_sweep_cmd(args: Namespace) -> dict[str, Any]:
+    rows = sweep(args.grid, args.data, args.out, log=_say(args))
+    _say(args)(f"{len(rows)} runs in {args.out}/results.jsonl; fit them with `lmforge scaling fit {args.out}`")
+    return {"runs": len(rows), "results": f"{args.out}/results.jsonl"}
 
 
 def scaling_fit_cmd(args: Namespace) -> dict[str, Any]:
@@ -183,6 +189,7 @@ HANDLERS: dict[str, Callable[[Namespace], dict[str, Any] | None]] = {
     "generate": generate_cmd,
     "eval": eval_cmd,
     "chat": chat_cmd,
+    "scaling.sweep": scaling_sweep_cmd,
     "scaling.fit": scaling_fit_cmd,
     "scaling.plan": scaling_plan_cmd,
     "import.hf": import_hf_cmd,

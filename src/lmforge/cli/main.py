@@ -116,6 +116,13 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     sc = _parser("Scaling laws: fit a table of runs, plan a compute-optimal run.")
     verbs.add_subcommand("scaling", sc, help="fit scaling laws and plan compute")
     sc_verbs = sc.add_subcommands(dest="action", required=True)
+    sc_sweep = _parser("Train a grid of model sizes x token budgets (or isoFLOP profiles) into OUT/results.jsonl; "
+                       "started again, it skips finished runs and resumes an interrupted one.")
+    _option(sc_sweep, "grid", required=True, help="YAML grid: sizes, tokens or flops, aspect_ratio, head_size, model, train")
+    _option(sc_sweep, "data", required=True, help="prepared data directory (lmforge prepare)")
+    _option(sc_sweep, "out", required=True, help="study directory (results.jsonl, runs/)")
+    _json_flag(sc_sweep)
+    sc_verbs.add_subcommand("sweep", sc_sweep, help="run the training grid of a study")
     sc_fit = _parser("Fit Kaplan power laws and Chinchilla approaches 1-3 (with bootstrap intervals) to DIR/results.jsonl.")
     sc_fit.add_argument("directory", help="a scaling study directory holding results.jsonl")
     _option(sc_fit, "approaches", nargs="+", default=None, choices=["kaplan", "approach1", "approach2", "approach3"],

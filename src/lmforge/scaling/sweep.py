@@ -1,0 +1,171 @@
+"""`lmforge scaling sweep`: train a grid of model sizes x token budgets and tabulate the results.
+
+Each run is an ordinary `pretrain` run whose cosine schedule ends at its own token budget, so no
+run is a truncated piece of a longer one (Hoffmann et al. 2022, section 3.1 and figure A1). A row
+of DIR/results.jsonl (schema in `lmforge.scaling.runs`) is written as each run finishes; a sweep
+that is started again skips finished runs and resumes an interrupted one from its last checkpoint.
+
+The grid file (YAML):
+
+    sizes: [2.0e4, 4.0e4, 8.0e4, 1.6e5, 3.2e5]   # target non-embedding parameters, 12 * n_layer * n_embd^2
+    tokens: [1.0e6, 2.0e6, 4.0e6]                # training tokens per run ... or, for isoFLOP profiles,
+    # flops: [1.0e12, 3.0e12]                    # budgets C, each run getting D = C / (6 N)
+    aspect_ratio: 16                             # n_embd / n_layer, fixed across sizes (Kaplan et al. 2020, fig. 5)
+    head_size: 16
+    model: {context_length: 128}                 # any other ModelConfig fields
+    train: {batch_size: 16, lr: 3.0e-3}          # any TrainConfig fields; max_steps comes from the budget
+    evals: 4                                     # validation points per run (the curve approach 1 uses)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from lmforge.config import ModelConfig, TrainConfig
+from lmforge.scaling.runs import RESULTS
+from lmforge.train import pretrain
+from lmforge.utils.errors import UserError
+from lmforge.utils.fs import atomic_write_text
+
+
+@dataclass
+class Grid:
+    sizes: list[float]
+    tokens: list[float] | None = None
+    flops: list[float] | None = None
+    aspect_ratio: float = 32.0
+    head_size: int = 32
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    evals: int = 4
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    model: ModelConfig
+    tokens: float
+    budget: float | None
+
+
+def load_grid(path: str | Path) -> Grid:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"grid file {path} does not exist; write one (see `lmforge scaling sweep --help`)") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a YAML mapping with sizes and tokens (or flops)")
+    names = {f.name for f in dataclasses.fields(Grid)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+    try:
+        grid = Grid(**raw)
+    except TypeError as e:
+        raise UserError(f"{path}: {e}") from None
+    if (grid.tokens is None) == (grid.flops is None):
+        raise UserError(f"{path}: give exactly one of `tokens` (a size x budget grid) or `flops` (isoFLOP profiles)")
+    for key in ("sizes", "tokens", "flops"):
+        values = getattr(grid, key)
+        if isinstance(values, list):  # YAML 1.1 reads 1e6 (no dot, no sign) as a string
+            values = [_number(v) for v in values]
+            setattr(grid, key, values)
+        if values is not None and (not values or any(not isinstance(v, (int, float)) or v <= 0 for v in values)):
+            raise UserError(f"{path}: `{key}` must be a non-empty list of positive numbers, got {values!r}")
+    if grid.aspect_ratio <= 0 or grid.head_size < 1 or grid.evals < 1:
+        raise UserError(f"{path}: aspect_ratio, head_size and evals must be positive")
+    return grid
+
+
+def _number(v: Any) -> Any:
+    try:
+        return float(v) if isinstance(v, str) else v
+    except ValueError:
+        return v
+
+
+def shape_for(target: float, grid: Grid) -> ModelConfig:
+    """The config whose blocks hold about `target` parameters (12 * n_layer * n_embd^2) at the grid's aspect ratio.
+
+    n_embd = n_layer * aspect_ratio, so 12 * n_embd^3 / aspect_ratio = target; n_embd is rounded to
+    whole heads and n_layer to at least one.
+    """
+    hs = grid.head_size
+    width = max(round((target * grid.aspect_ratio / 12) ** (1 / 3) / hs), 1) * hs
+    layers = max(round(width / grid.aspect_ratio), 1)
+    actual = 12 * layers * width * width
+    if not 0.5 <= actual / target <= 2.0:
+        raise UserError(
+            f"no shape with head size {hs} and aspect ratio {grid.aspect_ratio:g} has about {target:.3g} block "
+            f"parameters (nearest: {layers} layers x {width} wide = {actual:.3g}); change the size, head_size or aspect_ratio"
+        )
+    try:
+        return ModelConfig(**{**grid.model, "n_layer": layers, "n_embd": width, "n_head": width // hs})
+    except TypeError as e:
+        raise UserError(f"grid `model`: {e}") from None
+
+
+def plan_runs(grid: Grid) -> list[PlannedRun]:
+    runs = []
+    for size in grid.sizes:
+        model = shape_for(size, grid)
+        n = 12 * model.n_layer * model.n_embd**2
+        budgets = [(d, None) for d in grid.tokens] if grid.tokens else [(c / (6 * n), c) for c in grid.flops]
+        for tokens, budget in budgets:
+            tag = f"C{budget:.2g}" if budget else f"D{tokens:.2g}"
+            runs.append(PlannedRun(f"L{model.n_layer}-d{model.n_embd}-{tag}".replace("+", ""), model, tokens, budget))
+    return runs
+
+
+def sweep(
+    grid_file: str | Path, data: str | Path, out: str | Path, log: Callable[..., None] = print, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Run every planned run not yet in OUT/results.jsonl; return all rows."""
+    grid = load_grid(grid_file)
+    out = Path(out)
+    planned = plan_runs(grid)
+    results = out / RESULTS
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
+    done = {row["name"] for row in rows}
+    base = TrainConfig(**{**grid.train, "max_steps": 1})  # validates the train keys once, up front
+    for i, run in enumerate(planned, 1):
+        if run.name in done:
+            continue
+        seq_len = base.seq_len or run.model.context_length
+        tokens_per_step = base.batch_size * base.grad_accum * seq_len
+        steps = max(math.ceil(run.tokens / tokens_per_step), grid.evals)
+        train = base.replace(
+            max_steps=steps, warmup_steps=min(base.warmup_steps, steps // 10), eval_interval=max(steps // grid.evals, 1),
+            ckpt_interval=max(steps // 4, 1), keep_checkpoints=1, tensorboard=False,
+        )
+        run_dir = out / "runs" / run.name
+        log(f"[{i}/{len(planned)}] {run.name}: {run.model.n_layer} layers x {run.model.n_embd}, {steps * tokens_per_step:.3g} tokens")
+        t0 = time.perf_counter()
+        result = pretrain(data, run_dir, run.model, train, resume=run_dir.exists() and any(run_dir.glob("step-*")),
+                          progress=progress, log=lambda *a: None)
+        if result.val_loss is None:
+            raise UserError(f"{data} has no validation split large enough to score runs; prepare it with --val-fraction 0.1")
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        row = {
+            "name": run.name, "params": result.params, "params_no_embed": 12 * run.model.n_layer * run.model.n_embd**2,
+            "tokens": steps * tokens_per_step, "loss": result.val_loss, "seconds": time.perf_counter() - t0,
+            "curve": [[m["step"] * tokens_per_step, m["val_loss"]] for m in metrics if m["kind"] == "val"],
+            "config": json.loads((result.checkpoint / "config.json").read_text())["model"],
+        }
+        if run.budget is not None:
+            row["budget"] = run.budget
+        rows.append(row)
+        atomic_write_text(results, "".join(json.dumps(r) + "\n" for r in rows))
+        log(f"    val loss {result.val_loss:.4f} in {row['seconds']:.0f}s")
+    return rows
