@@ -8,6 +8,7 @@ line of stdout a JSON object with the verb's result.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from argparse import ArgumentError
 from typing import Any, Callable, Sequence
@@ -185,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         ns = parse(argv)
+        # Scaling fits solve thousands of 5-variable problems; OpenBLAS threads only slow those down.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         from lmforge.cli import commands  # torch is imported only once the arguments are valid
 
         verb = {

@@ -76,6 +76,11 @@ def fit_power_law(x, y, what: str = "x") -> dict[str, float]:
             f"loss does not fall with {what} across these runs (fitted exponent {k:.3g}); "
             f"a power law needs runs where more {what} gives lower loss"
         )
+    if intercept / k > 700:  # exp would overflow: the loss is all but flat in x
+        raise UserError(
+            f"loss hardly changes with {what} across these runs (fitted exponent {k:.3g}); "
+            f"a power law needs runs that span more {what}"
+        )
     return {"exponent": k, "scale": math.exp(intercept / k), "points": int(x.size)}
 
 
