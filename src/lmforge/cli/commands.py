@@ -18,8 +18,8 @@ from lmforge.evaluate import evaluate_lm
 from lmforge.infer import ChatSession, load, render_chat
 from lmforge.interop import export_hf, import_gguf, import_hf
 from lmforge.scaling import fit, plan, sweep
+from lmforge.train import RunResult, pretrain
 from lmforge.utils.errors import UserError
-from lmforge.train import pretrain
 
 
 def _say(args: Namespace) -> Callable[..., None]:
@@ -37,7 +37,8 @@ def prepare_cmd(args: Namespace) -> dict[str, Any]:
     meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction)
     say = _say(args)
     for split, s in meta["splits"].items():
-        say(f"{split}: {s['tokens']:,} tokens from {s['documents']} documents, {s['bytes_per_token']:.2f} bytes/token")
+        per_token = f", {s['bytes_per_token']:.2f} bytes/token" if s["bytes_per_token"] else ""
+        say(f"{split}: {s['tokens']:,} tokens from {s['documents']} documents{per_token}")
     say(f"dropped {meta['duplicates_dropped']} duplicate documents; wrote {args.out}")
     return meta
 
@@ -50,7 +51,7 @@ def pretrain_cmd(args: Namespace) -> dict[str, Any]:
     return result.to_dict()
 
 
-def _report_run(result, say) -> None:
+def _report_run(result: RunResult, say: Callable[..., None]) -> None:
     val = f", val loss {result.val_loss:.4f} nats/token" if result.val_loss is not None else ""
     val += f" = {result.val_bpb:.4f} bits/byte" if result.val_bpb is not None else ""
     say(f"done: step {result.step}, train loss {result.train_loss:.4f}{val}, {result.seconds:.1f}s")
@@ -125,16 +126,13 @@ def scaling_plan_cmd(args: Namespace) -> dict[str, Any]:
     return result
 
 
-def import_hf_cmd(args: Namespace) -> dict[str, Any]:
-    path = import_hf(args.source, args.out)
-    _say(args)(f"imported {args.source} -> {path}")
-    return {"checkpoint": str(path)}
+def _importer(convert: Callable[..., Any]) -> Callable[[Namespace], dict[str, Any]]:
+    def import_cmd(args: Namespace) -> dict[str, Any]:
+        path = convert(args.source, args.out)
+        _say(args)(f"imported {args.source} -> {path}")
+        return {"checkpoint": str(path)}
 
-
-def import_gguf_cmd(args: Namespace) -> dict[str, Any]:
-    path = import_gguf(args.source, args.out)
-    _say(args)(f"imported {args.source} -> {path}")
-    return {"checkpoint": str(path)}
+    return import_cmd
 
 
 def chat_cmd(args: Namespace) -> None:
@@ -171,7 +169,7 @@ def chat_cmd(args: Namespace) -> None:
 
 def export_hf_cmd(args: Namespace) -> dict[str, Any]:
     path = export_hf(args.checkpoint, args.out)
-    _say(args)(f"exported {args.checkpoint} -> {path} (load it with transformers' AutoModelForCausalLM)")
+    _say(args)(f"exported {args.checkpoint} -> {path} (load it with transformers' Auto classes)")
     return {"out": str(path)}
 
 
@@ -192,7 +190,7 @@ HANDLERS: dict[str, Callable[[Namespace], dict[str, Any] | None]] = {
     "scaling.sweep": scaling_sweep_cmd,
     "scaling.fit": scaling_fit_cmd,
     "scaling.plan": scaling_plan_cmd,
-    "import.hf": import_hf_cmd,
-    "import.gguf": import_gguf_cmd,
+    "import.hf": _importer(import_hf),
+    "import.gguf": _importer(import_gguf),
     "export.hf": export_hf_cmd,
 }

@@ -146,7 +146,7 @@ def sweep(
         tokens_per_step = base.batch_size * base.grad_accum * seq_len
         steps = max(math.ceil(run.tokens / tokens_per_step), grid.evals)
         train = base.replace(
-            max_steps=steps, warmup_steps=min(base.warmup_steps, steps // 10), eval_interval=max(steps // grid.evals, 1),
+            max_steps=steps, warmup_steps=min(base.warmup_steps, steps // 10), eval_interval=math.ceil(steps / grid.evals),
             ckpt_interval=max(steps // 4, 1), keep_checkpoints=1, tensorboard=False,
         )
         run_dir = out / "runs" / run.name
