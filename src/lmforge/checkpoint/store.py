@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -17,10 +16,11 @@ from lmforge.config import ModelConfig
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_dir, atomic_write_json
+from lmforge.utils.fs import atomic_dir, atomic_write_json, read_json
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+_CKPT_FIX = "use another checkpoint (a complete step-* directory) or retrain"
 
 
 @dataclass
@@ -85,13 +85,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint's config, tokenizer and trainer state (weights are loaded by `load_model`)."""
     path = resolve_checkpoint(path)
-    config = _read_json(path / "config.json")
+    config = read_json(path / "config.json", _CKPT_FIX)
     if not isinstance(config, dict) or config.get("format") != FORMAT or "model" not in config:
         raise UserError(f"{path / 'config.json'} is not an lmforge checkpoint config (format {FORMAT}); re-export it")
     model_config = ModelConfig.from_dict(config["model"])
     tokenizer = Tokenizer.load(path)
     state_file = path / "trainer_state.json"
-    trainer_state = _read_json(state_file) if state_file.exists() else None
+    trainer_state = read_json(state_file, _CKPT_FIX) if state_file.exists() else None
     return Checkpoint(path, model_config, tokenizer, trainer_state)
 
 
@@ -146,15 +146,6 @@ def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, list):
         return [_join_tensors(v, tensors) for v in obj]
     return obj
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing; pass a complete checkpoint directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is corrupt ({_first_line(e)}); use another checkpoint or retrain") from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from itertools import chain
 from pathlib import Path
 from typing import Any, Sequence
 

@@ -7,7 +7,6 @@ or unexpected weights.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -21,9 +20,10 @@ from lmforge.config import ModelConfig
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_dir, atomic_write_json
+from lmforge.utils.fs import atomic_dir, atomic_write_json, read_json
 
 Tensors = dict[str, torch.Tensor]
+_HF_FIX = "pass a Hugging Face model directory (re-download it if it is damaged)"
 
 
 # ---------------------------------------------------------------------------------------- configs
@@ -291,7 +291,7 @@ def _getter(tensors: Tensors) -> Callable[[str], torch.Tensor]:
 def import_hf(src: str | Path, out: str | Path) -> Path:
     """Convert a Hugging Face model directory (config.json, *.safetensors, tokenizer.json) to a checkpoint."""
     src = Path(src)
-    hf_config = _read_json(src / "config.json")
+    hf_config = read_json(src / "config.json", _HF_FIX)
     config = config_from_hf(hf_config)
     tensors = _read_safetensors(src)
     model = Transformer(config)
@@ -329,18 +329,9 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     return out
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing; pass a Hugging Face model directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); re-download or re-export the model") from None
-
-
 def _read_safetensors(src: Path) -> Tensors:
     index = src / "model.safetensors.index.json"
-    files = sorted(set(_read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = sorted(set(read_json(index, _HF_FIX)["weight_map"].values())) if index.exists() else ["model.safetensors"]
     tensors: Tensors = {}
     for name in files:
         path = src / name

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from lmforge.utils.errors import UserError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -66,6 +68,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: str | os.PathLike, fix: str) -> Any:
+    """The JSON in `path`; a missing or malformed file is a one-line UserError ending in `fix`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt (not valid JSON: {str(e).splitlines()[0]}); {fix}") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:
