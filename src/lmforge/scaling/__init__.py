@@ -11,14 +11,12 @@ from lmforge.scaling.fitting import (
     bootstrap,
     fit,
     fit_power_law,
-    frontier,
-    isoflop_profiles,
     kaplan,
 )
 from lmforge.scaling.counting import flops
 from lmforge.scaling.laws import BESIROGLU, CHINCHILLA, ParametricLaw, load_law
 from lmforge.scaling.plan import GPU_PEAK_FLOPS, plan
-from lmforge.scaling.runs import Run, read_runs
+from lmforge.scaling.runs import Run, frontier, isoflop_profiles, read_runs
 from lmforge.scaling.sweep import load_grid, plan_runs, shape_for, sweep
 
 __all__ = [

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.scaling.laws import ParametricLaw
-from lmforge.scaling.runs import RESULTS, Run, read_runs
+from lmforge.scaling.runs import RESULTS, Run, isoflop_profiles, lower_envelope, read_runs
 from lmforge.utils.errors import UserError
 from lmforge.utils.fs import atomic_write_json
 
@@ -36,26 +36,6 @@ def _loglog_line(x, y) -> tuple[float, float]:
     """Slope and intercept of log y against log x, by least squares."""
     slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
     return float(slope), float(intercept)
-
-
-def _lower_envelope(x: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The points no point at smaller or equal x beats: the running minimum of loss along x."""
-    order = np.lexsort((loss, x))
-    keep, best = [], math.inf
-    for i in order:
-        if loss[i] < best:
-            keep.append(i)
-            best = loss[i]
-    return x[keep], loss[keep]
-
-
-def frontier(runs: Sequence[Run]) -> tuple[np.ndarray, np.ndarray]:
-    """(compute, loss) of the compute-efficient frontier: the lowest loss any run reached by each compute.
-
-    Every point of every curve counts, as in Kaplan et al. 2020, figure 1 and Hoffmann et al. 2022, figure 2.
-    """
-    pts = np.array([(c, loss) for r in runs for _, c, loss in r.points()])
-    return _lower_envelope(pts[:, 0], pts[:, 1])
 
 
 def fit_power_law(x, y, what: str = "x") -> dict[str, float]:
@@ -100,8 +80,8 @@ def kaplan(runs: Sequence[Run]) -> dict[str, Any]:
     pts = np.array([p for r in runs for p in r.points()])  # (tokens, compute, loss)
     series = {
         "L(N)": (np.array(list(best_by_size)), np.array(list(best_by_size.values())), "N", "model sizes"),
-        "L(D)": (*_lower_envelope(pts[:, 0], pts[:, 2]), "D", "points on the data frontier"),
-        "L(C)": (*_lower_envelope(pts[:, 1], pts[:, 2]), "C", "points on the compute frontier"),
+        "L(D)": (*lower_envelope(pts[:, 0], pts[:, 2]), "D", "points on the data frontier"),
+        "L(C)": (*lower_envelope(pts[:, 1], pts[:, 2]), "C", "points on the compute frontier"),
     }
     out: dict[str, Any] = {}
     for label, (x, y, what, desc) in series.items():
@@ -156,27 +136,6 @@ def approach1(runs: Sequence[Run], n_grid: int = 1500) -> dict[str, Any]:
         "envelope_sizes": on_envelope, "envelope_points": int(C.size),
         "exponents": {"a": a, "b": b},
     }
-
-
-def isoflop_profiles(runs: Sequence[Run], tolerance: float = 0.1) -> list[tuple[float, list[Run]]]:
-    """Runs grouped by compute budget, sorted by budget: (budget, runs) per isoFLOP profile.
-
-    Runs with a `budget` are grouped by it; the others, sorted by `flops`, join the current group while
-    within `tolerance` of its cheapest run, and their budget is the geometric mean of the group's flops.
-    """
-    groups: dict[float, list[Run]] = {}
-    for r in runs:
-        if r.budget is not None:
-            groups.setdefault(float(r.budget), []).append(r)
-    current: list[Run] = []
-    for r in sorted((r for r in runs if r.budget is None), key=lambda r: r.flops):
-        if current and r.flops > current[0].flops * (1 + tolerance):
-            groups.setdefault(float(np.exp(np.mean(np.log([q.flops for q in current])))), []).extend(current)
-            current = []
-        current.append(r)
-    if current:
-        groups.setdefault(float(np.exp(np.mean(np.log([q.flops for q in current])))), []).extend(current)
-    return sorted(groups.items())
 
 
 def approach2(runs: Sequence[Run]) -> dict[str, Any]:

@@ -7,9 +7,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lmforge.scaling.fitting import frontier, isoflop_profiles
 from lmforge.scaling.laws import ParametricLaw
-from lmforge.scaling.runs import Run
+from lmforge.scaling.runs import Run, frontier, isoflop_profiles
 
 
 def _pyplot():

@@ -32,7 +32,9 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import numpy as np
 
 from lmforge.utils.errors import UserError
 
@@ -136,3 +138,44 @@ def read_runs(directory: str | os.PathLike) -> list[Run]:
     if not runs:
         raise UserError(f"{path} holds no runs; add one JSON object per finished training run")
     return runs
+
+
+def lower_envelope(x: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The points no point at smaller or equal x beats: the running minimum of loss along x."""
+    order = np.lexsort((loss, x))
+    keep, best = [], math.inf
+    for i in order:
+        if loss[i] < best:
+            keep.append(i)
+            best = loss[i]
+    return x[keep], loss[keep]
+
+
+def frontier(runs: Sequence[Run]) -> tuple[np.ndarray, np.ndarray]:
+    """(compute, loss) of the compute-efficient frontier: the lowest loss any run reached by each compute.
+
+    Every point of every curve counts, as in Kaplan et al. 2020, figure 1 and Hoffmann et al. 2022, figure 2.
+    """
+    pts = np.array([(c, loss) for r in runs for _, c, loss in r.points()])
+    return lower_envelope(pts[:, 0], pts[:, 1])
+
+
+def isoflop_profiles(runs: Sequence[Run], tolerance: float = 0.1) -> list[tuple[float, list[Run]]]:
+    """Runs grouped by compute budget, sorted by budget: (budget, runs) per isoFLOP profile.
+
+    Runs with a `budget` are grouped by it; the others, sorted by `flops`, join the current group while
+    within `tolerance` of its cheapest run, and their budget is the geometric mean of the group's flops.
+    """
+    groups: dict[float, list[Run]] = {}
+    for r in runs:
+        if r.budget is not None:
+            groups.setdefault(float(r.budget), []).append(r)
+    current: list[Run] = []
+    for r in sorted((r for r in runs if r.budget is None), key=lambda r: r.flops):
+        if current and r.flops > current[0].flops * (1 + tolerance):
+            groups.setdefault(float(np.exp(np.mean(np.log([q.flops for q in current])))), []).extend(current)
+            current = []
+        current.append(r)
+    if current:
+        groups.setdefault(float(np.exp(np.mean(np.log([q.flops for q in current])))), []).extend(current)
+    return sorted(groups.items())
