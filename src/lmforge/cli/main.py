@@ -145,23 +145,24 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     sc_verbs.add_subcommand("plan", sc_plan, help="plan a compute-optimal run")
 
     imp = _parser("Convert a model from another format into an lmforge checkpoint.")
-    verbs.add_subcommand("import", imp, help="import a Hugging Face model directory")
+    verbs.add_subcommand("import", imp, help="import a Hugging Face directory or a GGUF file")
     imp_verbs = imp.add_subcommands(dest="format", required=True)
-    imp_hf = _parser("Import a Hugging Face GPT-2 or Llama directory (config.json, safetensors, tokenizer.json).")
-    imp_hf.add_argument("source", help="Hugging Face model directory")
-    _option(imp_hf, "out", required=True, help="checkpoint directory to write")
-    _json_flag(imp_hf)
-    imp_verbs.add_subcommand("hf", imp_hf, help="from Hugging Face format")
-    imp_gguf = _parser("Import a Llama-architecture GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1), tokenizer and chat template included.")
-    imp_gguf.add_argument("source", help=".gguf file")
-    _option(imp_gguf, "out", required=True, help="checkpoint directory to write")
-    _json_flag(imp_gguf)
-    imp_verbs.add_subcommand("gguf", imp_gguf, help="from llama.cpp's GGUF")
+    for fmt, description, source, help in (
+        ("hf", "Import a Hugging Face GPT-2, Llama or BERT directory (config.json, safetensors, tokenizer.json).",
+         "Hugging Face model directory", "from Hugging Face format"),
+        ("gguf", "Import a Llama-architecture GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1), tokenizer and chat "
+         "template included.", ".gguf file", "from llama.cpp's GGUF"),
+    ):
+        sub = _parser(description)
+        sub.add_argument("source", help=source)
+        _option(sub, "out", required=True, help="checkpoint directory to write")
+        _json_flag(sub)
+        imp_verbs.add_subcommand(fmt, sub, help=help)
 
     exp = _parser("Write an lmforge checkpoint in another format.")
     verbs.add_subcommand("export", exp, help="export a checkpoint to Hugging Face format")
     exp_verbs = exp.add_subcommands(dest="format", required=True)
-    exp_hf = _parser("Export a GPT-2- or Llama-shaped checkpoint for transformers' Auto classes.")
+    exp_hf = _parser("Export a GPT-2-, Llama- or BERT-shaped checkpoint for transformers' Auto classes.")
     exp_hf.add_argument("checkpoint", help="checkpoint or run directory")
     _option(exp_hf, "out", required=True, help="directory to write")
     _json_flag(exp_hf)

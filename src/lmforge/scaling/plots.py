@@ -58,14 +58,20 @@ def plot_loss_vs_compute(runs: Sequence[Run], kaplan: dict[str, Any] | None, pat
         xs = np.geomspace(C.min(), C.max(), 100)
         ax.plot(xs, (c_c / xs) ** k, "r--", linewidth=1.2, label=f"Kaplan L(C) = (C_c / C)^{k:.3f}")
     fig.colorbar(dots, ax=ax, label="parameters N")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training compute C (FLOPs)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("loss vs compute")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    _log_axes(ax, "training compute C (FLOPs)", "validation loss (nats/token)", "loss vs compute", log_y=True)
     return _save(plt, fig, path)
+
+
+def _log_axes(ax, xlabel: str, ylabel: str, title: str, log_y: bool = False, legend_size: float | None = None) -> None:
+    """Log-scaled x (and optionally y), labels, a light grid and the legend."""
+    ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=legend_size)
 
 
 def plot_isoflop(runs: Sequence[Run], approach2: dict[str, Any], path: Path) -> Path:
@@ -84,12 +90,7 @@ def plot_isoflop(runs: Sequence[Run], approach2: dict[str, Any], path: Path) -> 
         ax.scatter(n, [r.loss for r in members], color=color, s=18, zorder=3)
         ax.plot(np.exp(xs), np.polyval(b["parabola"], xs), color=color, linewidth=1.2, label=f"C = {b['flops']:.2g}")
         ax.plot(b["params_opt"], b["loss_opt"], marker="*", color=color, markersize=11, markeredgecolor="k", zorder=4)
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters N")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("isoFLOP profiles (approach 2)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _log_axes(ax, "parameters N", "validation loss (nats/token)", "isoFLOP profiles (approach 2)", legend_size=8)
     C = np.array([b["flops"] for b in budgets])
     xs = np.geomspace(C.min(), C.max(), 50)
     for key, coef, exp, label, color in (
@@ -99,13 +100,7 @@ def plot_isoflop(runs: Sequence[Run], approach2: dict[str, Any], path: Path) -> 
         k, p = approach2[coef], approach2[exp]
         ax_opt.scatter(C, [b[key] for b in budgets], color=color, zorder=3)
         ax_opt.plot(xs, k * xs**p, color=color, label=f"{label} ∝ C^{p:.3f}")
-    ax_opt.set_xscale("log")
-    ax_opt.set_yscale("log")
-    ax_opt.set_xlabel("training compute C (FLOPs)")
-    ax_opt.set_ylabel("compute-optimal N and D")
-    ax_opt.set_title("optimum per budget")
-    ax_opt.grid(alpha=0.3, which="both")
-    ax_opt.legend()
+    _log_axes(ax_opt, "training compute C (FLOPs)", "compute-optimal N and D", "optimum per budget", log_y=True)
     return _save(plt, fig, path)
 
 
