@@ -22,9 +22,9 @@ from lmforge.utils.errors import UserError
 VERBS = ("demo", "tokenizer", "prepare", "pretrain", "generate", "chat", "eval", "scaling", "import", "export")
 
 
-def _parser(description: str) -> ArgumentParser:
+def _parser(description: str, **kwargs: Any) -> ArgumentParser:
     # allow_abbrev=False: a misspelt key such as --train.max_step must be an error, not a prefix match.
-    return ArgumentParser(description=description, exit_on_error=False, default_env=False, allow_abbrev=False)
+    return ArgumentParser(description=description, exit_on_error=False, default_env=False, allow_abbrev=False, **kwargs)
 
 
 def _option(p: ArgumentParser, name: str, **kwargs: Any) -> None:
@@ -39,7 +39,7 @@ def _json_flag(p: ArgumentParser) -> None:
 
 
 def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentParser:
-    root = _parser("lmforge: Transformer language models from theory to practice.")
+    root = _parser("lmforge: Transformer language models from theory to practice.", prog="lmforge")
     verbs = root.add_subcommands(dest="verb", required=True)
 
     demo = _parser("Train a tokenizer and a small GPT on the bundled tinyshakespeare, evaluate, sample.")
