@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import signal
 import threading
 import time
@@ -20,7 +19,7 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from lmforge.checkpoint import find_checkpoints, load_checkpoint, load_model, save_checkpoint
+from lmforge.checkpoint import load_model
 from lmforge.checkpoint.store import load_optimizer_state
 from lmforge.config import ModelConfig, TrainConfig, preset
 from lmforge.data import load_meta, open_split
@@ -28,6 +27,7 @@ from lmforge.data.loader import TokenWindows
 from lmforge.model import Transformer
 from lmforge.model.losses import bits_per_byte
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.checkpointing import Checkpointer
 from lmforge.train.metrics import MetricsLog, plot_loss
 from lmforge.train.objectives import Objective
 from lmforge.train.optim import build_optimizer, lr_at
@@ -80,19 +80,9 @@ def pretrain(
     if seq_len > model_cfg.context_length:
         raise UserError(f"train.seq_len {seq_len} exceeds model.context_length {model_cfg.context_length}; lower one or raise the other")
 
-    start_step, resume_from = 0, None
-    existing = find_checkpoints(out)
-    if resume:
-        if not existing:
-            raise UserError(f"--resume given but {out} holds no checkpoint; drop --resume to start a new run")
-        resume_from = load_checkpoint(existing[-1])
-        if resume_from.model_config != model_cfg:
-            raise UserError(
-                f"the model config differs from the one in {resume_from.path}; resume with the same --model settings"
-            )
-        start_step = int(resume_from.trainer_state["step"])
-    elif existing:
-        raise UserError(f"{out} already holds checkpoints; pass --resume to continue that run or choose another --out")
+    checkpoints = Checkpointer(out, train.keep_checkpoints)
+    resume_from = checkpoints.resume_point(resume, model_cfg)
+    start_step = int(resume_from.trainer_state["step"]) if resume_from else 0
 
     device = resolve_device(train.device)
     amp = autocast_dtype(device, train.dtype)
@@ -137,18 +127,8 @@ def pretrain(
         return loss, bpb
 
     def checkpoint(step: int) -> Path:
-        path = save_checkpoint(
-            out / f"step-{step:06d}",
-            net,
-            tokenizer,
-            trainer_state={"step": step, "tokens": step * tokens_per_step, "train": train.to_dict(), "data": str(data),
-                           "objective": objective},
-            optimizer_state=optimizer.state_dict(),
-            metrics_file=metrics.path,
-        )
-        for old in find_checkpoints(out)[: -train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        return path
+        state = {"tokens": step * tokens_per_step, "train": train.to_dict(), "data": str(data), "objective": objective}
+        return checkpoints.save(step, net, tokenizer, state, optimizer.state_dict(), metrics.path)
 
     step, last_loss, last_val = start_step, float("nan"), None
     bar = tqdm(total=train.max_steps, initial=start_step, desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
@@ -206,7 +186,7 @@ def pretrain(
     plot = plot_loss(metrics.path, out / "loss.png")
     return RunResult(
         out=out,
-        checkpoint=find_checkpoints(out)[-1],
+        checkpoint=checkpoints.latest(),
         step=step,
         train_loss=last_loss,
         val_loss=last_val[0] if last_val else None,
