@@ -13,7 +13,7 @@ from typing import Any, Callable
 from jsonargparse import Namespace
 
 from lmforge.config import ModelConfig, TrainConfig
-from lmforge.data import prepare, train_tokenizer
+from lmforge.data import prepare, prepare_parallel, train_tokenizer
 from lmforge.evaluate import evaluate_lm
 from lmforge.infer import ChatSession, load, render_chat
 from lmforge.interop import export_hf, import_gguf, import_hf
@@ -34,8 +34,16 @@ def tokenizer_train(args: Namespace) -> dict[str, Any]:
 
 
 def prepare_cmd(args: Namespace) -> dict[str, Any]:
-    meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction)
     say = _say(args)
+    if args.target is not None:
+        if len(args.inputs) != 1:
+            raise UserError(f"--target pairs with exactly one source file, got {len(args.inputs)} inputs")
+        meta = prepare_parallel(args.inputs[0], args.target, args.tokenizer, args.out, val_fraction=args.val_fraction)
+        for split, s in meta["splits"].items():
+            say(f"{split}: {s['pairs']:,} pairs, {s['src_tokens']:,} source + {s['tgt_tokens']:,} target tokens")
+        say(f"wrote {args.out}")
+        return meta
+    meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction)
     for split, s in meta["splits"].items():
         per_token = f", {s['bytes_per_token']:.2f} bytes/token" if s["bytes_per_token"] else ""
         say(f"{split}: {s['tokens']:,} tokens from {s['documents']} documents{per_token}")

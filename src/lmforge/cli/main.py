@@ -64,7 +64,9 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     prep.add_argument("inputs", nargs="+", help=".txt, .jsonl, .gz files or directories")
     _option(prep, "tokenizer", required=True, help="directory with tokenizer.json")
     _option(prep, "out", required=True, help="output data directory")
-    _option(prep, "val_fraction", type=float, default=0.1, help="last fraction of the text held out for validation")
+    _option(prep, "val_fraction", type=float, default=0.1, help="last fraction of the text (or pairs) held out for validation")
+    _option(prep, "target", default=None,
+            help="a file line-aligned with the one input: prepare parallel pairs for --objective seq2seq")
     _json_flag(prep)
     verbs.add_subcommand("prepare", prep, help="tokenize a corpus into train/val shards")
 
@@ -75,8 +77,8 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     pre.add_class_arguments(ModelConfig, "model")
     pre.add_class_arguments(TrainConfig, "train")
     pre.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    pre.add_argument("--objective", default="causal", choices=["causal", "mlm", "mlm+nsp"],
-                     help="causal (GPT, Llama) or masked-LM / masked-LM + next-sentence (BERT)")
+    pre.add_argument("--objective", default="causal", choices=["causal", "mlm", "mlm+nsp", "seq2seq"],
+                     help="causal (GPT, Llama), masked-LM / masked-LM + next-sentence (BERT), seq2seq (encoder-decoder)")
     _json_flag(pre)
     if pretrain_defaults:
         pre.set_defaults(pretrain_defaults)

@@ -13,9 +13,9 @@ from lmforge.utils.errors import UserError
 
 Position = Literal["learned", "sinusoidal", "rotary"]
 Norm = Literal["layernorm", "rmsnorm"]
-MLP = Literal["gelu", "gelu_tanh", "swiglu"]
+MLP = Literal["gelu", "gelu_tanh", "relu", "swiglu"]
 RopeScaling = Literal["none", "linear", "ntk", "llama3"]
-Arch = Literal["decoder", "encoder"]
+Arch = Literal["decoder", "encoder", "encoder-decoder"]
 NormPosition = Literal["pre", "post"]
 
 
@@ -27,8 +27,12 @@ class ModelConfig:
 
     Args:
         preset: name the values came from (`tiny`, `gpt2-124m`, ...); informational once resolved.
-        arch: `decoder` (causal attention, next-token head) or `encoder` (bidirectional attention,
-            masked-LM head, pooler and next-sentence head, as BERT).
+        arch: `decoder` (causal attention, next-token head), `encoder` (bidirectional attention,
+            masked-LM head, pooler and next-sentence head, as BERT) or `encoder-decoder` (the original
+            Transformer: a bidirectional encoder, a causal decoder with cross-attention, embeddings
+            shared by both and by the output head).
+        n_encoder_layer: encoder blocks of an encoder-decoder; None means n_layer (which counts the
+            decoder blocks).
         vocab_size: tokens the tokenizer produces; None means "take it from the training data".
         context_length: the longest sequence the model attends over (nanoGPT's block_size).
         n_layer: number of Transformer blocks.
@@ -51,7 +55,9 @@ class ModelConfig:
             (norm(x + f(x)); the original Transformer, BERT).
         embed_norm: a norm right after the embeddings (BERT).
         type_vocab_size: number of token types (segments) with their own embedding; 0 for none.
-        mlp: `gelu` (exact), `gelu_tanh` (GPT-2's approximation) or `swiglu` (Llama).
+        mlp: `gelu` (exact), `gelu_tanh` (GPT-2's approximation), `relu` (the original Transformer)
+            or `swiglu` (Llama).
+        embed_scale: multiply token embeddings by sqrt(n_embd) ("Attention Is All You Need", 3.4).
         bias: biases in linear layers and LayerNorms.
         dropout: dropout on embeddings, attention weights and residual branches.
         tie_embeddings: share the token embedding with the output head.
@@ -67,6 +73,7 @@ class ModelConfig:
     n_head: int = 12
     n_embd: int = 768
     n_kv_head: int | None = None
+    n_encoder_layer: int | None = None
     mlp_hidden: int | None = None
     position: Position = "learned"
     rope_theta: float = 10000.0
@@ -79,6 +86,7 @@ class ModelConfig:
     norm_position: NormPosition = "pre"
     embed_norm: bool = False
     type_vocab_size: int = 0
+    embed_scale: bool = False
     mlp: MLP = "gelu"
     bias: bool = True
     dropout: float = 0.0

@@ -32,6 +32,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # BERT-base (Devlin et al. 2018): a post-norm bidirectional encoder with segments, MLM and NSP heads.
     "bert-base": dict(arch="encoder", context_length=512, n_layer=12, n_head=12, n_embd=768, mlp_hidden=3072,
                       norm_position="post", embed_norm=True, type_vocab_size=2, norm_eps=1e-12),
+    # "Attention Is All You Need" (Vaswani et al. 2017, table 3): post-norm, ReLU, sinusoidal positions,
+    # embeddings shared by encoder, decoder and output and scaled by sqrt(d_model).
+    "transformer-base": dict(arch="encoder-decoder", context_length=256, n_layer=6, n_encoder_layer=6, n_head=8,
+                             n_embd=512, mlp_hidden=2048, mlp="relu", position="sinusoidal", norm_position="post",
+                             embed_scale=True, dropout=0.1),
+    "transformer-big": dict(arch="encoder-decoder", context_length=256, n_layer=6, n_encoder_layer=6, n_head=16,
+                            n_embd=1024, mlp_hidden=4096, mlp="relu", position="sinusoidal", norm_position="post",
+                            embed_scale=True, dropout=0.3),
 }
 
 

@@ -33,6 +33,11 @@ def evaluate_lm(
     """
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, dev)
+    if model.config.arch != "decoder":
+        raise UserError(
+            f"{ckpt.path} is an {model.config.arch} model; eval measures next-token language models "
+            "(for encoders and encoder-decoders the training run reports validation loss)"
+        )
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     if len(paths) == 1 and (Path(paths[0]) / "meta.json").exists():
         tokens, n_bytes = _prepared_split(Path(paths[0]), split, ckpt.tokenizer)

@@ -52,14 +52,17 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def prefill(model: Transformer, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-    """Run the prompt (B, T) through the model, filling the cache; last-position logits (B, V)."""
-    return model(idx, cache=cache, start=0)[:, -1, : model.config.vocab_size]
+def prefill(model: Transformer, idx: torch.Tensor, cache: KVCache | None, **memory) -> torch.Tensor:
+    """Run the prompt (B, T) through the model, filling the cache; last-position logits (B, V).
+
+    `memory` holds an encoder-decoder's `memory` and `memory_mask` (see `Transformer.encode_source`).
+    """
+    return model(idx, cache=cache, start=0, **memory)[:, -1, : model.config.vocab_size]
 
 
-def decode_one_token(model: Transformer, token: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+def decode_one_token(model: Transformer, token: torch.Tensor, cache: KVCache, pos: int, **memory) -> torch.Tensor:
     """Logits (B, V) for one new token per sequence (B,) at position `pos`."""
-    return model(token[:, None], cache=cache, start=pos)[:, -1, : model.config.vocab_size]
+    return model(token[:, None], cache=cache, start=pos, **memory)[:, -1, : model.config.vocab_size]
 
 
 @torch.inference_mode()
@@ -70,13 +73,15 @@ def generate_tokens(
     sampling: SamplingConfig | None = None,
     stop_tokens: tuple[int, ...] = (),
     use_cache: bool = True,
+    memory: torch.Tensor | None = None,
+    memory_mask: torch.Tensor | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time (batch 1) until max_new_tokens or a stop token.
 
     Past the context length the window slides: each token is predicted from the last
-    `context_length` tokens.
+    `context_length` tokens. An encoder-decoder also takes the encoded source as `memory`.
     """
-    if model.config.arch != "decoder":
+    if model.config.arch == "encoder":
         raise UserError(f"a {model.config.arch} model cannot generate text; use a decoder (GPT, Llama) checkpoint")
     sampling = sampling or SamplingConfig()
     idx = torch.as_tensor(prompt, dtype=torch.long, device=model.tok_embeddings.weight.device).view(1, -1)
@@ -88,8 +93,9 @@ def generate_tokens(
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=idx.device).manual_seed(sampling.seed)
+    enc = {"memory": memory, "memory_mask": memory_mask} if memory is not None else {}
     cache = model.new_cache(batch_size=1, max_seq_len=ctx) if use_cache else None
-    logits = prefill(model, idx, cache)
+    logits = prefill(model, idx, cache, **enc)
     for i in range(max_new_tokens):
         token = sample(logits, sampling, generator)
         tid = int(token.item())
@@ -98,8 +104,8 @@ def generate_tokens(
             return
         idx = torch.cat([idx, token[:, None]], dim=1)
         if use_cache and idx.size(1) <= ctx:
-            logits = decode_one_token(model, token, cache, idx.size(1) - 1)
+            logits = decode_one_token(model, token, cache, idx.size(1) - 1, **enc)
         else:
             # Without a cache, or once the context is full: recompute over the last `ctx` tokens
             # (nanoGPT's sliding window; absolute positions make cached keys stale after a shift).
-            logits = prefill(model, idx[:, -ctx:], None)
+            logits = prefill(model, idx[:, -ctx:], None, **enc)

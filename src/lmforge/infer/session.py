@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 
 from lmforge.checkpoint import load_model
+from lmforge.data.parallel import decoder_start_id
 from lmforge.infer.generate import SamplingConfig, generate_tokens
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
@@ -36,12 +37,22 @@ class LanguageModel:
         seed: int | None = None,
         stop_at_eot: bool = True,
     ) -> Iterator[str]:
-        """Yield the continuation of `prompt` piece by piece, each piece complete UTF-8 text."""
+        """Yield the continuation of `prompt` piece by piece, each piece complete UTF-8 text.
+
+        For an encoder-decoder, `prompt` is the source (e.g. the sentence to translate) and the
+        output is the decoded target.
+        """
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stops = (self.tokenizer.eot_id,) if stop_at_eot else ()
         ids: list[int] = []
         emitted = ""
-        for tid in generate_tokens(self.model, self.tokenizer.encode(prompt), max_new_tokens, sampling, stops):
+        prompt_ids, memory = self.tokenizer.encode(prompt), {}
+        if self.model.config.arch == "encoder-decoder":
+            src = torch.tensor([prompt_ids[: self.model.config.context_length - 1] + [self.tokenizer.eot_id]], device=self.device)
+            with torch.inference_mode():
+                memory = {"memory": self.model.encode_source(src)}
+            prompt_ids = [decoder_start_id(self.tokenizer)]
+        for tid in generate_tokens(self.model, prompt_ids, max_new_tokens, sampling, stops, **memory):
             if tid in stops:
                 break
             ids.append(tid)

@@ -138,7 +138,7 @@ def _family(c: ModelConfig) -> str:
         if (c.position, c.norm, c.norm_position, c.mlp, c.embed_norm, c.bias) == ("learned", "layernorm", "post", "gelu", True, True) \
                 and c.type_vocab_size > 0 and c.kv_heads == c.n_head:
             return "bert"
-    elif c.norm_position == "pre" and c.position == "learned" and c.norm == "layernorm" and c.mlp in ("gelu", "gelu_tanh") and c.bias and c.kv_heads == c.n_head:
+    elif c.arch == "decoder" and c.norm_position == "pre" and c.position == "learned" and c.norm == "layernorm" and c.mlp in ("gelu", "gelu_tanh") and c.bias and c.kv_heads == c.n_head:
         return "gpt2"
     if c.arch == "decoder" and c.norm_position == "pre" and c.position == "rotary" and c.norm == "rmsnorm" \
             and c.mlp == "swiglu" and not c.bias and c.rope_scaling != "ntk":

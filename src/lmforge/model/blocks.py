@@ -95,10 +95,10 @@ class SelfAttention(nn.Module):
                     v (nkv heads) ─┘
     """
 
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, causal: bool = True) -> None:
         super().__init__()
         self.layer = layer
-        self.causal = config.arch == "decoder"
+        self.causal = causal
         self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
         self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_size, bias=config.bias)
         self.proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=config.bias)
@@ -148,6 +148,28 @@ class SelfAttention(nn.Module):
         return self.resid_dropout(self.proj(y))
 
 
+class CrossAttention(nn.Module):
+    """Decoder queries attend to the encoder's output (the "memory"), skipping its padding."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_size = config.n_head, config.head_size
+        self.q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.kv = nn.Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        S = memory.size(1)
+        q = self.q(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k, v = (t.view(B, S, self.n_head, self.head_size).transpose(1, 2) for t in self.kv(memory).split(C, dim=2))
+        mask = memory_mask[:, None, None, :].bool() if memory_mask is not None else None  # (B, 1, 1, S)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+
 class MLP(nn.Module):
     """GELU MLP (GPT), or SwiGLU (Shazeer 2020; Llama): proj(silu(gate) * up), with `fc` = [gate; up]."""
 
@@ -165,19 +187,22 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+            h = F.relu(h) if self.kind == "relu" else F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.dropout(self.proj(h))
 
 
 class Block(nn.Module):
     """Residual block. Pre-norm: x + attention(norm(x)), then x + feed_forward(norm(x)).
-    Post-norm: norm(x + attention(x)), then norm(x + feed_forward(x))."""
+    Post-norm: norm(x + attention(x)), then norm(x + feed_forward(x)). A decoder block of an
+    encoder-decoder has a cross-attention sub-block between the two, in the same style."""
 
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, causal: bool = True, cross: bool = False) -> None:
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
         self.attention_norm = make_norm(config)
-        self.attention = SelfAttention(config, layer)
+        self.attention = SelfAttention(config, layer, causal)
+        self.cross_norm = make_norm(config) if cross else None
+        self.cross_attention = CrossAttention(config) if cross else None
         self.ffn_norm = make_norm(config)
         self.feed_forward = MLP(config)
 
@@ -188,12 +213,16 @@ class Block(nn.Module):
         start: int = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         padding_mask: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.pre_norm:
-            x = x + self.attention(self.attention_norm(x), cache, start, rope, padding_mask)
-            return x + self.feed_forward(self.ffn_norm(x))
-        x = self.attention_norm(x + self.attention(x, cache, start, rope, padding_mask))
-        return self.ffn_norm(x + self.feed_forward(x))
+        sublayers = [(self.attention_norm, lambda h: self.attention(h, cache, start, rope, padding_mask))]
+        if self.cross_attention is not None:
+            sublayers.append((self.cross_norm, lambda h: self.cross_attention(h, memory, memory_mask)))
+        sublayers.append((self.ffn_norm, self.feed_forward))
+        for norm, f in sublayers:
+            x = x + f(norm(x)) if self.pre_norm else norm(x + f(x))
+        return x
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

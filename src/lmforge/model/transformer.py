@@ -1,8 +1,10 @@
-"""The Transformer, assembled from `blocks`: decoder-only (GPT, Llama) or encoder-only (BERT).
+"""The Transformer, assembled from `blocks`: decoder-only (GPT, Llama), encoder-only (BERT) or
+encoder-decoder (the original Transformer).
 
     tokens ─> token (+ position) (+ type) embedding ─> [norm] ─> dropout ─> [Block] x n_layer ─> [norm]
           ─> decoder: output ─> next-token logits
           ─> encoder: mlm ─> masked-token logits;  pooler([CLS]) ─> nsp ─> is-next logits
+    encoder-decoder: source ─> encode_source ─> memory; target ─> decoder blocks (self + cross attention) ─> output
 """
 
 from __future__ import annotations
@@ -56,10 +58,17 @@ class Transformer(nn.Module):
         self.type_embeddings = nn.Embedding(config.type_vocab_size, config.n_embd) if config.type_vocab_size else None
         self.embed_norm = make_norm(config) if config.embed_norm else None
         self.dropout = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        seq2seq = config.arch == "encoder-decoder"
         # Post-norm blocks end normalised already; pre-norm stacks need a final norm.
-        self.norm = make_norm(config) if config.norm_position == "pre" else None
-        if config.arch == "decoder":
+        pre = config.norm_position == "pre"
+        if seq2seq:
+            n_enc = config.n_encoder_layer or config.n_layer
+            self.encoder_layers = nn.ModuleList(Block(config, i, causal=False) for i in range(n_enc))
+            self.encoder_norm = make_norm(config) if pre else None
+        causal = config.arch != "encoder"
+        self.layers = nn.ModuleList(Block(config, i, causal=causal, cross=seq2seq) for i in range(config.n_layer))
+        self.norm = make_norm(config) if pre else None
+        if config.arch != "encoder":
             self.output = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
             head = self.output
         else:
@@ -81,10 +90,38 @@ class Transformer(nn.Module):
         start: int = 0,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, padded_vocab_size): next-token for decoders, masked-token for encoders."""
-        h = self.encode(idx, cache, start, attention_mask, token_type_ids)
-        return self.output(h) if self.config.arch == "decoder" else self.mlm(h)
+        """Logits (B, T, padded_vocab_size): next-token for decoders, masked-token for encoders.
+
+        An encoder-decoder decodes `idx` against `memory`, the output of `encode_source`, whose
+        padding `memory_mask` marks (1 = real token).
+        """
+        h = self.encode(idx, cache, start, attention_mask, token_type_ids, memory, memory_mask)
+        return self.mlm(h) if self.config.arch == "encoder" else self.output(h)
+
+    def encode_source(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """An encoder-decoder's encoder: memory (B, S, C) for source tokens (B, S)."""
+        if self.config.arch != "encoder-decoder":
+            raise ValueError("encode_source belongs to encoder-decoder models")
+        x = self.dropout(self._embed(src, torch.arange(src.size(1), device=src.device)))
+        rope = self.rotary(torch.arange(src.size(1), device=src.device)) if self.rotary is not None else None
+        for block in self.encoder_layers:
+            x = block(x, rope=rope, padding_mask=src_mask)
+        return self.encoder_norm(x) if self.encoder_norm is not None else x
+
+    def _embed(self, idx: torch.Tensor, pos: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.tok_embeddings(idx)  # (B, T, C)
+        if self.config.embed_scale:
+            x = x * self.config.n_embd**0.5
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(pos)
+        if self.type_embeddings is not None:
+            x = x + self.type_embeddings(token_type_ids if token_type_ids is not None else torch.zeros_like(idx))
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        return x
 
     def encode(
         self,
@@ -93,6 +130,8 @@ class Transformer(nn.Module):
         start: int = 0,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states (B, T, C) for tokens `idx` (B, T) at positions start..start+T-1.
 
@@ -102,18 +141,13 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if start + T > self.config.context_length:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.context_length}")
+        if self.config.arch == "encoder-decoder" and memory is None:
+            raise ValueError("an encoder-decoder decodes against memory: pass memory=model.encode_source(src)")
         pos = torch.arange(start, start + T, device=idx.device)
-        x = self.tok_embeddings(idx)  # (B, T, C)
-        if self.pos_embeddings is not None:
-            x = x + self.pos_embeddings(pos)
-        if self.type_embeddings is not None:
-            x = x + self.type_embeddings(token_type_ids if token_type_ids is not None else torch.zeros_like(idx))
-        if self.embed_norm is not None:
-            x = self.embed_norm(x)
-        x = self.dropout(x)
+        x = self.dropout(self._embed(idx, pos, token_type_ids))
         rope = self.rotary(pos) if self.rotary is not None else None
         for block in self.layers:
-            x = block(x, cache, start, rope, attention_mask)
+            x = block(x, cache, start, rope, attention_mask, memory, memory_mask)
         return self.norm(x) if self.norm is not None else x
 
     def nsp_logits(self, hidden: torch.Tensor) -> torch.Tensor:

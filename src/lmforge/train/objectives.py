@@ -1,7 +1,9 @@
-"""What a training step predicts: causal next-token (GPT), masked-LM (BERT), masked-LM + next-sentence.
+"""What a training step predicts: causal next-token (GPT), masked-LM (BERT), masked-LM +
+next-sentence, or sequence-to-sequence with teacher forcing (the encoder-decoder Transformer).
 
-An `Objective` turns token windows into batches (a pure function of seed, step and micro-batch)
-and batches into a loss; the training loop is the same for all of them.
+An `Objective` opens its data (token windows, or parallel pairs for seq2seq), turns it into
+batches (a pure function of seed, step and micro-batch) and batches into a loss; the training
+loop is the same for all of them.
 """
 
 from __future__ import annotations
@@ -12,56 +14,90 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
+from lmforge.data import load_meta, open_split
 from lmforge.data.loader import TokenWindows
 from lmforge.data.mlm import IGNORE, MaskingSpec, mlm_batch
+from lmforge.data.parallel import ParallelPairs
 from lmforge.model import Transformer
 from lmforge.model.losses import lm_loss
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.device import autocast
 from lmforge.utils.errors import UserError
 
-ObjectiveName = Literal["causal", "mlm", "mlm+nsp"]
+ObjectiveName = Literal["causal", "mlm", "mlm+nsp", "seq2seq"]
+_ARCH = {"causal": "decoder", "mlm": "encoder", "mlm+nsp": "encoder", "seq2seq": "encoder-decoder"}
 Batch = dict[str, torch.Tensor]
 _VAL_SEED = 0xFFFF_FFFF  # one fixed masking of the validation batches, whatever the training seed
 
 
 class Objective:
-    def __init__(self, name: str, config: ModelConfig, tokenizer: Tokenizer, seed: int) -> None:
-        wants = "decoder" if name == "causal" else "encoder"
+    def __init__(self, name: str, config: ModelConfig, tokenizer: Tokenizer, seed: int, parallel_data: bool = False) -> None:
         if name not in ObjectiveName.__args__:
             raise UserError(f"objective {name!r} is not supported; use one of {list(ObjectiveName.__args__)}")
+        wants = _ARCH[name]
         if config.arch != wants:
+            fitting = next(k for k, v in _ARCH.items() if v == config.arch)
             raise UserError(
                 f"the {name} objective trains {wants} models but model.arch is {config.arch}; "
-                f"use --objective {'causal' if config.arch == 'decoder' else 'mlm'} or another --model.preset"
+                f"use --objective {fitting} or another --model.preset"
             )
         if name == "mlm+nsp" and config.type_vocab_size < 2:
             raise UserError("next-sentence prediction needs two token types; set --model.type_vocab_size 2")
-        self.name, self.seed = name, seed
-        self.spec = MaskingSpec.from_tokenizer(tokenizer, config.vocab_size) if name != "causal" else None
+        if parallel_data != (name == "seq2seq"):
+            raise UserError(
+                "seq2seq trains on parallel data (`lmforge prepare SRC --target TGT`)" if name == "seq2seq"
+                else f"the data is parallel text, which only --objective seq2seq trains on; prepare plain text for {name}"
+            )
+        self.name, self.seed, self.tokenizer = name, seed, tokenizer
+        self.spec = MaskingSpec.from_tokenizer(tokenizer, config.vocab_size) if name in ("mlm", "mlm+nsp") else None
+
+    def open(self, data: str, split: str, seq_len: int, required: bool = True) -> TokenWindows | ParallelPairs | None:
+        """The split's data source; None for an optional split too small to use."""
+        if self.name == "seq2seq":
+            pairs = ParallelPairs.open(data, split, self.tokenizer, seq_len)
+            return pairs if len(pairs) or required else None
+        meta = load_meta(data)
+        if not required and meta["splits"][split]["tokens"] <= seq_len:
+            return None
+        return TokenWindows(open_split(data, split), seq_len, split)
+
+    @staticmethod
+    def describe(meta: dict) -> str:
+        train = meta["splits"]["train"]
+        if "pairs" in train:
+            return f"{train['pairs']:,} train pairs ({train['src_tokens']:,} + {train['tgt_tokens']:,} tokens)"
+        return f"{train['tokens']:,} train tokens"
 
     @property
     def reports_bpb(self) -> bool:
         """Only next-token loss is a compression rate of the text (bits per byte)."""
         return self.name == "causal"
 
-    def batch(self, windows: TokenWindows, batch_size: int, step: int, micro: int = 0, seed: int | None = None) -> Batch:
+    def batch(self, windows, batch_size: int, step: int, micro: int = 0, seed: int | None = None) -> Batch:
         seed = self.seed if seed is None else seed
+        if self.name == "seq2seq":
+            return windows.random_batch(batch_size, seed, step, micro)
         if self.spec is None:
             x, y = windows.random_batch(batch_size, seed, step, micro)
             return {"input_ids": x, "labels": y}
         return mlm_batch(windows, self.spec, batch_size, seed, step, micro, nsp=self.name == "mlm+nsp")
 
-    def val_batches(self, windows: TokenWindows, batch_size: int, n_batches: int) -> list[Batch]:
-        """Fixed validation batches: evenly spread windows (causal) or a fixed masking (MLM)."""
+    def val_batches(self, windows, batch_size: int, n_batches: int) -> list[Batch]:
+        """Fixed validation batches: evenly spread windows (causal), a fixed masking (MLM), the first pairs (seq2seq)."""
+        if self.name == "seq2seq":
+            return windows.first_batches(batch_size, n_batches)
         if self.spec is None:
             return [{"input_ids": x, "labels": y} for x, y in windows.spread_batches(batch_size, n_batches)]
         return [self.batch(windows, batch_size, step=i, seed=_VAL_SEED) for i in range(n_batches)]
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        if self.spec is None:
+        if self.name == "causal":
             return lm_loss(model(batch["input_ids"]), batch["labels"])
         net: Transformer = getattr(model, "_orig_mod", model)  # the module behind torch.compile
+        if self.name == "seq2seq":
+            memory = net.encode_source(batch["src"], batch["src_mask"])
+            logits = model(batch["input_ids"], memory=memory, memory_mask=batch["src_mask"])
+            return lm_loss(logits, batch["labels"], ignore_index=IGNORE)
         hidden = net.encode(batch["input_ids"], token_type_ids=batch["token_type_ids"])
         loss = lm_loss(net.mlm(hidden), batch["labels"], ignore_index=IGNORE)
         if "nsp_labels" in batch:

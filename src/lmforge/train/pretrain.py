@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from lmforge.checkpoint import load_model
 from lmforge.checkpoint.store import load_optimizer_state
 from lmforge.config import ModelConfig, TrainConfig, preset
-from lmforge.data import load_meta, open_split
-from lmforge.data.loader import TokenWindows
+from lmforge.data import load_meta
+from lmforge.data.parallel import load_parallel_meta
 from lmforge.model import Transformer
 from lmforge.model.losses import bits_per_byte
 from lmforge.tokenizer import Tokenizer
@@ -65,17 +65,17 @@ def pretrain(
     """Train a model on prepared shards in `data`, writing checkpoints under `out`.
 
     `model` is a config or a preset name (default: `ModelConfig()`, the GPT-2 124M shape); its
-    vocab_size, when unset, is the data's tokenizer's. `objective` is `causal` (decoders) or
-    `mlm` / `mlm+nsp` (encoders, e.g. `bert-base`). With `resume`, continue from the latest
-    checkpoint in `out`.
+    vocab_size, when unset, is the data's tokenizer's. `objective` is `causal` (decoders),
+    `mlm` / `mlm+nsp` (encoders, e.g. `bert-base`) or `seq2seq` (encoder-decoders, on parallel
+    data from `prepare_parallel`). With `resume`, continue from the latest checkpoint in `out`.
     """
     t0 = time.perf_counter()
     train = train or TrainConfig()
     out = Path(out)
-    meta = load_meta(data)
+    meta = load_parallel_meta(data) or load_meta(data)
     tokenizer = Tokenizer.load(data)
     model_cfg = _resolve_model_config(model, meta)
-    task = Objective(objective, model_cfg, tokenizer, train.seed)
+    task = Objective(objective, model_cfg, tokenizer, train.seed, parallel_data=meta.get("kind") == "parallel")
     seq_len = train.seq_len or model_cfg.context_length
     if seq_len > model_cfg.context_length:
         raise UserError(f"train.seq_len {seq_len} exceeds model.context_length {model_cfg.context_length}; lower one or raise the other")
@@ -97,12 +97,13 @@ def pretrain(
         optimizer.load_state_dict(load_optimizer_state(resume_from))
     compiled = torch.compile(net) if (train.compile if train.compile is not None else device.type == "cuda") else net
 
-    train_windows = TokenWindows(open_split(data, "train"), seq_len, "train")
+    train_source = task.open(data, "train", seq_len)
     val_batches, val_ratio = None, None
-    if train.eval_interval and meta["splits"]["val"]["tokens"] > seq_len:
-        val_windows = TokenWindows(open_split(data, "val"), seq_len, "val")
-        val_batches = task.val_batches(val_windows, train.batch_size, train.eval_batches)
-        val_ratio = meta["splits"]["val"]["tokens"], meta["splits"]["val"]["bytes"]
+    val_source = task.open(data, "val", seq_len, required=False) if train.eval_interval else None
+    if val_source is not None:
+        val_batches = task.val_batches(val_source, train.batch_size, train.eval_batches)
+        if task.reports_bpb:
+            val_ratio = meta["splits"]["val"]["tokens"], meta["splits"]["val"]["bytes"]
 
     out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out, tensorboard=train.tensorboard)
@@ -114,7 +115,7 @@ def pretrain(
     )
     log(
         f"train: {train.max_steps} steps x {tokens_per_step:,} tokens on {device}"
-        f"{' (bf16 autocast)' if amp else ' (fp32)'}; {meta['splits']['train']['tokens']:,} train tokens"
+        f"{' (bf16 autocast)' if amp else ' (fp32)'}; {task.describe(meta)}"
         + (f", resuming at step {start_step}" if start_step else "")
     )
 
@@ -143,7 +144,7 @@ def pretrain(
             torch.manual_seed(train.seed * 1_000_003 + step)  # dropout masks are a function of the step
             loss_sum = torch.zeros((), device=device)
             for micro in range(train.grad_accum):
-                batch = task.batch(train_windows, train.batch_size, step, micro)
+                batch = task.batch(train_source, train.batch_size, step, micro)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 with autocast(device, amp):
                     loss = task.loss(compiled, batch) / train.grad_accum

@@ -1,0 +1,42 @@
+import gzip
+
+import numpy as np
+import pytest
+
+from lmforge.data import prepare_parallel, read_parallel
+from lmforge.data.parallel import IGNORE, ParallelPairs
+from lmforge.tokenizer import Tokenizer
+from lmforge.utils.errors import UserError
+
+
+def test_pairs_from_plain_and_gzipped_files(tmp_path):
+    (tmp_path / "a.en").write_text("one\ntwo\r\ncafe\u0301\n")
+    with gzip.open(tmp_path / "a.de.gz", "wt", encoding="utf-8") as f:
+        f.write("eins\nzwei\ndrei\n")
+    assert read_parallel(tmp_path / "a.en", tmp_path / "a.de.gz") == [("one", "eins"), ("two", "zwei"), ("café", "drei")]
+
+
+def test_misaligned_empty_and_missing(tmp_path):
+    (tmp_path / "s").write_text("a\nb\nc\n")
+    (tmp_path / "t").write_text("x\ny\n")
+    with pytest.raises(UserError, match="has 3 lines but .* has 2; parallel files must be line-aligned"):
+        read_parallel(tmp_path / "s", tmp_path / "t")
+    (tmp_path / "t").write_text("x\n\nz\n")
+    with pytest.raises(UserError, match=r"t:2 is empty"):
+        read_parallel(tmp_path / "s", tmp_path / "t")
+    with pytest.raises(UserError, match="does not exist"):
+        read_parallel(tmp_path / "s", tmp_path / "nope")
+
+
+def test_batches_pad_and_shift(tmp_path, tokenizer_dir):
+    (tmp_path / "s").write_text("to be\nor not to be\n")
+    (tmp_path / "t").write_text("sein\noder nicht sein\n")
+    meta = prepare_parallel(tmp_path / "s", tmp_path / "t", tokenizer_dir, tmp_path / "data", val_fraction=0)
+    assert meta["kind"] == "parallel" and meta["splits"]["train"]["pairs"] == 2
+    tok = Tokenizer.load(tmp_path / "data")
+    b = ParallelPairs.open(tmp_path / "data", "train", tok, max_len=32).batch(np.array([0, 1]))
+    src0, tgt1 = tok.encode("to be"), tok.encode("oder nicht sein")
+    assert b["src"][0, : len(src0) + 1].tolist() == src0 + [tok.eot_id] and b["src_mask"][0].sum() == len(src0) + 1
+    assert b["input_ids"][1, : len(tgt1) + 1].tolist() == [tok.cls_id] + tgt1  # decoding starts from <|cls|>
+    assert b["labels"][1, : len(tgt1) + 1].tolist() == tgt1 + [tok.eot_id]
+    assert (b["labels"][0, len(tok.encode("sein")) + 1 :] == IGNORE).all()  # padding carries no loss
