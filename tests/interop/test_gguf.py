@@ -90,6 +90,9 @@ def test_unsupported_quantization_and_broken_files(tmp_path):
     (tmp_path / "no.gguf").write_bytes(b"PK\x03\x04 not a gguf")
     with pytest.raises(UserError, match="not a GGUF file"):
         read_gguf(tmp_path / "no.gguf")
+    (tmp_path / "l31.gguf").write_bytes(gguf_bytes([("rope_freqs.weight", (32,), 0, b"\0" * 128)], {"general.architecture": "llama"}))
+    with pytest.raises(UserError, match="rope_freqs"):
+        import_gguf(tmp_path / "l31.gguf", tmp_path / "ckpt")
     (tmp_path / "mamba.gguf").write_bytes(gguf_bytes([], {"general.architecture": "mamba"}))
     with pytest.raises(UserError, match="architecture 'mamba' is not supported"):
         import_gguf(tmp_path / "mamba.gguf", tmp_path / "ckpt")

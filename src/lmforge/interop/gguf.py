@@ -174,6 +174,10 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     arch = md.get("general.architecture")
     if arch != "llama":
         raise UserError(f"{g.path}: GGUF architecture {arch!r} is not supported; only llama")
+    if "rope_freqs.weight" in g.tensors:
+        # Llama 3.1+ files carry their RoPE scaling as per-frequency factors; ignoring them would give
+        # silently wrong logits past the original context, so refuse instead.
+        raise UserError(f"{g.path}: per-frequency RoPE factors (rope_freqs, Llama 3.1 style) are not supported yet")
     a = lambda key, default=None: md.get(f"llama.{key}", default)  # noqa: E731
     n_embd, n_head = a("embedding_length"), a("attention.head_count")
     scaling: dict[str, Any] = {}
