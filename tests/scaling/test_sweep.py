@@ -59,3 +59,13 @@ def test_bad_grids(tmp_path, text, match):
     (tmp_path / "g.yaml").write_text(text)
     with pytest.raises(UserError, match=match):
         plan_runs(load_grid(tmp_path / "g.yaml"))
+
+
+@pytest.mark.slow
+def test_runs_spread_over_devices_give_the_same_results(tmp_path, data_dir):
+    """Two worker processes (here both on the CPU) produce exactly the rows of a sequential sweep."""
+    (tmp_path / "g.yaml").write_text(GRID)
+    one = {r["name"]: r["loss"] for r in sweep(tmp_path / "g.yaml", data_dir, tmp_path / "seq", log=lambda *a: None, progress=False)}
+    two = sweep(tmp_path / "g.yaml", data_dir, tmp_path / "par", log=lambda *a: None, devices=["cpu", "cpu"])
+    assert {r["name"]: r["loss"] for r in two} == one
+    assert len(read_runs(tmp_path / "par")) == 4

@@ -93,7 +93,7 @@ def eval_cmd(args: Namespace) -> dict[str, Any]:
 
 
 def scaling_sweep_cmd(args: Namespace) -> dict[str, Any]:
-    rows = sweep(args.grid, args.data, args.out, log=_say(args))
+    rows = sweep(args.grid, args.data, args.out, log=_say(args), devices=args.devices)
     _say(args)(f"{len(rows)} runs in {args.out}/results.jsonl; fit them with `lmforge scaling fit {args.out}`")
     return {"runs": len(rows), "results": f"{args.out}/results.jsonl"}
 

@@ -124,6 +124,8 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(sc_sweep, "grid", required=True, help="YAML grid: sizes, tokens or flops, aspect_ratio, head_size, model, train")
     _option(sc_sweep, "data", required=True, help="prepared data directory (lmforge prepare)")
     _option(sc_sweep, "out", required=True, help="study directory (results.jsonl, runs/)")
+    _option(sc_sweep, "devices", nargs="+", default=None,
+            help="spread runs over these devices, one worker each (e.g. cuda:0 cuda:1); default: the grid's train.device")
     _json_flag(sc_sweep)
     sc_verbs.add_subcommand("sweep", sc_sweep, help="run the training grid of a study")
     sc_fit = _parser("Fit Kaplan power laws and Chinchilla approaches 1-3 (with bootstrap intervals) to DIR/results.jsonl.")

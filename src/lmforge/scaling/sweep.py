@@ -22,10 +22,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -129,9 +131,19 @@ def plan_runs(grid: Grid) -> list[PlannedRun]:
 
 
 def sweep(
-    grid_file: str | Path, data: str | Path, out: str | Path, log: Callable[..., None] = print, progress: bool = True
+    grid_file: str | Path,
+    data: str | Path,
+    out: str | Path,
+    log: Callable[..., None] = print,
+    progress: bool = True,
+    devices: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every planned run not yet in OUT/results.jsonl; return all rows."""
+    """Run every planned run not yet in OUT/results.jsonl; return all rows.
+
+    With several `devices` (e.g. cuda:0 cuda:1), runs go to one worker process per device, each
+    taking the next unfinished run as it frees up; a run's result does not depend on its device
+    or order, since every run is a pure function of its config and seed.
+    """
     grid = load_grid(grid_file)
     out = Path(out)
     planned = plan_runs(grid)
@@ -139,33 +151,63 @@ def sweep(
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
     done = {row["name"] for row in rows}
     base = TrainConfig(**{**grid.train, "max_steps": 1})  # validates the train keys once, up front
-    for i, run in enumerate(planned, 1):
-        if run.name in done:
-            continue
-        seq_len = base.seq_len or run.model.context_length
-        tokens_per_step = base.batch_size * base.grad_accum * seq_len
-        steps = max(math.ceil(run.tokens / tokens_per_step), grid.evals)
-        train = base.replace(
-            max_steps=steps, warmup_steps=min(base.warmup_steps, steps // 10), eval_interval=math.ceil(steps / grid.evals),
-            ckpt_interval=max(steps // 4, 1), keep_checkpoints=1, tensorboard=False,
-        )
-        run_dir = out / "runs" / run.name
-        log(f"[{i}/{len(planned)}] {run.name}: {run.model.n_layer} layers x {run.model.n_embd}, {steps * tokens_per_step:.3g} tokens")
-        t0 = time.perf_counter()
-        result = pretrain(data, run_dir, run.model, train, resume=run_dir.exists() and any(run_dir.glob("step-*")),
-                          progress=progress, log=lambda *a: None)
-        if result.val_loss is None:
-            raise UserError(f"{data} has no validation split large enough to score runs; prepare it with --val-fraction 0.1")
-        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        row = {
-            "name": run.name, "params": result.params, "params_no_embed": 12 * run.model.n_layer * run.model.n_embd**2,
-            "tokens": steps * tokens_per_step, "loss": result.val_loss, "seconds": time.perf_counter() - t0,
-            "curve": [[m["step"] * tokens_per_step, m["val_loss"]] for m in metrics if m["kind"] == "val"],
-            "config": json.loads((result.checkpoint / "config.json").read_text())["model"],
-        }
-        if run.budget is not None:
-            row["budget"] = run.budget
+    todo = [(i, run) for i, run in enumerate(planned, 1) if run.name not in done]
+
+    def record(i: int, row: dict[str, Any]) -> None:
         rows.append(row)
         atomic_write_text(results, "".join(json.dumps(r) + "\n" for r in rows))
-        log(f"    val loss {result.val_loss:.4f} in {row['seconds']:.0f}s")
+        log(f"[{i}/{len(planned)}] {row['name']}: {row['config']['n_layer']} layers x {row['config']['n_embd']}, "
+            f"{row['tokens']:.3g} tokens: val loss {row['loss']:.4f} in {row['seconds']:.0f}s")
+
+    if not devices or len(devices) == 1:
+        for i, run in todo:
+            train = base.replace(device=devices[0]) if devices else base
+            record(i, _train_one(run, grid.evals, train, str(data), str(out), progress))
+        return rows
+    # One worker per device: `spawn` gives each a fresh CUDA context; the device queue hands them out.
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Manager().Queue()
+    for device in devices:
+        queue.put(device)
+    with ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_claim_device, initargs=(queue,)) as pool:
+        futures = {pool.submit(_train_one, run, grid.evals, base, str(data), str(out), False): i for i, run in todo}
+        for future in as_completed(futures):
+            record(futures[future], future.result())
     return rows
+
+
+_DEVICE: str | None = None  # the device of this worker process
+
+
+def _claim_device(queue) -> None:
+    global _DEVICE
+    _DEVICE = queue.get()
+
+
+def _train_one(run: PlannedRun, evals: int, base: TrainConfig, data: str, out: str, progress: bool) -> dict[str, Any]:
+    """Train one planned run (resuming it if it was interrupted) and return its results.jsonl row."""
+    if _DEVICE is not None:
+        base = base.replace(device=_DEVICE)
+    seq_len = base.seq_len or run.model.context_length
+    tokens_per_step = base.batch_size * base.grad_accum * seq_len
+    steps = max(math.ceil(run.tokens / tokens_per_step), evals)
+    train = base.replace(
+        max_steps=steps, warmup_steps=min(base.warmup_steps, steps // 10), eval_interval=math.ceil(steps / evals),
+        ckpt_interval=max(steps // 4, 1), keep_checkpoints=1, tensorboard=False,
+    )
+    run_dir = Path(out) / "runs" / run.name
+    t0 = time.perf_counter()
+    result = pretrain(data, run_dir, run.model, train, resume=run_dir.exists() and any(run_dir.glob("step-*")),
+                      progress=progress, log=lambda *a: None)
+    if result.val_loss is None:
+        raise UserError(f"{data} has no validation split large enough to score runs; prepare it with --val-fraction 0.1")
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    row = {
+        "name": run.name, "params": result.params, "params_no_embed": 12 * run.model.n_layer * run.model.n_embd**2,
+        "tokens": steps * tokens_per_step, "loss": result.val_loss, "seconds": time.perf_counter() - t0,
+        "curve": [[m["step"] * tokens_per_step, m["val_loss"]] for m in metrics if m["kind"] == "val"],
+        "config": json.loads((result.checkpoint / "config.json").read_text())["model"],
+    }
+    if run.budget is not None:
+        row["budget"] = run.budget
+    return row
