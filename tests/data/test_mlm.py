@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from lmforge.data.loader import TokenWindows
-from lmforge.data.mlm import IGNORE, MaskingSpec, mask_tokens, mlm_batch
+from lmforge.data.mlm import MaskingSpec, mask_tokens, mlm_batch
+from lmforge.model.losses import IGNORE_INDEX as IGNORE
 
 SPEC = MaskingSpec(cls_id=9001, sep_id=9002, mask_id=9003, vocab_size=9000, special_ids=(0, 9001, 9002, 9003))
 

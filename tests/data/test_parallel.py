@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from lmforge.data import prepare_parallel, read_parallel
-from lmforge.data.parallel import IGNORE, ParallelPairs
+from lmforge.data.parallel import ParallelPairs
+from lmforge.model.losses import IGNORE_INDEX as IGNORE
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
 

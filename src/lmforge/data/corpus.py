@@ -125,14 +125,15 @@ def _expand(path: Path) -> list[Path]:
     return files
 
 
-def _open(file: Path) -> BinaryIO:
+def open_bytes(file: Path) -> BinaryIO:
+    """A file's bytes, decompressed when its name ends in .gz."""
     return gzip.open(file, "rb") if file.suffix == ".gz" else open(file, "rb")
 
 
 def _read_file(file: Path) -> Iterator[Document]:
     """Documents of one file, with every read or decode failure turned into a one-line UserError."""
     try:
-        with _open(file) as f:
+        with open_bytes(file) as f:
             if _kind(file) == "jsonl":
                 yield from _read_jsonl(file, f)
             else:

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from lmforge.data.loader import TokenWindows
+from lmforge.model.losses import IGNORE_INDEX
 from lmforge.utils.errors import UserError
 
-IGNORE = -100  # label of positions that carry no MLM loss (cross_entropy's ignore_index)
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class MaskingSpec:
 def mask_tokens(ids: np.ndarray, spec: MaskingSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, labels) for int64 token ids of any shape: the 80/10/10 rule on 15% of non-special positions."""
     inputs = ids.copy()
-    labels = np.full_like(ids, IGNORE)
+    labels = np.full_like(ids, IGNORE_INDEX)
     chosen = (rng.random(ids.shape) < spec.mask_prob) & ~np.isin(ids, spec.special_ids)
     labels[chosen] = ids[chosen]
     action = rng.random(ids.shape)

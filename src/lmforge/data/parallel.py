@@ -11,7 +11,6 @@ token windows of language modelling, a pure function of (seed, step, micro-batch
 
 from __future__ import annotations
 
-import gzip
 import json
 import unicodedata
 from pathlib import Path
@@ -20,11 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.data.corpus import open_bytes
+from lmforge.model.losses import IGNORE_INDEX
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
 from lmforge.utils.fs import atomic_dir, atomic_write_json, read_json
 
-IGNORE = -100
 
 
 def read_lines(path: str | Path) -> list[str]:
@@ -32,7 +32,8 @@ def read_lines(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass a line-aligned text file")
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    with open_bytes(path) as f:
+        raw = f.read()
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -123,7 +124,7 @@ class ParallelPairs:
         S, T = max(map(len, src)), max(len(t) for t in tgt) + 1
         out = {
             "src": torch.full((len(src), S), self.pad), "src_mask": torch.zeros(len(src), S, dtype=torch.long),
-            "input_ids": torch.full((len(src), T), self.pad), "labels": torch.full((len(src), T), IGNORE),
+            "input_ids": torch.full((len(src), T), self.pad), "labels": torch.full((len(src), T), IGNORE_INDEX),
         }
         for row, (s, t) in enumerate(zip(src, tgt)):
             out["src"][row, : len(s)] = torch.tensor(s)

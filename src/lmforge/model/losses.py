@@ -8,8 +8,12 @@ import torch
 import torch.nn.functional as F
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy in nats; logits (B, T, V), targets (B, T)."""
+# Label of positions that carry no loss (padding, unmasked MLM tokens): cross_entropy's ignore_index.
+IGNORE_INDEX = -100
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean cross-entropy in nats over the targets that are not `ignore_index`; logits (B, T, V), targets (B, T)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
 
 

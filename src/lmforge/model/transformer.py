@@ -105,8 +105,9 @@ class Transformer(nn.Module):
         """An encoder-decoder's encoder: memory (B, S, C) for source tokens (B, S)."""
         if self.config.arch != "encoder-decoder":
             raise ValueError("encode_source belongs to encoder-decoder models")
-        x = self.dropout(self._embed(src, torch.arange(src.size(1), device=src.device)))
-        rope = self.rotary(torch.arange(src.size(1), device=src.device)) if self.rotary is not None else None
+        pos = torch.arange(src.size(1), device=src.device)
+        x = self.dropout(self._embed(src, pos))
+        rope = self.rotary(pos) if self.rotary is not None else None
         for block in self.encoder_layers:
             x = block(x, rope=rope, padding_mask=src_mask)
         return self.encoder_norm(x) if self.encoder_norm is not None else x

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from lmforge.config import ModelConfig
 from lmforge.data import load_meta, open_split
 from lmforge.data.loader import TokenWindows
-from lmforge.data.mlm import IGNORE, MaskingSpec, mlm_batch
+from lmforge.data.mlm import MaskingSpec, mlm_batch
 from lmforge.data.parallel import ParallelPairs
 from lmforge.model import Transformer
-from lmforge.model.losses import lm_loss
+from lmforge.model.losses import IGNORE_INDEX, lm_loss
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.device import autocast
 from lmforge.utils.errors import UserError
@@ -97,9 +97,9 @@ class Objective:
         if self.name == "seq2seq":
             memory = net.encode_source(batch["src"], batch["src_mask"])
             logits = model(batch["input_ids"], memory=memory, memory_mask=batch["src_mask"])
-            return lm_loss(logits, batch["labels"], ignore_index=IGNORE)
+            return lm_loss(logits, batch["labels"])
         hidden = net.encode(batch["input_ids"], token_type_ids=batch["token_type_ids"])
-        loss = lm_loss(net.mlm(hidden), batch["labels"], ignore_index=IGNORE)
+        loss = lm_loss(net.mlm(hidden), batch["labels"])
         if "nsp_labels" in batch:
             loss = loss + F.cross_entropy(net.nsp_logits(hidden).float(), batch["nsp_labels"])
         return loss
@@ -114,7 +114,7 @@ class Objective:
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, amp):
                 loss = self.loss(model, batch)
-            n = int((batch["labels"] != IGNORE).sum())
+            n = int((batch["labels"] != IGNORE_INDEX).sum())
             total, count = total + loss.item() * n, count + n
         model.train(was_training)
         return total / max(count, 1)
