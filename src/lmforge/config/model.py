@@ -17,6 +17,47 @@ MLP = Literal["gelu", "gelu_tanh", "relu", "swiglu"]
 RopeScaling = Literal["none", "linear", "ntk", "llama3"]
 Arch = Literal["decoder", "encoder", "encoder-decoder"]
 NormPosition = Literal["pre", "post"]
+TaskHead = Literal["none", "classify", "tag", "span"]
+# Linear layers LoRA can adapt, by the names PEFT users know: slices of the fused attention
+# projections (q, k, v), the attention output (o) and the MLP (gate and up are slices of `fc`).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (Hu et al. 2021): W x + (alpha / r) * B A dropout(x), with A (r, in), B (out, r).
+
+    Args:
+        r: rank of the adapters; 0 turns LoRA off.
+        alpha: scale numerator; the update is multiplied by alpha / r.
+        dropout: dropout on the adapters' input.
+        targets: comma-separated from q, k, v, o, gate, up, down, or `all-linear` (every linear
+            layer of the blocks; never embeddings or output heads).
+    """
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str = "q,v"
+
+    def __post_init__(self) -> None:
+        if self.r < 0:
+            raise UserError(f"lora.r must be >= 0, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        bad = [t for t in self.target_list if t not in LORA_TARGETS]
+        if bad:
+            raise UserError(f"lora.targets {bad} unknown; use names from {list(LORA_TARGETS)} or all-linear")
+
+    @property
+    def target_list(self) -> tuple[str, ...]:
+        if self.targets.strip() == "all-linear":
+            return LORA_TARGETS
+        return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
 
 
 @dataclass
@@ -63,6 +104,11 @@ class ModelConfig:
         tie_embeddings: share the token embedding with the output head.
         norm_eps: epsilon of the norms.
         pad_vocab_multiple: embedding rows are padded to a multiple of this (faster matmuls).
+        task_head: a fine-tuning head on the final hidden states: `classify` (one label per
+            sequence: from the pooled [CLS] state for encoders, the last real token for decoders),
+            `tag` (one label per token) or `span` (start/end logits for extractive QA); `none`.
+        labels: the label names of a `classify` or `tag` head, in logit order.
+        lora: low-rank adapters on the blocks' linear layers (None: none).
     """
 
     preset: str | None = None
@@ -93,6 +139,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
     pad_vocab_multiple: int = 64
+    task_head: TaskHead = "none"
+    labels: list[str] | None = None
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("context_length", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
@@ -115,13 +164,23 @@ class ModelConfig:
             raise UserError(f"model.vocab_size must be >= 1, got {self.vocab_size}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.task_head in ("classify", "tag") and not self.labels:
+            raise UserError(f"a {self.task_head} head needs labels; pass the label set of the task")
+        if isinstance(self.lora, dict):  # from config.json
+            self.lora = LoraConfig(**self.lora)
+        if self.lora is not None and self.lora.r == 0:
+            self.lora = None
         choices = (("arch", Arch), ("position", Position), ("norm", Norm), ("norm_position", NormPosition),
-                   ("mlp", MLP), ("rope_scaling", RopeScaling))
+                   ("mlp", MLP), ("rope_scaling", RopeScaling), ("task_head", TaskHead))
         for name, allowed in choices:
             if getattr(self, name) not in allowed.__args__:
                 raise UserError(
                     f"model.{name}={getattr(self, name)!r} is not supported; use one of {list(allowed.__args__)}"
                 )
+
+    @property
+    def num_labels(self) -> int:
+        return 2 if self.task_head == "span" else len(self.labels or ())
 
     @property
     def head_size(self) -> int:

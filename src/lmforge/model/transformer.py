@@ -5,6 +5,7 @@ encoder-decoder (the original Transformer).
           ─> decoder: output ─> next-token logits
           ─> encoder: mlm ─> masked-token logits;  pooler([CLS]) ─> nsp ─> is-next logits
     encoder-decoder: source ─> encode_source ─> memory; target ─> decoder blocks (self + cross attention) ─> output
+    task head (fine-tuning): classify ([CLS] via pooler, or a decoder's last real token) | tag (every token) | span (start, end)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from lmforge.config import ModelConfig
 from lmforge.model.blocks import Block, Rotary, SinusoidalPositions, init_weights, make_norm, residual_std
 from lmforge.model.cache import KVCache
+from lmforge.model.lora import add_lora
 
 
 class MLMHead(nn.Module):
@@ -78,10 +80,14 @@ class Transformer(nn.Module):
             head = self.mlm.decoder
         if config.tie_embeddings:
             head.weight = self.tok_embeddings.weight
+        # A fine-tuning head: labels for a classify/tag head, (start, end) for a span head.
+        self.head = nn.Linear(config.n_embd, config.num_labels) if config.task_head != "none" else None
         self.apply(init_weights)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=residual_std(config))
+        if config.lora is not None:
+            add_lora(self, config)
 
     def forward(
         self,
@@ -150,6 +156,22 @@ class Transformer(nn.Module):
         for block in self.layers:
             x = block(x, cache, start, rope, attention_mask, memory, memory_mask)
         return self.norm(x) if self.norm is not None else x
+
+    def task_logits(
+        self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The task head's logits for right-padded tokens `idx` (B, T) with `attention_mask` (B, T):
+        classify (B, n_labels); tag (B, T, n_labels); span (B, T, 2), start and end logits."""
+        if self.head is None:
+            raise ValueError("this model has no task head (config.task_head is none)")
+        h = self.encode(idx, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        if self.config.task_head == "classify":
+            if self.config.arch == "encoder":
+                h = self.pooler(h)  # BERT: tanh(dense([CLS]))
+            else:  # a causal model has seen the whole text only at its last real token
+                last = attention_mask.sum(dim=1) - 1 if attention_mask is not None else torch.full_like(idx[:, 0], idx.size(1) - 1)
+                h = h[torch.arange(idx.size(0), device=idx.device), last]  # (B, C)
+        return self.head(self.dropout(h))
 
     def nsp_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-sentence logits (B, 2) from an encoder's hidden states: index 0 = "B follows A"."""

@@ -1,5 +1,6 @@
-"""Training workflows (layer 4): the pretraining loop, optimizer, schedule and run metrics."""
+"""Training workflows (layer 4): the shared training loop (`fit`), pretraining, optimizer, schedule and run metrics."""
 
-from lmforge.train.pretrain import RunResult, pretrain
+from lmforge.train.loop import RunResult, fit
+from lmforge.train.pretrain import pretrain
 
-__all__ = ["RunResult", "pretrain"]
+__all__ = ["RunResult", "fit", "pretrain"]

@@ -1,0 +1,61 @@
+import pytest
+import torch
+from torch import nn
+
+from lmforge.config import LoraConfig, preset
+from lmforge.model import Transformer
+from lmforge.model.lora import LoRALinear, lora_parameters, merge_lora
+from lmforge.utils.errors import UserError
+
+
+def _pair(targets: str, **model):
+    base_cfg = preset("tiny").replace(vocab_size=97, n_kv_head=2, **model)
+    torch.manual_seed(0)
+    base = Transformer(base_cfg)
+    lora = Transformer(base_cfg.replace(lora=LoraConfig(r=4, alpha=8, targets=targets)))
+    missing = lora.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert missing and all(".lora_" in k for k in missing)
+    return base, lora
+
+
+def test_starts_as_the_base_model_then_adds_scale_BA_on_the_targeted_rows():
+    base, lora = _pair("q,v")
+    x = torch.randint(0, 97, (2, 7))
+    assert torch.equal(base(x), lora(x))  # B = 0 at init
+    layer = lora.layers[0].attention.qkv
+    assert isinstance(layer, LoRALinear) and len(layer.lora_A) == 2
+    for b in layer.lora_B:
+        nn.init.normal_(b)
+    # Independent reference: the dense update matrix, zero on the k rows.
+    c, kv = 64, 2 * 16  # tiny: n_embd 64, 4 heads of 16; 2 kv heads
+    delta = torch.zeros_like(layer.weight)
+    delta[:c] = layer.lora_B[0] @ layer.lora_A[0] * 2.0
+    delta[c + kv :] = layer.lora_B[1] @ layer.lora_A[1] * 2.0
+    h = torch.randn(3, c)
+    torch.testing.assert_close(layer(h), h @ (layer.weight + delta).T + layer.bias)
+
+
+@pytest.mark.parametrize("targets", ["q,v", "all-linear", "down,o,up"])
+def test_merge_folds_the_adapters_into_plain_linears(targets):
+    _, lora = _pair(targets, mlp="swiglu")
+    for p in lora_parameters(lora):
+        nn.init.normal_(p, std=0.05)
+    x = torch.randint(0, 97, (2, 7))
+    before = lora(x)
+    assert merge_lora(lora) > 0
+    assert not any(isinstance(m, LoRALinear) for m in lora.modules())
+    assert not any(".lora_" in k for k in lora.state_dict())
+    torch.testing.assert_close(lora(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_all_linear_adapts_every_block_linear_but_no_head_or_embedding():
+    _, lora = _pair("all-linear")
+    wrapped = {n for n, m in lora.named_modules() if isinstance(m, LoRALinear)}
+    linears = {n for n, m in lora.named_modules() if isinstance(m, nn.Linear) and n.startswith("layers.")}
+    assert wrapped == linears
+    assert not isinstance(lora.output, LoRALinear)
+
+
+def test_bad_targets_are_one_line():
+    with pytest.raises(UserError, match="lora.targets"):
+        LoraConfig(r=4, targets="q,qq")
