@@ -1,0 +1,513 @@
+"""Task data for fine-tuning and evaluation: classification, tagging, extractive QA, text-to-text, chat.
+
+Every reader returns a list of small frozen dataclasses, each with a `where` ("FILE:LINE", or
+"FILE: question ID" for SQuAD) so that a later error can point at the line that caused it. Files may
+be gzipped. Input that cannot be right (an empty file, a missing column, a tag that is not IOB2, an
+answer that is not where its offset says) is a one-line `UserError` naming the file and the line.
+
+    format                     reader                 example
+    TSV / CSV / JSONL          read_classification    ClassifyExample(text, label)
+    CoNLL / IOB2               read_tagged            TaggedExample(tokens, tags)
+    SQuAD v1.1 JSON            read_squad             QAExample(id, title, context, question, answers)
+    JSONL / CSV, line pairs    read_text2text,        Text2TextExample(source, target, references)
+                               read_parallel_text
+    JSONL of messages          read_chat              ChatExample(messages)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import gzip
+import hashlib
+import io
+import json
+import re
+import unicodedata
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.data.corpus import open_bytes
+from lmforge.data.parallel import read_lines, read_parallel
+from lmforge.utils.errors import UserError
+
+TEXT_FIELDS = ("text", "sentence")
+LABEL_FIELDS = ("label",)
+SOURCE_FIELDS = ("source", "src", "input")
+TARGET_FIELDS = ("target", "tgt", "output")
+ROLES = ("system", "user", "assistant")
+_IOB2 = re.compile(r"(O|[BI]-.+)")
+
+# (where the row is, where its column names are: the header line or the row itself, the row)
+Rows = Iterator[tuple[str, str, dict]]
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyExample:
+    text: str
+    label: str | None  # None only for unlabelled data read with require_labels=False
+    where: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaggedExample:
+    tokens: list[str]
+    tags: list[str]
+    where: str
+
+
+@dataclass(frozen=True, slots=True)
+class QAExample:
+    id: str
+    title: str
+    context: str
+    question: str
+    answers: list[tuple[str, int]]  # (text, character offset into context)
+    where: str
+
+
+@dataclass(frozen=True, slots=True)
+class Text2TextExample:
+    source: str
+    target: str  # the first reference: what a model is trained towards
+    references: list[str]  # all of them: what it is scored against
+    where: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatExample:
+    messages: list[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
+    where: str
+
+
+# --- classification ---------------------------------------------------------------------------
+
+
+def read_classification(
+    path: str | Path,
+    text_field: str | None = None,
+    label_field: str | None = None,
+    labels: Sequence[str] | None = None,
+    require_labels: bool = True,
+) -> list[ClassifyExample]:
+    """Text/label pairs from a TSV (with a header, or headerless `text<TAB>label`), a CSV with a header,
+    or a JSONL file. Columns default to `text` or `sentence`, and `label`; labels are strings.
+
+    `labels`, when given, is the closed label set: any other label is an error naming file:line.
+    `require_labels=False` reads unlabelled data (GLUE test.tsv) with label None.
+    """
+    path = Path(path)
+    kind = _inner_suffix(path)
+    if kind in (".jsonl", ".json"):
+        rows = _jsonl_rows(path)
+    elif kind == ".csv":
+        rows = _csv_rows(path)
+    else:
+        rows = _tsv_rows(path, text_field, label_field)
+    allowed = None if labels is None else [str(label) for label in labels]
+    out = []
+    for where, columns_at, row in rows:
+        text_key = _pick(row, text_field, TEXT_FIELDS, columns_at, "text", "text_field")
+        text = _string(row[text_key], where, text_key)
+        label_key = _pick(row, label_field, LABEL_FIELDS, columns_at, "label", "label_field", required=require_labels)
+        label = None if label_key is None else _label(row[label_key], where, label_key)
+        if allowed is not None and label is not None and label not in allowed:
+            raise UserError(
+                f"{where}: label {label!r} is not one of {', '.join(allowed)}; fix the line or add it to `labels`"
+            )
+        out.append(ClassifyExample(text, label, where))
+    return _nonempty(out, path)
+
+
+def _tsv_rows(path: Path, text_field: str | None, label_field: str | None) -> Rows:
+    """Rows of a TSV. The first line is a header when it names a known column (GLUE's `sentence\\tlabel`);
+    otherwise every line is `text<TAB>label` (the UCI sentiment files). Fields are split on tabs
+    only, without quoting, as GLUE's own readers do: a `"` in a sentence is just a character."""
+    lines = _read_lines(path)
+    header_line = next((i for i, line in enumerate(lines, 1) if line.strip()), None)
+    if header_line is None:
+        raise UserError(f"{path} is empty; pass a file with one example per line")
+    first = lines[header_line - 1]
+    names = {text_field, label_field, *TEXT_FIELDS, *LABEL_FIELDS} - {None}
+    header = [name.strip() for name in first.split("\t")]
+    if not names & set(header):
+        if text_field or label_field:
+            raise UserError(
+                f"{path}:{header_line} is not a header naming {text_field or label_field!r}; pass a TSV with a header row, "
+                "or leave text_field/label_field unset for headerless TEXT<TAB>LABEL lines"
+            )
+        header = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip() or (header and lineno == header_line):
+            continue
+        fields = line.split("\t")
+        where = f"{path}:{lineno}"
+        if not header:
+            if len(fields) != 2:
+                raise UserError(f"{where} has {len(fields)} tab-separated fields; expected TEXT<TAB>LABEL")
+            yield where, where, {"text": fields[0], "label": fields[1]}
+        elif len(fields) != len(header):
+            raise UserError(f"{where} has {len(fields)} tab-separated fields but the header has {len(header)}; fix the line")
+        else:
+            yield where, f"{path}:{header_line}", dict(zip(header, fields))
+
+
+def _csv_rows(path: Path) -> Rows:
+    """Rows of a CSV with a header; `where` is the line a row starts on (a quoted field may span lines)."""
+    lines = _read_lines(path)
+    reader = csv.reader(io.StringIO("\n".join(lines), newline=""))
+    header, start = None, 1
+    try:
+        for fields in reader:
+            where, start = f"{path}:{start}", reader.line_num + 1
+            if not any(f.strip() for f in fields):
+                continue
+            if header is None:
+                header, header_at = [f.strip() for f in fields], where
+            elif len(fields) != len(header):
+                raise UserError(f"{where} has {len(fields)} comma-separated fields but the header has {len(header)}; fix the line")
+            else:
+                yield where, header_at, dict(zip(header, fields))
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e}); fix the quoting of that line") from None
+    if header is None:
+        raise UserError(f"{path} is empty; pass a CSV file with a header row and one example per line")
+
+
+def _pick(
+    row: dict, field: str | None, defaults: Sequence[str], where: str, what: str, option: str, required: bool = True
+) -> str | None:
+    """The key of `row` that holds `what`: `field` if given, else the first of `defaults` present."""
+    candidates = [field] if field else defaults
+    key = next((k for k in candidates if k in row), None)
+    if key is None and (required or field):
+        have = ", ".join(map(str, row)) or "none"
+        wanted = " or ".join(repr(k) for k in candidates)
+        hint = f"pass {option}=NAME" + ("" if what != "label" else ", or require_labels=False for unlabelled data")
+        raise UserError(f"{where}: no {what} column {wanted} (columns: {have}); {hint}")
+    return key
+
+
+def _string(value: Any, where: str, key: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{where}: {key!r} is {type(value).__name__}, not a string; fix the line")
+    text = _nfc(value.strip())
+    if not text:
+        raise UserError(f"{where}: {key!r} is empty; every example needs text")
+    return text
+
+
+def _label(value: Any, where: str, key: str) -> str:
+    """Labels are strings; JSON integers (`"label": 1`) are read as their decimal string."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{where}: {key!r} is {value!r}; a label must be a non-empty string or an integer")
+    return value.strip()
+
+
+# --- token tagging ------------------------------------------------------------------------------
+
+
+def read_tagged(path: str | Path, labels: Sequence[str] | None = None) -> list[TaggedExample]:
+    """Sentences of a CoNLL-style IOB2 file: one token per line, a blank line between sentences.
+
+    The column layout is read from the first token line: `token tag` (WNUT-17), `index token tag ...`
+    (Universal NER), otherwise token first and tag last (CoNLL-2003's `token POS chunk tag`). Columns
+    are tab-separated when the first token line has a tab, else whitespace-separated. In tab-separated
+    files a line starting with `#` and holding no tab is a comment (UNER's `# sent_id = ...`); a
+    `#hashtag<TAB>O` token line is not. `-DOCSTART-` lines are skipped. Tags must be O, B-TYPE or
+    I-TYPE; an I-TYPE after O is accepted (conlleval and seqeval read it as the start of an entity).
+    `labels`, when given, is the closed tag set.
+    """
+    path = Path(path)
+    allowed = None if labels is None else set(labels)
+    lines = _read_lines(path)
+    out: list[TaggedExample] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    layout: tuple[bool, int, int, int] | None = None  # (tabs, n_columns, token column, tag column)
+    start = layout_line = 0
+
+    for lineno, line in enumerate([*lines, ""], 1):
+        if not line.strip():
+            if tokens:
+                out.append(TaggedExample(tokens, tags, f"{path}:{start}"))
+                tokens, tags = [], []
+            continue
+        if line.startswith("#") and "\t" not in line and (layout is None or layout[0]):
+            continue  # a comment; in a tab-separated file `#hashtag<TAB>O` is a token
+        if layout is None:
+            layout, layout_line = _tag_layout(line), lineno
+        tabs, n_columns, token_col, tag_col = layout
+        fields = [f.strip() for f in line.split("\t")] if tabs else line.split()
+        where = f"{path}:{lineno}"
+        if len(fields) != n_columns:
+            raise UserError(
+                f"{where} has {len(fields)} columns but line {layout_line} has {n_columns}; "
+                "every token line needs the same columns"
+            )
+        if fields[0] == "-DOCSTART-":
+            continue
+        token, tag = fields[token_col], fields[tag_col]
+        if not token:
+            raise UserError(f"{where}: the token is empty; fix the line")
+        if not _IOB2.fullmatch(tag):
+            raise UserError(f"{where}: tag {tag!r} is not IOB2 (O, B-TYPE or I-TYPE); convert the file to IOB2")
+        if allowed is not None and tag not in allowed:
+            raise UserError(f"{where}: tag {tag!r} is not one of {', '.join(sorted(allowed))}; fix the line or add it to `labels`")
+        if not tokens:
+            start = lineno
+        tokens.append(_nfc(token))
+        tags.append(tag)
+    return _nonempty(out, path)
+
+
+def _tag_layout(line: str) -> tuple[bool, int, int, int]:
+    """(tabs, n_columns, token column, tag column) from a file's first token line."""
+    tabs = "\t" in line
+    fields = [f.strip() for f in line.split("\t")] if tabs else line.split()
+    n = len(fields)
+    if n >= 3 and not _IOB2.fullmatch(fields[-1]) and fields[0].isdigit() and _IOB2.fullmatch(fields[2]):
+        return tabs, n, 1, 2  # UNER: index, token, tag, then annotation columns
+    return tabs, n, 0, n - 1  # token first, tag last: WNUT's two columns, CoNLL-2003's four
+
+
+# --- extractive QA ------------------------------------------------------------------------------
+
+
+def read_squad(path: str | Path) -> list[QAExample]:
+    """Questions of a SQuAD v1.1 JSON file (also XQuAD), in file order.
+
+    Every answer is checked against its context: `context[start : start + len(text)] == text`. Texts
+    are kept byte for byte (no NFC), because the offsets count characters of the text as written.
+    """
+    path = Path(path)
+    with _reading(path), open_bytes(path) as f:
+        raw = f.read()
+    try:
+        doc = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not valid UTF-8 (byte offset {e.start}); convert it to UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno}); fix the file") from None
+    hint = 'expected SQuAD v1.1 JSON: {"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}'
+    articles = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(articles, list):
+        raise UserError(f'{path}: no "data" list; {hint}')
+    out, seen = [], set()
+    for a, article in enumerate(articles):
+        _require_keys(article, ("title", "paragraphs"), f"{path}: article {a}", hint)
+        for p, paragraph in enumerate(article["paragraphs"]):
+            _require_keys(paragraph, ("context", "qas"), f"{path}: article {a} paragraph {p}", hint)
+            context = paragraph["context"]
+            if not isinstance(context, str):
+                raise UserError(f"{path}: article {a} paragraph {p}: the context is not a string; {hint}")
+            for qa in paragraph["qas"]:
+                _require_keys(qa, ("id", "question", "answers"), f"{path}: article {a} paragraph {p}", hint)
+                qid = str(qa["id"])
+                where = f"{path}: question {qid}"
+                if qid in seen:
+                    raise UserError(f"{where} appears twice; question ids must be unique")
+                seen.add(qid)
+                if not qa["answers"]:
+                    raise UserError(f"{where} has no answers; unanswerable (SQuAD v2) questions are not supported")
+                answers = [_answer(ans, context, where) for ans in qa["answers"]]
+                out.append(QAExample(qid, str(article["title"]), context, qa["question"], answers, where))
+    return _nonempty(out, path)
+
+
+def _require_keys(obj: Any, keys: Sequence[str], where: str, hint: str) -> None:
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise UserError(f"{where}: missing {', '.join(repr(k) for k in missing)}; {hint}")
+
+
+def _answer(ans: Any, context: str, where: str) -> tuple[str, int]:
+    if not isinstance(ans, dict) or not isinstance(ans.get("text"), str) or not isinstance(ans.get("answer_start"), int):
+        raise UserError(f'{where}: an answer is {ans!r}; each needs a string "text" and an integer "answer_start"')
+    text, start = ans["text"], ans["answer_start"]
+    found = context[start : start + len(text)] if start >= 0 else ""
+    if found != text or not text:
+        raise UserError(
+            f"{where}: answer {text!r} is not at offset {start} of its context (found {found!r}); fix answer_start"
+        )
+    return text, start
+
+
+def split_by_article(
+    examples: Sequence[QAExample], fraction: float = 0.8, seed: int = 0
+) -> tuple[list[QAExample], list[QAExample]]:
+    """Split questions by article (title), so that no paragraph is seen in both halves.
+
+    `fraction` of the articles (rounded, at least one on each side) go to the first half. Articles are
+    ranked by a hash of (seed, title), so the split depends only on the set of titles and the seed,
+    never on the order of `examples`; each half keeps the input order.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"fraction {fraction} is out of range; pass a value in (0, 1), e.g. 0.8")
+    titles = sorted({ex.title for ex in examples})
+    if len(titles) < 2:
+        raise UserError(f"{len(titles)} article(s) cannot be split by article; pass questions from at least 2 articles")
+    ranked = sorted(titles, key=lambda t: hashlib.blake2b(f"{seed}\0{t}".encode(), digest_size=8).digest())
+    n_first = min(max(round(fraction * len(titles)), 1), len(titles) - 1)
+    first = set(ranked[:n_first])
+    return [ex for ex in examples if ex.title in first], [ex for ex in examples if ex.title not in first]
+
+
+# --- text to text -------------------------------------------------------------------------------
+
+
+def read_text2text(
+    path: str | Path, source_field: str | None = None, target_field: str | None = None
+) -> list[Text2TextExample]:
+    """Source/target pairs from JSONL or a CSV with a header.
+
+    Fields default to `source`/`src`/`input` and `target`/`tgt`/`output`. A list-valued source is a
+    list of sentences and is joined with spaces; a list-valued target is a list of references (SciTLDR:
+    `target` is the first, `references` all). SciTLDR's own JSONL needs no options.
+    """
+    path = Path(path)
+    rows = _csv_rows(path) if _inner_suffix(path) == ".csv" else _jsonl_rows(path)
+    out = []
+    for where, columns_at, row in rows:
+        source_key = _pick(row, source_field, SOURCE_FIELDS, columns_at, "source", "source_field")
+        target_key = _pick(row, target_field, TARGET_FIELDS, columns_at, "target", "target_field")
+        source = " ".join(_strings(row[source_key], where, source_key))
+        references = _strings(row[target_key], where, target_key)
+        out.append(Text2TextExample(source, references[0], references, where))
+    return _nonempty(out, path)
+
+
+def _strings(value: Any, where: str, key: str) -> list[str]:
+    """A string, or a list of strings, as a non-empty list of stripped non-empty strings."""
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str) for v in items):
+        raise UserError(f"{where}: {key!r} must be a string or a list of strings; fix the line")
+    out = [_nfc(v.strip()) for v in items if v.strip()]
+    if not out:
+        raise UserError(f"{where}: {key!r} is empty; every example needs a source and a target")
+    return out
+
+
+def read_parallel_text(src_path: str | Path, tgt_path: str | Path) -> list[Text2TextExample]:
+    """Pairs of line-aligned files (gzip ok): line i of one translates line i of the other.
+
+    Different line counts, or an empty line in either file, are errors naming the file (and line).
+    """
+    paths = [Path(src_path), Path(tgt_path)]
+    try:
+        pairs = read_parallel(*paths)
+    except _DECOMPRESS_ERRORS as e:
+        # read_parallel does not say which file failed; find out, on the error path only.
+        bad = next((p for p in paths if not _decompresses(p)), paths[0])
+        raise UserError(f"{bad} is not a valid gzip file ({e}); re-compress it with gzip, or decompress it") from None
+    except OSError as e:
+        raise UserError(f"cannot read {e.filename or ' or '.join(map(str, paths))} ({e.strerror or e}); check that it is readable") from None
+    out = []
+    for i, (s, t) in enumerate(pairs, 1):
+        if i == 1:
+            s, t = s.removeprefix("\ufeff"), t.removeprefix("\ufeff")
+        out.append(Text2TextExample(s, t, [t], f"{paths[0]}:{i}"))
+    return out
+
+
+# --- chat ---------------------------------------------------------------------------------------
+
+
+def read_chat(path: str | Path) -> list[ChatExample]:
+    """Conversations of a JSONL file: `{"messages": [{"role": ..., "content": ...}, ...]}` per line, or
+    just the list. Roles are system, user and assistant; each conversation needs an assistant turn,
+    since that is what fine-tuning learns from."""
+    path = Path(path)
+    out = []
+    for where, record in _jsonl_records(path):
+        messages = record.get("messages") if isinstance(record, dict) else record
+        if not isinstance(messages, list) or not messages:
+            raise UserError(f'{where}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}} or a list of messages')
+        clean = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+                got = message.get("role") if isinstance(message, dict) else message
+                raise UserError(
+                    f"{where}: message {i} ({got!r}) needs a role of {', '.join(ROLES)} and a string content; fix the line"
+                )
+            clean.append({"role": message["role"], "content": _nfc(message["content"])})
+        if not any(m["role"] == "assistant" for m in clean):
+            raise UserError(f"{where}: the conversation has no assistant message; add the reply to learn from")
+        out.append(ChatExample(clean, where))
+    return _nonempty(out, path)
+
+
+# --- shared reading -----------------------------------------------------------------------------
+
+_DECOMPRESS_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn a missing file and a broken gzip stream into one-line UserErrors naming `path`."""
+    if not path.is_file():
+        raise UserError(f"{path} does not exist or is not a file; check the path")
+    try:
+        yield
+    except _DECOMPRESS_ERRORS as e:
+        raise UserError(f"{path} is not a valid gzip file ({e}); re-compress it with gzip, or decompress it") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}); check that it is readable") from None
+
+
+def _decompresses(path: Path) -> bool:
+    try:
+        with open_bytes(path) as f:
+            while f.read(1 << 20):
+                pass
+        return True
+    except (*_DECOMPRESS_ERRORS, OSError):
+        return False
+
+
+def _read_lines(path: Path) -> list[str]:
+    """NFC lines of a UTF-8 file (gzip ok, a leading BOM dropped), through the parallel-text reader."""
+    with _reading(path):
+        lines = read_lines(path)
+    if lines:
+        lines[0] = lines[0].removeprefix("\ufeff")
+    return lines
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    for lineno, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{lineno}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno}); each line must be one JSON value") from None
+
+
+def _jsonl_rows(path: Path) -> Rows:
+    for where, record in _jsonl_records(path):
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}; fix the line")
+        yield where, where, record
+
+
+def _inner_suffix(path: Path) -> str:
+    """The suffix that says the format, looking inside `.gz`: `a.jsonl.gz` -> `.jsonl`."""
+    name = path.name.lower().removesuffix(".gz")
+    return Path(name).suffix
+
+
+def _nonempty(examples: list, path: Path) -> list:
+    if not examples:
+        raise UserError(f"{path} has no examples; pass a file with at least one")
+    return examples
+
+
+def _nfc(text: str) -> str:
+    """NFC, as the corpus reader does, so fine-tuning text tokenizes like pretraining text."""
+    return unicodedata.normalize("NFC", text)

@@ -1,0 +1,321 @@
+"""Task-data readers on real files from ../shared/data, and every bad-input error on tiny files."""
+
+import gzip
+import json
+import random
+import unicodedata
+
+import pytest
+from conftest import SHARED_DATA
+
+from lmforge.data import (
+    read_chat,
+    read_classification,
+    read_parallel_text,
+    read_squad,
+    read_tagged,
+    read_text2text,
+    split_by_article,
+)
+from lmforge.utils.errors import UserError
+
+SST2 = SHARED_DATA / "classification" / "sst2"
+UCI = SHARED_DATA / "classification" / "uci-sentiment"
+WNUT = SHARED_DATA / "ner" / "wnut17"
+UNER = SHARED_DATA / "ner" / "uner-en-ewt"
+SQUAD = SHARED_DATA / "qa" / "squad-v1.1-dev" / "dev-v1.1.json"
+XQUAD = SHARED_DATA / "qa" / "xquad"
+SCITLDR = SHARED_DATA / "summarization" / "scitldr"
+MULTI30K = SHARED_DATA / "translation" / "multi30k-en-de"
+
+pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
+
+
+def user_error(fn, *args, names=(), **kwargs) -> str:
+    """Call fn, expect a one-line UserError that contains every string in `names`; return it."""
+    with pytest.raises(UserError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, message
+    for name in names:
+        assert str(name) in message, (name, message)
+    return message
+
+
+def write(path, text: str):
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- classification ---------------------------------------------------------------------------
+
+
+def test_sst2_with_header_and_unlabelled_test():
+    dev = read_classification(SST2 / "dev.tsv", labels=["0", "1"])
+    raw = (SST2 / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    assert len(dev) == len(raw) == 872  # SOURCE.txt: 872 labelled rows
+    assert [(e.text, e.label) for e in dev[:50]] == [(r.split("\t")[0].strip(), r.split("\t")[1]) for r in raw[:50]]
+    assert dev[0].where == f"{SST2 / 'dev.tsv'}:2"
+    # test.tsv is "index\tsentence": unlabelled, which is an error unless asked for.
+    user_error(read_classification, SST2 / "test.tsv", names=[f"{SST2 / 'test.tsv'}:1", "label", "require_labels"])
+    test = read_classification(SST2 / "test.tsv", require_labels=False)
+    assert len(test) == 1821 and all(e.label is None for e in test)
+    assert test[0].text == "uneasy mishmash of styles and genres ."
+
+
+def test_uci_headerless_and_label_set():
+    yelp = read_classification(UCI / "yelp_labelled.txt", labels=["0", "1"])
+    assert len(yelp) == 1000 and {e.label for e in yelp} == {"0", "1"}
+    assert (yelp[0].text, yelp[0].label, yelp[0].where) == ("Wow... Loved this place.", "1", f"{UCI / 'yelp_labelled.txt'}:1")
+    assert sum(e.label == "1" for e in yelp) == 500  # the UCI sets are balanced
+    user_error(read_classification, UCI / "yelp_labelled.txt", labels=["pos", "neg"], names=[f"{UCI / 'yelp_labelled.txt'}:1", "'1'"])
+
+
+def test_gzip_csv_and_jsonl_agree(tmp_path):
+    lines = (SST2 / "dev.tsv").read_text(encoding="utf-8").splitlines()[:21]
+    plain = read_classification(write(tmp_path / "dev.tsv", "\n".join(lines) + "\n"))
+    zipped = read_classification(write(tmp_path / "dev.tsv.gz", "\n".join(lines) + "\n"))
+    assert [(e.text, e.label) for e in zipped] == [(e.text, e.label) for e in plain] and len(plain) == 20
+    records = [{"review": e.text, "stars": int(e.label)} for e in plain]
+    jsonl = write(tmp_path / "d.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    from_jsonl = read_classification(jsonl, text_field="review", label_field="stars")
+    assert [(e.text, e.label) for e in from_jsonl] == [(e.text, e.label) for e in plain]  # ints read as "0"/"1"
+    csv_text = 'label,text\n1,"great, really ""great"""\n0,"two\nlines"\n'
+    from_csv = read_classification(write(tmp_path / "d.csv", csv_text))
+    assert [(e.text, e.label, e.where[-2:]) for e in from_csv] == [('great, really "great"', "1", ":2"), ("two\nlines", "0", ":3")]
+
+
+def test_classification_errors(tmp_path):
+    empty = write(tmp_path / "empty.tsv", "\n\n")
+    user_error(read_classification, empty, names=[empty, "empty"])
+    header_only = write(tmp_path / "h.tsv", "sentence\tlabel\n")
+    user_error(read_classification, header_only, names=[header_only, "no examples"])
+    three = write(tmp_path / "three.txt", "good\t1\nbad\t0\textra\n")
+    user_error(read_classification, three, names=[f"{three}:2", "3 tab-separated fields"])
+    ragged = write(tmp_path / "ragged.tsv", "sentence\tlabel\ngood\t1\nbad\n")
+    user_error(read_classification, ragged, names=[f"{ragged}:3", "header has 2"])
+    no_label = write(tmp_path / "n.jsonl", '{"text": "a", "label": 1}\n{"text": "b"}\n')
+    user_error(read_classification, no_label, names=[f"{no_label}:2", "label"])
+    no_text = write(tmp_path / "t.jsonl", '{"body": "a", "label": 1}\n')
+    user_error(read_classification, no_text, names=[f"{no_text}:1", "text_field"])
+    bad_json = write(tmp_path / "b.jsonl", '{"text": "a", "label": 1}\n{"text": "b", \n')
+    user_error(read_classification, bad_json, names=[f"{bad_json}:2", "invalid JSON"])
+    bad_label = write(tmp_path / "l.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 7}\n')
+    user_error(read_classification, bad_label, labels=[0, 1], names=[f"{bad_label}:2", "'7'"])
+    null_label = write(tmp_path / "null.jsonl", '{"text": "a", "label": null}\n')
+    user_error(read_classification, null_label, names=[f"{null_label}:1", "label"])
+    empty_text = write(tmp_path / "e.tsv", "sentence\tlabel\n \t1\n")
+    user_error(read_classification, empty_text, names=[f"{empty_text}:2", "empty"])
+    headerless = write(tmp_path / "x.txt", "good\t1\n")
+    user_error(read_classification, headerless, text_field="review", names=[f"{headerless}:1", "header"])
+    no_text_csv = write(tmp_path / "n.csv", "\nbody,label\na,1\n")
+    user_error(read_classification, no_text_csv, names=[f"{no_text_csv}:2", "columns: body, label"])  # the header line
+    ragged_csv = write(tmp_path / "r.csv", "text,label\na,1\nb,0,9\n")
+    user_error(read_classification, ragged_csv, names=[f"{ragged_csv}:3", "header has 2"])
+    user_error(read_classification, tmp_path / "missing.tsv", names=["missing.tsv", "does not exist"])
+    not_gzip = tmp_path / "fake.tsv.gz"
+    not_gzip.write_bytes(b"sentence\tlabel\n")
+    user_error(read_classification, not_gzip, names=[not_gzip, "gzip"])
+
+
+# --- tagging ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, sentences", [("wnut17train.conll", 3394), ("emerging.dev.conll", 1009), ("emerging.test.annotated", 1287)]
+)
+def test_wnut17(name, sentences):
+    examples = read_tagged(WNUT / name)
+    lines = (WNUT / name).read_text(encoding="utf-8").split("\n")
+    assert len(examples) == sentences  # SOURCE.txt
+    # The train file separates sentences with "\t" lines, and '#hashtag\tO' lines are tokens, not comments.
+    assert sum(len(e.tokens) for e in examples) == sum(1 for line in lines if line.strip())
+    assert any(t.startswith("#") for e in examples for t in e.tokens)
+    assert all(len(e.tokens) == len(e.tags) for e in examples)
+    if name == "wnut17train.conll":
+        first = examples[0]
+        assert first.where == f"{WNUT / name}:1" and first.tokens[:3] == ["@paulwalk", "It", "'s"]
+        i = first.tokens.index("Empire")
+        assert first.tokens[i : i + 3] == ["Empire", "State", "Building"]
+        assert first.tags[i : i + 3] == ["B-location", "I-location", "I-location"]
+        assert examples[1].where == f"{WNUT / name}:{lines.index(chr(9)) + 2}"
+
+
+@pytest.mark.parametrize("name", ["en_ewt-ud-dev.iob2", "en_ewt-ud-test.iob2"])
+def test_universal_ner_tokens_rebuild_the_text_comments(name):
+    examples = read_tagged(UNER / name, labels=["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"])
+    texts = [line[len("# text = ") :] for line in (UNER / name).read_text(encoding="utf-8").splitlines() if line.startswith("# text = ")]
+    assert len(examples) == len(texts) > 2000
+    # Each `# text` comment, spaces removed, is its tokens joined: the token column was found.
+    for example, text in zip(examples, texts):
+        assert "".join(example.tokens) == unicodedata.normalize("NFC", text).replace(" ", "")
+    assert examples[0].where == f"{UNER / name}:4"  # after three comment lines
+
+
+def test_conll2003_layout_docstart_and_gzip(tmp_path):
+    text = "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\nGerman JJ B-NP B-MISC\n\nPeter NNP B-NP B-PER\n"
+    for name in ("c.txt", "c.txt.gz"):
+        examples = read_tagged(write(tmp_path / name, text))
+        assert [(e.tokens, e.tags, e.where.rsplit(":", 1)[1]) for e in examples] == [
+            (["EU", "rejects", "German"], ["B-ORG", "O", "B-MISC"], "3"),
+            (["Peter"], ["B-PER"], "7"),
+        ]
+    # An I- after O is accepted (seqeval starts an entity there).
+    assert read_tagged(write(tmp_path / "i.tsv", "a\tO\nb\tI-PER\n"))[0].tags == ["O", "I-PER"]
+
+
+def test_tagged_errors(tmp_path):
+    empty = write(tmp_path / "e.conll", "\n\t\n")
+    user_error(read_tagged, empty, names=[empty, "no examples"])
+    ragged = write(tmp_path / "r.conll", "a\tO\nb\tO\n\nc\tO\tX\n")
+    user_error(read_tagged, ragged, names=[f"{ragged}:4", "3 columns", "line 1 has 2"])
+    not_iob2 = write(tmp_path / "n.conll", "a\tO\nb\tS-PER\n")
+    user_error(read_tagged, not_iob2, names=[f"{not_iob2}:2", "'S-PER'", "IOB2"])
+    no_type = write(tmp_path / "t.conll", "a\tB-\n")
+    user_error(read_tagged, no_type, names=[f"{no_type}:1", "IOB2"])
+    unknown = write(tmp_path / "u.conll", "a\tB-PER\n\nb\tB-LOC\n")
+    user_error(read_tagged, unknown, labels=["O", "B-PER", "I-PER"], names=[f"{unknown}:3", "'B-LOC'"])
+    no_token = write(tmp_path / "k.conll", "a\tO\n \tO\n")
+    user_error(read_tagged, no_token, names=[f"{no_token}:2", "token is empty"])
+
+
+# --- extractive QA ------------------------------------------------------------------------------
+
+
+def test_squad_dev_and_xquad():
+    examples = read_squad(SQUAD)
+    assert len(examples) == 10570 and len({e.title for e in examples}) == 48  # SOURCE.txt
+    first = examples[0]
+    assert first.id == "56be4db0acb8001400a502ec" and first.title == "Super_Bowl_50"
+    assert first.answers == [("Denver Broncos", 177)] * 3
+    assert first.where == f"{SQUAD}: question 56be4db0acb8001400a502ec"
+    assert all(e.context[s : s + len(t)] == t for e in examples for t, s in e.answers)
+    english = read_squad(XQUAD / "xquad.en.json")
+    german = read_squad(XQUAD / "xquad.de.json")
+    assert len(english) == len(german) == 1190 and {e.id for e in english} <= {e.id for e in examples}
+    assert [e.id for e in german] == [e.id for e in english]
+
+
+def test_split_by_article():
+    examples = read_squad(XQUAD / "xquad.en.json")
+    first, second = split_by_article(examples, fraction=0.8, seed=0)
+    titles1, titles2 = {e.title for e in first}, {e.title for e in second}
+    assert not titles1 & titles2 and len(first) + len(second) == len(examples)
+    assert len(titles1) == round(0.8 * 48)
+    assert [e.id for e in first] == [e.id for e in examples if e.title in titles1]  # input order kept
+    shuffled = list(examples)
+    random.Random(1).shuffle(shuffled)
+    assert {e.title for e in split_by_article(shuffled, 0.8, seed=0)[0]} == titles1
+    assert {e.title for e in split_by_article(examples, 0.8, seed=1)[0]} != titles1
+    user_error(split_by_article, examples, fraction=1.0, names=["fraction"])
+    user_error(split_by_article, examples[:1], names=["article"])
+
+
+def squad_json(answer_start=12, qid="q1", answers=None, extra_qas=()):
+    context = "The cat sat on the mat."
+    answers = [{"text": "on the mat", "answer_start": answer_start}] if answers is None else answers
+    qas = [{"id": qid, "question": "Where?", "answers": answers}, *extra_qas]
+    return json.dumps({"version": "1.1", "data": [{"title": "Cats", "paragraphs": [{"context": context, "qas": qas}]}]})
+
+
+def test_squad_gzip_and_errors(tmp_path):
+    good = read_squad(write(tmp_path / "ok.json.gz", squad_json()))
+    assert good[0].answers == [("on the mat", 12)] and good[0].title == "Cats"
+    moved = write(tmp_path / "moved.json", squad_json(answer_start=13))
+    user_error(read_squad, moved, names=[moved, "question q1", "offset 13", "answer_start"])
+    dup = write(tmp_path / "dup.json", squad_json(extra_qas=[{"id": "q1", "question": "?", "answers": [{"text": "cat", "answer_start": 4}]}]))
+    user_error(read_squad, dup, names=[dup, "question q1", "twice"])
+    unanswerable = write(tmp_path / "v2.json", squad_json(answers=[]))
+    user_error(read_squad, unanswerable, names=[unanswerable, "question q1", "no answers"])
+    broken = write(tmp_path / "broken.json", '{"data": [\n{"title": }\n]}')
+    user_error(read_squad, broken, names=[f"{broken}:2", "invalid JSON"])
+    not_squad = write(tmp_path / "other.json", '{"questions": []}')
+    user_error(read_squad, not_squad, names=[not_squad, '"data"'])
+    no_context = write(tmp_path / "nc.json", '{"data": [{"title": "T", "paragraphs": [{"qas": []}]}]}')
+    user_error(read_squad, no_context, names=[no_context, "'context'"])
+    nothing = write(tmp_path / "none.json", '{"data": []}')
+    user_error(read_squad, nothing, names=[nothing, "no examples"])
+
+
+# --- text to text -------------------------------------------------------------------------------
+
+
+def test_scitldr():
+    examples = read_text2text(SCITLDR / "dev.jsonl")
+    records = [json.loads(line) for line in (SCITLDR / "dev.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(examples) == len(records) == 619  # SOURCE.txt
+    for example, record in zip(examples[:50], records):
+        assert example.source == " ".join(s.strip() for s in record["source"])
+        assert example.references == [t.strip() for t in record["target"]] and example.target == example.references[0]
+    assert max(len(e.references) for e in examples) == 4 and examples[1].where == f"{SCITLDR / 'dev.jsonl'}:2"
+
+
+def test_text2text_mapping_csv_and_errors(tmp_path):
+    jsonl = write(tmp_path / "d.jsonl.gz", '{"document": "long text", "summary": "short"}\n')
+    [example] = read_text2text(jsonl, source_field="document", target_field="summary")
+    assert (example.source, example.target, example.references) == ("long text", "short", ["short"])
+    [example] = read_text2text(write(tmp_path / "d.csv", "input,output\nhello,hallo\n"))
+    assert (example.source, example.target) == ("hello", "hallo")
+    missing = write(tmp_path / "m.jsonl", '{"source": "a", "target": "b"}\n{"source": "a"}\n')
+    user_error(read_text2text, missing, names=[f"{missing}:2", "target"])
+    empty_target = write(tmp_path / "t.jsonl", '{"source": "a", "target": ["", " "]}\n')
+    user_error(read_text2text, empty_target, names=[f"{empty_target}:1", "empty"])
+    wrong_type = write(tmp_path / "w.jsonl", '{"source": 3, "target": "b"}\n')
+    user_error(read_text2text, wrong_type, names=[f"{wrong_type}:1", "string"])
+    user_error(read_text2text, write(tmp_path / "e.jsonl", ""), names=["e.jsonl"])
+
+
+def test_parallel_text_multi30k_and_errors(tmp_path):
+    examples = read_parallel_text(MULTI30K / "val.en.gz", MULTI30K / "val.de.gz")
+    with gzip.open(MULTI30K / "val.de.gz", "rt", encoding="utf-8") as f:
+        german = f.read().splitlines()
+    assert len(examples) == len(german) == 1014  # SOURCE.txt: val 1,014
+    assert examples[0].source == "A group of men are loading cotton onto a truck"
+    assert [e.target for e in examples] == [unicodedata.normalize("NFC", g) for g in german]
+    assert examples[5].references == [examples[5].target] and examples[5].where == f"{MULTI30K / 'val.en.gz'}:6"
+    user_error(
+        read_parallel_text, MULTI30K / "val.en.gz", MULTI30K / "test_2016_flickr.de.gz",
+        names=["val.en.gz", "test_2016_flickr.de.gz", "1014", "1000"],
+    )
+    src, tgt = write(tmp_path / "s.en", "a\nb\nc\n"), write(tmp_path / "t.de", "x\n\nz\n")
+    user_error(read_parallel_text, src, tgt, names=[f"{tgt}:2", "empty"])
+    fake = tmp_path / "t.de.gz"
+    fake.write_bytes(b"x\ny\nz\n")
+    user_error(read_parallel_text, src, fake, names=[fake, "gzip"])
+
+
+# --- chat ---------------------------------------------------------------------------------------
+
+
+def test_chat(tmp_path):
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    path = write(tmp_path / "c.jsonl", json.dumps({"messages": conversation}) + "\n\n" + json.dumps(conversation[1:]) + "\n")
+    first, second = read_chat(path)
+    assert first.messages == conversation and second.messages == conversation[1:]
+    assert (first.where, second.where) == (f"{path}:1", f"{path}:3")
+
+
+@pytest.mark.parametrize(
+    "line, complaint",
+    [
+        ('{"messages": [{"role": "user", "content": "Hi"}]}', "no assistant"),
+        ('{"messages": [{"role": "bot", "content": "Hi"}]}', "'bot'"),
+        ('{"messages": [{"role": "assistant", "content": null}]}', "string content"),
+        ('{"messages": []}', "messages"),
+        ('{"conversation": []}', "messages"),
+        ('{"messages": [', "invalid JSON"),
+    ],
+)
+def test_chat_errors(tmp_path, line, complaint):
+    ok = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
+    path = write(tmp_path / "c.jsonl", ok + "\n" + line + "\n")
+    user_error(read_chat, path, names=[f"{path}:2", complaint])
+
+
+def test_chat_empty_file(tmp_path):
+    path = write(tmp_path / "c.jsonl.gz", "")
+    user_error(read_chat, path, names=[path, "no examples"])
