@@ -5,7 +5,7 @@
     print(lm.generate("ROMEO:", max_new_tokens=50, temperature=0.8, seed=0))
 
 The verbs of the `lmforge` command are functions here too: `train_tokenizer`, `prepare`,
-`pretrain`, `evaluate_lm`, `load`. They are imported on first use, so `import lmforge` is cheap.
+`pretrain`, `finetune`, `merge_lora`, `pipeline`, `predict`, `evaluate_lm`, `evaluate_task`, `load`. They are imported on first use, so `import lmforge` is cheap.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ _EXPORTS = {
     "train_tokenizer": "lmforge.data",
     "prepare": "lmforge.data",
     "pretrain": "lmforge.train",
+    "finetune": "lmforge.finetune",
+    "merge_lora": "lmforge.finetune",
+    "pipeline": "lmforge.infer",
+    "predict": "lmforge.infer",
+    "evaluate_task": "lmforge.evaluate",
     "evaluate_lm": "lmforge.evaluate",
     "ModelConfig": "lmforge.config",
     "TrainConfig": "lmforge.config",

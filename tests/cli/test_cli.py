@@ -88,7 +88,7 @@ def test_generation_errors(capsys, trained_run, tmp_path):
 @pytest.mark.parametrize(
     "verb",
     [["demo"], ["tokenizer", "train"], ["prepare"], ["pretrain"], ["generate"], ["chat"], ["eval"], ["import", "hf"],
-     ["import", "gguf"], ["export", "hf"], ["scaling", "fit"], ["scaling", "plan"]],
+     ["import", "gguf"], ["export", "hf"], ["scaling", "fit"], ["scaling", "plan"], ["finetune"], ["merge-lora"], ["predict"]],
 )
 def test_every_verb_has_help(capsys, verb):
     with pytest.raises(SystemExit) as e:
@@ -131,3 +131,24 @@ def test_scaling_plan_and_fit(capsys, tmp_path):
     (tmp_path / "few").mkdir()
     (tmp_path / "few" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
     fails_with(capsys, "needs >= 6 runs", "scaling", "fit", tmp_path / "few", "--approaches", "approach3")
+
+
+def test_finetune_predict_eval_and_merge_through_the_cli(capsys, trained_run, tmp_path):
+    data = tmp_path / "train.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{w} {i}\t{int(w == 'good')}\n" for i in range(20) for w in ("good", "bad")))
+    code, out, _ = run(capsys, "finetune", trained_run.out, "--task", "classify", "--data", data, "--out", tmp_path / "ft",
+                       "--lora.r", 4, "--lora.targets", "all-linear", "--train.max_steps", 30, "--train.lr", 1e-2,
+                       "--train.device", "cpu", "--train.tensorboard", "false", "--json")
+    result = json.loads(out.splitlines()[-1])
+    assert code == 0 and result["step"] == 30 and result["trainable_params"] < result["params"] / 2
+    code, out, _ = run(capsys, "eval", result["checkpoint"], "--task", "classify", "--data", data, "--json")
+    scores = json.loads(out.splitlines()[-1])
+    assert code == 0 and scores["examples"] == 40 and scores["accuracy"] == 100.0  # "good" vs "bad" is learnt
+    code, _, _ = run(capsys, "merge-lora", result["checkpoint"], "--out", tmp_path / "merged")
+    assert code == 0
+    code, _, _ = run(capsys, "predict", tmp_path / "merged", "--data", data, "--out", tmp_path / "pred.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert code == 0 and len(rows) == 40 and [r["label"] for r in rows[:2]] == ["1", "0"]
+    fails_with(capsys, "belongs to task evaluation", "eval", tmp_path / "merged", "--data", data, "--limit", 3)
+    fails_with(capsys, "--task", "finetune", trained_run.out, "--task", "nope", "--data", data, "--out", tmp_path / "x")
+    fails_with(capsys, "no LoRA adapters", "merge-lora", tmp_path / "merged", "--out", tmp_path / "m2")

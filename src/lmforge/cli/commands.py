@@ -12,10 +12,11 @@ from typing import Any, Callable
 
 from jsonargparse import Namespace
 
-from lmforge.config import ModelConfig, TrainConfig
+from lmforge.config import LoraConfig, ModelConfig, TrainConfig
 from lmforge.data import prepare, prepare_parallel, train_tokenizer
-from lmforge.evaluate import evaluate_lm
-from lmforge.infer import ChatSession, load, render_chat
+from lmforge.evaluate import evaluate_lm, evaluate_task
+from lmforge.finetune import finetune, merge_lora
+from lmforge.infer import ChatSession, load, predict, render_chat
 from lmforge.interop import export_hf, import_gguf, import_hf
 from lmforge.scaling import fit, plan, sweep
 from lmforge.train import RunResult, pretrain
@@ -59,6 +60,34 @@ def pretrain_cmd(args: Namespace) -> dict[str, Any]:
     return result.to_dict()
 
 
+def finetune_cmd(args: Namespace) -> dict[str, Any]:
+    result = finetune(
+        args.checkpoint, args.task, args.data, args.out,
+        target=args.target, val=args.val, val_target=args.val_target, split_articles=args.split_articles,
+        train=TrainConfig(**args.train.as_dict()), lora=LoraConfig(**args.lora.as_dict()),
+        freeze_embeddings=args.freeze_embeddings, freeze_layers=args.freeze_layers, labels=args.labels,
+        text_field=args.text_field, label_field=args.label_field, prompt=args.prompt, doc_stride=args.doc_stride,
+        dropout=args.dropout, resume=args.resume, log=_say(args),
+    )
+    _report_run(result, _say(args))
+    _say(args)(f"score it: lmforge eval {result.checkpoint} --task {args.task} --data DEV_FILE")
+    return result.to_dict()
+
+
+def merge_lora_cmd(args: Namespace) -> dict[str, Any]:
+    path = merge_lora(args.checkpoint, args.out)
+    _say(args)(f"merged the LoRA adapters of {args.checkpoint} -> {path}")
+    return {"out": str(path)}
+
+
+def predict_cmd(args: Namespace) -> dict[str, Any]:
+    n = predict(args.checkpoint, args.data, args.out, args.task, target=args.target, split_articles=args.split_articles,
+                text_field=args.text_field, label_field=args.label_field, device=args.device,
+                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    _say(args)(f"wrote {n:,} predictions to {args.out}")
+    return {"out": args.out, "predictions": n}
+
+
 def _report_run(result: RunResult, say: Callable[..., None]) -> None:
     val = f", val loss {result.val_loss:.4f} nats/token" if result.val_loss is not None else ""
     val += f" = {result.val_bpb:.4f} bits/byte" if result.val_bpb is not None else ""
@@ -84,11 +113,29 @@ def generate_cmd(args: Namespace) -> dict[str, Any]:
 
 
 def eval_cmd(args: Namespace) -> dict[str, Any]:
+    if args.task is not None:
+        return _eval_task(args)
+    for name in ("target", "split_articles", "text_field", "label_field", "limit"):
+        if args[name] is not None:
+            raise UserError(f"--{name.replace('_', '-')} belongs to task evaluation; add --task")
     result = evaluate_lm(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device)
     _say(args)(
         f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
         f"{result['bpb']:.4f} bits/byte over {result['tokens']:,} tokens"
     )
+    return result
+
+
+def _eval_task(args: Namespace) -> dict[str, Any]:
+    if len(args.data) != 1:
+        raise UserError(f"--task scores one data file, got {len(args.data)}")
+    result = evaluate_task(
+        args.checkpoint, args.task, args.data[0], target=args.target, split_articles=args.split_articles,
+        text_field=args.text_field, label_field=args.label_field, limit=args.limit, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, device=args.device,
+    )
+    scores = ", ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float) and k != "seconds")
+    _say(args)(f"{result['task']} on {result['examples']:,} examples: {scores}")
     return result
 
 
@@ -193,6 +240,9 @@ HANDLERS: dict[str, Callable[[Namespace], dict[str, Any] | None]] = {
     "prepare": prepare_cmd,
     "pretrain": pretrain_cmd,
     "generate": generate_cmd,
+    "finetune": finetune_cmd,
+    "merge-lora": merge_lora_cmd,
+    "predict": predict_cmd,
     "eval": eval_cmd,
     "chat": chat_cmd,
     "scaling.sweep": scaling_sweep_cmd,

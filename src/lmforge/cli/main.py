@@ -15,11 +15,12 @@ from typing import Any, Callable, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from lmforge.config import PRESETS, ModelConfig, TrainConfig
+from lmforge.config import FINETUNE_DEFAULTS, PRESETS, LoraConfig, ModelConfig, TrainConfig
 from lmforge.utils.errors import UserError
 
-
-VERBS = ("demo", "tokenizer", "prepare", "pretrain", "generate", "chat", "eval", "scaling", "import", "export")
+VERBS = ("demo", "tokenizer", "prepare", "pretrain", "finetune", "merge-lora", "predict", "generate", "chat", "eval", "scaling",
+         "import", "export")
+TASKS = ["classify", "tag", "qa", "seq2seq", "sft"]
 
 
 def _parser(description: str, **kwargs: Any) -> ArgumentParser:
@@ -36,6 +37,15 @@ def _option(p: ArgumentParser, name: str, **kwargs: Any) -> None:
 
 def _json_flag(p: ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+
+
+def _task_data_options(p: ArgumentParser) -> None:
+    """Where a task's examples come from: the options finetune, predict and eval share."""
+    _option(p, "target", default=None, help="seq2seq: the target file line-aligned with --data (e.g. train.de)")
+    _option(p, "split_articles", type=float | None, default=None,
+            help="qa: split the SQuAD file by article; finetune trains on the first F, predict/eval use the rest")
+    _option(p, "text_field", default=None, help="column or JSON key of the text (classify) or source (seq2seq)")
+    _option(p, "label_field", default=None, help="column or JSON key of the label (classify) or target (seq2seq)")
 
 
 def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentParser:
@@ -84,6 +94,47 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
         pre.set_defaults(pretrain_defaults)
     verbs.add_subcommand("pretrain", pre, help="train a model from scratch or resume a run")
 
+    ft = _parser("Fine-tune a checkpoint for a task: a head on the pretrained model, fully or with LoRA adapters.")
+    ft.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these keys")
+    ft.add_argument("checkpoint", help="checkpoint or run directory to start from")
+    _option(ft, "task", required=True, choices=TASKS,
+            help="classify (sentiment...), tag (NER, IOB2), qa (extractive, SQuAD), seq2seq (translation, summaries), sft (chat)")
+    _option(ft, "data", required=True, help="training file: TSV/CSV/JSONL, CoNLL, SQuAD JSON, parallel text or chat JSONL (.gz ok)")
+    _option(ft, "out", required=True, help="run directory for the fine-tuned checkpoints, metrics and plot")
+    _option(ft, "val", default=None, help="validation file in the same format, scored during training")
+    _option(ft, "val_target", default=None, help="seq2seq: the target file line-aligned with --val")
+    _task_data_options(ft)
+    ft.add_class_arguments(TrainConfig, "train")
+    ft.add_class_arguments(LoraConfig, "lora")
+    _option(ft, "freeze_embeddings", action="store_true", help="full fine-tune: keep the embeddings fixed")
+    _option(ft, "freeze_layers", type=int, default=0, help="full fine-tune: keep the first K blocks fixed")
+    _option(ft, "labels", nargs="+", default=None, help="classify/tag: the label set (default: the labels in --data)")
+    _option(ft, "prompt", default="{source}\n\n", help="seq2seq on a decoder: how a source becomes a prompt")
+    _option(ft, "doc_stride", type=int, default=128, help="qa: overlap in tokens of the windows over a long context")
+    _option(ft, "dropout", type=float | None, default=None, help="dropout while fine-tuning (default: the model's)")
+    _option(ft, "resume", action="store_true", help="continue from the latest checkpoint in --out")
+    _json_flag(ft)
+    ft.set_defaults({f"train.{k}": v for k, v in FINETUNE_DEFAULTS.items()})
+    verbs.add_subcommand("finetune", ft, help="fine-tune for classify, tag, qa, seq2seq or sft (chat)")
+
+    merge = _parser("Fold a LoRA checkpoint's adapters into its weights: a plain checkpoint, as fast as the base.")
+    merge.add_argument("checkpoint", help="a checkpoint fine-tuned with --lora.r > 0")
+    _option(merge, "out", required=True, help="checkpoint directory to write")
+    _json_flag(merge)
+    verbs.add_subcommand("merge-lora", merge, help="merge LoRA adapters into the weights")
+
+    pred = _parser("Run a fine-tuned checkpoint over a data file and write one JSON line per example.")
+    pred.add_argument("checkpoint", help="checkpoint or run directory")
+    _option(pred, "data", required=True, help="input file, in the task's format (labels not needed)")
+    _option(pred, "out", required=True, help="JSONL file to write")
+    _option(pred, "task", default=None, choices=TASKS, help="default: the task the checkpoint was fine-tuned for")
+    _task_data_options(pred)
+    _option(pred, "batch_size", type=int, default=32)
+    _option(pred, "max_new_tokens", type=int, default=64, help="seq2seq/sft: longest generated output")
+    _option(pred, "device", default="auto")
+    _json_flag(pred)
+    verbs.add_subcommand("predict", pred, help="write predictions as JSONL")
+
     gen = _parser("Generate text from a checkpoint, streaming tokens to stdout.")
     gen.add_argument("checkpoint", help="checkpoint or run directory")
     _option(gen, "prompt", default="\n", help="text to continue")
@@ -96,10 +147,15 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _json_flag(gen)
     verbs.add_subcommand("generate", gen, help="sample a continuation of a prompt")
 
-    ev = _parser("Loss, perplexity and bits per byte of a checkpoint on text.")
+    ev = _parser("Loss, perplexity and bits per byte of a checkpoint on text; with --task, the task's own metric "
+                 "(accuracy/macro-F1, entity F1, SQuAD EM/F1, BLEU/chrF/ROUGE).")
     ev.add_argument("checkpoint", help="checkpoint or run directory")
-    _option(ev, "data", nargs="+", required=True, help="a prepared data directory, or text files/directories")
+    _option(ev, "data", nargs="+", required=True, help="a prepared data directory, or text files/directories; with --task, one task file")
     _option(ev, "split", default="val", help="split of a prepared data directory")
+    _option(ev, "task", default=None, choices=TASKS, help="score a fine-tuned checkpoint on labelled task data")
+    _task_data_options(ev)
+    _option(ev, "limit", type=int | None, default=None, help="--task: score only the first N examples")
+    _option(ev, "max_new_tokens", type=int, default=64, help="--task seq2seq: longest generated output")
     _option(ev, "batch_size", type=int, default=8)
     _option(ev, "device", default="auto")
     _json_flag(ev)

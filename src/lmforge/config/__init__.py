@@ -2,6 +2,6 @@
 
 from lmforge.config.model import LoraConfig, ModelConfig
 from lmforge.config.presets import PRESETS, preset
-from lmforge.config.train import TrainConfig
+from lmforge.config.train import FINETUNE_DEFAULTS, TrainConfig
 
-__all__ = ["LoraConfig", "ModelConfig", "TrainConfig", "PRESETS", "preset"]
+__all__ = ["LoraConfig", "ModelConfig", "TrainConfig", "FINETUNE_DEFAULTS", "PRESETS", "preset"]

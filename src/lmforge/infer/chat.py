@@ -1,15 +1,12 @@
 """Chat: the checkpoint's own chat template turns a conversation into a prompt.
 
-Templates are Jinja, as in Hugging Face's `tokenizer_config.json`, rendered in Jinja's immutable
-sandbox: a template comes from a file, and loading never runs code from a file.
+Templates are Jinja, as in Hugging Face's `tokenizer_config.json`; the tokenizer renders them
+(`Tokenizer.apply_chat_template`, in Jinja's immutable sandbox).
 """
 
 from __future__ import annotations
 
 from typing import Iterator
-
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmforge.infer.session import LanguageModel
 from lmforge.utils.errors import UserError
@@ -17,27 +14,12 @@ from lmforge.utils.errors import UserError
 
 def render_chat(lm: LanguageModel, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     """The prompt for `messages` ([{"role": ..., "content": ...}]) under the checkpoint's chat template."""
-    tok = lm.tokenizer
-    if not tok.chat_template:
+    if not lm.tokenizer.chat_template:
         raise UserError(
             f"{lm.path} has no chat template; chat needs an instruction-tuned checkpoint "
             "(e.g. `lmforge import gguf` of SmolLM2-135M-Instruct)"
         )
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(tok.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            eos_token=tok.hf.id_to_token(tok.eot_id),
-            bos_token=tok.hf.id_to_token(tok.bos_id) if tok.bos_id is not None else "",
-        )
-    except TemplateError as e:
-        raise UserError(f"the chat template of {lm.path} failed: {e}") from None
+    return lm.tokenizer.apply_chat_template(messages, add_generation_prompt)
 
 
 class ChatSession:

@@ -313,6 +313,10 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     """Write a checkpoint as a Hugging Face directory that `AutoModelForCausalLM`/`AutoTokenizer` load."""
     model, ckpt = load_model(checkpoint)
     config = ckpt.model_config
+    if config.lora is not None:
+        raise UserError(f"{ckpt.path} holds LoRA adapters; fold them in with `lmforge merge-lora`, then export the result")
+    if config.task_head != "none":
+        raise UserError(f"{ckpt.path} has a {config.task_head} head, which HF export does not map; export the base model")
     hf_config = config_to_hf(config, ckpt.tokenizer)
     tensors = state_dict_to_hf(config, model.state_dict())
     out = Path(out)

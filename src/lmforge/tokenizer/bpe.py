@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Iterable
 
 import tokenizers
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.utils.errors import UserError
@@ -148,6 +150,35 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once on all cores (HF runs the batch on Rust threads)."""
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and each token's (start, end) character span in `text` (for aligning labels)."""
+        enc = self.hf.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The text of a conversation ([{"role", "content"}]) under this tokenizer's Jinja chat template.
+
+        Rendered in Jinja's immutable sandbox: the template comes from a file, and loading never
+        runs code from a file. Raises UserError when there is no template or it fails.
+        """
+        if not self.chat_template:
+            raise UserError("the tokenizer has no chat template; use an instruction-tuned checkpoint (e.g. an imported SmolLM2-Instruct)")
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                eos_token=self.hf.id_to_token(self.eot_id),
+                bos_token=self.hf.id_to_token(self.bos_id) if self.bos_id is not None else "",
+            )
+        except TemplateError as e:
+            raise UserError(f"the chat template failed: {e}") from None
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)

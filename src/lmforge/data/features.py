@@ -1,0 +1,263 @@
+"""Task examples to model inputs: the token layouts fine-tuning trains on and inference reuses.
+
+One `TaskFormat` per (tokenizer, architecture) decides the layout, so that a pipeline formats a
+raw input exactly as its fine-tune did:
+
+    encoder (BERT)   classify/tag:  [CLS] text [SEP]            qa: [CLS] question [SEP] context [SEP]
+    decoder (GPT)    classify/tag:  text <eot>                  qa: question <eot> context
+                     seq2seq:       prompt(source) target <eot>     (loss on target <eot> only)
+                     chat:          the chat template's text        (loss on assistant turns only)
+    encoder-decoder  seq2seq:       source <eot>  ->  <start> target <eot>
+
+Labels are aligned by character offsets, never by re-tokenising pieces: a word's label goes to
+its first sub-word token (HF's convention; the others get IGNORE_INDEX), a QA answer's character
+span becomes the first and last token that overlap it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge.data.parallel import decoder_start_id
+from lmforge.data.tasks import (
+    read_chat, read_classification, read_parallel_text, read_squad, read_tagged, read_text2text, split_by_article,
+)
+from lmforge.model.losses import IGNORE_INDEX
+from lmforge.tokenizer import Tokenizer
+from lmforge.utils.errors import UserError
+
+Feature = dict[str, list[int] | int]
+DEFAULT_PROMPT = "{source}\n\n"
+
+
+@dataclass
+class QAWindow:
+    """One window of a (question, context) pair over a long context (document stride)."""
+
+    feature: Feature  # input_ids, token_type_ids, start_positions, end_positions
+    offsets: list[tuple[int, int] | None]  # character span in the context of each token; None off the context
+
+
+class TaskFormat:
+    def __init__(self, tokenizer: Tokenizer, arch: str, max_length: int, prompt: str = DEFAULT_PROMPT) -> None:
+        if max_length < 8:
+            raise UserError(f"max_length {max_length} is too short for a task input; use at least 8 tokens")
+        if "{source}" not in prompt:
+            raise UserError(f"the prompt {prompt!r} has no {{source}} placeholder; e.g. --prompt 'Summarize: {{source}}\\n'")
+        self.tok, self.arch, self.max_length, self.prompt = tokenizer, arch, max_length, prompt
+        self.encoder = arch == "encoder"
+        # Imported BERT vocabularies name their markers [CLS]/[SEP]; lmforge's own <|cls|>/<|sep|>.
+        self.cls_id = tokenizer.cls_id if tokenizer.cls_id is not None else tokenizer.hf.token_to_id("[CLS]")
+        self.sep_id = tokenizer.sep_id if tokenizer.sep_id is not None else tokenizer.hf.token_to_id("[SEP]")
+        if self.encoder and (self.cls_id is None or self.sep_id is None):
+            raise UserError("the encoder's tokenizer has no [CLS]/[SEP] tokens; fine-tune an lmforge or BERT tokenizer")
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eot_id
+
+    def _wrap(self, ids: list[int]) -> list[int]:
+        if self.encoder:
+            return [self.cls_id, *ids[: self.max_length - 2], self.sep_id]
+        return [*ids[: self.max_length - 1], self.tok.eot_id]
+
+    # -- sequence classification -------------------------------------------------------------
+    def classify(self, text: str, label: int | None = None) -> Feature:
+        f: Feature = {"input_ids": self._wrap(self.tok.encode(text))}
+        if label is not None:
+            f["labels"] = label
+        return f
+
+    # -- token classification ----------------------------------------------------------------
+    def tag(self, words: list[str], labels: list[int] | None = None) -> tuple[Feature, list[int]]:
+        """Words joined by spaces; label ids on each word's first token. Also returns the index
+        of each word's first token (-1 for a word truncated away)."""
+        text, starts = "", []
+        for w in words:
+            text += " " if text else ""
+            starts.append(len(text))
+            text += w
+        ids, offsets = self.tok.encode_with_offsets(text)
+        keep = self.max_length - 2 if self.encoder else self.max_length - 1
+        ids, offsets = ids[:keep], offsets[:keep]
+        shift = 1 if self.encoder else 0  # the [CLS] in front
+        first, w = [-1] * len(words), 0
+        for i, (_, end) in enumerate(offsets):
+            while w + 1 < len(words) and starts[w + 1] < end:  # the token reaches into the next word
+                w += 1
+            if first[w] < 0 and end > starts[w]:
+                first[w] = i + shift
+        f: Feature = {"input_ids": self._wrap(ids)}
+        if labels is not None:
+            tok_labels = [IGNORE_INDEX] * len(f["input_ids"])
+            for word, t in enumerate(first):
+                if t >= 0:
+                    tok_labels[t] = labels[word]
+            f["labels"] = tok_labels
+        return f, first
+
+    # -- extractive question answering -------------------------------------------------------
+    def qa(self, question: str, context: str, answer: tuple[str, int] | None = None, stride: int = 128,
+           max_question: int = 64) -> list[QAWindow]:
+        """Windows over the context that overlap by `stride` tokens; the answer's (start, end)
+        token positions in each window, or (0, 0) when the window does not hold the answer."""
+        q_ids = self.tok.encode(question)[:max_question]
+        c_ids, c_off = self.tok.encode_with_offsets(context)
+        head = [self.cls_id, *q_ids, self.sep_id] if self.encoder else [*q_ids, self.tok.eot_id]
+        room = self.max_length - len(head) - (1 if self.encoder else 0)
+        if room < 4:
+            raise UserError(f"max_length {self.max_length} leaves no room for the context after the question; raise it")
+        step = max(room - min(stride, room - 1), 1)
+        answer_tokens: list[int] = []
+        if answer is not None:
+            a0, a1 = answer[1], answer[1] + len(answer[0])
+            answer_tokens = [i for i, (s, e) in enumerate(c_off) if s < a1 and e > a0]
+        windows = []
+        for lo in range(0, max(len(c_ids) - room, 0) + step, step):
+            hi = min(lo + room, len(c_ids))
+            tail = [self.sep_id] if self.encoder else []
+            ids = head + c_ids[lo:hi] + tail
+            offsets: list[tuple[int, int] | None] = [None] * len(head) + list(c_off[lo:hi]) + [None] * len(tail)
+            start = end = 0  # "not in this window" points at the first token, as HF does with [CLS]
+            if answer_tokens and lo <= answer_tokens[0] and answer_tokens[-1] < hi:
+                start, end = answer_tokens[0] - lo + len(head), answer_tokens[-1] - lo + len(head)
+            feature = {"input_ids": ids, "token_type_ids": [0] * len(head) + [1] * (len(ids) - len(head)),
+                       "start_positions": start, "end_positions": end}
+            windows.append(QAWindow(feature, offsets))
+            if hi == len(c_ids):
+                break
+        return windows
+
+    # -- sequence to sequence ----------------------------------------------------------------
+    def seq2seq(self, source: str, target: str | None = None) -> Feature:
+        """Encoder-decoder: src / input_ids / labels; decoder-only: the prompt and the target in
+        one sequence with the loss on the target. Without a target: the generation prompt."""
+        eot = self.tok.eot_id
+        if self.arch == "encoder-decoder":
+            f: Feature = {"src": [*self.tok.encode(source)[: self.max_length - 1], eot]}
+            if target is not None:
+                tgt = [decoder_start_id(self.tok), *self.tok.encode(target)[: self.max_length - 1], eot]
+                f["input_ids"], f["labels"] = tgt[:-1], tgt[1:]
+            return f
+        if target is None:
+            return {"input_ids": self.prompt_ids(source, self.max_length // 2)}
+        tgt = [*self.tok.encode(target), eot][: self.max_length // 2]
+        prompt = self.prompt_ids(source, self.max_length + 1 - len(tgt))
+        seq = prompt + tgt
+        return {"input_ids": seq[:-1], "labels": [IGNORE_INDEX] * (len(prompt) - 1) + tgt}
+
+    def prompt_ids(self, source: str, budget: int) -> list[int]:
+        """The decoder-only prompt in at most `budget` tokens: the source is cut, never the template."""
+        before, after = self.prompt.split("{source}", 1)
+        pre, post = self.tok.encode(before), self.tok.encode(after)
+        room = max(budget - len(pre) - len(post), 1)
+        return pre + self.tok.encode(source)[:room] + post
+
+    # -- chat supervised fine-tuning -----------------------------------------------------------
+    def chat(self, messages: list[dict[str, str]]) -> Feature:
+        """The conversation through the chat template; the loss only on the assistant turns'
+        tokens (the content and the template's end-of-turn marker after it)."""
+        text = self.tok.apply_chat_template(messages, add_generation_prompt=False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.tok.apply_chat_template(messages[:i], add_generation_prompt=True)
+            through = self.tok.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+            if not text.startswith(through) or not through.startswith(before):
+                raise UserError("the chat template does not render a conversation as a growing prefix; it cannot be used for SFT")
+            spans.append((len(before), len(through)))
+        ids, offsets = self.tok.encode_with_offsets(text)
+        ids, offsets = ids[: self.max_length + 1], offsets[: self.max_length + 1]
+        trained = [any(s <= o0 < e for s, e in spans) for o0, _ in offsets]
+        labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], trained[1:])]
+        return {"input_ids": ids[:-1], "labels": labels}
+
+
+def collate(features: list[Feature], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of features into tensors; `attention_mask` (and `src_mask`) mark real tokens."""
+    out: dict[str, torch.Tensor] = {}
+    for key in features[0]:
+        values = [f[key] for f in features]
+        if isinstance(values[0], int):
+            out[key] = torch.tensor(values)
+            continue
+        width = max(len(v) for v in values)
+        fill = IGNORE_INDEX if key == "labels" else (0 if key == "token_type_ids" else pad_id)
+        out[key] = torch.tensor([list(v) + [fill] * (width - len(v)) for v in values])
+        if key in ("input_ids", "src"):
+            mask = torch.tensor([[1] * len(v) + [0] * (width - len(v)) for v in values])
+            out["attention_mask" if key == "input_ids" else "src_mask"] = mask
+    return out
+
+
+def sample_batch(features: list[Feature], batch_size: int, seed: int, step: int, micro: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """A training batch drawn with replacement, a pure function of (seed, step, micro)."""
+    rng = random.Random(f"{seed}/{step}/{micro}")  # str seeds are hashed with SHA-512: stable across processes
+    return collate([features[rng.randrange(len(features))] for _ in range(batch_size)], pad_id)
+
+
+# -- reading a task's examples and turning them into features ------------------------------------
+
+TASKS = ("classify", "tag", "qa", "seq2seq", "sft")
+
+
+def read_examples(
+    task: str,
+    data: str | Path,
+    target: str | Path | None = None,
+    *,
+    text_field: str | None = None,
+    label_field: str | None = None,
+    labels: list[str] | None = None,
+    split_articles: float | None = None,
+    part: int = 0,
+    require_labels: bool = True,
+) -> list:
+    """A task's examples from its file(s): `target` is the second file of line-aligned parallel
+    text (seq2seq); `split_articles` F keeps part 0 (the first F of the articles) or part 1 (the
+    rest) of a QA file, split by article with a fixed seed. `require_labels=False` also reads
+    unlabelled classification data (GLUE test files)."""
+    if task not in TASKS:
+        raise UserError(f"task {task!r} is not supported; use one of {list(TASKS)}")
+    if target is not None and task != "seq2seq":
+        raise UserError(f"--target (a line-aligned target file) belongs to --task seq2seq, not {task}")
+    if split_articles is not None and task != "qa":
+        raise UserError("--split-articles splits SQuAD-style QA data; drop it for other tasks")
+    if task == "classify":
+        return read_classification(data, text_field, label_field, labels, require_labels=require_labels)
+    if task == "tag":
+        return read_tagged(data, labels)
+    if task == "qa":
+        examples = read_squad(data)
+        return split_by_article(examples, split_articles, seed=0)[part] if split_articles else examples
+    if task == "seq2seq":
+        return read_parallel_text(data, target) if target is not None else read_text2text(data, text_field, label_field)
+    return read_chat(data)
+
+
+def label_set(task: str, examples: list) -> list[str]:
+    """The labels of a classify or tag task as found in its training data: sorted, with `O` first."""
+    found = {ex.label for ex in examples} if task == "classify" else {t for ex in examples for t in ex.tags}
+    return sorted(found, key=lambda t: (t != "O", t.split("-", 1)[-1], t))
+
+
+def featurize(fmt: TaskFormat, task: str, examples: list, labels: list[str] | None = None, doc_stride: int = 128) -> list[Feature]:
+    """Training features of `examples` (a QA example may give several windows)."""
+    index = {name: i for i, name in enumerate(labels or ())}
+
+    def label_id(name: str, where: str) -> int:
+        if name not in index:
+            raise UserError(f"{where}: label {name!r} is not in the model's label set {list(index)}; fine-tune with it or fix the data")
+        return index[name]
+
+    if task == "classify":
+        return [fmt.classify(ex.text, label_id(ex.label, ex.where)) for ex in examples]
+    if task == "tag":
+        return [fmt.tag(ex.tokens, [label_id(t, ex.where) for t in ex.tags])[0] for ex in examples]
+    if task == "qa":
+        return [w.feature for ex in examples for w in fmt.qa(ex.question, ex.context, ex.answers[0], doc_stride)]
+    if task == "seq2seq":
+        return [fmt.seq2seq(ex.source, ex.target) for ex in examples]
+    return [fmt.chat(ex.messages) for ex in examples]

@@ -1,0 +1,88 @@
+"""`evaluate_task`: a fine-tuned checkpoint on a task's labelled data, scored by the field's metric.
+
+    classify   accuracy, macro_f1                      tag   entity precision / recall / f1 (seqeval's)
+    qa         exact_match, f1 (official SQuAD v1.1)    seq2seq  bleu, chrf (sacrebleu), rouge1/2/L (rouge-score)
+    sft        loss and perplexity on the assistant turns
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.data.features import TaskFormat, collate, featurize, read_examples
+from lmforge.evaluate.metrics import accuracy, bleu, chrf, entity_f1, macro_f1, rouge, squad_scores
+from lmforge.infer.pipeline import pipeline
+from lmforge.model.losses import IGNORE_INDEX, lm_loss
+from lmforge.utils.errors import UserError
+
+
+def evaluate_task(
+    checkpoint: str | Path,
+    task: str | None,
+    data: str | Path,
+    *,
+    target: str | Path | None = None,
+    split_articles: float | None = None,
+    text_field: str | None = None,
+    label_field: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Score `checkpoint` on `data` for `task` (None: the task it was fine-tuned for).
+
+    For QA, `split_articles` F scores the held-out articles (those after the first F, as
+    `finetune --split-articles F` left out). `limit` scores only the first N examples.
+    """
+    t0 = time.perf_counter()
+    pipe = pipeline(task, checkpoint, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    task = pipe.task
+    labels = pipe.model.config.labels
+    examples = read_examples(task, data, target, text_field=text_field, label_field=label_field,
+                             labels=labels, split_articles=split_articles, part=1)
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit must be >= 1, got {limit}")
+        examples = examples[:limit]
+    result: dict[str, Any] = {"task": task, "examples": len(examples)}
+    if task == "classify":
+        pred = [p["label"] for p in pipe([ex.text for ex in examples])]
+        gold = [ex.label for ex in examples]
+        result |= {"accuracy": accuracy(pred, gold), "macro_f1": macro_f1(pred, gold)}
+    elif task == "tag":
+        pred = [p["tags"] for p in pipe([ex.tokens for ex in examples])]
+        result |= entity_f1(pred, [ex.tags for ex in examples])
+    elif task == "qa":
+        answers = pipe([{"question": ex.question, "context": ex.context} for ex in examples])
+        result |= squad_scores({ex.id: a["answer"] for ex, a in zip(examples, answers)}, examples)
+    elif task == "seq2seq":
+        hyps = pipe([ex.source for ex in examples])
+        refs = [ex.references for ex in examples]
+        result |= {"bleu": bleu(hyps, refs), "chrf": chrf(hyps, refs), **rouge(hyps, refs)}
+    else:
+        loss = _assistant_loss(pipe.model, pipe.format, examples, batch_size)
+        result |= {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+@torch.inference_mode()
+def _assistant_loss(model, fmt: TaskFormat, examples: list, batch_size: int) -> float:
+    """Mean next-token loss (nats) over the assistant turns' tokens."""
+    features = featurize(fmt, "sft", examples)
+    device = model.tok_embeddings.weight.device
+    total, count = 0.0, 0
+    for i in range(0, len(features), batch_size):
+        b = collate(features[i : i + batch_size], fmt.pad_id)
+        n = int((b["labels"] != IGNORE_INDEX).sum())
+        total += lm_loss(model(b["input_ids"].to(device)), b["labels"].to(device)).item() * n
+        count += n
+    if count == 0:
+        raise UserError("the conversations have no assistant tokens within the model's context; nothing to score")
+    return total / count

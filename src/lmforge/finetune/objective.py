@@ -1,0 +1,65 @@
+"""How a fine-tuning batch becomes a loss, per task; batches are drawn from in-memory features.
+
+Implements what `lmforge.train.fit` asks of an objective, so fine-tuning runs in the same loop,
+with the same checkpoints, logs and resume semantics as pretraining.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.data.features import Feature, collate, sample_batch
+from lmforge.model.losses import IGNORE_INDEX, lm_loss
+from lmforge.utils.device import autocast
+
+Batch = dict[str, torch.Tensor]
+
+
+class TaskObjective:
+    def __init__(self, kind: str, arch: str, pad_id: int, seed: int) -> None:
+        self.kind, self.arch, self.pad_id, self.seed = kind, arch, pad_id, seed
+
+    def batch(self, features: list[Feature], batch_size: int, step: int, micro: int = 0) -> Batch:
+        return sample_batch(features, batch_size, self.seed, step, micro, self.pad_id)
+
+    def val_batches(self, features: list[Feature], batch_size: int, n_batches: int) -> list[Batch]:
+        """The first n_batches * batch_size validation features, in order."""
+        end = min(len(features), batch_size * n_batches)
+        return [collate(features[i : i + batch_size], self.pad_id) for i in range(0, end, batch_size)]
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        net = getattr(model, "_orig_mod", model)  # heads are called on the module behind torch.compile
+        if self.kind in ("classify", "tag", "qa"):
+            logits = net.task_logits(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).float()
+            if self.kind == "classify":
+                return F.cross_entropy(logits, batch["labels"])
+            if self.kind == "tag":
+                return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+            start, end = logits.unbind(dim=-1)  # (B, T) each
+            return (F.cross_entropy(start, batch["start_positions"]) + F.cross_entropy(end, batch["end_positions"])) / 2
+        if self.arch == "encoder-decoder":
+            memory = net.encode_source(batch["src"], batch["src_mask"])
+            return lm_loss(model(batch["input_ids"], memory=memory, memory_mask=batch["src_mask"]), batch["labels"])
+        return lm_loss(model(batch["input_ids"]), batch["labels"])  # seq2seq prompt format, chat SFT
+
+    def _weight(self, batch: Batch) -> int:
+        """How many predictions a batch's mean loss averages over."""
+        if self.kind in ("classify", "qa"):
+            return batch["input_ids"].size(0)
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: list[Batch], device: torch.device, amp: torch.dtype | None) -> float:
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(device, amp):
+                loss = self.loss(model, batch)
+            n = self._weight(batch)
+            total, count = total + loss.item() * n, count + n
+        model.train(was_training)
+        return total / max(count, 1)

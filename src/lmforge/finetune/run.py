@@ -1,0 +1,167 @@
+"""`finetune`: a checkpoint plus task data in, a fine-tuned checkpoint out; `merge_lora` folds adapters in.
+
+The fine-tuned checkpoint is an ordinary lmforge checkpoint: its config names the task head, the
+labels and the LoRA adapters, and its trainer state records how inputs were laid out
+(`trainer_state["task"]`), so `lmforge.pipeline`, `predict` and `eval` format raw text exactly
+as the fine-tune did.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.checkpoint import load_checkpoint, load_model, save_checkpoint
+from lmforge.config import FINETUNE_DEFAULTS, LoraConfig, ModelConfig, TrainConfig
+from lmforge.data.features import DEFAULT_PROMPT, TASKS, TaskFormat, featurize, label_set, read_examples
+from lmforge.finetune.objective import TaskObjective
+from lmforge.model import Transformer
+from lmforge.model.lora import lora_parameters, merge_lora as merge_modules
+from lmforge.train import RunResult, fit
+from lmforge.utils.errors import UserError
+
+# Which head each task trains, and on which architectures it is defined.
+_HEAD = {"classify": "classify", "tag": "tag", "qa": "span", "seq2seq": "none", "sft": "none"}
+_ARCHS = {
+    "classify": ("encoder", "decoder"),
+    "tag": ("encoder", "decoder"),
+    "qa": ("encoder", "decoder"),
+    "seq2seq": ("decoder", "encoder-decoder"),
+    "sft": ("decoder",),
+}
+
+
+def finetune(
+    checkpoint: str | Path,
+    task: str,
+    data: str | Path,
+    out: str | Path,
+    *,
+    target: str | Path | None = None,
+    val: str | Path | None = None,
+    val_target: str | Path | None = None,
+    split_articles: float | None = None,
+    train: TrainConfig | None = None,
+    lora: LoraConfig | None = None,
+    freeze_embeddings: bool = False,
+    freeze_layers: int = 0,
+    labels: list[str] | None = None,
+    text_field: str | None = None,
+    label_field: str | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    doc_stride: int = 128,
+    dropout: float | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log=print,
+) -> RunResult:
+    """Fine-tune `checkpoint` for `task` (classify, tag, qa, seq2seq, sft) on `data`, writing OUT/step-N.
+
+    `val` (with `val_target` for parallel text) is scored during training; for QA,
+    `split_articles` F trains on the first F of the articles of `data` and validates on the rest.
+    `train.seq_len` caps the tokens of one example (default: the model's context). With
+    `lora.r` > 0 only the adapters and the task head train; `freeze_embeddings` and
+    `freeze_layers` k freeze the embeddings and the first k blocks of a full fine-tune.
+    """
+    t0 = time.perf_counter()
+    train = train or TrainConfig(**FINETUNE_DEFAULTS)
+    base, ckpt = load_model(checkpoint, "cpu")
+    cfg = base.config
+    if task not in TASKS:
+        raise UserError(f"task {task!r} is not supported; use one of {list(TASKS)}")
+    if cfg.arch not in _ARCHS[task]:
+        raise UserError(f"--task {task} fine-tunes {' or '.join(_ARCHS[task])} models, but {ckpt.path} is an {cfg.arch}")
+    if cfg.lora is not None:
+        raise UserError(f"{ckpt.path} holds LoRA adapters; fold them in first with `lmforge merge-lora {ckpt.path} --out DIR`")
+    max_length = min(train.seq_len or cfg.context_length, cfg.context_length)
+    fmt = TaskFormat(ckpt.tokenizer, cfg.arch, max_length, prompt)
+
+    train_examples = read_examples(task, data, target, text_field=text_field, label_field=label_field,
+                                   labels=labels, split_articles=split_articles, part=0)
+    if task in ("classify", "tag"):
+        labels = labels or label_set(task, train_examples)
+    val_examples = None
+    if val is not None:
+        val_examples = read_examples(task, val, val_target, text_field=text_field, label_field=label_field, labels=labels)
+    elif split_articles:
+        val_examples = read_examples(task, data, split_articles=split_articles, part=1)
+    train_features = featurize(fmt, task, train_examples, labels, doc_stride)
+    val_features = featurize(fmt, task, val_examples, labels, doc_stride) if val_examples else None
+
+    new_cfg = cfg.replace(
+        task_head=_HEAD[task], labels=labels if task in ("classify", "tag") else None,
+        lora=lora if lora is not None and lora.r else None,
+        dropout=cfg.dropout if dropout is None else dropout,
+    )
+    net = _from_base(base, new_cfg, train.seed)
+    trainable = _freeze(net, freeze_embeddings, freeze_layers)
+    objective = TaskObjective(task, cfg.arch, fmt.pad_id, train.seed)
+    mean_len = sum(len(f["input_ids"]) + len(f.get("src", ())) for f in train_features) / len(train_features)
+    task_state: dict[str, Any] = {"kind": task, "max_length": max_length, "prompt": prompt, "doc_stride": doc_stride}
+    return fit(
+        net, objective, ckpt.tokenizer, train, out, train_features, val_features,
+        tokens_per_sample=max(round(mean_len), 1),
+        resume=resume,
+        state={"task": task_state, "base": str(ckpt.path), "data": str(data)},
+        describe=(f"{task} on {len(train_examples):,} examples ({len(train_features):,} features)"
+                  + (f", {len(val_examples):,} validation examples" if val_examples else "")
+                  + f"; {trainable:,} trainable parameters"),
+        progress=progress,
+        log=log,
+        t0=t0,
+    )
+
+
+def _from_base(base: Transformer, cfg: ModelConfig, seed: int) -> Transformer:
+    """A model of config `cfg` holding the base model's weights; new heads and adapters are fresh."""
+    torch.manual_seed(seed)
+    net = Transformer(cfg)
+    state = base.state_dict()
+    if base.config.task_head != cfg.task_head or base.config.labels != cfg.labels:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}  # a different head: start it anew
+    result = net.load_state_dict(state, strict=False)
+    unexpected = list(result.unexpected_keys)
+    missing = [k for k in result.missing_keys if not k.startswith("head.") and ".lora_" not in k]
+    if missing or unexpected:
+        raise UserError(f"the base weights do not fit the fine-tuning model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return net
+
+
+def _freeze(net: Transformer, embeddings: bool, layers: int) -> int:
+    """Set requires_grad for the fine-tune; return the number of trainable parameters."""
+    if layers < 0 or layers > net.config.n_layer:
+        raise UserError(f"--freeze-layers must be in 0..{net.config.n_layer}, got {layers}")
+    if net.config.lora is not None:
+        # LoRA: only the adapters and the new task head learn (PEFT's modules_to_save).
+        for p in net.parameters():
+            p.requires_grad_(False)
+        for p in lora_parameters(net) + (list(net.head.parameters()) if net.head is not None else []):
+            p.requires_grad_(True)
+    else:
+        frozen: list[torch.nn.Module] = list(net.layers[:layers])
+        if embeddings:
+            frozen += [m for m in (net.tok_embeddings, net.pos_embeddings, net.type_embeddings, net.embed_norm) if m is not None]
+        for module in frozen:
+            for p in module.parameters():
+                p.requires_grad_(False)
+    return sum(p.numel() for p in {id(p): p for p in net.parameters() if p.requires_grad}.values())
+
+
+def merge_lora(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write a checkpoint whose weights include the LoRA updates of `checkpoint` (no adapters left)."""
+    model, ckpt = load_model(checkpoint, "cpu")
+    if model.config.lora is None:
+        raise UserError(f"{ckpt.path} has no LoRA adapters to merge; it can be used as it is")
+    merge_modules(model)
+    model.config = model.config.replace(lora=None)
+    task = (ckpt.trainer_state or {}).get("task")
+    return save_checkpoint(out, model, ckpt.tokenizer, trainer_state={"task": task, "merged_from": str(ckpt.path)} if task else None)
+
+
+def task_of(checkpoint: str | Path) -> dict[str, Any] | None:
+    """How a fine-tuned checkpoint lays out its inputs (None for a checkpoint that was not fine-tuned)."""
+    state = load_checkpoint(checkpoint).trainer_state or {}
+    return state.get("task")

@@ -1,0 +1,231 @@
+"""`pipeline(TASK, CKPT)`: a callable that runs a (fine-tuned) checkpoint on raw inputs.
+
+    clf = lmforge.pipeline("classify", "runs/sst2")
+    clf(["a gripping film", "a dull film"])    # [{"label": "1", "score": 0.97}, {"label": "0", ...}]
+    lmforge.pipeline("qa", "runs/squad")(question="Who won?", context="... the Broncos won ...")
+
+Inputs are laid out by the same `TaskFormat` the fine-tune used (read from the checkpoint's
+trainer state), batched, and long ones handled: classification and tagging keep the first
+`max_length` tokens; QA slides windows over a long context and keeps the best span of any window.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import json
+
+import torch
+
+from lmforge.checkpoint import load_model
+from lmforge.data.features import DEFAULT_PROMPT, TASKS, Feature, TaskFormat, collate, read_examples
+from lmforge.data.parallel import decoder_start_id
+from lmforge.infer.generate import SamplingConfig, generate_tokens
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+from lmforge.utils.device import resolve_device
+from lmforge.utils.errors import UserError
+from lmforge.utils.fs import atomic_write_text
+
+_NEEDS_HEAD = {"classify": "classify", "tag": "tag", "qa": "span"}
+
+
+class Pipeline:
+    """Runs one task; `task`, `model`, `tokenizer` and `format` are public for inspection."""
+
+    def __init__(self, task: str, model: Transformer, tokenizer: Tokenizer, fmt: TaskFormat, batch_size: int,
+                 max_new_tokens: int, max_answer_length: int, doc_stride: int) -> None:
+        self.task, self.model, self.tokenizer, self.format = task, model, tokenizer, fmt
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.max_answer_length, self.doc_stride = max_answer_length, doc_stride
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    def __call__(self, inputs: Any = None, **kwargs: Any) -> Any:
+        """One input gives one result; a list gives a list. QA takes {"question", "context"}
+        dicts or question=..., context=...; tag takes a text (split on spaces) or a list of
+        texts or word lists; sft takes a list of messages (a string is one user message)."""
+        if self.task == "qa" and inputs is None:
+            inputs = kwargs
+        if self.task == "qa":
+            single = isinstance(inputs, dict)
+        elif self.task == "sft":
+            single = isinstance(inputs, str) or (isinstance(inputs, list) and bool(inputs) and isinstance(inputs[0], dict))
+        else:
+            single = isinstance(inputs, str)
+        batch = [inputs] if single else list(inputs)
+        run = {"classify": self._classify, "tag": self._tag, "qa": self._qa, "seq2seq": self._generate, "sft": self._generate}
+        results = run[self.task](batch)
+        return results[0] if single else results
+
+    @torch.inference_mode()
+    def _logits(self, features: list[Feature]) -> Iterable[tuple[list[Feature], torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(features), self.batch_size):
+            chunk = features[i : i + self.batch_size]
+            b = {k: v.to(self.device) for k, v in collate(chunk, self.format.pad_id).items()}
+            yield chunk, self.model.task_logits(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float(), b["attention_mask"]
+
+    def _classify(self, texts: list[str]) -> list[dict[str, Any]]:
+        labels = self.model.config.labels
+        out = []
+        for _, logits, _ in self._logits([self.format.classify(t) for t in texts]):
+            probs = logits.softmax(-1)
+            for p in probs:
+                i = int(p.argmax())
+                out.append({"label": labels[i], "score": float(p[i])})
+        return out
+
+    def _tag(self, items: list[str | list[str]]) -> list[dict[str, Any]]:
+        labels = self.model.config.labels
+        words = [item.split() if isinstance(item, str) else list(item) for item in items]
+        encoded = [self.format.tag(w) for w in words]
+        out: list[dict[str, Any]] = []
+        done = 0
+        for _, logits, _ in self._logits([f for f, _ in encoded]):
+            for row in logits.argmax(-1).tolist():
+                w, first = words[done], encoded[done][1]
+                # Words cut off by max_length get "O": the model never saw them.
+                tags = [labels[row[t]] if t >= 0 else "O" for t in first]
+                out.append({"words": w, "tags": _valid_iob2(tags)})
+                done += 1
+        return out
+
+    def _qa(self, items: list[dict[str, str]]) -> list[dict[str, Any]]:
+        windows = []  # (item index, window) over every item: batches mix items
+        for n, item in enumerate(items):
+            if not isinstance(item, dict) or not {"question", "context"} <= set(item):
+                raise UserError('qa inputs are {"question": ..., "context": ...} dicts')
+            windows += [(n, w) for w in self.format.qa(item["question"], item["context"], stride=self.doc_stride)]
+        best = [(float("-inf"), 0, 0)] * len(items)
+        k = 0
+        for _, logits, _ in self._logits([w.feature for _, w in windows]):
+            for lg in logits:
+                n, w = windows[k]
+                best[n] = max(best[n], _best_span(lg, w.offsets, self.max_answer_length))
+                k += 1
+        out = []
+        for item, (score, s, e) in zip(items, best):
+            answer = item["context"][s:e]
+            s += len(answer) - len(answer.lstrip())  # byte-level tokens carry the space before a word
+            answer = answer.strip()
+            out.append({"answer": answer, "score": score, "start": s, "end": s + len(answer)})
+        return out
+
+    def _generate(self, items: list[Any]) -> list[str]:
+        sampling = SamplingConfig(temperature=0.0)
+        cfg, tok = self.model.config, self.tokenizer
+        if self.max_new_tokens >= cfg.context_length and cfg.arch == "decoder":
+            raise UserError(f"max_new_tokens {self.max_new_tokens} leaves no room for the input in a context of {cfg.context_length}")
+        out = []
+        for item in items:
+            memory: dict[str, torch.Tensor] = {}
+            if self.task == "sft":
+                messages = [{"role": "user", "content": item}] if isinstance(item, str) else item
+                prompt = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+                prompt = prompt[-(cfg.context_length - self.max_new_tokens):]
+            elif cfg.arch == "encoder-decoder":
+                src = torch.tensor([self.format.seq2seq(item)["src"]], device=self.device)
+                with torch.inference_mode():
+                    memory = {"memory": self.model.encode_source(src)}
+                prompt = [decoder_start_id(tok)]
+            else:
+                prompt = self.format.prompt_ids(item, cfg.context_length - self.max_new_tokens)
+            ids = []
+            for t in generate_tokens(self.model, prompt, self.max_new_tokens, sampling, (tok.eot_id,), **memory):
+                if t == tok.eot_id:
+                    break
+                ids.append(t)
+            out.append(tok.decode(ids).strip())
+        return out
+
+
+def _best_span(logits: torch.Tensor, offsets: Sequence[tuple[int, int] | None], max_len: int) -> tuple[float, int, int]:
+    """The highest start+end score over spans inside the context of at most `max_len` tokens,
+    as (score, start char, end char)."""
+    in_ctx = torch.tensor([o is not None for o in offsets], device=logits.device)
+    T = len(offsets)
+    start, end = logits[:T, 0], logits[:T, 1]
+    scores = start[:, None] + end[None, :]  # (T, T): start i, end j
+    i, j = torch.meshgrid(torch.arange(T, device=logits.device), torch.arange(T, device=logits.device), indexing="ij")
+    ok = (j >= i) & (j - i < max_len) & in_ctx[:, None] & in_ctx[None, :]
+    if not ok.any():
+        return float("-inf"), 0, 0
+    scores = scores.masked_fill(~ok, float("-inf"))
+    flat = int(scores.argmax())
+    s, e = divmod(flat, T)
+    return float(scores.view(-1)[flat]), offsets[s][0], offsets[e][1]
+
+
+def _valid_iob2(tags: list[str]) -> list[str]:
+    """Repair an I-x that does not continue an entity of type x into B-x (what the model meant)."""
+    out = []
+    for i, t in enumerate(tags):
+        if t.startswith("I-") and (i == 0 or out[-1][2:] != t[2:] or out[-1] == "O"):
+            t = "B-" + t[2:]
+        out.append(t)
+    return out
+
+
+def pipeline(
+    task: str | None,
+    checkpoint: str | Path,
+    device: str = "auto",
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    max_answer_length: int = 30,
+) -> Pipeline:
+    """A callable for `task` on `checkpoint`; task None takes the one the checkpoint was fine-tuned for."""
+    model, ckpt = load_model(checkpoint, resolve_device(device))
+    trained = (ckpt.trainer_state or {}).get("task") or {}
+    task = task or trained.get("kind")
+    if task is None:
+        raise UserError(f"{ckpt.path} was not fine-tuned for a task; name one of {list(TASKS)}")
+    if task not in TASKS:
+        raise UserError(f"task {task!r} is not supported; use one of {list(TASKS)}")
+    head = _NEEDS_HEAD.get(task)
+    if head is not None and model.config.task_head != head:
+        raise UserError(f"{ckpt.path} has no {head} head; fine-tune it first with `lmforge finetune {ckpt.path} --task {task} ...`")
+    if head is None and model.config.arch == "encoder":
+        raise UserError(f"an encoder cannot generate text for --task {task}; use a decoder or encoder-decoder checkpoint")
+    cfg = model.config
+    fmt = TaskFormat(ckpt.tokenizer, cfg.arch, trained.get("max_length", cfg.context_length), trained.get("prompt", DEFAULT_PROMPT))
+    return Pipeline(task, model, ckpt.tokenizer, fmt, batch_size, max_new_tokens, max_answer_length, trained.get("doc_stride", 128))
+
+
+def predict(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    task: str | None = None,
+    *,
+    target: str | Path | None = None,
+    split_articles: float | None = None,
+    text_field: str | None = None,
+    label_field: str | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+) -> int:
+    """Run `checkpoint` over the examples of `data` and write one JSON object per example to `out`
+    (atomically); returns the number written. Labels in the data are not needed (GLUE test files)."""
+    pipe = pipeline(task, checkpoint, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    examples = read_examples(pipe.task, data, target, text_field=text_field, label_field=label_field,
+                             split_articles=split_articles, part=1, require_labels=False)
+    if pipe.task == "classify":
+        rows = [{"text": ex.text, **p} for ex, p in zip(examples, pipe([ex.text for ex in examples]))]
+    elif pipe.task == "tag":
+        rows = pipe([ex.tokens for ex in examples])
+    elif pipe.task == "qa":
+        answers = pipe([{"question": ex.question, "context": ex.context} for ex in examples])
+        rows = [{"id": ex.id, "question": ex.question, **a} for ex, a in zip(examples, answers)]
+    elif pipe.task == "seq2seq":
+        rows = [{"source": ex.source, "prediction": p} for ex, p in zip(examples, pipe([ex.source for ex in examples]))]
+    else:  # the reply to each conversation up to its last assistant turn
+        prompts = [ex.messages[: max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")] for ex in examples]
+        rows = [{"messages": m, "reply": r} for m, r in zip(prompts, pipe(prompts))]
+    rows = [{"where": ex.where, **row} for ex, row in zip(examples, rows)]
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return len(rows)

@@ -1,0 +1,87 @@
+import pytest
+
+from lmforge.data.features import TaskFormat, collate, sample_batch
+from lmforge.model.losses import IGNORE_INDEX
+from lmforge.tokenizer import Tokenizer
+from lmforge.utils.errors import UserError
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture
+def tok(tokenizer_dir):
+    return Tokenizer.load(tokenizer_dir)
+
+
+@pytest.mark.parametrize("arch", ["decoder", "encoder"])
+def test_each_word_label_sits_on_the_first_token_of_that_word(tok, arch):
+    fmt = TaskFormat(tok, arch, max_length=64)
+    words = ["Hark", "!", "ROMEO", "speaks", "of", "Verona's", "walls"]
+    f, first = fmt.tag(words, labels=list(range(len(words))))
+    ids = f["input_ids"]
+    assert (ids[0] == fmt.cls_id and ids[-1] == fmt.sep_id) if arch == "encoder" else ids[-1] == tok.eot_id
+    for w, t in enumerate(first):
+        # Reference by decoding: the first token's text, stripped of the joining space, starts the word.
+        assert words[w].startswith(tok.decode([ids[t]]).lstrip(" ")), (w, tok.decode([ids[t]]))
+        assert f["labels"][t] == w
+    assert sum(lab != IGNORE_INDEX for lab in f["labels"]) == len(words)
+
+
+def test_words_cut_by_max_length_get_no_label(tok):
+    f, first = TaskFormat(tok, "decoder", max_length=8).tag(["word"] * 20, labels=[1] * 20)
+    assert len(f["input_ids"]) == 8 and first[-1] == -1 and first[0] == 0
+
+
+def test_qa_windows_cover_a_long_context_and_mark_the_answer_where_it_lies(tok):
+    context = " ".join(f"line {i} of the play." for i in range(60)) + " The answer is Verona itself."
+    start = context.index("Verona")
+    windows = TaskFormat(tok, "decoder", max_length=48).qa("Where?", context, ("Verona", start), stride=16)
+    assert len(windows) > 3
+    seen = set()
+    for w in windows:
+        seen.update(o for o in w.offsets if o is not None)
+        f = w.feature
+        if f["start_positions"]:
+            s, e = w.offsets[f["start_positions"]][0], w.offsets[f["end_positions"]][1]
+            assert context[s:e].strip() == "Verona"
+    assert any(w.feature["start_positions"] for w in windows)
+    assert not windows[0].feature["start_positions"]
+    ids, offsets = tok.encode_with_offsets(context)
+    assert seen == set(offsets)  # every context token is in some window
+
+
+def test_decoder_seq2seq_trains_only_on_the_target(tok):
+    fmt = TaskFormat(tok, "decoder", max_length=64, prompt="Summary of {source}:")
+    f = fmt.seq2seq("the long text", "short")
+    target = tok.encode("short") + [tok.eot_id]
+    assert [t for t in f["labels"] if t != IGNORE_INDEX] == target
+    assert f["labels"][-1] == tok.eot_id and len(f["labels"]) == len(f["input_ids"])
+    assert tok.decode(f["input_ids"]).startswith("Summary of the long text:")
+
+
+def test_chat_trains_on_assistant_turns_only(tok):
+    tok.chat_template = CHATML
+    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Good morrow"},
+            {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Farewell"}]
+    f = TaskFormat(tok, "decoder", max_length=128).chat(msgs)
+    trained = tok.decode([t for t in f["labels"] if t != IGNORE_INDEX])
+    assert "Good morrow" in trained and "Farewell" in trained
+    assert "Hi there" not in trained and "Again" not in trained and "user" not in trained
+
+
+def test_collate_pads_right_and_batches_are_a_function_of_the_step(tok):
+    fmt = TaskFormat(tok, "decoder", max_length=32)
+    feats = [fmt.classify(t, i % 2) for i, t in enumerate(["a", "a longer text here", "mid text"])]
+    b = collate(feats, pad_id=1)
+    assert b["input_ids"].shape == b["attention_mask"].shape and b["labels"].tolist() == [0, 1, 0]
+    assert b["attention_mask"].sum(1).tolist() == [len(f["input_ids"]) for f in feats]
+    one, two = sample_batch(feats, 4, 7, 3, 0, 1), sample_batch(feats, 4, 7, 3, 0, 1)
+    assert all((one[k] == two[k]).all() for k in one)
+
+
+def test_bad_prompt_is_one_line(tok):
+    with pytest.raises(UserError, match="placeholder"):
+        TaskFormat(tok, "decoder", 64, prompt="no slot")

@@ -1,0 +1,207 @@
+"""Every fine-tuning task end to end on tiny models and slices of the real task data."""
+
+import gzip
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA, tiny_train_config
+from lmforge.checkpoint import load_model, save_checkpoint
+from lmforge.config import LoraConfig, preset
+from lmforge.evaluate import evaluate_task
+from lmforge.evaluate.metrics import accuracy
+from lmforge.finetune import finetune, merge_lora
+from lmforge.infer import pipeline, predict
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+from lmforge.utils.errors import UserError
+
+YELP = SHARED_DATA / "classification" / "uci-sentiment" / "yelp_labelled.txt"
+WNUT = SHARED_DATA / "ner" / "wnut17" / "wnut17train.conll"
+SQUAD = SHARED_DATA / "qa" / "squad-v1.1-dev" / "dev-v1.1.json"
+MULTI30K = SHARED_DATA / "translation" / "multi30k-en-de"
+SCITLDR = SHARED_DATA / "summarization" / "scitldr" / "dev.jsonl"
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QUIET = dict(progress=False, log=lambda *a: None)
+
+
+def _cfg(**overrides):
+    return tiny_train_config(**{"max_steps": 40, "eval_interval": 0, "ckpt_interval": 0, "lr": 3e-3, "min_lr": 0.0,
+                                "warmup_steps": 4, "seq_len": 64, "batch_size": 16, **overrides})
+
+
+def _base(tmp_path_factory, tokenizer_dir, name, **model):
+    torch.manual_seed(0)
+    tok = Tokenizer.load(tokenizer_dir)
+    net = Transformer(preset("tiny").replace(vocab_size=tok.vocab_size, **model))
+    return save_checkpoint(tmp_path_factory.mktemp(name) / "ckpt", net, tok)
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory, tokenizer_dir):
+    return _base(tmp_path_factory, tokenizer_dir, "bert", arch="encoder", type_vocab_size=2, norm_position="post", embed_norm=True)
+
+
+@pytest.fixture(scope="module")
+def yelp_run(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft") / "yelp"
+    return finetune(trained_run.out, "classify", YELP, out, train=_cfg(max_steps=150), **QUIET)
+
+
+def test_classify_learns_and_eval_scores_what_the_pipeline_predicts(yelp_run):
+    result = evaluate_task(yelp_run.checkpoint, "classify", YELP, device="cpu")
+    lines = [line.rsplit("\t", 1) for line in YELP.read_text().splitlines()]
+    preds = [p["label"] for p in pipeline("classify", yelp_run.checkpoint, device="cpu")([t for t, _ in lines])]
+    assert result["accuracy"] == pytest.approx(accuracy(preds, [g.strip() for _, g in lines]))
+    assert result["accuracy"] >= 70.0  # the 1,000 training sentences, after 150 steps from a Shakespeare LM
+    assert result["examples"] == 1000 and 0 <= result["macro_f1"] <= 100
+
+
+def test_lora_trains_only_adapters_and_head_and_merges_to_the_same_predictions(trained_run, tmp_path):
+    base, _ = load_model(trained_run.out)
+    run = finetune(trained_run.out, "classify", YELP, tmp_path / "lora", train=_cfg(max_steps=20, lr=1e-2),
+                   lora=LoraConfig(r=4, alpha=8, targets="q,v"), **QUIET)
+    # Independent count: per block, q and v each get A (4 x 64) and B (64 x 4); the head is 64 x 2 + 2.
+    cfg = base.config
+    assert run.trainable_params == cfg.n_layer * 2 * (4 * 64 + 64 * 4) + 64 * 2 + 2
+    tuned, _ = load_model(run.checkpoint)
+    tuned_state = tuned.state_dict()
+    for k, v in base.state_dict().items():
+        assert torch.equal(tuned_state[k], v), k  # the base weights did not move
+    assert any(tuned_state[k].abs().sum() > 0 for k in tuned_state if ".lora_B." in k)
+    merged = merge_lora(run.checkpoint, tmp_path / "merged")
+    m, ck = load_model(merged)
+    assert m.config.lora is None and not any(".lora_" in k for k in m.state_dict())
+    x = torch.randint(0, cfg.vocab_size, (3, 12))
+    torch.testing.assert_close(m.task_logits(x), tuned.task_logits(x), atol=1e-5, rtol=1e-5)
+    texts = ["Great food!", "Terrible service.", "ok"]
+    assert pipeline(None, merged, device="cpu")(texts) == pipeline(None, run.checkpoint, device="cpu")(texts)
+
+
+def test_freeze_layers_and_embeddings_keep_them_fixed(trained_run, tmp_path):
+    base, _ = load_model(trained_run.out)
+    run = finetune(trained_run.out, "classify", YELP, tmp_path / "frozen", train=_cfg(max_steps=5),
+                   freeze_layers=1, freeze_embeddings=True, **QUIET)
+    tuned, _ = load_model(run.checkpoint)
+    before, after = base.state_dict(), tuned.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith(("layers.0.", "tok_embeddings", "pos_embeddings")))
+    assert not torch.equal(after["layers.1.attention.qkv.weight"], before["layers.1.attention.qkv.weight"])
+
+
+def test_tagging_on_wnut17_with_an_encoder(encoder, tmp_path):
+    sentences = WNUT.read_text(encoding="utf-8").split("\n\t\n")[:300]  # WNUT ends a sentence with a line "\t"
+    data = tmp_path / "wnut-slice.conll"
+    data.write_text("\n\t\n".join(sentences) + "\n", encoding="utf-8")
+    run = finetune(encoder, "tag", data, tmp_path / "tag", val=data, train=_cfg(max_steps=60, eval_interval=10), **QUIET)
+    rows = [json.loads(line) for line in open(run.out / "metrics.jsonl")]
+    val = [r["val_loss"] for r in rows if r["kind"] == "val"]
+    assert val[-1] < val[0]
+    result = evaluate_task(run.checkpoint, None, data, device="cpu")
+    assert result["task"] == "tag" and result["examples"] == 300 and {"precision", "recall", "f1"} <= set(result)
+    tagged = pipeline(None, run.checkpoint, device="cpu")("Empire State Building is in New York")
+    assert len(tagged["tags"]) == 7 and all(t == "O" or t[:2] in ("B-", "I-") for t in tagged["tags"])
+
+
+def _squad_slice(path, n_articles=3, n_paragraphs=3):
+    doc = json.loads(SQUAD.read_text(encoding="utf-8"))
+    doc["data"] = [dict(a, paragraphs=a["paragraphs"][:n_paragraphs]) for a in doc["data"][:n_articles]]
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    return path
+
+
+def test_qa_trains_on_some_articles_and_is_scored_on_the_others(trained_run, tmp_path):
+    data = _squad_slice(tmp_path / "squad.json")
+    run = finetune(trained_run.out, "qa", data, tmp_path / "qa", split_articles=0.67, doc_stride=32,
+                   train=_cfg(max_steps=30, eval_interval=30), **QUIET)
+    assert run.val_loss is not None
+    result = evaluate_task(run.checkpoint, "qa", data, split_articles=0.67, device="cpu")
+    doc = json.loads(data.read_text())
+    n_questions = {a["title"]: sum(len(p["qas"]) for p in a["paragraphs"]) for a in doc["data"]}
+    assert result["examples"] in n_questions.values()  # exactly one held-out article
+    assert 0 <= result["exact_match"] <= result["f1"] <= 100
+    answer = pipeline("qa", run.checkpoint, device="cpu")(question="Who?", context="Denver Broncos won the game.")
+    assert answer["answer"] and "Denver Broncos won the game."[answer["start"]:answer["end"]] == answer["answer"]
+
+
+def test_qa_span_decoding_takes_the_best_valid_span_within_the_context():
+    from lmforge.infer.pipeline import _best_span
+
+    offsets = [None, None, (0, 5), (5, 9), (9, 14), None]
+    logits = torch.full((6, 2), -5.0)
+    logits[0] = torch.tensor([9.0, 9.0])  # the question: never an answer
+    logits[4, 0], logits[3, 1] = 4.0, 5.0  # start after end: invalid
+    logits[2, 0], logits[3, 1] = 3.0, 5.0
+    assert _best_span(logits, offsets, max_len=30) == (8.0, 0, 9)
+    assert _best_span(logits, offsets, max_len=1)[1:] == (5, 9)  # max_len 1: the best single token
+
+
+def _lines(src, n, out):
+    with gzip.open(src, "rt", encoding="utf-8") as f:
+        out.write_text("".join(next(f) for _ in range(n)), encoding="utf-8")
+    return out
+
+
+def test_translation_with_an_encoder_decoder_and_predictions_as_jsonl(tmp_path_factory, tokenizer_dir, tmp_path):
+    encdec = _base(tmp_path_factory, tokenizer_dir, "t5ish", arch="encoder-decoder", position="sinusoidal")
+    src, tgt = _lines(MULTI30K / "train.en.gz", 300, tmp_path / "en.txt"), _lines(MULTI30K / "train.de.gz", 300, tmp_path / "de.txt")
+    run = finetune(encdec, "seq2seq", src, tmp_path / "mt", target=tgt, val=src, val_target=tgt,
+                   train=_cfg(max_steps=40, eval_interval=20), **QUIET)
+    val = [r["val_loss"] for r in map(json.loads, open(run.out / "metrics.jsonl")) if r["kind"] == "val"]
+    assert val[-1] < val[0]
+    result = evaluate_task(run.checkpoint, "seq2seq", src, target=tgt, limit=5, max_new_tokens=8, device="cpu")
+    assert result["examples"] == 5 and {"bleu", "chrf", "rouge1", "rouge2", "rougeL"} <= set(result)
+    n = predict(run.checkpoint, src, tmp_path / "pred.jsonl", target=tgt, max_new_tokens=4, device="cpu")
+    rows = [json.loads(line) for line in open(tmp_path / "pred.jsonl")]
+    assert n == len(rows) == 300 and rows[0]["source"] == src.read_text().splitlines()[0] and "prediction" in rows[0]
+
+
+def test_summarization_with_a_decoder_trains_on_the_target_only(trained_run, tmp_path):
+    data = tmp_path / "tldr.jsonl"
+    data.write_text("".join(SCITLDR.read_text(encoding="utf-8").splitlines(keepends=True)[:40]), encoding="utf-8")
+    run = finetune(trained_run.out, "seq2seq", data, tmp_path / "sum", val=data, prompt="{source}\nTL;DR:",
+                   train=_cfg(max_steps=30, eval_interval=15), **QUIET)
+    val = [r["val_loss"] for r in map(json.loads, open(run.out / "metrics.jsonl")) if r["kind"] == "val"]
+    assert val[-1] < val[0]
+    result = evaluate_task(run.checkpoint, None, data, limit=3, max_new_tokens=8, device="cpu")
+    assert result["task"] == "seq2seq" and result["examples"] == 3
+
+
+def test_chat_sft_lowers_the_loss_on_assistant_turns(trained_run, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(trained_run.checkpoint, base)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": CHATML}))
+    data = tmp_path / "chat.jsonl"
+    colours = ["red", "blue", "green", "white"]
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What colour is the {thing}?"},
+        {"role": "assistant", "content": f"The {thing} is {c}."}]}) + "\n"
+        for thing, c in zip(["rose", "sky", "grass", "snow"], colours)), encoding="utf-8")
+    before = evaluate_task(base, "sft", data, device="cpu")["loss"]
+    run = finetune(base, "sft", data, tmp_path / "sft", train=_cfg(max_steps=40), **QUIET)
+    after = evaluate_task(run.checkpoint, None, data, device="cpu")["loss"]
+    assert after < before / 2
+    reply = pipeline(None, run.checkpoint, device="cpu", max_new_tokens=12)([{"role": "user", "content": "What colour is the sky?"}])
+    assert isinstance(reply, str)
+
+
+def test_bad_input_is_one_line(trained_run, encoder, yelp_run, tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("good\t1\nbad\t0\nmeh\t7\n")
+    with pytest.raises(UserError, match=r"bad.tsv:3.*'7'"):
+        evaluate_task(yelp_run.checkpoint, "classify", bad, device="cpu")
+    with pytest.raises(UserError, match="fine-tunes decoder or encoder-decoder models"):
+        finetune(encoder, "seq2seq", YELP, tmp_path / "x", **QUIET)
+    with pytest.raises(UserError, match="no LoRA adapters"):
+        merge_lora(yelp_run.checkpoint, tmp_path / "m")
+    with pytest.raises(UserError, match="has no span head"):
+        pipeline("qa", yelp_run.checkpoint, device="cpu")
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("")
+    with pytest.raises(UserError, match="empty.tsv"):
+        finetune(trained_run.out, "classify", empty, tmp_path / "y", **QUIET)
