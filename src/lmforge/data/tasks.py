@@ -276,6 +276,31 @@ def _tag_layout(line: str) -> tuple[bool, int, int, int]:
     return tabs, n, 0, n - 1  # token first, tag last: WNUT's two columns, CoNLL-2003's four
 
 
+def entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
+    """(type, first, last) of each entity in one sentence's tags, as conlleval.pl chunks them (IOB1,
+    IOB2 and IOBES alike; the rules of seqeval's `get_entities`)."""
+    chunks = []
+    prev_tag, prev_type, begin = "O", "", 0
+    for i, label in enumerate([*tags, "O"]):
+        tag, type_ = label[:1], label[1:].split("-", 1)[-1] or "_"
+        ends = (
+            prev_tag in ("E", "S")
+            or (prev_tag in ("B", "I") and tag in ("B", "S", "O"))
+            or (prev_tag not in ("O", ".") and prev_type != type_)
+        )
+        starts = (
+            tag in ("B", "S")
+            or (prev_tag in ("E", "S", "O") and tag in ("E", "I"))
+            or (tag not in ("O", ".") and prev_type != type_)
+        )
+        if ends:
+            chunks.append((prev_type, begin, i - 1))
+        if starts:
+            begin = i
+        prev_tag, prev_type = tag, type_
+    return chunks
+
+
 # --- extractive QA ------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from lmforge.data.tasks import QAExample
+from lmforge.data.tasks import QAExample, entities
 
 
 def accuracy(pred: Sequence, gold: Sequence) -> float:
@@ -44,7 +44,7 @@ def macro_f1(pred: Sequence, gold: Sequence) -> float:
 
 
 # --- entities -----------------------------------------------------------------------------------
-# seqeval's default mode is computed here rather than imported: seqeval loads scikit-learn at import
+# seqeval's default mode is computed here (chunking by `lmforge.data.tasks.entities`) rather than imported: seqeval loads scikit-learn at import
 # time (for its classification report), ships no wheel and has had no release since 2020, while the
 # chunking rules are 20 lines. tests/evaluate/test_metrics.py checks equality with seqeval itself on
 # its README example and on random tag sequences.
@@ -66,31 +66,6 @@ def entity_f1(pred_tags: Sequence[Sequence[str]], gold_tags: Sequence[Sequence[s
     recall = n_correct / n_gold if n_gold else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": 100.0 * precision, "recall": 100.0 * recall, "f1": 100.0 * f1}
-
-
-def entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
-    """(type, first, last) of each entity in one sentence's tags, as conlleval.pl chunks them (IOB1,
-    IOB2 and IOBES alike; the rules of seqeval's `get_entities`)."""
-    chunks = []
-    prev_tag, prev_type, begin = "O", "", 0
-    for i, label in enumerate([*tags, "O"]):
-        tag, type_ = label[:1], label[1:].split("-", 1)[-1] or "_"
-        ends = (
-            prev_tag in ("E", "S")
-            or (prev_tag in ("B", "I") and tag in ("B", "S", "O"))
-            or (prev_tag not in ("O", ".") and prev_type != type_)
-        )
-        starts = (
-            tag in ("B", "S")
-            or (prev_tag in ("E", "S", "O") and tag in ("E", "I"))
-            or (tag not in ("O", ".") and prev_type != type_)
-        )
-        if ends:
-            chunks.append((prev_type, begin, i - 1))
-        if starts:
-            begin = i
-        prev_tag, prev_type = tag, type_
-    return chunks
 
 
 # --- extractive QA ------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def finetune(
         dropout=cfg.dropout if dropout is None else dropout,
     )
     net = _from_base(base, new_cfg, train.seed)
-    trainable = _freeze(net, freeze_embeddings, freeze_layers)
+    _freeze(net, freeze_embeddings, freeze_layers)
     objective = TaskObjective(task, cfg.arch, fmt.pad_id, train.seed)
     mean_len = sum(len(f["input_ids"]) + len(f.get("src", ())) for f in train_features) / len(train_features)
     task_state: dict[str, Any] = {"kind": task, "max_length": max_length, "prompt": prompt, "doc_stride": doc_stride}
@@ -107,8 +107,7 @@ def finetune(
         resume=resume,
         state={"task": task_state, "base": str(ckpt.path), "data": str(data)},
         describe=(f"{task} on {len(train_examples):,} examples ({len(train_features):,} features)"
-                  + (f", {len(val_examples):,} validation examples" if val_examples else "")
-                  + f"; {trainable:,} trainable parameters"),
+                  + (f", {len(val_examples):,} validation examples" if val_examples else "")),
         progress=progress,
         log=log,
         t0=t0,
@@ -130,8 +129,8 @@ def _from_base(base: Transformer, cfg: ModelConfig, seed: int) -> Transformer:
     return net
 
 
-def _freeze(net: Transformer, embeddings: bool, layers: int) -> int:
-    """Set requires_grad for the fine-tune; return the number of trainable parameters."""
+def _freeze(net: Transformer, embeddings: bool, layers: int) -> None:
+    """Set requires_grad for the fine-tune: LoRA trains adapters and head; else all but the frozen."""
     if layers < 0 or layers > net.config.n_layer:
         raise UserError(f"--freeze-layers must be in 0..{net.config.n_layer}, got {layers}")
     if net.config.lora is not None:
@@ -147,7 +146,6 @@ def _freeze(net: Transformer, embeddings: bool, layers: int) -> int:
         for module in frozen:
             for p in module.parameters():
                 p.requires_grad_(False)
-    return sum(p.numel() for p in {id(p): p for p in net.parameters() if p.requires_grad}.values())
 
 
 def merge_lora(checkpoint: str | Path, out: str | Path) -> Path:

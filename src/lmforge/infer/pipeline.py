@@ -21,6 +21,7 @@ import torch
 from lmforge.checkpoint import load_model
 from lmforge.data.features import DEFAULT_PROMPT, TASKS, Feature, TaskFormat, collate, read_examples
 from lmforge.data.parallel import decoder_start_id
+from lmforge.data.tasks import entities
 from lmforge.infer.generate import SamplingConfig, generate_tokens
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
@@ -88,8 +89,10 @@ class Pipeline:
             for row in logits.argmax(-1).tolist():
                 w, first = words[done], encoded[done][1]
                 # Words cut off by max_length get "O": the model never saw them.
-                tags = [labels[row[t]] if t >= 0 else "O" for t in first]
-                out.append({"words": w, "tags": _valid_iob2(tags)})
+                tags = _valid_iob2([labels[row[t]] if t >= 0 else "O" for t in first])
+                spans = [{"type": kind, "text": " ".join(w[a : b + 1]), "first_word": a, "last_word": b}
+                         for kind, a, b in entities(tags)]
+                out.append({"words": w, "tags": tags, "entities": spans})
                 done += 1
         return out
 

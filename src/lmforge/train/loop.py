@@ -111,11 +111,12 @@ def fit(
     metrics = MetricsLog(out, tensorboard=train.tensorboard)
     metrics.truncate_after(start_step)
     tokens_per_step = train.batch_size * train.grad_accum * tokens_per_sample
-    trainable = sum(p.numel() for p in {id(p): p for p in net.parameters() if p.requires_grad}.values())
+    total = sum(p.numel() for p in net.parameters())  # parameters() yields a tied tensor once
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     c = net.config
     log(
         f"model: {net.num_params():,} parameters"
-        + (f" ({trainable:,} trainable)" if trainable < net.num_params() else "")
+        + (f" ({trainable:,} of {total:,} trainable)" if trainable < total else "")
         + f" ({_fmt_flops(net.flops_per_token(tokens_per_sample))} FLOPs/token), "
         f"{c.n_layer} layers x {c.n_embd} wide, context {c.context_length}, vocab {c.vocab_size}"
     )
