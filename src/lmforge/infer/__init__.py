@@ -2,6 +2,11 @@
 
 from lmforge.infer.generate import SamplingConfig, decode_one_token, generate_tokens, prefill, sample
 from lmforge.infer.chat import ChatSession, render_chat
+from lmforge.infer.engine import Engine, Event, QueueFull, Request, TextStream
+from lmforge.infer.sampling import SamplingParams, sample_rows
 from lmforge.infer.session import LanguageModel, load
 
-__all__ = ["ChatSession", "LanguageModel", "render_chat", "SamplingConfig", "decode_one_token", "generate_tokens", "load", "prefill", "sample"]
+__all__ = [
+    "ChatSession", "Engine", "Event", "LanguageModel", "QueueFull", "Request", "SamplingConfig", "SamplingParams",
+    "TextStream", "decode_one_token", "generate_tokens", "load", "prefill", "render_chat", "sample", "sample_rows",
+]
