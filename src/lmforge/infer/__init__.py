@@ -2,11 +2,12 @@
 
 from lmforge.infer.generate import SamplingConfig, decode_one_token, generate_tokens, prefill, sample
 from lmforge.infer.chat import ChatSession, render_chat
+from lmforge.infer.beam import Hypothesis, beam_search
 from lmforge.infer.engine import Engine, Event, QueueFull, Request, TextStream
 from lmforge.infer.sampling import SamplingParams, sample_rows
 from lmforge.infer.session import LanguageModel, load
 
 __all__ = [
-    "ChatSession", "Engine", "Event", "LanguageModel", "QueueFull", "Request", "SamplingConfig", "SamplingParams",
-    "TextStream", "decode_one_token", "generate_tokens", "load", "prefill", "render_chat", "sample", "sample_rows",
+    "ChatSession", "Engine", "Event", "Hypothesis", "LanguageModel", "QueueFull", "Request", "SamplingConfig", "SamplingParams",
+    "TextStream", "beam_search", "decode_one_token", "generate_tokens", "load", "prefill", "render_chat", "sample", "sample_rows",
 ]
