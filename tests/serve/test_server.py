@@ -198,3 +198,25 @@ def test_64_concurrent_streams_equal_each_request_alone(server):
     alone = [sync.completions.create(model="tiny", prompt=p, max_tokens=20, temperature=0).choices[0].text for p in prompts]
     assert outputs == alone
     assert sum(len(o) > 0 for o in outputs) > 50
+
+
+# ---- schemathesis: property-based requests from the server's own OpenAPI schema -----------------
+
+import schemathesis  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+
+
+def test_schemathesis_finds_no_server_error(server):
+    """Every operation of /openapi.json, 25 generated requests each (streaming, n, stop, odd Unicode...)."""
+    schema = schemathesis.openapi.from_url(server[0] + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models"}
+    for op in operations:
+
+        @given(case=op.as_strategy())
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def check(case):
+            case.call_and_validate(checks=[not_a_server_error])
+
+        check()

@@ -185,6 +185,15 @@ class Engine:
                 return req
         return None
 
+    def abort_all(self, reason: str = "abort") -> list[Request]:
+        """Finish every waiting and running request with `reason` (after an error in a step)."""
+        reqs = list(self.waiting) + [r for r in self.slots if r is not None]
+        self.waiting.clear()
+        self.slots = [None] * self.max_batch
+        for req in reqs:
+            req.finish_reason = reason
+        return reqs
+
     @property
     def running(self) -> int:
         return sum(r is not None for r in self.slots)

@@ -20,11 +20,14 @@ import torch
 from lmforge.utils.errors import UserError
 
 
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class SamplingParams:
     """One request's decoding options; the names and defaults are OpenAI's where it has them.
 
-    temperature 0 is greedy; top_k 0, top_p 1, min_p 0 and penalties 1 / 0 / 0 disable those.
+    temperature 0 (below 1e-5) is greedy; top_k 0, top_p 1, min_p 0 and penalties 1 / 0 / 0 disable those.
     `stop` strings end the text before they occur; `stop_token_ids` (and the tokenizer's
     end-of-text unless `ignore_eos`) end it after the token. `logprobs` k >= 0 reports the chosen
     token's log-probability and the k most likely ones; None reports none.
@@ -51,7 +54,7 @@ class SamplingParams:
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (0.01 <= self.repetition_penalty <= 100, f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}"),
             (-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
@@ -64,7 +67,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below 1e-5 the scaled logits overflow; the draw is the argmax anyway (vLLM's threshold).
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalised(self) -> bool:
@@ -148,8 +152,9 @@ def sample_rows(
     tokens = x.argmax(dim=-1)
     sampled = [b for b, p in enumerate(params) if not p.greedy]
     if sampled:
-        temperature = torch.tensor([p.temperature or 1.0 for p in params], device=dev)
-        x = x / temperature[:, None]
+        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
+        # Extreme penalties or temperatures can overflow: +inf becomes the largest float, NaN is dropped.
+        x = (x / temperature[:, None]).nan_to_num(nan=float("-inf"), posinf=torch.finfo(x.dtype).max)
         if any(params[b].filtered for b in sampled):
             x = filter_logits(x, col("top_k", torch.long), col("top_p"), col("min_p"))
         probs = torch.softmax(x, dim=-1)

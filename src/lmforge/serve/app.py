@@ -51,7 +51,7 @@ class _Sampling(BaseModel):
     user: str | None = None
     top_k: int = Field(0, ge=0, description="vLLM extension; 0 disables")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM extension; 0 disables")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="vLLM extension; 1 disables")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0, description="vLLM extension; 1 disables")
     ignore_eos: bool = Field(False, description="vLLM extension: do not stop at end-of-text")
 
 
@@ -233,6 +233,8 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
                     tag, ev = await queue.get()
                     if ev.logprob is not None:
                         lps[tag].append(ev.logprob)
+                    if ev.finished and ev.request.finish_reason == "error":
+                        raise APIError(500, "the engine failed while generating; see the server log", type="server_error")
                     if ev.finished:
                         texts[tag], reasons[tag], pending = ev.request.text, ev.request.finish_reason, pending - 1
                         generated += len(ev.request.output)

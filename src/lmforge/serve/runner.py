@@ -9,6 +9,7 @@ each request reads its events from an asyncio queue.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from lmforge.infer import Engine, Event, SamplingParams
 
+log = logging.getLogger("lmforge.serve")
 
 class Metrics:
     """Prometheus metrics of one server, in their own registry (several apps may live in one process)."""
@@ -88,7 +90,11 @@ class EngineRunner:
                 busy = self.engine.has_work
                 if busy:
                     t0 = time.perf_counter()
-                    events = self.engine.step()
+                    try:
+                        events = self.engine.step()
+                    except Exception:  # a bug must not kill the thread and hang every client: fail what is in flight
+                        log.exception("engine step failed; ending the requests in flight with an error")
+                        events = [Event(r, None, "", finished=True) for r in self.engine.abort_all("error")]
                     self.metrics.step_time.observe(time.perf_counter() - t0)
                     routes = [(ev, self._streams.get(ev.request.id)) for ev in events]
                     for ev in events:
