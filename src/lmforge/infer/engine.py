@@ -111,7 +111,8 @@ class Engine:
 
     `tokenizer` (with `decode` and `eot_id`) gives text, stop strings and the end-of-text stop;
     without one the engine works on token ids only. `max_waiting` bounds the queue (`add` raises
-    `QueueFull` beyond it). `compile` compiles the decode step with torch.compile over a fixed
+    `QueueFull` beyond it). A step prefills chunks until `prefill_budget` prompt tokens (default
+    one chunk's worth), so long prompts do not stall the running sequences. `compile` compiles the decode step with torch.compile over a fixed
     batch of all slots (static shapes; on CUDA "reduce-overhead", i.e. captured in CUDA graphs).
     """
 
@@ -124,6 +125,7 @@ class Engine:
         prefill_chunk: int = 256,
         max_waiting: int | None = None,
         compile: bool = False,
+        prefill_budget: int | None = None,
     ) -> None:
         if model.config.arch != "decoder":
             raise UserError(f"the engine runs decoder-only models; this checkpoint is an {model.config.arch} model "
@@ -133,6 +135,7 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_seq_len = min(max_seq_len or model.config.context_length, model.config.context_length)
         self.max_batch, self.prefill_chunk, self.max_waiting = max_batch, prefill_chunk, max_waiting
+        self.prefill_budget = prefill_budget or prefill_chunk
         self.device = model.tok_embeddings.weight.device
         self.cache = model.new_cache(max_batch, self.max_seq_len)
         self.slots: list[Request | None] = [None] * max_batch
@@ -212,7 +215,7 @@ class Engine:
         for s in range(self.max_batch):
             if self.slots[s] is None and self.waiting:
                 self._admit(self.waiting.popleft(), s)
-        budget = self.prefill_chunk
+        budget = self.prefill_budget
         for req in [r for r in self.slots if r is not None and r.prefilled < len(r.prompt)]:
             if budget <= 0:
                 break
