@@ -152,6 +152,14 @@ class Engine:
 
     def add(self, prompt: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None) -> Request:
         """Queue a request; raises UserError when it cannot fit the context, `QueueFull` when the queue is full."""
+        req = self.make_request(prompt, params, request_id)
+        if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests are waiting already; try again later")
+        self.enqueue(req)
+        return req
+
+    def make_request(self, prompt: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None) -> Request:
+        """A checked request, not queued yet (reads only the configuration: safe from another thread)."""
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt]
         if not prompt:
@@ -164,15 +172,16 @@ class Engine:
                 f"the prompt is {len(prompt)} tokens and max_tokens is {params.max_tokens}: {len(prompt) + params.max_tokens} "
                 f"tokens exceed the context of {self.max_seq_len}; shorten the prompt or lower max_tokens"
             )
-        if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
-            raise QueueFull(f"{len(self.waiting)} requests are waiting already; try again later")
         req = Request(request_id if request_id is not None else f"req-{next(self._ids)}", prompt, params)
         if self.tokenizer is not None:
             req.stream = TextStream(self.tokenizer.decode, params.stop)
         if params.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        self.waiting.append(req)
         return req
+
+    def enqueue(self, req: Request) -> None:
+        """Queue a request from `make_request` (no bound check: the caller keeps its own)."""
+        self.waiting.append(req)
 
     def abort(self, request_id: str) -> Request | None:
         """Drop a waiting or running request at once (its slot is free for the next step)."""

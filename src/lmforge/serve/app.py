@@ -263,21 +263,31 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
                         yield sent({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                          "logprobs": None, "finish_reason": None}]})
                 while pending:
-                    tag, ev = await queue.get()
-                    reason = ev.request.finish_reason if ev.finished else None
-                    if not ev.text and reason is None and ev.logprob is None:
-                        continue
-                    lp = lp_block([ev.logprob] if ev.logprob is not None else [], offsets[tag])
-                    c: dict[str, Any] = {"index": tag, "logprobs": lp, "finish_reason": reason}
-                    if chat:
-                        c["delta"] = {"content": ev.text} if ev.text else {}
-                    else:
-                        c["text"] = ev.text
-                    offsets[tag] += len(ev.text)
-                    if ev.finished:
-                        pending -= 1
-                        generated += len(ev.request.output)
-                    yield sent({**head, "choices": [c], **({"usage": None} if include_usage else {})})
+                    # Whatever arrived while we were writing goes out together: one chunk per choice,
+                    # so a loaded server sends fewer, larger chunks instead of falling behind.
+                    arrived = [await queue.get()]
+                    while not queue.empty():
+                        arrived.append(queue.get_nowait())
+                    merged: dict[int, list] = {}
+                    for tag, ev in arrived:
+                        merged.setdefault(tag, []).append(ev)
+                    for tag, evs in merged.items():
+                        text = "".join(ev.text for ev in evs)
+                        entries = [ev.logprob for ev in evs if ev.logprob is not None]
+                        last = evs[-1]
+                        reason = last.request.finish_reason if last.finished else None
+                        if not text and reason is None and not entries:
+                            continue
+                        c: dict[str, Any] = {"index": tag, "logprobs": lp_block(entries, offsets[tag]), "finish_reason": reason}
+                        if chat:
+                            c["delta"] = {"content": text} if text else {}
+                        else:
+                            c["text"] = text
+                        offsets[tag] += len(text)
+                        if last.finished:
+                            pending -= 1
+                            generated += len(last.request.output)
+                        yield sent({**head, "choices": [c], **({"usage": None} if include_usage else {})})
                 if include_usage:
                     yield sent({**head, "choices": [], "usage": usage(prompts, generated)})
                 yield "data: [DONE]\n\n"
