@@ -1,6 +1,6 @@
 """Load test of `lmforge serve`: the same streaming requests one at a time, then all at once.
 
-    python bench/serve_load.py CKPT [--clients 64] [--max-tokens 64] [--max-batch 64] [--device cpu]
+    python bench/serve_load.py CKPT [--clients 64] [--max-tokens 64] [--max-batch 64] [--device cpu] [--threads N]
 
 Starts `lmforge serve CKPT` in a subprocess on a free loopback port, sends --clients streaming
 completions (greedy, end-of-text ignored, so every request makes exactly --max-tokens tokens)
@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="the server's torch threads (1 on a small shared CPU)")
     args = p.parse_args()
 
     with socket.socket() as s:
@@ -82,7 +83,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "lmforge", "serve", args.checkpoint, "--port", str(port), "--device", args.device,
-         "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.clients)],
+         "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.clients)]
+        + (["--threads", str(args.threads)] if args.threads else []),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy(),
     )
     try:
@@ -97,7 +99,7 @@ def main() -> None:
                 time.sleep(0.2)
         prompts = [WORDS[i % len(WORDS)] + " " * (i // len(WORDS)) for i in range(args.clients)]
         base = {"checkpoint": args.checkpoint, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
-                "device": args.device, "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+                "device": args.device, "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
         asyncio.run(run(url, prompts[:2], 4, concurrent=False))  # warm up
         alone, seq = asyncio.run(run(url, prompts, args.max_tokens, concurrent=False))
         print(json.dumps({"what": "one at a time", **base, **seq}), flush=True)

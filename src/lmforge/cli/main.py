@@ -127,6 +127,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(srv, "prefill_chunk", type=int, default=256, help="prompt tokens prefilled per step")
     _option(srv, "compile", action="store_true", help="compile the decode step (CUDA graphs on GPU)")
     _option(srv, "model_name", default=None, help="the model id clients ask for (default: the run's name)")
+    _option(srv, "threads", type=int | None, default=None, help="torch CPU threads (default: torch's choice)")
     verbs.add_subcommand("serve", srv, help="OpenAI-compatible server (completions, chat, streaming)")
 
     sc = _parser("Scaling laws: fit a table of runs, plan a compute-optimal run.")

@@ -30,8 +30,13 @@ def create_app(
     return build_app(lm, engine, model_name=name, api_key=api_key)
 
 
-def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **kwargs) -> None:
-    """Serve `checkpoint` until interrupted; keyword arguments as in `create_app`."""
+def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          threads: int | None = None, **kwargs) -> None:
+    """Serve `checkpoint` until interrupted; `threads` sets torch's CPU threads; other keyword arguments as in `create_app`."""
+    import torch
     import uvicorn
+
+    if threads:
+        torch.set_num_threads(threads)
 
     uvicorn.run(create_app(checkpoint, **kwargs), host=host, port=port, log_level=log_level)
