@@ -4,7 +4,7 @@
 
 Starts `lmforge serve CKPT` in a subprocess on a free loopback port, sends --clients streaming
 completions (greedy, end-of-text ignored, so every request makes exactly --max-tokens tokens)
-through the official `openai` client, first sequentially and then concurrently. One JSON line per
+over httpx, first sequentially and then concurrently. One JSON line per
 mode {"what", "clients", "tokens", "seconds", "tokens_per_s", "ttft_p50_ms", "ttft_p95_ms",
 "latency_p50_ms"}, then {"what": "speedup", "ratio", "identical_outputs"}.
 """
@@ -23,7 +23,6 @@ import sys
 import time
 
 import httpx
-import openai
 
 WORDS = ["ROMEO:", "JULIET:", "First Citizen:", "KING", "MENENIUS:", "What say you", "Nay, my lord", "O, "]
 
@@ -33,31 +32,38 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def one(client: openai.AsyncOpenAI, prompt: str, max_tokens: int, model: str) -> tuple[str, float, float, int]:
+async def one(client: httpx.AsyncClient, prompt: str, max_tokens: int, model: str) -> tuple[str, float, float, int]:
+    """One streaming completion; the SSE lines are read with httpx (a light client: the `openai`
+    package's per-chunk parsing would load the shared CPU as much as the server does)."""
     t0 = time.perf_counter()
     first, pieces, tokens = None, [], 0
-    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].text:
-            first = first or time.perf_counter()
-            pieces.append(chunk.choices[0].text)
-        if chunk.usage:
-            tokens = chunk.usage.completion_tokens
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                first = first or time.perf_counter()
+                pieces.append(chunk["choices"][0]["text"])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
     end = time.perf_counter()
     return "".join(pieces), (first or end) - t0, end - t0, tokens
 
 
 async def run(url: str, prompts: list[str], max_tokens: int, concurrent: bool) -> tuple[list[str], dict]:
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-    model = (await client.models.list()).data[0].id
-    t0 = time.perf_counter()
-    if concurrent:
-        results = await asyncio.gather(*(one(client, p, max_tokens, model) for p in prompts))
-    else:
-        results = [await one(client, p, max_tokens, model) for p in prompts]
-    seconds = time.perf_counter() - t0
-    await client.close()
+    limits = httpx.Limits(max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts) + 1)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+        t0 = time.perf_counter()
+        if concurrent:
+            results = await asyncio.gather(*(one(client, p, max_tokens, model) for p in prompts))
+        else:
+            results = [await one(client, p, max_tokens, model) for p in prompts]
+        seconds = time.perf_counter() - t0
     tokens = sum(r[3] for r in results)
     return [r[0] for r in results], {
         "clients": len(prompts), "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),

@@ -135,3 +135,13 @@ def test_encoder_decoder_is_refused():
     m = Transformer(preset("transformer-base", vocab_size=50, n_layer=1, n_encoder_layer=1, n_embd=32, n_head=2, mlp_hidden=64))
     with pytest.raises(UserError, match="decoder-only"):
         Engine(m)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled step is captured in CUDA graphs")
+def test_compiled_cuda_graph_decode_equals_eager():
+    model = varied_transformer(2).to("cuda")
+    params = SamplingParams(temperature=0, max_tokens=12)
+    eager = Engine(model, max_batch=4).generate(PROMPTS[:6], params)
+    compiled = Engine(model, max_batch=4, compile=True).generate(PROMPTS[:6], params)
+    assert [r.output for r in compiled] == [r.output for r in eager]

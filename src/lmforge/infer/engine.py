@@ -266,7 +266,12 @@ class Engine:
                 start[s] = req.prefilled
         for req in decoding:
             tokens[req.slot], start[req.slot] = req.output[-1], len(req.prompt) + len(req.output) - 1
-        cache = self.cache if hi == self.max_batch else self.cache.rows(0, hi)
+        if self.compiled:
+            cache = self.cache  # static shapes for the compiled step
+        else:
+            # Attend over the live positions only, rounded up to 16 so that the vectorised sums
+            # group the real keys the same way at any length (masked keys add exact zeros).
+            cache = self.cache.rows(0, hi, length=-(-(max(start) + 1) // 16) * 16)
         logits = self._decode(
             self.model, torch.tensor(tokens, device=self.device), torch.tensor(start, device=self.device), cache
         )

@@ -4,7 +4,8 @@ Buffers have a fixed shape (batch, heads, max_seq_len, head_size) per layer, so 
 writes in place and never reallocates (what CUDA graphs and continuous batching need).
 
 Rows are slots: with `start` a tensor (B,) every row writes at its own position, so sequences
-of different lengths share one decode step; `rows(lo, hi)` is a view of some slots that shares
+of different lengths share one decode step; `rows(lo, hi, length)` is a view of some slots (and
+of their first positions) that shares
 the buffers (a slot's prefill writes straight into the batch cache), and `reorder` permutes
 rows in place (beam search).
 """
@@ -59,10 +60,12 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def rows(self, lo: int, hi: int) -> KVCache:
-        """A cache over slots [lo, hi) that shares this one's memory: writes to it land here."""
+    def rows(self, lo: int, hi: int, length: int | None = None) -> KVCache:
+        """A cache over slots [lo, hi) and positions [0, length) that shares this one's memory:
+        writes to it land here (a decode step attends over the first `length` positions only)."""
+        n = self.max_seq_len if length is None else min(length, self.max_seq_len)
         view = KVCache.__new__(KVCache)
-        view.k, view.v, view.max_seq_len = self.k[:, lo:hi], self.v[:, lo:hi], self.max_seq_len
+        view.k, view.v, view.max_seq_len = self.k[:, lo:hi, :, :n], self.v[:, lo:hi, :, :n], n
         return view
 
     def reorder(self, index: torch.Tensor) -> None:
