@@ -76,3 +76,22 @@ def trained_run(data_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     return pretrain(data_dir, out, "tiny", tiny_train_config(), progress=False, log=lambda *a: None)
+
+
+def varied_transformer(seed: int = 0, **overrides):
+    """A tiny random decoder whose greedy output varies (GPT-2's small init mostly repeats the last token)."""
+    from lmforge.config import preset
+    from lmforge.model import Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(preset("tiny", **{"vocab_size": 100, "context_length": 64, "tie_embeddings": False, **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def varied_model():
+    return varied_transformer()

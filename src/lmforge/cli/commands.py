@@ -222,6 +222,16 @@ def chat_cmd(args: Namespace) -> None:
     return None
 
 
+def serve_cmd(args: Namespace) -> None:
+    from lmforge.serve import serve  # FastAPI and uvicorn load only for this verb
+
+    if args.port < 0 or args.port > 65535:
+        raise UserError(f"--port must be in [0, 65535], got {args.port}")
+    serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, device=args.device,
+          max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, compile=args.compile,
+          model_name=args.model_name, threads=args.threads)
+
+
 def export_hf_cmd(args: Namespace) -> dict[str, Any]:
     path = export_hf(args.checkpoint, args.out)
     _say(args)(f"exported {args.checkpoint} -> {path} (load it with transformers' Auto classes)")
@@ -245,6 +255,7 @@ HANDLERS: dict[str, Callable[[Namespace], dict[str, Any] | None]] = {
     "predict": predict_cmd,
     "eval": eval_cmd,
     "chat": chat_cmd,
+    "serve": serve_cmd,
     "scaling.sweep": scaling_sweep_cmd,
     "scaling.fit": scaling_fit_cmd,
     "scaling.plan": scaling_plan_cmd,

@@ -18,8 +18,8 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lmforge.config import FINETUNE_DEFAULTS, PRESETS, LoraConfig, ModelConfig, TrainConfig
 from lmforge.utils.errors import UserError
 
-VERBS = ("demo", "tokenizer", "prepare", "pretrain", "finetune", "merge-lora", "predict", "generate", "chat", "eval", "scaling",
-         "import", "export")
+VERBS = ("demo", "tokenizer", "prepare", "pretrain", "finetune", "merge-lora", "predict", "generate", "chat", "serve", "eval",
+         "scaling", "import", "export")
 TASKS = ["classify", "tag", "qa", "seq2seq", "sft"]
 
 
@@ -171,6 +171,20 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(chat, "seed", type=int | None, default=None)
     _option(chat, "device", default="auto")
     verbs.add_subcommand("chat", chat, help="interactive chat that streams replies")
+
+    srv = _parser("Serve a checkpoint over an OpenAI-compatible HTTP API with continuous batching.")
+    srv.add_argument("checkpoint", help="checkpoint or run directory")
+    _option(srv, "host", default="127.0.0.1", help="interface to bind (default: localhost only)")
+    _option(srv, "port", type=int, default=8000)
+    _option(srv, "api_key", default=None, help="require `Authorization: Bearer KEY` on /v1 and /metrics")
+    _option(srv, "device", default="auto")
+    _option(srv, "max_batch", type=int, default=16, help="KV-cache slots: sequences decoded together")
+    _option(srv, "max_queue", type=int, default=256, help="waiting requests beyond which the server answers 429")
+    _option(srv, "prefill_chunk", type=int, default=256, help="prompt tokens prefilled per step")
+    _option(srv, "compile", action="store_true", help="compile the decode step (CUDA graphs on GPU)")
+    _option(srv, "model_name", default=None, help="the model id clients ask for (default: the run's name)")
+    _option(srv, "threads", type=int | None, default=None, help="torch CPU threads (default: torch's choice)")
+    verbs.add_subcommand("serve", srv, help="OpenAI-compatible server (completions, chat, streaming)")
 
     sc = _parser("Scaling laws: fit a table of runs, plan a compute-optimal run.")
     verbs.add_subcommand("scaling", sc, help="fit scaling laws and plan compute")

@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from lmforge.infer.sampling import filter_logits
 from lmforge.model import KVCache, Transformer
 from lmforge.utils.errors import UserError
 
@@ -38,17 +39,10 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / cfg.temperature
-    if cfg.top_k and cfg.top_k < logits.size(-1):
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_k or cfg.top_p < 1.0:
+        full = lambda value, dtype: torch.full((logits.size(0),), value, dtype=dtype, device=logits.device)
+        logits = filter_logits(logits, full(cfg.top_k, torch.long), full(cfg.top_p, torch.float32), full(0.0, torch.float32))
     probs = torch.softmax(logits, dim=-1)
-    if cfg.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays).
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > cfg.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -109,11 +109,13 @@ class SelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         cache: KVCache | None = None,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`padding_mask` (B, S) is True at the keys that may be attended to (False at padding)."""
+        """`padding_mask` (B, S) is True at the keys that may be attended to (False at padding).
+        `start` is the position of x's first token: an int for the whole batch, or a tensor (B,)
+        of per-row positions (decoding slots at different lengths; needs `cache`)."""
         B, T, C = x.shape
         hs = self.head_size
         q, k, v = self.qkv(x).split([self.n_head * hs, self.n_kv_head * hs, self.n_kv_head * hs], dim=2)
@@ -123,7 +125,14 @@ class SelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         mask, is_causal = None, self.causal and T > 1
-        if cache is not None:
+        if cache is not None and isinstance(start, torch.Tensor):
+            # Per-row positions (slots of a batch at different lengths): row b's query i sits at
+            # start[b] + i and sees cached keys 0..start[b]+i; later keys are stale or unwritten.
+            k, v = cache.update(self.layer, start, k, v)  # (B, nkv, max_seq_len, hs)
+            qpos = start[:, None] + torch.arange(T, device=x.device)  # (B, T)
+            mask = (torch.arange(k.size(2), device=x.device) <= qpos[:, :, None])[:, None]  # (B, 1, T, S)
+            is_causal = False
+        elif cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # (B, nkv, start+T, hs)
             if start > 0 and T > 1:
                 # A chunk after cached positions: query i (absolute start+i) sees keys 0..start+i.
@@ -210,7 +219,7 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         cache: KVCache | None = None,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         padding_mask: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,

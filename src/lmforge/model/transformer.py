@@ -93,7 +93,7 @@ class Transformer(nn.Module):
         self,
         idx: torch.Tensor,
         cache: KVCache | None = None,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,
@@ -134,7 +134,7 @@ class Transformer(nn.Module):
         self,
         idx: torch.Tensor,
         cache: KVCache | None = None,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,
@@ -142,17 +142,26 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states (B, T, C) for tokens `idx` (B, T) at positions start..start+T-1.
 
+        `start` is an int, or a tensor (B,) of per-row first positions when `cache` holds slots
+        at different lengths (continuous batching; see `KVCache.update`).
+
         `attention_mask` (B, T) is 1 for real tokens and 0 for padding; `token_type_ids` (B, T)
         are segment ids for models with type embeddings (0 when not given).
         """
         B, T = idx.shape
-        if start + T > self.config.context_length:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.context_length}")
         if self.config.arch == "encoder-decoder" and memory is None:
             raise ValueError("an encoder-decoder decodes against memory: pass memory=model.encode_source(src)")
-        pos = torch.arange(start, start + T, device=idx.device)
+        if isinstance(start, torch.Tensor):
+            # Per-row positions (B, T); the caller (an engine over cache slots) keeps them in the context.
+            pos = start[:, None] + torch.arange(T, device=idx.device)
+        else:
+            if start + T > self.config.context_length:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.context_length}")
+            pos = torch.arange(start, start + T, device=idx.device)
         x = self.dropout(self._embed(idx, pos, token_type_ids))
         rope = self.rotary(pos) if self.rotary is not None else None
+        if rope is not None and pos.dim() == 2:
+            rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, hs): broadcast over heads
         for block in self.layers:
             x = block(x, cache, start, rope, attention_mask, memory, memory_mask)
         return self.norm(x) if self.norm is not None else x

@@ -1,0 +1,150 @@
+"""Generation speed of lmforge's engine, and of transformers' `generate` on the same weights.
+
+    python bench/decode.py --preset gpt2-124m --batch 1 [--compile] [--compare-hf] [--device cpu]
+
+Random weights, random prompts of --prompt-len tokens, --new-tokens greedy tokens each (no
+end-of-text stop). One JSON line per measurement: {"what", "preset", "device", "dtype", "batch",
+"prompt_len", "new_tokens", "tokens_per_s", "ms_per_step", "ttft_ms", "peak_memory_gb"}; with
+--compare-hf a line for transformers and a last line with "ratio" = lmforge / transformers tokens/s
+and how many greedy sequences came out identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+
+import torch
+
+from lmforge.config import preset
+from lmforge.infer import Engine, SamplingParams
+from lmforge.model import Transformer
+from lmforge.utils.device import resolve_device
+
+VOCAB = {"smollm2-135m": 49152, "llama-3.2-1b": 128256}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux: process peak RSS
+
+
+def run_engine(model, prompts, new_tokens, compile_: bool, device) -> dict:
+    B, T = prompts.shape
+    engine = Engine(model, max_batch=B, max_seq_len=T + new_tokens, prefill_chunk=T, prefill_budget=B * T, compile=compile_)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    engine.generate(prompts[:, :8].tolist(), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm up
+    if compile_:
+        engine.generate(prompts.tolist(), params)  # compile and capture before timing
+    sync(device)
+    t0 = time.perf_counter()
+    reqs = [engine.add(p, params) for p in prompts.tolist()]
+    engine.step()
+    sync(device)
+    ttft = time.perf_counter() - t0
+    while engine.has_work:
+        engine.step()
+    sync(device)
+    total = time.perf_counter() - t0
+    assert all(len(r.output) == new_tokens for r in reqs)
+    return {"tokens": [r.output for r in reqs], "tokens_per_s": B * new_tokens / total, "ms_per_step": 1e3 * (total - ttft) / max(new_tokens - 1, 1),
+            "ttft_ms": 1e3 * ttft}
+
+
+def run_hf(model, prompts, new_tokens, compile_: bool, device) -> dict:
+    import transformers
+
+    from lmforge.interop.hf import config_to_hf, state_dict_to_hf
+
+    c = model.config
+    hf_config = transformers.AutoConfig.for_model(**{k: v for k, v in config_to_hf(c).items() if k != "architectures"},
+                                                   bos_token_id=None, eos_token_id=None)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config).to(device=device, dtype=model.tok_embeddings.weight.dtype)
+    hf.load_state_dict(state_dict_to_hf(c, model.state_dict()), strict=False)
+    hf.eval()
+    kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompts))
+    if compile_:
+        kwargs["cache_implementation"] = "static"
+        hf.forward = torch.compile(hf.forward, mode="reduce-overhead" if device.type == "cuda" else "default")
+    with torch.inference_mode():
+        hf.generate(prompts, max_new_tokens=4, min_new_tokens=4, **kwargs)
+        if compile_:
+            hf.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        sync(device)
+        t0 = time.perf_counter()
+        first = hf.generate(prompts, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        sync(device)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = hf.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        sync(device)
+        total = time.perf_counter() - t0
+    assert out.shape[1] == prompts.shape[1] + new_tokens and first.shape[1] == prompts.shape[1] + 1
+    B = prompts.shape[0]
+    return {"tokens": out[:, prompts.shape[1]:].tolist(), "tokens_per_s": B * new_tokens / total, "ms_per_step": 1e3 * (total - ttft) / max(new_tokens - 1, 1),
+            "ttft_ms": 1e3 * ttft}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="gpt2-124m")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, default=None, help="default: the preset's real vocabulary (GPT-2: 50257)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    p.add_argument("--compare-hf", action="store_true", help="also time transformers' generate on the same weights")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[args.dtype]
+    vocab = args.vocab_size or VOCAB.get(args.preset, 50257)
+    ctx = args.prompt_len + args.new_tokens
+    cfg = preset(args.preset, vocab_size=vocab)
+    if cfg.context_length > ctx and cfg.position == "rotary":
+        cfg = preset(args.preset, vocab_size=vocab, context_length=max(ctx, 1024))  # no 128k-position tables for a short run
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(cfg)
+    model = model.to(dtype).eval()
+    prompts = torch.randint(0, vocab, (args.batch, args.prompt_len), device=device)
+    base = {"preset": args.preset, "device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda"
+            else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads",
+            "dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens, "compile": args.compile, "torch": torch.__version__}
+    ours = run_engine(model, prompts, args.new_tokens, args.compile, device)
+    tokens = ours.pop("tokens")
+    print(json.dumps({"what": "lmforge engine", **base, **ours, "peak_memory_gb": round(peak_memory_gb(device), 3)}), flush=True)
+    if args.compare_hf:
+        import transformers
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        theirs = run_hf(model, prompts, args.new_tokens, args.compile, device)
+        # Greedy on the same weights: identical tokens in fp32 (bf16 may part ways at a near-tie).
+        same = sum(a == b for a, b in zip(tokens, theirs.pop("tokens")))
+        print(json.dumps({"what": "transformers generate", **base, "transformers": transformers.__version__, **theirs,
+                          "cache": "static" if args.compile else "dynamic",
+                          "peak_memory_gb": round(peak_memory_gb(device), 3)}), flush=True)
+        print(json.dumps({"what": "ratio lmforge / transformers", **base,
+                          "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
+                          "sequences_identical_to_transformers": f"{same}/{args.batch}"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Load test of `lmforge serve`: the same streaming requests one at a time, then all at once.
+
+    python bench/serve_load.py CKPT [--clients 64] [--max-tokens 64] [--max-batch 64] [--device cpu] [--threads N]
+
+Starts `lmforge serve CKPT` in a subprocess on a free loopback port, sends --clients streaming
+completions (greedy, end-of-text ignored, so every request makes exactly --max-tokens tokens)
+over httpx, first sequentially and then concurrently. One JSON line per
+mode {"what", "clients", "tokens", "seconds", "tokens_per_s", "ttft_p50_ms", "ttft_p95_ms",
+"latency_p50_ms"}, then {"what": "speedup", "ratio", "identical_outputs"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+WORDS = ["ROMEO:", "JULIET:", "First Citizen:", "KING", "MENENIUS:", "What say you", "Nay, my lord", "O, "]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def one(client: httpx.AsyncClient, prompt: str, max_tokens: int, model: str) -> tuple[str, float, float, int]:
+    """One streaming completion; the SSE lines are read with httpx (a light client: the `openai`
+    package's per-chunk parsing would load the shared CPU as much as the server does)."""
+    t0 = time.perf_counter()
+    first, pieces, tokens = None, [], 0
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                first = first or time.perf_counter()
+                pieces.append(chunk["choices"][0]["text"])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return "".join(pieces), (first or end) - t0, end - t0, tokens
+
+
+async def run(url: str, prompts: list[str], max_tokens: int, concurrent: bool) -> tuple[list[str], dict]:
+    limits = httpx.Limits(max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts) + 1)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+        t0 = time.perf_counter()
+        if concurrent:
+            results = await asyncio.gather(*(one(client, p, max_tokens, model) for p in prompts))
+        else:
+            results = [await one(client, p, max_tokens, model) for p in prompts]
+        seconds = time.perf_counter() - t0
+    tokens = sum(r[3] for r in results)
+    return [r[0] for r in results], {
+        "clients": len(prompts), "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+        "ttft_p50_ms": round(1e3 * percentile([r[1] for r in results], 0.5), 1),
+        "ttft_p95_ms": round(1e3 * percentile([r[1] for r in results], 0.95), 1),
+        "latency_p50_ms": round(1e3 * statistics.median(r[2] for r in results), 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="the server's torch threads (1 on a small shared CPU)")
+    args = p.parse_args()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lmforge", "serve", args.checkpoint, "--port", str(port), "--device", args.device,
+         "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.clients)]
+        + (["--threads", str(args.threads)] if args.threads else []),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy(),
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise SystemExit(f"the server did not start: {server.stderr.read().decode()[-2000:]}")
+                time.sleep(0.2)
+        prompts = [WORDS[i % len(WORDS)] + " " * (i // len(WORDS)) for i in range(args.clients)]
+        base = {"checkpoint": args.checkpoint, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
+                "device": args.device, "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+        asyncio.run(run(url, prompts[:2], 4, concurrent=False))  # warm up
+        alone, seq = asyncio.run(run(url, prompts, args.max_tokens, concurrent=False))
+        print(json.dumps({"what": "one at a time", **base, **seq}), flush=True)
+        together, con = asyncio.run(run(url, prompts, args.max_tokens, concurrent=True))
+        print(json.dumps({"what": "all at once", **base, **con}), flush=True)
+        same = sum(a == b for a, b in zip(alone, together))
+        print(json.dumps({"what": "speedup", **base, "ratio": round(con["tokens_per_s"] / seq["tokens_per_s"], 2),
+                          "identical_outputs": f"{same}/{len(prompts)}"}), flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Continuous batching: many requests share one model forward per step, joining and leaving at any step.
+
+The KV cache has one row ("slot") per running sequence; each slot keeps its own length, and a
+decode step feeds every running sequence's newest token at its own position (`start` is a
+tensor, see `KVCache.update`), so no sequence waits for another and no padding is computed:
+
+    add() ─> waiting ─(free slot)─> prefill, a chunk per step ─> first token ─┐
+                                                                             ├─> decode step (all slots) ─> sample ─> emit
+                                         running ────────────────────────────┘        │
+                                         retire on stop token, stop string, max_tokens or abort: slot freed
+
+Prefill runs one request at a time through a view of its slot (`cache.rows(s, s+1)`), in chunks
+of `prefill_chunk` tokens whose boundaries depend only on the prompt, so a request computes the
+same numbers alone or among others. `Engine` is single-threaded; `lmforge.serve` drives it from
+one thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from lmforge.infer.sampling import SamplingParams, sample_rows
+from lmforge.model import Transformer
+from lmforge.utils.errors import UserError
+
+
+class TextStream:
+    """Token ids in, finished text out: holds back an unfinished UTF-8 character and any text
+    that may be the start of a stop string; `push` says when a stop string has appeared."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
+        self.decode, self.stop = decode, tuple(stop)
+        self.ids: list[int] = []
+        self.text = ""  # everything emitted so far
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """(new text, whether a stop string ended the text)."""
+        self.ids.append(token)
+        full = self.decode(self.ids)
+        if self.stop:
+            # A stop string can only have appeared in the tail that was not emitted yet.
+            lo = max(0, len(self.text) - self._hold)
+            hits = [i for s in self.stop if (i := full.find(s, lo)) >= 0]
+            if hits:
+                return self._emit(full[: min(hits)]), True
+        if full.endswith("\ufffd"):  # a byte-level token ended inside a multi-byte character
+            return "", False
+        safe = len(full)
+        for n in range(min(self._hold, len(full)), 0, -1):
+            if any(s.startswith(full[-n:]) for s in self.stop):
+                safe = len(full) - n
+                break
+        return self._emit(full[:safe]), False
+
+    def flush(self) -> str:
+        """The held-back text, once the sequence has ended without a stop string."""
+        return self._emit(self.decode(self.ids)) if self.ids else ""
+
+    def _emit(self, upto: str) -> str:
+        delta = upto[len(self.text):] if upto.startswith(self.text) else ""
+        self.text = max(self.text, upto, key=len)
+        return delta
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence: its prompt, options and, as the engine runs it, its output."""
+
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    output: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop", "length" or "abort" once finished
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens already in the cache
+    stream: TextStream | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Event:
+    """What one step did for a request: a new token (None when the step only finished it) and
+    the new text; `finished` on the last event of the request."""
+
+    request: Request
+    token: int | None
+    text: str
+    logprob: dict | None = None
+    finished: bool = False
+
+
+def _decode_step(model: Transformer, tokens: torch.Tensor, start: torch.Tensor, cache) -> torch.Tensor:
+    """Logits (B, V) for one new token per slot, each at its own position."""
+    return model(tokens[:, None], cache=cache, start=start)[:, -1, : model.config.vocab_size]
+
+
+class Engine:
+    """Runs requests to completion `max_batch` at a time; call `step()` until `has_work` is False.
+
+    `tokenizer` (with `decode` and `eot_id`) gives text, stop strings and the end-of-text stop;
+    without one the engine works on token ids only. `max_waiting` bounds the queue (`add` raises
+    `QueueFull` beyond it). A step prefills chunks until `prefill_budget` prompt tokens (default
+    one chunk's worth), so long prompts do not stall the running sequences. `compile` compiles the decode step with torch.compile over a fixed
+    batch of all slots (static shapes; on CUDA "reduce-overhead", i.e. captured in CUDA graphs).
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer=None,
+        max_batch: int = 16,
+        max_seq_len: int | None = None,
+        prefill_chunk: int = 256,
+        max_waiting: int | None = None,
+        compile: bool = False,
+        prefill_budget: int | None = None,
+    ) -> None:
+        if model.config.arch != "decoder":
+            raise UserError(f"the engine runs decoder-only models; this checkpoint is an {model.config.arch} model "
+                            "(use lmforge.infer.generate_tokens or beam_search for an encoder-decoder)")
+        if max_batch < 1 or prefill_chunk < 1:
+            raise UserError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_seq_len = min(max_seq_len or model.config.context_length, model.config.context_length)
+        self.max_batch, self.prefill_chunk, self.max_waiting = max_batch, prefill_chunk, max_waiting
+        self.prefill_budget = prefill_budget or prefill_chunk
+        self.device = model.tok_embeddings.weight.device
+        self.cache = model.new_cache(max_batch, self.max_seq_len)
+        self.slots: list[Request | None] = [None] * max_batch
+        self.waiting: deque[Request] = deque()
+        self.counts: torch.Tensor | None = None  # (slots, V) generated-token counts, once a request uses penalties
+        self.prompt_mask: torch.Tensor | None = None
+        self._ids = itertools.count()
+        self.compiled = compile
+        self._decode = _decode_step
+        if compile:
+            self._decode = self._compile()
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add(self, prompt: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None) -> Request:
+        """Queue a request; raises UserError when it cannot fit the context, `QueueFull` when the queue is full."""
+        req = self.make_request(prompt, params, request_id)
+        if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests are waiting already; try again later")
+        self.enqueue(req)
+        return req
+
+    def make_request(self, prompt: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None) -> Request:
+        """A checked request, not queued yet (reads only the configuration: safe from another thread)."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise UserError("the prompt is empty; give at least one token of text")
+        V = self.model.config.vocab_size
+        if any(not 0 <= t < V for t in prompt):
+            raise UserError(f"prompt token ids must be in [0, {V})")
+        if len(prompt) + params.max_tokens > self.max_seq_len:
+            raise UserError(
+                f"the prompt is {len(prompt)} tokens and max_tokens is {params.max_tokens}: {len(prompt) + params.max_tokens} "
+                f"tokens exceed the context of {self.max_seq_len}; shorten the prompt or lower max_tokens"
+            )
+        req = Request(request_id if request_id is not None else f"req-{next(self._ids)}", prompt, params)
+        if self.tokenizer is not None:
+            req.stream = TextStream(self.tokenizer.decode, params.stop)
+        if params.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        return req
+
+    def enqueue(self, req: Request) -> None:
+        """Queue a request from `make_request` (no bound check: the caller keeps its own)."""
+        self.waiting.append(req)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Drop a waiting or running request at once (its slot is free for the next step)."""
+        for req in self.waiting:
+            if req.id == request_id:
+                self.waiting.remove(req)
+                req.finish_reason = "abort"
+                return req
+        for s, req in enumerate(self.slots):
+            if req is not None and req.id == request_id:
+                req.finish_reason = "abort"
+                self.slots[s] = None
+                return req
+        return None
+
+    def abort_all(self, reason: str = "abort") -> list[Request]:
+        """Finish every waiting and running request with `reason` (after an error in a step)."""
+        reqs = list(self.waiting) + [r for r in self.slots if r is not None]
+        self.waiting.clear()
+        self.slots = [None] * self.max_batch
+        for req in reqs:
+            req.finish_reason = reason
+        return reqs
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.running > 0
+
+    # ---- the step -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit waiting requests into free slots, prefill a chunk of each new one, decode one
+        token for every running sequence, retire the finished ones. Returns what happened."""
+        events: list[Event] = []
+        for s in range(self.max_batch):
+            if self.slots[s] is None and self.waiting:
+                self._admit(self.waiting.popleft(), s)
+        budget = self.prefill_budget
+        for req in [r for r in self.slots if r is not None and r.prefilled < len(r.prompt)]:
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(req, events)
+        decoding = [r for r in self.slots if r is not None and r.prefilled == len(r.prompt) and r.output]
+        if decoding:
+            self._decode_all(decoding, events)
+        return events
+
+    def _admit(self, req: Request, slot: int) -> None:
+        req.slot = slot
+        self.slots[slot] = req
+        if req.params.penalised and self.counts is None:
+            V = self.model.config.vocab_size
+            self.counts = torch.zeros(self.max_batch, V, device=self.device)
+            self.prompt_mask = torch.zeros(self.max_batch, V, dtype=torch.bool, device=self.device)
+        if self.counts is not None:
+            self.counts[slot] = 0
+            self.prompt_mask[slot] = False
+            self.prompt_mask[slot, torch.tensor(req.prompt, device=self.device)] = True
+
+    def _prefill_chunk(self, req: Request, events: list[Event]) -> int:
+        lo = req.prefilled
+        hi = min(lo + self.prefill_chunk, len(req.prompt))
+        idx = torch.tensor([req.prompt[lo:hi]], device=self.device)
+        logits = self.model(idx, cache=self.cache.rows(req.slot, req.slot + 1), start=lo)[:, -1, : self.model.config.vocab_size]
+        req.prefilled = hi
+        if hi == len(req.prompt):
+            self._sample([req], logits, events)
+        return hi - lo
+
+    def _decode_all(self, decoding: list[Request], events: list[Event]) -> None:
+        # Every slot in [0, hi) takes part; a slot that is not decoding writes at its own length,
+        # a position its own prefill or decode overwrites before ever reading it.
+        hi = self.max_batch if self.compiled else max(r.slot for r in decoding) + 1
+        tokens, start = [0] * hi, [0] * hi
+        for s, req in enumerate(self.slots[:hi]):
+            if req is not None:
+                start[s] = req.prefilled
+        for req in decoding:
+            tokens[req.slot], start[req.slot] = req.output[-1], len(req.prompt) + len(req.output) - 1
+        if self.compiled:
+            cache = self.cache  # static shapes for the compiled step
+        else:
+            # Attend over the live positions only, rounded up to 16 so that the vectorised sums
+            # group the real keys the same way at any length (masked keys add exact zeros).
+            cache = self.cache.rows(0, hi, length=-(-(max(start) + 1) // 16) * 16)
+        logits = self._decode(
+            self.model, torch.tensor(tokens, device=self.device), torch.tensor(start, device=self.device), cache
+        )
+        rows = torch.tensor([r.slot for r in decoding], device=self.device)
+        self._sample(decoding, logits.index_select(0, rows), events)
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor, events: list[Event]) -> None:
+        counts = mask = None
+        if self.counts is not None:
+            rows = torch.tensor([r.slot for r in reqs], device=self.device)
+            counts, mask = self.counts.index_select(0, rows), self.prompt_mask.index_select(0, rows)
+        choice = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs], counts, mask)
+        tokens = choice.tokens.tolist()
+        for b, req in enumerate(reqs):
+            token = tokens[b]
+            req.output.append(token)
+            if self.counts is not None:
+                self.counts[req.slot, token] += 1
+            logprob = None
+            if req.params.logprobs is not None:
+                top = []
+                if req.params.logprobs > 0:
+                    k = req.params.logprobs
+                    top = list(zip(choice.top_ids[b, :k].tolist(), choice.top_logprobs[b, :k].tolist()))
+                logprob = {"token": token, "logprob": float(choice.logprobs[b]), "top": top}
+                req.logprobs.append(logprob)
+            events.append(self._advance(req, token, logprob))
+
+    def _advance(self, req: Request, token: int, logprob: dict | None) -> Event:
+        p = req.params
+        eot = self.tokenizer.eot_id if self.tokenizer is not None and not p.ignore_eos else None
+        text, reason = "", None
+        if token in p.stop_token_ids or token == eot:
+            reason = "stop"  # the stop token counts as generated but adds no text
+            text = req.stream.flush() if req.stream is not None else ""
+        elif req.stream is not None:
+            text, hit = req.stream.push(token)
+            reason = "stop" if hit else None
+        if reason is None and len(req.output) >= p.max_tokens:
+            reason = "length"
+            text += req.stream.flush() if req.stream is not None else ""
+        if reason is not None:
+            req.finish_reason = reason
+            self.slots[req.slot] = None
+        req.text += text
+        return Event(req, token, text, logprob, finished=reason is not None)
+
+    # ---- conveniences ---------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Request]:
+        """Run `prompts` to completion (batched generation); the finished requests, in order."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        reqs = [self.add(p, sp) for p, sp in zip(prompts, params)]
+        while self.has_work:
+            self.step()
+        return reqs
+
+    def _compile(self):
+        """The decode step under torch.compile, for a fixed batch of all slots.
+
+        On CUDA it is captured in CUDA graphs ("reduce-overhead"); the cache buffers are marked
+        static so that the graphs may write them in place.
+        """
+        if self.device.type == "cuda":
+            mark = getattr(torch._dynamo, "mark_static_address", None)
+            if mark is not None:
+                mark(self.cache.k)
+                mark(self.cache.v)
+            return torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
+        return torch.compile(_decode_step, dynamic=False)
+
+
+class QueueFull(UserError):
+    """The engine's waiting queue is at its bound (a server answers 429)."""

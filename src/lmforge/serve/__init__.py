@@ -1,0 +1,42 @@
+"""`lmforge serve`: an OpenAI-compatible server with continuous batching (layer 5: wiring only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmforge.serve.app import build_app
+from lmforge.serve.runner import EngineRunner
+
+__all__ = ["EngineRunner", "build_app", "create_app", "serve"]
+
+
+def create_app(
+    checkpoint: str | Path,
+    device: str = "auto",
+    api_key: str | None = None,
+    max_batch: int = 16,
+    max_queue: int = 256,
+    prefill_chunk: int = 256,
+    compile: bool = False,
+    model_name: str | None = None,
+):
+    """Load `checkpoint` and build its app (see `build_app`)."""
+    from lmforge.infer import Engine, load
+
+    lm = load(checkpoint, device=device)
+    engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk, max_waiting=max_queue,
+                    compile=compile)
+    name = model_name or (Path(lm.path).parent.name if lm.path is not None else "lmforge")
+    return build_app(lm, engine, model_name=name, api_key=api_key)
+
+
+def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          threads: int | None = None, **kwargs) -> None:
+    """Serve `checkpoint` until interrupted; `threads` sets torch's CPU threads; other keyword arguments as in `create_app`."""
+    import torch
+    import uvicorn
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    uvicorn.run(create_app(checkpoint, **kwargs), host=host, port=port, log_level=log_level)

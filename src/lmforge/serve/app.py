@@ -1,0 +1,322 @@
+"""An OpenAI-compatible HTTP API (FastAPI) over the continuous-batching engine.
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (the checkpoint's chat
+template), server-sent-event streaming with `stream: true`, GET /health, GET /metrics
+(Prometheus). Errors have OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 for
+a bad request (a prompt plus max_tokens over the context included), 401 without the API key,
+404 for an unknown model, 429 when the queue is full. Besides OpenAI's fields, requests take
+vLLM's `top_k`, `min_p`, `repetition_penalty` and `ignore_eos`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from typing import Any, AsyncIterator, Literal, Union
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmforge.infer import Engine, LanguageModel, QueueFull, SamplingParams, render_chat
+from lmforge.serve.runner import EngineRunner
+from lmforge.utils.errors import UserError
+
+
+# ---- request bodies (their JSON schema is the server's OpenAPI schema) -----------------------
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, description="default: the rest of the context")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Union[str, list[str], None] = Field(None, description="up to 4 strings that end the text")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: str | None = None
+    top_k: int = Field(0, ge=0, description="vLLM extension; 0 disables")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM extension; 0 disables")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0, description="vLLM extension; 1 disables")
+    ignore_eos: bool = Field(False, description="vLLM extension: do not stop at end-of-text")
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+class _ApiKey:
+    """Pure ASGI middleware (streams and client disconnects pass straight through): /v1 and
+    /metrics need `Authorization: Bearer KEY`; /health stays open for probes."""
+
+    def __init__(self, app, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(("/v1", "/metrics")):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                error = APIError(401, "missing or wrong API key; send `Authorization: Bearer KEY`", code="invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# ---- the app ------------------------------------------------------------------------------------
+
+
+def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `lm` through `engine`; `app.state.runner` owns the engine thread."""
+    app = FastAPI(title="lmforge", description="OpenAI-compatible API over an lmforge checkpoint", version="1")
+    runner = EngineRunner(engine)
+    app.state.runner = runner
+    app.router.on_shutdown.append(runner.close)
+    tok = lm.tokenizer
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None).response()
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "running": engine.running, "waiting": len(engine.waiting)}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(runner.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "lmforge",
+                "max_model_len": engine.max_seq_len}
+        return {"object": "list", "data": [card]}
+
+    def encode(text: str) -> list[int]:
+        try:
+            return tok.encode(text)
+        except Exception:  # e.g. a lone surrogate that JSON allowed but UTF-8 cannot carry
+            raise APIError(400, "the prompt is not valid Unicode text", param="prompt") from None
+
+    def params_for(body: _Sampling, n_prompt: int, index: int, logprobs: int | None, max_tokens: int | None) -> SamplingParams:
+        stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        if len(stop) > 4:
+            raise APIError(400, "stop takes at most 4 strings", param="stop")
+        if max_tokens is None:
+            max_tokens = max(engine.max_seq_len - n_prompt, 1)
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty, stop=tuple(stop), ignore_eos=body.ignore_eos,
+            seed=None if body.seed is None else body.seed + index, logprobs=logprobs,
+        )
+
+    async def start(body: _Sampling, prompts: list[list[int]], logprobs: int | None, max_tokens: int | None):
+        """Submit n requests per prompt; returns the event queue and request ids (choice i = prompt i // n)."""
+        if body.model is not None and body.model != model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
+                           code="model_not_found", param="model")
+        queue: asyncio.Queue = asyncio.Queue()
+        ids: list[str] = []
+        try:
+            for p, prompt in enumerate(prompts):
+                for j in range(body.n):
+                    params = params_for(body, len(prompt), j, logprobs, max_tokens)
+                    ids.append(runner.submit(prompt, params, queue, tag=p * body.n + j))
+        except QueueFull as e:
+            for rid in ids:
+                runner.abort(rid)
+            runner.metrics.rejected.labels("429").inc()
+            raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="rate_limit_exceeded") from None
+        except UserError as e:
+            for rid in ids:
+                runner.abort(rid)
+            runner.metrics.rejected.labels("400").inc()
+            raise APIError(400, str(e), code="context_length_exceeded" if "context" in str(e) else None) from None
+        return queue, ids
+
+    def token_text(t: int) -> str:
+        return tok.decode([t])
+
+    def completion_logprobs(entries: list[dict], offset: int) -> dict[str, Any]:
+        tokens = [token_text(e["token"]) for e in entries]
+        offsets, at = [], offset
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        return {
+            "tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{token_text(t): lp for t, lp in e["top"]} for e in entries], "text_offset": offsets,
+        }
+
+    def chat_logprobs(entries: list[dict]) -> dict[str, Any]:
+        item = lambda t, lp: {"token": token_text(t), "logprob": lp, "bytes": list(token_text(t).encode("utf-8"))}
+        return {"content": [{**item(e["token"], e["logprob"]), "top_logprobs": [item(t, lp) for t, lp in e["top"]]}
+                            for e in entries]}
+
+    def usage(prompts: list[list[int]], completion: int) -> dict[str, int]:
+        n_prompt = sum(len(p) for p in prompts)
+        return {"prompt_tokens": n_prompt, "completion_tokens": completion, "total_tokens": n_prompt + completion}
+
+    async def respond(body: _Sampling, prompts: list[list[int]], chat: bool, logprobs: int | None, max_tokens: int | None):
+        queue, ids = await start(body, prompts, logprobs, max_tokens)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        kind = "chat.completion" if chat else "text_completion"
+        head = {"id": rid, "object": kind + (".chunk" if chat and body.stream else ""), "created": int(time.time()),
+                "model": model_name}
+        n_choices = len(ids)
+
+        def lp_block(entries: list[dict], offset: int = 0):
+            if logprobs is None:
+                return None
+            return chat_logprobs(entries) if chat else completion_logprobs(entries, offset)
+
+        if not body.stream:
+            texts, reasons, lps, generated = [""] * n_choices, [None] * n_choices, [[] for _ in ids], 0
+            pending = n_choices
+            try:
+                while pending:
+                    tag, ev = await queue.get()
+                    if ev.logprob is not None:
+                        lps[tag].append(ev.logprob)
+                    if ev.finished and ev.request.finish_reason == "error":
+                        raise APIError(500, "the engine failed while generating; see the server log", type="server_error")
+                    if ev.finished:
+                        texts[tag], reasons[tag], pending = ev.request.text, ev.request.finish_reason, pending - 1
+                        generated += len(ev.request.output)
+            finally:
+                for r in ids:
+                    runner.abort(r)
+            choices = []
+            for i in range(n_choices):
+                c: dict[str, Any] = {"index": i, "finish_reason": reasons[i], "logprobs": lp_block(lps[i])}
+                if chat:
+                    c["message"] = {"role": "assistant", "content": texts[i]}
+                else:
+                    c["text"] = texts[i]
+                choices.append(c)
+            return {**head, "choices": choices, "usage": usage(prompts, generated)}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            sent = lambda obj: f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+            offsets = [0] * n_choices
+            generated, pending = 0, n_choices
+            try:
+                if chat:
+                    for i in range(n_choices):
+                        yield sent({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                         "logprobs": None, "finish_reason": None}]})
+                while pending:
+                    # Whatever arrived while we were writing goes out together: one chunk per choice,
+                    # so a loaded server sends fewer, larger chunks instead of falling behind.
+                    arrived = [await queue.get()]
+                    while not queue.empty():
+                        arrived.append(queue.get_nowait())
+                    merged: dict[int, list] = {}
+                    for tag, ev in arrived:
+                        merged.setdefault(tag, []).append(ev)
+                    for tag, evs in merged.items():
+                        text = "".join(ev.text for ev in evs)
+                        entries = [ev.logprob for ev in evs if ev.logprob is not None]
+                        last = evs[-1]
+                        reason = last.request.finish_reason if last.finished else None
+                        if not text and reason is None and not entries:
+                            continue
+                        c: dict[str, Any] = {"index": tag, "logprobs": lp_block(entries, offsets[tag]), "finish_reason": reason}
+                        if chat:
+                            c["delta"] = {"content": text} if text else {}
+                        else:
+                            c["text"] = text
+                        offsets[tag] += len(text)
+                        if last.finished:
+                            pending -= 1
+                            generated += len(last.request.output)
+                        yield sent({**head, "choices": [c], **({"usage": None} if include_usage else {})})
+                if include_usage:
+                    yield sent({**head, "choices": [], "usage": usage(prompts, generated)})
+                yield "data: [DONE]\n\n"
+            finally:  # the client went away (or we are done): free every slot at once
+                for r in ids:
+                    runner.abort(r)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not texts:
+            raise APIError(400, "prompt is empty", param="prompt")
+        return await respond(body, [encode(t) for t in texts], False, body.logprobs, body.max_tokens)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        messages = []
+        for m in body.messages:
+            content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        try:
+            prompt = render_chat(lm, messages)
+        except UserError as e:
+            raise APIError(400, str(e), param="messages") from None
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return await respond(body, [encode(prompt)], True, logprobs, body.max_completion_tokens or body.max_tokens)
+
+    if api_key:
+        app.add_middleware(_ApiKey, key=api_key)
+    return app

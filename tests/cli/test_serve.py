@@ -1,0 +1,49 @@
+"""`lmforge serve` as a user starts it: a subprocess answering on loopback."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from lmforge.cli.main import main
+
+SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
+
+
+@pytest.mark.slow
+def test_serve_verb_answers_and_guards_with_a_key(trained_run):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(SRC)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge", "serve", str(trained_run.out), "--port", str(port), "--api-key", "k",
+         "--device", "cpu", "--max-batch", "4"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        r = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k"},
+                       json={"prompt": "ROMEO:", "max_tokens": 5, "temperature": 0})
+        assert r.status_code == 200 and r.json()["model"] == "tiny" and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_serve_missing_checkpoint_is_one_line(capsys, tmp_path):
+    assert main(["serve", str(tmp_path / "nope"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lmforge: error: ") and "Traceback" not in "\n".join(err)

@@ -1,0 +1,66 @@
+"""Beam search: the cached, batched search against a naive one that recomputes every hypothesis."""
+
+import pytest
+import torch
+
+from lmforge.config import preset
+from lmforge.infer import SamplingConfig, beam_search, generate_tokens
+from lmforge.model import Transformer
+
+from conftest import varied_transformer
+
+
+def naive_beam(model, prompt, k, n):
+    """Beam search without a cache or end token: keep the k best of every (beam, token) extension."""
+    beams = [([], 0.0)]
+    with torch.no_grad():
+        for _ in range(n):
+            cand = []
+            for tokens, score in beams:
+                logp = torch.log_softmax(model(torch.tensor([prompt + tokens]))[0, -1, :100].float(), -1)
+                cand += [(tokens + [t], score + float(logp[t])) for t in range(100)]
+            beams = sorted(cand, key=lambda c: -c[1])[:k]
+    return beams
+
+
+def sequence_logprob(model, prompt, tokens):
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + tokens]))[0, :, :100].float(), -1)
+    return sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens))
+
+
+def test_beam_of_one_is_greedy(varied_model):
+    hyp = beam_search(varied_model, [1, 2, 3], beam_size=1, max_new_tokens=10)[0]
+    assert hyp.tokens == list(generate_tokens(varied_model, [1, 2, 3], 10, SamplingConfig(temperature=0)))
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_beam_equals_naive_search_and_beats_greedy(varied_model, k):
+    prompt = [4, 8, 15]
+    hyps = beam_search(varied_model, prompt, beam_size=k, max_new_tokens=6, length_penalty=0.0)
+    ref = naive_beam(varied_model, prompt, k, 6)
+    assert [h.tokens for h in hyps] == [t for t, _ in ref]
+    for h, (_, s) in zip(hyps, ref):
+        assert h.logprob == pytest.approx(s, abs=1e-4) and h.score == pytest.approx(s, abs=1e-4)
+    greedy = list(generate_tokens(varied_model, prompt, 6, SamplingConfig(temperature=0)))
+    assert hyps[0].logprob >= sequence_logprob(varied_model, prompt, greedy) - 1e-5
+    assert hyps[0].logprob == pytest.approx(sequence_logprob(varied_model, prompt, hyps[0].tokens), abs=1e-4)
+
+
+def test_end_token_and_length_penalty(varied_model):
+    eos = beam_search(varied_model, [1, 2], beam_size=1, max_new_tokens=5)[0].tokens[2]
+    hyps = beam_search(varied_model, [1, 2], beam_size=3, max_new_tokens=8, eos_id=eos, length_penalty=1.0)
+    assert len(hyps) == 3 and all(h.score == pytest.approx(h.logprob / len(h.tokens)) for h in hyps)
+    assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+    assert all(eos not in h.tokens[:-1] for h in hyps)
+
+
+def test_encoder_decoder_beam_of_one_is_greedy():
+    torch.manual_seed(0)
+    m = Transformer(preset("transformer-base", vocab_size=60, n_layer=1, n_encoder_layer=1, n_embd=32, n_head=2,
+                           mlp_hidden=64, context_length=32, dropout=0.0)).eval()
+    src = torch.tensor([[5, 6, 7, 8]])
+    memory = m.encode_source(src)
+    hyp = beam_search(m, [1], beam_size=1, max_new_tokens=8, memory=memory)[0]
+    assert hyp.tokens == list(generate_tokens(m, [1], 8, SamplingConfig(temperature=0), memory=memory))
+    assert len(beam_search(m, [1], beam_size=3, max_new_tokens=8, memory=memory)) == 3

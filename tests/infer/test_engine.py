@@ -1,0 +1,147 @@
+"""The continuous-batching engine: every request's output equals generating it alone."""
+
+import pytest
+import torch
+
+from lmforge.config import preset
+from lmforge.infer import Engine, QueueFull, SamplingConfig, SamplingParams, TextStream, generate_tokens, load
+from lmforge.model import Transformer
+from lmforge.utils.errors import UserError
+
+from conftest import varied_transformer
+
+PROMPTS = [[1, 2, 3], [9] * 11, [4, 8, 15, 16, 23, 42], [7], list(range(20, 45)), [5, 5, 6], [30, 31]]
+
+
+@pytest.fixture(scope="module")
+def model(varied_model):
+    return varied_model
+
+
+@pytest.fixture(scope="module")
+def lm(trained_run):
+    return load(trained_run.out, device="cpu")
+
+
+def greedy_alone(model, prompt, n):
+    return list(generate_tokens(model, prompt, n, SamplingConfig(temperature=0)))
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_batched_greedy_equals_each_request_alone(arch):
+    """7 requests through 3 slots, prompts prefilled in chunks of 4: requests join and leave mid-flight."""
+    llama = dict(position="rotary", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False)
+    model = varied_transformer(1, **(llama if arch == "llama" else {}))
+    engine = Engine(model, max_batch=3, prefill_chunk=4)
+    lengths = [12, 5, 20, 9, 3, 15, 7]
+    reqs = engine.generate(PROMPTS, [SamplingParams(temperature=0, max_tokens=n) for n in lengths])
+    for req, prompt, n in zip(reqs, PROMPTS, lengths):
+        assert req.finish_reason == "length"
+        assert req.output == greedy_alone(model, prompt, n)
+    assert engine.running == 0 and not engine.waiting
+
+
+def test_trained_model_text_equals_generating_alone(lm):
+    engine = Engine(lm.model, lm.tokenizer, max_batch=4, prefill_chunk=8)
+    prompts = ["ROMEO:", "JULIET:\nO", "First Citizen:\nWe are", "KING"]
+    reqs = engine.generate([lm.tokenizer.encode(p) for p in prompts],
+                           SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    for req, prompt in zip(reqs, prompts):
+        assert req.text == lm.generate(prompt, 24, temperature=0, stop_at_eot=False)
+
+
+def test_seeded_sampling_is_independent_of_the_batch(model):
+    p = SamplingParams(temperature=1.0, top_p=0.9, top_k=30, seed=123, max_tokens=15)
+    alone = Engine(model, max_batch=1).generate([PROMPTS[2]], p)[0].output
+    others = [SamplingParams(temperature=1.0, max_tokens=8)] * 3
+    mixed = Engine(model, max_batch=4).generate([PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[3]],
+                                                [others[0], others[1], p, others[2]])
+    assert mixed[2].output == alone
+    assert Engine(model, max_batch=1).generate([PROMPTS[2]], SamplingParams(temperature=1.0, seed=124, max_tokens=15))[0].output != alone
+
+
+def test_penalised_greedy_equals_a_naive_loop(model):
+    p = SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.5, presence_penalty=0.7, frequency_penalty=0.4)
+    prompt = [3, 3, 4, 5]
+    out = Engine(model, max_batch=2).generate([prompt, [1, 2]], [p, SamplingParams(temperature=0, max_tokens=3)])[0].output
+    seq, gen = list(prompt), []
+    with torch.no_grad():
+        for _ in range(12):
+            logits = model(torch.tensor([seq]))[0, -1, :100].tolist()
+            for t in range(100):
+                if t in prompt or t in gen:
+                    logits[t] = logits[t] / 1.5 if logits[t] > 0 else logits[t] * 1.5
+                c = gen.count(t)
+                logits[t] -= 0.4 * c + (0.7 if c else 0.0)
+            nxt = max(range(100), key=lambda t: logits[t])
+            gen.append(nxt)
+            seq.append(nxt)
+    assert out == gen
+
+
+def test_stop_tokens_logprobs_and_finish_reasons(model):
+    first = greedy_alone(model, PROMPTS[0], 4)
+    engine = Engine(model, max_batch=2)
+    stopped, full = engine.generate(
+        [PROMPTS[0], PROMPTS[0]],
+        [SamplingParams(temperature=0, max_tokens=4, stop_token_ids=(first[1],), logprobs=2),
+         SamplingParams(temperature=0, max_tokens=4)],
+    )
+    assert stopped.output == first[:2] and stopped.finish_reason == "stop"
+    assert full.output == first and full.finish_reason == "length"
+    lp = stopped.logprobs[0]
+    assert lp["token"] == first[0] and lp["top"][0] == (first[0], pytest.approx(lp["logprob"])) and len(lp["top"]) == 2
+
+
+def test_text_stream_stop_strings_and_partial_characters():
+    vocab = ["ab", "c", "EN", "D", "x", "\xe2", "\x82", "\xac"]  # the last three are the bytes of "€" in latin-1 clothing
+    decode = lambda ids: b"".join(vocab[i].encode("latin-1") for i in ids).decode("utf-8", errors="replace")
+    stream = TextStream(decode, stop=["END", "zz"])
+    pieces = [stream.push(t) for t in [0, 1, 5, 6, 7, 2]]
+    assert "".join(p for p, _ in pieces) == "abc€" and not any(hit for _, hit in pieces)
+    assert pieces[2] == ("", False) and pieces[4] == ("€", False)  # no half characters; "EN" may start "END"
+    assert stream.push(3) == ("", True) and stream.text == "abc€"
+    stream = TextStream(decode, stop=["END"])
+    [stream.push(t) for t in [0, 2]]
+    assert stream.flush() == "EN" and stream.text == "abEN"
+
+
+def test_stop_string_cuts_the_text(lm):
+    prompt = lm.tokenizer.encode("ROMEO:")
+    ref = Engine(lm.model, lm.tokenizer).generate([prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0]
+    stop = ref.text[5:8]
+    got = Engine(lm.model, lm.tokenizer).generate([prompt], SamplingParams(temperature=0, max_tokens=30, stop=(stop,), ignore_eos=True))[0]
+    assert got.finish_reason == "stop" and got.text == ref.text[: ref.text.index(stop)]
+
+
+def test_abort_frees_the_slot_and_errors(model):
+    engine = Engine(model, max_batch=1, max_waiting=1)
+    a = engine.add([1, 2], SamplingParams(temperature=0, max_tokens=40))
+    engine.step()
+    b = engine.add([3], SamplingParams(temperature=0, max_tokens=2))
+    with pytest.raises(QueueFull):
+        engine.add([4], SamplingParams(max_tokens=2))
+    assert engine.abort(a.id) is a and a.finish_reason == "abort" and engine.running == 0
+    while engine.has_work:
+        engine.step()
+    assert b.finish_reason == "length" and len(a.output) < 40
+    with pytest.raises(UserError, match="exceed the context of 64"):
+        engine.add(list(range(60)), SamplingParams(max_tokens=10))
+    with pytest.raises(UserError, match="empty"):
+        engine.add([], SamplingParams())
+
+
+def test_encoder_decoder_is_refused():
+    m = Transformer(preset("transformer-base", vocab_size=50, n_layer=1, n_encoder_layer=1, n_embd=32, n_head=2, mlp_hidden=64))
+    with pytest.raises(UserError, match="decoder-only"):
+        Engine(m)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled step is captured in CUDA graphs")
+def test_compiled_cuda_graph_decode_equals_eager():
+    model = varied_transformer(2).to("cuda")
+    params = SamplingParams(temperature=0, max_tokens=12)
+    eager = Engine(model, max_batch=4).generate(PROMPTS[:6], params)
+    compiled = Engine(model, max_batch=4, compile=True).generate(PROMPTS[:6], params)
+    assert [r.output for r in compiled] == [r.output for r in eager]

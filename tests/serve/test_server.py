@@ -1,0 +1,222 @@
+"""The official `openai` client against live servers on loopback."""
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from lmforge.infer import Engine, load
+from lmforge.serve import build_app
+
+TEMPLATE = (
+    "{% for m in messages %}<|cls|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|cls|>assistant\n{% endif %}"
+)
+PROMPTS = ["ROMEO:", "JULIET:\nO", "First Citizen:\nWe are", "KING", "What say", "MENENIUS:\nThe", "Lord", "Nay, "]
+
+
+def live(app):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started and time.time() < deadline:
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def lm(trained_run):
+    lm = load(trained_run.out, device="cpu")
+    lm.tokenizer.chat_template = TEMPLATE
+    return lm
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    app = build_app(lm, Engine(lm.model, lm.tokenizer, max_batch=64, prefill_chunk=64, max_waiting=256), model_name="tiny")
+    srv, thread, url = live(app)
+    yield url, app
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def strict(lm):
+    """One slot, a queue of one, and an API key."""
+    app = build_app(lm, Engine(lm.model, lm.tokenizer, max_batch=1, max_waiting=1), model_name="tiny", api_key="sekrit")
+    srv, thread, url = live(app)
+    yield url
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0)
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(server[0] + "/health").json()["status"] == "ok"
+
+
+def test_completion_equals_local_generation_and_counts_usage(client, lm):
+    r = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=20, temperature=0)
+    assert r.choices[0].text == lm.generate("ROMEO:", 20, temperature=0)
+    assert r.usage.prompt_tokens == len(lm.tokenizer.encode("ROMEO:"))
+    assert 0 < r.usage.completion_tokens <= 20 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_equals_the_whole_answer(client):
+    whole = client.completions.create(model="tiny", prompt="JULIET:", max_tokens=25, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt="JULIET:", max_tokens=25, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_chat_plain_and_streamed(client, lm):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is there?"}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
+    from lmforge.infer import render_chat
+    assert r.choices[0].message.content == lm.generate(render_chat(lm, messages), 20, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == r.choices[0].message.content
+
+
+def test_stop_strings(client):
+    full = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    text = full.choices[0].text
+    stop = text[6:9]
+    r = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=30, temperature=0, stop=[stop, "zzzz"],
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].text == text[: text.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_n_and_seed_reproducibility(client):
+    ask = lambda seed: client.completions.create(model="tiny", prompt="KING", max_tokens=15, temperature=1.0, n=3, seed=seed)
+    a, b, c = ask(5), ask(5), ask(6)
+    texts = lambda r: [ch.text for ch in sorted(r.choices, key=lambda ch: ch.index)]
+    assert len(a.choices) == 3 and texts(a) == texts(b) and texts(a) != texts(c)
+    assert len(set(texts(a))) > 1  # the n choices are different draws
+
+
+def test_logprobs(client):
+    r = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=5, temperature=0, logprobs=3,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert all(len(top) <= 3 and max(top.values()) == pytest.approx(v) for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+    c = openai.OpenAI(base_url=client.base_url, api_key="none").chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    assert c.choices[0].logprobs.content and len(c.choices[0].logprobs.content[0].top_logprobs) == 2
+
+
+def test_errors_have_openai_bodies(client, strict):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="word " * 40, max_tokens=50)
+    assert e.value.status_code == 400 and "context" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=5, temperature=-1)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=5)
+    with pytest.raises(openai.AuthenticationError) as e:
+        openai.OpenAI(base_url=strict + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    assert httpx.get(strict + "/v1/models").status_code == 401
+    assert httpx.get(strict + "/health").status_code == 200
+
+
+def test_full_queue_answers_429(strict):
+    client = openai.AsyncOpenAI(base_url=strict + "/v1", api_key="sekrit", max_retries=0)
+
+    async def one():
+        try:
+            await client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=40, extra_body={"ignore_eos": True})
+            return 200
+        except openai.RateLimitError as e:
+            assert e.body["code"] == "rate_limit_exceeded"
+            return 429
+
+    async def main():
+        return await asyncio.gather(*(one() for _ in range(6)))
+
+    codes = asyncio.run(main())
+    assert 429 in codes and 200 in codes
+
+
+def test_disconnect_frees_the_slot(client, server):
+    url, app = server
+    engine = app.state.runner.engine
+    aborted = lambda: app.state.runner.metrics.requests.labels("abort")._value.get()
+    before = aborted()
+    stream = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=55, stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    deadline = time.time() + 5
+    while (engine.running or aborted() == before) and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.running == 0 and aborted() == before + 1
+
+
+def test_metrics(server, client):
+    client.completions.create(model="tiny", prompt="x", max_tokens=2)
+    text = httpx.get(server[0] + "/metrics").text
+    for name in ("lmforge_queue_length", "lmforge_running_sequences", "lmforge_tokens_per_second",
+                 "lmforge_time_to_first_token_seconds_bucket", "lmforge_request_latency_seconds_count",
+                 "lmforge_generated_tokens_total"):
+        assert name in text
+
+
+def test_64_concurrent_streams_equal_each_request_alone(server):
+    """Greedy, fp32, CPU: every streamed output equals the same request served on its own."""
+    url = server[0]
+    prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(64)]
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+    async def streamed(prompt):
+        stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0, stream=True)
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    async def together():
+        return await asyncio.gather(*(streamed(p) for p in prompts))
+
+    outputs = asyncio.run(together())
+    sync = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    alone = [sync.completions.create(model="tiny", prompt=p, max_tokens=20, temperature=0).choices[0].text for p in prompts]
+    assert outputs == alone
+    assert sum(len(o) > 0 for o in outputs) > 50
+
+
+# ---- schemathesis: property-based requests from the server's own OpenAPI schema -----------------
+
+import schemathesis  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+
+
+def test_schemathesis_finds_no_server_error(server):
+    """Every operation of /openapi.json, 25 generated requests each (streaming, n, stop, odd Unicode...)."""
+    schema = schemathesis.openapi.from_url(server[0] + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models"}
+    for op in operations:
+
+        @given(case=op.as_strategy())
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def check(case):
+            case.call_and_validate(checks=[not_a_server_error])
+
+        check()
