@@ -85,3 +85,10 @@ def test_collate_pads_right_and_batches_are_a_function_of_the_step(tok):
 def test_bad_prompt_is_one_line(tok):
     with pytest.raises(UserError, match="placeholder"):
         TaskFormat(tok, "decoder", 64, prompt="no slot")
+
+
+def test_qa_stride_larger_than_the_window_still_advances_by_half_a_window(tok):
+    context = " ".join(["word"] * 400)
+    windows = TaskFormat(tok, "decoder", max_length=40).qa("Q?", context, stride=128)
+    ids = tok.encode(context)
+    assert len(windows) <= 2 * len(ids) // 30 + 2  # not one window per token

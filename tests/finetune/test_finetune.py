@@ -13,7 +13,7 @@ from lmforge.config import LoraConfig, preset
 from lmforge.evaluate import evaluate_task
 from lmforge.evaluate.metrics import accuracy
 from lmforge.finetune import finetune, merge_lora
-from lmforge.infer import pipeline, predict
+from lmforge.infer import load, pipeline, predict
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
@@ -156,6 +156,11 @@ def test_translation_with_an_encoder_decoder_and_predictions_as_jsonl(tmp_path_f
     assert val[-1] < val[0]
     result = evaluate_task(run.checkpoint, "seq2seq", src, target=tgt, limit=5, max_new_tokens=8, device="cpu")
     assert result["examples"] == 5 and {"bleu", "chrf", "rouge1", "rouge2", "rougeL"} <= set(result)
+    beams = pipeline("seq2seq", run.checkpoint, device="cpu", max_new_tokens=6, num_beams=3)
+    greedy = pipeline("seq2seq", run.checkpoint, device="cpu", max_new_tokens=6)
+    one_beam = pipeline("seq2seq", run.checkpoint, device="cpu", max_new_tokens=6, num_beams=1)
+    sentences = src.read_text().splitlines()[:2]
+    assert greedy(sentences) == one_beam(sentences) and len(beams(sentences)) == 2
     n = predict(run.checkpoint, src, tmp_path / "pred.jsonl", target=tgt, max_new_tokens=4, device="cpu")
     rows = [json.loads(line) for line in open(tmp_path / "pred.jsonl")]
     assert n == len(rows) == 300 and rows[0]["source"] == src.read_text().splitlines()[0] and "prediction" in rows[0]
@@ -170,6 +175,12 @@ def test_summarization_with_a_decoder_trains_on_the_target_only(trained_run, tmp
     assert val[-1] < val[0]
     result = evaluate_task(run.checkpoint, None, data, limit=3, max_new_tokens=8, device="cpu")
     assert result["task"] == "seq2seq" and result["examples"] == 3
+    # Batched greedy decoding (the engine) writes what one-at-a-time greedy decoding does.
+    pipe = pipeline(None, run.checkpoint, device="cpu", max_new_tokens=8, batch_size=3)
+    sources = [json.loads(line)["source"][0] for line in data.read_text().splitlines()[:3]]
+    lm = load(run.checkpoint, device="cpu")
+    alone = [lm.generate(pipe.tokenizer.decode(pipe.format.prompt_ids(s, 64 - 8)), 8, temperature=0).strip() for s in sources]
+    assert pipe(sources) == alone
 
 
 def test_chat_sft_lowers_the_loss_on_assistant_turns(trained_run, tmp_path):

@@ -83,7 +83,7 @@ def merge_lora_cmd(args: Namespace) -> dict[str, Any]:
 def predict_cmd(args: Namespace) -> dict[str, Any]:
     n = predict(args.checkpoint, args.data, args.out, args.task, target=args.target, split_articles=args.split_articles,
                 text_field=args.text_field, label_field=args.label_field, device=args.device,
-                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+                batch_size=args.batch_size, **_inference_kwargs(args))
     _say(args)(f"wrote {n:,} predictions to {args.out}")
     return {"out": args.out, "predictions": n}
 
@@ -126,13 +126,17 @@ def eval_cmd(args: Namespace) -> dict[str, Any]:
     return result
 
 
+def _inference_kwargs(args: Namespace) -> dict[str, Any]:
+    return {k: args[k] for k in ("max_new_tokens", "num_beams", "length_penalty", "max_answer_length")}
+
+
 def _eval_task(args: Namespace) -> dict[str, Any]:
     if len(args.data) != 1:
         raise UserError(f"--task scores one data file, got {len(args.data)}")
     result = evaluate_task(
         args.checkpoint, args.task, args.data[0], target=args.target, split_articles=args.split_articles,
         text_field=args.text_field, label_field=args.label_field, limit=args.limit, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, device=args.device,
+        device=args.device, **_inference_kwargs(args),
     )
     scores = ", ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float) and k != "seconds")
     _say(args)(f"{result['task']} on {result['examples']:,} examples: {scores}")

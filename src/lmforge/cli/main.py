@@ -48,6 +48,14 @@ def _task_data_options(p: ArgumentParser) -> None:
     _option(p, "label_field", default=None, help="column or JSON key of the label (classify) or target (seq2seq)")
 
 
+def _inference_options(p: ArgumentParser) -> None:
+    """How a fine-tuned checkpoint predicts: the options predict and eval --task share."""
+    _option(p, "max_new_tokens", type=int, default=64, help="seq2seq/sft: longest generated output")
+    _option(p, "num_beams", type=int, default=1, help="seq2seq/sft: beam search with this many beams (1: greedy)")
+    _option(p, "length_penalty", type=float, default=1.0, help="beam search: score = logprob / length^this")
+    _option(p, "max_answer_length", type=int, default=30, help="qa: longest answer in tokens")
+
+
 def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentParser:
     root = _parser("lmforge: Transformer language models from theory to practice.", prog="lmforge")
     verbs = root.add_subcommands(dest="verb", required=True)
@@ -130,7 +138,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(pred, "task", default=None, choices=TASKS, help="default: the task the checkpoint was fine-tuned for")
     _task_data_options(pred)
     _option(pred, "batch_size", type=int, default=32)
-    _option(pred, "max_new_tokens", type=int, default=64, help="seq2seq/sft: longest generated output")
+    _inference_options(pred)
     _option(pred, "device", default="auto")
     _json_flag(pred)
     verbs.add_subcommand("predict", pred, help="write predictions as JSONL")
@@ -155,7 +163,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(ev, "task", default=None, choices=TASKS, help="score a fine-tuned checkpoint on labelled task data")
     _task_data_options(ev)
     _option(ev, "limit", type=int | None, default=None, help="--task: score only the first N examples")
-    _option(ev, "max_new_tokens", type=int, default=64, help="--task seq2seq: longest generated output")
+    _inference_options(ev)
     _option(ev, "batch_size", type=int, default=8)
     _option(ev, "device", default="auto")
     _json_flag(ev)

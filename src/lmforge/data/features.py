@@ -108,7 +108,7 @@ class TaskFormat:
         room = self.max_length - len(head) - (1 if self.encoder else 0)
         if room < 4:
             raise UserError(f"max_length {self.max_length} leaves no room for the context after the question; raise it")
-        step = max(room - min(stride, room - 1), 1)
+        step = room - min(stride, room // 2)  # overlap `stride` tokens, but always advance by half a window
         answer_tokens: list[int] = []
         if answer is not None:
             a0, a1 = answer[1], answer[1] + len(answer[0])

@@ -22,7 +22,10 @@ from lmforge.checkpoint import load_model
 from lmforge.data.features import DEFAULT_PROMPT, TASKS, Feature, TaskFormat, collate, read_examples
 from lmforge.data.parallel import decoder_start_id
 from lmforge.data.tasks import entities
+from lmforge.infer.beam import beam_search
+from lmforge.infer.engine import Engine
 from lmforge.infer.generate import SamplingConfig, generate_tokens
+from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.device import resolve_device
@@ -36,9 +39,11 @@ class Pipeline:
     """Runs one task; `task`, `model`, `tokenizer` and `format` are public for inspection."""
 
     def __init__(self, task: str, model: Transformer, tokenizer: Tokenizer, fmt: TaskFormat, batch_size: int,
-                 max_new_tokens: int, max_answer_length: int, doc_stride: int) -> None:
+                 max_new_tokens: int, max_answer_length: int, doc_stride: int, num_beams: int = 1,
+                 length_penalty: float = 1.0) -> None:
         self.task, self.model, self.tokenizer, self.format = task, model, tokenizer, fmt
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.num_beams, self.length_penalty = num_beams, length_penalty
         self.max_answer_length, self.doc_stride = max_answer_length, doc_stride
 
     @property
@@ -118,31 +123,40 @@ class Pipeline:
         return out
 
     def _generate(self, items: list[Any]) -> list[str]:
-        sampling = SamplingConfig(temperature=0.0)
+        """Greedy decoding, batched through the engine for decoders; beam search with num_beams > 1."""
         cfg, tok = self.model.config, self.tokenizer
         if self.max_new_tokens >= cfg.context_length and cfg.arch == "decoder":
             raise UserError(f"max_new_tokens {self.max_new_tokens} leaves no room for the input in a context of {cfg.context_length}")
-        out = []
+        prompts, memories = [], []
         for item in items:
-            memory: dict[str, torch.Tensor] = {}
             if self.task == "sft":
                 messages = [{"role": "user", "content": item}] if isinstance(item, str) else item
                 prompt = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
-                prompt = prompt[-(cfg.context_length - self.max_new_tokens):]
+                prompts.append(prompt[-(cfg.context_length - self.max_new_tokens):])
             elif cfg.arch == "encoder-decoder":
                 src = torch.tensor([self.format.seq2seq(item)["src"]], device=self.device)
                 with torch.inference_mode():
-                    memory = {"memory": self.model.encode_source(src)}
-                prompt = [decoder_start_id(tok)]
+                    memories.append(self.model.encode_source(src))
+                prompts.append([decoder_start_id(tok)])
             else:
-                prompt = self.format.prompt_ids(item, cfg.context_length - self.max_new_tokens)
-            ids = []
-            for t in generate_tokens(self.model, prompt, self.max_new_tokens, sampling, (tok.eot_id,), **memory):
-                if t == tok.eot_id:
-                    break
-                ids.append(t)
-            out.append(tok.decode(ids).strip())
-        return out
+                prompts.append(self.format.prompt_ids(item, cfg.context_length - self.max_new_tokens))
+        if cfg.arch == "decoder" and self.num_beams == 1:
+            longest = max(len(p) for p in prompts) + self.max_new_tokens
+            engine = Engine(self.model, tok, max_batch=min(self.batch_size, len(prompts)), max_seq_len=longest)
+            params = SamplingParams(max_tokens=self.max_new_tokens, temperature=0.0)
+            outputs = [req.output for req in engine.generate(prompts, params)]
+        else:
+            outputs = []
+            for n, prompt in enumerate(prompts):
+                memory = {"memory": memories[n]} if memories else {}
+                if self.num_beams > 1:
+                    best = beam_search(self.model, prompt, self.num_beams, self.max_new_tokens, self.length_penalty,
+                                       eos_id=tok.eot_id, **memory)[0]
+                    outputs.append(best.tokens)
+                else:
+                    outputs.append(list(generate_tokens(self.model, prompt, self.max_new_tokens, SamplingConfig(temperature=0.0),
+                                                        (tok.eot_id,), **memory)))
+        return [tok.decode([t for t in ids if t != tok.eot_id]).strip() for ids in outputs]
 
 
 def _best_span(logits: torch.Tensor, offsets: Sequence[tuple[int, int] | None], max_len: int) -> tuple[float, int, int]:
@@ -179,8 +193,16 @@ def pipeline(
     batch_size: int = 32,
     max_new_tokens: int = 64,
     max_answer_length: int = 30,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> Pipeline:
-    """A callable for `task` on `checkpoint`; task None takes the one the checkpoint was fine-tuned for."""
+    """A callable for `task` on `checkpoint`; task None takes the one the checkpoint was fine-tuned for.
+
+    Generation (seq2seq, sft) is greedy, batched `batch_size` at a time for decoders; `num_beams`
+    > 1 runs beam search with `length_penalty`. QA answers are at most `max_answer_length` tokens.
+    """
+    if num_beams < 1 or batch_size < 1 or max_answer_length < 1:
+        raise UserError(f"num_beams, batch_size and max_answer_length must be >= 1, got {num_beams}, {batch_size}, {max_answer_length}")
     model, ckpt = load_model(checkpoint, resolve_device(device))
     trained = (ckpt.trainer_state or {}).get("task") or {}
     task = task or trained.get("kind")
@@ -195,7 +217,8 @@ def pipeline(
         raise UserError(f"an encoder cannot generate text for --task {task}; use a decoder or encoder-decoder checkpoint")
     cfg = model.config
     fmt = TaskFormat(ckpt.tokenizer, cfg.arch, trained.get("max_length", cfg.context_length), trained.get("prompt", DEFAULT_PROMPT))
-    return Pipeline(task, model, ckpt.tokenizer, fmt, batch_size, max_new_tokens, max_answer_length, trained.get("doc_stride", 128))
+    return Pipeline(task, model, ckpt.tokenizer, fmt, batch_size, max_new_tokens, max_answer_length, trained.get("doc_stride", 128),
+                    num_beams, length_penalty)
 
 
 def predict(
@@ -211,10 +234,14 @@ def predict(
     device: str = "auto",
     batch_size: int = 32,
     max_new_tokens: int = 64,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    max_answer_length: int = 30,
 ) -> int:
     """Run `checkpoint` over the examples of `data` and write one JSON object per example to `out`
     (atomically); returns the number written. Labels in the data are not needed (GLUE test files)."""
-    pipe = pipeline(task, checkpoint, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    pipe = pipeline(task, checkpoint, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                    max_answer_length=max_answer_length, num_beams=num_beams, length_penalty=length_penalty)
     examples = read_examples(pipe.task, data, target, text_field=text_field, label_field=label_field,
                              split_articles=split_articles, part=1, require_labels=False)
     if pipe.task == "classify":
