@@ -59,3 +59,12 @@ def test_all_linear_adapts_every_block_linear_but_no_head_or_embedding():
 def test_bad_targets_are_one_line():
     with pytest.raises(UserError, match="lora.targets"):
         LoraConfig(r=4, targets="q,qq")
+
+
+def test_lora_config_round_trips_through_json_and_rejects_unknown_keys():
+    from lmforge.config import ModelConfig
+
+    cfg = preset("tiny").replace(vocab_size=10, lora=LoraConfig(r=2, targets="all-linear"))
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(UserError, match="unknown model.lora key"):
+        ModelConfig.from_dict({**cfg.to_dict(), "lora": {"r": 2, "rank": 3}})

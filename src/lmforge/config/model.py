@@ -167,6 +167,9 @@ class ModelConfig:
         if self.task_head in ("classify", "tag") and not self.labels:
             raise UserError(f"a {self.task_head} head needs labels; pass the label set of the task")
         if isinstance(self.lora, dict):  # from config.json
+            unknown = sorted(set(self.lora) - {f.name for f in dataclasses.fields(LoraConfig)})
+            if unknown:
+                raise UserError(f"unknown model.lora key(s) {unknown}; valid keys are r, alpha, dropout, targets")
             self.lora = LoraConfig(**self.lora)
         if self.lora is not None and self.lora.r == 0:
             self.lora = None
