@@ -12,7 +12,7 @@ from torch import nn
 
 from lmforge.data.features import Feature, collate, sample_batch
 from lmforge.model.losses import IGNORE_INDEX, lm_loss
-from lmforge.utils.device import autocast
+from lmforge.train.objectives import weighted_mean_loss
 
 Batch = dict[str, torch.Tensor]
 
@@ -50,16 +50,5 @@ class TaskObjective:
             return batch["input_ids"].size(0)
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: list[Batch], device: torch.device, amp: torch.dtype | None) -> float:
-        was_training = model.training
-        model.eval()
-        total, count = 0.0, 0
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device, amp):
-                loss = self.loss(model, batch)
-            n = self._weight(batch)
-            total, count = total + loss.item() * n, count + n
-        model.train(was_training)
-        return total / max(count, 1)
+        return weighted_mean_loss(self.loss, self._weight, model, batches, device, amp)

@@ -8,7 +8,7 @@ loop is the same for all of them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -104,17 +104,30 @@ class Objective:
             loss = loss + F.cross_entropy(net.nsp_logits(hidden).float(), batch["nsp_labels"])
         return loss
 
-    @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batches: list[Batch], device: torch.device, amp: torch.dtype | None) -> float:
         """Mean validation loss, weighted by the number of predicted tokens of each batch."""
-        was_training = model.training
-        model.eval()
-        total, count = 0.0, 0
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(device, amp):
-                loss = self.loss(model, batch)
-            n = int((batch["labels"] != IGNORE_INDEX).sum())
-            total, count = total + loss.item() * n, count + n
-        model.train(was_training)
-        return total / max(count, 1)
+        return weighted_mean_loss(self.loss, lambda b: int((b["labels"] != IGNORE_INDEX).sum()), model, batches, device, amp)
+
+
+@torch.no_grad()
+def weighted_mean_loss(
+    loss: Callable[[torch.nn.Module, Batch], torch.Tensor],
+    weight: Callable[[Batch], int],
+    model: torch.nn.Module,
+    batches: list[Batch],
+    device: torch.device,
+    amp: torch.dtype | None,
+) -> float:
+    """The mean of `loss` over `batches` in eval mode, each batch weighted by `weight(batch)`
+    (the predictions its mean loss averages over), so the result is the per-prediction mean."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device, amp):
+            value = loss(model, batch)
+        n = weight(batch)
+        total, count = total + value.item() * n, count + n
+    model.train(was_training)
+    return total / max(count, 1)
