@@ -69,7 +69,8 @@ def finetune_cmd(args: Namespace) -> dict[str, Any]:
         text_field=args.text_field, label_field=args.label_field, prompt=args.prompt, doc_stride=args.doc_stride,
         dropout=args.dropout, resume=args.resume, log=_say(args),
     )
-    _report_run(result, _say(args))
+    unit = {"tag": " nats/word", "seq2seq": " nats/token", "sft": " nats/token"}.get(args.task, " nats/example")
+    _report_run(result, _say(args), unit)
     _say(args)(f"score it: lmforge eval {result.checkpoint} --task {args.task} --data DEV_FILE")
     return result.to_dict()
 
@@ -88,8 +89,8 @@ def predict_cmd(args: Namespace) -> dict[str, Any]:
     return {"out": args.out, "predictions": n}
 
 
-def _report_run(result: RunResult, say: Callable[..., None]) -> None:
-    val = f", val loss {result.val_loss:.4f} nats/token" if result.val_loss is not None else ""
+def _report_run(result: RunResult, say: Callable[..., None], unit: str = " nats/token") -> None:
+    val = f", val loss {result.val_loss:.4f}{unit}" if result.val_loss is not None else ""
     val += f" = {result.val_bpb:.4f} bits/byte" if result.val_bpb is not None else ""
     say(f"done: step {result.step}, train loss {result.train_loss:.4f}{val}, {result.seconds:.1f}s")
     say(f"checkpoint: {result.checkpoint}\nloss curve: {result.plot}")
