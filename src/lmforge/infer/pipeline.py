@@ -11,10 +11,9 @@ trainer state), batched, and long ones handled: classification and tagging keep 
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Iterable, Sequence
-
 import json
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -63,21 +62,23 @@ class Pipeline:
         else:
             single = isinstance(inputs, str)
         batch = [inputs] if single else list(inputs)
+        if not batch:
+            return []
         run = {"classify": self._classify, "tag": self._tag, "qa": self._qa, "seq2seq": self._generate, "sft": self._generate}
         results = run[self.task](batch)
         return results[0] if single else results
 
     @torch.inference_mode()
-    def _logits(self, features: list[Feature]) -> Iterable[tuple[list[Feature], torch.Tensor, torch.Tensor]]:
+    def _logits(self, features: list[Feature]) -> Iterator[torch.Tensor]:
+        """The head's logits for `features`, `batch_size` at a time."""
         for i in range(0, len(features), self.batch_size):
-            chunk = features[i : i + self.batch_size]
-            b = {k: v.to(self.device) for k, v in collate(chunk, self.format.pad_id).items()}
-            yield chunk, self.model.task_logits(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float(), b["attention_mask"]
+            b = {k: v.to(self.device) for k, v in collate(features[i : i + self.batch_size], self.format.pad_id).items()}
+            yield self.model.task_logits(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).float()
 
     def _classify(self, texts: list[str]) -> list[dict[str, Any]]:
         labels = self.model.config.labels
         out = []
-        for _, logits, _ in self._logits([self.format.classify(t) for t in texts]):
+        for logits in self._logits([self.format.classify(t) for t in texts]):
             probs = logits.softmax(-1)
             for p in probs:
                 i = int(p.argmax())
@@ -90,7 +91,7 @@ class Pipeline:
         encoded = [self.format.tag(w) for w in words]
         out: list[dict[str, Any]] = []
         done = 0
-        for _, logits, _ in self._logits([f for f, _ in encoded]):
+        for logits in self._logits([f for f, _ in encoded]):
             for row in logits.argmax(-1).tolist():
                 w, first = words[done], encoded[done][1]
                 # Words cut off by max_length get "O": the model never saw them.
@@ -109,7 +110,7 @@ class Pipeline:
             windows += [(n, w) for w in self.format.qa(item["question"], item["context"], stride=self.doc_stride)]
         best = [(float("-inf"), 0, 0)] * len(items)
         k = 0
-        for _, logits, _ in self._logits([w.feature for _, w in windows]):
+        for logits in self._logits([w.feature for _, w in windows]):
             for lg in logits:
                 n, w = windows[k]
                 best[n] = max(best[n], _best_span(lg, w.offsets, self.max_answer_length))
