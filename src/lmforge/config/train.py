@@ -81,8 +81,10 @@ class TrainConfig:
 
 
 # Fine-tuning starts from trained weights: a small learning rate decayed to zero, a short warmup,
-# light weight decay, one checkpoint at the end (the values `lmforge finetune` defaults to).
+# light weight decay, one checkpoint at the end (the values `lmforge finetune` defaults to). Task
+# batches are padded to their longest example, so every batch has a new shape: torch.compile
+# would recompile for each, hence off unless asked for.
 FINETUNE_DEFAULTS: dict[str, Any] = dict(
     max_steps=500, batch_size=16, lr=5e-5, min_lr=0.0, warmup_steps=50, weight_decay=0.01,
-    eval_interval=100, eval_batches=20, ckpt_interval=0, keep_checkpoints=1,
+    eval_interval=100, eval_batches=20, ckpt_interval=0, keep_checkpoints=1, compile=False,
 )
