@@ -16,6 +16,7 @@ mid-write leaves only complete step directories behind):
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,9 @@ class Checkpointer:
         """Load a checkpoint's weights and optimizer state into `net` (sharded or not) and `optimizer`."""
         if (ckpt.path / SHARDED_DIR).is_dir():
             state = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, optimizer)}
-            dcp.load(state, checkpoint_id=str(ckpt.path / SHARDED_DIR))
+            with warnings.catch_warnings():  # one process reading a sharded checkpoint is what we mean
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, checkpoint_id=str(ckpt.path / SHARDED_DIR), no_dist=not self.world.distributed)
             set_model_state_dict(net, state["model"])
             set_optimizer_state_dict(net, optimizer, state["optim"])
             return

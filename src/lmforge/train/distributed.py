@@ -104,19 +104,23 @@ class LossOf(nn.Module):
         return self._loss(self.model, batch)
 
 
-def wrap(net: nn.Module, compiled: nn.Module, loss: Callable, parallel: str, world: World, device: torch.device) -> nn.Module:
+def wrap(net: nn.Module, compiled: nn.Module, loss: Callable, parallel: str, world: World, device: torch.device,
+         probe: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The module `fit` calls as `step_loss(batch)`: plain for one process, else DDP or FSDP2.
 
     FSDP2 shards every Transformer block as its own group and the rest (embeddings, final norm,
     heads; tied weights stay in one group) under the `LossOf` root. `net` is sharded in place:
-    its parameters become DTensors, so build the optimizer after this call.
+    its parameters become DTensors, so build the optimizer after this call. `probe`, a batch, is
+    used to find parameters the loss leaves without gradient (DDP only).
     """
     if not world.distributed:
         return LossOf(compiled, loss)
     if parallel == "ddp":
-        # find_unused_parameters: heads an objective does not use (NSP, pooler) get no gradient.
+        # Heads an objective does not use (NSP for plain MLM, the LM head of a classifier) get no
+        # gradient; DDP must then search the graph every step, which it only does when told to.
         ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(LossOf(compiled, loss), device_ids=ids, find_unused_parameters=True)
+        find_unused = probe is not None and bool(unused_parameters(net, loss, probe))
+        return nn.parallel.DistributedDataParallel(LossOf(compiled, loss), device_ids=ids, find_unused_parameters=find_unused)
     if parallel == "fsdp":
         for name in ("encoder_layers", "layers"):
             for block in getattr(net, name, None) or ():
@@ -125,6 +129,21 @@ def wrap(net: nn.Module, compiled: nn.Module, loss: Callable, parallel: str, wor
         fully_shard(root)
         return root
     raise UserError(f"unknown train.parallel {parallel!r}; use ddp or fsdp")
+
+
+def unused_parameters(net: nn.Module, loss: Callable, batch: dict[str, torch.Tensor]) -> list[str]:
+    """Trainable parameters that one forward and backward of `loss` on `batch` gives no gradient."""
+    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    saved = [p.grad for _, p in trainable]
+    for _, p in trainable:
+        p.grad = None
+    rng = torch.get_rng_state()
+    loss(net, batch).backward()
+    torch.set_rng_state(rng)
+    unused = [n for n, p in trainable if p.grad is None]
+    for (_, p), g in zip(trainable, saved):
+        p.grad = g
+    return unused
 
 
 def grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
 import threading
 import time
@@ -116,7 +117,10 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
         torch.set_num_threads(train.threads)
     net = net.to(device)
     compiled = torch.compile(net) if (train.compile if train.compile is not None else device.type == "cuda") else net
-    step_loss = wrap(net, compiled, objective.loss, train.parallel, world, device)  # FSDP2 shards `net` in place
+    probe = None
+    if world.distributed and train.parallel == "ddp":
+        probe = {k: v.to(device) for k, v in objective.batch(train_source, train.batch_size, start_step, 0).items()}
+    step_loss = wrap(net, compiled, objective.loss, train.parallel, world, device, probe)  # FSDP2 shards `net` in place
     optimizer = build_optimizer(net, train, device)
     if resume_from is not None:
         checkpoints.restore(resume_from, net, optimizer, device)
@@ -125,6 +129,8 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out, tensorboard=train.tensorboard) if world.main else NoMetrics()
+    if world.main and resume_from is not None and not metrics.path.exists() and (resume_from.path / "metrics.jsonl").exists():
+        shutil.copyfile(resume_from.path / "metrics.jsonl", metrics.path)  # a checkpoint copied out of its run
     metrics.truncate_after(start_step)
     sequences_per_step = train.batch_size * train.grad_accum * world.size
     tokens_per_step = sequences_per_step * tokens_per_sample
