@@ -181,7 +181,12 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
         return (int(flags[0]) if flags[0] < none_bad else None), flags[1] < 0
 
     def nonfinite_error(bad: int, loss: float | None) -> UserError:
-        what = ("nan" if math.isnan(loss) else "inf") if loss is not None else "not finite (nan or inf)"
+        if loss is None:
+            what = "not finite (nan or inf)"
+        elif math.isfinite(loss):
+            what = f"{loss:.4f} but its gradient norm is not finite"
+        else:
+            what = "nan" if math.isnan(loss) else "inf"
         saved = find_checkpoints(out)
         keep = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
         return UserError(f"loss is {what} at step {bad}; lower --train.lr or pass --train.skip-nonfinite to skip "
@@ -220,27 +225,30 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
                             loss = step_loss(batch) / train.grad_accum
                         loss.backward()
                     loss_sum += loss.detach()
-                first_bad = torch.where(torch.isfinite(loss_sum) | (first_bad < none_bad), first_bad, float(step + 1))
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, train.grad_clip) if train.grad_clip else None
+                finite = torch.isfinite(loss_sum)
+                if grad_norm is not None:  # a finite loss can still give an overflowing gradient
+                    finite = finite & torch.isfinite(local_tensor(grad_norm))
+                first_bad = torch.where(finite | (first_bad < none_bad), first_bad, float(step + 1))
                 done = step + 1
                 logging = done % train.log_interval == 0 or done == train.max_steps
                 saving = done == train.max_steps or (train.ckpt_interval and done % train.ckpt_interval == 0)
-                if check_every_step or logging or saving or not world.distributed:
-                    bad, stopping = agreed(stop.is_set()) if (check_every_step or logging or saving) else (None, stop.is_set())
-                    if bad is not None:
-                        loss_now = all_reduce(loss_sum.clone(), world).item() / world.size if bad == done else None
-                        if not train.skip_nonfinite:
-                            raise nonfinite_error(bad, loss_now)
-                        # Skip: drop the step's gradients; the next step takes the next batches.
-                        optimizer.zero_grad(set_to_none=True)
-                        first_bad.fill_(none_bad)
-                        skipped += 1
-                        metrics.log({"kind": "skipped", "step": done, "loss": str(loss_now)})
-                        bar.write(f"step {done}: loss is {loss_now}; step skipped (--train.skip-nonfinite)")
-                        step = done
-                        bar.update(1)
-                        continue
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, train.grad_clip) if train.grad_clip else None
-                optimizer.step()
+                skip = False
+                if check_every_step or logging or saving:
+                    bad, stopping = agreed(stop.is_set())
+                else:  # one process reads its own stop request; several agree on one at the next check
+                    bad, stopping = None, stop.is_set() and not world.distributed
+                if bad is not None:
+                    loss_now = all_reduce(loss_sum.clone(), world).item() / world.size if bad == done else None
+                    if not train.skip_nonfinite:
+                        raise nonfinite_error(bad, loss_now)
+                    # Skip: drop the step's gradients; the next step takes the next batches.
+                    first_bad.fill_(none_bad)
+                    skip, skipped = True, skipped + 1
+                    metrics.log({"kind": "skipped", "step": done, "loss": str(loss_now)})
+                    bar.write(f"step {done}: loss is {loss_now}; step skipped (--train.skip-nonfinite)")
+                if not skip:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step = done
                 window_tokens += tokens_per_step
@@ -248,7 +256,7 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
                 window_busy, window_wait = window_busy + busy, window_wait + wait
                 total_busy, total_wait = total_busy + busy, total_wait + wait
 
-                if logging:
+                if logging and not skip:
                     last_loss = all_reduce(loss_sum, world).item() / world.size
                     now = time.perf_counter()
                     tokens_per_s = window_tokens / (now - window_t)
