@@ -26,14 +26,15 @@ from lmforge.utils.errors import UserError
 
 
 class Poisoned(Objective):
-    """The causal objective, whose loss turns nan (or inf) at the given 0-based steps."""
+    """The causal objective, whose loss turns nan (or inf) at the given 0-based steps (or (step, micro) pairs)."""
 
     def __init__(self, *args, bad_steps=(), value=math.nan, **kwargs):
         super().__init__(*args, **kwargs)
         self.bad_steps, self.value = set(bad_steps), value
 
     def batch(self, windows, batch_size, step, micro=0, seed=None):
-        return {**super().batch(windows, batch_size, step, micro, seed), "poison": torch.tensor(step in self.bad_steps)}
+        poison = step in self.bad_steps or (step, micro) in self.bad_steps
+        return {**super().batch(windows, batch_size, step, micro, seed), "poison": torch.tensor(poison)}
 
     def loss(self, model, batch):
         loss = super().loss(model, batch)
@@ -124,3 +125,32 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(data_
     b = load_file(str(victim / "step-000020" / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def _skip_worker(rank, data_dir, out, port, results):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = run(data_dir, out, bad_steps={(2, 1)}, skip_nonfinite=True, max_steps=4, grad_accum=1)
+    results.put((rank, result.skipped_steps))
+
+
+@pytest.mark.slow
+def test_processes_agree_to_skip_a_step_only_one_of_them_saw_go_bad(data_dir, tmp_path):
+    """Rank 1's micro-batch of step 3 is poisoned: both ranks skip it, as one process with both micro-batches does."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    mp.start_processes(_skip_worker, args=(data_dir, tmp_path / "two", port, results), nprocs=2, start_method="spawn")
+    assert sorted(results.get() for _ in range(2)) == [(0, 1), (1, 1)]
+    one = run(data_dir, tmp_path / "one", bad_steps={(2, 1)}, skip_nonfinite=True, max_steps=4, grad_accum=2)
+    assert one.skipped_steps == 1
+    a = load_file(str(tmp_path / "one" / "step-000004" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "step-000004" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
