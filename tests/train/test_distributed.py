@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ from safetensors.torch import load_file
 from conftest import ROOT, tiny_train_config
 from lmforge.checkpoint import find_checkpoints, load_model
 from lmforge.config import preset
-from lmforge.data.loader import Prefetcher
 from lmforge.train import pretrain
 from lmforge.train.checkpointing import SHARDED_DIR
 from lmforge.train.distributed import World, micro_seed
@@ -35,25 +33,6 @@ def test_micro_batches_of_ranks_tile_the_step():
     assert tiles == [[0, 1], [2, 3], [4, 5]]
     assert sum(tiles, []) == list(World().micro_batches(6))
     assert micro_seed(5, 3, 1) == micro_seed(5, 3, 1) != micro_seed(5, 3, 2)
-
-
-def test_prefetcher_gives_the_batches_in_order_and_raises_errors():
-    made = []
-
-    def make(step, micro):
-        made.append(threading.current_thread().name)
-        if step == 3:
-            raise ValueError("bad shard")
-        return {"x": torch.tensor([step, micro])}
-
-    keys = [(s, m) for s in range(4) for m in range(2)]
-    p = Prefetcher(make, keys, depth=2)
-    for key in keys[:6]:
-        assert p.next(key)["x"].tolist() == list(key)
-    with pytest.raises(ValueError, match="bad shard"):
-        p.next(keys[6])
-    p.close()
-    assert set(made) == {"lmforge-prefetch"}
 
 
 @pytest.fixture(scope="module")

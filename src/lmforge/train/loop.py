@@ -1,9 +1,13 @@
 """`fit`: the one training loop that pretraining and fine-tuning share.
 
-A run is a pure function of its configs: batch (step, micro) comes from (seed, step, micro) and
-dropout from (seed, step), so a run killed and resumed from any checkpoint ends with exactly the
-weights of one that was never interrupted. What is trained on, and how a batch becomes a loss,
-is the `objective`'s business (see `objectives.py` and `lmforge.finetune`).
+A run is a pure function of its configs: batch (step, micro) and its dropout masks come from
+(seed, step, micro), so a run killed and resumed from any checkpoint ends with exactly the
+weights of one that was never interrupted, and W processes that split a step's micro-batches
+train what one process that takes them all trains (`distributed.py`). What is trained on, and how
+a batch becomes a loss, is the `objective`'s business (see `objectives.py` and `lmforge.finetune`).
+
+A step that ends with a nan or inf loss (or gradient norm) never reaches a checkpoint: the run
+stops naming the step, or skips it with `train.skip_nonfinite`.
 """
 
 from __future__ import annotations
