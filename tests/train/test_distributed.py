@@ -96,3 +96,16 @@ def test_one_process_checkpoint_resumes_on_two_with_fsdp(single, data_dir, tmp_p
     shutil.copytree(single.out / "step-000003", out / "step-000003")
     torchrun(data_dir, out, "--train.grad_accum", "1", "--train.parallel", "fsdp", "--resume")
     assert_same_weights(find_checkpoints(out)[-1], single.checkpoint)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gpus_with_nccl_match_one(data_dir, tmp_path, parallel):
+    cuda = dict(device="cuda", dtype="float32", compile=False)
+    one = pretrain(data_dir, tmp_path / "one", preset("tiny", dropout=0.1), tiny_train_config(**TRAIN, **cuda, grad_accum=2), **quiet)
+    out = tmp_path / parallel
+    torchrun(data_dir, out, "--train.grad_accum", "1", "--train.parallel", parallel, "--train.device", "cuda",
+             "--train.dtype", "float32", "--train.compile", "false")
+    np.testing.assert_allclose(losses(out), losses(one.out), atol=1e-4, rtol=0)  # GPU reductions are not bitwise
+    assert_same_weights(find_checkpoints(out)[-1], one.checkpoint, atol=1e-4)

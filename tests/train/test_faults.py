@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,7 +102,8 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_last_complete_one(data_
     partial = []
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:  # every step writes a checkpoint: catch one mid-write
-        if victim.is_dir() and (partial := [p for p in os.scandir(victim) if p.name.startswith(".step-") and p.name.endswith(".tmp")]):
+        if victim.is_dir() and (partial := [p for p in os.scandir(victim) if p.name.startswith(".step-") and p.name.endswith(".tmp")
+                                               and ".deleted." not in p.name]):
             try:
                 started = find_checkpoints(victim) and any(os.scandir(partial[0].path))  # one complete, one half written
             except FileNotFoundError:  # renamed into place while we looked
@@ -152,5 +154,65 @@ def test_processes_agree_to_skip_a_step_only_one_of_them_saw_go_bad(data_dir, tm
     assert one.skipped_steps == 1
     a = load_file(str(tmp_path / "one" / "step-000004" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "step-000004" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+
+
+def _children(pid):
+    """Process ids whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
+def test_killing_a_two_process_run_during_a_sharded_write_resumes_on_one(data_dir, tmp_path):
+    """SIGKILL both torchrun workers while they write `dcp/`; the last complete checkpoint resumes on 1 process."""
+    from lmforge.train import pretrain
+
+    train = dict(max_steps=12, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=5, eval_interval=0, log_interval=1, seed=3,
+                 keep_checkpoints=2)
+    args = ["--model.preset", "tiny", "--train.device", "cpu", "--train.tensorboard", "false", "--train.threads", "1",
+            "--train.ckpt_interval", "1", "--train.grad_accum", "1", "--train.parallel", "fsdp"]
+    args += [a for k, v in train.items() for a in (f"--train.{k}", str(v))]
+    victim = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "lmforge", "pretrain", "--data", str(data_dir), "--out", str(victim), *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, )
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            partial = [p for p in victim.glob(".step-*.tmp") if ".deleted." not in p.name]  # not an old one being deleted
+            writing = find_checkpoints(victim) and any(any(os.scandir(p / "dcp")) for p in partial)
+        except FileNotFoundError:  # renamed into place while we looked
+            continue
+        if writing:  # both workers (torchrun starts each in its own session), then the launcher: a lost machine
+            workers = _children(proc.pid)
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before a sharded write could be caught"
+    assert len(workers) == 2
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.01)
+    assert any(p.exists() for p in partial), "the killed write left no partial directory"
+    last = find_checkpoints(victim)[-1]
+    assert (last / "dcp" / ".metadata").is_file() and load_checkpoint(last).trainer_state["step"] < 12
+
+    resumed = pretrain(data_dir, victim, "tiny", tiny_train_config(**train, grad_accum=2), resume=True,
+                       progress=False, log=lambda *a: None)
+    full = pretrain(data_dir, tmp_path / "full", "tiny", tiny_train_config(**train, grad_accum=2, ckpt_interval=0),
+                    progress=False, log=lambda *a: None)
+    a, b = load_file(str(full.checkpoint / "model.safetensors")), load_file(str(resumed.checkpoint / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)

@@ -15,6 +15,7 @@ mid-write leaves only complete step directories behind):
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -109,7 +110,10 @@ class Checkpointer:
             self._save_sharded(path, net, tokenizer, trainer_state, optimizer, metrics_file)
         if self.world.main:
             for old in find_checkpoints(self.run_dir)[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                # Renamed out of sight first: a kill during the delete leaves no half checkpoint behind.
+                trash = old.with_name(f".{old.name}.deleted.tmp")
+                os.replace(old, trash)
+                shutil.rmtree(trash, ignore_errors=True)
         barrier(self.world)
         return path
 

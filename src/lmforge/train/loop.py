@@ -123,7 +123,8 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
     compiled = torch.compile(net) if (train.compile if train.compile is not None else device.type == "cuda") else net
     probe = None
     if world.distributed and train.parallel == "ddp":
-        probe = {k: v.to(device) for k, v in objective.batch(train_source, train.batch_size, start_step, 0).items()}
+        batch = objective.batch(train_source, train.batch_size, start_step, 0)
+        probe = {k: v[:1].to(device) for k, v in batch.items()}  # one sample is enough to see which heads are used
     step_loss = wrap(net, compiled, objective.loss, train.parallel, world, device, probe)  # FSDP2 shards `net` in place
     optimizer = build_optimizer(net, train, device)
     if resume_from is not None:
