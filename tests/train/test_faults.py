@@ -67,6 +67,17 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
 
+def test_deferred_check_stops_before_the_next_checkpoint(data_dir, tmp_path, monkeypatch):
+    """The CUDA schedule (no sync per step): a bad step between checks is caught before anything is saved."""
+    import lmforge.train.loop as loop
+
+    monkeypatch.setattr(loop, "_check_every_step", lambda device, train: False)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"^loss is not finite \(nan or inf\) at step 3; .* last good checkpoint is .*step-000002$"):
+        run(data_dir, out, bad_steps={2}, log_interval=2)
+    assert [p.name for p in find_checkpoints(out)] == ["step-000002"]
+
+
 def test_skip_nonfinite_drops_the_step_and_trains_on(data_dir, tmp_path):
     result = run(data_dir, tmp_path / "run", bad_steps={2, 5}, skip_nonfinite=True)
     assert result.step == 8 and result.skipped_steps == 2 and math.isfinite(result.train_loss)

@@ -123,8 +123,7 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
     compiled = torch.compile(net) if (train.compile if train.compile is not None else device.type == "cuda") else net
     probe = None
     if world.distributed and train.parallel == "ddp":
-        batch = objective.batch(train_source, train.batch_size, start_step, 0)
-        probe = {k: v[:1].to(device) for k, v in batch.items()}  # one sample is enough to see which heads are used
+        probe = {k: v.to(device) for k, v in objective.batch(train_source, train.batch_size, start_step, 0).items()}
     step_loss = wrap(net, compiled, objective.loss, train.parallel, world, device, probe)  # FSDP2 shards `net` in place
     optimizer = build_optimizer(net, train, device)
     if resume_from is not None:
@@ -177,7 +176,7 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
     # every checkpoint, so that a checkpoint never holds weights a non-finite step touched.
     none_bad = float(train.max_steps + 1)
     first_bad = torch.full((), none_bad, dtype=torch.float64, device=device)
-    check_every_step = device.type != "cuda" or train.skip_nonfinite
+    check_every_step = _check_every_step(device, train)
 
     def agreed(stop_requested: bool) -> tuple[int | None, bool]:
         """(first non-finite step of any rank or None, whether any rank was asked to stop)."""
@@ -312,6 +311,11 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
         data_wait_share=total_wait / total_busy if total_busy else None,
         skipped_steps=skipped,
     )
+
+
+def _check_every_step(device: torch.device, train: TrainConfig) -> bool:
+    """Read the non-finite flag every step (a host sync) or only at log and checkpoint steps (CUDA)."""
+    return device.type != "cuda" or train.skip_nonfinite
 
 
 def _warn_if_batch_changed(trainer_state: dict[str, Any], sequences_per_step: int, log: Callable[[str], None]) -> None:
