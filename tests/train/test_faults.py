@@ -58,7 +58,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     with pytest.raises(UserError) as e:
         run(data_dir, out, bad_steps={4}, value=value)  # the 5th step, as metrics.jsonl counts
     message = str(e.value)
-    assert message.startswith(f"loss is {word} at step 5; lower --train.lr or pass --train.skip-nonfinite")
+    assert message.startswith(f"loss is {word} at step 5; lower --train.lr or pass --train.skip_nonfinite true")
     assert str(out / "step-000004") in message
     assert [p.name for p in find_checkpoints(out)] == ["step-000002", "step-000004"]
     weights = load_file(str(out / "step-000004" / "model.safetensors"))

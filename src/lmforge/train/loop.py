@@ -67,7 +67,7 @@ class RunResult:
     plot: Path
     trainable_params: int | None = None
     data_wait_share: float | None = None  # share of step time spent waiting for batches
-    skipped_steps: int = 0  # steps dropped by --train.skip-nonfinite
+    skipped_steps: int = 0  # steps dropped by --train.skip_nonfinite
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -193,7 +193,7 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
             what = "nan" if math.isnan(loss) else "inf"
         saved = find_checkpoints(out)
         keep = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
-        return UserError(f"loss is {what} at step {bad}; lower --train.lr or pass --train.skip-nonfinite to skip "
+        return UserError(f"loss is {what} at step {bad}; lower --train.lr or pass --train.skip_nonfinite true to skip "
                          f"such steps; {keep}")
 
     micros = world.micro_batches(train.grad_accum)
@@ -250,7 +250,7 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
                     first_bad.fill_(none_bad)
                     skip, skipped = True, skipped + 1
                     metrics.log({"kind": "skipped", "step": done, "loss": str(loss_now)})
-                    bar.write(f"step {done}: loss is {loss_now}; step skipped (--train.skip-nonfinite)")
+                    bar.write(f"step {done}: loss is {loss_now}; step skipped (--train.skip_nonfinite)")
                 if not skip:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
