@@ -7,6 +7,8 @@
       trainer_state.json   training runs only: step, configs, RNG-free data position, optimizer layout
       optimizer.safetensors  training runs only: optimizer tensors
       metrics.jsonl        training runs only: the metrics up to this step
+      dcp/                 multi-process training runs only: model and optimizer state, sharded
+                           (torch.distributed.checkpoint; what --resume reads on any world size)
 
 A training run writes `RUN/step-000100/`, `RUN/step-000200/`, ...; anything that takes a checkpoint
 also takes the run directory and uses its latest complete step.

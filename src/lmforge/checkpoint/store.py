@@ -6,7 +6,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -41,8 +41,13 @@ def save_checkpoint(
     trainer_state: dict[str, Any] | None = None,
     optimizer_state: dict[str, Any] | None = None,
     metrics_file: str | Path | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write a checkpoint directory at `path` in one rename (a crash leaves the old one or none)."""
+    """Write a checkpoint directory at `path` in one rename (a crash leaves the old one or none).
+
+    `extra`, when given, is called with the temporary directory before the rename, to add files
+    that belong to the same atomic checkpoint (the trainer's sharded `dcp/` directory).
+    """
     path = Path(path)
     with atomic_dir(path) as tmp:
         atomic_write_json(tmp / "config.json", {"format": FORMAT, "model": model.config.to_dict()})
@@ -57,6 +62,8 @@ def save_checkpoint(
             atomic_write_json(tmp / "trainer_state.json", state)
         if metrics_file is not None and Path(metrics_file).exists():
             shutil.copyfile(metrics_file, tmp / "metrics.jsonl")
+        if extra is not None:
+            extra(tmp)
     return path
 
 

@@ -92,7 +92,9 @@ def predict_cmd(args: Namespace) -> dict[str, Any]:
 def _report_run(result: RunResult, say: Callable[..., None], unit: str = " nats/token") -> None:
     val = f", val loss {result.val_loss:.4f}{unit}" if result.val_loss is not None else ""
     val += f" = {result.val_bpb:.4f} bits/byte" if result.val_bpb is not None else ""
-    say(f"done: step {result.step}, train loss {result.train_loss:.4f}{val}, {result.seconds:.1f}s")
+    wait = f", data wait {result.data_wait_share:.1%} of step time" if result.data_wait_share is not None else ""
+    skipped = f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""
+    say(f"done: step {result.step}, train loss {result.train_loss:.4f}{val}, {result.seconds:.1f}s{wait}{skipped}")
     say(f"checkpoint: {result.checkpoint}\nloss curve: {result.plot}")
 
 

@@ -267,6 +267,8 @@ def parse(argv: Sequence[str]) -> Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for the run; errors still show
+        sys.stdout = open(os.devnull, "w")
     try:
         ns = parse(argv)
         # Scaling fits solve thousands of 5-variable problems; OpenBLAS threads only slow those down.

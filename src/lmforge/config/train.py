@@ -36,6 +36,11 @@ class TrainConfig:
         compile: torch.compile the model; None means on for CUDA, off for CPU.
         threads: CPU threads for torch; None keeps torch's default.
         tensorboard: also write TensorBoard event files.
+        parallel: under torchrun, `ddp` (every process holds the whole model) or `fsdp` (FSDP2,
+            parameters, gradients and optimizer state sharded over the processes); ignored for one process.
+            Each step takes batch_size * grad_accum * processes sequences.
+        skip_nonfinite: skip a step whose loss is nan or inf (its gradients are dropped) instead of
+            stopping the run; on CUDA this costs one host sync per step.
     """
 
     max_steps: int = 1000
@@ -60,6 +65,8 @@ class TrainConfig:
     compile: bool | None = None
     threads: int | None = None
     tensorboard: bool = True
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    skip_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "keep_checkpoints"):
@@ -70,6 +77,8 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise UserError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise UserError(f"train.parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.seq_len is not None and self.seq_len < 1:
             raise UserError(f"train.seq_len must be >= 1, got {self.seq_len}")
 

@@ -6,6 +6,10 @@ exactly the batches an uninterrupted one would, with no sampler state to save.
 
 from __future__ import annotations
 
+import queue
+import threading
+from typing import Callable, Iterable, Iterator
+
 import numpy as np
 import torch
 
@@ -52,3 +56,56 @@ class TokenWindows:
         n = min(batch_size * n_batches, self.num_windows)
         starts = np.linspace(0, self.num_windows - 1, n).astype(np.int64)
         return [self.windows(starts[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
+class Prefetcher:
+    """Batches made ahead on a background thread, handed out in a fixed order.
+
+    `make(*key)` builds the batch for each key of `keys` in turn (for training, key = (step, micro)),
+    so what the consumer gets is exactly what calling `make` itself would give: prefetching changes
+    when a batch is built, never which. With `pin`, tensors are put in pinned memory so that a
+    `.to(cuda, non_blocking=True)` copy overlaps with compute.
+    """
+
+    def __init__(self, make: Callable[..., dict[str, torch.Tensor]], keys: Iterable[tuple], depth: int = 4, pin: bool = False) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(make, iter(keys), pin), name="lmforge-prefetch", daemon=True)
+        self._thread.start()
+
+    def _fill(self, make: Callable[..., dict[str, torch.Tensor]], keys: Iterator[tuple], pin: bool) -> None:
+        try:
+            for key in keys:
+                batch = make(*key)
+                if pin:
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                if not self._put((key, batch)):
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it in the training thread
+            self._put((None, e))
+            return
+        self._put((None, None))
+
+    def _put(self, item: tuple) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def next(self, key: tuple) -> dict[str, torch.Tensor]:
+        """The batch for `key`, which must be the next key of the order given at construction."""
+        got, batch = self._queue.get()
+        if got is None:
+            if isinstance(batch, BaseException):
+                raise batch
+            raise RuntimeError("the prefetcher ran out of keys")
+        if got != key:
+            raise RuntimeError(f"prefetcher out of order: expected {key}, made {got}")
+        return batch
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

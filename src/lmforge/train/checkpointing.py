@@ -1,22 +1,52 @@
-"""The step checkpoints of one run directory: where a run resumes from, and saves that keep the newest few."""
+"""The step checkpoints of one run directory: where a run resumes from, and saves that keep the newest few.
+
+Two forms, both written atomically (a temporary directory renamed into place, so a process killed
+mid-write leaves only complete step directories behind):
+
+- one process: `model.safetensors` + `optimizer.safetensors` + `trainer_state.json` (the format
+  every other stage reads);
+- several processes (DDP or FSDP2): the same files, with the weights gathered to rank 0, plus
+  `dcp/`, a torch.distributed.checkpoint directory of the model and optimizer state written by all
+  ranks in parallel, each its own shard. A resume on any world size, one process included, loads
+  `dcp/` and lets DCP reshard it; `model.safetensors` is what `lmforge.checkpoint.load_model`, and
+  every stage after training, reads. Gathering the weights costs one full copy on rank 0 per save;
+  the optimizer state, twice the model's size, stays sharded.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from lmforge.checkpoint import Checkpoint, find_checkpoints, load_checkpoint, save_checkpoint
+from lmforge.checkpoint import Checkpoint, find_checkpoints, load_checkpoint, load_model, save_checkpoint
+from lmforge.checkpoint.store import load_optimizer_state
 from lmforge.config import ModelConfig
+from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.distributed import World, barrier, broadcast_object
 from lmforge.utils.errors import UserError
+
+SHARDED_DIR = "dcp"
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep: int) -> None:
-        self.run_dir, self.keep = run_dir, keep
+    def __init__(self, run_dir: Path, keep: int, world: World = World()) -> None:
+        self.run_dir, self.keep, self.world = run_dir, keep, world
+        self._gathered: Transformer | None = None  # rank 0's full copy for model.safetensors
 
     def resume_point(self, resume: bool, model_config: ModelConfig) -> Checkpoint | None:
         """The checkpoint to continue from (None for a new run); refuses to mix two runs in one directory."""
@@ -32,25 +62,94 @@ class Checkpointer:
         ckpt = load_checkpoint(existing[-1])
         if ckpt.model_config != model_config:
             raise UserError(f"the model config differs from the one in {ckpt.path}; resume with the same --model settings")
+        if self.world.main:  # checkpoints whose write was killed: never complete, never read
+            for tmp in self.run_dir.glob(".step-*.tmp"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        barrier(self.world)
         return ckpt
+
+    def restore(self, ckpt: Checkpoint, net: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        """Load a checkpoint's weights and optimizer state into `net` (sharded or not) and `optimizer`."""
+        if (ckpt.path / SHARDED_DIR).is_dir():
+            state = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, optimizer)}
+            with warnings.catch_warnings():  # one process reading a sharded checkpoint is what we mean
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, checkpoint_id=str(ckpt.path / SHARDED_DIR), no_dist=not self.world.distributed)
+            set_model_state_dict(net, state["model"])
+            set_optimizer_state_dict(net, optimizer, state["optim"])
+            return
+        loaded, _ = load_model(ckpt.path, device if not self.world.distributed else "cpu")
+        optim_state = load_optimizer_state(ckpt)
+        if not self.world.distributed:
+            net.load_state_dict(loaded.state_dict())
+            optimizer.load_state_dict(optim_state)
+            return
+        full = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(net, loaded.state_dict(), options=full)
+        set_optimizer_state_dict(net, optimizer, _keyed_by_name(net, optimizer, optim_state), options=full)
 
     def save(
         self,
         step: int,
-        model: nn.Module,
+        net: nn.Module,
         tokenizer: Tokenizer,
         trainer_state: dict[str, Any],
-        optimizer_state: dict[str, Any],
-        metrics_file: Path,
+        optimizer: torch.optim.Optimizer,
+        metrics_file: Path | None,
     ) -> Path:
-        """Write RUN/step-NNNNNN atomically, then delete all but the newest `keep` step checkpoints."""
-        path = save_checkpoint(
-            self.run_dir / f"step-{step:06d}", model, tokenizer,
-            trainer_state={"step": step, **trainer_state}, optimizer_state=optimizer_state, metrics_file=metrics_file,
-        )
-        for old in find_checkpoints(self.run_dir)[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        """Write RUN/step-NNNNNN atomically, then delete all but the newest `keep` step checkpoints.
+
+        Every rank calls this; under several processes it is a collective.
+        """
+        path = self.run_dir / f"step-{step:06d}"
+        trainer_state = {"step": step, **trainer_state}
+        if not self.world.distributed:
+            save_checkpoint(path, net, tokenizer, trainer_state=trainer_state, optimizer_state=optimizer.state_dict(),
+                            metrics_file=metrics_file)
+        else:
+            self._save_sharded(path, net, tokenizer, trainer_state, optimizer, metrics_file)
+        if self.world.main:
+            for old in find_checkpoints(self.run_dir)[: -self.keep]:
+                # Renamed out of sight first: a kill during the delete leaves no half checkpoint behind.
+                trash = old.with_name(f".{old.name}.deleted.tmp")
+                os.replace(old, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+        barrier(self.world)
         return path
+
+    def _save_sharded(self, path: Path, net: nn.Module, tokenizer: Tokenizer, trainer_state: dict[str, Any],
+                      optimizer: torch.optim.Optimizer, metrics_file: Path | None) -> None:
+        full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # rank 0 only
+        shards = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, optimizer)}
+
+        def write_shards(tmp: Path) -> None:
+            broadcast_object(str(tmp), self.world)
+            dcp.save(shards, checkpoint_id=str(tmp / SHARDED_DIR))
+
+        if self.world.main:
+            if self._gathered is None:
+                self._gathered = Transformer(net.config)
+            self._gathered.load_state_dict(full)
+            state = {**trainer_state, "sharded": SHARDED_DIR, "world_size": self.world.size}
+            save_checkpoint(path, self._gathered, tokenizer, trainer_state=state, metrics_file=metrics_file, extra=write_shards)
+        else:
+            tmp = broadcast_object(None, self.world)
+            dcp.save(shards, checkpoint_id=str(Path(tmp) / SHARDED_DIR))
 
     def latest(self) -> Path:
         return find_checkpoints(self.run_dir)[-1]
+
+
+def _keyed_by_name(net: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """A one-process optimizer state_dict (keyed by parameter index) keyed by parameter name instead.
+
+    That is the form `set_optimizer_state_dict` shards onto FSDP2 parameters; the index order is the
+    order of the parameters in `optimizer`'s groups, which `build_optimizer` makes the same everywhere.
+    """
+    names = {id(p): n for n, p in net.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "state": {order[int(i)]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in state["param_groups"]],
+    }
+

@@ -1,15 +1,20 @@
 """`fit`: the one training loop that pretraining and fine-tuning share.
 
-A run is a pure function of its configs: batch (step, micro) comes from (seed, step, micro) and
-dropout from (seed, step), so a run killed and resumed from any checkpoint ends with exactly the
-weights of one that was never interrupted. What is trained on, and how a batch becomes a loss,
-is the `objective`'s business (see `objectives.py` and `lmforge.finetune`).
+A run is a pure function of its configs: batch (step, micro) and its dropout masks come from
+(seed, step, micro), so a run killed and resumed from any checkpoint ends with exactly the
+weights of one that was never interrupted, and W processes that split a step's micro-batches
+train what one process that takes them all trains (`distributed.py`). What is trained on, and how
+a batch becomes a loss, is the `objective`'s business (see `objectives.py` and `lmforge.finetune`).
+
+A step that ends with a nan or inf loss (or gradient norm) never reaches a checkpoint: the run
+stops naming the step, or skips it with `train.skip_nonfinite`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
 import threading
 import time
@@ -21,16 +26,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmforge.checkpoint import load_model
-from lmforge.checkpoint.store import load_optimizer_state
+from lmforge.checkpoint import find_checkpoints
 from lmforge.config import TrainConfig
+from lmforge.data.loader import Prefetcher
 from lmforge.model import Transformer
 from lmforge.model.losses import bits_per_byte
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpointing import Checkpointer
-from lmforge.train.metrics import MetricsLog, plot_loss
+from lmforge.train.distributed import (
+    World, all_reduce, barrier, grad_sync, init_world, local_tensor, micro_seed, unsharded_root, wrap,
+)
+from lmforge.train.metrics import MetricsLog, NoMetrics, plot_loss
 from lmforge.train.optim import build_optimizer, lr_at
-from lmforge.utils.device import autocast, autocast_dtype, resolve_device
+from lmforge.utils.device import autocast, autocast_dtype
 from lmforge.utils.errors import UserError
 
 Batch = dict[str, torch.Tensor]
@@ -58,6 +66,8 @@ class RunResult:
     params: int
     plot: Path
     trainable_params: int | None = None
+    data_wait_share: float | None = None  # share of step time spent waiting for batches
+    skipped_steps: int = 0  # steps dropped by --train.skip_nonfinite
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -86,31 +96,48 @@ def fit(
     `tokens_per_sample` is what one sample contributes to the tokens/s rate; `state` is recorded
     in every checkpoint's trainer state; `val_tokens_bytes` (tokens, UTF-8 bytes of the validation
     text), when given, turns the validation loss into bits per byte. With `resume`, weights and optimizer continue from the latest
-    checkpoint in `out`.
+    checkpoint in `out`. Under torchrun every process calls `fit` alike; each step then takes
+    `batch_size * grad_accum * world_size` sequences (see `lmforge.train.distributed`), and only
+    rank 0 logs and writes files.
     """
     t0 = time.perf_counter() if t0 is None else t0
-    out = Path(out)
-    checkpoints = Checkpointer(out, train.keep_checkpoints)
+    with init_world(train.device) as (world, device):
+        if not world.main:
+            progress, log = False, _silent
+        return _fit(world, device, net, objective, tokenizer, train, Path(out), train_source, val_source,
+                    tokens_per_sample, resume, state, val_tokens_bytes, describe, progress, log, t0)
+
+
+def _fit(world: World, device: torch.device, net: Transformer, objective: TrainingObjective, tokenizer: Tokenizer,
+         train: TrainConfig, out: Path, train_source: Any, val_source: Any, tokens_per_sample: int, resume: bool,
+         state: dict[str, Any] | None, val_tokens_bytes: tuple[int, int] | None, describe: str, progress: bool,
+         log: Callable[[str], None], t0: float) -> RunResult:
+    checkpoints = Checkpointer(out, train.keep_checkpoints, world)
     resume_from = checkpoints.resume_point(resume, net.config)
     start_step = int(resume_from.trainer_state["step"]) if resume_from else 0
 
-    device = resolve_device(train.device)
     amp = autocast_dtype(device, train.dtype)
     if train.threads:
         torch.set_num_threads(train.threads)
     net = net.to(device)
+    compiled = torch.compile(net) if (train.compile if train.compile is not None else device.type == "cuda") else net
+    probe = None
+    if world.distributed and train.parallel == "ddp":
+        probe = {k: v.to(device) for k, v in objective.batch(train_source, train.batch_size, start_step, 0).items()}
+    step_loss = wrap(net, compiled, objective.loss, train.parallel, world, device, probe)  # FSDP2 shards `net` in place
     optimizer = build_optimizer(net, train, device)
     if resume_from is not None:
-        loaded, _ = load_model(resume_from.path, device)
-        net.load_state_dict(loaded.state_dict())
-        optimizer.load_state_dict(load_optimizer_state(resume_from))
-    compiled = torch.compile(net) if (train.compile if train.compile is not None else device.type == "cuda") else net
+        checkpoints.restore(resume_from, net, optimizer, device)
     val_batches = objective.val_batches(val_source, train.batch_size, train.eval_batches) if val_source is not None else None
 
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out, tensorboard=train.tensorboard)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(out, tensorboard=train.tensorboard) if world.main else NoMetrics()
+    if world.main and resume_from is not None and not metrics.path.exists() and (resume_from.path / "metrics.jsonl").exists():
+        shutil.copyfile(resume_from.path / "metrics.jsonl", metrics.path)  # a checkpoint copied out of its run
     metrics.truncate_after(start_step)
-    tokens_per_step = train.batch_size * train.grad_accum * tokens_per_sample
+    sequences_per_step = train.batch_size * train.grad_accum * world.size
+    tokens_per_step = sequences_per_step * tokens_per_sample
     total = sum(p.numel() for p in net.parameters())  # parameters() yields a tied tensor once
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     c = net.config
@@ -125,74 +152,150 @@ def fit(
         f"{' (bf16 autocast)' if amp else ' (fp32)'}; {describe}"
         + (f", resuming at step {start_step}" if start_step else "")
     )
+    if world.distributed:
+        log(f"parallel: {world.size} processes ({train.parallel}); {sequences_per_step} sequences per step = "
+            f"{train.batch_size} per micro-batch x {train.grad_accum} micro-batches x {world.size} processes")
+    if resume_from is not None:
+        _warn_if_batch_changed(resume_from.trainer_state, sequences_per_step, log)
 
     def validate(step: int) -> tuple[float, float | None] | None:
         if val_batches is None:
             return None
-        loss = objective.evaluate(compiled, val_batches, device, amp)
+        with unsharded_root(step_loss):  # every rank evaluates (FSDP2 needs all of them); rank 0 logs
+            loss = objective.evaluate(compiled, val_batches, device, amp)
         bpb = bits_per_byte(loss, *val_tokens_bytes) if val_tokens_bytes else None
         metrics.log({"kind": "val", "step": step, "val_loss": loss, "val_bpb": bpb, "val_ppl": math.exp(min(loss, 700.0))})
         return loss, bpb
 
     def checkpoint(step: int) -> Path:
-        run_state = {"tokens": step * tokens_per_step, "train": train.to_dict(), **(state or {})}
-        return checkpoints.save(step, net, tokenizer, run_state, optimizer.state_dict(), metrics.path)
+        run_state = {"tokens": step * tokens_per_step, "world_size": world.size, "train": train.to_dict(), **(state or {})}
+        return checkpoints.save(step, net, tokenizer, run_state, optimizer, metrics.path)
 
+    # A non-finite loss is recorded on the device as the first step it happened (no host sync) and
+    # read at check points: every step on CPU or with skip_nonfinite, else at logging and before
+    # every checkpoint, so that a checkpoint never holds weights a non-finite step touched.
+    none_bad = float(train.max_steps + 1)
+    first_bad = torch.full((), none_bad, dtype=torch.float64, device=device)
+    check_every_step = _check_every_step(device, train)
+
+    def agreed(stop_requested: bool) -> tuple[int | None, bool]:
+        """(first non-finite step of any rank or None, whether any rank was asked to stop)."""
+        flags = torch.stack([first_bad, torch.tensor(-float(stop_requested), dtype=torch.float64, device=device)])
+        flags = all_reduce(flags, world, "min").tolist()
+        return (int(flags[0]) if flags[0] < none_bad else None), flags[1] < 0
+
+    def nonfinite_error(bad: int, loss: float | None) -> UserError:
+        if loss is None:
+            what = "not finite (nan or inf)"
+        elif math.isfinite(loss):
+            what = f"{loss:.4f} but its gradient norm is not finite"
+        else:
+            what = "nan" if math.isnan(loss) else "inf"
+        saved = find_checkpoints(out)
+        keep = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
+        return UserError(f"loss is {what} at step {bad}; lower --train.lr or pass --train.skip_nonfinite true to skip "
+                         f"such steps; {keep}")
+
+    micros = world.micro_batches(train.grad_accum)
+    prefetch = Prefetcher(
+        lambda s, m: objective.batch(train_source, train.batch_size, s, m),
+        ((s, m) for s in range(start_step, train.max_steps) for m in micros),
+        depth=2 * train.grad_accum, pin=device.type == "cuda",
+    )
     trainable_params = [p for p in net.parameters() if p.requires_grad]
-    step, last_loss, last_val = start_step, float("nan"), None
+    step, last_loss, last_val, skipped = start_step, float("nan"), None, 0
     bar = tqdm(total=train.max_steps, initial=start_step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    window_t, window_tokens = time.perf_counter(), 0
+    window_t, window_tokens, window_wait, window_busy = time.perf_counter(), 0, 0.0, 0.0
+    total_wait, total_busy = 0.0, 0.0
     tokens_per_s = 0.0
+    stopping = False
     net.train()
-    with _stop_on_interrupt() as stop:
-        while step < train.max_steps and not stop.is_set():
-            lr = lr_at(step, train)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            torch.manual_seed(train.seed * 1_000_003 + step)  # dropout masks are a function of the step
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(train.grad_accum):
-                batch = objective.batch(train_source, train.batch_size, step, micro)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with autocast(device, amp):
-                    loss = objective.loss(compiled, batch) / train.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, train.grad_clip) if train.grad_clip else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_tokens += tokens_per_step
+    try:
+        with _stop_on_interrupt() as stop:
+            while step < train.max_steps and not stopping:
+                step_t = time.perf_counter()
+                lr = lr_at(step, train)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = torch.zeros((), device=device)
+                wait = 0.0
+                for i, micro in enumerate(micros):
+                    t = time.perf_counter()
+                    batch = {k: v.to(device, non_blocking=True) for k, v in prefetch.next((step, micro)).items()}
+                    wait += time.perf_counter() - t
+                    torch.manual_seed(micro_seed(train.seed, step, micro))  # dropout: a function of (step, micro)
+                    with grad_sync(step_loss, i == len(micros) - 1):  # one gradient all-reduce per step
+                        with autocast(device, amp):
+                            loss = step_loss(batch) / train.grad_accum
+                        loss.backward()
+                    loss_sum += loss.detach()
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, train.grad_clip) if train.grad_clip else None
+                finite = torch.isfinite(loss_sum)
+                if grad_norm is not None:  # a finite loss can still give an overflowing gradient
+                    finite = finite & torch.isfinite(local_tensor(grad_norm))
+                first_bad = torch.where(finite | (first_bad < none_bad), first_bad, float(step + 1))
+                done = step + 1
+                logging = done % train.log_interval == 0 or done == train.max_steps
+                saving = done == train.max_steps or (train.ckpt_interval and done % train.ckpt_interval == 0)
+                skip = False
+                if check_every_step or logging or saving:
+                    bad, stopping = agreed(stop.is_set())
+                else:  # one process reads its own stop request; several agree on one at the next check
+                    bad, stopping = None, stop.is_set() and not world.distributed
+                if bad is not None:
+                    loss_now = all_reduce(loss_sum.clone(), world).item() / world.size if bad == done else None
+                    if not train.skip_nonfinite:
+                        raise nonfinite_error(bad, loss_now)
+                    # Skip: drop the step's gradients; the next step takes the next batches.
+                    first_bad.fill_(none_bad)
+                    skip, skipped = True, skipped + 1
+                    metrics.log({"kind": "skipped", "step": done, "loss": str(loss_now)})
+                    bar.write(f"step {done}: loss is {loss_now}; step skipped (--train.skip_nonfinite)")
+                if not skip:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step = done
+                window_tokens += tokens_per_step
+                busy = time.perf_counter() - step_t
+                window_busy, window_wait = window_busy + busy, window_wait + wait
+                total_busy, total_wait = total_busy + busy, total_wait + wait
 
-            if step % train.log_interval == 0 or step == train.max_steps:
-                last_loss = loss_sum.item()
-                now = time.perf_counter()
-                tokens_per_s = window_tokens / (now - window_t)
-                window_t, window_tokens = now, 0
-                row = {"kind": "train", "step": step, "tokens": step * tokens_per_step, "loss": last_loss, "lr": lr,
-                       "tokens_per_s": tokens_per_s, "elapsed_s": now - t0}
-                if grad_norm is not None:
-                    row["grad_norm"] = grad_norm.item()
-                metrics.log(row)
-                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-            if train.eval_interval and (step % train.eval_interval == 0 or step == train.max_steps):
-                last_val = validate(step)
-                if last_val:
-                    bpb = f", {last_val[1]:.4f} bits/byte" if last_val[1] is not None else ""
-                    bar.write(f"step {step}: val loss {last_val[0]:.4f}{' nats/token' if val_tokens_bytes else ''}{bpb}")
-            if step == train.max_steps or (train.ckpt_interval and step % train.ckpt_interval == 0):
-                checkpoint(step)
-            bar.update(1)
-    bar.close()
-    if step < train.max_steps:  # stopped by Ctrl-C / SIGTERM: keep the finished steps
-        saved = checkpoint(step) if step > start_step else None
+                if logging and not skip:
+                    last_loss = all_reduce(loss_sum, world).item() / world.size
+                    now = time.perf_counter()
+                    tokens_per_s = window_tokens / (now - window_t)
+                    row = {"kind": "train", "step": step, "tokens": step * tokens_per_step, "loss": last_loss, "lr": lr,
+                           "tokens_per_s": tokens_per_s, "data_wait": window_wait / max(window_busy, 1e-9),
+                           "elapsed_s": now - t0}
+                    window_t, window_tokens, window_wait, window_busy = now, 0, 0.0, 0.0
+                    if grad_norm is not None:
+                        row["grad_norm"] = local_tensor(grad_norm).item()
+                    metrics.log(row)
+                    bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                if train.eval_interval and (step % train.eval_interval == 0 or step == train.max_steps):
+                    last_val = validate(step)
+                    if last_val:
+                        bpb = f", {last_val[1]:.4f} bits/byte" if last_val[1] is not None else ""
+                        bar.write(f"step {step}: val loss {last_val[0]:.4f}{' nats/token' if val_tokens_bytes else ''}{bpb}")
+                if saving:
+                    checkpoint(step)
+                bar.update(1)
+            bar.close()
+            if step < train.max_steps:  # stopped by Ctrl-C / SIGTERM: keep the finished steps
+                bad, _ = agreed(False)
+                if bad is not None:
+                    raise nonfinite_error(bad, None)
+                saved = checkpoint(step) if step > start_step else None
+                where = f"checkpoint saved to {saved}" if saved else "no new step to save"
+                raise UserError(f"interrupted at step {step}; {where}; continue with --resume")
+        if start_step == train.max_steps:  # resumed a finished run: nothing to train, report it
+            last_val = validate(step)
+    finally:
+        bar.close()
+        prefetch.close()
         metrics.close()
-        where = f"checkpoint saved to {saved}" if saved else "no new step to save"
-        raise UserError(f"interrupted at step {step}; {where}; continue with --resume")
-    if start_step == train.max_steps:  # resumed a finished run: nothing to train, report it
-        last_val = validate(step)
-    metrics.close()
-    plot = plot_loss(metrics.path, out / "loss.png")
+    plot = plot_loss(metrics.path, out / "loss.png") if world.main else out / "loss.png"
+    barrier(world)
     return RunResult(
         out=out,
         checkpoint=checkpoints.latest(),
@@ -205,7 +308,29 @@ def fit(
         params=net.num_params(),
         plot=plot,
         trainable_params=trainable,
+        data_wait_share=total_wait / total_busy if total_busy else None,
+        skipped_steps=skipped,
     )
+
+
+def _check_every_step(device: torch.device, train: TrainConfig) -> bool:
+    """Read the non-finite flag every step (a host sync) or only at log and checkpoint steps (CUDA)."""
+    return device.type != "cuda" or train.skip_nonfinite
+
+
+def _warn_if_batch_changed(trainer_state: dict[str, Any], sequences_per_step: int, log: Callable[[str], None]) -> None:
+    """Resuming with another global batch is allowed (a new world size), but it is not the same run: say so."""
+    prev = trainer_state.get("train") or {}
+    if "batch_size" not in prev:
+        return
+    before = prev["batch_size"] * prev.get("grad_accum", 1) * trainer_state.get("world_size", 1)
+    if before != sequences_per_step:
+        log(f"warning: the checkpoint took {before} sequences per step and this run takes {sequences_per_step}; "
+            "for the same run keep batch_size x grad_accum x processes equal")
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    pass
 
 
 @contextlib.contextmanager

@@ -69,3 +69,16 @@ def plot_loss(metrics_path: Path, out_png: Path) -> Path:
     plt.close(fig)
     tmp.replace(out_png)
     return out_png
+
+
+class NoMetrics(MetricsLog):
+    """What a rank other than 0 logs to: nothing (rank 0 writes the run's metrics)."""
+
+    def __init__(self) -> None:
+        self.path, self.run_dir, self._tb = None, None, None
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def log(self, row: dict[str, Any]) -> None:
+        pass

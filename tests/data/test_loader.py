@@ -1,0 +1,44 @@
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.data.loader import Prefetcher, TokenWindows
+
+
+def test_prefetcher_gives_the_batches_in_order_and_raises_errors():
+    made = []
+
+    def make(step, micro):
+        made.append(threading.current_thread().name)
+        if step == 3:
+            raise ValueError("bad shard")
+        return {"x": torch.tensor([step, micro])}
+
+    keys = [(s, m) for s in range(4) for m in range(2)]
+    p = Prefetcher(make, keys, depth=2)
+    for key in keys[:6]:
+        assert p.next(key)["x"].tolist() == list(key)
+    with pytest.raises(ValueError, match="bad shard"):
+        p.next(keys[6])
+    p.close()
+    assert set(made) == {"lmforge-prefetch"}
+
+
+def test_prefetched_batches_equal_direct_ones():
+    windows = TokenWindows([np.arange(1000, dtype=np.uint16)], 16)
+    keys = [(s, m) for s in range(5) for m in range(3)]
+    p = Prefetcher(lambda s, m: dict(zip("xy", windows.random_batch(4, 9, s, m))), keys, depth=3)
+    for s, m in keys:
+        x, y = windows.random_batch(4, 9, s, m)
+        got = p.next((s, m))
+        assert torch.equal(got["x"], x) and torch.equal(got["y"], y)
+    p.close()
+
+
+def test_closing_early_stops_the_thread():
+    p = Prefetcher(lambda s: {"x": torch.tensor(s)}, ((s,) for s in range(10**9)), depth=2)
+    assert p.next((0,))["x"].item() == 0
+    p.close()
+    assert not p._thread.is_alive()

@@ -1,0 +1,111 @@
+"""Data parallelism on CPU with gloo: 2 processes (DDP, FSDP2) train exactly what one process with
+twice the accumulation trains, and their checkpoints resume on another world size."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, tiny_train_config
+from lmforge.checkpoint import find_checkpoints, load_model
+from lmforge.config import preset
+from lmforge.train import pretrain
+from lmforge.train.checkpointing import SHARDED_DIR
+from lmforge.train.distributed import World, micro_seed
+
+quiet = dict(progress=False, log=lambda *a: None)
+# 5 steps of 8 sequences; dropout on, so that the dropout masks must agree across world sizes too.
+STEPS, BATCH = 5, 4
+TRAIN = dict(max_steps=STEPS, batch_size=BATCH, lr=1e-2, min_lr=1e-3, seed=5, log_interval=1, eval_interval=0, ckpt_interval=3, warmup_steps=2)
+ARGS = ["--model.preset", "tiny", "--model.dropout", "0.1", "--train.device", "cpu", "--train.tensorboard", "false",
+        "--train.threads", "1"] + [a for k, v in TRAIN.items() for a in (f"--train.{k}", str(v))]
+
+
+def test_micro_batches_of_ranks_tile_the_step():
+    """Rank r of W with accumulation k takes micro-batches r*k .. r*k+k-1: together those of one process with W*k."""
+    tiles = [list(World(rank=r, size=3).micro_batches(2)) for r in range(3)]
+    assert tiles == [[0, 1], [2, 3], [4, 5]]
+    assert sum(tiles, []) == list(World().micro_batches(6))
+    assert micro_seed(5, 3, 1) == micro_seed(5, 3, 1) != micro_seed(5, 3, 2)
+
+
+@pytest.fixture(scope="module")
+def single(data_dir, tmp_path_factory):
+    """The reference: one process, accumulation 2 (8 sequences per step)."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    return pretrain(data_dir, out, preset("tiny", dropout=0.1), tiny_train_config(**TRAIN, grad_accum=2), **quiet)
+
+
+def torchrun(data_dir, out, *extra):
+    """`torchrun --nproc-per-node 2 -m lmforge pretrain ...` on CPU (gloo), one thread per process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "lmforge", "pretrain", "--data", str(data_dir), "--out", str(out), *ARGS, *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def losses(run_dir):
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+def assert_same_weights(a_dir, b_dir, atol=1e-5):
+    a, b = load_file(str(a_dir / "model.safetensors")), load_file(str(b_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(single, data_dir, tmp_path, parallel):
+    out = tmp_path / parallel
+    proc = torchrun(data_dir, out, "--train.grad_accum", "1", "--train.parallel", parallel)
+    assert f"2 processes ({parallel}); 8 sequences per step" in proc.stdout
+    assert proc.stdout.count("done: step 5") == 1  # rank 0 alone reports
+    np.testing.assert_allclose(losses(out), losses(single.out), atol=1e-5, rtol=0)
+    ckpts = find_checkpoints(out)
+    assert [p.name for p in ckpts] == ["step-000003", "step-000005"]
+    assert_same_weights(ckpts[-1], single.checkpoint)
+    assert (ckpts[-1] / SHARDED_DIR / ".metadata").is_file()
+    model, ckpt = load_model(ckpts[-1])  # what every later stage reads
+    assert ckpt.trainer_state["world_size"] == 2 and model.config == load_model(single.checkpoint)[0].config
+
+    # The 2-process checkpoint of step 3 resumes on 1 process (accumulation 2): the same run.
+    resumed = tmp_path / f"{parallel}-on-one"
+    resumed.mkdir()
+    shutil.copytree(ckpts[0], resumed / ckpts[0].name)
+    run = pretrain(data_dir, resumed, preset("tiny", dropout=0.1), tiny_train_config(**TRAIN, grad_accum=2), resume=True, **quiet)
+    assert_same_weights(run.checkpoint, single.checkpoint)
+    np.testing.assert_allclose(losses(resumed), losses(single.out), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_on_two_with_fsdp(single, data_dir, tmp_path):
+    """The single-file checkpoint (index-keyed optimizer state) is sharded onto FSDP2 parameters."""
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(single.out / "step-000003", out / "step-000003")
+    torchrun(data_dir, out, "--train.grad_accum", "1", "--train.parallel", "fsdp", "--resume")
+    assert_same_weights(find_checkpoints(out)[-1], single.checkpoint)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gpus_with_nccl_match_one(data_dir, tmp_path, parallel):
+    cuda = dict(device="cuda", dtype="float32", compile=False)
+    one = pretrain(data_dir, tmp_path / "one", preset("tiny", dropout=0.1), tiny_train_config(**TRAIN, **cuda, grad_accum=2), **quiet)
+    out = tmp_path / parallel
+    torchrun(data_dir, out, "--train.grad_accum", "1", "--train.parallel", parallel, "--train.device", "cuda",
+             "--train.dtype", "float32", "--train.compile", "false")
+    np.testing.assert_allclose(losses(out), losses(one.out), atol=1e-4, rtol=0)  # GPU reductions are not bitwise
+    assert_same_weights(find_checkpoints(out)[-1], one.checkpoint, atol=1e-4)
