@@ -86,6 +86,13 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=residual_std(config))
+        if config.zero_init_proj:  # every block starts as the identity (modded-nanogpt)
+            for block in [*self.layers, *getattr(self, "encoder_layers", [])]:
+                for sub in (block.attention, block.cross_attention, block.feed_forward):
+                    if sub is not None:
+                        nn.init.zeros_(sub.proj.weight)
+        if config.zero_init_head:  # untied (checked by the config): uniform first predictions
+            nn.init.zeros_(head.weight)
         if config.lora is not None:
             add_lora(self, config)
 
