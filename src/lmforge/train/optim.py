@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule."""
+"""Optimizers (AdamW; Muon for the blocks' matrices with AdamW for the rest) and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ from torch import nn
 from lmforge.config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, exclude: set[int] = frozenset()) -> list[dict]:
     """AdamW groups: decay on weight matrices only; never on norms, biases or embeddings.
 
     Embeddings are excluded by module type, not by name, so a tied output head (which is the
-    embedding matrix) is not decayed either.
+    embedding matrix) is not decayed either. Parameters whose id is in `exclude` are left out.
     """
     no_decay_ids = {
         id(p) for m in model.modules() if isinstance(m, (nn.Embedding, nn.LayerNorm, nn.RMSNorm)) for p in m.parameters(recurse=False)
     }
     decay, no_decay = [], []
-    seen: set[int] = set()
+    seen: set[int] = set(exclude)
     for p in model.parameters():  # parameters() yields a tied tensor once
         if not p.requires_grad or id(p) in seen:
             continue
@@ -32,7 +32,29 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable weight matrices of the blocks' linear layers: what Muon updates.
+
+    Embeddings, output heads, task heads, norms and biases are not in the blocks' `nn.Linear`
+    weights, so they stay with AdamW (as in Muon's reference: its update is for hidden layers).
+    LoRA adapters are not `nn.Linear` weights either, and a frozen base weight has no gradient.
+    """
+    blocks = [*getattr(model, "layers", ()), *getattr(model, "encoder_layers", ())]
+    found: dict[int, nn.Parameter] = {}
+    for block in blocks:
+        for m in block.modules():
+            if isinstance(m, nn.Linear) and m.weight.requires_grad and m.weight.dim() == 2:
+                found.setdefault(id(m.weight), m.weight)
+    return list(found.values())
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.optim == "muon":
+        hidden = hidden_matrices(model)
+        groups = param_groups(model, cfg.weight_decay, exclude={id(p) for p in hidden})
+        # The loop sets every group's lr from the schedule; Muon's groups scale it by muon_lr / lr.
+        groups.append({"params": hidden, "use_muon": True, "lr_scale": cfg.muon_lr / cfg.lr, "weight_decay": 0.0})
+        return Muon([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), momentum=cfg.muon_momentum)
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
@@ -51,3 +73,105 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     decay_steps = max(cfg.max_steps - cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+# ------------------------------------------------------------------------------------------ Muon
+# Quintic Newton-Schulz coefficients of Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/):
+# chosen to maximise the slope at zero, so that 5 steps push every singular value into about
+# [0.7, 1.2] instead of converging to exactly 1.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalise a matrix: U S V^T -> U S' V^T, S' in about [0.7, 1.2].
+
+    Runs in bf16 on CUDA (as the reference; the iteration is robust to it) and fp32 elsewhere.
+    Works on the wide orientation (rows <= cols), so that X X^T is the smaller Gram matrix.
+    """
+    a, b, c = NS_COEFFICIENTS
+    x = g.bfloat16() if g.is_cuda else g.float()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon on the groups marked `use_muon`, AdamW on the others: one optimizer, one state dict.
+
+    Muon step for a matrix W with gradient G (the reference's, with Nesterov momentum):
+
+        M <- beta M + (1 - beta) G;    U <- (1 - beta) G + beta M
+        W <- W - lr * lr_scale * max(1, rows / cols)^0.5 * NewtonSchulz5(U)
+
+    The AdamW groups follow `torch.optim.AdamW` (decoupled weight decay, bias correction).
+    A group's effective learning rate is lr * lr_scale, so a schedule that sets every group's
+    `lr` moves both kinds in proportion.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        ns_steps: int = 5,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps,
+                        use_muon=False, lr_scale=1.0)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["use_muon"] and any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon updates 2-D matrices only; give other parameters to an AdamW group")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr = group["lr"] * group["lr_scale"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group["use_muon"]:
+                    self._muon(p, lr, group)
+                else:
+                    self._adamw(p, lr, group)
+        return loss
+
+    def _muon(self, p: torch.Tensor, lr: float, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        buf, beta = state["momentum_buffer"], group["momentum"]
+        g = p.grad
+        buf.lerp_(g, 1 - beta)
+        update = newton_schulz(torch.lerp(g, buf, beta), group["ns_steps"])  # Nesterov: look ahead along M
+        update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
+        if group["weight_decay"]:
+            p.mul_(1 - lr * group["weight_decay"])
+        p.add_(update.to(p.dtype), alpha=-lr)
+
+    def _adamw(self, p: torch.Tensor, lr: float, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        g, m, v = p.grad, state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        t = state["step"]
+        p.mul_(1 - lr * group["weight_decay"])
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
+        p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
