@@ -105,13 +105,18 @@ class Transformer(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, padded_vocab_size): next-token for decoders, masked-token for encoders.
 
         An encoder-decoder decodes `idx` against `memory`, the output of `encode_source`, whose
-        padding `memory_mask` marks (1 = real token).
+        padding `memory_mask` marks (1 = real token). With `return_hidden`, the final hidden states
+        (B, T, C) instead: for a loss that applies the head itself (`chunked_lm_loss`), through the
+        same (compiled, distributed) forward call as the logits.
         """
         h = self.encode(idx, cache, start, attention_mask, token_type_ids, memory, memory_mask)
+        if return_hidden:
+            return h
         return self.mlm(h) if self.config.arch == "encoder" else self.output(h)
 
     def encode_source(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
