@@ -2,6 +2,7 @@
 
     python bench/train_throughput.py --preset gpt2-124m --steps 50 [--compile] [--compare-hf]
         [--optim adamw|muon] [--chunked-loss N] [--batch-size B] [--seq-len T] [--device cpu]
+        [--data PREPARED_DIR] [--loss-check]
 
 Each line holds tokens/s, ms per step, a step-time breakdown (data, forward+backward, optimizer;
 measured on separate steps with a device sync between the phases), MFU and peak memory (CUDA
@@ -11,6 +12,10 @@ without position embeddings) against --peak-tflops (H100 SXM bf16 dense: 989.5).
 --compare-hf builds transformers' model of the same shape (GPT2LMHeadModel or LlamaForCausalLM,
 from `lmforge.interop.hf.config_to_hf`), runs the same loop in the same process with torch's
 AdamW (fused on CUDA) and prints a last line with the ratio of the two rates.
+
+Batches are random tokens, or windows of prepared shards with --data. --loss-check trains a second,
+plain copy (eager, full logits, same init, batches and dtype) for the same steps and reports the
+relative difference of the mean training loss: the fast path (compile, chunked loss) must agree.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from lmforge.model import Transformer
 from lmforge.model.losses import chunked_lm_loss, lm_loss
 from lmforge.train.optim import build_optimizer
 from lmforge.utils.device import autocast, autocast_dtype, resolve_device
+from lmforge.utils.errors import UserError
 
 
 def main() -> None:
@@ -44,6 +50,8 @@ def main() -> None:
     p.add_argument("--optim", default="adamw", choices=["adamw", "muon"])
     p.add_argument("--chunked-loss", type=int, default=0, help="tokens per chunk of the chunked cross-entropy; 0: plain")
     p.add_argument("--compare-hf", action="store_true")
+    p.add_argument("--data", default=None, help="prepared shards to draw batches from (default: random tokens)")
+    p.add_argument("--loss-check", action="store_true", help="also run the eager plain path and compare losses")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=989.5, help="bf16 dense peak (H100 SXM: 989.5)")
     args = p.parse_args()
@@ -52,13 +60,29 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     amp = autocast_dtype(device, args.dtype)
+    if args.data:
+        from lmforge.data import load_meta, open_split
+        from lmforge.data.loader import TokenWindows
+
+        args.vocab_size = load_meta(args.data)["vocab_size"]
     cfg = preset(args.preset, vocab_size=args.vocab_size)
     T = args.seq_len or cfg.context_length
     train = TrainConfig(optim=args.optim, lr=6e-4, chunked_loss=args.chunked_loss)
-    # A pool of random tokens on the host; each step copies one batch of it to the device (the "data" phase).
-    g = torch.Generator().manual_seed(0)
-    pool = torch.randint(0, args.vocab_size, (max(4, args.batch_size) * 8, T + 1), generator=g)
-    pool = pool.pin_memory() if device.type == "cuda" else pool
+    if args.data:
+        windows = TokenWindows(open_split(args.data, "train"), T, "train")
+
+        def batch(i: int) -> torch.Tensor:
+            x, y = windows.random_batch(args.batch_size, 0, i)
+            return torch.cat([x, y[:, -1:]], dim=1).to(device, non_blocking=True)
+    else:
+        # A pool of random tokens on the host; each step copies one batch of it to the device (the "data" phase).
+        g = torch.Generator().manual_seed(0)
+        pool = torch.randint(0, args.vocab_size, (max(4, args.batch_size) * 8, T + 1), generator=g)
+        pool = pool.pin_memory() if device.type == "cuda" else pool
+
+        def batch(i: int) -> torch.Tensor:
+            rows = torch.arange(i * args.batch_size, (i + 1) * args.batch_size) % pool.size(0)
+            return pool[rows].to(device, non_blocking=True)
     common = dict(preset=args.preset, device=str(device), dtype=str(amp or torch.float32).replace("torch.", ""),
                   compile=args.compile, threads=torch.get_num_threads(), batch_size=args.batch_size, seq_len=T)
 
@@ -70,10 +94,20 @@ def main() -> None:
     else:
         loss_fn = lambda x, y: lm_loss(fwd(x), y)  # noqa: E731
     opt = build_optimizer(model, train, device)
-    ours = measure(model, loss_fn, opt, pool, args, device, amp, T)
-    print(json.dumps({"what": "train_throughput", "impl": "lmforge", **common, "optim": args.optim,
-                      "chunked_loss": args.chunked_loss, "params": model.num_params(), **ours}))
+    ours, fast_losses = measure(model, loss_fn, opt, batch, args, device, amp, T)
+    line = {"what": "train_throughput", "impl": "lmforge", **common, "optim": args.optim,
+            "chunked_loss": args.chunked_loss, "params": model.num_params(), **ours}
     del model, fwd, opt
+    if args.loss_check:
+        torch.manual_seed(0)
+        plain = Transformer(cfg).to(device)
+        _, eager_losses = measure(plain, lambda x, y: lm_loss(plain(x), y), build_optimizer(plain, train, device),
+                                  batch, args, device, amp, T)
+        fast, eager = sum(fast_losses) / len(fast_losses), sum(eager_losses) / len(eager_losses)
+        line["loss_vs_eager"] = {"steps": len(fast_losses), "mean_loss": round(fast, 5), "eager_mean_loss": round(eager, 5),
+                                 "rel_diff": round(abs(fast - eager) / eager, 6)}
+        del plain
+    print(json.dumps(line), flush=True)
     if not args.compare_hf:
         return
 
@@ -81,29 +115,30 @@ def main() -> None:
 
     from lmforge.interop.hf import config_to_hf
 
-    hf_cfg = {**config_to_hf(cfg), "bos_token_id": 0, "eos_token_id": 0}  # no tokenizer here: any in-vocabulary id
+    try:
+        hf_cfg = {**config_to_hf(cfg), "bos_token_id": 0, "eos_token_id": 0}  # no tokenizer here: any in-vocabulary id
+    except UserError as e:
+        print(json.dumps({"what": "train_throughput_ratio", "preset": args.preset, "skipped": str(e)}))
+        return
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(**{k: v for k, v in hf_cfg.items() if k != "architectures"})
     hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
     hf_fwd = torch.compile(hf) if args.compile else hf
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-    theirs = measure(hf, lambda x, y: lm_loss(hf_fwd(input_ids=x).logits, y), hf_opt, pool, args, device, amp, T)
+    theirs, _ = measure(hf, lambda x, y: lm_loss(hf_fwd(input_ids=x).logits, y), hf_opt, batch, args, device, amp, T)
     print(json.dumps({"what": "train_throughput", "impl": "transformers", "model": hf_cfg["architectures"][0], **common,
                       "optim": "adamw", "chunked_loss": 0, "params": _params(hf), **theirs}))
     print(json.dumps({"what": "train_throughput_ratio", "preset": args.preset, "device": str(device),
                       "lmforge_over_transformers": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)}))
 
 
-def measure(model: nn.Module, loss_fn: Callable, opt, pool: torch.Tensor, args, device: torch.device,
-            amp: torch.dtype | None, T: int) -> dict:
+def measure(model: nn.Module, loss_fn: Callable, opt, batch: Callable, args, device: torch.device,
+            amp: torch.dtype | None, T: int) -> tuple[dict, list[float]]:
+    """Timings of `args.steps` steps after `args.warmup`, then the breakdown on up to 10 more; and every step's loss."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     B = args.batch_size
     losses: list[torch.Tensor] = []
-
-    def batch(i: int) -> torch.Tensor:
-        rows = torch.arange(i * B, (i + 1) * B) % pool.size(0)
-        return pool[rows].to(device, non_blocking=True)
 
     def step(i: int, timings: dict | None = None) -> None:
         t0 = time.perf_counter()
@@ -132,13 +167,12 @@ def measure(model: nn.Module, loss_fn: Callable, opt, pool: torch.Tensor, args, 
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    losses.clear()
     t0 = time.perf_counter()
     for i in range(args.steps):
         step(args.warmup + i)
     sync()
     seconds = (time.perf_counter() - t0) / args.steps
-    loss_first, loss_last = losses[0].item(), losses[-1].item()
+    all_losses = [t.item() for t in losses]
     timings: dict[str, float] = {}
     n_breakdown = max(1, min(args.steps, 10))
     for i in range(n_breakdown):
@@ -151,8 +185,8 @@ def measure(model: nn.Module, loss_fn: Callable, opt, pool: torch.Tensor, args, 
         "breakdown_ms": {k: round(v / n_breakdown * 1e3, 2) for k, v in timings.items()},
         "mfu": round(tokens_per_s * flops / (args.peak_tflops * 1e12), 4) if cuda else None,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
-        "loss_first": round(loss_first, 4), "loss_last": round(loss_last, 4),
-    }
+        "loss_first": round(all_losses[0], 4), "loss_last": round(all_losses[-1], 4),
+    }, all_losses
 
 
 def _params(model: nn.Module) -> int:

@@ -99,6 +99,24 @@ def test_muon_step_equals_naive_reimplementation(shape):
         torch.testing.assert_close(p.data.double(), expected, atol=2e-5, rtol=0)
 
 
+def test_muon_orthogonalises_row_blocks_separately():
+    """A fused [q; k; v]-like weight with rows (8, 16): each block steps as its own matrix would."""
+    torch.manual_seed(0)
+    w0 = torch.randn(24, 8)
+    p = nn.Parameter(w0.clone())
+    opt = Muon([{"params": [p], "use_muon": True, "rows": [8, 16]}], lr=0.1, momentum=0.9)
+    grads = [torch.randn(24, 8) for _ in range(3)]
+    top, bottom = naive_muon_updates([g[:8] for g in grads], 0.9), naive_muon_updates([g[8:] for g in grads], 0.9)
+    expected = w0.double()
+    for g, u, v in zip(grads, top, bottom):
+        p.grad = g.clone()
+        opt.step()
+        expected = expected - 0.1 * torch.cat([u, v])
+    torch.testing.assert_close(p.data.double(), expected, atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="add up"):
+        Muon([{"params": [p], "use_muon": True, "rows": [8, 8]}])
+
+
 def test_muon_adamw_groups_equal_torch_adamw():
     torch.manual_seed(0)
     a, b = nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(5))
@@ -124,7 +142,9 @@ def test_muon_takes_the_blocks_matrices_only():
                       ("attention.qkv", "attention.proj", "feed_forward.fc", "feed_forward.proj")}
     opt = build_optimizer(model, TrainConfig(optim="muon", lr=1e-3, muon_lr=0.02), torch.device("cpu"))
     muon = [g for g in opt.param_groups if g["use_muon"]]
-    assert len(muon) == 1 and muon[0]["lr_scale"] == pytest.approx(20.0) and muon[0]["weight_decay"] == 0.0
+    assert [g["rows"] for g in muon] == [[], [64, 64, 64]]  # whole matrices; q, k, v each on its own
+    assert {names[id(p)].split(".", 2)[2] for p in muon[1]["params"]} == {"attention.qkv.weight"}
+    assert all(g["lr_scale"] == pytest.approx(20.0) and g["weight_decay"] == 0.0 for g in muon)
     adam = [names[id(p)] for g in opt.param_groups if not g["use_muon"] for p in g["params"]]
     assert "tok_embeddings.weight" in adam and "output.weight" in adam and not hidden & set(adam)
     assert len(adam) + len(hidden) == len(list(model.parameters()))

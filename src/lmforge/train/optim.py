@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lmforge.config import TrainConfig
+from lmforge.model.blocks import MLP, CrossAttention, SelfAttention
 
 
 def param_groups(model: nn.Module, weight_decay: float, exclude: set[int] = frozenset()) -> list[dict]:
@@ -48,12 +49,34 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     return list(found.values())
 
 
+def fused_rows(model: nn.Module) -> dict[int, list[int]]:
+    """Row blocks of the fused weights, by parameter id: q/k/v of `qkv`, k/v of a cross-attention's
+    `kv`, gate/up of a SwiGLU `fc`. Each block is a matrix of its own (the reference Muon
+    orthogonalises q, k and v separately), so Muon treats it as one."""
+    rows: dict[int, list[int]] = {}
+    for m in model.modules():
+        if isinstance(m, SelfAttention):
+            rows[id(m.qkv.weight)] = [m.n_head * m.head_size] + [m.n_kv_head * m.head_size] * 2
+        elif isinstance(m, CrossAttention):
+            rows[id(m.kv.weight)] = [m.kv.weight.size(0) // 2] * 2
+        elif isinstance(m, MLP) and m.kind == "swiglu":
+            rows[id(m.fc.weight)] = [m.fc.weight.size(0) // 2] * 2
+    return rows
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     if cfg.optim == "muon":
         hidden = hidden_matrices(model)
         groups = param_groups(model, cfg.weight_decay, exclude={id(p) for p in hidden})
-        # The loop sets every group's lr from the schedule; Muon's groups scale it by muon_lr / lr.
-        groups.append({"params": hidden, "use_muon": True, "lr_scale": cfg.muon_lr / cfg.lr, "weight_decay": 0.0})
+        # One Muon group per row split (whole matrices; q/k/v; gate/up). The loop sets every group's
+        # lr from the schedule; Muon's groups scale it by muon_lr / lr.
+        blocks = fused_rows(model)
+        by_split: dict[tuple[int, ...], list[nn.Parameter]] = {}
+        for p in hidden:
+            by_split.setdefault(tuple(blocks.get(id(p), ())), []).append(p)  # () is the whole matrix
+        for split, params in sorted(by_split.items(), key=lambda kv: (len(kv[0]), kv[0])):
+            groups.append({"params": params, "use_muon": True, "rows": list(split), "lr_scale": cfg.muon_lr / cfg.lr,
+                           "weight_decay": 0.0})
         return Muon([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), momentum=cfg.muon_momentum)
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
@@ -108,6 +131,9 @@ class Muon(torch.optim.Optimizer):
         M <- beta M + (1 - beta) G;    U <- (1 - beta) G + beta M
         W <- W - lr * lr_scale * max(1, rows / cols)^0.5 * NewtonSchulz5(U)
 
+    A Muon group's `rows` (default: the whole matrix) cuts a fused weight into row blocks that are
+    orthogonalised and scaled each on its own, as if they were separate matrices (q, k, v).
+
     The AdamW groups follow `torch.optim.AdamW` (decoupled weight decay, bias correction).
     A group's effective learning rate is lr * lr_scale, so a schedule that sets every group's
     `lr` moves both kinds in proportion.
@@ -124,11 +150,13 @@ class Muon(torch.optim.Optimizer):
         ns_steps: int = 5,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps,
-                        use_muon=False, lr_scale=1.0)
+                        use_muon=False, lr_scale=1.0, rows=None)
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["use_muon"] and any(p.dim() != 2 for p in group["params"]):
                 raise ValueError("Muon updates 2-D matrices only; give other parameters to an AdamW group")
+            if group["use_muon"] and group["rows"] and any(sum(group["rows"]) != p.size(0) for p in group["params"]):
+                raise ValueError(f"a Muon group's rows {group['rows']} must add up to each matrix's row count")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -154,8 +182,9 @@ class Muon(torch.optim.Optimizer):
         buf, beta = state["momentum_buffer"], group["momentum"]
         g = p.grad
         buf.lerp_(g, 1 - beta)
-        update = newton_schulz(torch.lerp(g, buf, beta), group["ns_steps"])  # Nesterov: look ahead along M
-        update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
+        nesterov = torch.lerp(g, buf, beta)  # look ahead along M
+        blocks = nesterov.split(group["rows"]) if group["rows"] else (nesterov,)
+        update = torch.cat([newton_schulz(u, group["ns_steps"]) * max(1.0, u.size(0) / u.size(1)) ** 0.5 for u in blocks])
         if group["weight_decay"]:
             p.mul_(1 - lr * group["weight_decay"])
         p.add_(update.to(p.dtype), alpha=-lr)
