@@ -4,9 +4,11 @@
         [--optim adamw|muon] [--chunked-loss N] [--batch-size B] [--seq-len T] [--device cpu]
         [--data PREPARED_DIR] [--loss-check]
 
-Each line holds tokens/s, ms per step, a step-time breakdown (data, forward+backward, optimizer;
-measured on separate steps with a device sync between the phases), MFU and peak memory (CUDA
-only) and the loss of the first and last step. MFU counts 6N + 12 L H Q T FLOPs per token (N
+Each line holds tokens/s and ms per step (the median of --rounds rounds; with --compare-hf or
+--loss-check the implementations take turns round by round, so that a slow spell of a shared
+machine hits both), a step-time breakdown (data, forward+backward, optimizer; on 10 more steps with
+a device sync between the phases), MFU and peak memory (CUDA only: the implementation's weights and
+optimizer state plus the most its steps allocate on top) and the loss of the first and last step. MFU counts 6N + 12 L H Q T FLOPs per token (N
 without position embeddings) against --peak-tflops (H100 SXM bf16 dense: 989.5).
 
 --compare-hf builds transformers' model of the same shape (GPT2LMHeadModel or LlamaForCausalLM,
@@ -44,6 +46,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup untimed ones)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5, help="the timed steps are split into rounds, implementations taking turns")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--compile", action="store_true")
@@ -86,107 +89,163 @@ def main() -> None:
     common = dict(preset=args.preset, device=str(device), dtype=str(amp or torch.float32).replace("torch.", ""),
                   compile=args.compile, threads=torch.get_num_threads(), batch_size=args.batch_size, seq_len=T)
 
+    runners = {"lmforge": lmforge_runner(cfg, train, args, device, amp, T, fast=True)}
+    if args.loss_check:
+        runners["eager"] = lmforge_runner(cfg, train, args, device, amp, T, fast=False)
+    if args.compare_hf:
+        try:
+            runners["transformers"] = hf_runner(cfg, args, device, amp, T)
+        except UserError as e:
+            print(json.dumps({"what": "train_throughput_ratio", "preset": args.preset, "skipped": str(e)}))
+    # Rounds of args.steps / rounds steps, each implementation in turn: on a shared or throttling
+    # machine, slow spells hit every implementation alike, and the median round is reported.
+    for r in runners.values():
+        r.warmup(batch, args.warmup, device, amp)
+    rounds = max(1, min(args.rounds, args.steps))
+    for i in range(rounds):
+        for r in runners.values():
+            r.timed(batch, args.steps // rounds + (i < args.steps % rounds), device, amp)
+    for r in runners.values():
+        r.breakdown(batch, min(args.steps, 10), device, amp)
+
+    ours = runners["lmforge"].summary(args, T)
+    line = {"what": "train_throughput", "impl": "lmforge", **common, "optim": args.optim, "chunked_loss": args.chunked_loss,
+            "params": _params(runners["lmforge"].model), **ours}
+    if "eager" in runners:
+        fast, eager = (sum(runners[k].losses) / len(runners[k].losses) for k in ("lmforge", "eager"))
+        line["loss_vs_eager"] = {"steps": len(runners["lmforge"].losses), "mean_loss": round(fast, 5),
+                                 "eager_mean_loss": round(eager, 5), "rel_diff": round(abs(fast - eager) / eager, 6)}
+    print(json.dumps(line), flush=True)
+    if "eager" in runners:
+        print(json.dumps({"what": "train_throughput", "impl": "lmforge-eager-plain", **common, "compile": False,
+                          "optim": args.optim, "chunked_loss": 0, "params": line["params"], **runners["eager"].summary(args, T)}))
+    if "transformers" in runners:
+        hf = runners["transformers"]
+        theirs = hf.summary(args, T)
+        print(json.dumps({"what": "train_throughput", "impl": "transformers", "model": hf.name, **common,
+                          "optim": "adamw", "chunked_loss": 0, "params": _params(hf.model), **theirs}))
+        print(json.dumps({"what": "train_throughput_ratio", "preset": args.preset, "device": str(device),
+                          "lmforge_over_transformers": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)}))
+
+
+def lmforge_runner(cfg, train: TrainConfig, args, device, amp, T: int, fast: bool) -> "Runner":
+    """lmforge's model and optimizer; `fast` takes --compile and --chunked-loss, else eager with full logits."""
     torch.manual_seed(0)
     model = Transformer(cfg).to(device)
-    fwd = torch.compile(model) if args.compile else model
-    if args.chunked_loss:
+    fwd = torch.compile(model) if fast and args.compile else model
+    if fast and args.chunked_loss:
         loss_fn = lambda x, y: chunked_lm_loss(fwd(x, return_hidden=True), model.output.weight, y, args.chunked_loss)  # noqa: E731
     else:
         loss_fn = lambda x, y: lm_loss(fwd(x), y)  # noqa: E731
-    opt = build_optimizer(model, train, device)
-    ours, fast_losses = measure(model, loss_fn, opt, batch, args, device, amp, T)
-    line = {"what": "train_throughput", "impl": "lmforge", **common, "optim": args.optim,
-            "chunked_loss": args.chunked_loss, "params": model.num_params(), **ours}
-    del model, fwd, opt
-    if args.loss_check:
-        torch.manual_seed(0)
-        plain = Transformer(cfg).to(device)
-        _, eager_losses = measure(plain, lambda x, y: lm_loss(plain(x), y), build_optimizer(plain, train, device),
-                                  batch, args, device, amp, T)
-        fast, eager = sum(fast_losses) / len(fast_losses), sum(eager_losses) / len(eager_losses)
-        line["loss_vs_eager"] = {"steps": len(fast_losses), "mean_loss": round(fast, 5), "eager_mean_loss": round(eager, 5),
-                                 "rel_diff": round(abs(fast - eager) / eager, 6)}
-        del plain
-    print(json.dumps(line), flush=True)
-    if not args.compare_hf:
-        return
+    return Runner("lmforge", model, loss_fn, build_optimizer(model, train, device))
 
+
+def hf_runner(cfg, args, device, amp, T: int) -> "Runner":
+    """transformers' model of the same shape with torch's AdamW (fused on CUDA), as its users train it."""
     import transformers
 
     from lmforge.interop.hf import config_to_hf
 
-    try:
-        hf_cfg = {**config_to_hf(cfg), "bos_token_id": 0, "eos_token_id": 0}  # no tokenizer here: any in-vocabulary id
-    except UserError as e:
-        print(json.dumps({"what": "train_throughput_ratio", "preset": args.preset, "skipped": str(e)}))
-        return
+    hf_cfg = {**config_to_hf(cfg), "bos_token_id": 0, "eos_token_id": 0}  # no tokenizer here: any in-vocabulary id
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(**{k: v for k, v in hf_cfg.items() if k != "architectures"})
     hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
-    hf_fwd = torch.compile(hf) if args.compile else hf
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-    theirs, _ = measure(hf, lambda x, y: lm_loss(hf_fwd(input_ids=x).logits, y), hf_opt, batch, args, device, amp, T)
-    print(json.dumps({"what": "train_throughput", "impl": "transformers", "model": hf_cfg["architectures"][0], **common,
-                      "optim": "adamw", "chunked_loss": 0, "params": _params(hf), **theirs}))
-    print(json.dumps({"what": "train_throughput_ratio", "preset": args.preset, "device": str(device),
-                      "lmforge_over_transformers": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)}))
+    fwd = torch.compile(hf) if args.compile else hf
+    opt = torch.optim.AdamW(hf.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
+    return Runner(hf_cfg["architectures"][0], hf, lambda x, y: lm_loss(fwd(input_ids=x).logits, y), opt)
 
 
-def measure(model: nn.Module, loss_fn: Callable, opt, batch: Callable, args, device: torch.device,
-            amp: torch.dtype | None, T: int) -> tuple[dict, list[float]]:
-    """Timings of `args.steps` steps after `args.warmup`, then the breakdown on up to 10 more; and every step's loss."""
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    B = args.batch_size
-    losses: list[torch.Tensor] = []
+class Runner:
+    """One implementation's training step, timed in rounds; every step's loss is kept."""
 
-    def step(i: int, timings: dict | None = None) -> None:
+    def __init__(self, name: str, model: nn.Module, loss_fn: Callable, opt) -> None:
+        self.name, self.model, self.loss_fn, self.opt = name, model, loss_fn, opt
+        self.step_i, self.losses, self.round_ms, self.phases = 0, [], [], {}
+        self._pending: list[torch.Tensor] = []
+
+    def _step(self, batch: Callable, device, amp, sync=None) -> None:
         t0 = time.perf_counter()
-        xy = batch(i)
-        if timings is not None:
-            sync()
-            t1 = time.perf_counter()
+        xy = batch(self.step_i)
+        t1 = _mark(sync)
         with autocast(device, amp):
-            loss = loss_fn(xy[:, :-1], xy[:, 1:])
+            loss = self.loss_fn(xy[:, :-1], xy[:, 1:])
         loss.backward()
-        if timings is not None:
-            sync()
-            t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-        if timings is not None:
-            sync()
-            t3 = time.perf_counter()
+        t2 = _mark(sync)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self._pending.append(loss.detach())
+        self.step_i += 1
+        if sync is not None:
+            t3 = _mark(sync)
             for k, v in (("data", t1 - t0), ("forward_backward", t2 - t1), ("optimizer", t3 - t2)):
-                timings[k] = timings.get(k, 0.0) + v
+                self.phases[k] = self.phases.get(k, 0.0) + v
 
-    model.train()
-    for i in range(args.warmup):
-        step(i)
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for i in range(args.steps):
-        step(args.warmup + i)
-    sync()
-    seconds = (time.perf_counter() - t0) / args.steps
-    all_losses = [t.item() for t in losses]
-    timings: dict[str, float] = {}
-    n_breakdown = max(1, min(args.steps, 10))
-    for i in range(n_breakdown):
-        step(args.warmup + args.steps + i, timings)
-    tokens_per_s = B * T / seconds
-    flops = _flops_per_token(model, T)
-    return {
-        "tokens_per_s": round(tokens_per_s, 1),
-        "ms_per_step": round(seconds * 1e3, 2),
-        "breakdown_ms": {k: round(v / n_breakdown * 1e3, 2) for k, v in timings.items()},
-        "mfu": round(tokens_per_s * flops / (args.peak_tflops * 1e12), 4) if cuda else None,
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
-        "loss_first": round(all_losses[0], 4), "loss_last": round(all_losses[-1], 4),
-    }, all_losses
+    def _collect(self) -> None:
+        self.losses += [t.item() for t in self._pending]
+        self._pending = []
+
+    def warmup(self, batch, n: int, device, amp) -> None:
+        self.model.train()
+        for _ in range(n):
+            self._step(batch, device, amp)
+        _sync(device)
+        self._collect()
+
+    def timed(self, batch, n: int, device, amp) -> None:
+        _sync(device)
+        cuda = device.type == "cuda"
+        if cuda:  # other implementations' weights stay resident: count only what this round adds to them
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self._step(batch, device, amp)
+        _sync(device)
+        self.round_ms.append((time.perf_counter() - t0) / n * 1e3)
+        self._collect()
+        if cuda:
+            extra = torch.cuda.max_memory_allocated() - base
+            self.peak_gb = max(getattr(self, "peak_gb", 0.0), (self._resident_bytes() + extra) / 2**30)
+
+    def _resident_bytes(self) -> int:
+        """Weights and optimizer state: what stays allocated between steps (gradients are freed)."""
+        tensors = {id(t): t for t in self.model.parameters()}
+        for state in self.opt.state.values():
+            tensors.update({id(t): t for t in state.values() if isinstance(t, torch.Tensor)})
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def breakdown(self, batch, n: int, device, amp) -> None:
+        n_losses = len(self.losses)
+        for _ in range(n):
+            self._step(batch, device, amp, sync=lambda: _sync(device))
+        self.n_breakdown = n
+        self._pending = []  # the breakdown steps' losses are not part of the compared run
+        self.losses = self.losses[:n_losses]
+
+    def summary(self, args, T: int) -> dict:
+        ms = sorted(self.round_ms)[len(self.round_ms) // 2]
+        tokens_per_s = args.batch_size * T / (ms / 1e3)
+        cuda = hasattr(self, "peak_gb")
+        return {
+            "tokens_per_s": round(tokens_per_s, 1),
+            "ms_per_step": round(ms, 2),
+            "ms_per_step_rounds": [round(x, 2) for x in self.round_ms],
+            "breakdown_ms": {k: round(v / self.n_breakdown * 1e3, 2) for k, v in self.phases.items()},
+            "mfu": round(tokens_per_s * _flops_per_token(self.model, T) / (args.peak_tflops * 1e12), 4) if cuda else None,
+            "peak_memory_gb": round(self.peak_gb, 3) if cuda else None,
+            "loss_first": round(self.losses[0], 4), "loss_last": round(self.losses[-1], 4),
+        }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _mark(sync) -> float:
+    if sync is not None:
+        sync()
+    return time.perf_counter()
 
 
 def _params(model: nn.Module) -> int:
