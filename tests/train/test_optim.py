@@ -148,3 +148,24 @@ def test_muon_takes_the_blocks_matrices_only():
     adam = [names[id(p)] for g in opt.param_groups if not g["use_muon"] for p in g["params"]]
     assert "tok_embeddings.weight" in adam and "output.weight" in adam and not hidden & set(adam)
     assert len(adam) + len(hidden) == len(list(model.parameters()))
+
+
+def test_batched_muon_equals_one_matrix_at_a_time():
+    """Same-shape blocks are orthogonalised as one stack: the result is that of separate optimizers."""
+    torch.manual_seed(0)
+    ws = [torch.randn(12, 8) for _ in range(3)]
+    together = [nn.Parameter(w.clone()) for w in ws]
+    apart = [nn.Parameter(w.clone()) for w in ws]
+    opt = Muon([{"params": together, "use_muon": True}], lr=0.1)
+    opts = [Muon([{"params": [p], "use_muon": True}], lr=0.1) for p in apart]
+    for _ in range(3):
+        for p, q in zip(together, apart):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        for o in opts:
+            o.step()
+    for p, q in zip(together, apart):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+    x = torch.randn(4, 10, 6)
+    torch.testing.assert_close(newton_schulz(x), torch.stack([newton_schulz(m) for m in x]), atol=1e-6, rtol=1e-6)

@@ -106,7 +106,8 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalise a matrix: U S V^T -> U S' V^T, S' in about [0.7, 1.2].
+    """Approximately orthogonalise a matrix, or each of a stack (..., rows, cols): U S V^T -> U S' V^T,
+    S' in about [0.7, 1.2].
 
     Runs in bf16 on CUDA (as the reference; the iteration is robust to it) and fp32 elsewhere.
     Works on the wide orientation (rows <= cols), so that X X^T is the smaller Gram matrix.
@@ -166,28 +167,40 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr = group["lr"] * group["lr_scale"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["use_muon"]:
-                    self._muon(p, lr, group)
-                else:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["use_muon"]:
+                self._muon(params, lr, group)
+            else:
+                for p in params:
                     self._adamw(p, lr, group)
         return loss
 
-    def _muon(self, p: torch.Tensor, lr: float, group: dict) -> None:
-        state = self.state[p]
-        if not state:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        buf, beta = state["momentum_buffer"], group["momentum"]
-        g = p.grad
-        buf.lerp_(g, 1 - beta)
-        nesterov = torch.lerp(g, buf, beta)  # look ahead along M
-        blocks = nesterov.split(group["rows"]) if group["rows"] else (nesterov,)
-        update = torch.cat([newton_schulz(u, group["ns_steps"]) * max(1.0, u.size(0) / u.size(1)) ** 0.5 for u in blocks])
-        if group["weight_decay"]:
-            p.mul_(1 - lr * group["weight_decay"])
-        p.add_(update.to(p.dtype), alpha=-lr)
+    def _muon(self, params: list[torch.Tensor], lr: float, group: dict) -> None:
+        beta = group["momentum"]
+        blocks: list[tuple[torch.Tensor, ...]] = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - beta)
+            nesterov = torch.lerp(p.grad, buf, beta)  # look ahead along M
+            blocks.append(nesterov.split(group["rows"]) if group["rows"] else (nesterov,))
+        # Blocks of one shape are orthogonalised together: one batched iteration, not one per matrix.
+        by_shape: dict[torch.Size, list[tuple[int, int]]] = {}
+        for i, bs in enumerate(blocks):
+            for j, b in enumerate(bs):
+                by_shape.setdefault(b.shape, []).append((i, j))
+        updates = [list(bs) for bs in blocks]
+        for (rows, cols), where in by_shape.items():
+            ortho = newton_schulz(torch.stack([blocks[i][j] for i, j in where]), group["ns_steps"])
+            ortho = ortho * max(1.0, rows / cols) ** 0.5
+            for k, (i, j) in enumerate(where):
+                updates[i][j] = ortho[k]
+        for p, ups in zip(params, updates):
+            if group["weight_decay"]:
+                p.mul_(1 - lr * group["weight_decay"])
+            p.add_((torch.cat(ups) if len(ups) > 1 else ups[0]).to(p.dtype), alpha=-lr)
 
     def _adamw(self, p: torch.Tensor, lr: float, group: dict) -> None:
         state = self.state[p]
