@@ -171,8 +171,7 @@ class Muon(torch.optim.Optimizer):
             if group["use_muon"]:
                 self._muon(params, lr, group)
             else:
-                for p in params:
-                    self._adamw(p, lr, group)
+                self._adamw(params, lr, group)
         return loss
 
     def _muon(self, params: list[torch.Tensor], lr: float, group: dict) -> None:
@@ -202,18 +201,26 @@ class Muon(torch.optim.Optimizer):
                 p.mul_(1 - lr * group["weight_decay"])
             p.add_((torch.cat(ups) if len(ups) > 1 else ups[0]).to(p.dtype), alpha=-lr)
 
-    def _adamw(self, p: torch.Tensor, lr: float, group: dict) -> None:
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    def _adamw(self, params: list[torch.Tensor], lr: float, group: dict) -> None:
+        """torch.optim.AdamW's update (decoupled decay, bias correction) on a list of tensors at once."""
+        if not params:
+            return
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
         beta1, beta2 = group["betas"]
-        g, m, v = p.grad, state["exp_avg"], state["exp_avg_sq"]
-        state["step"] += 1
-        t = state["step"]
-        p.mul_(1 - lr * group["weight_decay"])
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
-        p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+        states = [self.state[p] for p in params]
+        grads = [p.grad for p in params]
+        m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** s["step"]) for s in states])
+        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - beta1 ** s["step"]) for s in states])
