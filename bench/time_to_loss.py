@@ -13,8 +13,8 @@ characters (the tail of TinyStories' valid file). Recipes, on the shape of --pre
   RMSNorm, no biases, untied zero-init head, zero-init projections); Muon on the blocks' matrices,
   AdamW on the rest, the same schedule; chunked cross-entropy on CUDA.
 
-Both train with the same batches, schedule length and --lr (AdamW's, and Muon's groups scale with
-it); the clock runs during training steps only (validation every --eval-interval steps is not
+Both train with the same batches and schedule length, and with --lr as AdamW's peak learning rate
+unless --fastest-lr gives the fastest recipe its own (Muon's groups follow the same schedule); the clock runs during training steps only (validation every --eval-interval steps is not
 counted; a first step's compilation is). A run stops at the first validation at or below the target.
 One line per recipe, then a line with the ratio of the times.
 
@@ -82,13 +82,14 @@ def prepared(cache: Path, vocab_size: int, val_fraction: float) -> Path:
 
 
 def recipes(shape: str, args, device: torch.device) -> dict:
-    base = dict(max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10,
-                warmup_steps=args.warmup_steps, seed=args.seed)
+    base = dict(max_steps=args.max_steps, batch_size=args.batch_size, warmup_steps=args.warmup_steps, seed=args.seed)
+    fast_lr = args.fastest_lr or args.lr
     return {
         "gpt2": (preset(shape, position="learned", norm="layernorm", mlp="gelu_tanh", bias=True, tie_embeddings=True),
-                 TrainConfig(optim="adamw", **base)),
+                 TrainConfig(optim="adamw", lr=args.lr, min_lr=args.lr / 10, **base)),
         "fastest": (preset(shape, **SPEEDRUN),
-                    TrainConfig(optim="muon", muon_lr=args.muon_lr, chunked_loss=8192 if device.type == "cuda" else 0, **base)),
+                    TrainConfig(optim="muon", lr=fast_lr, min_lr=fast_lr / 10, muon_lr=args.muon_lr,
+                                chunked_loss=8192 if device.type == "cuda" else 0, **base)),
     }
 
 
@@ -148,7 +149,8 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=3000, help="schedule length of both recipes; a run stops there")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--lr", type=float, default=6e-4, help="AdamW's peak lr (both recipes)")
+    p.add_argument("--lr", type=float, default=6e-4, help="AdamW's peak lr (the gpt2 recipe; the fastest's too unless --fastest-lr)")
+    p.add_argument("--fastest-lr", type=float, default=None, help="AdamW's peak lr in the fastest recipe (default: --lr)")
     p.add_argument("--muon-lr", type=float, default=0.02)
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --max-steps")
     p.add_argument("--eval-interval", type=int, default=50)
