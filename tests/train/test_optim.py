@@ -169,3 +169,24 @@ def test_batched_muon_equals_one_matrix_at_a_time():
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
     x = torch.randn(4, 10, 6)
     torch.testing.assert_close(newton_schulz(x), torch.stack([newton_schulz(m) for m in x]), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", [
+    dict(name="tiny", position="rotary", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=2),  # Llama-like: GQA, gate/up
+    dict(name="bert-base", n_layer=2, n_embd=64, n_head=4, mlp_hidden=128, context_length=64),
+    dict(name="transformer-base", n_layer=2, n_encoder_layer=2, n_embd=64, n_head=4, mlp_hidden=128, context_length=64),
+])
+def test_muon_covers_every_architecture(arch):
+    arch = dict(arch)
+    model = Transformer(preset(arch.pop("name"), vocab_size=100, **arch))
+    opt = build_optimizer(model, TrainConfig(optim="muon"), torch.device("cpu"))
+    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # every parameter exactly once
+    for g in opt.param_groups:
+        if g["use_muon"] and g["rows"]:
+            assert all(sum(g["rows"]) == p.size(0) for p in g["params"])
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
