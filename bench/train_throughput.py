@@ -1,9 +1,23 @@
 """Training throughput of lmforge's model on random tokens: one JSON line per measurement.
 
-    python bench/train_throughput.py --preset demo --batch-size 32 --steps 20 [--device cpu] [--compile]
+    python bench/train_throughput.py --preset gpt2-124m --steps 50 [--compile] [--compare-hf]
+        [--optim adamw|muon] [--chunked-loss N] [--batch-size B] [--seq-len T] [--device cpu]
+        [--data PREPARED_DIR] [--loss-check]
 
-Prints {"what", "preset", "device", "dtype", "batch_size", "seq_len", "params", "tokens_per_s",
-"ms_per_step", "mfu", "peak_memory_gb"}; MFU only on CUDA (bf16 dense peak of the GPU, --peak-tflops).
+Each line holds tokens/s and ms per step (the median of --rounds rounds; with --compare-hf or
+--loss-check the implementations take turns round by round, so that a slow spell of a shared
+machine hits both), a step-time breakdown (data, forward+backward, optimizer; on 10 more steps with
+a device sync between the phases), MFU and peak memory (CUDA only: the implementation's weights and
+optimizer state plus the most its steps allocate on top) and the loss of the first and last step. MFU counts 6N + 12 L H Q T FLOPs per token (N
+without position embeddings) against --peak-tflops (H100 SXM bf16 dense: 989.5).
+
+--compare-hf builds transformers' model of the same shape (GPT2LMHeadModel or LlamaForCausalLM,
+from `lmforge.interop.hf.config_to_hf`), runs the same loop in the same process with torch's
+AdamW (fused on CUDA) and prints a last line with the ratio of the two rates.
+
+Batches are random tokens, or windows of prepared shards with --data. --loss-check trains a second,
+plain copy (eager, full logits, same init, batches and dtype) for the same steps and reports the
+relative difference of the mean training loss: the fast path (compile, chunked loss) must agree.
 """
 
 from __future__ import annotations
@@ -11,13 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Callable
 
 import torch
+from torch import nn
 
-from lmforge.config import preset
+from lmforge.config import TrainConfig, preset
 from lmforge.model import Transformer
-from lmforge.model.losses import lm_loss
+from lmforge.model.losses import chunked_lm_loss, lm_loss
+from lmforge.train.optim import build_optimizer
 from lmforge.utils.device import autocast, autocast_dtype, resolve_device
+from lmforge.utils.errors import UserError
 
 
 def main() -> None:
@@ -26,51 +44,227 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=50257)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup untimed ones)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5, help="the timed steps are split into rounds, implementations taking turns")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--optim", default="adamw", choices=["adamw", "muon"])
+    p.add_argument("--chunked-loss", type=int, default=0, help="tokens per chunk of the chunked cross-entropy; 0: plain")
+    p.add_argument("--compare-hf", action="store_true")
+    p.add_argument("--data", default=None, help="prepared shards to draw batches from (default: random tokens)")
+    p.add_argument("--loss-check", action="store_true", help="also run the eager plain path and compare losses")
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=989.5, help="bf16 dense peak (H100 SXM: 989.5)")
     args = p.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    amp = autocast_dtype(device, "auto")
+    amp = autocast_dtype(device, args.dtype)
+    if args.data:
+        from lmforge.data import load_meta, open_split
+        from lmforge.data.loader import TokenWindows
+
+        args.vocab_size = load_meta(args.data)["vocab_size"]
     cfg = preset(args.preset, vocab_size=args.vocab_size)
     T = args.seq_len or cfg.context_length
+    train = TrainConfig(optim=args.optim, lr=6e-4, chunked_loss=args.chunked_loss)
+    if args.data:
+        windows = TokenWindows(open_split(args.data, "train"), T, "train")
+
+        def batch(i: int) -> torch.Tensor:
+            x, y = windows.random_batch(args.batch_size, 0, i)
+            return torch.cat([x, y[:, -1:]], dim=1).to(device, non_blocking=True)
+    else:
+        # A pool of random tokens on the host; each step copies one batch of it to the device (the "data" phase).
+        g = torch.Generator().manual_seed(0)
+        pool = torch.randint(0, args.vocab_size, (max(4, args.batch_size) * 8, T + 1), generator=g)
+        pool = pool.pin_memory() if device.type == "cuda" else pool
+
+        def batch(i: int) -> torch.Tensor:
+            rows = torch.arange(i * args.batch_size, (i + 1) * args.batch_size) % pool.size(0)
+            return pool[rows].to(device, non_blocking=True)
+    common = dict(preset=args.preset, device=str(device), dtype=str(amp or torch.float32).replace("torch.", ""),
+                  compile=args.compile, threads=torch.get_num_threads(), batch_size=args.batch_size, seq_len=T)
+
+    runners = {"lmforge": lmforge_runner(cfg, train, args, device, amp, T, fast=True)}
+    if args.loss_check:
+        runners["eager"] = lmforge_runner(cfg, train, args, device, amp, T, fast=False)
+    if args.compare_hf:
+        try:
+            runners["transformers"] = hf_runner(cfg, args, device, amp, T)
+        except UserError as e:
+            print(json.dumps({"what": "train_throughput_ratio", "preset": args.preset, "skipped": str(e)}))
+    # Rounds of args.steps / rounds steps, each implementation in turn: on a shared or throttling
+    # machine, slow spells hit every implementation alike, and the median round is reported.
+    for r in runners.values():
+        r.warmup(batch, args.warmup, device, amp)
+    rounds = max(1, min(args.rounds, args.steps))
+    for i in range(rounds):
+        for r in runners.values():
+            r.timed(batch, args.steps // rounds + (i < args.steps % rounds), device, amp)
+    for r in runners.values():
+        r.breakdown(batch, min(args.steps, 10), device, amp)
+
+    ours = runners["lmforge"].summary(args, T)
+    line = {"what": "train_throughput", "impl": "lmforge", **common, "optim": args.optim, "chunked_loss": args.chunked_loss,
+            "params": _params(runners["lmforge"].model), **ours}
+    if "eager" in runners:
+        fast, eager = (sum(runners[k].losses) / len(runners[k].losses) for k in ("lmforge", "eager"))
+        line["loss_vs_eager"] = {"steps": len(runners["lmforge"].losses), "mean_loss": round(fast, 5),
+                                 "eager_mean_loss": round(eager, 5), "rel_diff": round(abs(fast - eager) / eager, 6)}
+    print(json.dumps(line), flush=True)
+    if "eager" in runners:
+        print(json.dumps({"what": "train_throughput", "impl": "lmforge-eager-plain", **common, "compile": False,
+                          "optim": args.optim, "chunked_loss": 0, "params": line["params"], **runners["eager"].summary(args, T)}))
+    if "transformers" in runners:
+        hf = runners["transformers"]
+        theirs = hf.summary(args, T)
+        print(json.dumps({"what": "train_throughput", "impl": "transformers", "model": hf.name, **common,
+                          "optim": "adamw", "chunked_loss": 0, "params": _params(hf.model), **theirs}))
+        print(json.dumps({"what": "train_throughput_ratio", "preset": args.preset, "device": str(device),
+                          "lmforge_over_transformers": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)}))
+
+
+def lmforge_runner(cfg, train: TrainConfig, args, device, amp, T: int, fast: bool) -> "Runner":
+    """lmforge's model and optimizer; `fast` takes --compile and --chunked-loss, else eager with full logits."""
     torch.manual_seed(0)
     model = Transformer(cfg).to(device)
-    step_fn = torch.compile(model) if args.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    x = torch.randint(0, args.vocab_size, (args.batch_size, T + 1), device=device)
+    fwd = torch.compile(model) if fast and args.compile else model
+    if fast and args.chunked_loss:
+        loss_fn = lambda x, y: chunked_lm_loss(fwd(x, return_hidden=True), model.output.weight, y, args.chunked_loss)  # noqa: E731
+    else:
+        loss_fn = lambda x, y: lm_loss(fwd(x), y)  # noqa: E731
+    return Runner("lmforge", model, loss_fn, build_optimizer(model, train, device))
 
-    def step() -> None:
+
+def hf_runner(cfg, args, device, amp, T: int) -> "Runner":
+    """transformers' model of the same shape with torch's AdamW (fused on CUDA), as its users train it."""
+    import transformers
+
+    from lmforge.interop.hf import config_to_hf
+
+    hf_cfg = {**config_to_hf(cfg), "bos_token_id": 0, "eos_token_id": 0}  # no tokenizer here: any in-vocabulary id
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in hf_cfg.items() if k != "architectures"})
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
+    fwd = torch.compile(hf) if args.compile else hf
+    opt = torch.optim.AdamW(hf.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
+    return Runner(hf_cfg["architectures"][0], hf, lambda x, y: lm_loss(fwd(input_ids=x).logits, y), opt)
+
+
+class Runner:
+    """One implementation's training step, timed in rounds; every step's loss is kept."""
+
+    def __init__(self, name: str, model: nn.Module, loss_fn: Callable, opt) -> None:
+        self.name, self.model, self.loss_fn, self.opt = name, model, loss_fn, opt
+        self.step_i, self.losses, self.round_ms, self.phases = 0, [], [], {}
+        self._pending: list[torch.Tensor] = []
+
+    def _step(self, batch: Callable, device, amp, sync=None) -> None:
+        t0 = time.perf_counter()
+        xy = batch(self.step_i)
+        t1 = _mark(sync)
         with autocast(device, amp):
-            loss = lm_loss(step_fn(x[:, :-1]), x[:, 1:])
+            loss = self.loss_fn(xy[:, :-1], xy[:, 1:])
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        t2 = _mark(sync)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self._pending.append(loss.detach())
+        self.step_i += 1
+        if sync is not None:
+            t3 = _mark(sync)
+            for k, v in (("data", t1 - t0), ("forward_backward", t2 - t1), ("optimizer", t3 - t2)):
+                self.phases[k] = self.phases.get(k, 0.0) + v
 
-    for _ in range(args.warmup):
-        step()
+    def _collect(self) -> None:
+        self.losses += [t.item() for t in self._pending]
+        self._pending = []
+
+    def warmup(self, batch, n: int, device, amp) -> None:
+        self.model.train()
+        for _ in range(n):
+            self._step(batch, device, amp)
+        _sync(device)
+        self._collect()
+
+    def timed(self, batch, n: int, device, amp) -> None:
+        _sync(device)
+        cuda = device.type == "cuda"
+        if cuda:  # other implementations' weights stay resident: count only what this round adds to them
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self._step(batch, device, amp)
+        _sync(device)
+        self.round_ms.append((time.perf_counter() - t0) / n * 1e3)
+        self._collect()
+        if cuda:
+            extra = torch.cuda.max_memory_allocated() - base
+            self.peak_gb = max(getattr(self, "peak_gb", 0.0), (self._resident_bytes() + extra) / 2**30)
+
+    def _resident_bytes(self) -> int:
+        """Weights and optimizer state: what stays allocated between steps (gradients are freed)."""
+        tensors = {id(t): t for t in self.model.parameters()}
+        for state in self.opt.state.values():
+            tensors.update({id(t): t for t in state.values() if isinstance(t, torch.Tensor)})
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def breakdown(self, batch, n: int, device, amp) -> None:
+        n_losses = len(self.losses)
+        for _ in range(n):
+            self._step(batch, device, amp, sync=lambda: _sync(device))
+        self.n_breakdown = n
+        self._pending = []  # the breakdown steps' losses are not part of the compared run
+        self.losses = self.losses[:n_losses]
+
+    def summary(self, args, T: int) -> dict:
+        ms = sorted(self.round_ms)[len(self.round_ms) // 2]
+        tokens_per_s = args.batch_size * T / (ms / 1e3)
+        cuda = hasattr(self, "peak_gb")
+        return {
+            "tokens_per_s": round(tokens_per_s, 1),
+            "ms_per_step": round(ms, 2),
+            "ms_per_step_rounds": [round(x, 2) for x in self.round_ms],
+            "breakdown_ms": {k: round(v / self.n_breakdown * 1e3, 2) for k, v in self.phases.items()},
+            "mfu": round(tokens_per_s * _flops_per_token(self.model, T) / (args.peak_tflops * 1e12), 4) if cuda else None,
+            "peak_memory_gb": round(self.peak_gb, 3) if cuda else None,
+            "loss_first": round(self.losses[0], 4), "loss_last": round(self.losses[-1], 4),
+        }
+
+
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t0) / args.steps
-    tokens_per_s = args.batch_size * T / seconds
-    mfu = tokens_per_s * model.flops_per_token(T) / (args.peak_tflops * 1e12) if device.type == "cuda" else None
-    print(json.dumps({
-        "what": "train_throughput", "preset": args.preset, "device": str(device),
-        "dtype": str(amp or torch.float32).replace("torch.", ""), "compile": args.compile,
-        "threads": torch.get_num_threads(), "batch_size": args.batch_size, "seq_len": T,
-        "params": model.num_params(), "tokens_per_s": round(tokens_per_s, 1), "ms_per_step": round(seconds * 1e3, 2),
-        "mfu": mfu and round(mfu, 4),
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else None,
-    }))
+
+
+def _mark(sync) -> float:
+    if sync is not None:
+        sync()
+    return time.perf_counter()
+
+
+def _params(model: nn.Module) -> int:
+    """Parameters without position embeddings (tied weights once), for lmforge's and transformers' models."""
+    if isinstance(model, Transformer):
+        return model.num_params()
+    n = sum(p.numel() for p in model.parameters())
+    wpe = getattr(getattr(model, "transformer", None), "wpe", None)
+    return n - (wpe.weight.numel() if wpe is not None else 0)
+
+
+def _flops_per_token(model: nn.Module, T: int) -> int:
+    """6N + 12 L H Q T (Kaplan et al. 2020; PaLM appendix B), N without position embeddings."""
+    c = model.config
+    if isinstance(model, Transformer):
+        L, HQ = c.n_layer, c.n_head * c.head_size
+    else:
+        L, HQ = c.num_hidden_layers, c.hidden_size
+    return 6 * _params(model) + 12 * L * HQ * T
 
 
 if __name__ == "__main__":

@@ -19,3 +19,29 @@ def test_cuda_bf16_run_learns_and_generates(data_dir, tmp_path, compile):
     greedy = SamplingConfig(temperature=0)
     prompt = lm.tokenizer.encode("ROMEO:")
     assert list(generate_tokens(lm.model, prompt, 40, greedy)) == list(generate_tokens(lm.model, prompt, 40, greedy, use_cache=False))
+
+
+def test_cuda_muon_speedrun_run_with_chunked_loss_learns(data_dir, tmp_path):
+    """Muon's Newton-Schulz in bf16, the speedrun blocks and the chunked loss under bf16 autocast, compiled."""
+    from lmforge.config import preset
+    from lmforge.config.presets import SPEEDRUN
+
+    cfg = tiny_train_config(device="cuda", dtype="auto", compile=True, optim="muon", chunked_loss=100)
+    run = pretrain(data_dir, tmp_path / "run", preset("tiny", **SPEEDRUN), cfg, progress=False, log=lambda *a: None)
+    assert run.val_loss is not None and run.val_loss < 4.8
+
+
+def test_cuda_chunked_loss_matches_plain_under_bf16():
+    from lmforge.model.losses import chunked_lm_loss, lm_loss
+
+    torch.manual_seed(0)
+    h = torch.randn(4, 256, 64, device="cuda")
+    w = torch.randn(1000, 64, device="cuda", requires_grad=True)
+    y = torch.randint(0, 1000, (4, 256), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        plain = lm_loss(torch.nn.functional.linear(h, w), y)
+        chunked = chunked_lm_loss(h, w, y, 300)
+    (g_plain,) = torch.autograd.grad(plain, w)
+    (g_chunked,) = torch.autograd.grad(chunked, w)
+    assert abs(plain.item() - chunked.item()) < 1e-2 * plain.item()
+    torch.testing.assert_close(g_chunked, g_plain, atol=2e-3, rtol=5e-2)

@@ -31,3 +31,14 @@ def test_objective_must_fit_the_architecture(data_dir, tmp_path):
         pretrain(data_dir, tmp_path / "b", TINY_BERT, tiny_train_config(), **quiet)
     with pytest.raises(UserError, match="two token types"):
         pretrain(data_dir, tmp_path / "c", TINY_BERT.replace(type_vocab_size=0), tiny_train_config(), objective="mlm+nsp", **quiet)
+
+
+def test_chunked_loss_trains_like_the_plain_loss(data_dir, tmp_path):
+    """--train.chunked_loss gives the same run as full logits (fp32: equal up to rounding)."""
+    cfg = tiny_train_config(max_steps=10, eval_interval=10, ckpt_interval=0)
+    plain = pretrain(data_dir, tmp_path / "plain", "tiny", cfg, **quiet)
+    chunked = pretrain(data_dir, tmp_path / "chunked", "tiny", cfg.replace(chunked_loss=100), **quiet)
+    assert chunked.train_loss == pytest.approx(plain.train_loss, abs=1e-4)
+    assert chunked.val_loss == pytest.approx(plain.val_loss, abs=1e-4)
+    with pytest.raises(UserError, match="causal objective only"):
+        pretrain(data_dir, tmp_path / "d", TINY_BERT, cfg.replace(chunked_loss=100), objective="mlm", **quiet)

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_train_config
 from lmforge.checkpoint import find_checkpoints
+from lmforge.config import preset
+from lmforge.config.presets import SPEEDRUN
 from lmforge.train import pretrain
 from lmforge.utils.errors import UserError
 
@@ -30,6 +32,16 @@ def test_short_run_lowers_validation_loss(trained_run):
     assert trained_run.val_bpb > 0 and trained_run.plot.exists() and trained_run.plot.stat().st_size > 5000
 
 
+def test_muon_speedrun_model_learns(data_dir, tmp_path, trained_run):
+    """--train.optim muon on the speedrun architecture learns, and in 40 steps beats AdamW on GPT-2's in 60."""
+    cfg = tiny_train_config(max_steps=40, optim="muon", ckpt_interval=0)
+    run = pretrain(data_dir, tmp_path / "muon", preset("tiny", **SPEEDRUN), cfg, **quiet)
+    rows = [json.loads(l) for l in (run.out / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in rows if r["kind"] == "val"]
+    assert val[-1] < val[0] < math.log(512) - 1.0
+    assert run.val_loss < trained_run.val_loss - 0.5  # measured: 4.03 against 5.05
+
+
 def test_run_writes_checkpoints(trained_run):
     ckpts = find_checkpoints(trained_run.out)
     assert [p.name for p in ckpts] == ["step-000040", "step-000060"]
@@ -45,15 +57,17 @@ def test_existing_run_needs_resume(trained_run, data_dir):
         pretrain(data_dir, trained_run.out, "tiny", tiny_train_config(), **quiet)
 
 
-def test_resume_in_process_equals_uninterrupted(data_dir, tmp_path):
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_resume_in_process_equals_uninterrupted(data_dir, tmp_path, optim):
     """Stop at step 10 (by running a copy whose checkpoint 10 we keep), resume to 20: same weights."""
-    cfg = tiny_train_config(max_steps=20, ckpt_interval=10)
-    full = pretrain(data_dir, tmp_path / "full", "tiny", cfg, **quiet)
+    cfg = tiny_train_config(max_steps=20, ckpt_interval=10, optim=optim, eval_interval=0)
+    model = preset("tiny", **SPEEDRUN) if optim == "muon" else "tiny"
+    full = pretrain(data_dir, tmp_path / "full", model, cfg, **quiet)
     part = tmp_path / "part"
     part.mkdir()
     # Start the second run from the first run's step-10 checkpoint, as if it had died right after it.
     shutil.copytree(full.out / "step-000010", part / "step-000010")
-    resumed = pretrain(data_dir, part, "tiny", cfg, resume=True, **quiet)
+    resumed = pretrain(data_dir, part, model, cfg, resume=True, **quiet)
     a = load_file(str(full.checkpoint / "model.safetensors"))
     b = load_file(str(resumed.checkpoint / "model.safetensors"))
     assert a.keys() == b.keys()

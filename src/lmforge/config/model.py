@@ -13,7 +13,7 @@ from lmforge.utils.errors import UserError
 
 Position = Literal["learned", "sinusoidal", "rotary"]
 Norm = Literal["layernorm", "rmsnorm"]
-MLP = Literal["gelu", "gelu_tanh", "relu", "swiglu"]
+MLP = Literal["gelu", "gelu_tanh", "relu", "relu2", "swiglu"]
 RopeScaling = Literal["none", "linear", "ntk", "llama3"]
 Arch = Literal["decoder", "encoder", "encoder-decoder"]
 NormPosition = Literal["pre", "post"]
@@ -96,8 +96,14 @@ class ModelConfig:
             (norm(x + f(x)); the original Transformer, BERT).
         embed_norm: a norm right after the embeddings (BERT).
         type_vocab_size: number of token types (segments) with their own embedding; 0 for none.
-        mlp: `gelu` (exact), `gelu_tanh` (GPT-2's approximation), `relu` (the original Transformer)
-            or `swiglu` (Llama).
+        mlp: `gelu` (exact), `gelu_tanh` (GPT-2's approximation), `relu` (the original Transformer),
+            `relu2` (ReLU squared, So et al. 2021 "Primer"; the modded-nanogpt speedrun) or `swiglu` (Llama).
+        qk_norm: RMSNorm over each head's queries and keys (learned scale per channel, shared by the
+            heads), before rotary; keeps attention logits bounded (Dehghani et al. 2023; the speedrun).
+        zero_init_proj: initialise the attention and MLP output projections to zero, so that every
+            block starts as the identity (the speedrun; instead of GPT-2's 1/sqrt(2 n_layer) scaling).
+        zero_init_head: initialise an untied output head to zero (the speedrun): the first logits are
+            uniform. Needs tie_embeddings false.
         embed_scale: multiply token embeddings by sqrt(n_embd) ("Attention Is All You Need", 3.4).
         bias: biases in linear layers and LayerNorms.
         dropout: dropout on embeddings, attention weights and residual branches.
@@ -134,6 +140,9 @@ class ModelConfig:
     type_vocab_size: int = 0
     embed_scale: bool = False
     mlp: MLP = "gelu"
+    qk_norm: bool = False
+    zero_init_proj: bool = False
+    zero_init_head: bool = False
     bias: bool = True
     dropout: float = 0.0
     tie_embeddings: bool = True
@@ -160,6 +169,8 @@ class ModelConfig:
             )
         if self.position == "rotary" and self.head_size % 2:
             raise UserError(f"rotary positions need an even head size, got {self.head_size}; change n_embd or n_head")
+        if self.zero_init_head and self.tie_embeddings:
+            raise UserError("model.zero_init_head needs an untied head (a tied head is the embedding); set --model.tie_embeddings false")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise UserError(f"model.vocab_size must be >= 1, got {self.vocab_size}")
         if not 0.0 <= self.dropout < 1.0:

@@ -9,6 +9,14 @@ from lmforge.utils.errors import UserError
 
 _LLAMA: dict[str, Any] = dict(position="rotary", norm="rmsnorm", mlp="swiglu", bias=False, norm_eps=1e-5)
 
+# The architecture changes of the modded-nanogpt GPT-2 speedrun (Jordan et al. 2024, records of
+# Oct-Nov 2024, https://github.com/KellerJordan/modded-nanogpt): rotary positions, QK-norm, ReLU^2,
+# RMSNorm, no biases, an untied head, zero-initialised output projections and head, the vocabulary
+# padded to a multiple of 128. Later records' extras (value embeddings, U-net skips, logit soft-capping)
+# are not modelled. Any shape preset takes them: `preset("tiny", **SPEEDRUN)`.
+SPEEDRUN: dict[str, Any] = dict(position="rotary", norm="rmsnorm", qk_norm=True, mlp="relu2", bias=False,
+                                tie_embeddings=False, zero_init_proj=True, zero_init_head=True, pad_vocab_multiple=128)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Builds in milliseconds: what every unit test uses.
     "tiny": dict(context_length=64, n_layer=2, n_head=4, n_embd=64),
@@ -18,6 +26,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-124m": dict(context_length=1024, n_layer=12, n_head=12, n_embd=768, mlp="gelu_tanh"),
     "gpt2-350m": dict(context_length=1024, n_layer=24, n_head=16, n_embd=1024, mlp="gelu_tanh"),
     "gpt2-774m": dict(context_length=1024, n_layer=36, n_head=20, n_embd=1280, mlp="gelu_tanh"),
+    # The GPT-2 124M shape with the speedrun's changes; 6 heads of 128 as in modded-nanogpt.
+    "gpt2-124m-speedrun": dict(SPEEDRUN, context_length=1024, n_layer=12, n_head=6, n_embd=768),
     "gpt2-1.5b": dict(context_length=1024, n_layer=48, n_head=25, n_embd=1600, mlp="gelu_tanh"),
     # Llama family: rotary positions, RMSNorm, SwiGLU, no biases (shapes from the released config.json files).
     "llama-2-7b": dict(_LLAMA, context_length=4096, n_layer=32, n_head=32, n_embd=4096, mlp_hidden=11008,

@@ -18,6 +18,14 @@ class TrainConfig:
         batch_size: sequences per micro-batch.
         grad_accum: micro-batches per optimizer step; tokens/step = batch_size * grad_accum * seq_len.
         seq_len: tokens per sequence; None means the model's context_length.
+        optim: `adamw`, or `muon`: Muon (Jordan et al. 2024; Newton-Schulz-orthogonalised Nesterov
+            momentum) on the blocks' weight matrices and AdamW (lr, betas, weight_decay) on the rest:
+            embeddings, output head, norms, biases. Muon's matrices take no weight decay.
+        muon_lr: Muon's peak learning rate; the schedule scales it by the same factor as lr.
+        muon_momentum: Muon's (Nesterov) momentum.
+        chunked_loss: compute the causal LM loss over chunks of this many tokens with the output
+            head inside each chunk, so that logits for the whole batch never exist at once (memory
+            for large vocabularies); 0 computes all logits at once.
         lr: peak learning rate.
         min_lr: learning rate at the end of the cosine decay.
         warmup_steps: steps of linear warmup from 0 to lr.
@@ -47,6 +55,10 @@ class TrainConfig:
     batch_size: int = 32
     grad_accum: int = 1
     seq_len: int | None = None
+    optim: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    chunked_loss: int = 0
     lr: float = 6e-4
     min_lr: float = 6e-5
     warmup_steps: int = 100
@@ -79,6 +91,14 @@ class TrainConfig:
             raise UserError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
         if self.parallel not in ("ddp", "fsdp"):
             raise UserError(f"train.parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.optim not in ("adamw", "muon"):
+            raise UserError(f"train.optim={self.optim!r} is not supported; use one of ['adamw', 'muon']")
+        if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0:
+            raise UserError(f"need train.muon_lr > 0 and 0 <= train.muon_momentum < 1, got {self.muon_lr}, {self.muon_momentum}")
+        if self.optim == "muon" and self.parallel == "fsdp":
+            raise UserError("Muon orthogonalises whole matrices, which FSDP2 shards; use --train.parallel ddp with --train.optim muon")
+        if self.chunked_loss < 0:
+            raise UserError(f"train.chunked_loss must be >= 0 (0 turns it off), got {self.chunked_loss}")
         if self.seq_len is not None and self.seq_len < 1:
             raise UserError(f"train.seq_len must be >= 1, got {self.seq_len}")
 

@@ -134,6 +134,16 @@ def config_to_hf(c: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[str
 
 
 def _family(c: ModelConfig) -> str:
+    if c.qk_norm:
+        raise UserError(
+            "model.qk_norm has no equivalent in transformers' GPT-2, Llama or BERT; "
+            "export supports models trained without --model.qk_norm"
+        )
+    if c.mlp == "relu2":
+        raise UserError(
+            "model.mlp=relu2 (ReLU squared) has no equivalent in transformers' GPT-2, Llama or BERT; "
+            "export supports gelu/gelu_tanh (GPT-2, BERT) and swiglu (Llama) MLPs"
+        )
     if c.arch == "encoder":
         if (c.position, c.norm, c.norm_position, c.mlp, c.embed_norm, c.bias) == ("learned", "layernorm", "post", "gelu", True, True) \
                 and c.type_vocab_size > 0 and c.kv_heads == c.n_head:

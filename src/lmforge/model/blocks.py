@@ -102,6 +102,9 @@ class SelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
         self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_size, bias=config.bias)
         self.proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=config.bias)
+        # QK-norm: RMSNorm over the head dimension of queries and keys (one scale shared by the heads).
+        self.q_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -122,6 +125,8 @@ class SelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         mask, is_causal = None, self.causal and T > 1
@@ -180,7 +185,8 @@ class CrossAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU MLP (GPT), or SwiGLU (Shazeer 2020; Llama): proj(silu(gate) * up), with `fc` = [gate; up]."""
+    """proj(act(fc(x))) with GELU (GPT), ReLU or ReLU^2 (relu(h)**2, the speedrun); or SwiGLU
+    (Shazeer 2020; Llama): proj(silu(gate) * up), with `fc` = [gate; up]."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -195,6 +201,8 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
         else:
             h = F.relu(h) if self.kind == "relu" else F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.dropout(self.proj(h))

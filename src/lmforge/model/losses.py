@@ -21,3 +21,64 @@ def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
     """Tokenizer-independent loss: total bits over the text divided by its UTF-8 bytes."""
     return loss_nats * tokens / (n_bytes * math.log(2))
 
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 4096,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """`lm_loss(hidden @ weight.T, targets)` without the logits of the whole batch.
+
+    hidden (B, T, C) final hidden states, weight (V, C) the output head, targets (B, T). The rows
+    are taken `chunk_tokens` at a time: each chunk's logits are made, reduced to its loss and, when
+    a gradient is wanted, to its gradients (softmax - one_hot) at once, then freed; peak memory is
+    one chunk's fp32 logits instead of the batch's (B * T * V * 4 bytes: 6.6 GB for GPT-2 at 32 x 1024).
+    The head's matmul runs in the autocast dtype when autocast is on, as it would in the model.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    return _ChunkedCrossEntropy.apply(hidden.flatten(0, -2), weight, targets.flatten(), chunk_tokens, ignore_index)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and both gradients chunk by chunk (as Liger's fused linear cross-entropy);
+    backward only scales the saved gradients by the incoming one."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_tokens, ignore_index):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        valid_all = targets != ignore_index
+        count = valid_all.sum()
+        w = weight.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        for s in range(0, hidden.size(0), chunk_tokens):
+            h = hidden[s : s + chunk_tokens].to(dtype)
+            y, valid = targets[s : s + chunk_tokens], valid_all[s : s + chunk_tokens]
+            logits = (h @ w.T).float()  # (n, V): the only logits alive at a time
+            lse = logits.logsumexp(dim=-1)
+            y = torch.where(valid, y, 0)
+            picked = logits.gather(1, y[:, None]).squeeze(1)
+            total += ((lse - picked) * valid).sum()
+            if want_h or want_w:
+                g = (logits - lse[:, None]).exp_()  # softmax
+                g.scatter_add_(1, y[:, None], torch.full_like(picked[:, None], -1.0))
+                g = (g * (valid[:, None] / count)).to(dtype)  # d(mean loss) / d(logits)
+                if want_h:
+                    grad_h[s : s + chunk_tokens] = (g @ w).to(hidden.dtype)
+                if want_w:
+                    grad_w += (g.T @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
+            grad_w * grad_out if grad_w is not None else None,
+            None, None, None,
+        )

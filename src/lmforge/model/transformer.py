@@ -86,6 +86,13 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=residual_std(config))
+        if config.zero_init_proj:  # every block starts as the identity (modded-nanogpt)
+            for block in [*self.layers, *getattr(self, "encoder_layers", [])]:
+                for sub in (block.attention, block.cross_attention, block.feed_forward):
+                    if sub is not None:
+                        nn.init.zeros_(sub.proj.weight)
+        if config.zero_init_head:  # untied (checked by the config): uniform first predictions
+            nn.init.zeros_(head.weight)
         if config.lora is not None:
             add_lora(self, config)
 
@@ -98,13 +105,18 @@ class Transformer(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, padded_vocab_size): next-token for decoders, masked-token for encoders.
 
         An encoder-decoder decodes `idx` against `memory`, the output of `encode_source`, whose
-        padding `memory_mask` marks (1 = real token).
+        padding `memory_mask` marks (1 = real token). With `return_hidden`, the final hidden states
+        (B, T, C) instead: for a loss that applies the head itself (`chunked_lm_loss`), through the
+        same (compiled, distributed) forward call as the logits.
         """
         h = self.encode(idx, cache, start, attention_mask, token_type_ids, memory, memory_mask)
+        if return_hidden:
+            return h
         return self.mlm(h) if self.config.arch == "encoder" else self.output(h)
 
     def encode_source(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from lmforge.data.loader import TokenWindows
 from lmforge.data.mlm import MaskingSpec, mlm_batch
 from lmforge.data.parallel import ParallelPairs
 from lmforge.model import Transformer
-from lmforge.model.losses import IGNORE_INDEX, lm_loss
+from lmforge.model.losses import IGNORE_INDEX, chunked_lm_loss, lm_loss
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.device import autocast
 from lmforge.utils.errors import UserError
@@ -31,7 +31,10 @@ _VAL_SEED = 0xFFFF_FFFF  # one fixed masking of the validation batches, whatever
 
 
 class Objective:
-    def __init__(self, name: str, config: ModelConfig, tokenizer: Tokenizer, seed: int, parallel_data: bool = False) -> None:
+    def __init__(
+        self, name: str, config: ModelConfig, tokenizer: Tokenizer, seed: int, parallel_data: bool = False, chunked_loss: int = 0
+    ) -> None:
+        """`chunked_loss` > 0: the causal loss goes through `chunked_lm_loss` in chunks of that many tokens."""
         if name not in ObjectiveName.__args__:
             raise UserError(f"objective {name!r} is not supported; use one of {list(ObjectiveName.__args__)}")
         wants = _ARCH[name]
@@ -48,7 +51,9 @@ class Objective:
                 "seq2seq trains on parallel data (`lmforge prepare SRC --target TGT`)" if name == "seq2seq"
                 else f"the data is parallel text, which only --objective seq2seq trains on; prepare plain text for {name}"
             )
-        self.name, self.seed, self.tokenizer = name, seed, tokenizer
+        if chunked_loss and name != "causal":
+            raise UserError(f"train.chunked_loss applies to the causal objective only, not {name}; drop --train.chunked_loss")
+        self.name, self.seed, self.tokenizer, self.chunked_loss = name, seed, tokenizer, chunked_loss
         self.spec = MaskingSpec.from_tokenizer(tokenizer, config.vocab_size) if name in ("mlm", "mlm+nsp") else None
 
     def open(self, data: str, split: str, seq_len: int, required: bool = True) -> TokenWindows | ParallelPairs | None:
@@ -91,9 +96,12 @@ class Objective:
         return [self.batch(windows, batch_size, step=i, seed=_VAL_SEED) for i in range(n_batches)]
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        net: Transformer = getattr(model, "_orig_mod", model)  # the module behind torch.compile
+        if self.name == "causal" and self.chunked_loss:
+            hidden = model(batch["input_ids"], return_hidden=True)
+            return chunked_lm_loss(hidden, net.output.weight, batch["labels"], self.chunked_loss)
         if self.name == "causal":
             return lm_loss(model(batch["input_ids"]), batch["labels"])
-        net: Transformer = getattr(model, "_orig_mod", model)  # the module behind torch.compile
         if self.name == "seq2seq":
             memory = net.encode_source(batch["src"], batch["src_mask"])
             logits = model(batch["input_ids"], memory=memory, memory_mask=batch["src_mask"])

@@ -1,0 +1,41 @@
+"""The training benchmarks run end to end at toy sizes and print the JSON lines they promise."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def run_bench(*args: str) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_train_throughput_compares_with_transformers_and_the_eager_path():
+    pytest.importorskip("transformers")
+    rows = run_bench("bench/train_throughput.py", "--preset", "tiny", "--vocab-size", "256", "--batch-size", "2",
+                     "--steps", "2", "--warmup", "1", "--rounds", "2", "--device", "cpu", "--threads", "1",
+                     "--chunked-loss", "50", "--loss-check", "--compare-hf")
+    ours, eager, hf, ratio = rows
+    assert (ours["impl"], eager["impl"], hf["impl"], ratio["what"]) == ("lmforge", "lmforge-eager-plain", "transformers", "train_throughput_ratio")
+    assert ours["tokens_per_s"] > 0 and set(ours["breakdown_ms"]) == {"data", "forward_backward", "optimizer"}
+    assert ours["loss_vs_eager"]["rel_diff"] < 1e-5  # fp32: the chunked loss is the plain one
+    assert ratio["lmforge_over_transformers"] > 0 and ours["params"] == hf["params"]
+
+
+def test_time_to_loss_races_both_recipes(data_dir):
+    rows = run_bench("bench/time_to_loss.py", "--data", str(data_dir), "--preset", "tiny", "--target-loss", "6.0",
+                     "--max-steps", "40", "--batch-size", "4", "--lr", "1e-2", "--eval-interval", "10",
+                     "--eval-batches", "2", "--device", "cpu", "--threads", "1")
+    gpt2, fastest, ratio = rows
+    assert (gpt2["recipe"], gpt2["optim"], fastest["recipe"], fastest["optim"]) == ("gpt2", "adamw", "fastest", "muon")
+    assert gpt2["reached"] and fastest["reached"] and fastest["val_loss"] <= 6.0
+    assert ratio["fastest_over_gpt2"] == pytest.approx(fastest["seconds"] / gpt2["seconds"], rel=0.05)

@@ -1,0 +1,44 @@
+"""The chunked cross-entropy against the plain one (logits for the whole batch)."""
+
+import pytest
+import torch
+
+from lmforge.model.losses import IGNORE_INDEX, chunked_lm_loss, lm_loss
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 24, 1000])
+def test_chunked_loss_and_gradients_equal_plain(chunk):
+    torch.manual_seed(0)
+    B, T, C, V = 3, 8, 16, 50
+    h = torch.randn(B, T, C, requires_grad=True)
+    w = torch.randn(V, C, requires_grad=True)
+    y = torch.randint(0, V, (B, T))
+    y[0, :3] = IGNORE_INDEX  # ignored positions carry neither loss nor gradient
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    plain = lm_loss(h @ w.T, y)
+    chunked = chunked_lm_loss(h2, w2, y, chunk)
+    assert abs(plain.item() - chunked.item()) < 1e-6
+    (2.5 * plain).backward()
+    (2.5 * chunked).backward()
+    torch.testing.assert_close(h2.grad, h.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(w2.grad, w.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_loss_without_grad_and_in_float64():
+    torch.manual_seed(0)
+    h, w, y = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64), torch.randint(0, 30, (2, 5))
+    with torch.no_grad():
+        got = chunked_lm_loss(h, w, y, 3)
+    want = torch.nn.functional.cross_entropy((h @ w.T).flatten(0, 1), y.flatten())
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0)  # the loss is accumulated in fp32
+
+
+def test_chunked_loss_under_bf16_autocast_matches_plain():
+    torch.manual_seed(0)
+    h, w, y = torch.randn(2, 6, 16), torch.randn(40, 16, requires_grad=True), torch.randint(0, 40, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = lm_loss(torch.nn.functional.linear(h, w), y)
+        chunked = chunked_lm_loss(h, w, y, 5)
+    assert abs(plain.item() - chunked.item()) < 1e-3  # both take the head's matmul in bf16
+    (gw,) = torch.autograd.grad(chunked, w)
+    assert gw.dtype == torch.float32 and torch.isfinite(gw).all()
