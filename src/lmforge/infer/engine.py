@@ -38,11 +38,25 @@ class TextStream:
         self.ids: list[int] = []
         self.text = ""  # everything emitted so far
         self._hold = max((len(s) for s in self.stop), default=1) - 1
+        # Incremental decoding (as vLLM does): `_done` is the text of ids[:_read], which ends on a
+        # whole character; new tokens are decoded with the tokens from `_prefix` on as context
+        # (some decoders drop a leading space at the start of a text), so each push decodes a few
+        # tokens instead of the whole output.
+        self._done, self._prefix, self._read = "", 0, 0
+
+    def _full(self) -> str:
+        """decode(self.ids), decoding only the last few tokens."""
+        head = self.decode(self.ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        both = self.decode(self.ids[self._prefix:])
+        full = self._done + both[len(head):] if both.startswith(head) else self.decode(self.ids)
+        if not full.endswith("\ufffd"):
+            self._done, self._prefix, self._read = full, self._read, len(self.ids)
+        return full
 
     def push(self, token: int) -> tuple[str, bool]:
         """(new text, whether a stop string ended the text)."""
         self.ids.append(token)
-        full = self.decode(self.ids)
+        full = self._full()
         if self.stop:
             # A stop string can only have appeared in the tail that was not emitted yet.
             lo = max(0, len(self.text) - self._hold)
