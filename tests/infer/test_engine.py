@@ -164,3 +164,17 @@ def test_prefill_together_with_padding_equals_alone(model):
     while engine.has_work:
         engine.step()
     assert a.output == greedy_alone(model, a.prompt, 1) and b.output == greedy_alone(model, b.prompt, 3)
+
+
+def test_text_stream_decodes_incrementally_to_the_whole_text(lm):
+    """Each push decodes only the last tokens; the text is still that of decoding everything."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, lm.tokenizer.vocab_size, (300,)).tolist()
+    stream = TextStream(lm.tokenizer.decode)
+    text = "".join(stream.push(t)[0] for t in ids) + stream.flush()
+    assert text == lm.tokenizer.decode(ids)
+    # A decoder that drops the leading space of a text (SentencePiece's "▁"): the context token keeps it.
+    words = [" the", " cat", "s", " sat"]
+    decode = lambda ids: "".join(words[i] for i in ids).removeprefix(" ")
+    stream = TextStream(decode)
+    assert "".join(stream.push(t)[0] for t in [0, 1, 2, 3, 1]) == "the cats sat cat"
