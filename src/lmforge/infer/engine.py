@@ -297,7 +297,7 @@ class Engine:
             idx = torch.tensor([c + [0] * (L - len(c)) for c in chunks], device=self.device)
             start = torch.tensor([r.prefilled for r in reqs], device=self.device)
             n = -(-(max(r.prefilled for r in reqs) + L) // 16) * 16
-            h = self.model.encode(idx, cache=self.cache.rows(slots[0], slots[-1] + 1, length=n), start=start)
+            h = self.model.encode(idx, cache=self.cache.rows(slots[0], slots[-1] + 1, length=n, start=start, T=L), start=start)
             h = h[torch.arange(len(reqs), device=self.device), torch.tensor([len(c) - 1 for c in chunks], device=self.device)]
         done = []
         for b, (req, chunk) in enumerate(zip(reqs, chunks)):
@@ -321,13 +321,14 @@ class Engine:
                 start[s] = req.prefilled
         for req in decoding:
             tokens[req.slot], start[req.slot] = req.output[-1], len(req.prompt) + len(req.output) - 1
+        tokens_start = torch.tensor([tokens, start], device=self.device)
         if self.compiled:
             cache = self.cache  # static shapes for the compiled step
         else:
             # Attend over the live positions only, rounded up to 16 so that the vectorised sums
-            # group the real keys the same way at any length (masked keys add exact zeros).
-            cache = self.cache.rows(0, hi, length=-(-(max(start) + 1) // 16) * 16)
-        tokens_start = torch.tensor([tokens, start], device=self.device)
+            # group the real keys the same way at any length (masked keys add exact zeros); the
+            # view works out the write index and the mask once for all layers.
+            cache = self.cache.rows(0, hi, length=-(-(max(start) + 1) // 16) * 16, start=tokens_start[1])
         logits = self._decode(self.model, tokens_start[0], tokens_start[1], cache)
         if len(decoding) < logits.size(0):  # some slots in [0, hi) are not decoding
             logits = logits.index_select(0, torch.tensor([r.slot for r in decoding], device=self.device))

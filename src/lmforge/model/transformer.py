@@ -158,7 +158,8 @@ class Transformer(nn.Module):
             if start + T > self.config.context_length:
                 raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.context_length}")
             pos = torch.arange(start, start + T, device=idx.device)
-        x = self.dropout(self._embed(idx, pos, token_type_ids))
+        x = self._embed(idx, pos, token_type_ids)
+        x = self.dropout(x) if self.training else x
         rope = self.rotary(pos) if self.rotary is not None else None
         if rope is not None and pos.dim() == 2:
             rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, hs): broadcast over heads
