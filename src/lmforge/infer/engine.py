@@ -321,15 +321,15 @@ class Engine:
                 start[s] = req.prefilled
         for req in decoding:
             tokens[req.slot], start[req.slot] = req.output[-1], len(req.prompt) + len(req.output) - 1
-        tokens_start = torch.tensor([tokens, start], device=self.device)
+        tokens_t, start_t = torch.tensor([tokens, start], device=self.device).unbind()
         if self.compiled:
             cache = self.cache  # static shapes for the compiled step
         else:
             # Attend over the live positions only, rounded up to 16 so that the vectorised sums
             # group the real keys the same way at any length (masked keys add exact zeros); the
             # view works out the write index and the mask once for all layers.
-            cache = self.cache.rows(0, hi, length=-(-(max(start) + 1) // 16) * 16, start=tokens_start[1])
-        logits = self._decode(self.model, tokens_start[0], tokens_start[1], cache)
+            cache = self.cache.rows(0, hi, length=-(-(max(start) + 1) // 16) * 16, start=start_t)
+        logits = self._decode(self.model, tokens_t, start_t, cache)
         if len(decoding) < logits.size(0):  # some slots in [0, hi) are not decoding
             logits = logits.index_select(0, torch.tensor([r.slot for r in decoding], device=self.device))
         self._sample(decoding, logits, events)
