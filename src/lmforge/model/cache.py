@@ -50,9 +50,8 @@ class KVCache:
         T = k.size(2)
         if isinstance(start, torch.Tensor):
             pos = self._per_row(start, T)[0]
-            self.k[layer].scatter_(2, pos, k)
-            self.v[layer].scatter_(2, pos, v)
-            return self.k[layer], self.v[layer]
+            k_all, v_all = self.k[layer], self.v[layer]
+            return k_all.scatter_(2, pos, k), v_all.scatter_(2, pos, v)
         end = start + T
         if end > self.max_seq_len:
             raise ValueError(f"KV cache holds {self.max_seq_len} positions; asked to write up to {end}")
