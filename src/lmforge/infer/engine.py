@@ -117,7 +117,9 @@ class Event:
 
 def _decode_step(model: Transformer, tokens: torch.Tensor, start: torch.Tensor, cache) -> torch.Tensor:
     """Logits (B, V) for one new token per slot, each at its own position."""
-    return model(tokens[:, None], cache=cache, start=start)[:, -1, : model.config.vocab_size]
+    logits = model(tokens[:, None], cache=cache, start=start)[:, -1]
+    V = model.config.vocab_size
+    return logits if logits.size(-1) == V else logits[:, :V]
 
 
 class Engine:

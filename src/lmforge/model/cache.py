@@ -87,7 +87,7 @@ class KVCache:
     def _positions(self, start: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The write index (B, nh, T, hs) and the additive mask (B, 1, T, S) for per-row starts."""
         _, B, nh, S, hs = self.k.shape
-        q = start[:, None] + torch.arange(T, device=start.device)  # (B, T): each query's position
+        q = start[:, None] if T == 1 else start[:, None] + torch.arange(T, device=start.device)  # (B, T): query positions
         index = q.view(B, 1, T, 1).expand(B, nh, T, hs)
         late = torch.arange(S, device=start.device) > q[:, None, :, None]  # (B, 1, T, S)
         mask = torch.zeros(late.shape, dtype=self.k.dtype, device=start.device).masked_fill_(late, float("-inf"))

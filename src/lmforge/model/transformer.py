@@ -153,7 +153,7 @@ class Transformer(nn.Module):
             raise ValueError("an encoder-decoder decodes against memory: pass memory=model.encode_source(src)")
         if isinstance(start, torch.Tensor):
             # Per-row positions (B, T); the caller (an engine over cache slots) keeps them in the context.
-            pos = start[:, None] + torch.arange(T, device=idx.device)
+            pos = start[:, None] if T == 1 else start[:, None] + torch.arange(T, device=idx.device)
         else:
             if start + T > self.config.context_length:
                 raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.context_length}")
