@@ -75,8 +75,9 @@ class _Outbox:
             self._pending = True
         try:
             self.loop.call_soon_threadsafe(self._hand_over)
-        except RuntimeError:  # that handler's event loop is gone
-            pass
+        except RuntimeError:  # that handler's event loop is gone: drop what it would have taken
+            with self._lock:
+                self._items, self._pending = [], False
 
     def _hand_over(self) -> None:
         with self._lock:
