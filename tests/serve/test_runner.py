@@ -2,7 +2,7 @@
 
 import asyncio
 
-from lmforge.infer import Engine, SamplingParams, generate_tokens, SamplingConfig
+from lmforge.infer import Engine, SamplingConfig, SamplingParams, generate_tokens
 from lmforge.serve import EngineRunner
 
 PROMPTS = [[1, 2, 3], [9] * 11, [4, 8, 15, 16, 23, 42], [7], [30, 31], [5, 5, 6], [20, 21, 22, 23], [11, 12]]
