@@ -6,7 +6,9 @@ Random weights, random prompts of --prompt-len tokens, --new-tokens greedy token
 end-of-text stop). One JSON line per measurement: {"what", "preset", "device", "dtype", "batch",
 "prompt_len", "new_tokens", "tokens_per_s", "ms_per_step", "ttft_ms", "peak_memory_gb"}; with
 --compare-hf a line for transformers and a last line with "ratio" = lmforge / transformers tokens/s
-and how many greedy sequences came out identical.
+and how many greedy sequences came out identical. `--repeat N` times each side N times, taking
+turns (engine, transformers, engine, ...) so that a busy machine slows both alike, and reports the
+median of each; "ratios" lists the ratio of each turn.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import time
 
 import torch
@@ -60,7 +63,7 @@ def run_engine(model, prompts, new_tokens, compile_: bool, device) -> dict:
             "ttft_ms": 1e3 * ttft}
 
 
-def run_hf(model, prompts, new_tokens, compile_: bool, device) -> dict:
+def build_hf(model, device):
     import transformers
 
     from lmforge.interop.hf import config_to_hf, state_dict_to_hf
@@ -70,11 +73,15 @@ def run_hf(model, prompts, new_tokens, compile_: bool, device) -> dict:
                                                    bos_token_id=None, eos_token_id=None)
     hf = transformers.AutoModelForCausalLM.from_config(hf_config).to(device=device, dtype=model.tok_embeddings.weight.dtype)
     hf.load_state_dict(state_dict_to_hf(c, model.state_dict()), strict=False)
-    hf.eval()
+    return hf.eval()
+
+
+def run_hf(hf, prompts, new_tokens, compile_: bool, device) -> dict:
     kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompts))
     if compile_:
         kwargs["cache_implementation"] = "static"
-        hf.forward = torch.compile(hf.forward, mode="reduce-overhead" if device.type == "cuda" else "default")
+        if not hasattr(hf, "_bench_compiled"):
+            hf.forward, hf._bench_compiled = torch.compile(hf.forward, mode="reduce-overhead" if device.type == "cuda" else "default"), True
     with torch.inference_mode():
         hf.generate(prompts, max_new_tokens=4, min_new_tokens=4, **kwargs)
         if compile_:
@@ -106,6 +113,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers' generate on the same weights")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeat", type=int, default=1, help="time each side this many times, taking turns; report medians")
     args = p.parse_args()
 
     if args.threads:
@@ -127,24 +135,35 @@ def main() -> None:
             else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads",
             "dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "compile": args.compile, "torch": torch.__version__}
-    ours = run_engine(model, prompts, args.new_tokens, args.compile, device)
-    tokens = ours.pop("tokens")
-    print(json.dumps({"what": "lmforge engine", **base, **ours, "peak_memory_gb": round(peak_memory_gb(device), 3)}), flush=True)
+    hf = None
     if args.compare_hf:
         import transformers
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        theirs = run_hf(model, prompts, args.new_tokens, args.compile, device)
+        hf = build_hf(model, device)
+    runs, hf_runs = [], []
+    for _ in range(args.repeat):
+        runs.append(run_engine(model, prompts, args.new_tokens, args.compile, device))
+        if hf is not None:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            hf_runs.append(run_hf(hf, prompts, args.new_tokens, args.compile, device))
+    median = lambda rs: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "ms_per_step", "ttft_ms")}
+    tokens = runs[0]["tokens"]
+    assert all(r["tokens"] == tokens for r in runs)
+    ours = median(runs)
+    print(json.dumps({"what": "lmforge engine", **base, "repeat": args.repeat, **ours,
+                      "peak_memory_gb": round(peak_memory_gb(device), 3)}), flush=True)
+    if hf is not None:
+        theirs = median(hf_runs)
         # Greedy on the same weights: identical tokens in fp32 (bf16 may part ways at a near-tie).
-        same = sum(a == b for a, b in zip(tokens, theirs.pop("tokens")))
-        print(json.dumps({"what": "transformers generate", **base, "transformers": transformers.__version__, **theirs,
-                          "cache": "static" if args.compile else "dynamic",
+        same = sum(a == b for a, b in zip(tokens, hf_runs[0]["tokens"]))
+        print(json.dumps({"what": "transformers generate", **base, "transformers": transformers.__version__, "repeat": args.repeat,
+                          **theirs, "cache": "static" if args.compile else "dynamic",
                           "peak_memory_gb": round(peak_memory_gb(device), 3)}), flush=True)
         print(json.dumps({"what": "ratio lmforge / transformers", **base,
                           "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
+                          "ratios": [round(a["tokens_per_s"] / b["tokens_per_s"], 2) for a, b in zip(runs, hf_runs)],
                           "sequences_identical_to_transformers": f"{same}/{args.batch}"}), flush=True)
-
 
 if __name__ == "__main__":
     main()

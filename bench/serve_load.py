@@ -6,7 +6,9 @@ Starts `lmforge serve CKPT` in a subprocess on a free loopback port, sends --cli
 completions (greedy, end-of-text ignored, so every request makes exactly --max-tokens tokens)
 over httpx, first sequentially and then concurrently. One JSON line per
 mode {"what", "clients", "tokens", "seconds", "tokens_per_s", "ttft_p50_ms", "ttft_p95_ms",
-"latency_p50_ms"}, then {"what": "speedup", "ratio", "identical_outputs"}.
+"latency_p50_ms"}, then {"what": "speedup", "ratio", "identical_outputs"}. `--repeat N` runs the
+two modes N times, taking turns, and reports the round with the median total throughput of each
+mode; "ratios" lists each round's ratio.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="the server's torch threads (1 on a small shared CPU)")
+    p.add_argument("--writes-per-step", type=int, default=None, help="the server's --writes-per-step (default: its own)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of both modes, taking turns; report the median round of each")
     args = p.parse_args()
 
     with socket.socket() as s:
@@ -90,7 +94,8 @@ def main() -> None:
     server = subprocess.Popen(
         [sys.executable, "-m", "lmforge", "serve", args.checkpoint, "--port", str(port), "--device", args.device,
          "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.clients)]
-        + (["--threads", str(args.threads)] if args.threads else []),
+        + (["--threads", str(args.threads)] if args.threads else [])
+        + (["--writes-per-step", str(args.writes_per_step)] if args.writes_per_step is not None else []),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy(),
     )
     try:
@@ -105,14 +110,20 @@ def main() -> None:
                 time.sleep(0.2)
         prompts = [WORDS[i % len(WORDS)] + " " * (i // len(WORDS)) for i in range(args.clients)]
         base = {"checkpoint": args.checkpoint, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
-                "device": args.device, "threads": args.threads, "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+                "device": args.device, "threads": args.threads, "writes_per_step": args.writes_per_step, "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
         asyncio.run(run(url, prompts[:2], 4, concurrent=False))  # warm up
-        alone, seq = asyncio.run(run(url, prompts, args.max_tokens, concurrent=False))
-        print(json.dumps({"what": "one at a time", **base, **seq}), flush=True)
-        together, con = asyncio.run(run(url, prompts, args.max_tokens, concurrent=True))
-        print(json.dumps({"what": "all at once", **base, **con}), flush=True)
-        same = sum(a == b for a, b in zip(alone, together))
+        rounds = []
+        for _ in range(args.repeat):
+            alone, seq = asyncio.run(run(url, prompts, args.max_tokens, concurrent=False))
+            together, con = asyncio.run(run(url, prompts, args.max_tokens, concurrent=True))
+            rounds.append((alone, seq, together, con))
+        median = lambda stats: sorted(stats, key=lambda d: d["tokens_per_s"])[len(stats) // 2]
+        seq, con = median([r[1] for r in rounds]), median([r[3] for r in rounds])
+        print(json.dumps({"what": "one at a time", **base, "repeat": args.repeat, **seq}), flush=True)
+        print(json.dumps({"what": "all at once", **base, "repeat": args.repeat, **con}), flush=True)
+        same = sum(all(r[0][i] == r[2][i] == rounds[0][0][i] for r in rounds) for i in range(len(prompts)))
         print(json.dumps({"what": "speedup", **base, "ratio": round(con["tokens_per_s"] / seq["tokens_per_s"], 2),
+                          "ratios": [round(r[3]["tokens_per_s"] / r[1]["tokens_per_s"], 2) for r in rounds],
                           "identical_outputs": f"{same}/{len(prompts)}"}), flush=True)
     finally:
         server.terminate()

@@ -145,3 +145,36 @@ def test_compiled_cuda_graph_decode_equals_eager():
     eager = Engine(model, max_batch=4).generate(PROMPTS[:6], params)
     compiled = Engine(model, max_batch=4, compile=True).generate(PROMPTS[:6], params)
     assert [r.output for r in compiled] == [r.output for r in eager]
+
+
+def test_prefill_together_with_padding_equals_alone(model):
+    """Neighbouring slots prefill in one padded forward; near the end of the cache they fall back to one at a time."""
+    prompts = [list(range(1, 30)), [3, 1, 4], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4], [9, 9]]
+    engine = Engine(model, max_batch=4, prefill_chunk=8, prefill_budget=64)
+    reqs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=6))
+    assert [r.output for r in reqs] == [greedy_alone(model, p, 6) for p in prompts]
+    # A long prompt that has reached the end of a short cache, then a new one beside it: the padded
+    # forward would run past the cache, so they prefill one at a time.
+    engine = Engine(model, max_batch=2, max_seq_len=31, prefill_chunk=8, prefill_budget=16)
+    a = engine.add(list(range(1, 31)), SamplingParams(temperature=0, max_tokens=1))
+    for _ in range(3):
+        engine.step()
+    assert a.prefilled == 24
+    b = engine.add(list(range(40, 49)), SamplingParams(temperature=0, max_tokens=3))
+    while engine.has_work:
+        engine.step()
+    assert a.output == greedy_alone(model, a.prompt, 1) and b.output == greedy_alone(model, b.prompt, 3)
+
+
+def test_text_stream_decodes_incrementally_to_the_whole_text(lm):
+    """Each push decodes only the last tokens; the text is still that of decoding everything."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, lm.tokenizer.vocab_size, (300,)).tolist()
+    stream = TextStream(lm.tokenizer.decode)
+    text = "".join(stream.push(t)[0] for t in ids) + stream.flush()
+    assert text == lm.tokenizer.decode(ids)
+    # A decoder that drops the leading space of a text (SentencePiece's "▁"): the context token keeps it.
+    words = [" the", " cat", "s", " sat"]
+    decode = lambda ids: "".join(words[i] for i in ids).removeprefix(" ")
+    stream = TextStream(decode)
+    assert "".join(stream.push(t)[0] for t in [0, 1, 2, 3, 1]) == "the cats sat cat"

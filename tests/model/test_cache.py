@@ -38,3 +38,20 @@ def test_per_row_chunk_write_and_reorder():
         k0 = cache.k[:, 0].clone()
         cache.reorder(torch.tensor([1, 1]))
         assert torch.equal(cache.k[:, 0], cache.k[:, 1]) and not torch.equal(cache.k[:, 0], k0)
+
+
+def test_a_view_bound_to_its_starts_gives_the_same_logits():
+    """`rows(..., start=, T=)` works out the write index and mask once; the numbers are those of an unbound view."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=50, context_length=16)).eval()
+    logits = []
+    for bind in (False, True):
+        cache = model.new_cache(batch_size=3, max_seq_len=16)
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]), cache=cache, start=0)
+            start = torch.tensor([4, 2, 3])  # rows at different lengths (later keys are stale)
+            view = cache.rows(0, 3, length=8, start=start if bind else None, T=2)
+            if bind:
+                assert view._per_row(start, 2)[0] is view._bound[2]
+            logits.append(model(torch.tensor([[13, 14], [15, 16], [17, 18]]), cache=view, start=start))
+    assert torch.equal(logits[0], logits[1])

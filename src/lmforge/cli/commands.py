@@ -236,7 +236,7 @@ def serve_cmd(args: Namespace) -> None:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, device=args.device,
           max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, compile=args.compile,
-          model_name=args.model_name, threads=args.threads)
+          model_name=args.model_name, threads=args.threads, writes_per_step=args.writes_per_step)
 
 
 def export_hf_cmd(args: Namespace) -> dict[str, Any]:

@@ -9,9 +9,9 @@ tensor, see `KVCache.update`), so no sequence waits for another and no padding i
                                          running ────────────────────────────┘        │
                                          retire on stop token, stop string, max_tokens or abort: slot freed
 
-Prefill runs one request at a time through a view of its slot (`cache.rows(s, s+1)`), in chunks
-of `prefill_chunk` tokens whose boundaries depend only on the prompt, so a request computes the
-same numbers alone or among others. `Engine` is single-threaded; `lmforge.serve` drives it from
+Prefill runs in chunks of `prefill_chunk` tokens whose boundaries depend only on the prompt;
+requests in neighbouring slots prefill together, each row at its own position, and the output
+head runs only at the last prompt position. `Engine` is single-threaded; `lmforge.serve` drives it from
 one thread.
 """
 
@@ -38,11 +38,25 @@ class TextStream:
         self.ids: list[int] = []
         self.text = ""  # everything emitted so far
         self._hold = max((len(s) for s in self.stop), default=1) - 1
+        # Incremental decoding (as vLLM does): `_done` is the text of ids[:_read], which ends on a
+        # whole character; new tokens are decoded with the tokens from `_prefix` on as context
+        # (some decoders drop a leading space at the start of a text), so each push decodes a few
+        # tokens instead of the whole output.
+        self._done, self._prefix, self._read = "", 0, 0
+
+    def _full(self) -> str:
+        """decode(self.ids), decoding only the last few tokens."""
+        head = self.decode(self.ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        both = self.decode(self.ids[self._prefix:])
+        full = self._done + both[len(head):] if both.startswith(head) else self.decode(self.ids)
+        if not full.endswith("\ufffd"):
+            self._done, self._prefix, self._read = full, self._read, len(self.ids)
+        return full
 
     def push(self, token: int) -> tuple[str, bool]:
         """(new text, whether a stop string ended the text)."""
         self.ids.append(token)
-        full = self.decode(self.ids)
+        full = self._full()
         if self.stop:
             # A stop string can only have appeared in the tail that was not emitted yet.
             lo = max(0, len(self.text) - self._hold)
@@ -103,7 +117,9 @@ class Event:
 
 def _decode_step(model: Transformer, tokens: torch.Tensor, start: torch.Tensor, cache) -> torch.Tensor:
     """Logits (B, V) for one new token per slot, each at its own position."""
-    return model(tokens[:, None], cache=cache, start=start)[:, -1, : model.config.vocab_size]
+    logits = model(tokens[:, None], cache=cache, start=start)[:, -1]
+    V = model.config.vocab_size
+    return logits if logits.size(-1) == V else logits[:, :V]
 
 
 class Engine:
@@ -224,11 +240,7 @@ class Engine:
         for s in range(self.max_batch):
             if self.slots[s] is None and self.waiting:
                 self._admit(self.waiting.popleft(), s)
-        budget = self.prefill_budget
-        for req in [r for r in self.slots if r is not None and r.prefilled < len(r.prompt)]:
-            if budget <= 0:
-                break
-            budget -= self._prefill_chunk(req, events)
+        self._prefill(events)
         decoding = [r for r in self.slots if r is not None and r.prefilled == len(r.prompt) and r.output]
         if decoding:
             self._decode_all(decoding, events)
@@ -246,15 +258,60 @@ class Engine:
             self.prompt_mask[slot] = False
             self.prompt_mask[slot, torch.tensor(req.prompt, device=self.device)] = True
 
-    def _prefill_chunk(self, req: Request, events: list[Event]) -> int:
-        lo = req.prefilled
-        hi = min(lo + self.prefill_chunk, len(req.prompt))
-        idx = torch.tensor([req.prompt[lo:hi]], device=self.device)
-        logits = self.model(idx, cache=self.cache.rows(req.slot, req.slot + 1), start=lo)[:, -1, : self.model.config.vocab_size]
-        req.prefilled = hi
-        if hi == len(req.prompt):
-            self._sample([req], logits, events)
-        return hi - lo
+    def _prefill(self, events: list[Event]) -> None:
+        """The next chunk of each prefilling request, up to `prefill_budget` tokens; requests in
+        neighbouring slots share one forward."""
+        budget, chosen = self.prefill_budget, []
+        for s, req in enumerate(self.slots):
+            if req is not None and req.prefilled < len(req.prompt):
+                if budget <= 0:
+                    break
+                chosen.append(s)
+                budget -= min(self.prefill_chunk, len(req.prompt) - req.prefilled)
+        run: list[int] = []
+        for s in chosen:
+            if run and s != run[-1] + 1:
+                self._prefill_rows(run, events)
+                run = []
+            run.append(s)
+        if run:
+            self._prefill_rows(run, events)
+
+    def _prefill_rows(self, slots: list[int], events: list[Event]) -> None:
+        """One chunk for each request in consecutive `slots`, in one forward.
+
+        A single request runs alone (its exact length, causal attention). Several run as rows at
+        their own positions (`start` a tensor), right-padded to the longest chunk: a padding token
+        writes its key past its row's prompt, where the row writes again before it ever reads.
+        """
+        reqs = [self.slots[s] for s in slots]
+        chunks = [r.prompt[r.prefilled: r.prefilled + self.prefill_chunk] for r in reqs]
+        L = max(len(c) for c in chunks)
+        if len(reqs) > 1 and max(r.prefilled for r in reqs) + L > self.max_seq_len:
+            for s in slots:  # padding would run past the cache: one at a time
+                self._prefill_rows([s], events)
+            return
+        if len(reqs) == 1:
+            req = reqs[0]
+            idx = torch.tensor(chunks, device=self.device)
+            h = self.model.encode(idx, cache=self.cache.rows(req.slot, req.slot + 1), start=req.prefilled)[:, -1]
+        else:
+            idx = torch.tensor([c + [0] * (L - len(c)) for c in chunks], device=self.device)
+            start = torch.tensor([r.prefilled for r in reqs], device=self.device)
+            n = -(-(max(r.prefilled for r in reqs) + L) // 16) * 16
+            h = self.model.encode(idx, cache=self.cache.rows(slots[0], slots[-1] + 1, length=n, start=start, T=L), start=start)
+            h = h[torch.arange(len(reqs), device=self.device), torch.tensor([len(c) - 1 for c in chunks], device=self.device)]
+        done = []
+        for b, (req, chunk) in enumerate(zip(reqs, chunks)):
+            req.prefilled += len(chunk)
+            if req.prefilled == len(req.prompt):
+                done.append(b)
+        if done:
+            if len(done) < len(reqs):
+                h = h[torch.tensor(done, device=self.device)]
+            # The head only at the last position of each finished prompt (B, V).
+            logits = self.model.output(h)[:, : self.model.config.vocab_size]
+            self._sample([reqs[b] for b in done], logits, events)
 
     def _decode_all(self, decoding: list[Request], events: list[Event]) -> None:
         # Every slot in [0, hi) takes part; a slot that is not decoding writes at its own length,
@@ -266,17 +323,18 @@ class Engine:
                 start[s] = req.prefilled
         for req in decoding:
             tokens[req.slot], start[req.slot] = req.output[-1], len(req.prompt) + len(req.output) - 1
+        tokens_t, start_t = torch.tensor([tokens, start], device=self.device).unbind()
         if self.compiled:
             cache = self.cache  # static shapes for the compiled step
         else:
             # Attend over the live positions only, rounded up to 16 so that the vectorised sums
-            # group the real keys the same way at any length (masked keys add exact zeros).
-            cache = self.cache.rows(0, hi, length=-(-(max(start) + 1) // 16) * 16)
-        logits = self._decode(
-            self.model, torch.tensor(tokens, device=self.device), torch.tensor(start, device=self.device), cache
-        )
-        rows = torch.tensor([r.slot for r in decoding], device=self.device)
-        self._sample(decoding, logits.index_select(0, rows), events)
+            # group the real keys the same way at any length (masked keys add exact zeros); the
+            # view works out the write index and the mask once for all layers.
+            cache = self.cache.rows(0, hi, length=-(-(max(start) + 1) // 16) * 16, start=start_t)
+        logits = self._decode(self.model, tokens_t, start_t, cache)
+        if len(decoding) < logits.size(0):  # some slots in [0, hi) are not decoding
+            logits = logits.index_select(0, torch.tensor([r.slot for r in decoding], device=self.device))
+        self._sample(decoding, logits, events)
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor, events: list[Event]) -> None:
         counts = mask = None

@@ -134,8 +134,7 @@ class SelfAttention(nn.Module):
             # Per-row positions (slots of a batch at different lengths): row b's query i sits at
             # start[b] + i and sees cached keys 0..start[b]+i; later keys are stale or unwritten.
             k, v = cache.update(self.layer, start, k, v)  # (B, nkv, max_seq_len, hs)
-            qpos = start[:, None] + torch.arange(T, device=x.device)  # (B, T)
-            mask = (torch.arange(k.size(2), device=x.device) <= qpos[:, :, None])[:, None]  # (B, 1, T, S)
+            mask = cache.attention_mask(start, T)  # (B, 1, T, S), additive
             is_causal = False
         elif cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # (B, nkv, start+T, hs)
@@ -150,7 +149,10 @@ class SelfAttention(nn.Module):
             keep = padding_mask[:, None, None, :].bool()  # (B, 1, 1, S)
             if is_causal:
                 keep = keep & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            mask = keep if mask is None else keep & mask
+            if mask is None or mask.dtype == torch.bool:
+                mask = keep if mask is None else keep & mask
+            else:
+                mask = mask.masked_fill(~keep, float("-inf"))
             is_causal = False
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, S, hs)
@@ -158,8 +160,8 @@ class SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )
-        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * hs)  # (B, T, nh * hs)
-        return self.resid_dropout(self.proj(y))
+        y = self.proj(y.transpose(1, 2).contiguous().view(B, T, self.n_head * hs))  # (B, T, C)
+        return self.resid_dropout(y) if self.training else y
 
 
 class CrossAttention(nn.Module):
@@ -205,7 +207,8 @@ class MLP(nn.Module):
             h = F.relu(h).square()
         else:
             h = F.relu(h) if self.kind == "relu" else F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
-        return self.dropout(self.proj(h))
+        h = self.proj(h)
+        return self.dropout(h) if self.training else h  # (dropout is the identity in eval: skip the call)
 
 
 class Block(nn.Module):
@@ -233,13 +236,15 @@ class Block(nn.Module):
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        sublayers = [(self.attention_norm, lambda h: self.attention(h, cache, start, rope, padding_mask))]
+        if self.pre_norm:
+            x = x + self.attention(self.attention_norm(x), cache, start, rope, padding_mask)
+            if self.cross_attention is not None:
+                x = x + self.cross_attention(self.cross_norm(x), memory, memory_mask)
+            return x + self.feed_forward(self.ffn_norm(x))
+        x = self.attention_norm(x + self.attention(x, cache, start, rope, padding_mask))
         if self.cross_attention is not None:
-            sublayers.append((self.cross_norm, lambda h: self.cross_attention(h, memory, memory_mask)))
-        sublayers.append((self.ffn_norm, self.feed_forward))
-        for norm, f in sublayers:
-            x = x + f(norm(x)) if self.pre_norm else norm(x + f(x))
-        return x
+            x = self.cross_norm(x + self.cross_attention(x, memory, memory_mask))
+        return self.ffn_norm(x + self.feed_forward(x))
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

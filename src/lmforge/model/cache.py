@@ -31,6 +31,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_seq_len = max_seq_len
+        self._bound: tuple | None = None  # (start, T, write index, mask): see `rows`
 
     @property
     def batch_size(self) -> int:
@@ -48,11 +49,9 @@ class KVCache:
         """
         T = k.size(2)
         if isinstance(start, torch.Tensor):
-            B, nh, _, hs = k.shape
-            pos = (start[:, None] + torch.arange(T, device=k.device)).view(B, 1, T, 1).expand(B, nh, T, hs)
-            self.k[layer].scatter_(2, pos, k)
-            self.v[layer].scatter_(2, pos, v)
-            return self.k[layer], self.v[layer]
+            pos = self._per_row(start, T)[0]
+            k_all, v_all = self.k[layer], self.v[layer]
+            return k_all.scatter_(2, pos, k), v_all.scatter_(2, pos, v)
         end = start + T
         if end > self.max_seq_len:
             raise ValueError(f"KV cache holds {self.max_seq_len} positions; asked to write up to {end}")
@@ -60,13 +59,39 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def rows(self, lo: int, hi: int, length: int | None = None) -> KVCache:
+    def rows(self, lo: int, hi: int, length: int | None = None, start: torch.Tensor | None = None, T: int = 1) -> KVCache:
         """A cache over slots [lo, hi) and positions [0, length) that shares this one's memory:
-        writes to it land here (a decode step attends over the first `length` positions only)."""
+        writes to it land here (a decode step attends over the first `length` positions only).
+
+        Given the per-row `start` (hi - lo,) of the next forward of `T` tokens, the view works out
+        once what every layer of that forward needs: where to write and what to mask.
+        """
         n = self.max_seq_len if length is None else min(length, self.max_seq_len)
         view = KVCache.__new__(KVCache)
-        view.k, view.v, view.max_seq_len = self.k[:, lo:hi, :, :n], self.v[:, lo:hi, :, :n], n
+        view.k, view.v, view.max_seq_len, view._bound = self.k[:, lo:hi, :, :n], self.v[:, lo:hi, :, :n], n, None
+        if start is not None:
+            view._bound = (start, T, *view._positions(start, T))
         return view
+
+    def attention_mask(self, start: torch.Tensor, T: int) -> torch.Tensor:
+        """Additive mask (B, 1, T, max_seq_len) for per-row starts: row b's query i (at start[b] + i)
+        sees keys 0..start[b]+i (0), not the later ones, stale or unwritten (-inf)."""
+        return self._per_row(start, T)[1]
+
+    def _per_row(self, start: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bound = self._bound
+        if bound is not None and bound[0] is start and bound[1] == T:
+            return bound[2], bound[3]
+        return self._positions(start, T)
+
+    def _positions(self, start: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The write index (B, nh, T, hs) and the additive mask (B, 1, T, S) for per-row starts."""
+        _, B, nh, S, hs = self.k.shape
+        q = start[:, None] if T == 1 else start[:, None] + torch.arange(T, device=start.device)  # (B, T): query positions
+        index = q.view(B, 1, T, 1).expand(B, nh, T, hs)
+        late = torch.arange(S, device=start.device) > q[:, None, :, None]  # (B, 1, T, S)
+        mask = torch.zeros(late.shape, dtype=self.k.dtype, device=start.device).masked_fill_(late, float("-inf"))
+        return index, mask
 
     def reorder(self, index: torch.Tensor) -> None:
         """Row b becomes old row index[b] (in place: the buffers keep their addresses)."""

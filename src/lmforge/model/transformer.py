@@ -165,12 +165,13 @@ class Transformer(nn.Module):
             raise ValueError("an encoder-decoder decodes against memory: pass memory=model.encode_source(src)")
         if isinstance(start, torch.Tensor):
             # Per-row positions (B, T); the caller (an engine over cache slots) keeps them in the context.
-            pos = start[:, None] + torch.arange(T, device=idx.device)
+            pos = start[:, None] if T == 1 else start[:, None] + torch.arange(T, device=idx.device)
         else:
             if start + T > self.config.context_length:
                 raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.context_length}")
             pos = torch.arange(start, start + T, device=idx.device)
-        x = self.dropout(self._embed(idx, pos, token_type_ids))
+        x = self._embed(idx, pos, token_type_ids)
+        x = self.dropout(x) if self.training else x
         rope = self.rotary(pos) if self.rotary is not None else None
         if rope is not None and pos.dim() == 2:
             rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, hs): broadcast over heads

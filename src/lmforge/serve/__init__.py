@@ -19,6 +19,7 @@ def create_app(
     prefill_chunk: int = 256,
     compile: bool = False,
     model_name: str | None = None,
+    writes_per_step: int = 8,
 ):
     """Load `checkpoint` and build its app (see `build_app`)."""
     from lmforge.infer import Engine, load
@@ -27,7 +28,7 @@ def create_app(
     engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk, max_waiting=max_queue,
                     compile=compile)
     name = model_name or (Path(lm.path).parent.name if lm.path is not None else "lmforge")
-    return build_app(lm, engine, model_name=name, api_key=api_key)
+    return build_app(lm, engine, model_name=name, api_key=api_key, writes_per_step=writes_per_step)
 
 
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",

@@ -29,6 +29,9 @@ from lmforge.serve.runner import EngineRunner
 from lmforge.utils.errors import UserError
 
 
+_dumps = json.JSONEncoder(ensure_ascii=False).encode
+
+
 # ---- request bodies (their JSON schema is the server's OpenAPI schema) -----------------------
 
 
@@ -109,10 +112,12 @@ class _ApiKey:
 # ---- the app ------------------------------------------------------------------------------------
 
 
-def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving `lm` through `engine`; `app.state.runner` owns the engine thread."""
+def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", api_key: str | None = None,
+              writes_per_step: int = 8) -> FastAPI:
+    """The FastAPI app serving `lm` through `engine`; `app.state.runner` owns the engine thread
+    (`writes_per_step`: see `EngineRunner`)."""
     app = FastAPI(title="lmforge", description="OpenAI-compatible API over an lmforge checkpoint", version="1")
-    runner = EngineRunner(engine)
+    runner = EngineRunner(engine, writes_per_step=writes_per_step)
     app.state.runner = runner
     app.router.on_shutdown.append(runner.close)
     tok = lm.tokenizer
@@ -253,8 +258,13 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
+        # A chunk is the fixed head, one choice and (with include_usage) "usage": null; the head is
+        # serialised once per response, not once per chunk.
+        chunk_head = "data: " + _dumps(head)[:-1] + ', "choices": ['
+        chunk_tail = ("], \"usage\": null}\n\n" if include_usage else "]}\n\n")
+
         async def events() -> AsyncIterator[str]:
-            sent = lambda obj: f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+            sent = lambda obj: f"data: {_dumps(obj)}\n\n"
             offsets = [0] * n_choices
             generated, pending = 0, n_choices
             try:
@@ -287,7 +297,7 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
                         if last.finished:
                             pending -= 1
                             generated += len(last.request.output)
-                        yield sent({**head, "choices": [c], **({"usage": None} if include_usage else {})})
+                        yield chunk_head + _dumps(c) + chunk_tail
                 if include_usage:
                     yield sent({**head, "choices": [], "usage": usage(prompts, generated)})
                 yield "data: [DONE]\n\n"

@@ -1,0 +1,40 @@
+"""The engine thread's hand-over to asyncio: under load a stream's tokens go out in groups."""
+
+import asyncio
+
+from lmforge.infer import Engine, SamplingConfig, SamplingParams, generate_tokens
+from lmforge.serve import EngineRunner
+
+PROMPTS = [[1, 2, 3], [9] * 11, [4, 8, 15, 16, 23, 42], [7], [30, 31], [5, 5, 6], [20, 21, 22, 23], [11, 12]]
+
+
+def test_streams_take_turns_under_load_and_lose_nothing(varied_model):
+    """8 streams, 2 writes per step: each stream gets its tokens every 4th step, all of them, in order."""
+    runner = EngineRunner(Engine(varied_model, max_batch=8), writes_per_step=2)
+
+    async def main():
+        queue: asyncio.Queue = asyncio.Queue()
+        for i, p in enumerate(PROMPTS):
+            runner.submit(p, SamplingParams(temperature=0, max_tokens=12), queue, tag=i)
+        got: dict[int, list[list[int]]] = {i: [] for i in range(len(PROMPTS))}
+        done = 0
+        while done < len(PROMPTS):
+            batch = [await queue.get()]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            groups: dict[int, list[int]] = {}
+            for tag, ev in batch:
+                groups.setdefault(tag, []).append(ev.token)
+                done += ev.finished
+            for tag, tokens in groups.items():
+                got[tag].append(tokens)
+        return got
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        runner.close()
+    for i, p in enumerate(PROMPTS):
+        alone = list(generate_tokens(varied_model, p, 12, SamplingConfig(temperature=0)))
+        assert [t for group in got[i] for t in group] == alone
+    assert max(len(group) for groups in got.values() for group in groups) > 1
