@@ -241,3 +241,18 @@ def test_read_runs_schema_and_missing_file(tmp_path):
     assert (plain.params_no_embed, plain.flops, plain.budget) == (1000, 6 * 1000 * 4e4, None)
     assert plain.points() == [(1e4, 6e7, 4.0), (2e4, 1.2e8, 3.5), (4e4, 2.4e8, 3.0)]
     assert (full.params_no_embed, full.flops, full.budget) == (600, 3e8, 2.4e8)
+
+
+def test_approach3_that_runs_off_to_infinity_is_one_clear_error(monkeypatch):
+    # Seen on a CPU isoFLOP study whose larger models saw too few tokens: in some bootstrap resamples
+    # L-BFGS drove a coefficient's log past exp's range. That must be a UserError (bootstrap counts
+    # it as a failed resample), never an OverflowError. The optimiser's answer is forced here, so the
+    # test does not hang on one scipy version's path to infinity.
+    import scipy.optimize
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(scipy.optimize, "minimize", lambda *a, **k: SimpleNamespace(x=[1.0, 900.0, 2.0, 0.3, 0.3], fun=0.0))
+    rng = np.random.default_rng(0)
+    runs = [Run(params=float(n), tokens=float(d), loss=noisy(rng, TRUE.loss(n, d))) for n in (1e6, 4e6, 1.6e7) for d in (1e8, 4e8, 1.6e9)]
+    with pytest.raises(UserError, match="approach 3 diverged"):
+        approach3(runs)

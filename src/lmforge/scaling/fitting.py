@@ -216,6 +216,9 @@ def _huber_objective(theta, log_n, log_d, log_l, delta) -> tuple[float, np.ndarr
     return float(_huber(r, delta).sum()), grad
 
 
+_MAX_LOG = 300.0  # |log| of a fitted coefficient beyond this (exp overflows near 709) means divergence
+
+
 def approach3(runs: Sequence[Run], delta: float = 1e-3, starts: int = 4) -> dict[str, Any]:
     """Hoffmann et al. 2022, approach 3 (section 3.3, appendix D.2): fit L(N, D) = E + A/N^alpha + B/D^beta.
 
@@ -256,6 +259,13 @@ def approach3(runs: Sequence[Run], delta: float = 1e-3, starts: int = 4) -> dict
         key=lambda res: res.fun,
     )
     e, a, b, alpha, beta = (float(v) for v in best.x)
+    if not all(math.isfinite(v) and abs(v) < _MAX_LOG for v in (e, a, b, alpha, beta)):
+        # L-BFGS ran off to infinity: these runs do not pin down the law (the loss is not falling
+        # with N and D across them, e.g. too few steps for the larger models).
+        raise UserError(
+            "approach 3 diverged: the runs do not determine L(N, D) = E + A/N^alpha + B/D^beta "
+            "(does the loss fall with both N and D?); add runs with more tokens per model"
+        )
     law = ParametricLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta, name="approach 3")
     return {
         "law": law.to_dict(), "a": law.a, "b": law.b, "G": law.G,
