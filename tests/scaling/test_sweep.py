@@ -69,3 +69,12 @@ def test_runs_spread_over_devices_give_the_same_results(tmp_path, data_dir):
     two = sweep(tmp_path / "g.yaml", data_dir, tmp_path / "par", log=lambda *a: None, devices=["cpu", "cpu"])
     assert {r["name"]: r["loss"] for r in two} == one
     assert len(read_runs(tmp_path / "par")) == 4
+
+
+def test_two_sizes_that_give_the_same_shape_are_one_clear_error(tmp_path):
+    from lmforge.scaling.sweep import load_grid, plan_runs
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text("sizes: [2.0e+6, 4.0e+6]\ntokens: [1.0e+6]\naspect_ratio: 32\nhead_size: 64\n")
+    with pytest.raises(UserError, match="both give 6 layers x 192 wide"):
+        plan_runs(load_grid(grid))

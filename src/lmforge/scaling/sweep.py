@@ -119,9 +119,16 @@ def shape_for(target: float, grid: Grid) -> ModelConfig:
 
 
 def plan_runs(grid: Grid) -> list[PlannedRun]:
-    runs = []
+    runs, shapes = [], {}
     for size in grid.sizes:
         model = shape_for(size, grid)
+        shape = (model.n_layer, model.n_embd)
+        if shape in shapes:  # the same model twice: its runs would share names and be trained once
+            raise UserError(
+                f"sizes {shapes[shape]:.3g} and {size:.3g} both give {shape[0]} layers x {shape[1]} wide at head size "
+                f"{grid.head_size}; space the sizes further apart or lower head_size for finer widths"
+            )
+        shapes[shape] = size
         n = 12 * model.n_layer * model.n_embd**2
         budgets = [(d, None) for d in grid.tokens] if grid.tokens else [(c / (6 * n), c) for c in grid.flops]
         for tokens, budget in budgets:
