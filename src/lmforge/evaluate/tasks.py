@@ -18,6 +18,7 @@ from lmforge.data.features import TaskFormat, collate, featurize, read_examples
 from lmforge.evaluate.metrics import accuracy, bleu, chrf, entity_f1, macro_f1, rouge, squad_scores
 from lmforge.infer.pipeline import pipeline
 from lmforge.model.losses import IGNORE_INDEX, lm_loss
+from lmforge.train.objectives import weighted_mean_loss
 from lmforge.utils.errors import UserError
 
 
@@ -78,17 +79,15 @@ def evaluate_task(
     return result
 
 
-@torch.inference_mode()
 def _assistant_loss(model, fmt: TaskFormat, examples: list, batch_size: int) -> float:
-    """Mean next-token loss (nats) over the assistant turns' tokens."""
+    """Mean next-token loss (nats) over the assistant turns' tokens, as fine-tuning validates it."""
     features = featurize(fmt, "sft", examples)
-    device = model.tok_embeddings.weight.device
-    total, count = 0.0, 0
-    for i in range(0, len(features), batch_size):
-        b = collate(features[i : i + batch_size], fmt.pad_id)
-        n = int((b["labels"] != IGNORE_INDEX).sum())
-        total += lm_loss(model(b["input_ids"].to(device)), b["labels"].to(device)).item() * n
-        count += n
-    if count == 0:
+    batches = [collate(features[i : i + batch_size], fmt.pad_id) for i in range(0, len(features), batch_size)]
+
+    def n_predicted(batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    if sum(map(n_predicted, batches)) == 0:
         raise UserError("the conversations have no assistant tokens within the model's context; nothing to score")
-    return total / count
+    device = model.tok_embeddings.weight.device
+    return weighted_mean_loss(lambda m, b: lm_loss(m(b["input_ids"]), b["labels"]), n_predicted, model, batches, device, None)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lmforge.checkpoint import load_checkpoint, load_model, save_checkpoint
+from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.config import FINETUNE_DEFAULTS, LoraConfig, ModelConfig, TrainConfig
 from lmforge.data.features import DEFAULT_PROMPT, TASKS, TaskFormat, featurize, label_set, read_examples
 from lmforge.finetune.objective import TaskObjective
@@ -158,8 +158,3 @@ def merge_lora(checkpoint: str | Path, out: str | Path) -> Path:
     task = (ckpt.trainer_state or {}).get("task")
     return save_checkpoint(out, model, ckpt.tokenizer, trainer_state={"task": task, "merged_from": str(ckpt.path)} if task else None)
 
-
-def task_of(checkpoint: str | Path) -> dict[str, Any] | None:
-    """How a fine-tuned checkpoint lays out its inputs (None for a checkpoint that was not fine-tuned)."""
-    state = load_checkpoint(checkpoint).trainer_state or {}
-    return state.get("task")
