@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.data.parallel import decoder_start_id
+from lmforge.data.parallel import decoder_start_id, pair_layout
 from lmforge.data.tasks import (
     read_chat, read_classification, read_parallel_text, read_squad, read_tagged, read_text2text, split_by_article,
 )
@@ -135,11 +135,9 @@ class TaskFormat:
         one sequence with the loss on the target. Without a target: the generation prompt."""
         eot = self.tok.eot_id
         if self.arch == "encoder-decoder":
-            f: Feature = {"src": [*self.tok.encode(source)[: self.max_length - 1], eot]}
-            if target is not None:
-                tgt = [decoder_start_id(self.tok), *self.tok.encode(target)[: self.max_length - 1], eot]
-                f["input_ids"], f["labels"] = tgt[:-1], tgt[1:]
-            return f
+            tgt_ids = self.tok.encode(target) if target is not None else []
+            src, dec_in, labels = pair_layout(self.tok.encode(source), tgt_ids, self.max_length, eot, decoder_start_id(self.tok))
+            return {"src": src, "input_ids": dec_in, "labels": labels} if target is not None else {"src": src}
         if target is None:
             return {"input_ids": self.prompt_ids(source, self.max_length // 2)}
         tgt = [*self.tok.encode(target), eot][: self.max_length // 2]

@@ -99,6 +99,14 @@ def prepare_parallel(
     return meta
 
 
+def pair_layout(src: list[int], tgt: list[int], max_len: int, eos: int, start: int) -> tuple[list[int], list[int], list[int]]:
+    """An encoder-decoder's (encoder input, decoder input, labels) for one pair of token lists:
+    `src <eos>` and teacher forcing `<start> tgt` -> `tgt <eos>`, each cut to `max_len` tokens.
+    Pretraining (`ParallelPairs`) and fine-tuning (`TaskFormat.seq2seq`) share it."""
+    tgt = tgt[: max_len - 1]
+    return src[: max_len - 1] + [eos], [start] + tgt, tgt + [eos]
+
+
 class ParallelPairs:
     """Tokenized pairs of one split, batched with padding (sequences longer than max_len are cut)."""
 
@@ -119,18 +127,17 @@ class ParallelPairs:
         return len(self.pairs)
 
     def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        src = [self.pairs[i][0][: self.max_len - 1] + [self.eos] for i in indices]
-        tgt = [self.pairs[i][1][: self.max_len - 1] for i in indices]
-        S, T = max(map(len, src)), max(len(t) for t in tgt) + 1
+        rows = [pair_layout(*self.pairs[i], self.max_len, self.eos, self.start) for i in indices]
+        S, T = max(len(s) for s, _, _ in rows), max(len(x) for _, x, _ in rows)
         out = {
-            "src": torch.full((len(src), S), self.pad), "src_mask": torch.zeros(len(src), S, dtype=torch.long),
-            "input_ids": torch.full((len(src), T), self.pad), "labels": torch.full((len(src), T), IGNORE_INDEX),
+            "src": torch.full((len(rows), S), self.pad), "src_mask": torch.zeros(len(rows), S, dtype=torch.long),
+            "input_ids": torch.full((len(rows), T), self.pad), "labels": torch.full((len(rows), T), IGNORE_INDEX),
         }
-        for row, (s, t) in enumerate(zip(src, tgt)):
+        for row, (s, x, y) in enumerate(rows):
             out["src"][row, : len(s)] = torch.tensor(s)
             out["src_mask"][row, : len(s)] = 1
-            out["input_ids"][row, : len(t) + 1] = torch.tensor([self.start] + t)
-            out["labels"][row, : len(t) + 1] = torch.tensor(t + [self.eos])
+            out["input_ids"][row, : len(x)] = torch.tensor(x)
+            out["labels"][row, : len(y)] = torch.tensor(y)
         return out
 
     def random_batch(self, batch_size: int, seed: int, step: int, micro: int = 0) -> dict[str, torch.Tensor]:
