@@ -199,6 +199,8 @@ def sample_batch(features: list[Feature], batch_size: int, seed: int, step: int,
 # -- reading a task's examples and turning them into features ------------------------------------
 
 TASKS = ("classify", "tag", "qa", "seq2seq", "sft")
+# The model head each task trains and predicts with (`ModelConfig.task_head`); "none" is the LM head.
+TASK_HEAD = {"classify": "classify", "tag": "tag", "qa": "span", "seq2seq": "none", "sft": "none"}
 
 
 def read_examples(

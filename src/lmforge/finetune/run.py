@@ -16,15 +16,14 @@ import torch
 
 from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.config import FINETUNE_DEFAULTS, LoraConfig, ModelConfig, TrainConfig
-from lmforge.data.features import DEFAULT_PROMPT, TASKS, TaskFormat, featurize, label_set, read_examples
+from lmforge.data.features import DEFAULT_PROMPT, TASK_HEAD, TASKS, TaskFormat, featurize, label_set, read_examples
 from lmforge.finetune.objective import TaskObjective
 from lmforge.model import Transformer
 from lmforge.model.lora import lora_parameters, merge_lora as merge_modules
 from lmforge.train import RunResult, fit
 from lmforge.utils.errors import UserError
 
-# Which head each task trains, and on which architectures it is defined.
-_HEAD = {"classify": "classify", "tag": "tag", "qa": "span", "seq2seq": "none", "sft": "none"}
+# The architectures each task is defined on.
 _ARCHS = {
     "classify": ("encoder", "decoder"),
     "tag": ("encoder", "decoder"),
@@ -92,7 +91,7 @@ def finetune(
     val_features = featurize(fmt, task, val_examples, labels, doc_stride) if val_examples else None
 
     new_cfg = cfg.replace(
-        task_head=_HEAD[task], labels=labels if task in ("classify", "tag") else None,
+        task_head=TASK_HEAD[task], labels=labels if task in ("classify", "tag") else None,
         lora=lora if lora is not None and lora.r else None,
         dropout=cfg.dropout if dropout is None else dropout,
     )

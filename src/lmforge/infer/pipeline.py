@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from lmforge.checkpoint import load_model
-from lmforge.data.features import DEFAULT_PROMPT, TASKS, Feature, TaskFormat, collate, read_examples
+from lmforge.data.features import DEFAULT_PROMPT, TASK_HEAD, TASKS, Feature, TaskFormat, collate, read_examples
 from lmforge.data.parallel import decoder_start_id
 from lmforge.data.tasks import entities
 from lmforge.infer.beam import beam_search
@@ -30,8 +30,6 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.utils.device import resolve_device
 from lmforge.utils.errors import UserError
 from lmforge.utils.fs import atomic_write_text
-
-_NEEDS_HEAD = {"classify": "classify", "tag": "tag", "qa": "span"}
 
 
 class Pipeline:
@@ -211,10 +209,10 @@ def pipeline(
         raise UserError(f"{ckpt.path} was not fine-tuned for a task; name one of {list(TASKS)}")
     if task not in TASKS:
         raise UserError(f"task {task!r} is not supported; use one of {list(TASKS)}")
-    head = _NEEDS_HEAD.get(task)
-    if head is not None and model.config.task_head != head:
+    head = TASK_HEAD[task]
+    if head != "none" and model.config.task_head != head:
         raise UserError(f"{ckpt.path} has no {head} head; fine-tune it first with `lmforge finetune {ckpt.path} --task {task} ...`")
-    if head is None and model.config.arch == "encoder":
+    if head == "none" and model.config.arch == "encoder":
         raise UserError(f"an encoder cannot generate text for --task {task}; use a decoder or encoder-decoder checkpoint")
     cfg = model.config
     fmt = TaskFormat(ckpt.tokenizer, cfg.arch, trained.get("max_length", cfg.context_length), trained.get("prompt", DEFAULT_PROMPT))
