@@ -1,12 +1,14 @@
 """Generation speed of lmforge's engine, and of transformers' `generate` on the same weights.
 
-    python bench/decode.py --preset gpt2-124m --batch 1 [--compile] [--compare-hf] [--device cpu]
+    python bench/decode.py --preset gpt2-124m --batch 1 [--compile] [--compare-hf [--hf-mode same|eager|compile]] [--device cpu]
 
 Random weights, random prompts of --prompt-len tokens, --new-tokens greedy tokens each (no
 end-of-text stop). One JSON line per measurement: {"what", "preset", "device", "dtype", "batch",
 "prompt_len", "new_tokens", "tokens_per_s", "ms_per_step", "ttft_ms", "peak_memory_gb"}; with
 --compare-hf a line for transformers and a last line with "ratio" = lmforge / transformers tokens/s
-and how many greedy sequences came out identical. `--repeat N` times each side N times, taking
+and how many greedy sequences came out identical. transformers runs under the engine's setting
+(`--compile`: a static cache and torch.compile, its fastest documented setting; otherwise eager
+with its default dynamic cache) unless `--hf-mode` says otherwise. `--repeat N` times each side N times, taking
 turns (engine, transformers, engine, ...) so that a busy machine slows both alike, and reports the
 median of each; "ratios" lists the ratio of each turn.
 """
@@ -112,6 +114,9 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers' generate on the same weights")
+    p.add_argument("--hf-mode", choices=["same", "eager", "compile"], default="same",
+                   help="transformers' setting: the same as the engine's (default), eager with its dynamic cache, "
+                        "or compiled with a static cache (its fastest documented setting)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeat", type=int, default=1, help="time each side this many times, taking turns; report medians")
     args = p.parse_args()
@@ -136,6 +141,7 @@ def main() -> None:
             "dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "compile": args.compile, "torch": torch.__version__}
     hf = None
+    hf_compile = args.compile if args.hf_mode == "same" else args.hf_mode == "compile"
     if args.compare_hf:
         import transformers
 
@@ -146,7 +152,7 @@ def main() -> None:
         if hf is not None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            hf_runs.append(run_hf(hf, prompts, args.new_tokens, args.compile, device))
+            hf_runs.append(run_hf(hf, prompts, args.new_tokens, hf_compile, device))
     median = lambda rs: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "ms_per_step", "ttft_ms")}
     tokens = runs[0]["tokens"]
     assert all(r["tokens"] == tokens for r in runs)
@@ -158,7 +164,7 @@ def main() -> None:
         # Greedy on the same weights: identical tokens in fp32 (bf16 may part ways at a near-tie).
         same = sum(a == b for a, b in zip(tokens, hf_runs[0]["tokens"]))
         print(json.dumps({"what": "transformers generate", **base, "transformers": transformers.__version__, "repeat": args.repeat,
-                          **theirs, "cache": "static" if args.compile else "dynamic",
+                          **theirs, "compile": hf_compile, "cache": "static" if hf_compile else "dynamic",
                           "peak_memory_gb": round(peak_memory_gb(device), 3)}), flush=True)
         print(json.dumps({"what": "ratio lmforge / transformers", **base,
                           "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),

@@ -137,6 +137,23 @@ def test_encoder_decoder_is_refused():
         Engine(m)
 
 
+def test_compiled_cpu_decode_equals_eager_and_writes_the_cache_in_place():
+    """The compiled step (inductor's C++ wrapper on CPU) over all slots, with requests joining
+    and leaving: the same tokens as eager, written into the engine's own cache buffers."""
+    model = varied_transformer(3, position="rotary", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False)
+    lengths = [12, 5, 20, 9, 3, 15, 7]
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in lengths]
+    eager = Engine(model, max_batch=3, prefill_chunk=4).generate(PROMPTS, params)
+    engine = Engine(model, max_batch=3, prefill_chunk=4, compile=True)
+    buffers = [t.data_ptr() for t in engine.cache.k + engine.cache.v]
+    compiled = engine.generate(PROMPTS, params)
+    assert [r.output for r in compiled] == [r.output for r in eager]
+    assert [t.data_ptr() for t in engine.cache.k + engine.cache.v] == buffers
+    # The last request decoded in slot 0 up to position len(prompt) + 7 - 2: its keys are in that slot.
+    last = compiled[-1]
+    assert last.slot is not None and engine.cache.k[0][last.slot, :, len(last.prompt) + len(last.output) - 2].abs().sum() > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled step is captured in CUDA graphs")
 def test_compiled_cuda_graph_decode_equals_eager():

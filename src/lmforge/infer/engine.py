@@ -392,15 +392,18 @@ class Engine:
         """The decode step under torch.compile, for a fixed batch of all slots.
 
         On CUDA it is captured in CUDA graphs ("reduce-overhead"); the cache buffers are marked
-        static so that the graphs may write them in place.
+        static so that the graphs may write them in place. On CPU the generated code is called
+        through inductor's C++ wrapper: at one token per row, a Python wrapper that checks and
+        reinterprets every buffer costs as much as the model (0.15 against 0.12 ms per step for
+        `tiny`, see README).
         """
         if self.device.type == "cuda":
             mark = getattr(torch._dynamo, "mark_static_address", None)
             if mark is not None:
-                mark(self.cache.k)
-                mark(self.cache.v)
+                for t in self.cache.k + self.cache.v:
+                    mark(t)
             return torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
-        return torch.compile(_decode_step, dynamic=False)
+        return torch.compile(_decode_step, dynamic=False, options={"cpp_wrapper": True})
 
 
 class QueueFull(UserError):
