@@ -1,6 +1,6 @@
 """Load test of `lmforge serve`: the same streaming requests one at a time, then all at once.
 
-    python bench/serve_load.py CKPT [--clients 64] [--max-tokens 64] [--max-batch 64] [--device cpu] [--threads N]
+    python bench/serve_load.py CKPT [--clients 64] [--max-tokens 64] [--max-batch 64] [--max-seq-len N] [--device cpu] [--threads N]
 
 Starts `lmforge serve CKPT` in a subprocess on a free loopback port, sends --clients streaming
 completions (greedy, end-of-text ignored, so every request makes exactly --max-tokens tokens)
@@ -81,6 +81,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-seq-len", type=int, default=None, help="the server's --max-seq-len (default: the model's context)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="the server's torch threads (1 on a small shared CPU)")
     p.add_argument("--writes-per-step", type=int, default=None, help="the server's --writes-per-step (default: its own)")
@@ -95,6 +96,7 @@ def main() -> None:
         [sys.executable, "-m", "lmforge", "serve", args.checkpoint, "--port", str(port), "--device", args.device,
          "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.clients)]
         + (["--threads", str(args.threads)] if args.threads else [])
+        + (["--max-seq-len", str(args.max_seq_len)] if args.max_seq_len else [])
         + (["--writes-per-step", str(args.writes_per_step)] if args.writes_per_step is not None else []),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy(),
     )
@@ -110,7 +112,7 @@ def main() -> None:
                 time.sleep(0.2)
         prompts = [WORDS[i % len(WORDS)] + " " * (i // len(WORDS)) for i in range(args.clients)]
         base = {"checkpoint": args.checkpoint, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
-                "device": args.device, "threads": args.threads, "writes_per_step": args.writes_per_step, "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+                "max_seq_len": args.max_seq_len, "device": args.device, "threads": args.threads, "writes_per_step": args.writes_per_step, "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
         asyncio.run(run(url, prompts[:2], 4, concurrent=False))  # warm up
         rounds = []
         for _ in range(args.repeat):

@@ -195,3 +195,13 @@ def test_text_stream_decodes_incrementally_to_the_whole_text(lm):
     decode = lambda ids: "".join(words[i] for i in ids).removeprefix(" ")
     stream = TextStream(decode)
     assert "".join(stream.push(t)[0] for t in [0, 1, 2, 3, 1]) == "the cats sat cat"
+
+
+def test_cache_size_is_checked_and_max_seq_len_caps_requests(model):
+    with pytest.raises(UserError, match=r"KV cache for 1000000000 sequences .* GiB is free; lower max_batch"):
+        Engine(model, max_batch=10**9)
+    engine = Engine(model, max_batch=2, max_seq_len=16)
+    assert engine.cache.k[0].shape[2] == 16 and engine.cache_bytes == sum(t.nbytes for t in engine.cache.k + engine.cache.v)
+    with pytest.raises(UserError, match="exceed the context of 16"):
+        engine.add([1, 2, 3], SamplingParams(max_tokens=14))
+    assert len(engine.generate([[1, 2, 3]], SamplingParams(max_tokens=13, temperature=0))[0].output) == 13

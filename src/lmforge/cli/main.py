@@ -187,6 +187,9 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(srv, "api_key", default=None, help="require `Authorization: Bearer KEY` on /v1 and /metrics")
     _option(srv, "device", default="auto")
     _option(srv, "max_batch", type=int, default=16, help="KV-cache slots: sequences decoded together")
+    _option(srv, "max_seq_len", type=int | None, default=None,
+            help="tokens per sequence, prompt plus completion (default: the model's context); the KV cache "
+                 "holds max_batch x max_seq_len")
     _option(srv, "max_queue", type=int, default=256, help="waiting requests beyond which the server answers 429")
     _option(srv, "prefill_chunk", type=int, default=256, help="prompt tokens prefilled per step")
     _option(srv, "compile", action="store_true", help="compile the decode step (CUDA graphs on GPU)")

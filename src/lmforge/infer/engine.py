@@ -26,6 +26,7 @@ import torch
 
 from lmforge.infer.sampling import SamplingParams, sample_rows
 from lmforge.model import Transformer
+from lmforge.utils.device import free_memory
 from lmforge.utils.errors import UserError
 
 
@@ -146,13 +147,21 @@ class Engine:
         if model.config.arch != "decoder":
             raise UserError(f"the engine runs decoder-only models; this checkpoint is an {model.config.arch} model "
                             "(use lmforge.infer.generate_tokens or beam_search for an encoder-decoder)")
-        if max_batch < 1 or prefill_chunk < 1:
-            raise UserError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
+        if max_batch < 1 or prefill_chunk < 1 or (max_seq_len is not None and max_seq_len < 2):
+            raise UserError(f"max_batch and prefill_chunk must be >= 1 and max_seq_len >= 2, "
+                            f"got {max_batch}, {prefill_chunk} and {max_seq_len}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_seq_len = min(max_seq_len or model.config.context_length, model.config.context_length)
         self.max_batch, self.prefill_chunk, self.max_waiting = max_batch, prefill_chunk, max_waiting
         self.prefill_budget = prefill_budget or prefill_chunk
         self.device = model.tok_embeddings.weight.device
+        c, itemsize = model.config, model.tok_embeddings.weight.element_size()
+        self.cache_bytes = 2 * c.n_layer * max_batch * c.kv_heads * self.max_seq_len * c.head_size * itemsize
+        free = free_memory(self.device)
+        if free is not None and self.cache_bytes > 0.9 * free:
+            raise UserError(
+                f"the KV cache for {max_batch} sequences of {self.max_seq_len} tokens needs {self.cache_bytes / 2**30:.1f} GiB "
+                f"and {free / 2**30:.1f} GiB is free; lower max_batch or max_seq_len (lmforge serve: --max-batch, --max-seq-len)")
         self.cache = model.new_cache(max_batch, self.max_seq_len)
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()

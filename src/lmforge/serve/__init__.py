@@ -15,18 +15,20 @@ def create_app(
     device: str = "auto",
     api_key: str | None = None,
     max_batch: int = 16,
+    max_seq_len: int | None = None,
     max_queue: int = 256,
     prefill_chunk: int = 256,
     compile: bool = False,
     model_name: str | None = None,
     writes_per_step: int = 8,
 ):
-    """Load `checkpoint` and build its app (see `build_app`)."""
+    """Load `checkpoint` and build its app (see `build_app`). The KV cache holds `max_batch`
+    sequences of `max_seq_len` tokens, prompt and completion (default: the model's context)."""
     from lmforge.infer import Engine, load
 
     lm = load(checkpoint, device=device)
-    engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk, max_waiting=max_queue,
-                    compile=compile)
+    engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
+                    max_waiting=max_queue, compile=compile)
     name = model_name or (Path(lm.path).parent.name if lm.path is not None else "lmforge")
     return build_app(lm, engine, model_name=name, api_key=api_key, writes_per_step=writes_per_step)
 
@@ -40,4 +42,8 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, log
     if threads:
         torch.set_num_threads(threads)
 
-    uvicorn.run(create_app(checkpoint, **kwargs), host=host, port=port, log_level=log_level)
+    app = create_app(checkpoint, **kwargs)
+    engine = app.state.runner.engine
+    print(f"KV cache: {engine.max_batch} sequences x {engine.max_seq_len} tokens ({engine.cache_bytes / 2**30:.2f} GiB) "
+          f"on {engine.device}", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
