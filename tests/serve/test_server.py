@@ -77,6 +77,18 @@ def test_completion_equals_local_generation_and_counts_usage(client, lm):
     assert r.choices[0].finish_reason in ("stop", "length")
 
 
+def test_token_id_prompts(client, lm):
+    ids = [lm.tokenizer.encode(p) for p in PROMPTS[:2]]
+    texts = [c.text for c in client.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=8, temperature=0).choices]
+    one = client.completions.create(model="tiny", prompt=ids[0], max_tokens=8, temperature=0)
+    assert one.choices[0].text == texts[0] and one.usage.prompt_tokens == len(ids[0])
+    both = client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=0)
+    assert [c.text for c in both.choices] == texts
+    for bad in ([10**6], [[]]):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="tiny", prompt=bad, max_tokens=8)
+
+
 def test_streaming_equals_the_whole_answer(client):
     whole = client.completions.create(model="tiny", prompt="JULIET:", max_tokens=25, temperature=0)
     chunks = list(client.completions.create(model="tiny", prompt="JULIET:", max_tokens=25, temperature=0, stream=True,

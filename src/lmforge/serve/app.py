@@ -59,7 +59,8 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str]]
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+        description="text, texts, token ids, or lists of token ids (one completion per prompt)")
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -309,10 +310,13 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not texts:
+        prompt = body.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]  # one prompt: a text or a list of token ids
+        if not prompt or any(len(p) == 0 for p in prompt):
             raise APIError(400, "prompt is empty", param="prompt")
-        return await respond(body, [encode(t) for t in texts], False, body.logprobs, body.max_tokens)
+        return await respond(body, [encode(p) if isinstance(p, str) else p for p in prompt], False, body.logprobs,
+                             body.max_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
