@@ -89,6 +89,17 @@ def test_two_processes_match_one_with_the_same_global_batch(single, data_dir, tm
 
 
 @pytest.mark.slow
+def test_muon_under_fsdp_matches_one_process(data_dir, tmp_path):
+    """Muon orthogonalises whole matrices: each FSDP2 rank gathers its shards, and the run equals one process."""
+    muon = dict(optim="muon", muon_lr=0.02)
+    single = pretrain(data_dir, tmp_path / "one", preset("tiny", dropout=0.1), tiny_train_config(**TRAIN, **muon, grad_accum=2), **quiet)
+    out = tmp_path / "fsdp"
+    torchrun(data_dir, out, "--train.grad_accum", "1", "--train.parallel", "fsdp", "--train.optim", "muon", "--train.muon_lr", "0.02")
+    np.testing.assert_allclose(losses(out), losses(single.out), atol=1e-5, rtol=0)
+    assert_same_weights(find_checkpoints(out)[-1], single.checkpoint)
+
+
+@pytest.mark.slow
 def test_one_process_checkpoint_resumes_on_two_with_fsdp(single, data_dir, tmp_path):
     """The single-file checkpoint (index-keyed optimizer state) is sharded onto FSDP2 parameters."""
     out = tmp_path / "run"

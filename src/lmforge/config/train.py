@@ -95,8 +95,6 @@ class TrainConfig:
             raise UserError(f"train.optim={self.optim!r} is not supported; use one of ['adamw', 'muon']")
         if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0:
             raise UserError(f"need train.muon_lr > 0 and 0 <= train.muon_momentum < 1, got {self.muon_lr}, {self.muon_momentum}")
-        if self.optim == "muon" and self.parallel == "fsdp":
-            raise UserError("Muon orthogonalises whole matrices, which FSDP2 shards; use --train.parallel ddp with --train.optim muon")
         if self.chunked_loss < 0:
             raise UserError(f"train.chunked_loss must be >= 0 (0 turns it off), got {self.chunked_loss}")
         if self.seq_len is not None and self.seq_len < 1:

@@ -10,6 +10,11 @@ from torch import nn
 from lmforge.config import TrainConfig
 from lmforge.model.blocks import MLP, CrossAttention, SelfAttention
 
+try:  # FSDP2's sharded parameters (torch builds without distributed support have none)
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # pragma: no cover
+    DTensor = Replicate = None
+
 
 def param_groups(model: nn.Module, weight_decay: float, exclude: set[int] = frozenset()) -> list[dict]:
     """AdamW groups: decay on weight matrices only; never on norms, biases or embeddings.
@@ -184,6 +189,10 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - beta)
             nesterov = torch.lerp(p.grad, buf, beta)  # look ahead along M
+            if DTensor is not None and isinstance(nesterov, DTensor):
+                # FSDP2 holds a shard of rows; Newton-Schulz needs the whole matrix. Every rank
+                # gathers it and orthogonalises the same thing, then keeps its own rows below.
+                nesterov = nesterov.full_tensor()
             blocks.append(nesterov.split(group["rows"]) if group["rows"] else (nesterov,))
         # Blocks of one shape are orthogonalised together: one batched iteration, not one per matrix.
         by_shape: dict[torch.Size, list[tuple[int, int]]] = {}
@@ -197,9 +206,13 @@ class Muon(torch.optim.Optimizer):
             for k, (i, j) in enumerate(where):
                 updates[i][j] = ortho[k]
         for p, ups in zip(params, updates):
+            update = (torch.cat(ups) if len(ups) > 1 else ups[0]).to(p.dtype)
+            if DTensor is not None and isinstance(p, DTensor):  # the whole update, cut to this rank's shard (no communication)
+                mesh = p.device_mesh
+                update = DTensor.from_local(update, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(mesh, p.placements)
             if group["weight_decay"]:
                 p.mul_(1 - lr * group["weight_decay"])
-            p.add_((torch.cat(ups) if len(ups) > 1 else ups[0]).to(p.dtype), alpha=-lr)
+            p.add_(update, alpha=-lr)
 
     def _adamw(self, params: list[torch.Tensor], lr: float, group: dict) -> None:
         """torch.optim.AdamW's update (decoupled decay, bias correction) on a list of tensors at once."""
