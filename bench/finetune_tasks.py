@@ -25,8 +25,9 @@ from lmforge.evaluate import evaluate_task
 from lmforge.finetune import finetune
 from lmforge.train import pretrain
 from lmforge.utils.device import resolve_device
+from _data import shared_data  # bench/_data.py
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_data()
 M30K = DATA / "translation" / "multi30k-en-de"
 
 # Each row: how to fine-tune (finetune() keyword arguments and TrainConfig overrides) and what to score.

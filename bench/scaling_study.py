@@ -21,8 +21,9 @@ from pathlib import Path  # noqa: E402
 
 from lmforge.data import prepare, train_tokenizer  # noqa: E402
 from lmforge.scaling import ParametricLaw, approach3, fit, read_runs, sweep  # noqa: E402
+from _data import shared_data  # noqa: E402  (bench/_data.py)
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lm"
+DATA = shared_data() / "lm"
 BOOKS = ["austen-emma", "austen-persuasion", "blake-poems", "chesterton-brown", "milton-paradise",
          "shakespeare-hamlet", "whitman-leaves"]
 

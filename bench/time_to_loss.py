@@ -40,8 +40,9 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train.objectives import Objective
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.utils.device import autocast, autocast_dtype, resolve_device
+from _data import shared_data  # bench/_data.py
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lm"
+DATA = shared_data() / "lm"
 
 
 def corpus_files() -> list[Path]:
