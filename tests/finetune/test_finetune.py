@@ -103,9 +103,12 @@ def test_tagging_on_wnut17_with_an_encoder(encoder, tmp_path):
     assert val[-1] < val[0]
     result = evaluate_task(run.checkpoint, None, data, device="cpu")
     assert result["task"] == "tag" and result["examples"] == 300 and {"precision", "recall", "f1"} <= set(result)
-    tagged = pipeline(None, run.checkpoint, device="cpu")("Empire State Building is in New York")
-    assert len(tagged["tags"]) == 7 and all(t == "O" or t[:2] in ("B-", "I-") for t in tagged["tags"])
+    text = "Empire State Building, is in New York!"
+    tagged = pipeline(None, run.checkpoint, device="cpu")(text)
+    assert tagged["words"] == ["Empire", "State", "Building", ",", "is", "in", "New", "York", "!"]
+    assert len(tagged["tags"]) == 9 and all(t == "O" or t[:2] in ("B-", "I-") for t in tagged["tags"])
     assert [e["type"] for e in tagged["entities"]] == [t[2:] for t in tagged["tags"] if t.startswith("B-")]
+    assert all(text[e["start"]:e["end"]] == e["text"] for e in tagged["entities"])
 
 
 def _squad_slice(path, n_articles=3, n_paragraphs=3):

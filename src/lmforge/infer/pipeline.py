@@ -12,6 +12,7 @@ trainer state), batched, and long ones handled: classification and tagging keep 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -49,8 +50,8 @@ class Pipeline:
 
     def __call__(self, inputs: Any = None, **kwargs: Any) -> Any:
         """One input gives one result; a list gives a list. QA takes {"question", "context"}
-        dicts or question=..., context=...; tag takes a text (split on spaces) or a list of
-        texts or word lists; sft takes a list of messages (a string is one user message)."""
+        dicts or question=..., context=...; tag takes a text (split into words and punctuation,
+        see `split_words`; entities carry character offsets) or a list of texts or word lists; sft takes a list of messages (a string is one user message)."""
         if self.task == "qa" and inputs is None:
             inputs = kwargs
         if self.task == "qa":
@@ -85,7 +86,8 @@ class Pipeline:
 
     def _tag(self, items: list[str | list[str]]) -> list[dict[str, Any]]:
         labels = self.model.config.labels
-        words = [item.split() if isinstance(item, str) else list(item) for item in items]
+        spans_of = [split_words(item) if isinstance(item, str) else None for item in items]
+        words = [[item[a:b] for a, b in spans] if spans is not None else list(item) for item, spans in zip(items, spans_of)]
         encoded = [self.format.tag(w) for w in words]
         out: list[dict[str, Any]] = []
         done = 0
@@ -94,8 +96,13 @@ class Pipeline:
                 w, first = words[done], encoded[done][1]
                 # Words cut off by max_length get "O": the model never saw them.
                 tags = _valid_iob2([labels[row[t]] if t >= 0 else "O" for t in first])
-                spans = [{"type": kind, "text": " ".join(w[a : b + 1]), "first_word": a, "last_word": b}
-                         for kind, a, b in entities(tags)]
+                spans = []
+                for kind, a, b in entities(tags):
+                    span = {"type": kind, "text": " ".join(w[a : b + 1]), "first_word": a, "last_word": b}
+                    if spans_of[done] is not None:  # raw text: the entity as written, with its character offsets
+                        start, end = spans_of[done][a][0], spans_of[done][b][1]
+                        span.update(text=items[done][start:end], start=start, end=end)
+                    spans.append(span)
                 out.append({"words": w, "tags": tags, "entities": spans})
                 done += 1
         return out
@@ -173,6 +180,21 @@ def _best_span(logits: torch.Tensor, offsets: Sequence[tuple[int, int] | None], 
     flat = int(scores.argmax())
     s, e = divmod(flat, T)
     return float(scores.view(-1)[flat]), offsets[s][0], offsets[e][1]
+
+
+# Words as the tagging corpora write them (Penn Treebank style, with WNUT-17's Twitter tokens): a
+# URL, an @mention or #hashtag, a number with separators ("30,000"), a clitic split off ("do" "n't",
+# "John" "'s"), letters and digits with inner hyphens ("state-of-the-art"), or one other character.
+_WORD = re.compile(
+    r"https?://\S+|[@#]\w+|\d+(?:[.,]\d+)+|\w+?(?=n['’]t\b)|n['’]t\b|['’](?:s|m|d|ll|re|ve)\b|\w+(?:-\w+)*|[^\w\s]",
+    re.IGNORECASE,
+)
+
+
+def split_words(text: str) -> list[tuple[int, int]]:
+    """The (start, end) character offsets of the words of raw text, punctuation split off as the
+    tagging corpora do, so that a model trained on them sees words of the same kind."""
+    return [m.span() for m in _WORD.finditer(text)]
 
 
 def _valid_iob2(tags: list[str]) -> list[str]:
