@@ -38,7 +38,8 @@ test: $(STAMP)
 # hand: bench/serve_load.py CKPT and bench/finetune_tasks.py --base CKPT.
 bench: $(STAMP)
 	$(BIN)/python bench/train_throughput.py --preset demo --vocab-size 2048 --batch-size 16 --steps 20 --device cpu --threads 1 --compare-hf
-	$(BIN)/python bench/decode.py --preset tiny --vocab-size 512 --batch 1 --prompt-len 16 --new-tokens 40 --compare-hf --threads 1 --repeat 5
+	for b in 1 8; do for mode in "" "--compile --hf-mode eager" "--compile"; do \
+	  $(BIN)/python bench/decode.py --preset tiny --vocab-size 512 --batch $$b --prompt-len 16 --new-tokens 40 --compare-hf $$mode --threads 1 --repeat 5; done; done
 	$(BIN)/python bench/distributed_train.py --preset demo --steps 30
 	$(BIN)/python bench/time_to_loss.py --preset demo --target-loss 4.7 --vocab-size 2048 --batch-size 16 --max-steps 400 --lr 3e-3 --eval-interval 25 --device cpu --threads 1 --cache runs/bench-ttl
 	$(BIN)/python bench/scaling_study.py
