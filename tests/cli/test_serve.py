@@ -22,7 +22,7 @@ def test_serve_verb_answers_and_guards_with_a_key(trained_run):
     env = {**os.environ, "PYTHONPATH": os.path.abspath(SRC)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmforge", "serve", str(trained_run.out), "--port", str(port), "--api-key", "k",
-         "--device", "cpu", "--max-batch", "4"],
+         "--device", "cpu", "--max-batch", "4", "--max-seq-len", "40"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
@@ -38,9 +38,12 @@ def test_serve_verb_answers_and_guards_with_a_key(trained_run):
         r = httpx.post(url + "/v1/completions", headers={"Authorization": "Bearer k"},
                        json={"prompt": "ROMEO:", "max_tokens": 5, "temperature": 0})
         assert r.status_code == 200 and r.json()["model"] == "tiny" and r.json()["usage"]["completion_tokens"] >= 1
+        card = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()["data"][0]
+        assert card["max_model_len"] == 40
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+    assert "KV cache: 4 sequences x 40 tokens" in proc.stdout.read().decode()
 
 
 def test_serve_missing_checkpoint_is_one_line(capsys, tmp_path):

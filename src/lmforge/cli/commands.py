@@ -235,8 +235,9 @@ def serve_cmd(args: Namespace) -> None:
     if args.port < 0 or args.port > 65535:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, device=args.device,
-          max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, compile=args.compile,
-          model_name=args.model_name, threads=args.threads, writes_per_step=args.writes_per_step)
+          max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
+          prefill_chunk=args.prefill_chunk, compile=args.compile, model_name=args.model_name, threads=args.threads,
+          writes_per_step=args.writes_per_step)
 
 
 def export_hf_cmd(args: Namespace) -> dict[str, Any]:

@@ -51,7 +51,8 @@ class Pipeline:
     def __call__(self, inputs: Any = None, **kwargs: Any) -> Any:
         """One input gives one result; a list gives a list. QA takes {"question", "context"}
         dicts or question=..., context=...; tag takes a text (split into words and punctuation,
-        see `split_words`; entities carry character offsets) or a list of texts or word lists; sft takes a list of messages (a string is one user message)."""
+        see `split_words`; entities carry character offsets) or a list of texts or word lists;
+        sft takes a list of messages (a string is one user message)."""
         if self.task == "qa" and inputs is None:
             inputs = kwargs
         if self.task == "qa":
