@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from lmforge.config import preset
 from lmforge.infer import Engine, QueueFull, SamplingConfig, SamplingParams, TextStream, generate_tokens, load
@@ -144,9 +145,11 @@ def test_compiled_cpu_decode_equals_eager_and_writes_the_cache_in_place():
     lengths = [12, 5, 20, 9, 3, 15, 7]
     params = [SamplingParams(temperature=0, max_tokens=n) for n in lengths]
     eager = Engine(model, max_batch=3, prefill_chunk=4).generate(PROMPTS, params)
-    engine = Engine(model, max_batch=3, prefill_chunk=4, compile=True)
+    engine = Engine(model, max_batch=3, prefill_chunk=4, compile=True)  # compiles the step here, not in a request
     buffers = [t.data_ptr() for t in engine.cache.k + engine.cache.v]
+    graphs = counters["stats"]["unique_graphs"]
     compiled = engine.generate(PROMPTS, params)
+    assert counters["stats"]["unique_graphs"] == graphs  # the warm-up's graph serves every step
     assert [r.output for r in compiled] == [r.output for r in eager]
     assert [t.data_ptr() for t in engine.cache.k + engine.cache.v] == buffers
     # The last request decoded in slot 0 up to position len(prompt) + 7 - 2: its keys are in that slot.

@@ -172,6 +172,7 @@ class Engine:
         self._decode = _decode_step
         if compile:
             self._decode = self._compile()
+            self._warm_up()
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -413,6 +414,14 @@ class Engine:
                     mark(t)
             return torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
         return torch.compile(_decode_step, dynamic=False, options={"cpp_wrapper": True})
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Compile (and on CUDA capture) the decode step now rather than inside the first request.
+        Every slot writes a key at position 0, which its prefill overwrites before anything reads it."""
+        tokens, start = torch.zeros(2, self.max_batch, dtype=torch.long, device=self.device).unbind()  # as in _decode_all
+        for _ in range(3):  # CUDA graph trees record on the second call and replay from the third
+            self._decode(self.model, tokens, start, self.cache)
 
 
 class QueueFull(UserError):
