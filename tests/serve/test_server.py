@@ -89,6 +89,16 @@ def test_token_id_prompts(client, lm):
             client.completions.create(model="tiny", prompt=bad, max_tokens=8)
 
 
+def test_echo_puts_the_prompt_first(client):
+    plain = client.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=6, temperature=0, n=2)
+    echoed = client.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=6, temperature=0, n=2, echo=True)
+    assert [c.text for c in echoed.choices] == [PROMPTS[i // 2] + c.text for i, c in enumerate(plain.choices)]
+    stream = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == echoed.choices[0].text
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, echo=True, logprobs=1)
+
+
 def test_streaming_equals_the_whole_answer(client):
     whole = client.completions.create(model="tiny", prompt="JULIET:", max_tokens=25, temperature=0)
     chunks = list(client.completions.create(model="tiny", prompt="JULIET:", max_tokens=25, temperature=0, stream=True,

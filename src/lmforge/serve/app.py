@@ -63,6 +63,7 @@ class CompletionRequest(_Sampling):
         description="text, texts, token ids, or lists of token ids (one completion per prompt)")
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = Field(False, description="put the prompt's text before each completion's")
 
 
 class TextPart(BaseModel):
@@ -218,7 +219,9 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
         n_prompt = sum(len(p) for p in prompts)
         return {"prompt_tokens": n_prompt, "completion_tokens": completion, "total_tokens": n_prompt + completion}
 
-    async def respond(body: _Sampling, prompts: list[list[int]], chat: bool, logprobs: int | None, max_tokens: int | None):
+    async def respond(body: _Sampling, prompts: list[list[int]], chat: bool, logprobs: int | None, max_tokens: int | None,
+                      echo: list[str] | None = None):
+        """`echo`: a text per prompt that goes before each of its completions (the prompt itself)."""
         queue, ids = await start(body, prompts, logprobs, max_tokens)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         kind = "chat.completion" if chat else "text_completion"
@@ -253,7 +256,7 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
                 if chat:
                     c["message"] = {"role": "assistant", "content": texts[i]}
                 else:
-                    c["text"] = texts[i]
+                    c["text"] = (echo[i // body.n] if echo else "") + texts[i]
                 choices.append(c)
             return {**head, "choices": choices, "usage": usage(prompts, generated)}
 
@@ -273,6 +276,10 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
                     for i in range(n_choices):
                         yield sent({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                          "logprobs": None, "finish_reason": None}]})
+                elif echo:
+                    for i in range(n_choices):
+                        yield chunk_head + _dumps({"index": i, "logprobs": None, "finish_reason": None,
+                                                   "text": echo[i // body.n]}) + chunk_tail
                 while pending:
                     # Whatever arrived while we were writing goes out together: one chunk per choice,
                     # so a loaded server sends fewer, larger chunks instead of falling behind.
@@ -315,8 +322,11 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             prompt = [prompt]  # one prompt: a text or a list of token ids
         if not prompt or any(len(p) == 0 for p in prompt):
             raise APIError(400, "prompt is empty", param="prompt")
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs (the prompt's log-probabilities) is not supported", param="echo")
+        echo = [p if isinstance(p, str) else tok.decode(p) for p in prompt] if body.echo else None
         return await respond(body, [encode(p) if isinstance(p, str) else p for p in prompt], False, body.logprobs,
-                             body.max_tokens)
+                             body.max_tokens, echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
