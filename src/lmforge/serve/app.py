@@ -322,6 +322,9 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             prompt = [prompt]  # one prompt: a text or a list of token ids
         if not prompt or any(len(p) == 0 for p in prompt):
             raise APIError(400, "prompt is empty", param="prompt")
+        vocab = engine.model.config.vocab_size
+        if any(not 0 <= t < vocab for p in prompt if not isinstance(p, str) for t in p):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs (the prompt's log-probabilities) is not supported", param="echo")
         echo = [p if isinstance(p, str) else tok.decode(p) for p in prompt] if body.echo else None
