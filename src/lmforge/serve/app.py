@@ -220,9 +220,11 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
         return {"prompt_tokens": n_prompt, "completion_tokens": completion, "total_tokens": n_prompt + completion}
 
     async def respond(body: _Sampling, prompts: list[list[int]], chat: bool, logprobs: int | None, max_tokens: int | None,
-                      echo: list[str] | None = None):
-        """`echo`: a text per prompt that goes before each of its completions (the prompt itself)."""
+                      echo: list[str | list[int]] | None = None):
+        """`echo`: per prompt, its text or token ids, whose text goes before each of its completions."""
         queue, ids = await start(body, prompts, logprobs, max_tokens)
+        if echo is not None:  # decoded only now that the engine has checked the ids
+            echo = [p if isinstance(p, str) else tok.decode(p) for p in echo]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         kind = "chat.completion" if chat else "text_completion"
         head = {"id": rid, "object": kind + (".chunk" if chat and body.stream else ""), "created": int(time.time()),
@@ -322,14 +324,10 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             prompt = [prompt]  # one prompt: a text or a list of token ids
         if not prompt or any(len(p) == 0 for p in prompt):
             raise APIError(400, "prompt is empty", param="prompt")
-        vocab = engine.model.config.vocab_size
-        if any(not 0 <= t < vocab for p in prompt if not isinstance(p, str) for t in p):
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs (the prompt's log-probabilities) is not supported", param="echo")
-        echo = [p if isinstance(p, str) else tok.decode(p) for p in prompt] if body.echo else None
         return await respond(body, [encode(p) if isinstance(p, str) else p for p in prompt], False, body.logprobs,
-                             body.max_tokens, echo)
+                             body.max_tokens, prompt if body.echo else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
