@@ -108,3 +108,11 @@ def test_penalties_change_the_greedy_choice():
 def test_bad_values_are_user_errors(bad):
     with pytest.raises(UserError):
         SamplingParams(**bad)
+
+
+def test_a_huge_top_k_keeps_every_token():
+    logits = torch.randn(2, 5)
+    params = [SamplingParams(temperature=1.0, top_k=2**70, seed=1), SamplingParams(temperature=1.0, top_k=0, seed=1)]
+    gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)]
+    tokens = sample_rows(torch.cat([logits[:1], logits[:1]]), params, gens).tokens
+    assert tokens[0] == tokens[1]

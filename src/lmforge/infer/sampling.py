@@ -62,6 +62,9 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        # Any top_k at or above the vocabulary keeps every token; cap it so that a huge one (an
+        # HTTP client may send 2**70) still fits the int64 tensor the sampler builds.
+        self.top_k = min(self.top_k, 2**31 - 1)
         self.stop = tuple(s for s in self.stop if s)
         self.stop_token_ids = tuple(self.stop_token_ids)
 
