@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lmforge.config import preset
+from lmforge.config.presets import SPEEDRUN
 from lmforge.model import Transformer
 from lmforge.model.blocks import SelfAttention, sinusoidal_table
 
@@ -42,11 +43,17 @@ def test_sinusoidal_table_equals_formula():
             assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(pos / 10000 ** (2 * i / d)), abs=1e-6)
 
 
-@pytest.mark.parametrize("position", ["learned", "sinusoidal"])
-def test_cached_forward_equals_full_forward(position):
-    """Prefill, a multi-token chunk after the cache, then single tokens: same logits as one pass."""
+@pytest.mark.parametrize("options", [dict(position="learned"), dict(position="sinusoidal"), SPEEDRUN],
+                         ids=["learned", "sinusoidal", "speedrun"])
+def test_cached_forward_equals_full_forward(options):
+    """Prefill, a multi-token chunk after the cache, then single tokens: same logits as one pass
+    (with the speedrun options too: QK-norm runs before the KV cache)."""
     torch.manual_seed(0)
-    model = Transformer(preset("tiny", vocab_size=100, position=position)).eval()
+    model = Transformer(preset("tiny", vocab_size=100, **options)).eval()
+    if options is SPEEDRUN:
+        with torch.no_grad():
+            for p in model.parameters():  # away from the zero init, so that every block matters
+                p.normal_(0.0, 0.2)
     idx = torch.randint(0, 100, (2, 20))
     full = model(idx)
     cache = model.new_cache(batch_size=2)
