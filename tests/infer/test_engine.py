@@ -203,6 +203,8 @@ def test_text_stream_decodes_incrementally_to_the_whole_text(lm):
 def test_cache_size_is_checked_and_max_seq_len_caps_requests(model):
     with pytest.raises(UserError, match=r"KV cache for 1000000000 sequences .* GiB is free; lower max_batch"):
         Engine(model, max_batch=10**9)
+    with pytest.raises(UserError, match="max_seq_len >= 2"):
+        Engine(model, max_seq_len=1)
     engine = Engine(model, max_batch=2, max_seq_len=16)
     assert engine.cache.k[0].shape[2] == 16 and engine.cache_bytes == sum(t.nbytes for t in engine.cache.k + engine.cache.v)
     with pytest.raises(UserError, match="exceed the context of 16"):
