@@ -43,13 +43,13 @@ ROWS = {
     ),
     "wnut17": dict(
         task="tag", data=DATA / "ner/wnut17/wnut17train.conll", val=DATA / "ner/wnut17/emerging.dev.conll",
-        eval=DATA / "ner/wnut17/emerging.test.annotated",
+        eval=DATA / "ner/wnut17/emerging.test.annotated", repeat_input=True,
         train=dict(max_steps=1500, batch_size=16, lr=5e-5, warmup_steps=100, seq_len=128),
     ),
     "squad": dict(
         task="qa", data=DATA / "qa/squad-v1.1-dev/dev-v1.1.json", eval=DATA / "qa/squad-v1.1-dev/dev-v1.1.json",
-        split_articles=0.8, doc_stride=128,
-        train=dict(max_steps=2000, batch_size=16, lr=5e-5, warmup_steps=100, seq_len=384),
+        split_articles=0.8, doc_stride=128, repeat_input=True,
+        train=dict(max_steps=2000, batch_size=16, lr=5e-5, warmup_steps=100, seq_len=512),
     ),
     "scitldr": dict(
         task="seq2seq", data=DATA / "summarization/scitldr/train.jsonl", val=DATA / "summarization/scitldr/dev.jsonl",
@@ -70,11 +70,11 @@ def _run_finetune(name: str, row: dict, base: Path, out: Path, device: str, smok
     train = {**FINETUNE_DEFAULTS, **row["train"], "device": device, "eval_interval": 250, "tensorboard": False}
     if smoke:
         train |= dict(max_steps=3, warmup_steps=1, eval_interval=0, batch_size=2, seq_len=min(train["seq_len"], 128))
-    kwargs = {k: row[k] for k in ("val", "split_articles", "doc_stride", "prompt") if k in row}
+    kwargs = {k: row[k] for k in ("val", "split_articles", "doc_stride", "prompt", "repeat_input") if k in row}
     lora = LoraConfig(**row["lora"]) if "lora" in row else None
     result = finetune(base, row["task"], row["data"], out / name, train=TrainConfig(**train), lora=lora, progress=False, **kwargs)
     flags = [f"--train.{k} {v}" for k, v in row["train"].items()] + [f"--lora.{k} {v}" for k, v in row.get("lora", {}).items()]
-    flags += [f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in kwargs.items()]
+    flags += [f"--{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}") for k, v in kwargs.items()]
     command = f"lmforge finetune {base} --task {row['task']} --data {row['data']} --out {out / name} " + " ".join(flags)
     return {"checkpoint": result.checkpoint, "trainable_params": result.trainable_params, "train_seconds": result.seconds,
             "commands": [command]}

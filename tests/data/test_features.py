@@ -92,3 +92,40 @@ def test_qa_stride_larger_than_the_window_still_advances_by_half_a_window(tok):
     windows = TaskFormat(tok, "decoder", max_length=40).qa("Q?", context, stride=128)
     ids = tok.encode(context)
     assert len(windows) <= 2 * len(ids) // 30 + 2  # not one window per token
+
+
+def test_repeated_tag_input_labels_the_second_copy(tok):
+    words = ["Hark", "!", "ROMEO", "speaks", "of", "Verona's", "walls"]
+    plain, first_plain = TaskFormat(tok, "decoder", max_length=64).tag(words, labels=list(range(len(words))))
+    f, first = TaskFormat(tok, "decoder", max_length=64, repeat=True).tag(words, labels=list(range(len(words))))
+    x = plain["input_ids"][:-1]  # the text without its <eot>
+    assert f["input_ids"] == [*x, tok.eot_id, *x, tok.eot_id]
+    assert first == [t + len(x) + 1 for t in first_plain]
+    assert [lab for lab in f["labels"] if lab != IGNORE_INDEX] == list(range(len(words)))
+    # Truncation leaves room for both copies.
+    long, first_long = TaskFormat(tok, "decoder", max_length=9, repeat=True).tag(["word"] * 20, labels=[1] * 20)
+    assert len(long["input_ids"]) <= 9 and first_long[0] == 4 and first_long[-1] == -1
+
+
+def test_repeated_qa_windows_mark_the_answer_in_the_second_copy(tok):
+    context = " ".join(f"line {i} of the play." for i in range(60)) + " The answer is Verona itself."
+    start = context.index("Verona")
+    windows = TaskFormat(tok, "decoder", max_length=48, repeat=True).qa("Where?", context, ("Verona", start), stride=16)
+    found = 0
+    for w in windows:
+        ids = w.feature["input_ids"]
+        assert len(ids) <= 48 and len(ids) % 2 == 1
+        half = len(ids) // 2
+        assert ids[:half] == ids[half + 1 :] and ids[half] == tok.eot_id  # head window <eot> head window
+        assert all(o is None for o in w.offsets[: half + 1 + len(tok.encode("Where?")) + 1])
+        if w.feature["start_positions"]:
+            found += 1
+            assert w.feature["start_positions"] > half
+            s, e = w.offsets[w.feature["start_positions"]][0], w.offsets[w.feature["end_positions"]][1]
+            assert context[s:e].strip() == "Verona"
+    assert found >= 1
+
+
+def test_repeat_is_for_decoders(tok):
+    with pytest.raises(UserError, match="for decoders"):
+        TaskFormat(tok, "encoder", 64, repeat=True)

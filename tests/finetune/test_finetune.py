@@ -14,6 +14,7 @@ from lmforge.evaluate import evaluate_task
 from lmforge.evaluate.metrics import accuracy
 from lmforge.finetune import finetune, merge_lora
 from lmforge.infer import load, pipeline, predict
+from lmforge.infer.pipeline import _valid_iob2
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
@@ -93,10 +94,14 @@ def test_freeze_layers_and_embeddings_keep_them_fixed(trained_run, tmp_path):
     assert not torch.equal(after["layers.1.attention.qkv.weight"], before["layers.1.attention.qkv.weight"])
 
 
+def _wnut_slice(path, n_sentences):
+    sentences = WNUT.read_text(encoding="utf-8").split("\n\t\n")[:n_sentences]  # WNUT ends a sentence with a line "\t"
+    path.write_text("\n\t\n".join(sentences) + "\n", encoding="utf-8")
+    return path
+
+
 def test_tagging_on_wnut17_with_an_encoder(encoder, tmp_path):
-    sentences = WNUT.read_text(encoding="utf-8").split("\n\t\n")[:300]  # WNUT ends a sentence with a line "\t"
-    data = tmp_path / "wnut-slice.conll"
-    data.write_text("\n\t\n".join(sentences) + "\n", encoding="utf-8")
+    data = _wnut_slice(tmp_path / "wnut-slice.conll", 300)
     run = finetune(encoder, "tag", data, tmp_path / "tag", val=data, train=_cfg(max_steps=60, eval_interval=10), **QUIET)
     rows = [json.loads(line) for line in open(run.out / "metrics.jsonl")]
     val = [r["val_loss"] for r in rows if r["kind"] == "val"]
@@ -109,6 +114,27 @@ def test_tagging_on_wnut17_with_an_encoder(encoder, tmp_path):
     assert len(tagged["tags"]) == 9 and all(t == "O" or t[:2] in ("B-", "I-") for t in tagged["tags"])
     assert [e["type"] for e in tagged["entities"]] == [t[2:] for t in tagged["tags"] if t.startswith("B-")]
     assert all(text[e["start"]:e["end"]] == e["text"] for e in tagged["entities"])
+
+
+def test_a_decoder_tagger_with_repeated_input_predicts_from_the_second_copy(trained_run, tmp_path):
+    data = _wnut_slice(tmp_path / "wnut-slice.conll", 100)
+    run = finetune(trained_run.out, "tag", data, tmp_path / "tag", repeat_input=True, train=_cfg(max_steps=10), **QUIET)
+    pipe = pipeline(None, run.checkpoint, device="cpu")
+    assert pipe.format.repeat  # read back from the checkpoint's trainer state
+    tok = pipe.tokenizer
+    spaced = [tok.decode([i]) for i in range(tok.vocab_size)]
+    words = [w[1:] for w in spaced if w[:1] == " " and w[1:].isalpha() and len(tok.encode(w[1:])) == 1][:8]
+    ids = tok.encode(" ".join(words))
+    assert len(ids) == len(words)  # one token per word, so the second copy's word i is at len(ids) + 1 + i
+    layout = [*ids, tok.eot_id, *ids, tok.eot_id]
+    feature, first = pipe.format.tag(words)
+    assert feature["input_ids"] == layout and first == [len(ids) + 1 + i for i in range(len(words))]
+    logits = pipe.model.task_logits(torch.tensor([layout]))[0]
+    labels = pipe.model.config.labels
+    raw = [labels[int(logits[len(ids) + 1 + i].argmax())] for i in range(len(words))]
+    assert pipe([words])[0]["tags"] == _valid_iob2(raw)
+    with pytest.raises(UserError, match="does not use it"):
+        finetune(trained_run.out, "classify", YELP, tmp_path / "c", repeat_input=True, **QUIET)
 
 
 def _squad_slice(path, n_articles=3, n_paragraphs=3):

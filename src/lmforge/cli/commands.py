@@ -67,7 +67,7 @@ def finetune_cmd(args: Namespace) -> dict[str, Any]:
         train=TrainConfig(**args.train.as_dict()), lora=LoraConfig(**args.lora.as_dict()),
         freeze_embeddings=args.freeze_embeddings, freeze_layers=args.freeze_layers, labels=args.labels,
         text_field=args.text_field, label_field=args.label_field, prompt=args.prompt, doc_stride=args.doc_stride,
-        dropout=args.dropout, resume=args.resume, log=_say(args),
+        repeat_input=args.repeat_input, dropout=args.dropout, resume=args.resume, log=_say(args),
     )
     unit = {"tag": " nats/word", "seq2seq": " nats/token", "sft": " nats/token"}.get(args.task, " nats/example")
     _report_run(result, _say(args), unit)

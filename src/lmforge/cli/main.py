@@ -119,6 +119,8 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(ft, "labels", nargs="+", default=None, help="classify/tag: the label set (default: the labels in --data)")
     _option(ft, "prompt", default="{source}\n\n", help="seq2seq on a decoder: how a source becomes a prompt")
     _option(ft, "doc_stride", type=int, default=128, help="qa: overlap in tokens of the windows over a long context")
+    _option(ft, "repeat_input", action="store_true",
+            help="tag/qa on a decoder: lay the input out twice and read the second copy, so every token sees the whole text")
     _option(ft, "dropout", type=float | None, default=None, help="dropout while fine-tuning (default: the model's)")
     _option(ft, "resume", action="store_true", help="continue from the latest checkpoint in --out")
     _json_flag(ft)

@@ -9,6 +9,13 @@ raw input exactly as its fine-tune did:
                      chat:          the chat template's text        (loss on assistant turns only)
     encoder-decoder  seq2seq:       source <eot>  ->  <start> target <eot>
 
+A causal model sees only the left context at each token, which is what a tagger or a span
+extractor most needs the right context for. `repeat=True` (decoders, tag and qa) lays the input
+out twice and reads the second copy, whose every token has attended to the whole first copy
+(Springer et al. 2024, "Repetition improves language model embeddings", arXiv:2402.15449):
+
+    decoder, repeat  tag:  text <eot> text <eot>       qa: question <eot> context <eot> question <eot> context
+
 Labels are aligned by character offsets, never by re-tokenising pieces: a word's label goes to
 its first sub-word token (HF's convention; the others get IGNORE_INDEX), a QA answer's character
 span becomes the first and last token that overlap it.
@@ -43,12 +50,15 @@ class QAWindow:
 
 
 class TaskFormat:
-    def __init__(self, tokenizer: Tokenizer, arch: str, max_length: int, prompt: str = DEFAULT_PROMPT) -> None:
+    def __init__(self, tokenizer: Tokenizer, arch: str, max_length: int, prompt: str = DEFAULT_PROMPT,
+                 repeat: bool = False) -> None:
         if max_length < 8:
             raise UserError(f"max_length {max_length} is too short for a task input; use at least 8 tokens")
         if "{source}" not in prompt:
             raise UserError(f"the prompt {prompt!r} has no {{source}} placeholder; e.g. --prompt 'Summarize: {{source}}\\n'")
-        self.tok, self.arch, self.max_length, self.prompt = tokenizer, arch, max_length, prompt
+        if repeat and arch != "decoder":
+            raise UserError(f"repeating the input is for decoders, whose tokens see only their left; an {arch} sees both sides")
+        self.tok, self.arch, self.max_length, self.prompt, self.repeat = tokenizer, arch, max_length, prompt, repeat
         self.encoder = arch == "encoder"
         # Imported BERT vocabularies name their markers [CLS]/[SEP]; lmforge's own <|cls|>/<|sep|>.
         self.cls_id = tokenizer.cls_id if tokenizer.cls_id is not None else tokenizer.hf.token_to_id("[CLS]")
@@ -79,9 +89,12 @@ class TaskFormat:
             starts.append(len(text))
             text += w
         ids, offsets = self.tok.encode_with_offsets(text)
-        keep = self.max_length - 2 if self.encoder else self.max_length - 1
+        keep = self.max_length - 2 if self.encoder else (self.max_length - 2) // 2 if self.repeat else self.max_length - 1
         ids, offsets = ids[:keep], offsets[:keep]
         shift = 1 if self.encoder else 0  # the [CLS] in front
+        if self.repeat:  # labels and predictions on the second copy
+            shift = len(ids) + 1
+            ids = [*ids, self.tok.eot_id, *ids]
         first, w = [-1] * len(words), 0
         for i, (_, end) in enumerate(offsets):
             while w + 1 < len(words) and starts[w + 1] < end:  # the token reaches into the next word
@@ -106,6 +119,8 @@ class TaskFormat:
         c_ids, c_off = self.tok.encode_with_offsets(context)
         head = [self.cls_id, *q_ids, self.sep_id] if self.encoder else [*q_ids, self.tok.eot_id]
         room = self.max_length - len(head) - (1 if self.encoder else 0)
+        if self.repeat:  # head window <eot> head window
+            room = (self.max_length - 2 * len(head) - 1) // 2
         if room < 4:
             raise UserError(f"max_length {self.max_length} leaves no room for the context after the question; raise it")
         step = room - min(stride, room // 2)  # overlap `stride` tokens, but always advance by half a window
@@ -117,12 +132,14 @@ class TaskFormat:
         for lo in range(0, max(len(c_ids) - room, 0) + step, step):
             hi = min(lo + room, len(c_ids))
             tail = [self.sep_id] if self.encoder else []
-            ids = head + c_ids[lo:hi] + tail
-            offsets: list[tuple[int, int] | None] = [None] * len(head) + list(c_off[lo:hi]) + [None] * len(tail)
+            first_copy = [*head, *c_ids[lo:hi], self.tok.eot_id] if self.repeat else []
+            ids = first_copy + head + c_ids[lo:hi] + tail
+            before = len(first_copy) + len(head)  # the tokens before the context that is scored
+            offsets: list[tuple[int, int] | None] = [None] * before + list(c_off[lo:hi]) + [None] * len(tail)
             start = end = 0  # "not in this window" points at the first token, as HF does with [CLS]
             if answer_tokens and lo <= answer_tokens[0] and answer_tokens[-1] < hi:
-                start, end = answer_tokens[0] - lo + len(head), answer_tokens[-1] - lo + len(head)
-            feature = {"input_ids": ids, "token_type_ids": [0] * len(head) + [1] * (len(ids) - len(head)),
+                start, end = answer_tokens[0] - lo + before, answer_tokens[-1] - lo + before
+            feature = {"input_ids": ids, "token_type_ids": [0] * before + [1] * (len(ids) - before),
                        "start_positions": start, "end_positions": end}
             windows.append(QAWindow(feature, offsets))
             if hi == len(c_ids):

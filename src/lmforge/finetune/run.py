@@ -52,6 +52,7 @@ def finetune(
     label_field: str | None = None,
     prompt: str = DEFAULT_PROMPT,
     doc_stride: int = 128,
+    repeat_input: bool = False,
     dropout: float | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -64,6 +65,8 @@ def finetune(
     `train.seq_len` caps the tokens of one example (default: the model's context). With
     `lora.r` > 0 only the adapters and the task head train; `freeze_embeddings` and
     `freeze_layers` k freeze the embeddings and the first k blocks of a full fine-tune.
+    `repeat_input` (decoders; tag and qa) lays each input out twice and reads the second copy,
+    so that every token has seen the whole text (see `lmforge.data.features`).
     """
     t0 = time.perf_counter()
     train = train or TrainConfig(**FINETUNE_DEFAULTS)
@@ -75,8 +78,10 @@ def finetune(
         raise UserError(f"--task {task} fine-tunes {' or '.join(_ARCHS[task])} models, but {ckpt.path} is an {cfg.arch}")
     if cfg.lora is not None:
         raise UserError(f"{ckpt.path} holds LoRA adapters; fold them in first with `lmforge merge-lora {ckpt.path} --out DIR`")
+    if repeat_input and task not in ("tag", "qa"):
+        raise UserError(f"--repeat-input helps a decoder see the right context in tag and qa; {task} does not use it")
     max_length = min(train.seq_len or cfg.context_length, cfg.context_length)
-    fmt = TaskFormat(ckpt.tokenizer, cfg.arch, max_length, prompt)
+    fmt = TaskFormat(ckpt.tokenizer, cfg.arch, max_length, prompt, repeat_input)
 
     train_examples = read_examples(task, data, target, text_field=text_field, label_field=label_field,
                                    labels=labels, split_articles=split_articles, part=0)
@@ -99,7 +104,8 @@ def finetune(
     _freeze(net, freeze_embeddings, freeze_layers)
     objective = TaskObjective(task, cfg.arch, fmt.pad_id, train.seed)
     mean_len = sum(len(f["input_ids"]) + len(f.get("src", ())) for f in train_features) / len(train_features)
-    task_state: dict[str, Any] = {"kind": task, "max_length": max_length, "prompt": prompt, "doc_stride": doc_stride}
+    task_state: dict[str, Any] = {"kind": task, "max_length": max_length, "prompt": prompt, "doc_stride": doc_stride,
+                                  "repeat": repeat_input}
     return fit(
         net, objective, ckpt.tokenizer, train, out, train_features, val_features,
         tokens_per_sample=max(round(mean_len), 1),

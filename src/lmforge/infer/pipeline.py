@@ -238,7 +238,8 @@ def pipeline(
     if head == "none" and model.config.arch == "encoder":
         raise UserError(f"an encoder cannot generate text for --task {task}; use a decoder or encoder-decoder checkpoint")
     cfg = model.config
-    fmt = TaskFormat(ckpt.tokenizer, cfg.arch, trained.get("max_length", cfg.context_length), trained.get("prompt", DEFAULT_PROMPT))
+    fmt = TaskFormat(ckpt.tokenizer, cfg.arch, trained.get("max_length", cfg.context_length), trained.get("prompt", DEFAULT_PROMPT),
+                     trained.get("repeat", False))
     return Pipeline(task, model, ckpt.tokenizer, fmt, batch_size, max_new_tokens, max_answer_length, trained.get("doc_stride", 128),
                     num_beams, length_penalty)
 
