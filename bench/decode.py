@@ -1,6 +1,7 @@
 """Generation speed of lmforge's engine, and of transformers' `generate` on the same weights.
 
     python bench/decode.py --preset gpt2-124m --batch 1 [--compile] [--compare-hf [--hf-mode same|eager|compile]] [--device cpu]
+                           [--max-seq-len N]   # a cache sized for a longer context than the requests use, as a server's
 
 Random weights, random prompts of --prompt-len tokens, --new-tokens greedy tokens each (no
 end-of-text stop). One JSON line per measurement: {"what", "preset", "device", "dtype", "batch",
@@ -43,9 +44,9 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux: process peak RSS
 
 
-def run_engine(model, prompts, new_tokens, compile_: bool, device) -> dict:
+def run_engine(model, prompts, new_tokens, compile_: bool, device, max_seq_len: int | None = None) -> dict:
     B, T = prompts.shape
-    engine = Engine(model, max_batch=B, max_seq_len=T + new_tokens, prefill_chunk=T, prefill_budget=B * T, compile=compile_)
+    engine = Engine(model, max_batch=B, max_seq_len=max_seq_len or T + new_tokens, prefill_chunk=T, prefill_budget=B * T, compile=compile_)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     engine.generate(prompts[:, :8].tolist(), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm up
     if compile_:
@@ -119,6 +120,8 @@ def main() -> None:
                         "or compiled with a static cache (its fastest documented setting)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeat", type=int, default=1, help="time each side this many times, taking turns; report medians")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="the engine's KV cache length, as a server sizes it for a context (default: prompt + new tokens)")
     args = p.parse_args()
 
     if args.threads:
@@ -127,7 +130,7 @@ def main() -> None:
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[args.dtype]
     vocab = args.vocab_size or VOCAB.get(args.preset, 50257)
-    ctx = args.prompt_len + args.new_tokens
+    ctx = max(args.prompt_len + args.new_tokens, args.max_seq_len or 0)
     cfg = preset(args.preset, vocab_size=vocab)
     if cfg.context_length > ctx and cfg.position == "rotary":
         cfg = preset(args.preset, vocab_size=vocab, context_length=max(ctx, 1024))  # no 128k-position tables for a short run
@@ -139,7 +142,8 @@ def main() -> None:
     base = {"preset": args.preset, "device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda"
             else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads",
             "dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens, "compile": args.compile, "torch": torch.__version__}
+            "new_tokens": args.new_tokens, "max_seq_len": args.max_seq_len or args.prompt_len + args.new_tokens,
+            "compile": args.compile, "torch": torch.__version__}
     hf = None
     hf_compile = args.compile if args.hf_mode == "same" else args.hf_mode == "compile"
     if args.compare_hf:
@@ -148,7 +152,7 @@ def main() -> None:
         hf = build_hf(model, device)
     runs, hf_runs = [], []
     for _ in range(args.repeat):
-        runs.append(run_engine(model, prompts, args.new_tokens, args.compile, device))
+        runs.append(run_engine(model, prompts, args.new_tokens, args.compile, device, args.max_seq_len))
         if hf is not None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()

@@ -6,6 +6,7 @@ from torch._dynamo.utils import counters
 
 from lmforge.config import preset
 from lmforge.infer import Engine, QueueFull, SamplingConfig, SamplingParams, TextStream, generate_tokens, load
+from lmforge.infer.engine import span_buckets
 from lmforge.model import Transformer
 from lmforge.utils.errors import UserError
 
@@ -140,21 +141,31 @@ def test_encoder_decoder_is_refused():
 
 def test_compiled_cpu_decode_equals_eager_and_writes_the_cache_in_place():
     """The compiled step (inductor's C++ wrapper on CPU) over all slots, with requests joining
-    and leaving: the same tokens as eager, written into the engine's own cache buffers."""
-    model = varied_transformer(3, position="rotary", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False)
-    lengths = [12, 5, 20, 9, 3, 15, 7]
+    and leaving and the attended span switching between buckets: the same tokens as eager,
+    written into the engine's own cache buffers, with no graph compiled after the warm-up."""
+    model = varied_transformer(3, position="rotary", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, context_length=320)
+    prompts = [*PROMPTS[:3], list(range(1, 90)) * 3, *PROMPTS[3:]]  # 267 tokens: past the first span bucket
+    lengths = [12, 5, 20, 9, 3, 15, 7, 10]
     params = [SamplingParams(temperature=0, max_tokens=n) for n in lengths]
-    eager = Engine(model, max_batch=3, prefill_chunk=4).generate(PROMPTS, params)
-    engine = Engine(model, max_batch=3, prefill_chunk=4, compile=True)  # compiles the step here, not in a request
+    eager = Engine(model, max_batch=3, prefill_chunk=16).generate(prompts, params)
+    engine = Engine(model, max_batch=3, prefill_chunk=16, compile=True)  # compiles the step here, not in a request
+    assert [c.span for c in engine._spans] == span_buckets(320) == [256, 320]
     buffers = [t.data_ptr() for t in engine.cache.k + engine.cache.v]
     graphs = counters["stats"]["unique_graphs"]
-    compiled = engine.generate(PROMPTS, params)
-    assert counters["stats"]["unique_graphs"] == graphs  # the warm-up's graph serves every step
+    compiled = engine.generate(prompts, params)
+    assert counters["stats"]["unique_graphs"] == graphs  # the warm-up's graphs serve every step
     assert [r.output for r in compiled] == [r.output for r in eager]
     assert [t.data_ptr() for t in engine.cache.k + engine.cache.v] == buffers
-    # The last request decoded in slot 0 up to position len(prompt) + 7 - 2: its keys are in that slot.
+    # The last request decoded up to position len(prompt) + len(output) - 2: its keys are in its slot.
     last = compiled[-1]
     assert last.slot is not None and engine.cache.k[0][last.slot, :, len(last.prompt) + len(last.output) - 2].abs().sum() > 0
+
+
+def test_span_buckets_double_up_to_the_context():
+    assert span_buckets(100) == [100]
+    assert span_buckets(256) == [256]
+    assert span_buckets(2048) == [256, 512, 1024, 2048]
+    assert span_buckets(3000, smallest=1024) == [1024, 2048, 3000]
 
 
 @pytest.mark.gpu

@@ -56,3 +56,21 @@ def test_a_view_bound_to_its_starts_gives_the_same_logits():
                 assert view._per_row(start, 2)[0] is view._bound[2]
             logits.append(model(torch.tensor([[13, 14], [15, 16], [17, 18]]), cache=view, start=start))
     assert torch.equal(logits[0], logits[1])
+
+
+def test_a_shorter_span_attends_over_fewer_keys_of_the_same_buffers():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=50, context_length=32)).eval()
+    cache = model.new_cache(batch_size=2, max_seq_len=32)
+    short = cache.spanning(8)
+    assert short.k is cache.k and short.v is cache.v and short.span == 8 and cache.span == 32
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), cache=cache, start=0)
+        # Rows at different positions, one token each, through the 8-key span.
+        k, v = short.update(0, torch.tensor([4, 2]), torch.ones(2, 4, 1, 16), torch.ones(2, 4, 1, 16))
+        assert k.shape == v.shape == (2, 4, 8, 16) and short.attention_mask(torch.tensor([4, 2]), 1).shape == (2, 1, 1, 8)
+        assert cache.k[0][0, :, 4].eq(1).all() and cache.k[0][1, :, 2].eq(1).all()  # written into the shared buffers
+        model(torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), cache=cache, start=0)
+        out = model(torch.tensor([[9], [10]]), cache=short, start=torch.tensor([4, 4]))[:, -1]
+        ref = model(torch.tensor([[1, 2, 3, 4, 9], [5, 6, 7, 8, 10]]))[:, -1]
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

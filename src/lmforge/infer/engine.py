@@ -18,6 +18,7 @@ one thread.
 from __future__ import annotations
 
 import itertools
+import types
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -123,14 +124,27 @@ def _decode_step(model: Transformer, tokens: torch.Tensor, start: torch.Tensor, 
     return logits if logits.size(-1) == V else logits[:, :V]
 
 
+def span_buckets(max_seq_len: int, smallest: int = 256) -> list[int]:
+    """The key lengths a compiled decode step is specialised for: doubling from `smallest` up to
+    `max_seq_len`. A step attends over the smallest that holds every slot, so short sequences do
+    not read a long context's worth of cache, for one compiled graph per bucket."""
+    spans, n = [], smallest
+    while n < max_seq_len:
+        spans.append(n)
+        n *= 2
+    return [*spans, max_seq_len]
+
+
 class Engine:
     """Runs requests to completion `max_batch` at a time; call `step()` until `has_work` is False.
 
     `tokenizer` (with `decode` and `eot_id`) gives text, stop strings and the end-of-text stop;
     without one the engine works on token ids only. `max_waiting` bounds the queue (`add` raises
     `QueueFull` beyond it). A step prefills chunks until `prefill_budget` prompt tokens (default
-    one chunk's worth), so long prompts do not stall the running sequences. `compile` compiles the decode step with torch.compile over a fixed
-    batch of all slots (static shapes; on CUDA "reduce-overhead", i.e. captured in CUDA graphs).
+    one chunk's worth), so long prompts do not stall the running sequences. `compile` compiles
+    the decode step with torch.compile over a fixed batch of all slots and one of `span_buckets`
+    key lengths (static shapes; on CUDA "reduce-overhead", i.e. captured in CUDA graphs), all of
+    them when the engine is built.
     """
 
     def __init__(
@@ -171,6 +185,7 @@ class Engine:
         self.compiled = compile
         self._decode = _decode_step
         if compile:
+            self._spans = [self.cache.spanning(n) for n in span_buckets(self.max_seq_len)]
             self._decode = self._compile()
             self._warm_up()
 
@@ -334,8 +349,8 @@ class Engine:
         for req in decoding:
             tokens[req.slot], start[req.slot] = req.output[-1], len(req.prompt) + len(req.output) - 1
         tokens_t, start_t = torch.tensor([tokens, start], device=self.device).unbind()
-        if self.compiled:
-            cache = self.cache  # static shapes for the compiled step
+        if self.compiled:  # static shapes: all slots, and the shortest span that holds every slot's position
+            cache = next(c for c in self._spans if c.span > max(start))
         else:
             # Attend over the live positions only, rounded up to 16 so that the vectorised sums
             # group the real keys the same way at any length (masked keys add exact zeros); the
@@ -406,22 +421,28 @@ class Engine:
         through inductor's C++ wrapper: at one token per row, a Python wrapper that checks and
         reinterprets every buffer costs as much as the model (0.15 against 0.12 ms per step for
         `tiny`, see README).
+
+        Each engine compiles its own copy of the step's code: dynamo keeps graphs, and counts
+        recompiles against `recompile_limit` (8), per code object, so one engine's span buckets
+        must not push another's out.
         """
+        step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, _decode_step.__name__)
         if self.device.type == "cuda":
             mark = getattr(torch._dynamo, "mark_static_address", None)
             if mark is not None:
                 for t in self.cache.k + self.cache.v:
                     mark(t)
-            return torch.compile(_decode_step, mode="reduce-overhead", dynamic=False)
-        return torch.compile(_decode_step, dynamic=False, options={"cpp_wrapper": True})
+            return torch.compile(step, mode="reduce-overhead", dynamic=False)
+        return torch.compile(step, dynamic=False, options={"cpp_wrapper": True})
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
-        """Compile (and on CUDA capture) the decode step now rather than inside the first request.
-        Every slot writes a key at position 0, which its prefill overwrites before anything reads it."""
+        """Compile (and on CUDA capture) the decode step for every span now rather than inside a
+        request. Every slot writes a key at position 0, which its prefill overwrites before anything reads it."""
         tokens, start = torch.zeros(2, self.max_batch, dtype=torch.long, device=self.device).unbind()  # as in _decode_all
-        for _ in range(3):  # CUDA graph trees record on the second call and replay from the third
-            self._decode(self.model, tokens, start, self.cache)
+        for cache in self._spans:
+            for _ in range(3):  # CUDA graph trees record on the second call and replay from the third
+                self._decode(self.model, tokens, start, cache)
 
 
 class QueueFull(UserError):

@@ -5,12 +5,14 @@ writes in place and never reallocates (what CUDA graphs and continuous batching 
 
 Rows are slots: with `start` a tensor (B,) every row writes at its own position, so sequences
 of different lengths share one decode step; `rows(lo, hi, length)` is a view of some slots (and
-of their first positions) that shares
-the buffers (a slot's prefill writes straight into the batch cache), and `reorder` permutes
-rows in place (beam search).
+of their first positions) that shares the buffers (a slot's prefill writes straight into the
+batch cache), `spanning(length)` attends over fewer positions of the very same buffers (a
+compiled step's length buckets), and `reorder` permutes rows in place (beam search).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -34,6 +36,7 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.max_seq_len = max_seq_len
+        self.span = max_seq_len  # the positions a forward with per-row starts attends over
         self._bound: tuple | None = None  # (start, T, write index, mask): see `rows`
 
     @property
@@ -46,9 +49,9 @@ class KVCache:
         """Write k, v (B, nh, T, hs) at positions [start, start+T) and return the keys/values to attend to.
 
         With an int `start`: every row at the same positions; returns positions [0, start+T).
-        With a tensor `start` (B,): row b at [start[b], start[b]+T); returns all max_seq_len
+        With a tensor `start` (B,): row b at [start[b], start[b]+T); returns the first `span`
         positions (the caller masks each row's keys past its own position). The caller keeps
-        start + T <= max_seq_len; a tensor start is not checked (that would sync a GPU).
+        start + T <= span; a tensor start is not checked (that would sync a GPU).
         """
         T = k.size(2)
         if isinstance(start, torch.Tensor):
@@ -60,8 +63,12 @@ class KVCache:
                 rows, pos = torch.arange(k.size(0), device=k.device)[:, None], index[:, 0, :, 0]  # (B, 1), (B, T)
                 k_all[rows, :, pos] = k.transpose(1, 2)  # (B, T, nkv, hs) into rows x positions
                 v_all[rows, :, pos] = v.transpose(1, 2)
-                return k_all, v_all
-            return k_all.scatter_(2, index, k), v_all.scatter_(2, index, v)
+            else:
+                k_all.scatter_(2, index, k)
+                v_all.scatter_(2, index, v)
+            if self.span < self.max_seq_len:
+                return k_all[:, :, : self.span], v_all[:, :, : self.span]
+            return k_all, v_all
         end = start + T
         if end > self.max_seq_len:
             raise ValueError(f"KV cache holds {self.max_seq_len} positions; asked to write up to {end}")
@@ -79,13 +86,21 @@ class KVCache:
         n = self.max_seq_len if length is None else min(length, self.max_seq_len)
         view = KVCache.__new__(KVCache)
         view.k, view.v = [t[lo:hi, :, :n] for t in self.k], [t[lo:hi, :, :n] for t in self.v]
-        view.max_seq_len, view._bound = n, None
+        view.max_seq_len, view.span, view._bound = n, n, None
         if start is not None:
             view._bound = (start, T, *view._positions(start, T))
         return view
 
+    def spanning(self, length: int) -> KVCache:
+        """The same buffers (the same tensor objects: a compiled step sees the same inputs and a
+        CUDA graph the same addresses), but a forward with per-row starts attends over the first
+        `length` positions only; writes still go anywhere in the buffers."""
+        view = copy.copy(self)
+        view.span, view._bound = min(length, self.max_seq_len), None
+        return view
+
     def attention_mask(self, start: torch.Tensor, T: int) -> torch.Tensor:
-        """Additive mask (B, 1, T, max_seq_len) for per-row starts: row b's query i (at start[b] + i)
+        """Additive mask (B, 1, T, span) for per-row starts: row b's query i (at start[b] + i)
         sees keys 0..start[b]+i (0), not the later ones, stale or unwritten (-inf)."""
         return self._per_row(start, T)[1]
 
@@ -97,7 +112,8 @@ class KVCache:
 
     def _positions(self, start: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The write index (B, nkv, T, hs) and the additive mask (B, 1, T, S) for per-row starts."""
-        B, nkv, S, hs = self.k[0].shape
+        B, nkv, _, hs = self.k[0].shape
+        S = self.span
         q = start[:, None] if T == 1 else start[:, None] + torch.arange(T, device=start.device)  # (B, T): query positions
         index = q.view(B, 1, T, 1).expand(B, nkv, T, hs)
         late = torch.arange(S, device=start.device) > q[:, None, :, None]  # (B, 1, T, S)
