@@ -149,7 +149,7 @@ def test_compiled_cpu_decode_equals_eager_and_writes_the_cache_in_place():
     params = [SamplingParams(temperature=0, max_tokens=n) for n in lengths]
     eager = Engine(model, max_batch=3, prefill_chunk=16).generate(prompts, params)
     engine = Engine(model, max_batch=3, prefill_chunk=16, compile=True)  # compiles the step here, not in a request
-    assert [c.span for c in engine._spans] == span_buckets(320) == [256, 320]
+    assert engine.spans == [c.span for c in engine._spans] == span_buckets(320) == [256, 320]
     buffers = [t.data_ptr() for t in engine.cache.k + engine.cache.v]
     graphs = counters["stats"]["unique_graphs"]
     compiled = engine.generate(prompts, params)

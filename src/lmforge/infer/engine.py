@@ -184,8 +184,9 @@ class Engine:
         self._ids = itertools.count()
         self.compiled = compile
         self._decode = _decode_step
+        self.spans = span_buckets(self.max_seq_len) if compile else []  # the key spans compiled for
         if compile:
-            self._spans = [self.cache.spanning(n) for n in span_buckets(self.max_seq_len)]
+            self._spans = [self.cache.spanning(n) for n in self.spans]
             self._decode = self._compile()
             self._warm_up()
 

@@ -42,8 +42,10 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, log
     if threads:
         torch.set_num_threads(threads)
 
+    if kwargs.get("compile"):
+        print("compiling the decode step for each key span (256, 512, ... up to --max-seq-len)", flush=True)
     app = create_app(checkpoint, **kwargs)
     engine = app.state.runner.engine
     print(f"KV cache: {engine.max_batch} sequences x {engine.max_seq_len} tokens ({engine.cache_bytes / 2**30:.2f} GiB) "
-          f"on {engine.device}", flush=True)
+          f"on {engine.device}" + (f"; decode step compiled for spans {engine.spans}" if engine.spans else ""), flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
