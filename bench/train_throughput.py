@@ -2,7 +2,7 @@
 
     python bench/train_throughput.py --preset gpt2-124m --steps 50 [--compile] [--compare-hf]
         [--optim adamw|muon] [--chunked-loss N] [--batch-size B] [--seq-len T] [--device cpu]
-        [--data PREPARED_DIR] [--loss-check]
+        [--data PREPARED_DIR] [--loss-check] [--fp8]
 
 Each line holds tokens/s and ms per step (the median of --rounds rounds; with --compare-hf or
 --loss-check the implementations take turns round by round, so that a slow spell of a shared
@@ -17,7 +17,8 @@ AdamW (fused on CUDA) and prints a last line with the ratio of the two rates.
 
 Batches are random tokens, or windows of prepared shards with --data. --loss-check trains a second,
 plain copy (eager, full logits, same init, batches and dtype) for the same steps and reports the
-relative difference of the mean training loss: the fast path (compile, chunked loss) must agree.
+relative difference of the mean training loss: the fast path (compile, chunked loss, fp8) must agree.
+--fp8 runs the blocks' linear layers in float8 through torchao (`lmforge.train.float8`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 from lmforge.config import TrainConfig, preset
 from lmforge.model import Transformer
 from lmforge.model.losses import chunked_lm_loss, lm_loss
+from lmforge.train.float8 import to_float8
 from lmforge.train.optim import build_optimizer
 from lmforge.utils.device import autocast, autocast_dtype, resolve_device
 from lmforge.utils.errors import UserError
@@ -52,6 +54,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--optim", default="adamw", choices=["adamw", "muon"])
     p.add_argument("--chunked-loss", type=int, default=0, help="tokens per chunk of the chunked cross-entropy; 0: plain")
+    p.add_argument("--fp8", action="store_true", help="float8 matmuls in the blocks' linear layers (torchao)")
     p.add_argument("--compare-hf", action="store_true")
     p.add_argument("--data", default=None, help="prepared shards to draw batches from (default: random tokens)")
     p.add_argument("--loss-check", action="store_true", help="also run the eager plain path and compare losses")
@@ -109,7 +112,7 @@ def main() -> None:
         r.breakdown(batch, min(args.steps, 10), device, amp)
 
     ours = runners["lmforge"].summary(args, T)
-    line = {"what": "train_throughput", "impl": "lmforge", **common, "optim": args.optim, "chunked_loss": args.chunked_loss,
+    line = {"what": "train_throughput", "impl": "lmforge", **common, "optim": args.optim, "chunked_loss": args.chunked_loss, "fp8": args.fp8,
             "params": _params(runners["lmforge"].model), **ours}
     if "eager" in runners:
         fast, eager = (sum(runners[k].losses) / len(runners[k].losses) for k in ("lmforge", "eager"))
@@ -129,9 +132,11 @@ def main() -> None:
 
 
 def lmforge_runner(cfg, train: TrainConfig, args, device, amp, T: int, fast: bool) -> "Runner":
-    """lmforge's model and optimizer; `fast` takes --compile and --chunked-loss, else eager with full logits."""
+    """lmforge's model and optimizer; `fast` takes --compile, --chunked-loss and --fp8, else eager with full logits."""
     torch.manual_seed(0)
     model = Transformer(cfg).to(device)
+    if fast and args.fp8:
+        to_float8(model, device)
     fwd = torch.compile(model) if fast and args.compile else model
     if fast and args.chunked_loss:
         loss_fn = lambda x, y: chunked_lm_loss(fwd(x, return_hidden=True), model.output.weight, y, args.chunked_loss)  # noqa: E731

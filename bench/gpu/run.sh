@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One phase of the H100 measurements, for one `device` call each (every phase ends well inside
+# One phase of the GPU measurements, for one `device` call each (every phase ends well inside
 # the 10-minute limit of a call). Results go to $OUT as JSON lines and logs. See bench/gpu/README.md.
 #
-#   bash bench/gpu/run.sh tests|train|decode|time-to-loss|scaling|finetune [ROWS]
+#   bash bench/gpu/run.sh quick|tests|train|decode|time-to-loss|scaling|finetune [ROWS]
 set -uo pipefail
 OUT=${OUT:-/tmp/lmforge-out}
 mkdir -p "$OUT"
@@ -16,12 +16,18 @@ export PYTHONUNBUFFERED=1 LMFORGE_SHARED_DATA=${LMFORGE_SHARED_DATA:-$PWD/shared
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; ${PY:-python3} -c "import torch; print('torch', torch.__version__)"; } | tee -a "$OUT/env.txt"
 py="${PY:-python3}"
 case "${1:-}" in
+quick)  # the headline rows of issues 4 and 5 in one call of at most ~9 minutes, each step capped
+    timeout 90 $py -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/tests-gpu.log"
+    timeout 210 $py bench/train_throughput.py --preset gpt2-124m --steps 30 --compile --compare-hf --loss-check 2>&1 | tee "$OUT/train.jsonl"
+    timeout 90 $py bench/train_throughput.py --preset gpt2-124m --steps 30 --compile --fp8 2>&1 | tee -a "$OUT/train.jsonl"
+    for b in 1 32; do timeout 75 $py bench/decode.py --preset gpt2-124m --batch $b --compile --compare-hf; done 2>&1 | tee "$OUT/decode.jsonl" ;;
 tests)  # the CUDA tests, then the CPU suite's model/infer/train tests under torch 2.11
     $py -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/tests-gpu.log"
     $py -m pytest -q -p no:cacheprovider -x tests/model tests/infer tests/train/test_optim.py 2>&1 | tee "$OUT/tests-cpu-parts.log" ;;
 train)  # issue 4: GPT-2 124M (B 32, T 1024) and the Llama-3.2-1B shape (B 8, T 2048), against transformers
     $py bench/train_throughput.py --preset gpt2-124m --steps 30 --compile --compare-hf --loss-check 2>&1 | tee "$OUT/train.jsonl"
     $py bench/train_throughput.py --preset gpt2-124m --steps 30 --compile --chunked-loss 8192 2>&1 | tee -a "$OUT/train.jsonl"
+    $py bench/train_throughput.py --preset gpt2-124m --steps 100 --compile --fp8 --loss-check --rounds 2 2>&1 | tee -a "$OUT/train.jsonl"
     $py bench/train_throughput.py --preset llama-3.2-1b --vocab-size 128256 --batch-size 8 --seq-len 2048 --steps 15 \
         --compile --compare-hf 2>&1 | tee -a "$OUT/train.jsonl" ;;
 decode)  # issue 5: bf16, prompt 128, 256 new tokens, greedy
@@ -38,5 +44,5 @@ scaling)  # issue 6: the GPU variant of the study
 finetune)  # issue 7: needs /tmp/smollm2 (README: the GGUF comes in two calls)
     $py bench/finetune_tasks.py --base /tmp/smollm2 --device cuda ${2:+--rows $2} 2>&1 | tee -a "$OUT/finetune.jsonl" ;;
 *)
-    echo "usage: bash bench/gpu/run.sh tests|train|decode|time-to-loss|scaling|finetune [ROWS]" >&2; exit 2 ;;
+    echo "usage: bash bench/gpu/run.sh quick|tests|train|decode|time-to-loss|scaling|finetune [ROWS]" >&2; exit 2 ;;
 esac

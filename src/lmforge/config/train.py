@@ -42,6 +42,10 @@ class TrainConfig:
         device: `auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:1`, ...
         dtype: `auto` (bf16 autocast on CUDA, fp32 on CPU), `float32`, `bfloat16`.
         compile: torch.compile the model; None means on for CUDA, off for CPU.
+        fp8: float8 matmuls in the blocks' linear layers through torchao (dynamic per-tensor
+            scales; weights, optimizer and checkpoint keep their dtype): for GPUs with FP8 tensor
+            cores (H100, L4). The output head, embeddings, LoRA layers and dimensions not divisible
+            by 16 stay as they are. `bench/train_throughput.py --fp8 --loss-check` compares the loss.
         threads: CPU threads for torch; None keeps torch's default.
         tensorboard: also write TensorBoard event files.
         parallel: under torchrun, `ddp` (every process holds the whole model) or `fsdp` (FSDP2,
@@ -75,6 +79,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: bool | None = None
+    fp8: bool = False
     threads: int | None = None
     tensorboard: bool = True
     parallel: Literal["ddp", "fsdp"] = "ddp"

@@ -36,6 +36,7 @@ from lmforge.train.checkpointing import Checkpointer
 from lmforge.train.distributed import (
     World, all_reduce, barrier, grad_sync, init_world, local_tensor, micro_seed, unsharded_root, wrap,
 )
+from lmforge.train.float8 import to_float8
 from lmforge.train.metrics import MetricsLog, NoMetrics, plot_loss
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.utils.device import autocast, autocast_dtype
@@ -120,6 +121,8 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
     if train.threads:
         torch.set_num_threads(train.threads)
     net = net.to(device)
+    if train.fp8:
+        log(f"fp8: {len(to_float8(net, device))} linear layers multiply in float8")
     compiled = torch.compile(net) if (train.compile if train.compile is not None else device.type == "cuda") else net
     probe = None
     if world.distributed and train.parallel == "ddp":
