@@ -7,8 +7,6 @@ from lmforge.config import preset
 from lmforge.infer import SamplingConfig, beam_search, generate_tokens
 from lmforge.model import Transformer
 
-from conftest import varied_transformer
-
 
 def naive_beam(model, prompt, k, n):
     """Beam search without a cache or end token: keep the k best of every (beam, token) extension."""
