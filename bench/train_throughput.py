@@ -2,7 +2,7 @@
 
     python bench/train_throughput.py --preset gpt2-124m --steps 50 [--compile] [--compare-hf]
         [--optim adamw|muon] [--chunked-loss N] [--batch-size B] [--seq-len T] [--device cpu]
-        [--data PREPARED_DIR] [--loss-check] [--fp8]
+        [--data PREPARED_DIR] [--loss-check] [--fp8] [--compile-mode reduce-overhead]
 
 Each line holds tokens/s and ms per step (the median of --rounds rounds; with --compare-hf or
 --loss-check the implementations take turns round by round, so that a slow spell of a shared
@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from lmforge.config import TrainConfig, preset
+from lmforge.config.train import COMPILE_MODES
 from lmforge.model import Transformer
 from lmforge.model.losses import chunked_lm_loss, lm_loss
 from lmforge.train.float8 import to_float8
@@ -52,6 +53,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default="default", choices=list(COMPILE_MODES),
+                   help="torch.compile's mode for both implementations (reduce-overhead: CUDA graphs)")
     p.add_argument("--optim", default="adamw", choices=["adamw", "muon"])
     p.add_argument("--chunked-loss", type=int, default=0, help="tokens per chunk of the chunked cross-entropy; 0: plain")
     p.add_argument("--fp8", action="store_true", help="float8 matmuls in the blocks' linear layers (torchao)")
@@ -90,7 +93,7 @@ def main() -> None:
             rows = torch.arange(i * args.batch_size, (i + 1) * args.batch_size) % pool.size(0)
             return pool[rows].to(device, non_blocking=True)
     common = dict(preset=args.preset, device=str(device), dtype=str(amp or torch.float32).replace("torch.", ""),
-                  compile=args.compile, threads=torch.get_num_threads(), batch_size=args.batch_size, seq_len=T)
+                  compile=args.compile, compile_mode=args.compile_mode if args.compile else None, threads=torch.get_num_threads(), batch_size=args.batch_size, seq_len=T)
 
     runners = {"lmforge": lmforge_runner(cfg, train, args, device, amp, T, fast=True)}
     if args.loss_check:
@@ -120,7 +123,7 @@ def main() -> None:
                                  "eager_mean_loss": round(eager, 5), "rel_diff": round(abs(fast - eager) / eager, 6)}
     print(json.dumps(line), flush=True)
     if "eager" in runners:
-        print(json.dumps({"what": "train_throughput", "impl": "lmforge-eager-plain", **common, "compile": False,
+        print(json.dumps({"what": "train_throughput", "impl": "lmforge-eager-plain", **common, "compile": False, "compile_mode": None,
                           "optim": args.optim, "chunked_loss": 0, "params": line["params"], **runners["eager"].summary(args, T)}))
     if "transformers" in runners:
         hf = runners["transformers"]
@@ -137,12 +140,12 @@ def lmforge_runner(cfg, train: TrainConfig, args, device, amp, T: int, fast: boo
     model = Transformer(cfg).to(device)
     if fast and args.fp8:
         to_float8(model, device)
-    fwd = torch.compile(model) if fast and args.compile else model
+    fwd = _compile(model, args) if fast and args.compile else model
     if fast and args.chunked_loss:
         loss_fn = lambda x, y: chunked_lm_loss(fwd(x, return_hidden=True), model.output.weight, y, args.chunked_loss)  # noqa: E731
     else:
         loss_fn = lambda x, y: lm_loss(fwd(x), y)  # noqa: E731
-    return Runner("lmforge", model, loss_fn, build_optimizer(model, train, device))
+    return Runner("lmforge", model, loss_fn, build_optimizer(model, train, device), graphed=fast and _graphed(args, device))
 
 
 def hf_runner(cfg, args, device, amp, T: int) -> "Runner":
@@ -155,16 +158,26 @@ def hf_runner(cfg, args, device, amp, T: int) -> "Runner":
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(**{k: v for k, v in hf_cfg.items() if k != "architectures"})
     hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
-    fwd = torch.compile(hf) if args.compile else hf
+    fwd = _compile(hf, args) if args.compile else hf
     opt = torch.optim.AdamW(hf.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-    return Runner(hf_cfg["architectures"][0], hf, lambda x, y: lm_loss(fwd(input_ids=x).logits, y), opt)
+    return Runner(hf_cfg["architectures"][0], hf, lambda x, y: lm_loss(fwd(input_ids=x).logits, y), opt,
+                  graphed=_graphed(args, device))
+
+
+def _compile(model: nn.Module, args) -> nn.Module:
+    return torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+
+
+def _graphed(args, device: torch.device) -> bool:
+    """Whether the compiled step replays CUDA graphs, whose outputs the next replay overwrites."""
+    return args.compile and device.type == "cuda" and args.compile_mode in ("reduce-overhead", "max-autotune")
 
 
 class Runner:
     """One implementation's training step, timed in rounds; every step's loss is kept."""
 
-    def __init__(self, name: str, model: nn.Module, loss_fn: Callable, opt) -> None:
-        self.name, self.model, self.loss_fn, self.opt = name, model, loss_fn, opt
+    def __init__(self, name: str, model: nn.Module, loss_fn: Callable, opt, graphed: bool = False) -> None:
+        self.name, self.model, self.loss_fn, self.opt, self.graphed = name, model, loss_fn, opt, graphed
         self.step_i, self.losses, self.round_ms, self.phases = 0, [], [], {}
         self._pending: list[torch.Tensor] = []
 
@@ -172,6 +185,8 @@ class Runner:
         t0 = time.perf_counter()
         xy = batch(self.step_i)
         t1 = _mark(sync)
+        if self.graphed:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, amp):
             loss = self.loss_fn(xy[:, :-1], xy[:, 1:])
         loss.backward()

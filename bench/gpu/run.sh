@@ -28,6 +28,7 @@ train)  # issue 4: GPT-2 124M (B 32, T 1024) and the Llama-3.2-1B shape (B 8, T 
     $py bench/train_throughput.py --preset gpt2-124m --steps 30 --compile --compare-hf --loss-check 2>&1 | tee "$OUT/train.jsonl"
     $py bench/train_throughput.py --preset gpt2-124m --steps 30 --compile --chunked-loss 8192 2>&1 | tee -a "$OUT/train.jsonl"
     $py bench/train_throughput.py --preset gpt2-124m --steps 100 --compile --fp8 --loss-check --rounds 2 2>&1 | tee -a "$OUT/train.jsonl"
+    $py bench/train_throughput.py --preset gpt2-124m --steps 30 --compile --compile-mode reduce-overhead --loss-check 2>&1 | tee -a "$OUT/train.jsonl"
     $py bench/train_throughput.py --preset llama-3.2-1b --vocab-size 128256 --batch-size 8 --seq-len 2048 --steps 15 \
         --compile --compare-hf 2>&1 | tee -a "$OUT/train.jsonl" ;;
 decode)  # issue 5: bf16, prompt 128, 256 new tokens, greedy

@@ -65,6 +65,7 @@ def test_bad_values(capsys, data_dir, tmp_path):
     fails_with(capsys, "unknown model preset", "pretrain", "--data", data_dir, "--out", tmp_path / "r", "--model.preset", "gpt9")
     fails_with(capsys, "divisible", "pretrain", "--data", data_dir, "--out", tmp_path / "r", "--model.n_head", 5)
     fails_with(capsys, "not a prepared data directory", "pretrain", "--data", tmp_path / "none", "--out", tmp_path / "r")
+    fails_with(capsys, "compile_mode", "pretrain", "--data", data_dir, "--out", tmp_path / "r", "--train.compile_mode", "fastest")
     assert not (tmp_path / "r").exists()
 
 

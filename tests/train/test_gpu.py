@@ -10,9 +10,9 @@ from lmforge.train import pretrain
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_cuda_bf16_run_learns_and_generates(data_dir, tmp_path, compile):
-    cfg = tiny_train_config(device="cuda", dtype="auto", compile=compile)
+@pytest.mark.parametrize("compile,mode", [(False, "default"), (True, "default"), (True, "reduce-overhead")])
+def test_cuda_bf16_run_learns_and_generates(data_dir, tmp_path, compile, mode):
+    cfg = tiny_train_config(device="cuda", dtype="auto", compile=compile, compile_mode=mode)
     run = pretrain(data_dir, tmp_path / "run", "tiny", cfg, progress=False, log=lambda *a: None)
     assert run.val_loss is not None and run.val_loss < 5.3
     lm = load(run.out, device="cuda")
@@ -29,6 +29,19 @@ def test_cuda_muon_speedrun_run_with_chunked_loss_learns(data_dir, tmp_path):
     cfg = tiny_train_config(device="cuda", dtype="auto", compile=True, optim="muon", chunked_loss=100)
     run = pretrain(data_dir, tmp_path / "run", preset("tiny", **SPEEDRUN), cfg, progress=False, log=lambda *a: None)
     assert run.val_loss is not None and run.val_loss < 4.8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores")
+def test_cuda_fp8_compiled_run_tracks_bf16(data_dir, tmp_path):
+    import json
+
+    pytest.importorskip("torchao.float8")
+    cfg = tiny_train_config(device="cuda", dtype="auto", compile=True, max_steps=30, eval_interval=0, ckpt_interval=0, log_interval=1)
+    runs = [pretrain(data_dir, tmp_path / str(fp8), "tiny", cfg.replace(fp8=fp8), progress=False, log=lambda *a: None)
+            for fp8 in (False, True)]
+    bf16, fp8 = ([r["loss"] for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+                 for run in runs)
+    assert len(fp8) == 30 and abs(sum(fp8) - sum(bf16)) / sum(bf16) < 0.01
 
 
 def test_cuda_chunked_loss_matches_plain_under_bf16():

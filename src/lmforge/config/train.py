@@ -9,6 +9,9 @@ from typing import Any, Literal
 from lmforge.utils.errors import UserError
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     """Pretraining settings.
@@ -42,6 +45,10 @@ class TrainConfig:
         device: `auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:1`, ...
         dtype: `auto` (bf16 autocast on CUDA, fp32 on CPU), `float32`, `bfloat16`.
         compile: torch.compile the model; None means on for CUDA, off for CPU.
+        compile_mode: torch.compile's mode. `reduce-overhead` also captures the forward and backward
+            in CUDA graphs, which saves the kernel launches (every step must have the same batch
+            shape, as pretraining's do). `max-autotune` searches matmul kernels too, with CUDA graphs;
+            `max-autotune-no-cudagraphs` searches without them. The first compile takes minutes.
         fp8: float8 matmuls in the blocks' linear layers through torchao (dynamic per-tensor
             scales; weights, optimizer and checkpoint keep their dtype): for GPUs with FP8 tensor
             cores (H100, L4). The output head, embeddings, LoRA layers and dimensions not divisible
@@ -79,6 +86,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: bool | None = None
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     fp8: bool = False
     threads: int | None = None
     tensorboard: bool = True
@@ -100,6 +108,8 @@ class TrainConfig:
             raise UserError(f"train.optim={self.optim!r} is not supported; use one of ['adamw', 'muon']")
         if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0:
             raise UserError(f"need train.muon_lr > 0 and 0 <= train.muon_momentum < 1, got {self.muon_lr}, {self.muon_momentum}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise UserError(f"train.compile_mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r}")
         if self.chunked_loss < 0:
             raise UserError(f"train.chunked_loss must be >= 0 (0 turns it off), got {self.chunked_loss}")
         if self.seq_len is not None and self.seq_len < 1:

@@ -123,7 +123,10 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
     net = net.to(device)
     if train.fp8:
         log(f"fp8: {len(to_float8(net, device))} linear layers multiply in float8")
-    compiled = torch.compile(net) if (train.compile if train.compile is not None else device.type == "cuda") else net
+    compiling = train.compile if train.compile is not None else device.type == "cuda"
+    compiled = torch.compile(net, mode=None if train.compile_mode == "default" else train.compile_mode) if compiling else net
+    # CUDA graph trees reuse their output memory at the next replay: each micro-batch starts a new step.
+    graphed = compiling and device.type == "cuda" and train.compile_mode in ("reduce-overhead", "max-autotune")
     probe = None
     if world.distributed and train.parallel == "ddp":
         probe = {k: v.to(device) for k, v in objective.batch(train_source, train.batch_size, start_step, 0).items()}
@@ -227,6 +230,8 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
                     batch = {k: v.to(device, non_blocking=True) for k, v in prefetch.next((step, micro)).items()}
                     wait += time.perf_counter() - t
                     torch.manual_seed(micro_seed(train.seed, step, micro))  # dropout: a function of (step, micro)
+                    if graphed:
+                        torch.compiler.cudagraph_mark_step_begin()
                     with grad_sync(step_loss, i == len(micros) - 1):  # one gradient all-reduce per step
                         with autocast(device, amp):
                             loss = step_loss(batch) / train.grad_accum
