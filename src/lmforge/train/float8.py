@@ -29,7 +29,8 @@ def to_float8(net: nn.Module, device: torch.device) -> list[str]:
     _check_device(device)
     names = [name for name, module in net.named_modules() if _eligible(name, module)]
     if not names:
-        raise UserError("train.fp8: no linear layer in the blocks has both dimensions divisible by 16")
+        raise UserError("train.fp8: no layer of the blocks can multiply in float8 (it takes plain linear layers "
+                        "whose dimensions are divisible by 16; LoRA layers stay out)")
     chosen = set(names)
     convert_to_float8_training(net, module_filter_fn=lambda _module, fqn: fqn in chosen)
     return names
