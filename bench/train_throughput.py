@@ -93,7 +93,8 @@ def main() -> None:
             rows = torch.arange(i * args.batch_size, (i + 1) * args.batch_size) % pool.size(0)
             return pool[rows].to(device, non_blocking=True)
     common = dict(preset=args.preset, device=str(device), dtype=str(amp or torch.float32).replace("torch.", ""),
-                  compile=args.compile, compile_mode=args.compile_mode if args.compile else None, threads=torch.get_num_threads(), batch_size=args.batch_size, seq_len=T)
+                  compile=args.compile, compile_mode=args.compile_mode if args.compile else None,
+                  threads=torch.get_num_threads(), batch_size=args.batch_size, seq_len=T)
 
     runners = {"lmforge": lmforge_runner(cfg, train, args, device, amp, T, fast=True)}
     if args.loss_check:
