@@ -37,7 +37,7 @@ from lmforge.model import Transformer
 from lmforge.model.losses import chunked_lm_loss, lm_loss
 from lmforge.train.float8 import to_float8
 from lmforge.train.optim import build_optimizer
-from lmforge.utils.device import autocast, autocast_dtype, resolve_device
+from lmforge.utils.device import autocast, autocast_dtype, compile_module, replays_cuda_graphs, resolve_device
 from lmforge.utils.errors import UserError
 
 
@@ -141,12 +141,12 @@ def lmforge_runner(cfg, train: TrainConfig, args, device, amp, T: int, fast: boo
     model = Transformer(cfg).to(device)
     if fast and args.fp8:
         to_float8(model, device)
-    fwd = _compile(model, args) if fast and args.compile else model
+    fwd = compile_module(model, args.compile_mode) if fast and args.compile else model
     if fast and args.chunked_loss:
         loss_fn = lambda x, y: chunked_lm_loss(fwd(x, return_hidden=True), model.output.weight, y, args.chunked_loss)  # noqa: E731
     else:
         loss_fn = lambda x, y: lm_loss(fwd(x), y)  # noqa: E731
-    return Runner("lmforge", model, loss_fn, build_optimizer(model, train, device), graphed=fast and _graphed(args, device))
+    return Runner("lmforge", model, loss_fn, build_optimizer(model, train, device), graphed=fast and args.compile and replays_cuda_graphs(args.compile_mode, device))
 
 
 def hf_runner(cfg, args, device, amp, T: int) -> "Runner":
@@ -159,19 +159,10 @@ def hf_runner(cfg, args, device, amp, T: int) -> "Runner":
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(**{k: v for k, v in hf_cfg.items() if k != "architectures"})
     hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
-    fwd = _compile(hf, args) if args.compile else hf
+    fwd = compile_module(hf, args.compile_mode) if args.compile else hf
     opt = torch.optim.AdamW(hf.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
     return Runner(hf_cfg["architectures"][0], hf, lambda x, y: lm_loss(fwd(input_ids=x).logits, y), opt,
-                  graphed=_graphed(args, device))
-
-
-def _compile(model: nn.Module, args) -> nn.Module:
-    return torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
-
-
-def _graphed(args, device: torch.device) -> bool:
-    """Whether the compiled step replays CUDA graphs, whose outputs the next replay overwrites."""
-    return args.compile and device.type == "cuda" and args.compile_mode in ("reduce-overhead", "max-autotune")
+                  graphed=args.compile and replays_cuda_graphs(args.compile_mode, device))
 
 
 class Runner:

@@ -59,6 +59,14 @@ def data_dir(corpus_file, tokenizer_dir, tmp_path_factory) -> Path:
     return out
 
 
+def train_losses(run_dir: Path) -> list[float]:
+    """The training losses a run logged to its metrics.jsonl, in order."""
+    import json
+
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
 def tiny_train_config(**overrides):
     from lmforge.config import TrainConfig
 

@@ -1,7 +1,6 @@
 """Data parallelism on CPU with gloo: 2 processes (DDP, FSDP2) train exactly what one process with
 twice the accumulation trains, and their checkpoints resume on another world size."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_train_config
+from conftest import ROOT, tiny_train_config, train_losses as losses
 from lmforge.checkpoint import find_checkpoints, load_model
 from lmforge.config import preset
 from lmforge.train import pretrain
@@ -50,11 +49,6 @@ def torchrun(data_dir, out, *extra):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def losses(run_dir):
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["kind"] == "train"]
 
 
 def assert_same_weights(a_dir, b_dir, atol=1e-5):

@@ -1,13 +1,12 @@
 """train.fp8: torchao's float8 linears in the blocks, run on the CPU through torch's reference kernels."""
 
-import json
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_train_config
+from conftest import tiny_train_config, train_losses
 from lmforge.checkpoint import load_model
 from lmforge.config import preset
 from lmforge.model import Transformer
@@ -36,11 +35,7 @@ def test_float8_run_tracks_the_fp32_loss_and_writes_a_plain_checkpoint(data_dir,
     cfg = tiny_train_config(max_steps=30, eval_interval=0, ckpt_interval=0, log_interval=1)
     plain = pretrain(data_dir, tmp_path / "plain", "tiny", cfg, **quiet)
     fp8 = pretrain(data_dir, tmp_path / "fp8", "tiny", cfg.replace(fp8=True), **quiet)
-
-    def losses(run):
-        return [r["loss"] for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
-
-    ours, theirs = losses(fp8), losses(plain)
+    ours, theirs = train_losses(fp8.out), train_losses(plain.out)
     assert len(ours) == len(theirs) == 30
     assert ours != theirs  # the float8 casts did run
     mean_ours, mean_theirs = sum(ours) / 30, sum(theirs) / 30

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_train_config
+from conftest import tiny_train_config, train_losses
 from lmforge.infer import SamplingConfig, generate_tokens, load
 from lmforge.train import pretrain
 
@@ -33,14 +33,11 @@ def test_cuda_muon_speedrun_run_with_chunked_loss_learns(data_dir, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 tensor cores")
 def test_cuda_fp8_compiled_run_tracks_bf16(data_dir, tmp_path):
-    import json
-
     pytest.importorskip("torchao.float8")
     cfg = tiny_train_config(device="cuda", dtype="auto", compile=True, max_steps=30, eval_interval=0, ckpt_interval=0, log_interval=1)
     runs = [pretrain(data_dir, tmp_path / str(fp8), "tiny", cfg.replace(fp8=fp8), progress=False, log=lambda *a: None)
             for fp8 in (False, True)]
-    bf16, fp8 = ([r["loss"] for r in map(json.loads, (run.out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
-                 for run in runs)
+    bf16, fp8 = (train_losses(run.out) for run in runs)
     assert len(fp8) == 30 and abs(sum(fp8) - sum(bf16)) / sum(bf16) < 0.01
 
 

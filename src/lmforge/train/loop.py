@@ -39,7 +39,7 @@ from lmforge.train.distributed import (
 from lmforge.train.float8 import to_float8
 from lmforge.train.metrics import MetricsLog, NoMetrics, plot_loss
 from lmforge.train.optim import build_optimizer, lr_at
-from lmforge.utils.device import autocast, autocast_dtype
+from lmforge.utils.device import autocast, autocast_dtype, compile_module, replays_cuda_graphs
 from lmforge.utils.errors import UserError
 
 Batch = dict[str, torch.Tensor]
@@ -124,9 +124,8 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
     if train.fp8:
         log(f"fp8: {len(to_float8(net, device))} linear layers multiply in float8")
     compiling = train.compile if train.compile is not None else device.type == "cuda"
-    compiled = torch.compile(net, mode=None if train.compile_mode == "default" else train.compile_mode) if compiling else net
-    # CUDA graph trees reuse their output memory at the next replay: each micro-batch starts a new step.
-    graphed = compiling and device.type == "cuda" and train.compile_mode in ("reduce-overhead", "max-autotune")
+    compiled = compile_module(net, train.compile_mode) if compiling else net
+    graphed = compiling and replays_cuda_graphs(train.compile_mode, device)  # each micro-batch starts a new step
     probe = None
     if world.distributed and train.parallel == "ddp":
         probe = {k: v.to(device) for k, v in objective.batch(train_source, train.batch_size, start_step, 0).items()}

@@ -38,6 +38,17 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def compile_module(module: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
+    """`torch.compile` under `TrainConfig.compile_mode`'s names ("default": torch's own default mode)."""
+    return torch.compile(module, mode=None if mode == "default" else mode)
+
+
+def replays_cuda_graphs(mode: str, device: torch.device) -> bool:
+    """Whether a module compiled in `mode` on `device` replays CUDA graphs. Each replay reuses the
+    previous one's output memory, so every step must begin with `torch.compiler.cudagraph_mark_step_begin()`."""
+    return device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+
+
 def free_memory(device: torch.device) -> int | None:
     """Bytes that an allocation on `device` can still take (CUDA: free device memory; CPU: the
     kernel's MemAvailable), or None where it cannot be told."""
