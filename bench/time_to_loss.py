@@ -98,7 +98,8 @@ def run(name: str, model_cfg, train: TrainConfig, data: Path, args, device: torc
     tokenizer = Tokenizer.load(data)
     model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size)
     seq_len = args.seq_len or model_cfg.context_length
-    task = Objective("causal", model_cfg, tokenizer, train.seed, chunked_loss=train.chunked_loss)
+    task = Objective("causal", model_cfg, tokenizer, train.seed, chunked_loss=train.chunked_loss,
+                     label_smoothing=train.label_smoothing)
     windows, val = task.open(str(data), "train", seq_len), task.open(str(data), "val", seq_len)
     val_batches = task.val_batches(val, args.eval_batch_size or train.batch_size, args.eval_batches)
     amp = autocast_dtype(device, "auto")

@@ -42,3 +42,31 @@ def test_chunked_loss_under_bf16_autocast_matches_plain():
     assert abs(plain.item() - chunked.item()) < 1e-3  # both take the head's matmul in bf16
     (gw,) = torch.autograd.grad(chunked, w)
     assert gw.dtype == torch.float32 and torch.isfinite(gw).all()
+
+
+def test_label_smoothing_is_the_mixed_target_cross_entropy():
+    torch.manual_seed(0)
+    logits, y = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    y[1, 4] = IGNORE_INDEX
+    logp = logits.log_softmax(-1).flatten(0, 1)
+    keep = y.flatten() != IGNORE_INDEX
+    target = torch.full_like(logp, 0.1 / 11)
+    target[keep.nonzero().squeeze(1), y.flatten()[keep]] += 0.9
+    want = -(target * logp).sum(-1)[keep].mean()
+    torch.testing.assert_close(lm_loss(logits, y, label_smoothing=0.1), want)
+    assert lm_loss(logits, y, label_smoothing=0.1) > lm_loss(logits, y)
+
+
+@pytest.mark.parametrize("chunk", [4, 1000])
+def test_chunked_loss_with_label_smoothing_equals_plain(chunk):
+    torch.manual_seed(1)
+    h, w, y = torch.randn(2, 7, 16, requires_grad=True), torch.randn(30, 16, requires_grad=True), torch.randint(0, 30, (2, 7))
+    y[0, :2] = IGNORE_INDEX
+    plain = lm_loss(h @ w.T, y, label_smoothing=0.2)
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    chunked = chunked_lm_loss(h2, w2, y, chunk, label_smoothing=0.2)
+    assert abs(plain.item() - chunked.item()) < 1e-5
+    plain.backward()
+    chunked.backward()
+    torch.testing.assert_close(h2.grad, h.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(w2.grad, w.grad, atol=1e-6, rtol=1e-5)

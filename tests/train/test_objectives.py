@@ -2,9 +2,14 @@ import json
 import math
 
 import pytest
+import torch
 
 from conftest import tiny_train_config
 from lmforge.config import preset
+from lmforge.model import Transformer
+from lmforge.model.losses import lm_loss
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.objectives import Objective
 from lmforge.train import pretrain
 from lmforge.utils.errors import UserError
 
@@ -42,3 +47,27 @@ def test_chunked_loss_trains_like_the_plain_loss(data_dir, tmp_path):
     assert chunked.val_loss == pytest.approx(plain.val_loss, abs=1e-4)
     with pytest.raises(UserError, match="causal objective only"):
         pretrain(data_dir, tmp_path / "d", TINY_BERT, cfg.replace(chunked_loss=100), objective="mlm", **quiet)
+
+
+@pytest.mark.parametrize("chunked", [0, 50])
+def test_label_smoothing_shapes_the_training_loss_and_validation_stays_plain(data_dir, chunked):
+    tokenizer = Tokenizer.load(data_dir)
+    cfg = preset("tiny", vocab_size=tokenizer.vocab_size, dropout=0.0)
+    torch.manual_seed(0)
+    net = Transformer(cfg)
+    with torch.no_grad():
+        net.output.weight.mul_(30)  # confident predictions, as after training, which smoothing penalises
+    task = Objective("causal", cfg, tokenizer, seed=0, chunked_loss=chunked, label_smoothing=0.1)
+    batch = task.batch(task.open(str(data_dir), "train", 32), 4, step=0)
+    with torch.no_grad():
+        logits = net(batch["input_ids"])
+        smoothed = task.loss(net.train(), batch)
+        plain = task.loss(net.eval(), batch)
+    torch.testing.assert_close(smoothed, lm_loss(logits, batch["labels"], label_smoothing=0.1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, lm_loss(logits, batch["labels"]), rtol=1e-5, atol=1e-5)
+    assert abs(smoothed - plain) > 0.05
+    # evaluate() scores in eval mode whatever mode the model is in
+    assert task.evaluate(net.train(), [batch], torch.device("cpu"), None) == pytest.approx(plain.item(), abs=1e-5)
+    assert net.training
+    with pytest.raises(UserError, match="label_smoothing must be in"):
+        tiny_train_config(label_smoothing=1.0)

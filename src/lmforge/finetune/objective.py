@@ -18,8 +18,10 @@ Batch = dict[str, torch.Tensor]
 
 
 class TaskObjective:
-    def __init__(self, kind: str, arch: str, pad_id: int, seed: int) -> None:
+    def __init__(self, kind: str, arch: str, pad_id: int, seed: int, label_smoothing: float = 0.0) -> None:
+        """`label_smoothing` applies while the model is in training mode; validation (eval mode) is plain."""
         self.kind, self.arch, self.pad_id, self.seed = kind, arch, pad_id, seed
+        self.label_smoothing = label_smoothing
 
     def batch(self, features: list[Feature], batch_size: int, step: int, micro: int = 0) -> Batch:
         return sample_batch(features, batch_size, self.seed, step, micro, self.pad_id)
@@ -31,18 +33,21 @@ class TaskObjective:
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         net = getattr(model, "_orig_mod", model)  # heads are called on the module behind torch.compile
+        eps = self.label_smoothing if model.training else 0.0
         if self.kind in ("classify", "tag", "qa"):
             logits = net.task_logits(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).float()
             if self.kind == "classify":
-                return F.cross_entropy(logits, batch["labels"])
+                return F.cross_entropy(logits, batch["labels"], label_smoothing=eps)
             if self.kind == "tag":
-                return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+                return lm_loss(logits, batch["labels"], label_smoothing=eps)
             start, end = logits.unbind(dim=-1)  # (B, T) each
-            return (F.cross_entropy(start, batch["start_positions"]) + F.cross_entropy(end, batch["end_positions"])) / 2
+            return (F.cross_entropy(start, batch["start_positions"], label_smoothing=eps)
+                    + F.cross_entropy(end, batch["end_positions"], label_smoothing=eps)) / 2
         if self.arch == "encoder-decoder":
             memory = net.encode_source(batch["src"], batch["src_mask"])
-            return lm_loss(model(batch["input_ids"], memory=memory, memory_mask=batch["src_mask"]), batch["labels"])
-        return lm_loss(model(batch["input_ids"]), batch["labels"])  # seq2seq prompt format, chat SFT
+            logits = model(batch["input_ids"], memory=memory, memory_mask=batch["src_mask"])
+            return lm_loss(logits, batch["labels"], label_smoothing=eps)
+        return lm_loss(model(batch["input_ids"]), batch["labels"], label_smoothing=eps)  # seq2seq prompt format, chat SFT
 
     def _weight(self, batch: Batch) -> int:
         """How many predictions a batch's mean loss averages over."""

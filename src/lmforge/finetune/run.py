@@ -102,7 +102,7 @@ def finetune(
     )
     net = _from_base(base, new_cfg, train.seed)
     _freeze(net, freeze_embeddings, freeze_layers)
-    objective = TaskObjective(task, cfg.arch, fmt.pad_id, train.seed)
+    objective = TaskObjective(task, cfg.arch, fmt.pad_id, train.seed, train.label_smoothing)
     mean_len = sum(len(f["input_ids"]) + len(f.get("src", ())) for f in train_features) / len(train_features)
     task_state: dict[str, Any] = {"kind": task, "max_length": max_length, "prompt": prompt, "doc_stride": doc_stride,
                                   "repeat": repeat_input}

@@ -12,9 +12,14 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Mean cross-entropy in nats over the targets that are not `ignore_index`; logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+def lm_loss(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Mean cross-entropy in nats over the targets that are not `ignore_index`; logits (B, T, V), targets (B, T).
+    `label_smoothing` e mixes the one-hot target with e/V on every class (Szegedy et al. 2016)."""
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index, label_smoothing=label_smoothing
+    )
 
 
 def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
@@ -25,9 +30,9 @@ def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
 
 def chunked_lm_loss(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 4096,
-    ignore_index: int = IGNORE_INDEX,
+    ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """`lm_loss(hidden @ weight.T, targets)` without the logits of the whole batch.
+    """`lm_loss(hidden @ weight.T, targets, label_smoothing=...)` without the logits of the whole batch.
 
     hidden (B, T, C) final hidden states, weight (V, C) the output head, targets (B, T). The rows
     are taken `chunk_tokens` at a time: each chunk's logits are made, reduced to its loss and, when
@@ -37,7 +42,9 @@ def chunked_lm_loss(
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return _ChunkedCrossEntropy.apply(hidden.flatten(0, -2), weight, targets.flatten(), chunk_tokens, ignore_index)
+    return _ChunkedCrossEntropy.apply(
+        hidden.flatten(0, -2), weight, targets.flatten(), chunk_tokens, ignore_index, label_smoothing
+    )
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -45,7 +52,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     backward only scales the saved gradients by the incoming one."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens, ignore_index):
+    def forward(ctx, hidden, weight, targets, chunk_tokens, ignore_index, smoothing):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -62,10 +69,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             lse = logits.logsumexp(dim=-1)
             y = torch.where(valid, y, 0)
             picked = logits.gather(1, y[:, None]).squeeze(1)
-            total += ((lse - picked) * valid).sum()
+            # target (1 - e) on the label plus e / V on every class: (1 - e) nll + e (lse - mean logit)
+            loss = (1 - smoothing) * (lse - picked) + (smoothing * (lse - logits.mean(dim=-1)) if smoothing else 0.0)
+            total += (loss * valid).sum()
             if want_h or want_w:
                 g = (logits - lse[:, None]).exp_()  # softmax
-                g.scatter_add_(1, y[:, None], torch.full_like(picked[:, None], -1.0))
+                if smoothing:
+                    g -= smoothing / logits.size(1)
+                g.scatter_add_(1, y[:, None], torch.full_like(picked[:, None], smoothing - 1.0))
                 g = (g * (valid[:, None] / count)).to(dtype)  # d(mean loss) / d(logits)
                 if want_h:
                     grad_h[s : s + chunk_tokens] = (g @ w).to(hidden.dtype)
@@ -80,5 +91,5 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return (
             grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
             grad_w * grad_out if grad_w is not None else None,
-            None, None, None,
+            None, None, None, None,
         )

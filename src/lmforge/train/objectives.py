@@ -32,9 +32,11 @@ _VAL_SEED = 0xFFFF_FFFF  # one fixed masking of the validation batches, whatever
 
 class Objective:
     def __init__(
-        self, name: str, config: ModelConfig, tokenizer: Tokenizer, seed: int, parallel_data: bool = False, chunked_loss: int = 0
+        self, name: str, config: ModelConfig, tokenizer: Tokenizer, seed: int, parallel_data: bool = False, chunked_loss: int = 0,
+        label_smoothing: float = 0.0,
     ) -> None:
-        """`chunked_loss` > 0: the causal loss goes through `chunked_lm_loss` in chunks of that many tokens."""
+        """`chunked_loss` > 0: the causal loss goes through `chunked_lm_loss` in chunks of that many tokens.
+        `label_smoothing` applies while the model is in training mode; validation (eval mode) is plain."""
         if name not in ObjectiveName.__args__:
             raise UserError(f"objective {name!r} is not supported; use one of {list(ObjectiveName.__args__)}")
         wants = _ARCH[name]
@@ -54,6 +56,7 @@ class Objective:
         if chunked_loss and name != "causal":
             raise UserError(f"train.chunked_loss applies to the causal objective only, not {name}; drop --train.chunked_loss")
         self.name, self.seed, self.tokenizer, self.chunked_loss = name, seed, tokenizer, chunked_loss
+        self.label_smoothing = label_smoothing
         self.spec = MaskingSpec.from_tokenizer(tokenizer, config.vocab_size) if name in ("mlm", "mlm+nsp") else None
 
     def open(self, data: str, split: str, seq_len: int, required: bool = True) -> TokenWindows | ParallelPairs | None:
@@ -97,19 +100,20 @@ class Objective:
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         net: Transformer = getattr(model, "_orig_mod", model)  # the module behind torch.compile
+        eps = self.label_smoothing if model.training else 0.0
         if self.name == "causal" and self.chunked_loss:
             hidden = model(batch["input_ids"], return_hidden=True)
-            return chunked_lm_loss(hidden, net.output.weight, batch["labels"], self.chunked_loss)
+            return chunked_lm_loss(hidden, net.output.weight, batch["labels"], self.chunked_loss, label_smoothing=eps)
         if self.name == "causal":
-            return lm_loss(model(batch["input_ids"]), batch["labels"])
+            return lm_loss(model(batch["input_ids"]), batch["labels"], label_smoothing=eps)
         if self.name == "seq2seq":
             memory = net.encode_source(batch["src"], batch["src_mask"])
             logits = model(batch["input_ids"], memory=memory, memory_mask=batch["src_mask"])
-            return lm_loss(logits, batch["labels"])
+            return lm_loss(logits, batch["labels"], label_smoothing=eps)
         hidden = net.encode(batch["input_ids"], token_type_ids=batch["token_type_ids"])
-        loss = lm_loss(net.mlm(hidden), batch["labels"])
+        loss = lm_loss(net.mlm(hidden), batch["labels"], label_smoothing=eps)
         if "nsp_labels" in batch:
-            loss = loss + F.cross_entropy(net.nsp_logits(hidden).float(), batch["nsp_labels"])
+            loss = loss + F.cross_entropy(net.nsp_logits(hidden).float(), batch["nsp_labels"], label_smoothing=eps)
         return loss
 
     def evaluate(self, model: torch.nn.Module, batches: list[Batch], device: torch.device, amp: torch.dtype | None) -> float:

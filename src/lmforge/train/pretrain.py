@@ -40,7 +40,7 @@ def pretrain(
     tokenizer = Tokenizer.load(data)
     model_cfg = _resolve_model_config(model, meta)
     task = Objective(objective, model_cfg, tokenizer, train.seed, parallel_data=meta.get("kind") == "parallel",
-                     chunked_loss=train.chunked_loss)
+                     chunked_loss=train.chunked_loss, label_smoothing=train.label_smoothing)
     seq_len = train.seq_len or model_cfg.context_length
     if seq_len > model_cfg.context_length:
         raise UserError(f"train.seq_len {seq_len} exceeds model.context_length {model_cfg.context_length}; lower one or raise the other")
