@@ -124,8 +124,8 @@ def main() -> None:
             run = _run_finetune(name, row, args.base, args.out, device, args.smoke)
             scored = dict(data=row["eval"], split_articles=row.get("split_articles"))
         t0 = time.perf_counter()
-        scores = evaluate_task(run["checkpoint"], row["task"], device=device, limit=8 if args.smoke else None,
-                               max_new_tokens=row.get("max_new_tokens", 64), **scored)
+        scored |= {k: row[k] for k in ("max_new_tokens", "num_beams") if k in row}
+        scores = evaluate_task(run["checkpoint"], row["task"], device=device, limit=8 if args.smoke else None, **scored)
         eval_flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in scored.items() if v is not None and k != "data")
         run["commands"].append(f"lmforge eval {run['checkpoint']} --task {row['task']} --data {scored['data']} {eval_flags}".strip())
         line = {"what": "finetune_tasks", "row": name, "device": device,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lmforge.config import preset
-from lmforge.infer import SamplingConfig, beam_search, generate_tokens
+from lmforge.infer import SamplingConfig, beam_search, beam_search_batch, generate_tokens
 from lmforge.model import Transformer
 
 
@@ -62,3 +62,27 @@ def test_encoder_decoder_beam_of_one_is_greedy():
     hyp = beam_search(m, [1], beam_size=1, max_new_tokens=8, memory=memory)[0]
     assert hyp.tokens == list(generate_tokens(m, [1], 8, SamplingConfig(temperature=0), memory=memory))
     assert len(beam_search(m, [1], beam_size=3, max_new_tokens=8, memory=memory)) == 3
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_batch_of_padded_sources_searches_as_each_source_alone(k):
+    torch.manual_seed(0)
+    m = Transformer(preset("transformer-base", vocab_size=60, n_layer=2, n_encoder_layer=2, n_embd=32, n_head=2,
+                           mlp_hidden=64, context_length=32, dropout=0.0)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)  # outputs that depend on the source (a small init mostly ignores it)
+    sources = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]
+    src = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for i, s in enumerate(sources):
+        src[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    with torch.no_grad():
+        memory = m.encode_source(src, mask)
+        alone = [beam_search(m, [1], k, 10, eos_id=2, memory=m.encode_source(torch.tensor([s]))) for s in sources]
+    batched = beam_search_batch(m, [[1]] * 3, k, 10, eos_id=2, memory=memory, memory_mask=mask)
+    assert len({tuple(h[0].tokens) for h in batched}) == 3  # the sources really differ
+    for got, want in zip(batched, alone):
+        assert [h.tokens for h in got] == [h.tokens for h in want]
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-4)

@@ -2,7 +2,7 @@
 
 from lmforge.infer.generate import SamplingConfig, decode_one_token, generate_tokens, prefill, sample
 from lmforge.infer.chat import ChatSession, render_chat
-from lmforge.infer.beam import Hypothesis, beam_search
+from lmforge.infer.beam import Hypothesis, beam_search, beam_search_batch
 from lmforge.infer.engine import Engine, Event, QueueFull, Request, TextStream
 from lmforge.infer.pipeline import Pipeline, pipeline, predict
 from lmforge.infer.sampling import SamplingParams, sample_rows
@@ -10,6 +10,6 @@ from lmforge.infer.session import LanguageModel, load
 
 __all__ = [
     "ChatSession", "Engine", "Event", "Hypothesis", "LanguageModel", "Pipeline", "QueueFull", "Request", "SamplingConfig",
-    "SamplingParams", "TextStream", "beam_search", "decode_one_token", "generate_tokens", "load", "pipeline", "predict",
+    "SamplingParams", "TextStream", "beam_search", "beam_search_batch", "decode_one_token", "generate_tokens", "load", "pipeline", "predict",
     "prefill", "render_chat", "sample", "sample_rows",
 ]

@@ -8,6 +8,7 @@ transformers does it): above 0 favours longer outputs, 0 ranks by plain log-prob
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,6 @@ class Hypothesis:
     score: float  # logprob / len(tokens) ** length_penalty
 
 
-@torch.inference_mode()
 def beam_search(
     model: Transformer,
     prompt: list[int],
@@ -40,54 +40,88 @@ def beam_search(
     decoder start token. Search stops after `max_new_tokens`, or once `beam_size` hypotheses have
     ended and no live beam can still beat the worst of them.
     """
+    return beam_search_batch(model, [prompt], beam_size, max_new_tokens, length_penalty, eos_id, memory, memory_mask)[0]
+
+
+@torch.inference_mode()
+def beam_search_batch(
+    model: Transformer,
+    prompts: list[list[int]],
+    beam_size: int = 4,
+    max_new_tokens: int = 32,
+    length_penalty: float = 1.0,
+    eos_id: int | None = None,
+    memory: torch.Tensor | None = None,
+    memory_mask: torch.Tensor | None = None,
+) -> list[list[Hypothesis]]:
+    """`beam_search` for several prompts of one length at once: one forward per step for all.
+
+    The prompts' K beams are rows [b*K, (b+1)*K) of one cache. This is how an encoder-decoder
+    translates a batch: every prompt is the decoder start token, and `memory` (B, S, C) with
+    `memory_mask` (B, S) holds the padded sources. A prompt's search ends as `beam_search`'s
+    does; its rows then idle until every prompt has ended.
+    """
     if model.config.arch == "encoder":
         raise UserError("an encoder model cannot generate text; use a decoder or encoder-decoder checkpoint")
     if beam_size < 1 or max_new_tokens < 1:
         raise UserError(f"beam_size and max_new_tokens must be >= 1, got {beam_size} and {max_new_tokens}")
-    T, ctx = len(prompt), model.config.context_length
+    T, ctx = len(prompts[0]), model.config.context_length
+    if any(len(p) != T for p in prompts):
+        raise ValueError("beam_search_batch takes prompts of one length")
     if T == 0 or T + max_new_tokens > ctx:
         raise UserError(f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) must fit the context of {ctx}")
     device = model.tok_embeddings.weight.device
-    V, K = model.config.vocab_size, beam_size
+    V, K, B = model.config.vocab_size, beam_size, len(prompts)
     enc = {}
     if memory is not None:
-        enc = {"memory": memory.expand(K, -1, -1)}
+        enc = {"memory": memory.repeat_interleave(K, dim=0)}
         if memory_mask is not None:
-            enc["memory_mask"] = memory_mask.expand(K, -1)
-    cache = model.new_cache(K, T + max_new_tokens)
-    one = {k: v[:1] for k, v in enc.items()}
-    logits = model(torch.tensor([prompt], device=device), cache=cache.rows(0, 1), start=0, **one)[:, -1, :V]
-    cache.reorder(torch.zeros(K, dtype=torch.long, device=device))  # every beam starts from the prompt
-    scores = torch.zeros(1, device=device)  # (beams,) summed log-probabilities
-    beams: list[list[int]] = [[]]
-    done: list[Hypothesis] = []
+            enc["memory_mask"] = memory_mask.repeat_interleave(K, dim=0)
+    cache = model.new_cache(B * K, T + max_new_tokens)
+    ids = torch.tensor(prompts, device=device).repeat_interleave(K, dim=0)
+    logits = model(ids, cache=cache, start=0, **enc)[:, -1, :V]
+    # Summed log-probabilities per row; a prompt starts with one live beam (its copies at -inf).
+    scores = torch.full((B, K), -math.inf, device=device)
+    scores[:, 0] = 0.0
+    beams: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
+    done: list[list[Hypothesis]] = [[] for _ in range(B)]
+    live = [True] * B
     for step in range(max_new_tokens):
-        cand = (scores[:, None] + torch.log_softmax(logits.float(), dim=-1)).view(-1)  # (beams * V,)
-        top_scores, top_idx = cand.topk(min(2 * K, cand.numel()))
-        next_beams, next_scores, origin = [], [], []
-        for s, i in zip(top_scores.tolist(), top_idx.tolist()):
-            b, tok = divmod(i, V)
-            tokens = beams[b] + [tok]
-            if tok == eos_id:
-                done.append(Hypothesis(tokens, s, s / len(tokens) ** length_penalty))
+        cand = (scores.view(-1, 1) + torch.log_softmax(logits.float(), dim=-1)).view(B, K * V)
+        top_scores, top_idx = (t.tolist() for t in cand.topk(min(2 * K, K * V), dim=-1))
+        index = torch.arange(B * K).view(B, K).tolist()  # rows keep their keys unless reordered
+        tokens = [[eos_id or 0] * K for _ in range(B)]
+        next_scores = [[-math.inf] * K for _ in range(B)]
+        for b in range(B):
+            if not live[b]:
                 continue
-            next_beams.append(tokens)
-            next_scores.append(s)
-            origin.append(b)
-            if len(next_beams) == K:
-                break
-        done.sort(key=lambda h: -h.score)
-        done = done[:K]
-        length = step + 1
-        if len(done) == K and max(next_scores) / length ** length_penalty <= done[-1].score:
+            kept: list[tuple[list[int], float, int]] = []
+            for s, i in zip(top_scores[b], top_idx[b]):
+                if s == -math.inf:
+                    break
+                j, tok = divmod(i, V)
+                hyp = beams[b][j] + [tok]
+                if tok == eos_id:
+                    done[b].append(Hypothesis(hyp, s, s / len(hyp) ** length_penalty))
+                    continue
+                kept.append((hyp, s, j))
+                if len(kept) == K:
+                    break
+            done[b] = sorted(done[b], key=lambda h: -h.score)[:K]
+            length = step + 1
+            if len(done[b]) == K and kept and max(s for _, s, _ in kept) / length ** length_penalty <= done[b][-1].score:
+                live[b] = False
+                continue
+            if step == max_new_tokens - 1 or not kept:
+                done[b] += [Hypothesis(t, s, s / len(t) ** length_penalty) for t, s, _ in kept]
+                live[b] = False
+                continue
+            for n, (hyp, s, j) in enumerate(kept):  # rows past len(kept) keep their keys and a -inf score
+                beams[b][n], next_scores[b][n], index[b][n], tokens[b][n] = hyp, s, b * K + j, hyp[-1]
+        if not any(live):
             break
-        if step == max_new_tokens - 1 or not next_beams:
-            done += [Hypothesis(t, s, s / len(t) ** length_penalty) for t, s in zip(next_beams, next_scores)]
-            break
-        beams, scores = next_beams, torch.tensor(next_scores, device=device)
-        n = len(beams)
-        index = torch.tensor(origin + [origin[-1]] * (K - n), device=device)
-        cache.reorder(index)
-        tokens = torch.tensor([t[-1] for t in beams] + [beams[-1][-1]] * (K - n), device=device)
-        logits = model(tokens[:, None], cache=cache, start=T + step, **enc)[:n, -1, :V]
-    return sorted(done, key=lambda h: -h.score)[:K]
+        scores = torch.tensor(next_scores, device=device)
+        cache.reorder(torch.tensor(index, device=device).view(-1))
+        step_ids = torch.tensor(tokens, device=device).view(-1, 1)
+        logits = model(step_ids, cache=cache, start=T + step, **enc)[:, -1, :V]
+    return [sorted(d, key=lambda h: -h.score)[:K] for d in done]

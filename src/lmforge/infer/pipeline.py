@@ -22,9 +22,8 @@ from lmforge.checkpoint import load_model
 from lmforge.data.features import DEFAULT_PROMPT, TASK_HEAD, TASKS, Feature, TaskFormat, collate, read_examples
 from lmforge.data.parallel import decoder_start_id
 from lmforge.data.tasks import entities
-from lmforge.infer.beam import beam_search
+from lmforge.infer.beam import beam_search, beam_search_batch
 from lmforge.infer.engine import Engine
-from lmforge.infer.generate import SamplingConfig, generate_tokens
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
@@ -130,40 +129,50 @@ class Pipeline:
         return out
 
     def _generate(self, items: list[Any]) -> list[str]:
-        """Greedy decoding, batched through the engine for decoders; beam search with num_beams > 1."""
+        """Greedy decoding, batched through the engine for decoders; beam search with num_beams > 1;
+        an encoder-decoder searches `batch_size` sources at a time (greedy is a beam of one)."""
         cfg, tok = self.model.config, self.tokenizer
-        if self.max_new_tokens >= cfg.context_length and cfg.arch == "decoder":
+        if cfg.arch == "encoder-decoder":
+            outputs = self._translate(items)
+            return [tok.decode([t for t in ids if t != tok.eot_id]).strip() for ids in outputs]
+        if self.max_new_tokens >= cfg.context_length:
             raise UserError(f"max_new_tokens {self.max_new_tokens} leaves no room for the input in a context of {cfg.context_length}")
-        prompts, memories = [], []
+        prompts = []
         for item in items:
             if self.task == "sft":
                 messages = [{"role": "user", "content": item}] if isinstance(item, str) else item
                 prompt = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
                 prompts.append(prompt[-(cfg.context_length - self.max_new_tokens):])
-            elif cfg.arch == "encoder-decoder":
-                src = torch.tensor([self.format.seq2seq(item)["src"]], device=self.device)
-                with torch.inference_mode():
-                    memories.append(self.model.encode_source(src))
-                prompts.append([decoder_start_id(tok)])
             else:
                 prompts.append(self.format.prompt_ids(item, cfg.context_length - self.max_new_tokens))
-        if cfg.arch == "decoder" and self.num_beams == 1:
+        if self.num_beams == 1:
             longest = max(len(p) for p in prompts) + self.max_new_tokens
             engine = Engine(self.model, tok, max_batch=min(self.batch_size, len(prompts)), max_seq_len=longest)
             params = SamplingParams(max_tokens=self.max_new_tokens, temperature=0.0)
             outputs = [req.output for req in engine.generate(prompts, params)]
         else:
-            outputs = []
-            for n, prompt in enumerate(prompts):
-                memory = {"memory": memories[n]} if memories else {}
-                if self.num_beams > 1:
-                    best = beam_search(self.model, prompt, self.num_beams, self.max_new_tokens, self.length_penalty,
-                                       eos_id=tok.eot_id, **memory)[0]
-                    outputs.append(best.tokens)
-                else:
-                    outputs.append(list(generate_tokens(self.model, prompt, self.max_new_tokens, SamplingConfig(temperature=0.0),
-                                                        (tok.eot_id,), **memory)))
+            outputs = [beam_search(self.model, prompt, self.num_beams, self.max_new_tokens, self.length_penalty,
+                                   eos_id=tok.eot_id)[0].tokens for prompt in prompts]
         return [tok.decode([t for t in ids if t != tok.eot_id]).strip() for ids in outputs]
+
+    def _translate(self, items: list[Any]) -> list[list[int]]:
+        """An encoder-decoder's best hypothesis per source: padded sources, encoded and searched together."""
+        sources = [self.format.seq2seq(item)["src"] for item in items]
+        start, outputs = decoder_start_id(self.tokenizer), []
+        for lo in range(0, len(sources), self.batch_size):
+            chunk = sources[lo : lo + self.batch_size]
+            S = max(len(s) for s in chunk)
+            src = torch.full((len(chunk), S), self.format.pad_id, dtype=torch.long)
+            mask = torch.zeros(len(chunk), S, dtype=torch.long)
+            for row, ids in enumerate(chunk):
+                src[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(ids), 1
+            src, mask = src.to(self.device), mask.to(self.device)
+            with torch.inference_mode():
+                memory = self.model.encode_source(src, mask)
+            found = beam_search_batch(self.model, [[start]] * len(chunk), self.num_beams, self.max_new_tokens,
+                                      self.length_penalty, eos_id=self.tokenizer.eot_id, memory=memory, memory_mask=mask)
+            outputs += [hyps[0].tokens for hyps in found]
+        return outputs
 
 
 def _best_span(logits: torch.Tensor, offsets: Sequence[tuple[int, int] | None], max_len: int) -> tuple[float, int, int]:
