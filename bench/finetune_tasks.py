@@ -60,10 +60,11 @@ ROWS = {
         max_new_tokens=64,
     ),
     # Translation is an encoder-decoder trained from scratch (pretrain --objective seq2seq), not a fine-tune.
+    # The recipe measured on CPU (README): test2016 BLEU 34.13 with a beam of 4.
     "multi30k": dict(
         task="seq2seq", pretrain=True,
-        train=dict(max_steps=6000, batch_size=128, lr=1e-3, warmup_steps=400, weight_decay=0.1, seq_len=64),
-        max_new_tokens=48,
+        train=dict(max_steps=1500, batch_size=128, lr=1e-3, warmup_steps=200, weight_decay=0.1, label_smoothing=0.1),
+        max_new_tokens=48, num_beams=4,
     ),
 }
 
@@ -89,8 +90,8 @@ def _run_translation(row: dict, out: Path, device: str, smoke: bool) -> dict:
     train_tokenizer([M30K / "train.en.gz", M30K / "train.de.gz"], 10000, tok_dir)
     prepare_parallel(M30K / "train.en.gz", M30K / "train.de.gz", tok_dir, data, val_fraction=0.02)
     model = preset("transformer-base").replace(n_layer=3, n_encoder_layer=3, n_embd=256, n_head=4, mlp_hidden=1024,
-                                               dropout=0.1, context_length=128)
-    train = {**row["train"], "device": device, "eval_interval": 500, "tensorboard": False, "min_lr": 1e-5}
+                                               dropout=0.1, context_length=64)
+    train = {**row["train"], "device": device, "eval_interval": 500, "eval_batches": 5, "tensorboard": False}
     if smoke:
         train |= dict(max_steps=3, warmup_steps=1, eval_interval=0, batch_size=4)
     result = pretrain(data, out / "multi30k", model, TrainConfig(**train), objective="seq2seq", progress=False)
@@ -100,7 +101,7 @@ def _run_translation(row: dict, out: Path, device: str, smoke: bool) -> dict:
                 f"lmforge prepare {M30K}/train.en.gz --target {M30K}/train.de.gz --tokenizer {tok_dir} --out {data} --val-fraction 0.02",
                 f"lmforge pretrain --data {data} --out {out / 'multi30k'} --objective seq2seq --model.preset transformer-base "
                 "--model.n_layer 3 --model.n_encoder_layer 3 --model.n_embd 256 --model.n_head 4 --model.mlp_hidden 1024 "
-                "--model.dropout 0.1 --model.context_length 128 " + " ".join(f"--train.{k} {v}" for k, v in row["train"].items()),
+                "--model.dropout 0.1 --model.context_length 64 " + " ".join(f"--train.{k} {v}" for k, v in row["train"].items()),
             ]}
 
 
