@@ -229,8 +229,10 @@ def pipeline(
 ) -> Pipeline:
     """A callable for `task` on `checkpoint`; task None takes the one the checkpoint was fine-tuned for.
 
-    Generation (seq2seq, sft) is greedy, batched `batch_size` at a time for decoders; `num_beams`
-    > 1 runs beam search with `length_penalty`. QA answers are at most `max_answer_length` tokens.
+    Generation (seq2seq, sft) is greedy; `num_beams` > 1 runs beam search with `length_penalty`.
+    Decoders decode greedily `batch_size` prompts at a time and run beams one prompt at a time;
+    encoder-decoders search `batch_size` sources at a time either way. QA answers are at most
+    `max_answer_length` tokens.
     """
     if num_beams < 1 or batch_size < 1 or max_answer_length < 1:
         raise UserError(f"num_beams, batch_size and max_answer_length must be >= 1, got {num_beams}, {batch_size}, {max_answer_length}")
