@@ -53,11 +53,13 @@ ROWS = {
         split_articles=0.8, doc_stride=128, repeat_input=True,
         train=dict(max_steps=2000, batch_size=16, lr=5e-5, warmup_steps=100, seq_len=512),
     ),
+    # The recipe measured on CPU (README): test ROUGE-1 42.12 (multi-reference max).
     "scitldr": dict(
         task="seq2seq", data=DATA / "summarization/scitldr/train.jsonl", val=DATA / "summarization/scitldr/dev.jsonl",
         eval=DATA / "summarization/scitldr/test.jsonl", prompt="{source}\nTL;DR:",
-        train=dict(max_steps=1500, batch_size=8, lr=5e-5, warmup_steps=100, seq_len=1024),
-        max_new_tokens=64,
+        train=dict(max_steps=120, batch_size=8, lr=1e-3, warmup_steps=12, seq_len=640),
+        lora=dict(r=16, alpha=32, targets="all-linear"),
+        max_new_tokens=48,
     ),
     # Translation is an encoder-decoder trained from scratch (pretrain --objective seq2seq), not a fine-tune.
     # The recipe measured on CPU (README): test2016 BLEU 34.13 with a beam of 4.
