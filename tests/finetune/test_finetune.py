@@ -187,9 +187,11 @@ def test_translation_with_an_encoder_decoder_and_predictions_as_jsonl(tmp_path_f
     assert result["examples"] == 5 and {"bleu", "chrf", "rouge1", "rouge2", "rougeL"} <= set(result)
     beams = pipeline("seq2seq", run.checkpoint, device="cpu", max_new_tokens=6, num_beams=3)
     greedy = pipeline("seq2seq", run.checkpoint, device="cpu", max_new_tokens=6)
-    one_beam = pipeline("seq2seq", run.checkpoint, device="cpu", max_new_tokens=6, num_beams=1)
-    sentences = src.read_text().splitlines()[:2]
-    assert greedy(sentences) == one_beam(sentences) and len(beams(sentences)) == 2
+    alone = pipeline("seq2seq", run.checkpoint, device="cpu", max_new_tokens=6, batch_size=1)
+    sentences = src.read_text().splitlines()[:5]
+    assert greedy(sentences) == alone(sentences) and len(beams(sentences)) == 5  # padded batch = each source alone
+    unbounded = pipeline("seq2seq", run.checkpoint, device="cpu", max_new_tokens=10_000)  # stops at the decoder's context
+    assert len(unbounded(sentences[:1])) == 1
     n = predict(run.checkpoint, src, tmp_path / "pred.jsonl", target=tgt, max_new_tokens=4, device="cpu")
     rows = [json.loads(line) for line in open(tmp_path / "pred.jsonl")]
     assert n == len(rows) == 300 and rows[0]["source"] == src.read_text().splitlines()[0] and "prediction" in rows[0]

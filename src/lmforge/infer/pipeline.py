@@ -131,10 +131,13 @@ class Pipeline:
     def _generate(self, items: list[Any]) -> list[str]:
         """Greedy decoding, batched through the engine for decoders; beam search with num_beams > 1;
         an encoder-decoder searches `batch_size` sources at a time (greedy is a beam of one)."""
+        tok = self.tokenizer
+        outputs = self._translate(items) if self.model.config.arch == "encoder-decoder" else self._complete(items)
+        return [tok.decode([t for t in ids if t != tok.eot_id]).strip() for ids in outputs]
+
+    def _complete(self, items: list[Any]) -> list[list[int]]:
+        """A decoder's generated tokens per prompt (the seq2seq prompt format, or a chat's next turn)."""
         cfg, tok = self.model.config, self.tokenizer
-        if cfg.arch == "encoder-decoder":
-            outputs = self._translate(items)
-            return [tok.decode([t for t in ids if t != tok.eot_id]).strip() for ids in outputs]
         if self.max_new_tokens >= cfg.context_length:
             raise UserError(f"max_new_tokens {self.max_new_tokens} leaves no room for the input in a context of {cfg.context_length}")
         prompts = []
@@ -145,20 +148,20 @@ class Pipeline:
                 prompts.append(prompt[-(cfg.context_length - self.max_new_tokens):])
             else:
                 prompts.append(self.format.prompt_ids(item, cfg.context_length - self.max_new_tokens))
-        if self.num_beams == 1:
-            longest = max(len(p) for p in prompts) + self.max_new_tokens
-            engine = Engine(self.model, tok, max_batch=min(self.batch_size, len(prompts)), max_seq_len=longest)
-            params = SamplingParams(max_tokens=self.max_new_tokens, temperature=0.0)
-            outputs = [req.output for req in engine.generate(prompts, params)]
-        else:
-            outputs = [beam_search(self.model, prompt, self.num_beams, self.max_new_tokens, self.length_penalty,
-                                   eos_id=tok.eot_id)[0].tokens for prompt in prompts]
-        return [tok.decode([t for t in ids if t != tok.eot_id]).strip() for ids in outputs]
+        if self.num_beams > 1:
+            return [beam_search(self.model, prompt, self.num_beams, self.max_new_tokens, self.length_penalty,
+                                eos_id=tok.eot_id)[0].tokens for prompt in prompts]
+        longest = max(len(p) for p in prompts) + self.max_new_tokens
+        engine = Engine(self.model, tok, max_batch=min(self.batch_size, len(prompts)), max_seq_len=longest)
+        params = SamplingParams(max_tokens=self.max_new_tokens, temperature=0.0)
+        return [req.output for req in engine.generate(prompts, params)]
 
     def _translate(self, items: list[Any]) -> list[list[int]]:
-        """An encoder-decoder's best hypothesis per source: padded sources, encoded and searched together."""
+        """An encoder-decoder's best hypothesis per source: padded sources, encoded and searched together.
+        The output stops where the decoder's positions end (context_length - 1 tokens after the start token)."""
         sources = [self.format.seq2seq(item)["src"] for item in items]
         start, outputs = decoder_start_id(self.tokenizer), []
+        max_new = min(self.max_new_tokens, self.model.config.context_length - 1)
         for lo in range(0, len(sources), self.batch_size):
             chunk = sources[lo : lo + self.batch_size]
             S = max(len(s) for s in chunk)
@@ -169,7 +172,7 @@ class Pipeline:
             src, mask = src.to(self.device), mask.to(self.device)
             with torch.inference_mode():
                 memory = self.model.encode_source(src, mask)
-            found = beam_search_batch(self.model, [[start]] * len(chunk), self.num_beams, self.max_new_tokens,
+            found = beam_search_batch(self.model, [[start]] * len(chunk), self.num_beams, max_new,
                                       self.length_penalty, eos_id=self.tokenizer.eot_id, memory=memory, memory_mask=mask)
             outputs += [hyps[0].tokens for hyps in found]
         return outputs
