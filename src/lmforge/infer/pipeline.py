@@ -159,21 +159,15 @@ class Pipeline:
     def _translate(self, items: list[Any]) -> list[list[int]]:
         """An encoder-decoder's best hypothesis per source: padded sources, encoded and searched together.
         The output stops where the decoder's positions end (context_length - 1 tokens after the start token)."""
-        sources = [self.format.seq2seq(item)["src"] for item in items]
+        features = [self.format.seq2seq(item) for item in items]  # {"src": ids}
         start, outputs = decoder_start_id(self.tokenizer), []
         max_new = min(self.max_new_tokens, self.model.config.context_length - 1)
-        for lo in range(0, len(sources), self.batch_size):
-            chunk = sources[lo : lo + self.batch_size]
-            S = max(len(s) for s in chunk)
-            src = torch.full((len(chunk), S), self.format.pad_id, dtype=torch.long)
-            mask = torch.zeros(len(chunk), S, dtype=torch.long)
-            for row, ids in enumerate(chunk):
-                src[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(ids), 1
-            src, mask = src.to(self.device), mask.to(self.device)
+        for lo in range(0, len(features), self.batch_size):
+            batch = {k: v.to(self.device) for k, v in collate(features[lo : lo + self.batch_size], self.format.pad_id).items()}
             with torch.inference_mode():
-                memory = self.model.encode_source(src, mask)
-            found = beam_search_batch(self.model, [[start]] * len(chunk), self.num_beams, max_new,
-                                      self.length_penalty, eos_id=self.tokenizer.eot_id, memory=memory, memory_mask=mask)
+                memory = self.model.encode_source(batch["src"], batch["src_mask"])
+            found = beam_search_batch(self.model, [[start]] * memory.size(0), self.num_beams, max_new, self.length_penalty,
+                                      eos_id=self.tokenizer.eot_id, memory=memory, memory_mask=batch["src_mask"])
             outputs += [hyps[0].tokens for hyps in found]
         return outputs
 
