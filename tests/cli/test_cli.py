@@ -84,6 +84,7 @@ def test_generation_errors(capsys, trained_run, tmp_path):
     fails_with(capsys, "longer than the model's context", "generate", trained_run.out, "--prompt", "word " * 200)
     fails_with(capsys, "does not exist", "generate", tmp_path / "nope", "--prompt", "hi")
     fails_with(capsys, "top_p", "generate", trained_run.out, "--top-p", 0)
+    fails_with(capsys, "dtype", "generate", trained_run.out, "--dtype", "fp16")
 
 
 @pytest.mark.parametrize(
@@ -145,6 +146,8 @@ def test_finetune_predict_eval_and_merge_through_the_cli(capsys, trained_run, tm
     code, out, _ = run(capsys, "eval", result["checkpoint"], "--task", "classify", "--data", data, "--json")
     scores = json.loads(out.splitlines()[-1])
     assert code == 0 and scores["examples"] == 40 and scores["accuracy"] == 100.0  # "good" vs "bad" is learnt
+    code, out, _ = run(capsys, "eval", result["checkpoint"], "--task", "classify", "--data", data, "--dtype", "bfloat16", "--json")
+    assert code == 0 and json.loads(out.splitlines()[-1])["accuracy"] == 100.0
     code, _, _ = run(capsys, "merge-lora", result["checkpoint"], "--out", tmp_path / "merged")
     assert code == 0
     code, _, _ = run(capsys, "predict", tmp_path / "merged", "--data", data, "--out", tmp_path / "pred.jsonl")

@@ -63,6 +63,14 @@ def test_classify_learns_and_eval_scores_what_the_pipeline_predicts(yelp_run):
     assert result["examples"] == 1000 and 0 <= result["macro_f1"] <= 100
 
 
+def test_bf16_inference_agrees_with_fp32(yelp_run):
+    texts = [line.rsplit("\t", 1)[0] for line in YELP.read_text().splitlines()[:200]]
+    fp32 = pipeline("classify", yelp_run.checkpoint, device="cpu")(texts)
+    bf16 = pipeline("classify", yelp_run.checkpoint, device="cpu", dtype="bfloat16")(texts)
+    assert sum(a["label"] == b["label"] for a, b in zip(fp32, bf16)) >= 0.97 * len(texts)
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(fp32, bf16) if a["label"] == b["label"]) < 0.05
+
+
 def test_lora_trains_only_adapters_and_head_and_merges_to_the_same_predictions(trained_run, tmp_path):
     base, _ = load_model(trained_run.out)
     run = finetune(trained_run.out, "classify", YELP, tmp_path / "lora", train=_cfg(max_steps=20, lr=1e-2),

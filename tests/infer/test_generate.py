@@ -76,6 +76,20 @@ def test_load_and_generate_text(trained_run):
     assert "".join(pieces) == a and len(pieces) > 1
 
 
+def test_bf16_weights_predict_what_fp32_does(trained_run):
+    fp32, bf16 = load(trained_run.out, device="cpu"), load(trained_run.out, device="cpu", dtype="bfloat16")
+    assert fp32.model.output.weight.dtype == torch.float32 and bf16.model.output.weight.dtype == torch.bfloat16
+    ids = torch.tensor([fp32.tokenizer.encode("ROMEO:\nWhat light through yonder window breaks?")])
+    with torch.inference_mode():
+        a, b = fp32.model(ids).float(), bf16.model(ids).float()
+    assert (a.softmax(-1) - b.softmax(-1)).abs().max() < 0.05  # bf16 keeps 8 bits of mantissa
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    assert bf16.generate("ROMEO:", 12, temperature=0.0)  # the KV cache follows the weights' dtype
+    assert bf16.model.new_cache(1, 16).k[0].dtype == torch.bfloat16
+    with pytest.raises(UserError, match="unknown dtype 'fp16'"):
+        load(trained_run.out, device="cpu", dtype="fp16")
+
+
 def test_encoder_cannot_generate():
     encoder = Transformer(preset("bert-base", vocab_size=100, n_layer=1, n_embd=64, n_head=4, mlp_hidden=128)).eval()
     with pytest.raises(UserError, match="encoder model cannot generate"):

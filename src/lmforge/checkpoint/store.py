@@ -102,8 +102,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, model_config, tokenizer, trainer_state)
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, Checkpoint]:
-    """The model of a checkpoint in eval mode on `device`, and the checkpoint's other contents."""
+def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, Checkpoint]:
+    """The model of a checkpoint in eval mode on `device` (its floating-point tensors cast to `dtype`
+    if given), and the checkpoint's other contents."""
     ckpt = load_checkpoint(path)
     model = Transformer(ckpt.model_config)
     weights = ckpt.path / "model.safetensors"
@@ -118,7 +119,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Tr
             f"{weights} does not match config.json (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); "
             "the checkpoint is inconsistent, re-save it"
         )
-    return model.to(device).eval(), ckpt
+    return model.to(device=device, dtype=dtype).eval(), ckpt
 
 
 def load_optimizer_state(ckpt: Checkpoint) -> dict[str, Any]:

@@ -84,7 +84,7 @@ def merge_lora_cmd(args: Namespace) -> dict[str, Any]:
 def predict_cmd(args: Namespace) -> dict[str, Any]:
     n = predict(args.checkpoint, args.data, args.out, args.task, target=args.target, split_articles=args.split_articles,
                 text_field=args.text_field, label_field=args.label_field, device=args.device,
-                batch_size=args.batch_size, **_inference_kwargs(args))
+                dtype=args.dtype, batch_size=args.batch_size, **_inference_kwargs(args))
     _say(args)(f"wrote {n:,} predictions to {args.out}")
     return {"out": args.out, "predictions": n}
 
@@ -99,7 +99,7 @@ def _report_run(result: RunResult, say: Callable[..., None], unit: str = " nats/
 
 
 def generate_cmd(args: Namespace) -> dict[str, Any]:
-    lm = load(args.checkpoint, device=args.device)
+    lm = load(args.checkpoint, device=args.device, dtype=args.dtype)
     kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     t0 = time.perf_counter()
     pieces = []
@@ -121,7 +121,8 @@ def eval_cmd(args: Namespace) -> dict[str, Any]:
     for name in ("target", "split_articles", "text_field", "label_field", "limit"):
         if args[name] is not None:
             raise UserError(f"--{name.replace('_', '-')} belongs to task evaluation; add --task")
-    result = evaluate_lm(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device)
+    result = evaluate_lm(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device,
+                         dtype=args.dtype)
     _say(args)(
         f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
         f"{result['bpb']:.4f} bits/byte over {result['tokens']:,} tokens"
@@ -139,7 +140,7 @@ def _eval_task(args: Namespace) -> dict[str, Any]:
     result = evaluate_task(
         args.checkpoint, args.task, args.data[0], target=args.target, split_articles=args.split_articles,
         text_field=args.text_field, label_field=args.label_field, limit=args.limit, batch_size=args.batch_size,
-        device=args.device, **_inference_kwargs(args),
+        device=args.device, dtype=args.dtype, **_inference_kwargs(args),
     )
     scores = ", ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float) and k != "seconds")
     _say(args)(f"{result['task']} on {result['examples']:,} examples: {scores}")
@@ -198,7 +199,7 @@ def _importer(convert: Callable[..., Any]) -> Callable[[Namespace], dict[str, An
 
 
 def chat_cmd(args: Namespace) -> None:
-    lm = load(args.checkpoint, device=args.device)
+    lm = load(args.checkpoint, device=args.device, dtype=args.dtype)
     session = ChatSession(lm, system=args.system, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed)
     render_chat(lm, [{"role": "user", "content": "hi"}])  # a checkpoint without a template fails here, once
@@ -234,7 +235,7 @@ def serve_cmd(args: Namespace) -> None:
 
     if args.port < 0 or args.port > 65535:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
-    serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, device=args.device,
+    serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, device=args.device, dtype=args.dtype,
           max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
           prefill_chunk=args.prefill_chunk, compile=args.compile, model_name=args.model_name, threads=args.threads,
           writes_per_step=args.writes_per_step)

@@ -39,6 +39,11 @@ def _json_flag(p: ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
+def _dtype_option(p: ArgumentParser) -> None:
+    _option(p, "dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+            help="precision of the forward pass: auto is bf16 on CUDA and fp32 on CPU; bfloat16 is also faster on CPUs with AVX512-BF16 or AMX")
+
+
 def _task_data_options(p: ArgumentParser) -> None:
     """Where a task's examples come from: the options finetune, predict and eval share."""
     _option(p, "target", default=None, help="seq2seq: the target file line-aligned with --data (e.g. train.de)")
@@ -142,6 +147,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(pred, "batch_size", type=int, default=32)
     _inference_options(pred)
     _option(pred, "device", default="auto")
+    _dtype_option(pred)
     _json_flag(pred)
     verbs.add_subcommand("predict", pred, help="write predictions as JSONL")
 
@@ -154,6 +160,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(gen, "top_p", type=float, default=1.0, help="1 disables")
     _option(gen, "seed", type=int | None, default=None)
     _option(gen, "device", default="auto")
+    _dtype_option(gen)
     _json_flag(gen)
     verbs.add_subcommand("generate", gen, help="sample a continuation of a prompt")
 
@@ -168,6 +175,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _inference_options(ev)
     _option(ev, "batch_size", type=int, default=8)
     _option(ev, "device", default="auto")
+    _dtype_option(ev)
     _json_flag(ev)
     verbs.add_subcommand("eval", ev, help="evaluate a language model")
 
@@ -180,6 +188,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(chat, "top_p", type=float, default=0.9, help="1 disables")
     _option(chat, "seed", type=int | None, default=None)
     _option(chat, "device", default="auto")
+    _dtype_option(chat)
     verbs.add_subcommand("chat", chat, help="interactive chat that streams replies")
 
     srv = _parser("Serve a checkpoint over an OpenAI-compatible HTTP API with continuous batching.")
@@ -188,6 +197,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(srv, "port", type=int, default=8000)
     _option(srv, "api_key", default=None, help="require `Authorization: Bearer KEY` on /v1 and /metrics")
     _option(srv, "device", default="auto")
+    _dtype_option(srv)
     _option(srv, "max_batch", type=int, default=16, help="KV-cache slots: sequences decoded together")
     _option(srv, "max_seq_len", type=int | None, default=None,
             help="tokens per sequence, prompt plus completion (default: the model's context); the KV cache "

@@ -25,13 +25,16 @@ def evaluate_lm(
     batch_size: int = 8,
     device: str = "auto",
     max_tokens: int | None = None,
+    dtype: str = "auto",
 ) -> dict:
     """Loss, perplexity and bits per byte of a checkpoint on a prepared data dir's split or on raw files.
 
     Every token after the first is predicted once, from the tokens before it in its window of
-    context_length (non-overlapping windows).
+    context_length (non-overlapping windows). `dtype` is the autocast precision (auto: bf16 on
+    CUDA, fp32 on CPU); the weights stay fp32.
     """
     dev = resolve_device(device)
+    amp = autocast_dtype(dev, dtype)
     model, ckpt = load_model(checkpoint, dev)
     if model.config.arch != "decoder":
         raise UserError(
@@ -48,7 +51,7 @@ def evaluate_lm(
         tokens = tokens[:max_tokens]
     if len(tokens) < 2:
         raise UserError("the evaluation text has fewer than 2 tokens; give more text")
-    total_nats, predicted = _sum_nll(model, tokens, batch_size, dev, autocast_dtype(dev, "auto"))
+    total_nats, predicted = _sum_nll(model, tokens, batch_size, dev, amp)
     loss = total_nats / predicted
     return {
         "checkpoint": str(ckpt.path),

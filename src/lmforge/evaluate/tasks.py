@@ -38,17 +38,18 @@ def evaluate_task(
     length_penalty: float = 1.0,
     max_answer_length: int = 30,
     device: str = "auto",
+    dtype: str = "auto",
 ) -> dict[str, Any]:
     """Score `checkpoint` on `data` for `task` (None: the task it was fine-tuned for).
 
     For QA, `split_articles` F scores the held-out articles (those after the first F, as
     `finetune --split-articles F` left out). `limit` scores only the first N examples. Generation
     options (`max_new_tokens`, `num_beams`, `length_penalty`) and `max_answer_length` are the
-    pipeline's (`lmforge.pipeline`).
+    pipeline's (`lmforge.pipeline`), and so is `dtype`.
     """
     t0 = time.perf_counter()
     pipe = pipeline(task, checkpoint, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                    max_answer_length=max_answer_length, num_beams=num_beams, length_penalty=length_penalty)
+                    max_answer_length=max_answer_length, num_beams=num_beams, length_penalty=length_penalty, dtype=dtype)
     task = pipe.task
     labels = pipe.model.config.labels
     examples = read_examples(task, data, target, text_field=text_field, label_field=label_field,

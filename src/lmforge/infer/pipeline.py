@@ -27,7 +27,7 @@ from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
-from lmforge.utils.device import resolve_device
+from lmforge.utils.device import inference_dtype, resolve_device
 from lmforge.utils.errors import UserError
 from lmforge.utils.fs import atomic_write_text
 
@@ -223,17 +223,20 @@ def pipeline(
     max_answer_length: int = 30,
     num_beams: int = 1,
     length_penalty: float = 1.0,
+    dtype: str = "auto",
 ) -> Pipeline:
     """A callable for `task` on `checkpoint`; task None takes the one the checkpoint was fine-tuned for.
 
     Generation (seq2seq, sft) is greedy; `num_beams` > 1 runs beam search with `length_penalty`.
     Decoders decode greedily `batch_size` prompts at a time and run beams one prompt at a time;
     encoder-decoders search `batch_size` sources at a time either way. QA answers are at most
-    `max_answer_length` tokens.
+    `max_answer_length` tokens. `dtype` (auto, float32, bfloat16) is the weights' (auto: bf16 on
+    CUDA, fp32 on CPU).
     """
     if num_beams < 1 or batch_size < 1 or max_answer_length < 1:
         raise UserError(f"num_beams, batch_size and max_answer_length must be >= 1, got {num_beams}, {batch_size}, {max_answer_length}")
-    model, ckpt = load_model(checkpoint, resolve_device(device))
+    dev = resolve_device(device)
+    model, ckpt = load_model(checkpoint, dev, inference_dtype(dev, dtype))
     trained = (ckpt.trainer_state or {}).get("task") or {}
     task = task or trained.get("kind")
     if task is None:
@@ -268,11 +271,12 @@ def predict(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     max_answer_length: int = 30,
+    dtype: str = "auto",
 ) -> int:
     """Run `checkpoint` over the examples of `data` and write one JSON object per example to `out`
     (atomically); returns the number written. Labels in the data are not needed (GLUE test files)."""
     pipe = pipeline(task, checkpoint, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                    max_answer_length=max_answer_length, num_beams=num_beams, length_penalty=length_penalty)
+                    max_answer_length=max_answer_length, num_beams=num_beams, length_penalty=length_penalty, dtype=dtype)
     examples = read_examples(pipe.task, data, target, text_field=text_field, label_field=label_field,
                              split_articles=split_articles, part=1, require_labels=False)
     if pipe.task == "classify":

@@ -12,7 +12,7 @@ from lmforge.data.parallel import decoder_start_id
 from lmforge.infer.generate import SamplingConfig, generate_tokens
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
-from lmforge.utils.device import resolve_device
+from lmforge.utils.device import inference_dtype, resolve_device
 
 
 class LanguageModel:
@@ -70,7 +70,9 @@ class LanguageModel:
         return "".join(self.stream(prompt, max_new_tokens, **kwargs))
 
 
-def load(checkpoint: str | Path, device: str = "auto") -> LanguageModel:
-    """Load a checkpoint (or a run directory's latest checkpoint) for inference."""
-    model, ckpt = load_model(checkpoint, resolve_device(device))
+def load(checkpoint: str | Path, device: str = "auto", dtype: str = "auto") -> LanguageModel:
+    """Load a checkpoint (or a run directory's latest checkpoint) for inference; `dtype` (auto,
+    float32, bfloat16) is the weights' (auto: bf16 on CUDA, fp32 on CPU)."""
+    dev = resolve_device(device)
+    model, ckpt = load_model(checkpoint, dev, inference_dtype(dev, dtype))
     return LanguageModel(model, ckpt.tokenizer, ckpt.path)

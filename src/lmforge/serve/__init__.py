@@ -13,6 +13,7 @@ __all__ = ["EngineRunner", "build_app", "create_app", "serve"]
 def create_app(
     checkpoint: str | Path,
     device: str = "auto",
+    dtype: str = "auto",
     api_key: str | None = None,
     max_batch: int = 16,
     max_seq_len: int | None = None,
@@ -23,10 +24,11 @@ def create_app(
     writes_per_step: int = 8,
 ):
     """Load `checkpoint` and build its app (see `build_app`). The KV cache holds `max_batch`
-    sequences of `max_seq_len` tokens, prompt and completion (default: the model's context)."""
+    sequences of `max_seq_len` tokens, prompt and completion (default: the model's context), in the
+    weights' `dtype` (auto: bf16 on CUDA, fp32 on CPU)."""
     from lmforge.infer import Engine, load
 
-    lm = load(checkpoint, device=device)
+    lm = load(checkpoint, device=device, dtype=dtype)
     engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
                     max_waiting=max_queue, compile=compile)
     name = model_name or (Path(lm.path).parent.name if lm.path is not None else "lmforge")

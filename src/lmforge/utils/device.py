@@ -32,6 +32,15 @@ def autocast_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype | N
     raise UserError(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16")
 
 
+def inference_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
+    """The weights' dtype for inference under `dtype`: `auto` is bf16 on a CUDA GPU that has it
+    (as vLLM and transformers serve) and fp32 on CPU; `bfloat16` on CPU halves the weights' memory
+    and runs the matmuls in bf16, which is faster on CPUs with AVX512-BF16 or AMX."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return autocast_dtype(device, dtype) or torch.float32
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
