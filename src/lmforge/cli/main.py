@@ -39,9 +39,20 @@ def _json_flag(p: ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
 
 
-def _dtype_option(p: ArgumentParser) -> None:
+def _device_options(p: ArgumentParser) -> None:
+    """Where and in what precision an inference verb runs."""
+    _option(p, "device", default="auto")
     _option(p, "dtype", default="auto", choices=["auto", "float32", "bfloat16"],
             help="precision of the forward pass: auto is bf16 on CUDA and fp32 on CPU; bfloat16 is also faster on CPUs with AVX512-BF16 or AMX")
+
+
+def _sampling_options(p: ArgumentParser, max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """How generate and chat sample, with each verb's defaults."""
+    _option(p, "max_new_tokens", type=int, default=max_new_tokens)
+    _option(p, "temperature", type=float, default=temperature, help="0 is greedy")
+    _option(p, "top_k", type=int, default=top_k, help="0 disables")
+    _option(p, "top_p", type=float, default=top_p, help="1 disables")
+    _option(p, "seed", type=int | None, default=None)
 
 
 def _task_data_options(p: ArgumentParser) -> None:
@@ -146,21 +157,15 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _task_data_options(pred)
     _option(pred, "batch_size", type=int, default=32)
     _inference_options(pred)
-    _option(pred, "device", default="auto")
-    _dtype_option(pred)
+    _device_options(pred)
     _json_flag(pred)
     verbs.add_subcommand("predict", pred, help="write predictions as JSONL")
 
     gen = _parser("Generate text from a checkpoint, streaming tokens to stdout.")
     gen.add_argument("checkpoint", help="checkpoint or run directory")
     _option(gen, "prompt", default="\n", help="text to continue")
-    _option(gen, "max_new_tokens", type=int, default=200)
-    _option(gen, "temperature", type=float, default=0.8, help="0 is greedy")
-    _option(gen, "top_k", type=int, default=200, help="0 disables")
-    _option(gen, "top_p", type=float, default=1.0, help="1 disables")
-    _option(gen, "seed", type=int | None, default=None)
-    _option(gen, "device", default="auto")
-    _dtype_option(gen)
+    _sampling_options(gen, max_new_tokens=200, temperature=0.8, top_k=200, top_p=1.0)
+    _device_options(gen)
     _json_flag(gen)
     verbs.add_subcommand("generate", gen, help="sample a continuation of a prompt")
 
@@ -174,21 +179,15 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(ev, "limit", type=int | None, default=None, help="--task: score only the first N examples")
     _inference_options(ev)
     _option(ev, "batch_size", type=int, default=8)
-    _option(ev, "device", default="auto")
-    _dtype_option(ev)
+    _device_options(ev)
     _json_flag(ev)
     verbs.add_subcommand("eval", ev, help="evaluate a language model")
 
     chat = _parser("Chat with an instruction-tuned checkpoint through its chat template (/reset, /exit).")
     chat.add_argument("checkpoint", help="checkpoint or run directory")
     _option(chat, "system", default=None, help="system message")
-    _option(chat, "max_new_tokens", type=int, default=256)
-    _option(chat, "temperature", type=float, default=0.7, help="0 is greedy")
-    _option(chat, "top_k", type=int, default=50, help="0 disables")
-    _option(chat, "top_p", type=float, default=0.9, help="1 disables")
-    _option(chat, "seed", type=int | None, default=None)
-    _option(chat, "device", default="auto")
-    _dtype_option(chat)
+    _sampling_options(chat, max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.9)
+    _device_options(chat)
     verbs.add_subcommand("chat", chat, help="interactive chat that streams replies")
 
     srv = _parser("Serve a checkpoint over an OpenAI-compatible HTTP API with continuous batching.")
@@ -196,8 +195,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(srv, "host", default="127.0.0.1", help="interface to bind (default: localhost only)")
     _option(srv, "port", type=int, default=8000)
     _option(srv, "api_key", default=None, help="require `Authorization: Bearer KEY` on /v1 and /metrics")
-    _option(srv, "device", default="auto")
-    _dtype_option(srv)
+    _device_options(srv)
     _option(srv, "max_batch", type=int, default=16, help="KV-cache slots: sequences decoded together")
     _option(srv, "max_seq_len", type=int | None, default=None,
             help="tokens per sequence, prompt plus completion (default: the model's context); the KV cache "
