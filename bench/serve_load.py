@@ -1,6 +1,6 @@
 """Load test of `lmforge serve`: the same streaming requests one at a time, then all at once.
 
-    python bench/serve_load.py CKPT [--clients 64] [--max-tokens 64] [--max-batch 64] [--max-seq-len N] [--device cpu] [--threads N]
+    python bench/serve_load.py CKPT [--clients 64] [--max-tokens 64] [--max-batch 64] [--max-seq-len N] [--device cpu] [--dtype auto] [--threads N]
 
 Starts `lmforge serve CKPT` in a subprocess on a free loopback port, sends --clients streaming
 completions (greedy, end-of-text ignored, so every request makes exactly --max-tokens tokens)
@@ -83,6 +83,8 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-seq-len", type=int, default=None, help="the server's --max-seq-len (default: the model's context)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the server's --dtype; the equality check is exact in float32 (auto is bf16 on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="the server's torch threads (1 on a small shared CPU)")
     p.add_argument("--writes-per-step", type=int, default=None, help="the server's --writes-per-step (default: its own)")
     p.add_argument("--repeat", type=int, default=1, help="rounds of both modes, taking turns; report the median round of each")
@@ -94,7 +96,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "lmforge", "serve", args.checkpoint, "--port", str(port), "--device", args.device,
-         "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.clients)]
+         "--dtype", args.dtype, "--max-batch", str(args.max_batch), "--max-queue", str(4 * args.clients)]
         + (["--threads", str(args.threads)] if args.threads else [])
         + (["--max-seq-len", str(args.max_seq_len)] if args.max_seq_len else [])
         + (["--writes-per-step", str(args.writes_per_step)] if args.writes_per_step is not None else []),
@@ -112,7 +114,7 @@ def main() -> None:
                 time.sleep(0.2)
         prompts = [WORDS[i % len(WORDS)] + " " * (i // len(WORDS)) for i in range(args.clients)]
         base = {"checkpoint": args.checkpoint, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
-                "max_seq_len": args.max_seq_len, "device": args.device, "threads": args.threads, "writes_per_step": args.writes_per_step, "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+                "max_seq_len": args.max_seq_len, "device": args.device, "dtype": args.dtype, "threads": args.threads, "writes_per_step": args.writes_per_step, "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
         asyncio.run(run(url, prompts[:2], 4, concurrent=False))  # warm up
         rounds = []
         for _ in range(args.repeat):
