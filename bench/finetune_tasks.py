@@ -36,10 +36,11 @@ ROWS = {
         task="classify", data=DATA / "classification/sst2/train.tsv", eval=DATA / "classification/sst2/dev.tsv",
         train=dict(max_steps=2000, batch_size=32, lr=3e-5, warmup_steps=100, seq_len=128),
     ),
+    # The recipe measured on CPU (README): dev accuracy 90.14.
     "sst2-lora": dict(
         task="classify", data=DATA / "classification/sst2/train.tsv", eval=DATA / "classification/sst2/dev.tsv",
-        train=dict(max_steps=2000, batch_size=32, lr=5e-4, warmup_steps=100, seq_len=128),
-        lora=dict(r=16, alpha=32, dropout=0.05, targets="all-linear"),
+        train=dict(max_steps=1800, batch_size=16, lr=5e-4, warmup_steps=60, seq_len=64, dtype="bfloat16"),
+        lora=dict(r=8, alpha=16, targets="all-linear"),
     ),
     # The recipe measured on CPU (README): test F1 43.15.
     "wnut17": dict(
