@@ -38,14 +38,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory_gb(device: torch.device) -> float:
+    """CUDA: the peak allocated since the last reset_peak_memory. CPU: the process's peak RSS so far
+    (it cannot be reset, so the engine runs first, before transformers' model is even built)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux: process peak RSS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
 def run_engine(model, prompts, new_tokens, compile_: bool, device, max_seq_len: int | None = None) -> dict:
     B, T = prompts.shape
+    reset_peak_memory(device)
     engine = Engine(model, max_batch=B, max_seq_len=max_seq_len or T + new_tokens, prefill_chunk=T, prefill_budget=B * T, compile=compile_)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     engine.generate(prompts[:, :8].tolist(), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm up
@@ -63,7 +72,7 @@ def run_engine(model, prompts, new_tokens, compile_: bool, device, max_seq_len: 
     total = time.perf_counter() - t0
     assert all(len(r.output) == new_tokens for r in reqs)
     return {"tokens": [r.output for r in reqs], "tokens_per_s": B * new_tokens / total, "ms_per_step": 1e3 * (total - ttft) / max(new_tokens - 1, 1),
-            "ttft_ms": 1e3 * ttft}
+            "ttft_ms": 1e3 * ttft, "peak_memory_gb": peak_memory_gb(device)}
 
 
 def build_hf(model, device):
@@ -80,6 +89,7 @@ def build_hf(model, device):
 
 
 def run_hf(hf, prompts, new_tokens, compile_: bool, device) -> dict:
+    reset_peak_memory(device)
     kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompts))
     if compile_:
         kwargs["cache_implementation"] = "static"
@@ -101,7 +111,7 @@ def run_hf(hf, prompts, new_tokens, compile_: bool, device) -> dict:
     assert out.shape[1] == prompts.shape[1] + new_tokens and first.shape[1] == prompts.shape[1] + 1
     B = prompts.shape[0]
     return {"tokens": out[:, prompts.shape[1]:].tolist(), "tokens_per_s": B * new_tokens / total, "ms_per_step": 1e3 * (total - ttft) / max(new_tokens - 1, 1),
-            "ttft_ms": 1e3 * ttft}
+            "ttft_ms": 1e3 * ttft, "peak_memory_gb": peak_memory_gb(device)}
 
 
 def main() -> None:
@@ -146,30 +156,31 @@ def main() -> None:
             "compile": args.compile, "torch": torch.__version__}
     hf = None
     hf_compile = args.compile if args.hf_mode == "same" else args.hf_mode == "compile"
-    if args.compare_hf:
-        import transformers
-
-        hf = build_hf(model, device)
     runs, hf_runs = [], []
     for _ in range(args.repeat):
         runs.append(run_engine(model, prompts, args.new_tokens, args.compile, device, args.max_seq_len))
-        if hf is not None:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+        if args.compare_hf:
+            if hf is None:  # built after the engine's first run, so that a CPU peak RSS is the engine's own
+                import transformers
+
+                hf = build_hf(model, device)
             hf_runs.append(run_hf(hf, prompts, args.new_tokens, hf_compile, device))
     median = lambda rs: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "ms_per_step", "ttft_ms")}
+    peak = lambda rs: round(max(r["peak_memory_gb"] for r in rs), 3)
     tokens = runs[0]["tokens"]
     assert all(r["tokens"] == tokens for r in runs)
     ours = median(runs)
+    memory = "peak_allocated" if device.type == "cuda" else "process_peak_rss"
     print(json.dumps({"what": "lmforge engine", **base, "repeat": args.repeat, **ours,
-                      "peak_memory_gb": round(peak_memory_gb(device), 3)}), flush=True)
+                      "peak_memory_gb": round(runs[0]["peak_memory_gb"], 3) if device.type == "cpu" else peak(runs),
+                      "memory": memory}), flush=True)
     if hf is not None:
         theirs = median(hf_runs)
         # Greedy on the same weights: identical tokens in fp32 (bf16 may part ways at a near-tie).
         same = sum(a == b for a, b in zip(tokens, hf_runs[0]["tokens"]))
         print(json.dumps({"what": "transformers generate", **base, "transformers": transformers.__version__, "repeat": args.repeat,
                           **theirs, "compile": hf_compile, "cache": "static" if hf_compile else "dynamic",
-                          "peak_memory_gb": round(peak_memory_gb(device), 3)}), flush=True)
+                          "peak_memory_gb": peak(hf_runs), "memory": memory}), flush=True)
         print(json.dumps({"what": "ratio lmforge / transformers", **base,
                           "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
                           "ratios": [round(a["tokens_per_s"] / b["tokens_per_s"], 2) for a, b in zip(runs, hf_runs)],

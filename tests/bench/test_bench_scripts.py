@@ -1,4 +1,4 @@
-"""The training benchmarks run end to end at toy sizes and print the JSON lines they promise."""
+"""The benchmark scripts run end to end at toy sizes and print the JSON lines they promise."""
 
 import json
 import os
@@ -39,3 +39,23 @@ def test_time_to_loss_races_both_recipes(data_dir):
     assert (gpt2["recipe"], gpt2["optim"], fastest["recipe"], fastest["optim"]) == ("gpt2", "adamw", "fastest", "muon")
     assert gpt2["reached"] and fastest["reached"] and fastest["val_loss"] <= 6.0
     assert ratio["fastest_over_gpt2"] == pytest.approx(fastest["seconds"] / gpt2["seconds"], rel=0.05)
+
+
+def test_decode_compares_with_transformers_on_the_same_weights():
+    pytest.importorskip("transformers")
+    ours, hf, ratio = run_bench("bench/decode.py", "--preset", "tiny", "--vocab-size", "256", "--batch", "2",
+                                "--prompt-len", "16", "--new-tokens", "8", "--device", "cpu", "--threads", "1",
+                                "--compare-hf", "--repeat", "2")
+    assert (ours["what"], hf["what"], hf["cache"]) == ("lmforge engine", "transformers generate", "dynamic")
+    for row in (ours, hf):
+        assert row["tokens_per_s"] > 0 and row["ttft_ms"] > 0 and row["peak_memory_gb"] > 0
+    assert len(ratio["ratios"]) == 2 and ratio["ratio"] > 0
+    assert ratio["sequences_identical_to_transformers"] == "2/2"  # fp32 greedy on the same weights
+
+
+def test_serve_load_serves_concurrent_clients_as_it_serves_them_alone(trained_run):
+    alone, together, speedup = run_bench("bench/serve_load.py", str(trained_run.checkpoint), "--clients", "4", "--max-tokens", "4",
+                                         "--max-batch", "4", "--threads", "1")
+    assert (alone["clients"], together["clients"]) == (4, 4)
+    assert alone["tokens"] == together["tokens"] == 16
+    assert speedup["identical_outputs"] == "4/4" and speedup["ratio"] > 0

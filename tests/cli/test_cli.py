@@ -156,3 +156,17 @@ def test_finetune_predict_eval_and_merge_through_the_cli(capsys, trained_run, tm
     fails_with(capsys, "belongs to task evaluation", "eval", tmp_path / "merged", "--data", data, "--limit", 3)
     fails_with(capsys, "--task", "finetune", trained_run.out, "--task", "nope", "--data", data, "--out", tmp_path / "x")
     fails_with(capsys, "no LoRA adapters", "merge-lora", tmp_path / "merged", "--out", tmp_path / "m2")
+
+
+def test_serve_binds_to_localhost_by_default_and_checks_its_port(capsys, monkeypatch, trained_run, tmp_path):
+    import lmforge.serve
+
+    calls = []
+    monkeypatch.setattr(lmforge.serve, "serve", lambda checkpoint, **kw: calls.append((checkpoint, kw)))
+    assert run(capsys, "serve", trained_run.out)[0] == 0
+    assert calls[0][1]["host"] == "127.0.0.1" and calls[0][1]["port"] == 8000 and calls[0][1]["api_key"] is None
+    assert run(capsys, "serve", trained_run.out, "--host", "0.0.0.0", "--api-key", "k")[0] == 0
+    assert (calls[1][1]["host"], calls[1][1]["api_key"]) == ("0.0.0.0", "k")
+    fails_with(capsys, "--port must be in [0, 65535]", "serve", trained_run.out, "--port", 70000)
+    monkeypatch.undo()  # the real serve checks the checkpoint before it binds a port
+    fails_with(capsys, "does not exist", "serve", tmp_path / "nope")
