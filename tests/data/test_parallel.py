@@ -20,8 +20,13 @@ def test_pairs_from_plain_and_gzipped_files(tmp_path):
 def test_misaligned_empty_and_missing(tmp_path):
     (tmp_path / "s").write_text("a\nb\nc\n")
     (tmp_path / "t").write_text("x\ny\n")
-    with pytest.raises(UserError, match="has 3 lines but .* has 2; parallel files must be line-aligned"):
+    with pytest.raises(UserError, match=r"t ends at line 2 but .*s has 3 lines \(.*s:3 has no partner\); parallel files"):
         read_parallel(tmp_path / "s", tmp_path / "t")
+    with pytest.raises(UserError, match=r"t ends at line 2 but .*s has 3 lines \(.*s:3 has no partner\)"):
+        read_parallel(tmp_path / "t", tmp_path / "s")  # either order
+    (tmp_path / "none").write_text("")
+    with pytest.raises(UserError, match=r"none is empty but .*s has 3 lines \(.*s:1 has no partner\)"):
+        read_parallel(tmp_path / "s", tmp_path / "none")
     (tmp_path / "t").write_text("x\n\nz\n")
     with pytest.raises(UserError, match=r"t:2 is empty"):
         read_parallel(tmp_path / "s", tmp_path / "t")

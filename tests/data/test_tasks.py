@@ -181,6 +181,17 @@ def test_tagged_errors(tmp_path):
     user_error(read_tagged, unknown, labels=["O", "B-PER", "I-PER"], names=[f"{unknown}:3", "'B-LOC'"])
     no_token = write(tmp_path / "k.conll", "a\tO\n \tO\n")
     user_error(read_tagged, no_token, names=[f"{no_token}:2", "token is empty"])
+    tokens_only = write(tmp_path / "p.conll", "Peter\nlives\n\nin\nBerlin\n")
+    user_error(read_tagged, tokens_only, names=[f"{tokens_only}:1", "no tag column", "predict"])
+
+
+def test_tokens_only_files_are_read_without_labels(tmp_path):
+    tokens_only = write(tmp_path / "p.conll", "-DOCSTART-\n\nPeter\nlives\n\nin\nBerlin\n")
+    assert [(e.tokens, e.tags, e.where) for e in read_tagged(tokens_only, require_labels=False)] == [
+        (["Peter", "lives"], None, f"{tokens_only}:3"), (["in", "Berlin"], None, f"{tokens_only}:6"),
+    ]
+    labelled = write(tmp_path / "l.conll", "Peter\tB-PER\n")  # tags present are still read (and checked)
+    assert read_tagged(labelled, require_labels=False)[0].tags == ["B-PER"]
 
 
 # --- extractive QA ------------------------------------------------------------------------------
@@ -215,22 +226,49 @@ def test_split_by_article():
     user_error(split_by_article, examples[:1], names=["article"])
 
 
-def squad_json(answer_start=12, qid="q1", answers=None, extra_qas=()):
+def squad_json(answer_start=12, qid="q1", answers=None, extra_qas=(), indent=None):
     context = "The cat sat on the mat."
     answers = [{"text": "on the mat", "answer_start": answer_start}] if answers is None else answers
     qas = [{"id": qid, "question": "Where?", "answers": answers}, *extra_qas]
-    return json.dumps({"version": "1.1", "data": [{"title": "Cats", "paragraphs": [{"context": context, "qas": qas}]}]})
+    return json.dumps({"version": "1.1", "data": [{"title": "Cats", "paragraphs": [{"context": context, "qas": qas}]}]}, indent=indent)
+
+
+def id_line(path, qid, nth=0) -> int:
+    """The line of the nth `"id": "QID"` in a JSON file, counted independently of the reader."""
+    return [i for i, line in enumerate(path.read_text().splitlines(), 1) if f'"id": "{qid}"' in line][nth]
+
+
+def test_squad_questions_without_answers_are_read_for_predicting(tmp_path):
+    no_answers = {"id": "q2", "question": "Who?"}  # no "answers" key at all
+    path = write(tmp_path / "unlabelled.json", squad_json(answers=[], extra_qas=[no_answers]))
+    user_error(read_squad, path, names=[f"{path}:1: question q1", "no answers"])
+    no_key = write(tmp_path / "no-key.json", squad_json(extra_qas=[no_answers], indent=1))
+    user_error(read_squad, no_key, names=[f"{no_key}:{id_line(no_key, 'q2')}: question q2", "missing 'answers'"])
+    first, second = read_squad(path, require_labels=False)
+    assert (first.id, first.answers, second.id, second.answers) == ("q1", [], "q2", [])
+    moved = write(tmp_path / "moved.json", squad_json(answer_start=13))
+    user_error(read_squad, moved, require_labels=False, names=["answer_start 13"])  # answers given are still checked
 
 
 def test_squad_gzip_and_errors(tmp_path):
     good = read_squad(write(tmp_path / "ok.json.gz", squad_json()))
     assert good[0].answers == [("on the mat", 12)] and good[0].title == "Cats"
-    moved = write(tmp_path / "moved.json", squad_json(answer_start=13))
-    user_error(read_squad, moved, names=[moved, "question q1", "offset 13", "answer_start"])
-    dup = write(tmp_path / "dup.json", squad_json(extra_qas=[{"id": "q1", "question": "?", "answers": [{"text": "cat", "answer_start": 4}]}]))
-    user_error(read_squad, dup, names=[dup, "question q1", "twice"])
-    unanswerable = write(tmp_path / "v2.json", squad_json(answers=[]))
-    user_error(read_squad, unanswerable, names=[unanswerable, "question q1", "no answers"])
+    moved = write(tmp_path / "moved.json", squad_json(answer_start=13, indent=1))
+    line = id_line(moved, "q1")
+    assert line > 1
+    message = user_error(read_squad, moved, names=[f"{moved}:{line}: question q1", "offset 12", "answer_start 13", "fix answer_start"])
+    assert "does not occur" not in message
+    absent = write(tmp_path / "absent.json", squad_json(answers=[{"text": "on the rug", "answer_start": 12}], indent=1))
+    user_error(read_squad, absent, names=[f"{absent}:{line}: question q1", "'on the rug'", "does not occur in its context"])
+    empty_answer = write(tmp_path / "ea.json", squad_json(answers=[{"text": " ", "answer_start": 3}]))
+    user_error(read_squad, empty_answer, names=[f"{empty_answer}:1: question q1", "empty"])
+    dup = write(tmp_path / "dup.json", squad_json(extra_qas=[{"id": "q1", "question": "?", "answers": [{"text": "cat", "answer_start": 4}]}], indent=1))
+    user_error(read_squad, dup, names=[f"{dup}:{id_line(dup, 'q1', 1)}: question q1", "twice"])  # the second one
+    unanswerable = write(tmp_path / "v2.json", squad_json(answers=[], indent=1))
+    user_error(read_squad, unanswerable, names=[f"{unanswerable}:{line}: question q1", "no answers"])
+    for blank in ("", " \n\n"):
+        nothing_at_all = write(tmp_path / "blank.json", blank)
+        assert "invalid JSON" not in user_error(read_squad, nothing_at_all, names=[f"{nothing_at_all} is empty"])
     broken = write(tmp_path / "broken.json", '{"data": [\n{"title": }\n]}')
     user_error(read_squad, broken, names=[f"{broken}:2", "invalid JSON"])
     not_squad = write(tmp_path / "other.json", '{"questions": []}')

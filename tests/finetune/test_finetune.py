@@ -63,6 +63,24 @@ def test_classify_learns_and_eval_scores_what_the_pipeline_predicts(yelp_run):
     assert result["examples"] == 1000 and 0 <= result["macro_f1"] <= 100
 
 
+def test_an_encoder_classifies_from_its_cls_token(encoder, tmp_path):
+    data = tmp_path / "yelp-slice.txt"
+    data.write_text("".join(YELP.read_text(encoding="utf-8").splitlines(keepends=True)[:300]), encoding="utf-8")
+    run = finetune(encoder, "classify", data, tmp_path / "clf", val=data, train=_cfg(max_steps=40, eval_interval=20), **QUIET)
+    val = [r["val_loss"] for r in map(json.loads, open(run.out / "metrics.jsonl")) if r["kind"] == "val"]
+    assert val[-1] < val[0]
+    pipe = pipeline(None, run.checkpoint, device="cpu", batch_size=4)
+    texts = [line.rsplit("\t", 1)[0] for line in data.read_text(encoding="utf-8").splitlines()[:6]]
+    # By hand: [CLS] text [SEP], BERT's pooler on the [CLS] state (tanh(dense(h[0]))), then the head.
+    model, tok, labels = pipe.model, pipe.tokenizer, pipe.model.config.labels
+    for text, got in zip(texts, pipe(texts)):  # batched with padding
+        ids = torch.tensor([[tok.cls_id, *tok.encode(text), tok.sep_id]])
+        with torch.no_grad():
+            cls_state = model.encode(ids)[:, 0]
+            probs = model.head(torch.tanh(model.pooler.dense(cls_state))).softmax(-1)[0]
+        assert got["label"] == labels[int(probs.argmax())] and got["score"] == pytest.approx(float(probs.max()), abs=1e-5)
+
+
 def test_bf16_inference_agrees_with_fp32(yelp_run):
     texts = [line.rsplit("\t", 1)[0] for line in YELP.read_text().splitlines()[:200]]
     fp32 = pipeline("classify", yelp_run.checkpoint, device="cpu")(texts)
@@ -122,6 +140,16 @@ def test_tagging_on_wnut17_with_an_encoder(encoder, tmp_path):
     assert len(tagged["tags"]) == 9 and all(t == "O" or t[:2] in ("B-", "I-") for t in tagged["tags"])
     assert [e["type"] for e in tagged["entities"]] == [t[2:] for t in tagged["tags"] if t.startswith("B-")]
     assert all(text[e["start"]:e["end"]] == e["text"] for e in tagged["entities"])
+    # predict on tokens only (no tag column); eval on them still asks for tags.
+    sentences = [[line.split("\t")[0] for line in block.splitlines() if line.strip()] for block in data.read_text().split("\n\t\n")]
+    tokens_only = tmp_path / "tokens.txt"
+    tokens_only.write_text("\n\n".join("\n".join(words) for words in sentences[:20]) + "\n", encoding="utf-8")
+    assert predict(run.checkpoint, tokens_only, tmp_path / "tags.jsonl", device="cpu") == 20
+    rows = [json.loads(line) for line in open(tmp_path / "tags.jsonl")]
+    assert [r["words"] for r in rows] == sentences[:20]
+    assert [r["tags"] for r in rows] == [t["tags"] for t in pipeline(None, run.checkpoint, device="cpu")(sentences[:20])]
+    with pytest.raises(UserError, match=r"tokens.txt:1 holds a token but no tag column"):
+        evaluate_task(run.checkpoint, "tag", tokens_only, device="cpu")
 
 
 def test_a_decoder_tagger_with_repeated_input_predicts_from_the_second_copy(trained_run, tmp_path):
@@ -164,6 +192,40 @@ def test_qa_trains_on_some_articles_and_is_scored_on_the_others(trained_run, tmp
     assert 0 <= result["exact_match"] <= result["f1"] <= 100
     answer = pipeline("qa", run.checkpoint, device="cpu")(question="Who?", context="Denver Broncos won the game.")
     assert answer["answer"] and "Denver Broncos won the game."[answer["start"]:answer["end"]] == answer["answer"]
+
+
+def test_encoder_qa_marks_the_context_with_token_types_and_predicts_without_answers(encoder, tmp_path):
+    data = _squad_slice(tmp_path / "squad.json")
+    run = finetune(encoder, "qa", data, tmp_path / "qa", split_articles=0.67, doc_stride=32,
+                   train=_cfg(max_steps=30, eval_interval=15), **QUIET)
+    val = [r["val_loss"] for r in map(json.loads, open(run.out / "metrics.jsonl")) if r["kind"] == "val"]
+    assert val[-1] < val[0]
+    pipe = pipeline(None, run.checkpoint, device="cpu")
+    tok, question, context = pipe.tokenizer, "Who won?", "Denver Broncos won the game."
+    [window] = pipe.format.qa(question, context)
+    head = [tok.cls_id, *tok.encode(question), tok.sep_id]  # [CLS] question [SEP] context [SEP]
+    assert window.feature["input_ids"] == [*head, *tok.encode(context), tok.sep_id]
+    assert window.feature["token_type_ids"] == [0] * len(head) + [1] * (len(tok.encode(context)) + 1)
+    ids, types = torch.tensor([window.feature["input_ids"]]), torch.tensor([window.feature["token_type_ids"]])
+    with torch.no_grad():  # segment B's embedding is trained and used
+        assert not torch.allclose(pipe.model.task_logits(ids, token_type_ids=types), pipe.model.task_logits(ids))
+    base, _ = load_model(encoder)
+    assert not torch.equal(base.type_embeddings.weight[1], pipe.model.type_embeddings.weight[1])
+    result = evaluate_task(run.checkpoint, None, data, split_articles=0.67, device="cpu")
+    assert result["task"] == "qa" and 0 <= result["exact_match"] <= result["f1"] <= 100
+    # predict reads questions without answers; train and eval still require them.
+    doc = json.loads(data.read_text())
+    for article in doc["data"]:
+        for paragraph in article["paragraphs"]:
+            paragraph["qas"] = [{"id": qa["id"], "question": qa["question"]} for qa in paragraph["qas"]]
+    unlabelled = tmp_path / "questions.json"
+    unlabelled.write_text(json.dumps(doc), encoding="utf-8")
+    n = predict(run.checkpoint, unlabelled, tmp_path / "pred.jsonl", device="cpu")
+    rows = [json.loads(line) for line in open(tmp_path / "pred.jsonl")]
+    assert n == len(rows) == sum(len(p["qas"]) for a in doc["data"] for p in a["paragraphs"])
+    assert all(row["id"] and row["question"] and "answer" in row for row in rows)
+    with pytest.raises(UserError, match=r"questions.json:1: question \S+: missing 'answers'"):
+        evaluate_task(run.checkpoint, "qa", unlabelled, device="cpu")
 
 
 def test_qa_span_decoding_takes_the_best_valid_span_within_the_context():

@@ -235,7 +235,7 @@ def read_examples(
     """A task's examples from its file(s): `target` is the second file of line-aligned parallel
     text (seq2seq); `split_articles` F keeps part 0 (the first F of the articles) or part 1 (the
     rest) of a QA file, split by article with a fixed seed. `require_labels=False` also reads
-    unlabelled classification data (GLUE test files)."""
+    unlabelled data (GLUE test files, tokens-only CoNLL, questions without answers)."""
     if task not in TASKS:
         raise UserError(f"task {task!r} is not supported; use one of {list(TASKS)}")
     if target is not None and task != "seq2seq":
@@ -245,9 +245,9 @@ def read_examples(
     if task == "classify":
         return read_classification(data, text_field, label_field, labels, require_labels=require_labels)
     if task == "tag":
-        return read_tagged(data, labels)
+        return read_tagged(data, labels, require_labels=require_labels)
     if task == "qa":
-        examples = read_squad(data)
+        examples = read_squad(data, require_labels=require_labels)
         return split_by_article(examples, split_articles, seed=0)[part] if split_articles else examples
     if task == "seq2seq":
         return read_parallel_text(data, target) if target is not None else read_text2text(data, text_field, label_field)

@@ -50,8 +50,10 @@ def read_parallel(source: str | Path, target: str | Path) -> list[tuple[str, str
     """Pairs of line-aligned files; misaligned or empty files are a UserError naming file and line."""
     src, tgt = read_lines(source), read_lines(target)
     if len(src) != len(tgt):
+        (short, n), (long, m) = sorted([(source, len(src)), (target, len(tgt))], key=lambda file: file[1])
+        ends = f"ends at line {n}" if n else "is empty"
         raise UserError(
-            f"{source} has {len(src)} lines but {target} has {len(tgt)}; parallel files must be line-aligned"
+            f"{short} {ends} but {long} has {m} lines ({long}:{n + 1} has no partner); parallel files must be line-aligned"
         )
     for number, (s, t) in enumerate(zip(src, tgt), 1):
         if not s.strip() or not t.strip():

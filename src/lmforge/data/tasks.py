@@ -4,6 +4,7 @@ Every reader returns a list of small frozen dataclasses, each with a `where` ("F
 "FILE: question ID" for SQuAD) so that a later error can point at the line that caused it. Files may
 be gzipped. Input that cannot be right (an empty file, a missing column, a tag that is not IOB2, an
 answer that is not where its offset says) is a one-line `UserError` naming the file and the line.
+Labels (a class, tags, answers) are required, except with `require_labels=False` (`predict`).
 
     format                     reader                 example
     TSV / CSV / JSONL          read_classification    ClassifyExample(text, label)
@@ -55,7 +56,7 @@ class ClassifyExample:
 @dataclass(frozen=True, slots=True)
 class TaggedExample:
     tokens: list[str]
-    tags: list[str]
+    tags: list[str] | None  # None only for a tokens-only file read with require_labels=False
     where: str
 
 
@@ -65,7 +66,7 @@ class QAExample:
     title: str
     context: str
     question: str
-    answers: list[tuple[str, int]]  # (text, character offset into context)
+    answers: list[tuple[str, int]]  # (text, character offset into context); [] only with require_labels=False
     where: str
 
 
@@ -212,7 +213,7 @@ def _label(value: Any, where: str, key: str) -> str:
 # --- token tagging ------------------------------------------------------------------------------
 
 
-def read_tagged(path: str | Path, labels: Sequence[str] | None = None) -> list[TaggedExample]:
+def read_tagged(path: str | Path, labels: Sequence[str] | None = None, require_labels: bool = True) -> list[TaggedExample]:
     """Sentences of a CoNLL-style IOB2 file: one token per line, a blank line between sentences.
 
     The column layout is read from the first token line: `token tag` (WNUT-17), `index token tag ...`
@@ -221,7 +222,8 @@ def read_tagged(path: str | Path, labels: Sequence[str] | None = None) -> list[T
     files a line starting with `#` and holding no tab is a comment (UNER's `# sent_id = ...`); a
     `#hashtag<TAB>O` token line is not. `-DOCSTART-` lines are skipped. Tags must be O, B-TYPE or
     I-TYPE; an I-TYPE after O is accepted (conlleval and seqeval read it as the start of an entity).
-    `labels`, when given, is the closed tag set.
+    `labels`, when given, is the closed tag set. A file with one column holds tokens only: it is read,
+    with tags None, only with `require_labels=False` (predicting on unlabelled text).
     """
     path = Path(path)
     allowed = None if labels is None else set(labels)
@@ -229,13 +231,13 @@ def read_tagged(path: str | Path, labels: Sequence[str] | None = None) -> list[T
     out: list[TaggedExample] = []
     tokens: list[str] = []
     tags: list[str] = []
-    layout: tuple[bool, int, int, int] | None = None  # (tabs, n_columns, token column, tag column)
+    layout: tuple[bool, int, int, int | None] | None = None  # (tabs, n_columns, token column, tag column)
     start = layout_line = 0
 
     for lineno, line in enumerate([*lines, ""], 1):
         if not line.strip():
             if tokens:
-                out.append(TaggedExample(tokens, tags, f"{path}:{start}"))
+                out.append(TaggedExample(tokens, tags or None, f"{path}:{start}"))  # no tags: a tokens-only file
                 tokens, tags = [], []
             continue
         if line.startswith("#") and "\t" not in line and (layout is None or layout[0]):
@@ -252,25 +254,34 @@ def read_tagged(path: str | Path, labels: Sequence[str] | None = None) -> list[T
             )
         if fields[0] == "-DOCSTART-":
             continue
-        token, tag = fields[token_col], fields[tag_col]
+        token = fields[token_col]
         if not token:
             raise UserError(f"{where}: the token is empty; fix the line")
-        if not _IOB2.fullmatch(tag):
-            raise UserError(f"{where}: tag {tag!r} is not IOB2 (O, B-TYPE or I-TYPE); convert the file to IOB2")
-        if allowed is not None and tag not in allowed:
-            raise UserError(f"{where}: tag {tag!r} is not one of {', '.join(sorted(allowed))}; fix the line or add it to `labels`")
+        if tag_col is not None:
+            tag = fields[tag_col]
+            if not _IOB2.fullmatch(tag):
+                raise UserError(f"{where}: tag {tag!r} is not IOB2 (O, B-TYPE or I-TYPE); convert the file to IOB2")
+            if allowed is not None and tag not in allowed:
+                raise UserError(f"{where}: tag {tag!r} is not one of {', '.join(sorted(allowed))}; fix the line or add it to `labels`")
+            tags.append(tag)
+        elif require_labels:
+            raise UserError(
+                f"{where} holds a token but no tag column; add an IOB2 tag to every token line "
+                "(unlabelled text is for `lmforge predict`)"
+            )
         if not tokens:
             start = lineno
         tokens.append(_nfc(token))
-        tags.append(tag)
     return _nonempty(out, path)
 
 
-def _tag_layout(line: str) -> tuple[bool, int, int, int]:
-    """(tabs, n_columns, token column, tag column) from a file's first token line."""
+def _tag_layout(line: str) -> tuple[bool, int, int, int | None]:
+    """(tabs, n_columns, token column, tag column) from a file's first token line; one column is tokens only."""
     tabs = "\t" in line
     fields = [f.strip() for f in line.split("\t")] if tabs else line.split()
     n = len(fields)
+    if n == 1:
+        return tabs, 1, 0, None
     if n >= 3 and not _IOB2.fullmatch(fields[-1]) and fields[0].isdigit() and _IOB2.fullmatch(fields[2]):
         return tabs, n, 1, 2  # UNER: index, token, tag, then annotation columns
     return tabs, n, 0, n - 1  # token first, tag last: WNUT's two columns, CoNLL-2003's four
@@ -304,19 +315,24 @@ def entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
 # --- extractive QA ------------------------------------------------------------------------------
 
 
-def read_squad(path: str | Path) -> list[QAExample]:
+def read_squad(path: str | Path, require_labels: bool = True) -> list[QAExample]:
     """Questions of a SQuAD v1.1 JSON file (also XQuAD), in file order.
 
     Every answer is checked against its context: `context[start : start + len(text)] == text`. Texts
     are kept byte for byte (no NFC), because the offsets count characters of the text as written.
+    `require_labels=False` also reads questions without answers (predicting), with answers [].
     """
     path = Path(path)
     with _reading(path), open_bytes(path) as f:
         raw = f.read()
     try:
-        doc = json.loads(raw.decode("utf-8").removeprefix("\ufeff"))
+        text = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not valid UTF-8 (byte offset {e.start}); convert it to UTF-8") from None
+    if not text.strip():
+        raise UserError(f"{path} is empty; pass a SQuAD v1.1 JSON file")
+    try:
+        doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno}); fix the file") from None
     hint = 'expected SQuAD v1.1 JSON: {"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}'
@@ -332,15 +348,25 @@ def read_squad(path: str | Path) -> list[QAExample]:
             if not isinstance(context, str):
                 raise UserError(f"{path}: article {a} paragraph {p}: the context is not a string; {hint}")
             for qa in paragraph["qas"]:
-                _require_keys(qa, ("id", "question", "answers"), f"{path}: article {a} paragraph {p}", hint)
+                keys = ("id", "question", "answers") if require_labels else ("id", "question")
+                place = f"{path}: article {a} paragraph {p}"
+                if isinstance(qa, dict) and "id" in qa and any(k not in qa for k in keys):
+                    place = _question_line(path, text, qa["id"])
+                _require_keys(qa, keys, place, hint)
                 qid = str(qa["id"])
                 where = f"{path}: question {qid}"
                 if qid in seen:
-                    raise UserError(f"{where} appears twice; question ids must be unique")
+                    raise UserError(f"{_question_line(path, text, qa['id'], 1)} appears twice; question ids must be unique")
                 seen.add(qid)
-                if not qa["answers"]:
-                    raise UserError(f"{where} has no answers; unanswerable (SQuAD v2) questions are not supported")
-                answers = [_answer(ans, context, where) for ans in qa["answers"]]
+                answers = qa.get("answers") or []
+                if not answers and require_labels:
+                    raise UserError(
+                        f"{_question_line(path, text, qa['id'])} has no answers; unanswerable (SQuAD v2) questions are not supported"
+                    )
+                for ans in answers:
+                    if problem := _answer_problem(ans, context):
+                        raise UserError(f"{_question_line(path, text, qa['id'])}: {problem}")
+                answers = [(ans["text"], ans["answer_start"]) for ans in answers]
                 out.append(QAExample(qid, str(article["title"]), context, qa["question"], answers, where))
     return _nonempty(out, path)
 
@@ -351,16 +377,31 @@ def _require_keys(obj: Any, keys: Sequence[str], where: str, hint: str) -> None:
         raise UserError(f"{where}: missing {', '.join(repr(k) for k in missing)}; {hint}")
 
 
-def _answer(ans: Any, context: str, where: str) -> tuple[str, int]:
+def _question_line(path: Path, text: str, qid: Any, nth: int = 0) -> str:
+    """`FILE:LINE: question ID`, LINE being where the `nth` `"id": ID` of the JSON text is; without
+    LINE when it is not found as written (e.g. with escapes). Computed on the error path only."""
+    for value in (json.dumps(qid, ensure_ascii=False), json.dumps(qid)):
+        hits = list(re.finditer(r'"id"\s*:\s*' + re.escape(value) + "(?![0-9])", text))
+        if len(hits) > nth:
+            line = text.count("\n", 0, hits[nth].start()) + 1
+            return f"{path}:{line}: question {qid}"
+    return f"{path}: question {qid}"
+
+
+def _answer_problem(ans: Any, context: str) -> str | None:
+    """What is wrong with one answer of a question, or None."""
     if not isinstance(ans, dict) or not isinstance(ans.get("text"), str) or not isinstance(ans.get("answer_start"), int):
-        raise UserError(f'{where}: an answer is {ans!r}; each needs a string "text" and an integer "answer_start"')
+        return f'an answer is {ans!r}; each needs a string "text" and an integer "answer_start"'
     text, start = ans["text"], ans["answer_start"]
-    found = context[start : start + len(text)] if start >= 0 else ""
-    if found != text or not text:
-        raise UserError(
-            f"{where}: answer {text!r} is not at offset {start} of its context (found {found!r}); fix answer_start"
-        )
-    return text, start
+    if not text.strip():
+        return "an answer's text is empty; give the answer as it is written in the context"
+    if start >= 0 and context[start : start + len(text)] == text:
+        return None
+    found = [i for i in range(len(context)) if context.startswith(text, i)]
+    if not found:
+        return f"answer text {text!r} does not occur in its context; fix the answer text (or the context)"
+    nearest = min(found, key=lambda i: abs(i - start))
+    return f"answer text {text!r} is found at offset {nearest} of its context, not at answer_start {start}; fix answer_start"
 
 
 def split_by_article(
