@@ -54,6 +54,12 @@ def test_yaml_config_with_preset_and_overrides(tmp_path):
     assert ns.pretrain.train.max_steps == 7
 
 
+def test_config_keys_take_dashes_as_other_options_do():
+    ns = parse(["pretrain", "--data", "d", "--out", "o", "--train.skip-nonfinite", "true", "--train.max-steps=9",
+                "--model.preset", "tiny", "--model.n-kv-head", "2"])
+    assert (ns.pretrain.train.skip_nonfinite, ns.pretrain.train.max_steps, ns.pretrain.model.n_kv_head) == (True, 9, 2)
+
+
 def test_unknown_config_key(capsys, tmp_path):
     fails_with(capsys, "--model.n_layers", "pretrain", "--data", "d", "--out", "o", "--model.n_layers", 3)
     fails_with(capsys, "--train.max_step", "pretrain", "--data", "d", "--out", "o", "--train.max_step", 3)  # no prefixes

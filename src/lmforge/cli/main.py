@@ -268,9 +268,19 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     return root
 
 
+def _config_key(arg: str) -> str:
+    """`--train.skip-nonfinite` -> `--train.skip_nonfinite`: a dotted key names a dataclass field,
+    and is accepted with dashes as every other option is."""
+    key, eq, value = arg.partition("=")
+    if not key.startswith("--") or "." not in key:
+        return arg
+    return "--" + key[2:].replace("-", "_") + eq + value
+
+
 def parse(argv: Sequence[str]) -> Namespace:
     """Parse argv; a model preset (from the command line or a YAML file) becomes the defaults
     that explicit `--model.*` values override."""
+    argv = [_config_key(a) for a in argv]
     ns = build_parser().parse_args(list(argv))
     if ns.verb == "pretrain" and ns.pretrain.model.preset:
         name = ns.pretrain.model.preset
