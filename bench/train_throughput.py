@@ -15,7 +15,8 @@ without position embeddings) against --peak-tflops (H100 SXM bf16 dense: 989.5).
 from `lmforge.interop.hf.config_to_hf`), runs the same loop in the same process with torch's
 AdamW (fused on CUDA) and prints a last line with the ratio of the two rates.
 
-Batches are random tokens, or windows of prepared shards with --data. --loss-check trains a second,
+Batches are random tokens, or windows of prepared shards with --data (the model keeps --vocab-size
+unless the shards' tokenizer has more ids). --loss-check trains a second,
 plain copy (eager, full logits, same init, batches and dtype) for the same steps and reports the
 relative difference of the mean training loss: the fast path (compile, chunked loss, fp8) must agree.
 --fp8 runs the blocks' linear layers in float8 through torchao (`lmforge.train.float8`).
@@ -73,7 +74,9 @@ def main() -> None:
         from lmforge.data import load_meta, open_split
         from lmforge.data.loader import TokenWindows
 
-        args.vocab_size = load_meta(args.data)["vocab_size"]
+        # The model keeps --vocab-size (GPT-2's by default) unless the data's tokenizer needs more:
+        # real text through the same shape as the random-token rows.
+        args.vocab_size = max(args.vocab_size, load_meta(args.data)["vocab_size"])
     cfg = preset(args.preset, vocab_size=args.vocab_size)
     T = args.seq_len or cfg.context_length
     train = TrainConfig(optim=args.optim, lr=6e-4, chunked_loss=args.chunked_loss)
@@ -141,11 +144,12 @@ def lmforge_runner(cfg, train: TrainConfig, args, device, amp, T: int, fast: boo
     model = Transformer(cfg).to(device)
     if fast and args.fp8:
         to_float8(model, device)
-    fwd = compile_module(model, args.compile_mode) if fast and args.compile else model
     if fast and args.chunked_loss:
-        loss_fn = lambda x, y: chunked_lm_loss(fwd(x, return_hidden=True), model.output.weight, y, args.chunked_loss)  # noqa: E731
+        loss_fn = lambda x, y: chunked_lm_loss(model(x, return_hidden=True), model.output.weight, y, args.chunked_loss)  # noqa: E731
     else:
-        loss_fn = lambda x, y: lm_loss(fwd(x), y)  # noqa: E731
+        loss_fn = lambda x, y: lm_loss(model(x), y)  # noqa: E731
+    if fast and args.compile:  # the model and its loss in one graph, as the trainer compiles them
+        loss_fn = compile_module(loss_fn, args.compile_mode)
     return Runner("lmforge", model, loss_fn, build_optimizer(model, train, device), graphed=fast and args.compile and replays_cuda_graphs(args.compile_mode, device))
 
 
@@ -159,9 +163,11 @@ def hf_runner(cfg, args, device, amp, T: int) -> "Runner":
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(**{k: v for k, v in hf_cfg.items() if k != "architectures"})
     hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
-    fwd = compile_module(hf, args.compile_mode) if args.compile else hf
+    loss_fn = lambda x, y: lm_loss(hf(input_ids=x).logits, y)  # noqa: E731
+    if args.compile:  # the same one graph of model and loss as lmforge's
+        loss_fn = compile_module(loss_fn, args.compile_mode)
     opt = torch.optim.AdamW(hf.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-    return Runner(hf_cfg["architectures"][0], hf, lambda x, y: lm_loss(fwd(input_ids=x).logits, y), opt,
+    return Runner(hf_cfg["architectures"][0], hf, loss_fn, opt,
                   graphed=args.compile and replays_cuda_graphs(args.compile_mode, device))
 
 

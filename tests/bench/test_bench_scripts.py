@@ -19,11 +19,11 @@ def run_bench(*args: str) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def test_train_throughput_compares_with_transformers_and_the_eager_path():
+def test_train_throughput_compares_with_transformers_and_the_eager_path(data_dir):
     pytest.importorskip("transformers")
     rows = run_bench("bench/train_throughput.py", "--preset", "tiny", "--vocab-size", "256", "--batch-size", "2",
                      "--steps", "2", "--warmup", "1", "--rounds", "2", "--device", "cpu", "--threads", "1",
-                     "--chunked-loss", "50", "--loss-check", "--compare-hf")
+                     "--chunked-loss", "50", "--loss-check", "--compare-hf", "--data", str(data_dir))
     ours, eager, hf, ratio = rows
     assert (ours["impl"], eager["impl"], hf["impl"], ratio["what"]) == ("lmforge", "lmforge-eager-plain", "transformers", "train_throughput_ratio")
     assert ours["tokens_per_s"] > 0 and set(ours["breakdown_ms"]) == {"data", "forward_backward", "optimizer"}

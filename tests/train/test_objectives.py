@@ -9,7 +9,7 @@ from lmforge.config import preset
 from lmforge.model import Transformer
 from lmforge.model.losses import lm_loss
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.objectives import Objective
+from lmforge.train.objectives import Objective, weighted_mean_loss
 from lmforge.train import pretrain
 from lmforge.utils.errors import UserError
 
@@ -66,8 +66,8 @@ def test_label_smoothing_shapes_the_training_loss_and_validation_stays_plain(dat
     torch.testing.assert_close(smoothed, lm_loss(logits, batch["labels"], label_smoothing=0.1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(plain, lm_loss(logits, batch["labels"]), rtol=1e-5, atol=1e-5)
     assert abs(smoothed - plain) > 0.05
-    # evaluate() scores in eval mode whatever mode the model is in
-    assert task.evaluate(net.train(), [batch], torch.device("cpu"), None) == pytest.approx(plain.item(), abs=1e-5)
+    # validation scores in eval mode whatever mode the model is in
+    assert weighted_mean_loss(task.loss, task.weight, net.train(), [batch], torch.device("cpu"), None) == pytest.approx(plain.item(), abs=1e-5)
     assert net.training
     with pytest.raises(UserError, match="label_smoothing must be in"):
         tiny_train_config(label_smoothing=1.0)

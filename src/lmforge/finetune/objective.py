@@ -12,7 +12,6 @@ from torch import nn
 
 from lmforge.data.features import Feature, collate, sample_batch
 from lmforge.model.losses import IGNORE_INDEX, lm_loss
-from lmforge.train.objectives import weighted_mean_loss
 
 Batch = dict[str, torch.Tensor]
 
@@ -32,10 +31,9 @@ class TaskObjective:
         return [collate(features[i : i + batch_size], self.pad_id) for i in range(0, end, batch_size)]
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        net = getattr(model, "_orig_mod", model)  # heads are called on the module behind torch.compile
         eps = self.label_smoothing if model.training else 0.0
         if self.kind in ("classify", "tag", "qa"):
-            logits = net.task_logits(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).float()
+            logits = model.task_logits(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).float()
             if self.kind == "classify":
                 return F.cross_entropy(logits, batch["labels"], label_smoothing=eps)
             if self.kind == "tag":
@@ -44,16 +42,13 @@ class TaskObjective:
             return (F.cross_entropy(start, batch["start_positions"], label_smoothing=eps)
                     + F.cross_entropy(end, batch["end_positions"], label_smoothing=eps)) / 2
         if self.arch == "encoder-decoder":
-            memory = net.encode_source(batch["src"], batch["src_mask"])
+            memory = model.encode_source(batch["src"], batch["src_mask"])
             logits = model(batch["input_ids"], memory=memory, memory_mask=batch["src_mask"])
             return lm_loss(logits, batch["labels"], label_smoothing=eps)
         return lm_loss(model(batch["input_ids"]), batch["labels"], label_smoothing=eps)  # seq2seq prompt format, chat SFT
 
-    def _weight(self, batch: Batch) -> int:
+    def weight(self, batch: Batch) -> int:
         """How many predictions a batch's mean loss averages over."""
         if self.kind in ("classify", "qa"):
             return batch["input_ids"].size(0)
         return int((batch["labels"] != IGNORE_INDEX).sum())
-
-    def evaluate(self, model: nn.Module, batches: list[Batch], device: torch.device, amp: torch.dtype | None) -> float:
-        return weighted_mean_loss(self.loss, self._weight, model, batches, device, amp)

@@ -104,28 +104,29 @@ class LossOf(nn.Module):
         return self._loss(self.model, batch)
 
 
-def wrap(net: nn.Module, compiled: nn.Module, loss: Callable, parallel: str, world: World, device: torch.device,
-         probe: dict[str, torch.Tensor] | None = None) -> nn.Module:
+def wrap(net: nn.Module, loss: Callable, parallel: str, world: World, device: torch.device,
+         probe: dict[str, torch.Tensor] | None = None, eager_loss: Callable | None = None) -> nn.Module:
     """The module `fit` calls as `step_loss(batch)`: plain for one process, else DDP or FSDP2.
 
-    FSDP2 shards every Transformer block as its own group and the rest (embeddings, final norm,
-    heads; tied weights stay in one group) under the `LossOf` root. `net` is sharded in place:
+    `loss(net, batch)` may be compiled; `eager_loss`, the same loss uncompiled, serves the DDP
+    probe. FSDP2 shards every Transformer block as its own group and the rest (embeddings, final
+    norm, heads; tied weights stay in one group) under the `LossOf` root. `net` is sharded in place:
     its parameters become DTensors, so build the optimizer after this call. `probe`, a batch, is
     used to find parameters the loss leaves without gradient (DDP only).
     """
     if not world.distributed:
-        return LossOf(compiled, loss)
+        return LossOf(net, loss)
     if parallel == "ddp":
         # Heads an objective does not use (NSP for plain MLM, the LM head of a classifier) get no
         # gradient; DDP must then search the graph every step, which it only does when told to.
         ids = [device.index] if device.type == "cuda" else None
-        find_unused = probe is not None and bool(unused_parameters(net, loss, probe))
-        return nn.parallel.DistributedDataParallel(LossOf(compiled, loss), device_ids=ids, find_unused_parameters=find_unused)
+        find_unused = probe is not None and bool(unused_parameters(net, eager_loss or loss, probe))
+        return nn.parallel.DistributedDataParallel(LossOf(net, loss), device_ids=ids, find_unused_parameters=find_unused)
     if parallel == "fsdp":
         for name in ("encoder_layers", "layers"):
             for block in getattr(net, name, None) or ():
                 fully_shard(block)
-        root = LossOf(compiled, loss)
+        root = LossOf(net, loss)
         fully_shard(root)
         return root
     raise UserError(f"unknown train.parallel {parallel!r}; use ddp or fsdp")

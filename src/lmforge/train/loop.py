@@ -38,6 +38,7 @@ from lmforge.train.distributed import (
 )
 from lmforge.train.float8 import to_float8
 from lmforge.train.metrics import MetricsLog, NoMetrics, plot_loss
+from lmforge.train.objectives import weighted_mean_loss
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.utils.device import autocast, autocast_dtype, compile_module, replays_cuda_graphs
 from lmforge.utils.errors import UserError
@@ -51,7 +52,7 @@ class TrainingObjective(Protocol):
     def batch(self, source: Any, batch_size: int, step: int, micro: int = 0) -> Batch: ...
     def val_batches(self, source: Any, batch_size: int, n_batches: int) -> list[Batch]: ...
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
-    def evaluate(self, model: nn.Module, batches: list[Batch], device: torch.device, amp: torch.dtype | None) -> float: ...
+    def weight(self, batch: Batch) -> int: ...  # how many predictions the batch's mean loss averages over
 
 
 @dataclass
@@ -124,12 +125,14 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
     if train.fp8:
         log(f"fp8: {len(to_float8(net, device))} linear layers multiply in float8")
     compiling = train.compile if train.compile is not None else device.type == "cuda"
-    compiled = compile_module(net, train.compile_mode) if compiling else net
+    # The model and its loss compile as one graph, so that the compiler fuses the head's output into
+    # the cross-entropy (no fp32 copy of the logits) and the heads of fine-tuning tasks compile too.
+    loss_fn = compile_module(objective.loss, train.compile_mode) if compiling else objective.loss
     graphed = compiling and replays_cuda_graphs(train.compile_mode, device)  # each micro-batch starts a new step
     probe = None
     if world.distributed and train.parallel == "ddp":
         probe = {k: v.to(device) for k, v in objective.batch(train_source, train.batch_size, start_step, 0).items()}
-    step_loss = wrap(net, compiled, objective.loss, train.parallel, world, device, probe)  # FSDP2 shards `net` in place
+    step_loss = wrap(net, loss_fn, train.parallel, world, device, probe, objective.loss)  # FSDP2 shards `net` in place
     optimizer = build_optimizer(net, train, device)
     if resume_from is not None:
         checkpoints.restore(resume_from, net, optimizer, device)
@@ -167,7 +170,7 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
         if val_batches is None:
             return None
         with unsharded_root(step_loss):  # every rank evaluates (FSDP2 needs all of them); rank 0 logs
-            loss = objective.evaluate(compiled, val_batches, device, amp)
+            loss = weighted_mean_loss(loss_fn, objective.weight, net, val_batches, device, amp)
         bpb = bits_per_byte(loss, *val_tokens_bytes) if val_tokens_bytes else None
         metrics.log({"kind": "val", "step": step, "val_loss": loss, "val_bpb": bpb, "val_ppl": math.exp(min(loss, 700.0))})
         return loss, bpb

@@ -98,27 +98,26 @@ class Objective:
             return [{"input_ids": x, "labels": y} for x, y in windows.spread_batches(batch_size, n_batches)]
         return [self.batch(windows, batch_size, step=i, seed=_VAL_SEED) for i in range(n_batches)]
 
-    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        net: Transformer = getattr(model, "_orig_mod", model)  # the module behind torch.compile
+    def loss(self, model: Transformer, batch: Batch) -> torch.Tensor:
         eps = self.label_smoothing if model.training else 0.0
         if self.name == "causal" and self.chunked_loss:
             hidden = model(batch["input_ids"], return_hidden=True)
-            return chunked_lm_loss(hidden, net.output.weight, batch["labels"], self.chunked_loss, label_smoothing=eps)
+            return chunked_lm_loss(hidden, model.output.weight, batch["labels"], self.chunked_loss, label_smoothing=eps)
         if self.name == "causal":
             return lm_loss(model(batch["input_ids"]), batch["labels"], label_smoothing=eps)
         if self.name == "seq2seq":
-            memory = net.encode_source(batch["src"], batch["src_mask"])
+            memory = model.encode_source(batch["src"], batch["src_mask"])
             logits = model(batch["input_ids"], memory=memory, memory_mask=batch["src_mask"])
             return lm_loss(logits, batch["labels"], label_smoothing=eps)
-        hidden = net.encode(batch["input_ids"], token_type_ids=batch["token_type_ids"])
-        loss = lm_loss(net.mlm(hidden), batch["labels"], label_smoothing=eps)
+        hidden = model.encode(batch["input_ids"], token_type_ids=batch["token_type_ids"])
+        loss = lm_loss(model.mlm(hidden), batch["labels"], label_smoothing=eps)
         if "nsp_labels" in batch:
-            loss = loss + F.cross_entropy(net.nsp_logits(hidden).float(), batch["nsp_labels"], label_smoothing=eps)
+            loss = loss + F.cross_entropy(model.nsp_logits(hidden).float(), batch["nsp_labels"], label_smoothing=eps)
         return loss
 
-    def evaluate(self, model: torch.nn.Module, batches: list[Batch], device: torch.device, amp: torch.dtype | None) -> float:
-        """Mean validation loss, weighted by the number of predicted tokens of each batch."""
-        return weighted_mean_loss(self.loss, lambda b: int((b["labels"] != IGNORE_INDEX).sum()), model, batches, device, amp)
+    def weight(self, batch: Batch) -> int:
+        """How many predictions a batch's mean loss averages over: its predicted tokens."""
+        return int((batch["labels"] != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+from typing import TypeVar
 
 import torch
 
 from lmforge.utils.errors import UserError
+
+T = TypeVar("T")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -47,9 +50,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def compile_module(module: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
-    """`torch.compile` under `TrainConfig.compile_mode`'s names ("default": torch's own default mode)."""
-    return torch.compile(module, mode=None if mode == "default" else mode)
+def compile_module(fn: T, mode: str = "default") -> T:
+    """`torch.compile` of a module or function under `TrainConfig.compile_mode`'s names ("default":
+    torch's own default mode)."""
+    return torch.compile(fn, mode=None if mode == "default" else mode)
 
 
 def replays_cuda_graphs(mode: str, device: torch.device) -> bool:
