@@ -1,6 +1,7 @@
 """Data parallelism on CPU with gloo: 2 processes (DDP, FSDP2) train exactly what one process with
 twice the accumulation trains, and their checkpoints resume on another world size."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -114,3 +115,16 @@ def test_two_gpus_with_nccl_match_one(data_dir, tmp_path, parallel):
              "--train.dtype", "float32", "--train.compile", "false")
     np.testing.assert_allclose(losses(out), losses(one.out), atol=1e-4, rtol=0)  # GPU reductions are not bitwise
     assert_same_weights(find_checkpoints(out)[-1], one.checkpoint, atol=1e-4)
+
+
+def test_accumulation_reduces_gradients_once_per_step():
+    """With accumulation 3, the first two micro-batches run no gradient collective and the last
+    one does: DDP reduces its bucket once, FSDP2 reduce-scatters each shard group (2 blocks + root) once."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "tests" / "train" / "collectives_probe.py")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert calls["ddp"] == [[], [], ["ddp_bucket_all_reduce"]]
+    assert calls["fsdp"][:2] == [[], []] and len(calls["fsdp"][2]) == 3
