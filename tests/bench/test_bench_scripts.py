@@ -39,6 +39,18 @@ def test_time_to_loss_races_both_recipes(data_dir):
     assert (gpt2["recipe"], gpt2["optim"], fastest["recipe"], fastest["optim"]) == ("gpt2", "adamw", "fastest", "muon")
     assert gpt2["reached"] and fastest["reached"] and fastest["val_loss"] <= 6.0
     assert ratio["fastest_over_gpt2"] == pytest.approx(fastest["seconds"] / gpt2["seconds"], rel=0.05)
+    assert ratio["requested_target_reached"] and ratio["target_loss"] == 6.0
+
+
+def test_time_to_loss_compares_at_the_loss_both_reached_when_the_target_is_too_low(data_dir):
+    gpt2, fastest, ratio = run_bench("bench/time_to_loss.py", "--data", str(data_dir), "--preset", "tiny", "--target-loss", "0.5",
+                                     "--max-steps", "20", "--batch-size", "4", "--lr", "1e-2", "--eval-interval", "10",
+                                     "--eval-batches", "2", "--device", "cpu", "--threads", "1")
+    assert not gpt2["reached"] and not fastest["reached"] and not ratio["requested_target_reached"]
+    common = max(min(loss for _, _, loss in r["curve"]) for r in (gpt2, fastest))
+    assert ratio["target_loss"] == common
+    first = {r["recipe"]: next(t for _, t, loss in r["curve"] if loss <= common) for r in (gpt2, fastest)}
+    assert ratio["seconds"] == first and ratio["fastest_over_gpt2"] == pytest.approx(first["fastest"] / first["gpt2"], rel=1e-2)
 
 
 def test_decode_compares_with_transformers_on_the_same_weights():
