@@ -23,12 +23,12 @@ case "${1:-}" in
 quick)  # the headline rows of issues 4 and 5 in one call of at most ~9.5 minutes, each step capped.
     # Real data: shards of ../shared/data/lm prepared on the CPU machine (`bash bench/gpu/prepare.sh`)
     # and carried as .bench-data, run through GPT-2's shape; without them the rows use random tokens.
-    timeout 80 $py -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/tests-gpu.log"
-    timeout 230 $py bench/train_throughput.py --preset gpt2-124m --steps 100 --rounds 4 --compile --compare-hf --loss-check \
+    timeout 270 $py bench/train_throughput.py --preset gpt2-124m --steps 100 --rounds 4 --compile --compare-hf --loss-check \
         $(real_data) 2>&1 | tee "$OUT/train.jsonl"
-    timeout 110 $py bench/train_throughput.py --preset gpt2-124m --steps 100 --rounds 2 --compile --fp8 --loss-check \
+    timeout 100 $py bench/train_throughput.py --preset gpt2-124m --steps 100 --rounds 2 --compile --fp8 --loss-check \
         $(real_data) 2>&1 | tee -a "$OUT/train.jsonl"
-    for b in 1 32; do timeout 70 $py bench/decode.py --preset gpt2-124m --batch $b --compile --compare-hf; done 2>&1 | tee "$OUT/decode.jsonl" ;;
+    for b in 1 32; do timeout 65 $py bench/decode.py --preset gpt2-124m --batch $b --compile --compare-hf; done 2>&1 | tee "$OUT/decode.jsonl"
+    timeout 60 $py -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/tests-gpu.log" ;;  # last: the numbers come first
 tests)  # the CUDA tests, then the CPU suite's model/infer/train tests under torch 2.11
     $py -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/tests-gpu.log"
     $py -m pytest -q -p no:cacheprovider -x tests/model tests/infer tests/train/test_optim.py 2>&1 | tee "$OUT/tests-cpu-parts.log" ;;
