@@ -3,7 +3,8 @@
     python bench/scaling_study.py [--grid bench/grids/cpu-study.yaml] [--out runs/scaling-study]
 
 Prints JSON lines: one per run of the largest model with observed and predicted final loss and the
-relative error, then a summary. Uses TinyStories and the UTF-8 Gutenberg books (two of the ten are
+relative error, then a summary (`sweep_seconds`: this invocation; `run_seconds`: the runs' own wall
+time over every attempt, so a resumed study still adds up). Uses TinyStories and the UTF-8 Gutenberg books (two of the ten are
 Latin-1, which `lmforge prepare` rejects with a pointer to iconv).
 """
 
@@ -20,7 +21,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from lmforge.data import prepare, train_tokenizer  # noqa: E402
-from lmforge.scaling import ParametricLaw, approach3, fit, read_runs, sweep  # noqa: E402
+from lmforge.scaling import fit, held_out, read_runs, sweep  # noqa: E402
 from _data import shared_data  # noqa: E402  (bench/_data.py)
 
 DATA = shared_data() / "lm"
@@ -43,19 +44,15 @@ def main() -> None:
     sweep_seconds = time.perf_counter() - t0
     fit(out / "study", n_bootstrap=100, progress=False)  # every approach on every run: fit.json + plots
 
-    runs = read_runs(out / "study")
-    largest = max(r.params for r in runs)
-    law = ParametricLaw(**approach3([r for r in runs if r.params < largest])["law"])
-    errors = []
-    for r in sorted((r for r in runs if r.params == largest), key=lambda r: r.tokens):
-        predicted = float(law.loss(r.params, r.tokens))
-        errors.append(abs(predicted - r.loss) / r.loss)
-        print(json.dumps({"what": "scaling_holdout", "params": r.params, "tokens": r.tokens, "observed": round(r.loss, 4),
-                          "predicted": round(predicted, 4), "rel_error": round(errors[-1], 4)}))
+    check = held_out(read_runs(out / "study"))  # approach 3 on all but the largest model, predicting it
+    for pred in check["predictions"]:
+        print(json.dumps({"what": "scaling_holdout", "params": check["params"], "tokens": pred["tokens"],
+                          "observed": round(pred["observed"], 4), "predicted": round(pred["predicted"], 4),
+                          "rel_error": round(pred["rel_error"], 4)}))
     print(json.dumps({"what": "scaling_study", "runs": len(rows), "sweep_seconds": round(sweep_seconds, 1),
-                      "fit_on": sum(r.params < largest for r in runs), "law": law.to_dict(),
-                      "max_rel_error": round(max(errors), 4), "mean_rel_error": round(sum(errors) / len(errors), 4)}))
-
+                      "run_seconds": round(sum(r["seconds"] for r in rows), 1), "fit_on": check["fit_on"],
+                      "law": check["law"], "max_rel_error": round(check["max_rel_error"], 4),
+                      "mean_rel_error": round(check["mean_rel_error"], 4)}))
 
 if __name__ == "__main__":
     main()

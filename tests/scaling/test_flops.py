@@ -35,6 +35,35 @@ def test_tiny_config_by_hand():
     assert out["flops_chinchilla"] == 791_040 * 1e6
 
 
+def test_grouped_query_attention_and_swiglu_by_hand():
+    """Appendix F generalised: K/V projections at n_kv_heads, three SwiGLU matrices (Llama-style blocks)."""
+    # tiny, Llama-style: 2 layers, 4 query heads of 16, 2 key/value heads, d_model 64, SwiGLU hidden 256,
+    # rotary (no position parameters), RMSNorm, no biases; vocab 100 padded to 128.
+    cfg = preset("tiny", vocab_size=100, mlp="swiglu", n_kv_head=2, bias=False, norm="rmsnorm", position="rotary")
+    out = flops(cfg, tokens=1e6)
+
+    block = 2 * 64 + 64 * (4 + 2 * 2) * 16 + 64 * 64 + 64 * 2 * 256 + 256 * 64  # norms, qkv, proj, gate+up, down
+    assert block == 61_568
+    assert out["params"] == 128 * 64 + 2 * block + 64 == 131_392 == Transformer(cfg).num_params()
+    assert out["params_no_embed"] == 2 * block + 64 == 123_200
+
+    seq, d, V = 64, 64, 128
+    attention = (
+        2 * seq * d * (4 * 16)  # Q: 4 heads              524_288
+        + 2 * 2 * seq * d * (2 * 16)  # K and V: 2 heads    524_288 (MHA would be 1_048_576)
+        + 2 * seq * seq * (4 * 16)  # K @ Q logits       524_288
+        + 3 * 4 * seq * seq  # softmax                      49_152
+        + 2 * seq * seq * (4 * 16)  # softmax @ V        524_288
+        + 2 * seq * (4 * 16) * d  # final linear         524_288
+    )
+    assert attention == 2_670_592
+    dense = 2 * seq * 3 * d * 256  # gate, up and down: 6_291_456 (two matrices would be 4_194_304)
+    forward = 2 * seq * V * d + 2 * (attention + dense) + 2 * seq * d * V
+    assert forward == 20_021_248
+    assert out["flops_per_token_chinchilla"] == 3 * forward / seq == 938_496
+    assert out["flops_chinchilla"] == 938_496 * 1e6
+
+
 def test_sequence_length_changes_only_the_attention_terms():
     cfg = preset("tiny", vocab_size=100)
     out = flops(cfg, tokens=1.0, seq_len=32)

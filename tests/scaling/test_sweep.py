@@ -1,8 +1,22 @@
 import json
+import os
+import signal
 
 import pytest
 
-from lmforge.scaling import load_grid, plan_runs, read_runs, shape_for, sweep
+from lmforge.checkpoint import find_checkpoints
+from lmforge.config import ModelConfig
+from lmforge.scaling import (
+    flops,
+    isoflop_profiles,
+    load_grid,
+    plan_runs,
+    read_runs,
+    shape_for,
+    sweep,
+)
+from lmforge.scaling.sweep import SECONDS_FILE
+from lmforge.train import checkpointing
 from lmforge.utils.errors import UserError
 
 GRID = """
@@ -34,7 +48,11 @@ def test_sweep_writes_rows_and_resumes(tmp_path, data_dir):
     assert len(rows) == 4 and len(read_runs(tmp_path / "study")) == 4
     row = rows[0]
     assert row["tokens"] == 4096 and len(row["curve"]) == 2 and row["curve"][-1][1] == row["loss"]
-    assert row["params"] > row["params_no_embed"] == 12 * 2 * 32 * 32
+    # N and C from the real count of the model built (what the fits use), not 12 * n_layer * n_embd^2.
+    count = flops(ModelConfig.from_dict(row["config"]), row["tokens"])
+    assert row["params"] == count["params"] > row["params_no_embed"] == count["params_no_embed"] > 12 * 2 * 32 * 32
+    assert row["flops"] == 6 * row["params"] * row["tokens"]
+    assert row["flops_chinchilla"] == count["flops_chinchilla"] and row["seconds"] > 0
     # A longer grid: only the new runs train.
     (tmp_path / "g.yaml").write_text(GRID.replace("tokens: [4096, 8192]", "tokens: [4096, 8192, 12288]"))
     logs.clear()
@@ -78,3 +96,81 @@ def test_two_sizes_that_give_the_same_shape_are_one_clear_error(tmp_path):
     grid.write_text("sizes: [2.0e+6, 4.0e+6]\ntokens: [1.0e+6]\naspect_ratio: 32\nhead_size: 64\n")
     with pytest.raises(UserError, match="both give 6 layers x 192 wide"):
         plan_runs(load_grid(grid))
+
+
+ISO_GRID = GRID.replace("tokens: [4096, 8192]", "flops: [1.0e9, 2.0e9]")
+
+
+def test_isoflop_runs_spend_their_budget_in_the_fits_units(tmp_path, data_dir):
+    """Every run of a `flops:` profile has 6 N D = C, N the full parameter count the fits use, up to one step."""
+    (tmp_path / "g.yaml").write_text(ISO_GRID)
+    rows = sweep(tmp_path / "g.yaml", data_dir, tmp_path / "study", log=lambda *a: None, progress=False)
+    assert len(rows) == 4
+    tokens_per_step = 4 * 32  # batch_size x context_length
+    for row in rows:
+        n = flops(ModelConfig.from_dict(row["config"]), 0)["params"]
+        assert row["params"] == n
+        c = 6 * n * row["tokens"]
+        assert row["flops"] == c
+        assert row["budget"] <= c < row["budget"] + 6 * n * tokens_per_step  # D rounded up to whole steps
+        assert c / row["budget"] - 1 < 0.03
+    profiles = isoflop_profiles(read_runs(tmp_path / "study"))
+    assert [(budget, len(runs)) for budget, runs in profiles] == [(1e9, 2), (2e9, 2)]
+    # The two sizes of a profile train different token counts: iso in C, not in D.
+    assert len({r.tokens for r in profiles[0][1]}) == 2
+
+
+def test_isoflop_budgets_need_the_vocabulary(tmp_path, data_dir):
+    (tmp_path / "g.yaml").write_text(ISO_GRID)
+    with pytest.raises(UserError, match="need the vocabulary size to count N"):
+        plan_runs(load_grid(tmp_path / "g.yaml"))
+    from_data = plan_runs(load_grid(tmp_path / "g.yaml"), data_dir)
+    assert len(from_data) == 4 and {r.model.vocab_size for r in from_data} == {512}
+    (tmp_path / "g.yaml").write_text(ISO_GRID.replace("context_length: 32", "context_length: 32, vocab_size: 512"))
+    assert [r.tokens for r in plan_runs(load_grid(tmp_path / "g.yaml"))] == [r.tokens for r in from_data]
+
+
+def test_a_budget_too_small_for_the_schedule_is_one_clear_error(tmp_path, data_dir):
+    (tmp_path / "g.yaml").write_text(ISO_GRID.replace("flops: [1.0e9, 2.0e9]", "flops: [1.0e7]"))
+    with pytest.raises(UserError, match=r"budget C=1e\+07 gives it .* tokens, fewer than evals=2 steps of 128 tokens"):
+        sweep(tmp_path / "g.yaml", data_dir, tmp_path / "study", log=lambda *a: None, progress=False)
+    assert not (tmp_path / "study" / "runs").exists()  # refused before anything trained
+
+
+def test_a_sweep_interrupted_mid_run_resumes_from_its_checkpoint(tmp_path, data_dir, monkeypatch):
+    """Ctrl-C right after a run's first checkpoint; started again, the sweep continues that run from it.
+
+    The loop turns SIGINT into "stop after this step, save, raise", so the cut is deterministic: the
+    first checkpoint is step 8 (ckpt_interval = 32 // 4), the interrupted attempt saves step 9.
+    """
+    grid = GRID.replace("sizes: [2.0e4, 5.0e4]", "sizes: [2.0e4]").replace("tokens: [4096, 8192]", "tokens: [4096]")
+    (tmp_path / "g.yaml").write_text(grid)
+    saved, save = [], checkpointing.Checkpointer.save
+
+    def save_then_interrupt(self, step, *args, **kwargs):
+        path = save(self, step, *args, **kwargs)
+        saved.append(step)
+        if len(saved) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C now
+        return path
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", save_then_interrupt)
+    with pytest.raises(UserError, match=r"run L2-d32-D4.1e03 interrupted at step 9; .*start the same sweep again"):
+        sweep(tmp_path / "g.yaml", data_dir, tmp_path / "study", log=lambda *a: None, progress=False)
+    run_dir = tmp_path / "study" / "runs" / "L2-d32-D4.1e03"
+    assert saved == [8, 9] and [p.name for p in find_checkpoints(run_dir)] == ["step-000009"]
+    assert not (tmp_path / "study" / "results.jsonl").exists()
+    first_attempt = json.loads((run_dir / SECONDS_FILE).read_text())["seconds"]
+    assert first_attempt > 0
+
+    saved.clear()
+    monkeypatch.setattr(checkpointing.Checkpointer, "save", lambda self, step, *a, **k: saved.append(step) or save(self, step, *a, **k))
+    rows = sweep(tmp_path / "g.yaml", data_dir, tmp_path / "study", log=lambda *a: None, progress=False)
+    # Resumed, not restarted: no checkpoint at or before step 9 was written again.
+    assert saved == [16, 24, 32]
+    assert len(rows) == 1 and rows[0]["tokens"] == 4096 and rows[0]["seconds"] > first_attempt
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m["kind"] == "val"] == [16, 32]  # one row per step, none repeated
+    # The same weights as a run that was never interrupted (every batch is a function of its step).
+    reference = sweep(tmp_path / "g.yaml", data_dir, tmp_path / "uninterrupted", log=lambda *a: None, progress=False)
+    assert rows[0]["loss"] == reference[0]["loss"]

@@ -3,7 +3,6 @@ step with accumulation 3, for DDP (its comm hook: one call per gradient bucket) 
 reduce-scatters), and prints them from rank 0 as one JSON line."""
 
 import json
-import os
 
 import torch
 import torch.distributed as dist

@@ -11,6 +11,7 @@ from lmforge.scaling.fitting import (
     bootstrap,
     fit,
     fit_power_law,
+    held_out,
     kaplan,
 )
 from lmforge.scaling.counting import flops
@@ -22,5 +23,6 @@ from lmforge.scaling.sweep import load_grid, plan_runs, shape_for, sweep
 __all__ = [
     "APPROACHES", "BESIROGLU", "CHINCHILLA", "GPU_PEAK_FLOPS", "ParametricLaw", "Run",
     "approach1", "approach2", "approach3", "bootstrap", "fit", "fit_power_law", "flops", "frontier",
-    "isoflop_profiles", "kaplan", "load_grid", "load_law", "plan", "plan_runs", "read_runs", "shape_for", "sweep",
+    "held_out", "isoflop_profiles", "kaplan", "load_grid", "load_law", "plan", "plan_runs", "read_runs", "shape_for",
+    "sweep",
 ]

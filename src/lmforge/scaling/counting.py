@@ -41,18 +41,31 @@ def chinchilla_forward_flops(config: ModelConfig, seq_len: int) -> int:
     A matmul of (m x k) by (k x n) costs 2 m k n (a multiply and an add). Like the paper, this ignores
     norms, biases, nonlinearities and the causal mask's savings, and counts the embedding lookup as a
     one-hot matmul. `vocab` is the padded vocabulary, the width the embedding and logits really have.
+
+    Generalised to the structure the config really builds, in two places where appendix F assumes
+    the paper's architecture (multi-head attention, a two-matrix FFN):
+      - grouped-query attention: the key and value projections are d_model x (key_size * n_kv_heads),
+        not x (key_size * n_heads); the logits, softmax and attention over values still run once per
+        query head. The paper's "3 x" QKV term becomes 1 query + 2 key/value projections.
+      - SwiGLU: three d_model x ffw_size matrices (gate, up, down), not two.
+    With n_kv_heads = n_heads and a GELU/ReLU FFN every term is the paper's formula unchanged
+    (tests/scaling/test_flops.py checks it by hand). Why: Llama-family configs would otherwise be
+    counted with ~1/3 too little FFN compute and too much key/value compute.
     """
     seq, d_model, vocab = seq_len, config.n_embd, config.padded_vocab_size
     key_size, n_heads, ffw_size = config.head_size, config.n_head, config.hidden_size
+    n_kv_heads = config.kv_heads
+    ffw_matrices = 3 if config.mlp == "swiglu" else 2
     embeddings = 2 * seq * vocab * d_model
     attention = (
-        2 * 3 * seq * d_model * (key_size * n_heads)  # key, query and value projections
+        2 * seq * d_model * (key_size * n_heads)  # query projection
+        + 2 * 2 * seq * d_model * (key_size * n_kv_heads)  # key and value projections
         + 2 * seq * seq * (key_size * n_heads)  # key @ query logits
         + 3 * n_heads * seq * seq  # softmax
         + 2 * seq * seq * (key_size * n_heads)  # softmax @ value reductions
         + 2 * seq * (key_size * n_heads) * d_model  # final linear
     )
-    dense_block = 2 * seq * (d_model * ffw_size + d_model * ffw_size)
+    dense_block = 2 * seq * ffw_matrices * d_model * ffw_size
     logits = 2 * seq * d_model * vocab
     return embeddings + config.n_layer * (attention + dense_block) + logits
 
@@ -72,7 +85,8 @@ def flops(config: ModelConfig, tokens: float, seq_len: int | None = None) -> dic
         params_no_embed: without the token embedding, learned position embedding and an untied output
             head: Kaplan et al.'s N ("excluding all vocabulary and positional embeddings").
         flops_6nd: 6 * params_no_embed * tokens, Kaplan's C (section 2.1), with Kaplan's N.
-        flops_chinchilla: Hoffmann et al. 2022, appendix F: 3 x the forward pass (backward = 2 x forward).
+        flops_chinchilla: Hoffmann et al. 2022, appendix F: 3 x the forward pass (backward = 2 x forward),
+            with grouped-query attention and SwiGLU counted as built (see `chinchilla_forward_flops`).
         flops_per_token_chinchilla: the same per training token.
     """
     if isinstance(tokens, bool) or not isinstance(tokens, Real) or not math.isfinite(tokens) or tokens < 0:

@@ -274,6 +274,25 @@ def approach3(runs: Sequence[Run], delta: float = 1e-3, starts: int = 4) -> dict
     }
 
 
+def held_out(runs: Sequence[Run], delta: float = 1e-3) -> dict[str, Any]:
+    """The issue's check of a study: fit approach 3 on every run but the largest model's, predict that model.
+
+    Returns the law fitted on the smaller sizes, one {tokens, observed, predicted, rel_error} per run
+    of the largest model (by tokens), and the largest and mean relative error of the predictions.
+    """
+    largest = max(r.params for r in runs)
+    smaller = [r for r in runs if r.params < largest]
+    law = ParametricLaw(**approach3(smaller, delta)["law"])
+    predictions = []
+    for r in sorted((r for r in runs if r.params == largest), key=lambda r: r.tokens):
+        predicted = float(law.loss(r.params, r.tokens))
+        predictions.append({"tokens": r.tokens, "observed": r.loss, "predicted": predicted,
+                            "rel_error": abs(predicted - r.loss) / r.loss})
+    errors = [p["rel_error"] for p in predictions]
+    return {"params": largest, "fit_on": len(smaller), "law": law.to_dict(), "predictions": predictions,
+            "max_rel_error": max(errors), "mean_rel_error": sum(errors) / len(errors)}
+
+
 def bootstrap(
     runs: Sequence[Run],
     fn: Callable[[Sequence[Run]], dict[str, Any]],

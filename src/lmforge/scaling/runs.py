@@ -10,16 +10,20 @@ Each line describes one finished run:
     params_no_embed  int                         no        without token/position embeddings (Kaplan's N);
                                                            defaults to `params`
     flops            number                      no        training compute C, measured or 6·N·D;
-                                                           defaults to 6 * params * tokens
+                                                           defaults to 6 * params * tokens (what
+                                                           `sweep` writes: N with embeddings)
     budget           number                      no        the isoFLOP budget the run was planned for;
                                                            approach 2 groups runs by it (without it,
                                                            runs whose `flops` agree within 10% form a budget)
-    seconds          number                      no        wall time of the run
+    seconds          number                      no        wall time of the run (from `sweep`: over
+                                                           every attempt, interrupted ones included)
     config           object                      no        the run's ModelConfig as a dict
     curve            [[tokens_seen, val_loss]]   no        the validation curve; approach 1 and the
                                                            compute frontier use it
 
-Other keys (a run name, the learning rate, ...) are allowed and ignored. For example:
+Other keys (a run name, the learning rate, ...) are allowed and ignored; `sweep` also writes `name` and
+`flops_chinchilla` (the appendix F count of `flops()`, for comparison; the fits use `flops`). Rows
+written before a key existed still load: every optional key has its default. For example:
 
     {"params": 124475904, "params_no_embed": 85056000, "tokens": 2.5e9, "flops": 1.87e18,
      "loss": 3.31, "seconds": 5400, "curve": [[5e8, 3.9], [1e9, 3.6], [2.5e9, 3.31]]}

@@ -4,12 +4,18 @@ Each run is an ordinary `pretrain` run whose cosine schedule ends at its own tok
 run is a truncated piece of a longer one (Hoffmann et al. 2022, section 3.1 and figure A1). A row
 of DIR/results.jsonl (schema in `lmforge.scaling.runs`) is written as each run finishes; a sweep
 that is started again skips finished runs and resumes an interrupted one from its last checkpoint.
+A run's wall time is kept in DIR/runs/NAME/sweep-seconds.json while it trains (rewritten every
+few seconds and when it stops), so the `seconds` of its row covers every attempt, interrupted ones
+included; a SIGKILL loses at most the last few seconds.
+
+N below is what the fits use: every parameter the model has, embeddings included (`flops()["params"]`).
+An isoFLOP run of budget C trains D = C / (6 N) tokens, rounded up to whole steps.
 
 The grid file (YAML):
 
-    sizes: [2.0e4, 4.0e4, 8.0e4, 1.6e5, 3.2e5]   # target non-embedding parameters, 12 * n_layer * n_embd^2
+    sizes: [2.0e4, 4.0e4, 8.0e4, 1.6e5, 3.2e5]   # target block parameters 12 * n_layer * n_embd^2 (pick the shapes)
     tokens: [1.0e6, 2.0e6, 4.0e6]                # training tokens per run ... or, for isoFLOP profiles,
-    # flops: [1.0e12, 3.0e12]                    # budgets C, each run getting D = C / (6 N)
+    # flops: [1.0e12, 3.0e12]                    # budgets C, each run getting D = C / (6 N), N with embeddings
     aspect_ratio: 16                             # n_embd / n_layer, fixed across sizes (Kaplan et al. 2020, fig. 5)
     head_size: 16
     model: {context_length: 128}                 # any other ModelConfig fields
@@ -23,6 +29,7 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -31,9 +38,12 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from lmforge.checkpoint import find_checkpoints
 from lmforge.config import ModelConfig, TrainConfig
+from lmforge.data import load_meta
+from lmforge.scaling.counting import flops
 from lmforge.scaling.runs import RESULTS
-from lmforge.train import pretrain
+from lmforge.train import Interrupted, pretrain
 from lmforge.utils.errors import UserError
 from lmforge.utils.fs import atomic_write_text
 
@@ -118,8 +128,13 @@ def shape_for(target: float, grid: Grid) -> ModelConfig:
         raise UserError(f"grid `model`: {e}") from None
 
 
-def plan_runs(grid: Grid) -> list[PlannedRun]:
-    runs, shapes = [], {}
+def plan_runs(grid: Grid, data: str | Path | None = None) -> list[PlannedRun]:
+    """Every (model, token budget) run of the grid, in order.
+
+    isoFLOP budgets need the real parameter count N (embeddings included, as the fits use it), hence
+    the vocabulary: the grid's `model.vocab_size`, else that of the prepared `data` (read only then).
+    """
+    models, shapes = [], {}
     for size in grid.sizes:
         model = shape_for(size, grid)
         shape = (model.n_layer, model.n_embd)
@@ -129,8 +144,19 @@ def plan_runs(grid: Grid) -> list[PlannedRun]:
                 f"{grid.head_size}; space the sizes further apart or lower head_size for finer widths"
             )
         shapes[shape] = size
-        n = 12 * model.n_layer * model.n_embd**2
-        budgets = [(d, None) for d in grid.tokens] if grid.tokens else [(c / (6 * n), c) for c in grid.flops]
+        models.append(model)
+    if grid.flops and models[0].vocab_size is None:
+        if data is None:
+            raise UserError("isoFLOP budgets need the vocabulary size to count N; set model.vocab_size in the grid "
+                            "or pass the prepared data directory")
+        models = [m.replace(vocab_size=load_meta(data)["vocab_size"]) for m in models]
+    runs = []
+    for model in models:
+        if grid.tokens:
+            budgets = [(d, None) for d in grid.tokens]
+        else:
+            n = flops(model, 0)["params"]
+            budgets = [(c / (6 * n), c) for c in grid.flops]
         for tokens, budget in budgets:
             tag = f"C{budget:.2g}" if budget else f"D{tokens:.2g}"
             runs.append(PlannedRun(f"L{model.n_layer}-d{model.n_embd}-{tag}".replace("+", ""), model, tokens, budget))
@@ -153,11 +179,16 @@ def sweep(
     """
     grid = load_grid(grid_file)
     out = Path(out)
-    planned = plan_runs(grid)
+    planned = plan_runs(grid, data)
     results = out / RESULTS
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
     done = {row["name"] for row in rows}
-    base = TrainConfig(**{**grid.train, "max_steps": 1})  # validates the train keys once, up front
+    try:
+        base = TrainConfig(**{**grid.train, "max_steps": 1})  # validates the train keys once, up front
+    except TypeError as e:
+        raise UserError(f"grid `train`: {e}") from None
+    for run in planned:  # a budget too small for its schedule would silently train more: refuse up front
+        _steps(run, grid.evals, base)
     todo = [(i, run) for i, run in enumerate(planned, 1) if run.name not in done]
 
     def record(i: int, row: dict[str, Any]) -> None:
@@ -191,29 +222,86 @@ def _claim_device(queue) -> None:
     _DEVICE = queue.get()
 
 
+def _steps(run: PlannedRun, evals: int, train: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps, tokens per step) of a run: its budget rounded up to whole steps."""
+    tokens_per_step = train.batch_size * train.grad_accum * (train.seq_len or run.model.context_length)
+    steps = math.ceil(run.tokens / tokens_per_step)
+    if steps < evals:
+        what = f"budget C={run.budget:.3g} gives it {run.tokens:.3g} tokens" if run.budget else f"{run.tokens:.3g} tokens"
+        raise UserError(
+            f"run {run.name}: {what}, fewer than evals={evals} steps of {tokens_per_step} tokens; "
+            "raise the budget, or lower train.batch_size or evals"
+        )
+    return steps, tokens_per_step
+
+
+SECONDS_FILE = "sweep-seconds.json"  # in a run's directory: wall time of all its attempts so far
+_HEARTBEAT_S = 5.0
+
+
+def _stopwatch(run_dir: Path, fn: Callable[[], Any]) -> tuple[Any, float]:
+    """(fn(), wall seconds of this run over every attempt), keeping the total in run_dir/SECONDS_FILE.
+
+    The file is rewritten every few seconds by a thread and once more when fn returns or raises, so an
+    interrupted attempt's time survives into the next one, a SIGKILLed one's up to the last write.
+    """
+    path = run_dir / SECONDS_FILE
+    try:
+        before = float(json.loads(path.read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        before = 0.0
+    t0 = time.perf_counter()
+    stop = threading.Event()
+
+    def save() -> float:
+        total = before + time.perf_counter() - t0
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"seconds": total}) + "\n")
+        return total
+
+    def tick() -> None:
+        while not stop.wait(_HEARTBEAT_S):
+            save()
+
+    thread = threading.Thread(target=tick, name="sweep-stopwatch", daemon=True)
+    thread.start()
+    try:
+        result = fn()
+    finally:
+        stop.set()
+        thread.join()
+        total = save()
+    return result, total
+
+
 def _train_one(run: PlannedRun, evals: int, base: TrainConfig, data: str, out: str, progress: bool) -> dict[str, Any]:
     """Train one planned run (resuming it if it was interrupted) and return its results.jsonl row."""
     if _DEVICE is not None:
         base = base.replace(device=_DEVICE)
-    seq_len = base.seq_len or run.model.context_length
-    tokens_per_step = base.batch_size * base.grad_accum * seq_len
-    steps = max(math.ceil(run.tokens / tokens_per_step), evals)
+    steps, tokens_per_step = _steps(run, evals, base)
     train = base.replace(
         max_steps=steps, warmup_steps=min(base.warmup_steps, steps // 10), eval_interval=math.ceil(steps / evals),
         ckpt_interval=max(steps // 4, 1), keep_checkpoints=1, tensorboard=False,
     )
     run_dir = Path(out) / "runs" / run.name
-    t0 = time.perf_counter()
-    result = pretrain(data, run_dir, run.model, train, resume=run_dir.exists() and any(run_dir.glob("step-*")),
-                      progress=progress, log=lambda *a: None)
+    resume = bool(find_checkpoints(run_dir))  # an interrupted attempt left a checkpoint: continue from it
+    try:
+        result, seconds = _stopwatch(run_dir, lambda: pretrain(data, run_dir, run.model, train, resume=resume,
+                                                               progress=progress, log=lambda *a: None))
+    except Interrupted as e:  # its message names `pretrain --resume`; a sweep resumes by running again
+        raise UserError(f"run {run.name} interrupted at step {e.step}; start the same sweep again to resume it") from None
     if result.val_loss is None:
         raise UserError(f"{data} has no validation split large enough to score runs; prepare it with --val-fraction 0.1")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    model = ModelConfig.from_dict(json.loads((result.checkpoint / "config.json").read_text())["model"])
+    tokens = steps * tokens_per_step
+    count = flops(model, tokens, seq_len=train.seq_len or model.context_length)
     row = {
-        "name": run.name, "params": result.params, "params_no_embed": 12 * run.model.n_layer * run.model.n_embd**2,
-        "tokens": steps * tokens_per_step, "loss": result.val_loss, "seconds": time.perf_counter() - t0,
+        "name": run.name, "params": count["params"], "params_no_embed": count["params_no_embed"],
+        "tokens": tokens, "flops": 6.0 * count["params"] * tokens, "flops_chinchilla": count["flops_chinchilla"],
+        "loss": result.val_loss, "seconds": seconds,
         "curve": [[m["step"] * tokens_per_step, m["val_loss"]] for m in metrics if m["kind"] == "val"],
-        "config": json.loads((result.checkpoint / "config.json").read_text())["model"],
+        "config": model.to_dict(),
     }
     if run.budget is not None:
         row["budget"] = run.budget

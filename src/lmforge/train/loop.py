@@ -55,6 +55,15 @@ class TrainingObjective(Protocol):
     def weight(self, batch: Batch) -> int: ...  # how many predictions the batch's mean loss averages over
 
 
+class Interrupted(UserError):
+    """Training stopped by Ctrl-C or SIGTERM between two steps, after saving what it had (`checkpoint`)."""
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        where = f"checkpoint saved to {checkpoint}" if checkpoint else "no new step to save"
+        super().__init__(f"interrupted at step {step}; {where}; continue with --resume")
+        self.step, self.checkpoint = step, checkpoint
+
+
 @dataclass
 class RunResult:
     out: Path
@@ -295,9 +304,7 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
                 bad, _ = agreed(False)
                 if bad is not None:
                     raise nonfinite_error(bad, None)
-                saved = checkpoint(step) if step > start_step else None
-                where = f"checkpoint saved to {saved}" if saved else "no new step to save"
-                raise UserError(f"interrupted at step {step}; {where}; continue with --resume")
+                raise Interrupted(step, checkpoint(step) if step > start_step else None)
         if start_step == train.max_steps:  # resumed a finished run: nothing to train, report it
             last_val = validate(step)
     finally:
