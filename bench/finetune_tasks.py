@@ -32,9 +32,10 @@ M30K = DATA / "translation" / "multi30k-en-de"
 
 # Each row: how to fine-tune (finetune() keyword arguments and TrainConfig overrides) and what to score.
 ROWS = {
+    # The recipe measured on CPU (README): dev accuracy 90.02 scored in bf16 (89.79 in fp32).
     "sst2-full": dict(
         task="classify", data=DATA / "classification/sst2/train.tsv", eval=DATA / "classification/sst2/dev.tsv",
-        train=dict(max_steps=2000, batch_size=32, lr=3e-5, warmup_steps=100, seq_len=128),
+        train=dict(max_steps=1500, batch_size=16, lr=5e-5, warmup_steps=50, seq_len=64, dtype="bfloat16"),
     ),
     # The recipe measured on CPU (README): dev accuracy 90.14.
     "sst2-lora": dict(
