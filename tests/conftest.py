@@ -67,6 +67,25 @@ def train_losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if r["kind"] == "train"]
 
 
+def torchrun(*args: str) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of `torchrun --standalone --nproc-per-node 2 ARGS` on the CPU
+    (gloo), one thread per process, running this checkout's lmforge."""
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    return cmd, {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+
+
+def run_torchrun(*args: str):
+    """Run `torchrun(*args)` to completion; it must succeed. The CompletedProcess, text captured."""
+    import subprocess
+
+    cmd, env = torchrun(*args)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def tiny_train_config(**overrides):
     from lmforge.config import TrainConfig
 

@@ -2,17 +2,14 @@
 twice the accumulation trains, and their checkpoints resume on another world size."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_train_config, train_losses as losses
+from conftest import ROOT, run_torchrun, tiny_train_config, train_losses as losses
 from lmforge.checkpoint import find_checkpoints, load_model
 from lmforge.config import preset
 from lmforge.train import pretrain
@@ -44,12 +41,7 @@ def single(data_dir, tmp_path_factory):
 
 def torchrun(data_dir, out, *extra):
     """`torchrun --nproc-per-node 2 -m lmforge pretrain ...` on CPU (gloo), one thread per process."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "lmforge", "pretrain", "--data", str(data_dir), "--out", str(out), *ARGS, *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return run_torchrun("-m", "lmforge", "pretrain", "--data", str(data_dir), "--out", str(out), *ARGS, *extra)
 
 
 def assert_same_weights(a_dir, b_dir, atol=1e-5):
@@ -120,11 +112,7 @@ def test_two_gpus_with_nccl_match_one(data_dir, tmp_path, parallel):
 def test_accumulation_reduces_gradients_once_per_step():
     """With accumulation 3, the first two micro-batches run no gradient collective and the last
     one does: DDP reduces its bucket once, FSDP2 reduce-scatters each shard group (2 blocks + root) once."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "tests" / "train" / "collectives_probe.py")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_torchrun(str(ROOT / "tests" / "train" / "collectives_probe.py"))
     calls = json.loads(proc.stdout.strip().splitlines()[-1])
     assert calls["ddp"] == [[], [], ["ddp_bucket_all_reduce"]]
     assert calls["fsdp"][:2] == [[], []] and len(calls["fsdp"][2]) == 3

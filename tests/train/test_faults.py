@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_train_config
+from conftest import ROOT, tiny_train_config, torchrun
 from lmforge.checkpoint import find_checkpoints, load_checkpoint, load_model
 from lmforge.checkpoint.store import load_optimizer_state
 from lmforge.config import preset
@@ -194,9 +194,7 @@ def test_killing_a_two_process_run_during_a_sharded_write_resumes_on_one(data_di
             "--train.ckpt_interval", "1", "--train.grad_accum", "1", "--train.parallel", "fsdp"]
     args += [a for k, v in train.items() for a in (f"--train.{k}", str(v))]
     victim = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "lmforge", "pretrain", "--data", str(data_dir), "--out", str(victim), *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd, env = torchrun("-m", "lmforge", "pretrain", "--data", str(data_dir), "--out", str(victim), *args)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, )
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:

@@ -36,7 +36,7 @@ from lmforge.train.checkpointing import Checkpointer
 from lmforge.train.distributed import (
     World, all_reduce, barrier, grad_sync, init_world, local_tensor, micro_seed, unsharded_root, wrap,
 )
-from lmforge.train.float8 import to_float8
+from lmforge.train.float8 import refresh_float8_scales, to_float8
 from lmforge.train.metrics import MetricsLog, NoMetrics, plot_loss
 from lmforge.train.objectives import weighted_mean_loss
 from lmforge.train.optim import build_optimizer, lr_at
@@ -131,8 +131,10 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
     if train.threads:
         torch.set_num_threads(train.threads)
     net = net.to(device)
+    fp8_sharded = train.fp8 and world.distributed and train.parallel == "fsdp"  # weights all-gathered in float8
     if train.fp8:
-        log(f"fp8: {len(to_float8(net, device))} linear layers multiply in float8")
+        log(f"fp8: {len(to_float8(net, device, sharded=fp8_sharded))} linear layers multiply in float8"
+            + (", their weights all-gathered in float8" if fp8_sharded else ""))
     compiling = train.compile if train.compile is not None else device.type == "cuda"
     # The model and its loss compile as one graph, so that the compiler fuses the head's output into
     # the cross-entropy (no fp32 copy of the logits) and the heads of fine-tuning tasks compile too.
@@ -272,6 +274,8 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
                     bar.write(f"step {done}: loss is {loss_now}; step skipped (--train.skip_nonfinite)")
                 if not skip:
                     optimizer.step()
+                    if fp8_sharded:
+                        refresh_float8_scales(net)
                 optimizer.zero_grad(set_to_none=True)
                 step = done
                 window_tokens += tokens_per_step
