@@ -36,6 +36,8 @@ def main() -> None:
     p.add_argument("--global-micro-batches", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = p.parse_args()
+    if args.steps < 10:  # windows of 5 steps, the first (compile, warm-up) left out of the median
+        p.error(f"--steps must be at least 10 (two logged windows of 5 steps), got {args.steps}")
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory() as tmp:

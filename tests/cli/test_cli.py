@@ -176,3 +176,21 @@ def test_serve_binds_to_localhost_by_default_and_checks_its_port(capsys, monkeyp
     fails_with(capsys, "--port must be in [0, 65535]", "serve", trained_run.out, "--port", 70000)
     monkeypatch.undo()  # the real serve checks the checkpoint before it binds a port
     fails_with(capsys, "does not exist", "serve", tmp_path / "nope")
+
+
+@pytest.mark.slow
+def test_a_reader_that_goes_away_stops_the_output_quietly(trained_run):
+    """`lmforge generate ... | head -1`: once the pipe's reader has gone, no traceback, status 141 as for SIGPIPE."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "generate", str(trained_run.out), "--prompt", "ROMEO:",
+                             "--max-new-tokens", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    proc.stdout.close()  # long before the process, still importing, writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "Error" not in err, err

@@ -121,13 +121,18 @@ def eval_cmd(args: Namespace) -> dict[str, Any]:
     for name in ("target", "split_articles", "text_field", "label_field", "limit"):
         if args[name] is not None:
             raise UserError(f"--{name.replace('_', '-')} belongs to task evaluation; add --task")
-    result = evaluate_lm(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device,
-                         dtype=args.dtype)
+    result = evaluate_lm(args.checkpoint, args.data, split=args.split, device=args.device, dtype=args.dtype,
+                         **_batch_size(args))
     _say(args)(
         f"loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.2f}, "
         f"{result['bpb']:.4f} bits/byte over {result['tokens']:,} tokens"
     )
     return result
+
+
+def _batch_size(args: Namespace) -> dict[str, Any]:
+    """`--batch-size` when given; otherwise the evaluation's own default."""
+    return {"batch_size": args.batch_size} if args.batch_size is not None else {}
 
 
 def _inference_kwargs(args: Namespace) -> dict[str, Any]:
@@ -139,8 +144,8 @@ def _eval_task(args: Namespace) -> dict[str, Any]:
         raise UserError(f"--task scores one data file, got {len(args.data)}")
     result = evaluate_task(
         args.checkpoint, args.task, args.data[0], target=args.target, split_articles=args.split_articles,
-        text_field=args.text_field, label_field=args.label_field, limit=args.limit, batch_size=args.batch_size,
-        device=args.device, dtype=args.dtype, **_inference_kwargs(args),
+        text_field=args.text_field, label_field=args.label_field, limit=args.limit, device=args.device,
+        dtype=args.dtype, **_batch_size(args), **_inference_kwargs(args),
     )
     scores = ", ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float) and k != "seconds")
     _say(args)(f"{result['task']} on {result['examples']:,} examples: {scores}")

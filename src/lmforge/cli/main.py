@@ -178,7 +178,8 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _task_data_options(ev)
     _option(ev, "limit", type=int | None, default=None, help="--task: score only the first N examples")
     _inference_options(ev)
-    _option(ev, "batch_size", type=int, default=8)
+    _option(ev, "batch_size", type=int | None, default=None,
+            help="sequences per forward: full-context windows for a language model (default 8), examples with --task (default 32)")
     _device_options(ev)
     _json_flag(ev)
     verbs.add_subcommand("eval", ev, help="evaluate a language model")
@@ -321,9 +322,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     if result is not None and args.get("json"):
-        print(json.dumps(result, ensure_ascii=False))
+        try:
+            print(json.dumps(result, ensure_ascii=False), flush=True)
+        except BrokenPipeError:
+            return _reader_gone()
     return 0
+
+
+def _reader_gone() -> int:
+    """The reader of stdout has gone (`lmforge generate ... | head -3`): stop quietly, as `cat` does.
+    stdout is pointed at /dev/null so that the flush at exit does not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, what a shell reports for a program the signal stopped
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def prepare(
         if val_fraction > 0 and writers["val"].tokens == 0:
             raise UserError(
                 f"val split is empty: the last {val_fraction:.0%} of the text has no line start to split at; "
-                "add more documents or lines, or pass val_fraction=0"
+                "add more documents or lines, or pass --val-fraction 0 (val_fraction=0 in Python)"
             )
         meta = {
             "format": FORMAT,

@@ -16,9 +16,9 @@ import torch
 
 from lmforge.data.features import TaskFormat, collate, featurize, read_examples
 from lmforge.evaluate.metrics import accuracy, bleu, chrf, entity_f1, macro_f1, rouge, squad_scores
-from lmforge.infer.pipeline import pipeline
+from lmforge.infer import pipeline
 from lmforge.model.losses import IGNORE_INDEX, lm_loss
-from lmforge.train.objectives import weighted_mean_loss
+from lmforge.train import weighted_mean_loss
 from lmforge.utils.errors import UserError
 
 
