@@ -12,6 +12,12 @@ and how many greedy sequences came out identical. transformers runs under the en
 with its default dynamic cache) unless `--hf-mode` says otherwise. `--repeat N` times each side N times, taking
 turns (engine, transformers, engine, ...) so that a busy machine slows both alike, and reports the
 median of each; "ratios" lists the ratio of each turn.
+
+`--profile N` adds a line on where a decode step's time goes, from torch.profiler over N steps
+after the timed runs (the profiler slows the host side, so its wall time is not the speed):
+on CUDA the kernels per step, the device time per step and its share of the wall time (low:
+the step waits on the host, launch-bound; high: the GPU is the limit), and the kernels that take
+most of it; on CPU the operators instead. `--trace FILE` also writes the Chrome trace.
 """
 
 from __future__ import annotations
@@ -75,6 +81,49 @@ def run_engine(model, prompts, new_tokens, compile_: bool, device, max_seq_len: 
             "ttft_ms": 1e3 * ttft, "peak_memory_gb": peak_memory_gb(device)}
 
 
+def profile_engine(model, prompts, steps: int, compile_: bool, device, max_seq_len: int, trace: str | None) -> dict:
+    """torch.profiler over `steps` decode steps of an engine built as `run_engine` builds it."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    B, T = prompts.shape
+    engine = Engine(model, max_batch=B, max_seq_len=max_seq_len, prefill_chunk=T, prefill_budget=B * T, compile=compile_)
+    params = SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
+    engine.generate(prompts.tolist(), params)  # compile and capture outside the profile
+    for p in prompts.tolist():
+        engine.add(p, params)
+    engine.step()  # the prefill, its first token and the first decode step: not profiled
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    steps = 0
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        while engine.has_work:
+            engine.step()
+            steps += 1
+        sync(device)
+        wall = time.perf_counter() - t0
+    if trace:
+        prof.export_chrome_trace(trace)
+    on_device = device.type == "cuda"
+    if on_device:  # kernels: their own time on the GPU
+        events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        us = lambda e: e.time_range.elapsed_us()
+    else:  # operators at the top level of the host side (not their children, counted twice otherwise)
+        events = [e for e in prof.events() if e.device_type == DeviceType.CPU and e.cpu_parent is None]
+        us = lambda e: e.cpu_time_total
+    by_name: dict[str, list[float]] = {}
+    for e in events:
+        by_name.setdefault(e.name, []).append(us(e))
+    busy = sum(sum(v) for v in by_name.values())
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:10]
+    unit = "kernels" if on_device else "host_ops"
+    return {"steps": steps, f"{unit}_per_step": round(len(events) / steps, 1), f"{'device' if on_device else 'host_ops'}_ms_per_step": round(busy / 1e3 / steps, 4),
+            "profiled_wall_ms_per_step": round(1e3 * wall / steps, 4), "busy_share": round(busy / 1e6 / wall, 3),
+            "top": [{"name": name[:120], "ms_per_step": round(sum(v) / 1e3 / steps, 4), "calls_per_step": round(len(v) / steps, 2)}
+                    for name, v in top]}
+
+
 def build_hf(model, device):
     import transformers
 
@@ -130,6 +179,8 @@ def main() -> None:
                         "or compiled with a static cache (its fastest documented setting)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeat", type=int, default=1, help="time each side this many times, taking turns; report medians")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N decode steps after the timed runs")
+    p.add_argument("--trace", default=None, metavar="FILE", help="with --profile: write the Chrome trace here")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="the engine's KV cache length, as a server sizes it for a context (default: prompt + new tokens)")
     args = p.parse_args()
@@ -185,6 +236,10 @@ def main() -> None:
                           "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
                           "ratios": [round(a["tokens_per_s"] / b["tokens_per_s"], 2) for a, b in zip(runs, hf_runs)],
                           "sequences_identical_to_transformers": f"{same}/{args.batch}"}), flush=True)
+    if args.profile:
+        steps = min(args.profile, args.new_tokens - 2)
+        print(json.dumps({"what": "lmforge engine profile", **base,
+                          **profile_engine(model, prompts, steps, args.compile, device, base["max_seq_len"], args.trace)}), flush=True)
 
 if __name__ == "__main__":
     main()

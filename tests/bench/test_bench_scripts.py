@@ -53,11 +53,18 @@ def test_time_to_loss_compares_at_the_loss_both_reached_when_the_target_is_too_l
     assert ratio["seconds"] == first and ratio["fastest_over_gpt2"] == pytest.approx(first["fastest"] / first["gpt2"], rel=1e-2)
 
 
-def test_decode_compares_with_transformers_on_the_same_weights():
+def test_decode_compares_with_transformers_on_the_same_weights_and_profiles_its_steps(tmp_path):
     pytest.importorskip("transformers")
-    ours, hf, ratio = run_bench("bench/decode.py", "--preset", "tiny", "--vocab-size", "256", "--batch", "2",
-                                "--prompt-len", "16", "--new-tokens", "8", "--device", "cpu", "--threads", "1",
-                                "--compare-hf", "--repeat", "2")
+    ours, hf, ratio, profile = run_bench("bench/decode.py", "--preset", "tiny", "--vocab-size", "256", "--batch", "2",
+                                         "--prompt-len", "16", "--new-tokens", "8", "--device", "cpu", "--threads", "1",
+                                         "--compare-hf", "--repeat", "2", "--profile", "5", "--trace", str(tmp_path / "trace.json"))
+    assert profile["what"] == "lmforge engine profile" and profile["steps"] == 5
+    # Eager on CPU: the operators of each step, the heaviest first. tiny has 2 blocks: 2 attentions and
+    # 9 linear layers a step (qkv, proj, fc and proj in each block, then the head).
+    calls = {t["name"]: t["calls_per_step"] for t in profile["top"]}
+    assert calls.get("aten::scaled_dot_product_attention") == 2.0 and calls.get("aten::linear") == 9.0
+    assert 0 < profile["host_ops_ms_per_step"] <= profile["profiled_wall_ms_per_step"] and 0 < profile["busy_share"] <= 1
+    assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     assert (ours["what"], hf["what"], hf["cache"]) == ("lmforge engine", "transformers generate", "dynamic")
     for row in (ours, hf):
         assert row["tokens_per_s"] > 0 and row["ttft_ms"] > 0 and row["peak_memory_gb"] > 0
