@@ -205,17 +205,20 @@ def main() -> None:
             "dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "max_seq_len": args.max_seq_len or args.prompt_len + args.new_tokens,
             "compile": args.compile, "torch": torch.__version__}
-    hf = None
+    hf, hf_error = None, None
     hf_compile = args.compile if args.hf_mode == "same" else args.hf_mode == "compile"
     runs, hf_runs = [], []
     for _ in range(args.repeat):
         runs.append(run_engine(model, prompts, args.new_tokens, args.compile, device, args.max_seq_len))
-        if args.compare_hf:
-            if hf is None:  # built after the engine's first run, so that a CPU peak RSS is the engine's own
-                import transformers
+        if args.compare_hf and hf_error is None:
+            try:  # a failure of transformers (its compile on another version, say) must not lose the engine's row
+                if hf is None:  # built after the engine's first run, so that a CPU peak RSS is the engine's own
+                    import transformers
 
-                hf = build_hf(model, device)
-            hf_runs.append(run_hf(hf, prompts, args.new_tokens, hf_compile, device))
+                    hf = build_hf(model, device)
+                hf_runs.append(run_hf(hf, prompts, args.new_tokens, hf_compile, device))
+            except Exception as e:  # noqa: BLE001 - reported on stdout, not hidden
+                hf_error, hf = f"{type(e).__name__}: {e}"[:1000], None
     median = lambda rs: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "ms_per_step", "ttft_ms")}
     peak = lambda rs: round(max(r["peak_memory_gb"] for r in rs), 3)
     tokens = runs[0]["tokens"]
@@ -225,7 +228,9 @@ def main() -> None:
     print(json.dumps({"what": "lmforge engine", **base, "repeat": args.repeat, **ours,
                       "peak_memory_gb": round(runs[0]["peak_memory_gb"], 3) if device.type == "cpu" else peak(runs),
                       "memory": memory}), flush=True)
-    if hf is not None:
+    if hf_error is not None:
+        print(json.dumps({"what": "transformers generate", **base, "failed": hf_error}), flush=True)
+    elif hf is not None:
         theirs = median(hf_runs)
         # Greedy on the same weights: identical tokens in fp32 (bf16 may part ways at a near-tie).
         same = sum(a == b for a, b in zip(tokens, hf_runs[0]["tokens"]))

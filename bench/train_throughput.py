@@ -107,16 +107,26 @@ def main() -> None:
             runners["transformers"] = hf_runner(cfg, args, device, amp, T)
         except UserError as e:
             print(json.dumps({"what": "train_throughput_ratio", "preset": args.preset, "skipped": str(e)}))
+    def each(action: Callable[[Runner], None]) -> None:
+        """`action` on every runner. A comparison that fails (transformers' compile on another
+        version, say) is reported and dropped, so that lmforge's own row still comes out."""
+        for name, r in list(runners.items()):
+            try:
+                action(r)
+            except Exception as e:  # noqa: BLE001 - reported on stdout, not hidden
+                if name == "lmforge":
+                    raise
+                del runners[name]
+                print(json.dumps({"what": "train_throughput", "impl": name, **common, "failed": f"{type(e).__name__}: {e}"[:1000]}),
+                      flush=True)
+
     # Rounds of args.steps / rounds steps, each implementation in turn: on a shared or throttling
     # machine, slow spells hit every implementation alike, and the median round is reported.
-    for r in runners.values():
-        r.warmup(batch, args.warmup, device, amp)
+    each(lambda r: r.warmup(batch, args.warmup, device, amp))
     rounds = max(1, min(args.rounds, args.steps))
     for i in range(rounds):
-        for r in runners.values():
-            r.timed(batch, args.steps // rounds + (i < args.steps % rounds), device, amp)
-    for r in runners.values():
-        r.breakdown(batch, min(args.steps, 10), device, amp)
+        each(lambda r: r.timed(batch, args.steps // rounds + (i < args.steps % rounds), device, amp))
+    each(lambda r: r.breakdown(batch, min(args.steps, 10), device, amp))
 
     ours = runners["lmforge"].summary(args, T)
     line = {"what": "train_throughput", "impl": "lmforge", **common, "optim": args.optim, "chunked_loss": args.chunked_loss, "fp8": args.fp8,

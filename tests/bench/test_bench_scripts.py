@@ -78,3 +78,43 @@ def test_serve_load_serves_concurrent_clients_as_it_serves_them_alone(trained_ru
     assert (alone["clients"], together["clients"]) == (4, 4)
     assert alone["tokens"] == together["tokens"] == 16
     assert speedup["identical_outputs"] == "4/4" and speedup["ratio"] > 0
+
+
+def _bench_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _main_rows(module, monkeypatch, capsys, *argv: str) -> list[dict]:
+    monkeypatch.setattr(sys, "argv", [module.__file__, *argv])
+    module.main()
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_a_failing_comparison_is_reported_and_the_own_row_still_comes_out(monkeypatch, capsys):
+    """On a first GPU run transformers' side may break (its compile on another version): the
+    lmforge row must survive it, with the failure in a line of its own."""
+    pytest.importorskip("transformers")
+    train = _bench_module("train_throughput")
+    timed = train.Runner.timed
+
+    def breaks_for_transformers(self, *a, **k):
+        if self.name != "lmforge":
+            raise RuntimeError("boom")
+        return timed(self, *a, **k)
+    monkeypatch.setattr(train.Runner, "timed", breaks_for_transformers)
+    failed, ours = _main_rows(train, monkeypatch, capsys, "--preset", "tiny", "--vocab-size", "256", "--batch-size", "2",
+                              "--steps", "2", "--warmup", "1", "--rounds", "1", "--device", "cpu", "--threads", "1", "--compare-hf")
+    assert (failed["impl"], failed["failed"]) == ("transformers", "RuntimeError: boom")
+    assert ours["impl"] == "lmforge" and ours["tokens_per_s"] > 0
+
+    decode = _bench_module("decode")
+    monkeypatch.setattr(decode, "run_hf", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    ours, failed = _main_rows(decode, monkeypatch, capsys, "--preset", "tiny", "--vocab-size", "256", "--prompt-len", "8",
+                              "--new-tokens", "4", "--device", "cpu", "--threads", "1", "--compare-hf", "--repeat", "2")
+    assert ours["what"] == "lmforge engine" and ours["tokens_per_s"] > 0
+    assert (failed["what"], failed["failed"]) == ("transformers generate", "RuntimeError: boom")
