@@ -2,6 +2,7 @@
 
     python bench/decode.py --preset gpt2-124m --batch 1 [--compile] [--compare-hf [--hf-mode same|eager|compile]] [--device cpu]
                            [--max-seq-len N]   # a cache sized for a longer context than the requests use, as a server's
+                           [--graphs capture|trees] [--profile N [--trace FILE]]
 
 Random weights, random prompts of --prompt-len tokens, --new-tokens greedy tokens each (no
 end-of-text stop). One JSON line per measurement: {"what", "preset", "device", "dtype", "batch",
@@ -58,10 +59,11 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
-def run_engine(model, prompts, new_tokens, compile_: bool, device, max_seq_len: int | None = None) -> dict:
+def run_engine(model, prompts, new_tokens, compile_: bool, device, max_seq_len: int | None = None, graphs: str = "capture") -> dict:
     B, T = prompts.shape
     reset_peak_memory(device)
-    engine = Engine(model, max_batch=B, max_seq_len=max_seq_len or T + new_tokens, prefill_chunk=T, prefill_budget=B * T, compile=compile_)
+    engine = Engine(model, max_batch=B, max_seq_len=max_seq_len or T + new_tokens, prefill_chunk=T, prefill_budget=B * T,
+                    compile=compile_, graphs=graphs)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     engine.generate(prompts[:, :8].tolist(), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm up
     if compile_:
@@ -81,13 +83,13 @@ def run_engine(model, prompts, new_tokens, compile_: bool, device, max_seq_len: 
             "ttft_ms": 1e3 * ttft, "peak_memory_gb": peak_memory_gb(device)}
 
 
-def profile_engine(model, prompts, steps: int, compile_: bool, device, max_seq_len: int, trace: str | None) -> dict:
+def profile_engine(model, prompts, steps: int, compile_: bool, device, max_seq_len: int, trace: str | None, graphs: str) -> dict:
     """torch.profiler over `steps` decode steps of an engine built as `run_engine` builds it."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     B, T = prompts.shape
-    engine = Engine(model, max_batch=B, max_seq_len=max_seq_len, prefill_chunk=T, prefill_budget=B * T, compile=compile_)
+    engine = Engine(model, max_batch=B, max_seq_len=max_seq_len, prefill_chunk=T, prefill_budget=B * T, compile=compile_, graphs=graphs)
     params = SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
     engine.generate(prompts.tolist(), params)  # compile and capture outside the profile
     for p in prompts.tolist():
@@ -179,6 +181,8 @@ def main() -> None:
                         "or compiled with a static cache (its fastest documented setting)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeat", type=int, default=1, help="time each side this many times, taking turns; report medians")
+    p.add_argument("--graphs", choices=["capture", "trees"], default="capture",
+                   help="with --compile on CUDA: CUDA graphs captured by the engine, or torch.compile's reduce-overhead")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N decode steps after the timed runs")
     p.add_argument("--trace", default=None, metavar="FILE", help="with --profile: write the Chrome trace here")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -204,12 +208,13 @@ def main() -> None:
             else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads",
             "dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "max_seq_len": args.max_seq_len or args.prompt_len + args.new_tokens,
-            "compile": args.compile, "torch": torch.__version__}
+            "compile": args.compile, "graphs": args.graphs if args.compile and device.type == "cuda" else None,
+            "torch": torch.__version__}
     hf, hf_error = None, None
     hf_compile = args.compile if args.hf_mode == "same" else args.hf_mode == "compile"
     runs, hf_runs = [], []
     for _ in range(args.repeat):
-        runs.append(run_engine(model, prompts, args.new_tokens, args.compile, device, args.max_seq_len))
+        runs.append(run_engine(model, prompts, args.new_tokens, args.compile, device, args.max_seq_len, args.graphs))
         if args.compare_hf and hf_error is None:
             try:  # a failure of transformers (its compile on another version, say) must not lose the engine's row
                 if hf is None:  # built after the engine's first run, so that a CPU peak RSS is the engine's own
@@ -244,7 +249,7 @@ def main() -> None:
     if args.profile:
         steps = min(args.profile, args.new_tokens - 2)
         print(json.dumps({"what": "lmforge engine profile", **base,
-                          **profile_engine(model, prompts, steps, args.compile, device, base["max_seq_len"], args.trace)}), flush=True)
+                          **profile_engine(model, prompts, steps, args.compile, device, base["max_seq_len"], args.trace, args.graphs)}), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -41,6 +41,7 @@ train)  # issue 4: GPT-2 124M (B 32, T 1024) and the Llama-3.2-1B shape (B 8, T 
         --compile --compare-hf 2>&1 | tee -a "$OUT/train.jsonl" ;;
 decode)  # issue 5: bf16, prompt 128, 256 new tokens, greedy
     for b in 1 32; do $py bench/decode.py --preset gpt2-124m --batch $b --compile --compare-hf --profile 50 --trace "$OUT/decode-trace-b$b.json"; done 2>&1 | tee "$OUT/decode.jsonl"
+    $py bench/decode.py --preset gpt2-124m --batch 1 --compile --graphs trees 2>&1 | tee -a "$OUT/decode.jsonl"  # torch.compile's own graphs
     $py bench/decode.py --preset smollm2-135m --batch 1 --compile --compare-hf 2>&1 | tee -a "$OUT/decode.jsonl"
     $py bench/decode.py --preset llama-3.2-1b --batch 1 --compile --compare-hf 2>&1 | tee -a "$OUT/decode.jsonl"
     # A server-sized cache: the CUDA graphs of the key spans 256..2048 (last: it compiles four graphs).

@@ -170,12 +170,20 @@ def test_span_buckets_double_up_to_the_context():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled step is captured in CUDA graphs")
-def test_compiled_cuda_graph_decode_equals_eager():
-    model = varied_transformer(2).to("cuda")
+@pytest.mark.parametrize("graphs", ["capture", "trees"])
+def test_compiled_cuda_graph_decode_equals_eager(graphs):
+    """Both ways of replaying the compiled step in CUDA graphs, over two span buckets (a cache of
+    300 positions: spans 256 and 300) and with slots joining and leaving, give eager's tokens."""
+    model = varied_transformer(2, context_length=512).to("cuda")
     params = SamplingParams(temperature=0, max_tokens=12)
-    eager = Engine(model, max_batch=4).generate(PROMPTS[:6], params)
-    compiled = Engine(model, max_batch=4, compile=True).generate(PROMPTS[:6], params)
+    eager = Engine(model, max_batch=4, max_seq_len=300).generate(PROMPTS[:6], params)
+    engine = Engine(model, max_batch=4, max_seq_len=300, compile=True, graphs=graphs)
+    assert engine.spans == [256, 300]
+    compiled = engine.generate(PROMPTS[:6], params)
     assert [r.output for r in compiled] == [r.output for r in eager]
+    long = [[(7 * i) % 100 for i in range(259)]]  # decodes past position 256: the second graph
+    alone = Engine(model, max_batch=4, max_seq_len=300).generate(long, params)
+    assert [r.output for r in engine.generate(long, params)] == [r.output for r in alone]
 
 
 def test_prefill_together_with_padding_equals_alone(model):

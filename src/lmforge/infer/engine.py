@@ -143,8 +143,9 @@ class Engine:
     `QueueFull` beyond it). A step prefills chunks until `prefill_budget` prompt tokens (default
     one chunk's worth), so long prompts do not stall the running sequences. `compile` compiles
     the decode step with torch.compile over a fixed batch of all slots and one of `span_buckets`
-    key lengths (static shapes; on CUDA "reduce-overhead", i.e. captured in CUDA graphs), all of
-    them when the engine is built.
+    key lengths (static shapes), all of them when the engine is built. On CUDA each is then
+    captured in a CUDA graph: `graphs="capture"` captures and replays them by hand
+    (`CapturedDecode`), `graphs="trees"` leaves it to torch.compile's "reduce-overhead" mode.
     """
 
     def __init__(
@@ -157,10 +158,13 @@ class Engine:
         max_waiting: int | None = None,
         compile: bool = False,
         prefill_budget: int | None = None,
+        graphs: str = "capture",
     ) -> None:
         if model.config.arch != "decoder":
             raise UserError(f"the engine runs decoder-only models; this checkpoint is an {model.config.arch} model "
                             "(use lmforge.infer.generate_tokens or beam_search for an encoder-decoder)")
+        if graphs not in ("capture", "trees"):
+            raise UserError(f"graphs must be capture or trees, got {graphs!r}")
         if max_batch < 1 or prefill_chunk < 1 or (max_seq_len is not None and max_seq_len < 2):
             raise UserError(f"max_batch and prefill_chunk must be >= 1 and max_seq_len >= 2, "
                             f"got {max_batch}, {prefill_chunk} and {max_seq_len}")
@@ -183,8 +187,9 @@ class Engine:
         self.prompt_mask: torch.Tensor | None = None
         self._ids = itertools.count()
         self.compiled = compile
-        self._decode = _decode_step
+        self._decode: Callable[[Transformer, torch.Tensor, torch.Tensor, object], torch.Tensor] = _decode_step
         self.spans = span_buckets(self.max_seq_len) if compile else []  # the key spans compiled for
+        self.graphs = graphs if compile and self.device.type == "cuda" else None
         if compile:
             self._spans = [self.cache.spanning(n) for n in self.spans]
             self._decode = self._compile()
@@ -417,8 +422,9 @@ class Engine:
     def _compile(self):
         """The decode step under torch.compile, for a fixed batch of all slots.
 
-        On CUDA it is captured in CUDA graphs ("reduce-overhead"); the cache buffers are marked
-        static so that the graphs may write them in place. On CPU the generated code is called
+        On CUDA it is captured in CUDA graphs: by `CapturedDecode`, or with "trees" by
+        torch.compile's "reduce-overhead", the cache buffers marked static so that the graphs may
+        write them in place. On CPU the generated code is called
         through inductor's C++ wrapper: at one token per row, a Python wrapper that checks and
         reinterprets every buffer costs as much as the model (0.15 against 0.12 ms per step for
         `tiny`, see README).
@@ -428,22 +434,70 @@ class Engine:
         must not push another's out.
         """
         step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, _decode_step.__name__)
-        if self.device.type == "cuda":
+        if self.graphs == "trees":
             mark = getattr(torch._dynamo, "mark_static_address", None)
             if mark is not None:
                 for t in self.cache.k + self.cache.v:
                     mark(t)
             return torch.compile(step, mode="reduce-overhead", dynamic=False)
+        if self.graphs == "capture":
+            return torch.compile(step, dynamic=False)  # captured by CapturedDecode in _warm_up
         return torch.compile(step, dynamic=False, options={"cpp_wrapper": True})
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
         """Compile (and on CUDA capture) the decode step for every span now rather than inside a
         request. Every slot writes a key at position 0, which its prefill overwrites before anything reads it."""
+        if self.graphs == "capture":
+            self._decode = CapturedDecode(self._decode, self.model, self._spans, self.max_batch, self.device)
+            return
         tokens, start = torch.zeros(2, self.max_batch, dtype=torch.long, device=self.device).unbind()  # as in _decode_all
         for cache in self._spans:
             for _ in range(3):  # CUDA graph trees record on the second call and replay from the third
                 self._decode(self.model, tokens, start, cache)
+
+
+class CapturedDecode:
+    """A compiled decode step captured in one CUDA graph per key span, replayed by hand.
+
+    torch.compile's own CUDA graphs ("reduce-overhead") pay host time at every call: dynamo
+    evaluates its guards, which cover every parameter of the model, and the graph-tree wrapper
+    checks every input. On the CPU, `bench/decode.py --profile` puts the guards' lookup at 0.38 ms
+    per step for GPT-2 124M (README, Serving); on a GPU its whole decode step should take a
+    fraction of a millisecond, so that host time would not be hidden. A replay is one call.
+    SGLang and vLLM capture their compiled forwards the same way.
+
+    The token and position inputs are copied into static buffers, and the logits come back in the
+    graph's static output, valid until the next call (the engine samples from it first). All
+    graphs share one memory pool: they never run at the same time.
+    """
+
+    def __init__(self, step: Callable, model: Transformer, spans: list, max_batch: int, device: torch.device) -> None:
+        self.tokens = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.start = torch.zeros(max_batch, dtype=torch.long, device=device)
+        # Compile and run each span once away from the capture, on a side stream, as capture requires.
+        # Every slot writes a key at position 0, which its prefill overwrites before anything reads it.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for cache in spans:
+                for _ in range(2):
+                    step(model, self.tokens, self.start, cache)
+        torch.cuda.current_stream(device).wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        for cache in spans:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = step(model, self.tokens, self.start, cache)
+            self.graphs[cache.span] = (graph, logits)
+
+    def __call__(self, model: Transformer, tokens: torch.Tensor, start: torch.Tensor, cache) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.start.copy_(start)
+        graph, logits = self.graphs[cache.span]
+        graph.replay()
+        return logits
 
 
 class QueueFull(UserError):
