@@ -118,3 +118,11 @@ def test_a_failing_comparison_is_reported_and_the_own_row_still_comes_out(monkey
                               "--new-tokens", "4", "--device", "cpu", "--threads", "1", "--compare-hf", "--repeat", "2")
     assert ours["what"] == "lmforge engine" and ours["tokens_per_s"] > 0
     assert (failed["what"], failed["failed"]) == ("transformers generate", "RuntimeError: boom")
+
+
+def test_sampling_bench_times_both_ways_and_they_keep_the_same_tokens(trained_run):
+    rows = run_bench("bench/sampling.py", "--batch", "4", "--vocab", "3000", "--repeat", "2", "--device", "cpu")
+    rows += run_bench("bench/sampling.py", "--checkpoint", str(trained_run.checkpoint), "--batch", "8", "--repeat", "2", "--device", "cpu")
+    assert len(rows) == 10 and {r["logits"] for r in rows} == {"random", "checkpoint"}
+    assert all(r["ms"] > 0 and r["reference_ms"] > 0 for r in rows)
+    assert all(r["same_kept_tokens"] in (True, None) for r in rows) and rows[0]["same_kept_tokens"] is None

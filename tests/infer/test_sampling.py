@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from lmforge.infer.sampling import SamplingParams, apply_penalties, filter_logits, sample_rows
+from lmforge.infer import sampling
+from lmforge.infer.sampling import SamplingParams, apply_penalties, draw, filter_logits, sample_rows
 from lmforge.utils.errors import UserError
 
 
@@ -51,17 +52,43 @@ def test_penalties_match_the_naive_formula():
         torch.testing.assert_close(got[b], torch.tensor(expected))
 
 
+SETTINGS = [(0, 1.0, 0.0), (3, 1.0, 0.0), (0, 0.6, 0.0), (0, 1.0, 0.2), (5, 0.8, 0.05), (1, 0.3, 0.9), (40, 0.95, 0.0),
+            (0, 0.99, 0.0), (0, 1.0, 0.001), (12, 0.9, 0.0)]
+
+
+@pytest.mark.parametrize("candidates", [1024, 8])
 @pytest.mark.parametrize("seed", range(5))
-def test_filters_match_the_naive_reference(seed):
+def test_filters_match_the_naive_reference(seed, candidates, monkeypatch):
+    """With 8 candidates on 60 tokens, rows whose kept prefix fits in the ranked tokens take the
+    top-k path and the others the full sort: either way the naive reference's set. Scales 0.3 to
+    4 give flat and peaked rows, and a copy of row 1 with ties at its 3rd logit tests ties."""
+    monkeypatch.setattr(sampling, "CANDIDATES", candidates)
     torch.manual_seed(seed)
-    settings = [(0, 1.0, 0.0), (3, 1.0, 0.0), (0, 0.6, 0.0), (0, 1.0, 0.2), (5, 0.8, 0.05), (1, 0.3, 0.9), (40, 0.95, 0.0)]
-    logits = torch.randn(len(settings), 20) * 2
-    col = lambda i, dtype: torch.tensor([s[i] for s in settings], dtype=dtype)
-    got = filter_logits(logits, col(0, torch.long), col(1, torch.float32), col(2, torch.float32))
-    for b, (k, p, m) in enumerate(settings):
-        kept = {t for t in range(20) if got[b, t] > float("-inf")}
-        assert kept == naive_filter(logits[b].tolist(), k, p, m), (k, p, m)
-        assert torch.equal(got[b][list(kept)], logits[b][list(kept)])  # kept logits are untouched
+    V = 60
+    logits = torch.randn(len(SETTINGS), V) * torch.linspace(0.3, 4.0, len(SETTINGS))[:, None]
+    logits[1, torch.randperm(V)[:4]] = logits[1].sort(descending=True).values[2]  # 5 tokens tie for 3rd
+    for settings, rows in ((SETTINGS, logits), (SETTINGS[::-1], logits.flip(0))):
+        col = lambda i, dtype: torch.tensor([s[i] for s in settings], dtype=dtype)
+        got = filter_logits(rows, col(0, torch.long), col(1, torch.float32), col(2, torch.float32))
+        for b, (k, p, m) in enumerate(settings):
+            kept = {t for t in range(V) if got[b, t] > float("-inf")}
+            assert kept == naive_filter(rows[b].tolist(), k, p, m), (k, p, m)
+            assert torch.equal(got[b][list(kept)], rows[b][list(kept)])  # kept logits are untouched
+
+
+def test_every_token_tied_with_the_kth_stays_even_past_the_ranked_ones():
+    logits = torch.tensor([[5.0, 1.0, 3.0, 3.0, 0.0, 3.0, 3.0, 3.0, 2.0]])  # top_k 2 ranks 2 tokens; 5 tie for 2nd
+    got = filter_logits(logits, torch.tensor([2]), torch.tensor([1.0]), torch.tensor([0.0]))
+    assert (got[0] > float("-inf")).nonzero()[:, 0].tolist() == [0, 2, 3, 5, 6, 7]
+
+
+def test_draws_follow_the_distribution_and_never_pick_a_dropped_token():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([draw(probs, [g, g]) for _ in range(4000)])  # (4000, 2)
+    assert set(draws[:, 1].tolist()) == {5} and set(draws[:, 0].tolist()) == {1, 3, 4}
+    shares = torch.bincount(draws[:, 0], minlength=6).float() / 4000
+    torch.testing.assert_close(shares, probs[0], atol=0.025, rtol=0)
 
 
 def test_greedy_rows_take_the_argmax_and_logprobs_are_raw():

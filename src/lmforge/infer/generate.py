@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from lmforge.infer.sampling import filter_logits
+from lmforge.infer.sampling import draw, filter_logits
 from lmforge.model import KVCache, Transformer
 from lmforge.utils.errors import UserError
 
@@ -42,8 +42,7 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     if cfg.top_k or cfg.top_p < 1.0:
         full = lambda value, dtype: torch.full((logits.size(0),), value, dtype=dtype, device=logits.device)
         logits = filter_logits(logits, full(cfg.top_k, torch.long), full(cfg.top_p, torch.float32), full(0.0, torch.float32))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(torch.softmax(logits, dim=-1), [generator] * logits.size(0))
 
 
 def prefill(model: Transformer, idx: torch.Tensor, cache: KVCache | None, **memory) -> torch.Tensor:

@@ -103,21 +103,81 @@ def apply_penalties(
     return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
 
 
+CANDIDATES = 1024  # tokens ranked for a row without top-k; the nucleus of a trained model's next token fits
+
+
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Temperature-scaled logits (B, V) with the tokens outside top-k, top-p and min-p set to -inf.
 
     top_k (B,) 0 keeps all; tokens tied with the k-th stay. top-p drops a token when the tokens
     ranked above it already hold top_p of the (top-k renormalised) mass, so the first always stays
     (Holtzman et al. 2019). min-p drops tokens below min_p times the most likely one (Nguyen et al. 2024).
+
+    Each filter keeps a prefix of the tokens ranked by logit, so only the top k (or, without
+    top-k, the top `CANDIDATES`) are ranked: a full sort of 32 rows of GPT-2's 50,257 logits took
+    115 ms on this project's CPU, their top 50 2.5 ms. A row whose prefix may reach past the
+    ranked tokens (a flat distribution under top-p, ties at the k-th) is filtered through a full
+    sort instead, so the result is always the same.
     """
     V = logits.size(-1)
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
     k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
+    limited = k < V
+    # Rows that filter rank their top k, or without top-k the top CANDIDATES; rows that do not filter need none.
+    ranked = torch.where(limited, k, torch.full_like(k, CANDIDATES))
+    m = min(V, int(torch.where(limited | (top_p < 1.0) | (min_p > 0.0), ranked, torch.ones_like(k)).max()))
+    if m >= V:
+        return _filter_sorted(logits, k, top_p, min_p)
+    vals, order = logits.topk(m, dim=-1)  # (B, m), descending
+    kth = torch.where(limited, vals.gather(1, (k.clamp(max=m) - 1)[:, None])[:, 0], float("-inf"))[:, None]
+    drop = vals < kth
+    top = vals[:, :1]
+    # Normalised over every token top-k keeps in the whole vocabulary, not only the ranked ones.
+    z = torch.where(logits >= kth, (logits - top).exp(), 0.0).sum(-1, keepdim=True)
+    probs = torch.where(drop, 0.0, (vals - top).exp() / z)
+    # The unranked tokens are dropped when top-k cuts inside the ranked ones (no tie past them),
+    # top-p's mass is reached inside them, or min-p drops the last of them already.
+    ties_past = (logits >= kth).sum(-1) > (vals >= kth).sum(-1)
+    past_dropped = torch.where(limited, ~ties_past, (probs.sum(-1) > top_p) | (probs[:, -1] < min_p * probs[:, 0]))
+    unfiltered = ~limited & (top_p >= 1.0) & (min_p <= 0.0)
+    drop |= probs.cumsum(dim=-1) - probs > top_p[:, None]
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    kept = torch.full_like(logits, float("-inf")).scatter(1, order, vals.masked_fill(drop, float("-inf")))
+    kept = torch.where(unfiltered[:, None], logits, kept)
+    rows = (~past_dropped & ~unfiltered).nonzero()[:, 0]
+    if len(rows):  # the full sort, for those rows only
+        kept[rows] = _filter_sorted(logits[rows], k[rows], top_p[rows], min_p[rows])
+    return kept
+
+
+def _filter_sorted(logits: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """`filter_logits` over a full sort of each row (k: top-k with 0 made V)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
     drop = sorted_logits < sorted_logits.gather(1, (k - 1)[:, None])
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     drop |= probs.cumsum(dim=-1) - probs > top_p[:, None]
     drop |= probs < min_p[:, None] * probs[:, :1]
     return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of `probs` (B, V), each row by the inverse of its cumulative distribution
+    at one uniform number, which a row with a generator draws from it alone.
+
+    `torch.multinomial` draws an exponential variate per token instead: 33 ms for 32 rows of
+    50,257 tokens on this project's CPU, against 2.7 ms here.
+    """
+    B, V = probs.shape
+    dev = probs.device
+    if all(g is generators[0] for g in generators):
+        u = torch.rand(B, dtype=torch.float64, device=dev, generator=generators[0])
+    else:
+        u = torch.rand(B, dtype=torch.float64, device=dev)
+        for b, g in enumerate(generators):
+            if g is not None:
+                u[b] = torch.rand(1, dtype=torch.float64, device=dev, generator=g)[0]
+    cdf = probs.double().cumsum(dim=-1)
+    # right=True: the first token whose cumulative mass exceeds u * total, never one of zero mass.
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=V - 1)
 
 
 @dataclass
@@ -152,17 +212,17 @@ def sample_rows(
             raise ValueError("penalties need the generated-token counts and the prompt mask")
         x = apply_penalties(x, counts.to(x.dtype), prompt_mask, col("repetition_penalty"), col("presence_penalty"),
                             col("frequency_penalty"))
-    tokens = x.argmax(dim=-1)
     sampled = [b for b, p in enumerate(params) if not p.greedy]
+    tokens = x.argmax(dim=-1) if len(sampled) < len(params) else torch.empty(len(params), dtype=torch.long, device=dev)
     if sampled:
-        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
+        chosen = [params[b] for b in sampled]
+        of = lambda name, dtype=torch.float32: torch.tensor([getattr(p, name) for p in chosen], dtype=dtype, device=dev)
+        x = x if len(sampled) == len(params) else x[sampled]
         # Extreme penalties or temperatures can overflow: +inf becomes the largest float, NaN is dropped.
-        x = (x / temperature[:, None]).nan_to_num(nan=float("-inf"), posinf=torch.finfo(x.dtype).max)
-        if any(params[b].filtered for b in sampled):
-            x = filter_logits(x, col("top_k", torch.long), col("top_p"), col("min_p"))
-        probs = torch.softmax(x, dim=-1)
-        for b in sampled:
-            tokens[b] = torch.multinomial(probs[b], 1, generator=generators[b])[0]
+        x = (x / of("temperature")[:, None]).nan_to_num(nan=float("-inf"), posinf=torch.finfo(x.dtype).max)
+        if any(p.filtered for p in chosen):
+            x = filter_logits(x, of("top_k", torch.long), of("top_p"), of("min_p"))
+        tokens[sampled] = draw(torch.softmax(x, dim=-1), [generators[b] for b in sampled])
     choice = Choice(tokens)
     want = [p.logprobs for p in params if p.logprobs is not None]
     if want:
