@@ -76,3 +76,43 @@ def test_failed_save_leaves_nothing(tmp_path, tokenizer_dir):
     with pytest.raises(RuntimeError):
         save_checkpoint(tmp_path / "ckpt", model, Boom(tok.hf))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_config_with_other_shapes_than_the_weights(saved):
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model"]["n_embd"] *= 2  # every tensor's shape differs: not "corrupt", inconsistent
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"does not match config.json \(size mismatch for .*, and \d+ more\)"):
+        load_model(path)
+
+
+def test_config_with_values_of_the_wrong_type(saved):
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "model": {**cfg["model"], "n_head": "four"}}))
+    with pytest.raises(UserError, match="model.n_head is 'four'; it must be int"):
+        load_model(path)
+    (path / "config.json").write_text(json.dumps({**cfg, "model": [1, 2]}))
+    with pytest.raises(UserError, match="must map field names to values, got a list"):
+        load_model(path)
+
+
+def test_checkpoint_without_its_tokenizer(saved):
+    _, path = saved
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="tokenizer.json is missing; the checkpoint is incomplete"):
+        load_model(path)
+
+
+def test_save_refuses_to_replace_what_is_not_a_checkpoint(saved, tmp_path):
+    model, path = saved
+    tok = Tokenizer.load(path)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    (tmp_path / "file").write_text("keep me too")
+    for target in (tmp_path / "notes", tmp_path / "file"):
+        with pytest.raises(UserError, match="exists and is not a checkpoint directory"):
+            save_checkpoint(target, model, tok)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me" and (tmp_path / "file").read_text() == "keep me too"
+    save_checkpoint(path, model, tok)  # an earlier checkpoint is replaced, as before

@@ -194,3 +194,61 @@ def test_a_reader_that_goes_away_stops_the_output_quietly(trained_run):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "Error" not in err, err
+
+
+def test_outputs_in_the_way(capsys, trained_run, corpus_file, tokenizer_dir, data_dir, tmp_path):
+    (tmp_path / "file.txt").write_text("keep me")
+    fails_with(capsys, "file.txt is a file", "tokenizer", "train", corpus_file, "--vocab-size", 300, "--out", tmp_path / "file.txt")
+    fails_with(capsys, "file.txt is a file", "tokenizer", "train", corpus_file, "--out", tmp_path / "file.txt" / "tok")
+    fails_with(capsys, "file.txt is a file", "pretrain", "--data", data_dir, "--out", tmp_path / "file.txt", "--model.preset", "tiny",
+               "--train.device", "cpu")
+    # Replacing a directory that is not an earlier output of the verb would lose the user's files.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    assert run(capsys, "export", "hf", trained_run.out, "--out", tmp_path / "hf")[0] == 0
+    fails_with(capsys, "notes exists and is not a checkpoint directory", "import", "hf", tmp_path / "hf", "--out", tmp_path / "notes")
+    fails_with(capsys, "notes exists and is not a model directory", "export", "hf", trained_run.out, "--out", tmp_path / "notes")
+    (tmp_path / "a.txt").write_text("one\ntwo\n")
+    fails_with(capsys, "notes exists and is not a prepared data directory", "prepare", tmp_path / "a.txt", "--target",
+               tmp_path / "a.txt", "--tokenizer", tokenizer_dir, "--out", tmp_path / "notes")
+    fails_with(capsys, "is a directory; pass the path of the JSONL file", "predict", trained_run.out, "--data", tmp_path / "a.txt",
+               "--out", tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me" and (tmp_path / "file.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "file.txt", "hf", "notes"]
+
+
+def test_numbers_out_of_range(capsys, trained_run, corpus_file, tmp_path):
+    fails_with(capsys, "min_frequency must be >= 0", "tokenizer", "train", corpus_file, "--min-frequency", -1, "--out", tmp_path / "t")
+    fails_with(capsys, "batch_size must be >= 1, got 0", "eval", trained_run.out, "--data", corpus_file, "--batch-size", 0)
+    fails_with(capsys, "batch_size must be >= 1, got -2", "eval", trained_run.out, "--data", corpus_file, "--batch-size", -2)
+    fails_with(capsys, "max_new_tokens must be >= 0, got -1", "generate", trained_run.out, "--max-new-tokens", -1)
+    fails_with(capsys, "--max-new-tokens must be >= 1, got 0", "chat", trained_run.out, "--max-new-tokens", 0)
+    fails_with(capsys, "--doc-stride must be >= 0", "finetune", trained_run.out, "--task", "qa", "--data", tmp_path / "q.json",
+               "--out", tmp_path / "ft", "--doc-stride", -1)
+    assert not (tmp_path / "t").exists() and not (tmp_path / "ft").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_on_a_cpu_machine_names_the_verbs_option(capsys, trained_run):
+    fails_with(capsys, "use the cpu device (--device cpu", "generate", trained_run.out, "--device", "cuda")
+
+
+def test_config_files_that_are_empty_or_binary(capsys, tmp_path):
+    (tmp_path / "empty.yaml").write_text("")
+    fails_with(capsys, "empty.yaml is empty", "pretrain", "--config", tmp_path / "empty.yaml", "--data", "d", "--out", "o")
+    (tmp_path / "bin.yaml").write_bytes(b"\x80\x81train: 1")
+    fails_with(capsys, "bin.yaml is not UTF-8 text", "pretrain", "--config", tmp_path / "bin.yaml", "--data", "d", "--out", "o")
+    fails_with(capsys, "bin.yaml is not UTF-8 text", "finetune", "c", "--config=" + str(tmp_path / "bin.yaml"), "--task", "tag",
+               "--data", "d", "--out", "o")
+
+
+def test_serve_on_a_port_in_use_or_a_foreign_host(capsys, trained_run):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        fails_with(capsys, f"port {port} on 127.0.0.1 is already in use", "serve", trained_run.out, "--port", port)
+    fails_with(capsys, "cannot listen on 192.0.2.1", "serve", trained_run.out, "--host", "192.0.2.1", "--port", 0)
+    fails_with(capsys, "--threads must be >= 1", "serve", trained_run.out, "--threads", -1)

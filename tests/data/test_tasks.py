@@ -61,7 +61,7 @@ def test_sst2_with_header_and_unlabelled_test():
     assert [(e.text, e.label) for e in dev[:50]] == [(r.split("\t")[0].strip(), r.split("\t")[1]) for r in raw[:50]]
     assert dev[0].where == f"{SST2 / 'dev.tsv'}:2"
     # test.tsv is "index\tsentence": unlabelled, which is an error unless asked for.
-    user_error(read_classification, SST2 / "test.tsv", names=[f"{SST2 / 'test.tsv'}:1", "label", "require_labels"])
+    user_error(read_classification, SST2 / "test.tsv", names=[f"{SST2 / 'test.tsv'}:1", "label", "require_labels", "--label-field NAME", "lmforge predict"])
     test = read_classification(SST2 / "test.tsv", require_labels=False)
     assert len(test) == 1821 and all(e.label is None for e in test)
     assert test[0].text == "uneasy mishmash of styles and genres ."

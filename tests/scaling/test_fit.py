@@ -194,6 +194,7 @@ def test_fit_with_nothing_to_fit(tmp_path):
     [
         ({"approaches": ["approach4"]}, r"approaches must be a non-empty subset of \['kaplan', 'approach1'"),
         ({"n_bootstrap": 1}, "n_bootstrap must be 0 .* or >= 2"),
+        ({"level": 95}, r"bootstrap level must be in \(0, 1\), got 95"),  # not a silent "skipped" in fit.json
     ],
 )
 def test_fit_bad_options(tmp_path, kwargs, message):

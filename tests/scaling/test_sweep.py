@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -71,12 +72,23 @@ def test_sweep_writes_rows_and_resumes(tmp_path, data_dir):
         ("sizes: [-5]\ntokens: [1e6]\n", "positive numbers"),
         ("sizes: [1e5]\ntokens: [1e6]\nwidth: 3\n", "unknown key"),
         ("sizes: [1e5\n", "not valid YAML"),
+        ("sizes: [1e5]\ntokens: [1e6]\naspect_ratio: wide\n", "`aspect_ratio` must be a number > 0, got 'wide'"),
+        ("sizes: [1e5]\ntokens: [1e6]\nhead_size: 0.5\n", "`head_size` must be a whole number > 0"),
+        ("sizes: [1e5]\ntokens: [1e6]\nmodel: {context_length: long}\n", "model.context_length is 'long'; it must be int"),
     ],
 )
 def test_bad_grids(tmp_path, text, match):
     (tmp_path / "g.yaml").write_text(text)
-    with pytest.raises(UserError, match=match):
+    with pytest.raises(UserError, match=re.escape(match)):
         plan_runs(load_grid(tmp_path / "g.yaml"))
+
+
+def test_grid_file_that_is_not_yaml_text(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(b"\x80\x81sizes")
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        load_grid(tmp_path / "binary.yaml")
+    with pytest.raises(UserError, match="is a directory"):
+        load_grid(tmp_path)
 
 
 @pytest.mark.slow

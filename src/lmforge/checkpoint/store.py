@@ -16,7 +16,7 @@ from lmforge.config import ModelConfig
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_dir, atomic_write_json, read_json
+from lmforge.utils.fs import atomic_dir, atomic_write_json, check_replaceable, read_json
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -49,6 +49,7 @@ def save_checkpoint(
     that belong to the same atomic checkpoint (the trainer's sharded `dcp/` directory).
     """
     path = Path(path)
+    check_replaceable(path, "config.json", "a checkpoint directory")  # `path` is replaced wholesale
     with atomic_dir(path) as tmp:
         atomic_write_json(tmp / "config.json", {"format": FORMAT, "model": model.config.to_dict()})
         st_save_model(model, str(tmp / "model.safetensors"))
@@ -96,6 +97,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not isinstance(config, dict) or config.get("format") != FORMAT or "model" not in config:
         raise UserError(f"{path / 'config.json'} is not an lmforge checkpoint config (format {FORMAT}); re-export it")
     model_config = ModelConfig.from_dict(config["model"])
+    if not (path / "tokenizer.json").is_file():
+        raise UserError(f"{path / 'tokenizer.json'} is missing; the checkpoint is incomplete: copy in the tokenizer.json "
+                        "it was trained with (its data directory has one), or use another checkpoint")
     tokenizer = Tokenizer.load(path)
     state_file = path / "trainer_state.json"
     trainer_state = read_json(state_file, _CKPT_FIX) if state_file.exists() else None
@@ -112,7 +116,16 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
         raise UserError(f"{weights} is missing; the checkpoint is incomplete, use another step or retrain")
     try:
         missing, unexpected = st_load_model(model, str(weights), strict=False, device=str(device))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+    except RuntimeError as e:
+        mismatch = [line.strip() for line in str(e).splitlines() if line.strip().startswith("size mismatch")]
+        if not mismatch:
+            raise UserError(f"{weights} is corrupt ({_first_line(e)}); use another checkpoint or retrain") from None
+        more = f", and {len(mismatch) - 1} more" if len(mismatch) > 1 else ""
+        raise UserError(
+            f"{weights} does not match config.json ({mismatch[0].rstrip('.')}{more}); "
+            "the checkpoint is inconsistent: restore its config.json or re-save it"
+        ) from None
+    except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{weights} is corrupt ({_first_line(e)}); use another checkpoint or retrain") from None
     if missing or unexpected:
         raise UserError(

@@ -204,6 +204,8 @@ def _importer(convert: Callable[..., Any]) -> Callable[[Namespace], dict[str, An
 
 
 def chat_cmd(args: Namespace) -> None:
+    if args.max_new_tokens < 1:  # else every turn would end before its first token
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     lm = load(args.checkpoint, device=args.device, dtype=args.dtype)
     session = ChatSession(lm, system=args.system, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed)

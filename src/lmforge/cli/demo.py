@@ -50,6 +50,8 @@ def run_demo(
     say: Callable[..., None] = print,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
+    # max_steps 0 is an error TrainConfig reports, not the default recipe; checked before any work is done.
+    train = TRAIN.replace(device=device, max_steps=TRAIN.max_steps if max_steps is None else max_steps)
     out = Path(out)
     corpus = corpus_path()
     if (out / "run").exists():
@@ -59,7 +61,6 @@ def run_demo(
     say("[2/5] prepare: tokenize, last 10% of the text held out for validation")
     prepare([corpus], out / "tokenizer", out / "data", val_fraction=0.1)
     say("[3/5] pretrain")
-    train = TRAIN.replace(device=device, max_steps=max_steps or TRAIN.max_steps)
     run = pretrain(out / "data", out / "run", MODEL, train, log=say)
     say("[4/5] evaluate on the whole validation split")
     ev = evaluate_lm(run.checkpoint, out / "data", split="val", device=device)

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from argparse import ArgumentError
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
@@ -278,10 +279,31 @@ def _config_key(arg: str) -> str:
     return "--" + key[2:].replace("-", "_") + eq + value
 
 
+def _check_config_files(argv: Sequence[str]) -> None:
+    """A `--config` file that jsonargparse would fail on with a traceback (not UTF-8) or a bare
+    "Unexpected config" (empty): one line naming the file."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = Path(argv[i + 1])
+        elif arg.startswith("--config="):
+            path = Path(arg.partition("=")[2])
+        else:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"--config {path} is not UTF-8 text; pass a YAML file") from None
+        except OSError:
+            continue  # a missing file, a directory or inline YAML: jsonargparse says what is wrong
+        if not text.strip():
+            raise UserError(f"--config {path} is empty; write YAML keys into it (e.g. `train: {{max_steps: 100}}`) or drop --config")
+
+
 def parse(argv: Sequence[str]) -> Namespace:
     """Parse argv; a model preset (from the command line or a YAML file) becomes the defaults
     that explicit `--model.*` values override."""
     argv = [_config_key(a) for a in argv]
+    _check_config_files(argv)
     ns = build_parser().parse_args(list(argv))
     if ns.verb == "pretrain" and ns.pretrain.model.preset:
         name = ns.pretrain.model.preset

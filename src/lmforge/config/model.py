@@ -21,6 +21,10 @@ TaskHead = Literal["none", "classify", "tag", "span"]
 # Linear layers LoRA can adapt, by the names PEFT users know: slices of the fused attention
 # projections (q, k, v), the attention output (o) and the MLP (gate and up are slices of `fc`).
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# The Python types a JSON/YAML value may have for each scalar field annotation (an int is a valid float).
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "int | None": (int, type(None)), "float": (int, float), "bool": (bool,), "str | None": (str, type(None)),
+}
 
 
 @dataclass
@@ -220,12 +224,19 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise UserError(f"a model config must map field names to values, got a {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise UserError(
                 f"unknown model config key(s) {unknown}; valid keys are {sorted(names)}"
             )
+        for f in dataclasses.fields(cls):  # JSON and YAML values arrive untyped; the CLI's are checked by its parser
+            kinds = _SCALAR_TYPES.get(str(f.type))
+            value = d.get(f.name, f.default)
+            if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+                raise UserError(f"model.{f.name} is {value!r}; it must be {f.type}")
         return cls(**d)
 
     def replace(self, **changes: Any) -> "ModelConfig":

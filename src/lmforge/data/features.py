@@ -122,7 +122,8 @@ class TaskFormat:
         if self.repeat:  # head window <eot> head window
             room = (self.max_length - 2 * len(head) - 1) // 2
         if room < 4:
-            raise UserError(f"max_length {self.max_length} leaves no room for the context after the question; raise it")
+            raise UserError(f"a window of {self.max_length} tokens (the model's context, or --train.seq_len) leaves no room "
+                            f"for the context after a {len(q_ids)}-token question; use a model with a longer context")
         step = room - min(stride, room // 2)  # overlap `stride` tokens, but always advance by half a window
         answer_tokens: list[int] = []
         if answer is not None:

@@ -23,7 +23,7 @@ from lmforge.data.corpus import open_bytes
 from lmforge.model.losses import IGNORE_INDEX
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_dir, atomic_write_json, read_json
+from lmforge.utils.fs import atomic_dir, atomic_write_json, check_replaceable, read_json
 
 
 
@@ -77,6 +77,7 @@ def prepare_parallel(
     """Tokenize aligned source/target files into OUT; the last `val_fraction` of the pairs is validation."""
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction {val_fraction} is out of range; pass a value in [0, 1), e.g. 0.05")
+    check_replaceable(out, "meta.json", "a prepared data directory")  # `out` is replaced wholesale
     tok = Tokenizer.load(tokenizer)
     pairs = read_parallel(source, target)
     cut = len(pairs) - int(len(pairs) * val_fraction)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from lmforge.data.corpus import iter_documents, path_list, text_key
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_dir, atomic_write_json
+from lmforge.utils.fs import atomic_dir, atomic_write_json, check_replaceable
 
 FORMAT = 1
 SPLITS = ("train", "val")
@@ -95,9 +95,7 @@ def prepare(
     if shard_tokens < 1:
         raise UserError(f"shard_tokens {shard_tokens} must be positive; pass e.g. 100000000")
     out = Path(out)
-    if out.exists() and not (out / "meta.json").is_file() and (not out.is_dir() or any(out.iterdir())):
-        # `out` is replaced wholesale; refuse to replace anything that is not a data directory.
-        raise UserError(f"{out} exists and is not a prepared data directory; pass a new --out or remove it")
+    check_replaceable(out, "meta.json", "a prepared data directory")  # `out` is replaced wholesale
     tok = Tokenizer.load(tokenizer)
     sources = [str(p) for p in path_list(paths)]
 

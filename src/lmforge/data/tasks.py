@@ -187,7 +187,9 @@ def _pick(
     if key is None and (required or field):
         have = ", ".join(map(str, row)) or "none"
         wanted = " or ".join(repr(k) for k in candidates)
-        hint = f"pass {option}=NAME" + ("" if what != "label" else ", or require_labels=False for unlabelled data")
+        hint = f"name the column with --{option.replace('_', '-')} NAME ({option}=NAME)"
+        if what == "label":
+            hint += "; unlabelled data is for `lmforge predict` (require_labels=False)"
         raise UserError(f"{where}: no {what} column {wanted} (columns: {have}); {hint}")
     return key
 

@@ -33,6 +33,8 @@ def evaluate_lm(
     context_length (non-overlapping windows). `dtype` is the autocast precision (auto: bf16 on
     CUDA, fp32 on CPU); the weights stay fp32.
     """
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}; pass e.g. --batch-size 8")
     dev = resolve_device(device)
     amp = autocast_dtype(dev, dtype)
     model, ckpt = load_model(checkpoint, dev)

@@ -78,6 +78,8 @@ def finetune(
         raise UserError(f"--task {task} fine-tunes {' or '.join(_ARCHS[task])} models, but {ckpt.path} is an {cfg.arch}")
     if cfg.lora is not None:
         raise UserError(f"{ckpt.path} holds LoRA adapters; fold them in first with `lmforge merge-lora {ckpt.path} --out DIR`")
+    if doc_stride < 0:
+        raise UserError(f"--doc-stride must be >= 0 (tokens of overlap between QA windows), got {doc_stride}")
     if repeat_input and task not in ("tag", "qa"):
         raise UserError(f"--repeat-input helps a decoder see the right context in tag and qa; {task} does not use it")
     max_length = min(train.seq_len or cfg.context_length, cfg.context_length)

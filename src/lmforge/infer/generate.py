@@ -81,6 +81,8 @@ def generate_tokens(
     T, ctx = idx.size(1), model.config.context_length
     if T == 0:
         raise UserError("the prompt is empty; give at least one token of text")
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if T > ctx:
         raise UserError(f"the prompt is {T} tokens, longer than the model's context of {ctx}; shorten the prompt")
     generator = None

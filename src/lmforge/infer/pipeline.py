@@ -29,7 +29,7 @@ from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.device import inference_dtype, resolve_device
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_write_text
+from lmforge.utils.fs import atomic_write_text, ensure_dir
 
 
 class Pipeline:
@@ -275,6 +275,9 @@ def predict(
 ) -> int:
     """Run `checkpoint` over the examples of `data` and write one JSON object per example to `out`
     (atomically); returns the number written. Labels in the data are not needed (GLUE test files)."""
+    if Path(out).is_dir():  # found now, not after every prediction is made
+        raise UserError(f"--out {out} is a directory; pass the path of the JSONL file to write, e.g. {Path(out) / 'predictions.jsonl'}")
+    ensure_dir(Path(out).parent)
     pipe = pipeline(task, checkpoint, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens,
                     max_answer_length=max_answer_length, num_beams=num_beams, length_penalty=length_penalty, dtype=dtype)
     examples = read_examples(pipe.task, data, target, text_field=text_field, label_field=label_field,

@@ -20,7 +20,7 @@ from lmforge.config import ModelConfig
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_dir, atomic_write_json, read_json
+from lmforge.utils.fs import atomic_dir, atomic_write_json, check_replaceable, read_json
 
 Tensors = dict[str, torch.Tensor]
 _HF_FIX = "pass a Hugging Face model directory (re-download it if it is damaged)"
@@ -330,6 +330,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     hf_config = config_to_hf(config, ckpt.tokenizer)
     tensors = state_dict_to_hf(config, model.state_dict())
     out = Path(out)
+    check_replaceable(out, "config.json", "a model directory")  # `out` is replaced wholesale
     with atomic_dir(out) as tmp:
         atomic_write_json(tmp / "config.json", hf_config)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -371,6 +371,8 @@ def fit(
         raise UserError(f"approaches must be a non-empty subset of {list(APPROACHES)}, got {list(names)}")
     if n_bootstrap < 0 or n_bootstrap == 1:
         raise UserError(f"n_bootstrap must be 0 (no intervals) or >= 2, got {n_bootstrap}")
+    if n_bootstrap and not 0 < level < 1:  # else every approach's intervals would be skipped, silently
+        raise UserError(f"bootstrap level must be in (0, 1), got {level}; 0.95 gives 95% intervals")
     result: dict[str, Any] = {"results": str(directory / RESULTS), "runs": len(runs)}
     for name in names:
         fn = _FITS[name]

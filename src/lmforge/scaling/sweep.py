@@ -45,7 +45,7 @@ from lmforge.scaling.counting import flops
 from lmforge.scaling.runs import RESULTS
 from lmforge.train import Interrupted, pretrain
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_write_text
+from lmforge.utils.fs import atomic_write_text, ensure_dir
 
 
 @dataclass
@@ -74,6 +74,9 @@ def load_grid(path: str | Path) -> Grid:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"grid file {path} does not exist; write one (see `lmforge scaling sweep --help`)") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        reason = "a directory" if isinstance(e, IsADirectoryError) else "not UTF-8 text"
+        raise UserError(f"grid file {path} is {reason}; pass a YAML file (see `lmforge scaling sweep --help`)") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(raw, dict):
@@ -95,8 +98,12 @@ def load_grid(path: str | Path) -> Grid:
             setattr(grid, key, values)
         if values is not None and (not values or any(not isinstance(v, (int, float)) or v <= 0 for v in values)):
             raise UserError(f"{path}: `{key}` must be a non-empty list of positive numbers, got {values!r}")
-    if grid.aspect_ratio <= 0 or grid.head_size < 1 or grid.evals < 1:
-        raise UserError(f"{path}: aspect_ratio, head_size and evals must be positive")
+    grid.aspect_ratio = _number(grid.aspect_ratio)
+    for key, kinds in (("aspect_ratio", (int, float)), ("head_size", (int,)), ("evals", (int,))):
+        value = getattr(grid, key)
+        if not isinstance(value, kinds) or isinstance(value, bool) or value <= 0:
+            whole = "a whole number" if kinds == (int,) else "a number"
+            raise UserError(f"{path}: `{key}` must be {whole} > 0, got {value!r}")
     return grid
 
 
@@ -123,7 +130,7 @@ def shape_for(target: float, grid: Grid) -> ModelConfig:
             f"parameters (nearest: {layers} layers x {width} wide = {actual:.3g}); change the size, head_size or aspect_ratio"
         )
     try:
-        return ModelConfig(**{**grid.model, "n_layer": layers, "n_embd": width, "n_head": width // hs})
+        return ModelConfig.from_dict({**grid.model, "n_layer": layers, "n_embd": width, "n_head": width // hs})
     except TypeError as e:
         raise UserError(f"grid `model`: {e}") from None
 
@@ -255,7 +262,7 @@ def _stopwatch(run_dir: Path, fn: Callable[[], Any]) -> tuple[Any, float]:
 
     def save() -> float:
         total = before + time.perf_counter() - t0
-        run_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(run_dir)
         atomic_write_text(path, json.dumps({"seconds": total}) + "\n")
         return total
 

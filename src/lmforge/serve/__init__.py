@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from pathlib import Path
 
+from lmforge.checkpoint import resolve_checkpoint
 from lmforge.serve.app import build_app
 from lmforge.serve.runner import EngineRunner
+from lmforge.utils.errors import UserError
 
 __all__ = ["EngineRunner", "build_app", "create_app", "serve"]
 
@@ -35,12 +39,30 @@ def create_app(
     return build_app(lm, engine, model_name=name, api_key=api_key, writes_per_step=writes_per_step)
 
 
+def check_listen(host: str, port: int) -> None:
+    """Bind `host:port` as uvicorn will (SO_REUSEADDR) and let go: a port in use or a host that is not
+    an address of this machine is a one-line UserError instead of uvicorn's log line and exit 3."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} on {host} is already in use; stop the server there or pass another --port") from None
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); check --host and --port") from None
+
+
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           threads: int | None = None, **kwargs) -> None:
     """Serve `checkpoint` until interrupted; `threads` sets torch's CPU threads; other keyword arguments as in `create_app`."""
     import torch
     import uvicorn
 
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}; leave it out for torch's choice")
+    resolve_checkpoint(checkpoint)  # a wrong path is reported first, as every verb does
+    check_listen(host, port)  # then a busy port, before the model loads
     if threads:
         torch.set_num_threads(threads)
 

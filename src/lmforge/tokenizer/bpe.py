@@ -82,6 +82,8 @@ class Tokenizer:
                 f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens); "
                 f"pass --vocab-size {MIN_VOCAB_SIZE} or more"
             )
+        if min_frequency < 0:
+            raise UserError(f"min_frequency must be >= 0, got {min_frequency}; pass e.g. --min-frequency 2")
         hf = tokenizers.Tokenizer(models.BPE())
         # add_prefix_space=False keeps the round trip exact: no space is invented before the text.
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -42,6 +42,7 @@ from lmforge.train.objectives import weighted_mean_loss
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.utils.device import autocast, autocast_dtype, compile_module, replays_cuda_graphs
 from lmforge.utils.errors import UserError
+from lmforge.utils.fs import ensure_dir
 
 Batch = dict[str, torch.Tensor]
 
@@ -150,7 +151,7 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
     val_batches = objective.val_batches(val_source, train.batch_size, train.eval_batches) if val_source is not None else None
 
     if world.main:
-        out.mkdir(parents=True, exist_ok=True)
+        ensure_dir(out)
     metrics = MetricsLog(out, tensorboard=train.tensorboard) if world.main else NoMetrics()
     if world.main and resume_from is not None and not metrics.path.exists() and (resume_from.path / "metrics.jsonl").exists():
         shutil.copyfile(resume_from.path / "metrics.jsonl", metrics.path)  # a checkpoint copied out of its run

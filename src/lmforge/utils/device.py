@@ -20,7 +20,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for but CUDA is not available; use --train.device cpu")
+        raise UserError(f"device {name!r} asked for but CUDA is not available; "
+                        "use the cpu device (--device cpu, or --train.device cpu to train)")
     return device
 
 

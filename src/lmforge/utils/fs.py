@@ -20,10 +20,33 @@ def _umask() -> int:
     return mask
 
 
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """Create directory `path` (and its parents) if missing; a path that cannot be a directory there
+    (a file is in the way, a read-only location) is a one-line UserError."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), Path(e.filename or path))
+        raise UserError(f"cannot create directory {path}: {blocker} is a file; pass another output path") from None
+    except OSError as e:
+        raise UserError(f"cannot create directory {path} ({e.strerror}); pass an output path in a writable location") from None
+    return path
+
+
+def _unwritable(directory: Path, e: OSError) -> UserError:
+    return UserError(f"cannot write in {directory} ({e.strerror}); pass an output path in a writable location")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; pass a file path to write")
+    ensure_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _unwritable(path.parent, e) from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
@@ -52,8 +75,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     On any exception the temporary directory is removed and `path` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    ensure_dir(path.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise _unwritable(path.parent, e) from None
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory the usual mode
         yield tmp
@@ -68,6 +94,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_replaceable(path: str | os.PathLike, marker: str, what: str) -> None:
+    """`path` is about to be replaced wholesale (`atomic_dir`): refuse unless it is absent, an empty
+    directory, or holds `marker`, i.e. is an earlier output of the same kind."""
+    path = Path(path)
+    if path.exists() and not (path / marker).is_file() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"{path} exists and is not {what}; pass a new --out or remove it")
 
 
 def read_json(path: str | os.PathLike, fix: str) -> Any:
