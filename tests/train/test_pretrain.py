@@ -52,6 +52,11 @@ def test_run_writes_checkpoints(trained_run):
     assert not any(p.name.startswith(".") for p in trained_run.out.iterdir())  # no temporary leftovers
 
 
+def test_resume_with_another_model_names_what_differs(trained_run, data_dir):
+    with pytest.raises(UserError, match=r"differs from the one in .*: n_layer 3 \(saved: 2\); resume with the same --model"):
+        pretrain(data_dir, trained_run.out, preset("tiny", n_layer=3), tiny_train_config(), resume=True, **quiet)
+
+
 def test_existing_run_needs_resume(trained_run, data_dir):
     with pytest.raises(UserError, match="--resume"):
         pretrain(data_dir, trained_run.out, "tiny", tiny_train_config(), **quiet)

@@ -61,7 +61,10 @@ class Checkpointer:
             raise UserError(f"--resume given but {self.run_dir} holds no checkpoint; drop --resume to start a new run")
         ckpt = load_checkpoint(existing[-1])
         if ckpt.model_config != model_config:
-            raise UserError(f"the model config differs from the one in {ckpt.path}; resume with the same --model settings")
+            saved, given = ckpt.model_config.to_dict(), model_config.to_dict()
+            diff = ", ".join(f"{k} {given[k]!r} (saved: {saved[k]!r})" for k in saved if saved[k] != given.get(k))
+            raise UserError(f"the model config differs from the one in {ckpt.path}: {diff}; "
+                            "resume with the same --model settings (e.g. the same --model.preset)")
         if self.world.main:  # checkpoints whose write was killed: never complete, never read
             for tmp in self.run_dir.glob(".step-*.tmp"):
                 shutil.rmtree(tmp, ignore_errors=True)
