@@ -37,6 +37,8 @@ from lmforge.infer import Engine, SamplingParams
 from lmforge.model import Transformer
 from lmforge.utils.device import resolve_device
 
+from _stop import Stopped, stop_on_sigterm  # bench/_stop.py
+
 VOCAB = {"smollm2-135m": 49152, "llama-3.2-1b": 128256}
 
 
@@ -213,17 +215,29 @@ def main() -> None:
     hf, hf_error = None, None
     hf_compile = args.compile if args.hf_mode == "same" else args.hf_mode == "compile"
     runs, hf_runs = [], []
-    for _ in range(args.repeat):
-        runs.append(run_engine(model, prompts, args.new_tokens, args.compile, device, args.max_seq_len, args.graphs))
-        if args.compare_hf and hf_error is None:
-            try:  # a failure of transformers (its compile on another version, say) must not lose the engine's row
-                if hf is None:  # built after the engine's first run, so that a CPU peak RSS is the engine's own
-                    import transformers
+    try:  # SIGTERM (`timeout`) ends the turns; the ones finished are reported, marked "stopped_early"
+        with stop_on_sigterm():
+            for _ in range(args.repeat):
+                runs.append(run_engine(model, prompts, args.new_tokens, args.compile, device, args.max_seq_len, args.graphs))
+                if args.compare_hf and hf_error is None:
+                    try:  # a failure of transformers (its compile on another version, say) must not lose the engine's row
+                        if hf is None:  # built after the engine's first run, so that a CPU peak RSS is the engine's own
+                            import transformers
 
-                    hf = build_hf(model, device)
-                hf_runs.append(run_hf(hf, prompts, args.new_tokens, hf_compile, device))
-            except Exception as e:  # noqa: BLE001 - reported on stdout, not hidden
-                hf_error, hf = f"{type(e).__name__}: {e}"[:1000], None
+                            hf = build_hf(model, device)
+                        hf_runs.append(run_hf(hf, prompts, args.new_tokens, hf_compile, device))
+                    except Exception as e:  # noqa: BLE001 - reported on stdout, not hidden
+                        hf_error, hf = f"{type(e).__name__}: {e}"[:1000], None
+    except Stopped:
+        base["stopped_early"] = True
+        if not runs:
+            print(json.dumps({"what": "lmforge engine", **base, "failed": "stopped before a run finished"}), flush=True)
+            return
+        if hf is not None and not hf_runs:
+            hf_error, hf = "stopped before a run finished", None
+        elif hf_runs:
+            runs = runs[: len(hf_runs)]  # whole turns only
+        args.profile = 0
     median = lambda rs: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "ms_per_step", "ttft_ms")}
     peak = lambda rs: round(max(r["peak_memory_gb"] for r in rs), 3)
     tokens = runs[0]["tokens"]

@@ -20,6 +20,8 @@ unless the shards' tokenizer has more ids). --loss-check trains a second,
 plain copy (eager, full logits, same init, batches and dtype) for the same steps and reports the
 relative difference of the mean training loss: the fast path (compile, chunked loss, fp8) must agree.
 --fp8 runs the blocks' linear layers in float8 through torchao (`lmforge.train.float8`).
+SIGTERM (what `timeout` sends) stops the measuring and reports the rounds finished so far, marked
+"stopped_early", so that a call with a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from lmforge.train.float8 import to_float8
 from lmforge.train.optim import build_optimizer
 from lmforge.utils.device import autocast, autocast_dtype, compile_module, replays_cuda_graphs, resolve_device
 from lmforge.utils.errors import UserError
+
+from _stop import Stopped, stop_on_sigterm  # bench/_stop.py
 
 
 def main() -> None:
@@ -122,18 +126,35 @@ def main() -> None:
 
     # Rounds of args.steps / rounds steps, each implementation in turn: on a shared or throttling
     # machine, slow spells hit every implementation alike, and the median round is reported.
-    each(lambda r: r.warmup(batch, args.warmup, device, amp))
-    rounds = max(1, min(args.rounds, args.steps))
-    for i in range(rounds):
-        each(lambda r: r.timed(batch, args.steps // rounds + (i < args.steps % rounds), device, amp))
-    each(lambda r: r.breakdown(batch, min(args.steps, 10), device, amp))
+    # SIGTERM (`timeout` on a call with a time limit) ends the measuring: what the rounds done so far
+    # measured is still reported, marked "stopped_early".
+    stopped = False
+    try:
+        with stop_on_sigterm():
+            each(lambda r: r.warmup(batch, args.warmup, device, amp))
+            rounds = max(1, min(args.rounds, args.steps))
+            for i in range(rounds):
+                each(lambda r: r.timed(batch, args.steps // rounds + (i < args.steps % rounds), device, amp))
+            each(lambda r: r.breakdown(batch, min(args.steps, 10), device, amp))
+    except Stopped:
+        stopped = True
+        for r in runners.values():
+            r._pending = []
+    if stopped:
+        common["stopped_early"] = True
+        for name in [n for n, r in runners.items() if not r.round_ms]:
+            print(json.dumps({"what": "train_throughput", "impl": name, **common, "failed": "stopped before a timed round"}), flush=True)
+            del runners[name]
+        if "lmforge" not in runners:
+            return
 
     ours = runners["lmforge"].summary(args, T)
     line = {"what": "train_throughput", "impl": "lmforge", **common, "optim": args.optim, "chunked_loss": args.chunked_loss, "fp8": args.fp8,
             "params": _params(runners["lmforge"].model), **ours}
     if "eager" in runners:
-        fast, eager = (sum(runners[k].losses) / len(runners[k].losses) for k in ("lmforge", "eager"))
-        line["loss_vs_eager"] = {"steps": len(runners["lmforge"].losses), "mean_loss": round(fast, 5),
+        n = min(len(runners["lmforge"].losses), len(runners["eager"].losses))  # the steps both took
+        fast, eager = (sum(runners[k].losses[:n]) / n for k in ("lmforge", "eager"))
+        line["loss_vs_eager"] = {"steps": n, "mean_loss": round(fast, 5),
                                  "eager_mean_loss": round(eager, 5), "rel_diff": round(abs(fast - eager) / eager, 6)}
     print(json.dumps(line), flush=True)
     if "eager" in runners:
@@ -186,7 +207,7 @@ class Runner:
 
     def __init__(self, name: str, model: nn.Module, loss_fn: Callable, opt, graphed: bool = False) -> None:
         self.name, self.model, self.loss_fn, self.opt, self.graphed = name, model, loss_fn, opt, graphed
-        self.step_i, self.losses, self.round_ms, self.phases = 0, [], [], {}
+        self.step_i, self.losses, self.round_ms, self.phases, self.n_breakdown = 0, [], [], {}, 0
         self._pending: list[torch.Tensor] = []
 
     def _step(self, batch: Callable, device, amp, sync=None) -> None:
@@ -207,6 +228,7 @@ class Runner:
             t3 = _mark(sync)
             for k, v in (("data", t1 - t0), ("forward_backward", t2 - t1), ("optimizer", t3 - t2)):
                 self.phases[k] = self.phases.get(k, 0.0) + v
+            self.n_breakdown += 1
 
     def _collect(self) -> None:
         self.losses += [t.item() for t in self._pending]
@@ -246,7 +268,6 @@ class Runner:
         n_losses = len(self.losses)
         for _ in range(n):
             self._step(batch, device, amp, sync=lambda: _sync(device))
-        self.n_breakdown = n
         self._pending = []  # the breakdown steps' losses are not part of the compared run
         self.losses = self.losses[:n_losses]
 
@@ -258,7 +279,7 @@ class Runner:
             "tokens_per_s": round(tokens_per_s, 1),
             "ms_per_step": round(ms, 2),
             "ms_per_step_rounds": [round(x, 2) for x in self.round_ms],
-            "breakdown_ms": {k: round(v / self.n_breakdown * 1e3, 2) for k, v in self.phases.items()},
+            "breakdown_ms": {k: round(v / self.n_breakdown * 1e3, 2) for k, v in self.phases.items()} if self.n_breakdown else None,
             "mfu": round(tokens_per_s * _flops_per_token(self.model, T) / (args.peak_tflops * 1e12), 4) if cuda else None,
             "peak_memory_gb": round(self.peak_gb, 3) if cuda else None,
             "loss_first": round(self.losses[0], 4), "loss_last": round(self.losses[-1], 4),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -80,9 +81,10 @@ def test_serve_load_serves_concurrent_clients_as_it_serves_them_alone(trained_ru
     assert speedup["identical_outputs"] == "4/4" and speedup["ratio"] > 0
 
 
-def _bench_module(name: str):
+def _bench_module(name: str, monkeypatch):
     import importlib.util
 
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # as `python bench/NAME.py` has it, for its `_stop`
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -99,7 +101,7 @@ def test_a_failing_comparison_is_reported_and_the_own_row_still_comes_out(monkey
     """On a first GPU run transformers' side may break (its compile on another version): the
     lmforge row must survive it, with the failure in a line of its own."""
     pytest.importorskip("transformers")
-    train = _bench_module("train_throughput")
+    train = _bench_module("train_throughput", monkeypatch)
     timed = train.Runner.timed
 
     def breaks_for_transformers(self, *a, **k):
@@ -112,7 +114,7 @@ def test_a_failing_comparison_is_reported_and_the_own_row_still_comes_out(monkey
     assert (failed["impl"], failed["failed"]) == ("transformers", "RuntimeError: boom")
     assert ours["impl"] == "lmforge" and ours["tokens_per_s"] > 0
 
-    decode = _bench_module("decode")
+    decode = _bench_module("decode", monkeypatch)
     monkeypatch.setattr(decode, "run_hf", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     ours, failed = _main_rows(decode, monkeypatch, capsys, "--preset", "tiny", "--vocab-size", "256", "--prompt-len", "8",
                               "--new-tokens", "4", "--device", "cpu", "--threads", "1", "--compare-hf", "--repeat", "2")
@@ -126,3 +128,38 @@ def test_sampling_bench_times_both_ways_and_they_keep_the_same_tokens(trained_ru
     assert len(rows) == 10 and {r["logits"] for r in rows} == {"random", "checkpoint"}
     assert all(r["ms"] > 0 and r["reference_ms"] > 0 for r in rows)
     assert all(r["same_kept_tokens"] in (True, None) for r in rows) and rows[0]["same_kept_tokens"] is None
+
+
+def test_train_throughput_stopped_by_sigterm_reports_the_rounds_it_finished(monkeypatch, capsys):
+    """`timeout` ends a bench with SIGTERM: the rounds done by then are still reported."""
+    pytest.importorskip("transformers")
+    train = _bench_module("train_throughput", monkeypatch)
+    timed, calls = train.Runner.timed, []
+
+    def stopped_in_the_second_round(self, *a, **k):
+        calls.append(self.name)
+        if len(calls) == 4:  # lmforge's second round: every runner has finished one
+            raise train.Stopped  # what the SIGTERM handler raises
+        return timed(self, *a, **k)
+    monkeypatch.setattr(train.Runner, "timed", stopped_in_the_second_round)
+    ours, eager, hf, ratio = _main_rows(train, monkeypatch, capsys, "--preset", "tiny", "--vocab-size", "256", "--batch-size", "2",
+                                        "--steps", "4", "--warmup", "1", "--rounds", "2", "--device", "cpu", "--threads", "1",
+                                        "--compare-hf", "--loss-check")
+    assert ours["stopped_early"] and len(ours["ms_per_step_rounds"]) == 1 and ours["breakdown_ms"] is None
+    assert ours["loss_vs_eager"]["steps"] == 3 and ours["loss_vs_eager"]["rel_diff"] < 1e-5  # 1 warm-up + 2 timed steps
+    assert eager["impl"] == "lmforge-eager-plain" and hf["impl"] == "transformers" and ratio["lmforge_over_transformers"] > 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    # decode.py: stopped in transformers' second turn, it reports the one whole turn of each side.
+    decode = _bench_module("decode", monkeypatch)
+    run_hf, hf_turns = decode.run_hf, []
+
+    def stopped_in_the_second_turn(*a, **k):
+        hf_turns.append(1)
+        if len(hf_turns) == 2:
+            raise decode.Stopped
+        return run_hf(*a, **k)
+    monkeypatch.setattr(decode, "run_hf", stopped_in_the_second_turn)
+    ours, theirs, ratio = _main_rows(decode, monkeypatch, capsys, "--preset", "tiny", "--vocab-size", "256", "--prompt-len", "8",
+                                     "--new-tokens", "4", "--device", "cpu", "--threads", "1", "--compare-hf", "--repeat", "3")
+    assert ours["stopped_early"] and theirs["what"] == "transformers generate" and len(ratio["ratios"]) == 1
