@@ -1,10 +1,12 @@
 """Load test of `lmforge serve`: the same streaming requests one at a time, then all at once.
 
     python bench/serve_load.py CKPT [--clients 64] [--max-tokens 64] [--max-batch 64] [--max-seq-len N] [--device cpu] [--dtype auto] [--threads N]
+                                    [--temperature T [--top-p P] [--top-k K]]
 
 Starts `lmforge serve CKPT` in a subprocess on a free loopback port, sends --clients streaming
 completions (greedy, end-of-text ignored, so every request makes exactly --max-tokens tokens)
-over httpx, first sequentially and then concurrently. One JSON line per
+over httpx, first sequentially and then concurrently. With --temperature > 0 they sample, request i
+with seed i, so that its output is the same alone and in any batch. One JSON line per
 mode {"what", "clients", "tokens", "seconds", "tokens_per_s", "ttft_p50_ms", "ttft_p95_ms",
 "latency_p50_ms"}, then {"what": "speedup", "ratio", "identical_outputs"}. `--repeat N` runs the
 two modes N times, taking turns, and reports the round with the median total throughput of each
@@ -34,13 +36,13 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def one(client: httpx.AsyncClient, prompt: str, max_tokens: int, model: str) -> tuple[str, float, float, int]:
+async def one(client: httpx.AsyncClient, prompt: str, max_tokens: int, model: str, sampling: dict) -> tuple[str, float, float, int]:
     """One streaming completion; the SSE lines are read with httpx (a light client: the `openai`
     package's per-chunk parsing would load the shared CPU as much as the server does)."""
     t0 = time.perf_counter()
     first, pieces, tokens = None, [], 0
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True, **sampling}
     async with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -56,15 +58,17 @@ async def one(client: httpx.AsyncClient, prompt: str, max_tokens: int, model: st
     return "".join(pieces), (first or end) - t0, end - t0, tokens
 
 
-async def run(url: str, prompts: list[str], max_tokens: int, concurrent: bool) -> tuple[list[str], dict]:
+async def run(url: str, prompts: list[str], max_tokens: int, concurrent: bool, sampling: dict | None = None) -> tuple[list[str], dict]:
+    sampling = sampling or {"temperature": 0}
+    per_request = [{**sampling, "seed": i} if sampling.get("temperature") else sampling for i in range(len(prompts))]
     limits = httpx.Limits(max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts) + 1)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         t0 = time.perf_counter()
         if concurrent:
-            results = await asyncio.gather(*(one(client, p, max_tokens, model) for p in prompts))
+            results = await asyncio.gather(*(one(client, p, max_tokens, model, sp) for p, sp in zip(prompts, per_request)))
         else:
-            results = [await one(client, p, max_tokens, model) for p in prompts]
+            results = [await one(client, p, max_tokens, model, sp) for p, sp in zip(prompts, per_request)]
         seconds = time.perf_counter() - t0
     tokens = sum(r[3] for r in results)
     return [r[0] for r in results], {
@@ -88,7 +92,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="the server's torch threads (1 on a small shared CPU)")
     p.add_argument("--writes-per-step", type=int, default=None, help="the server's --writes-per-step (default: its own)")
     p.add_argument("--repeat", type=int, default=1, help="rounds of both modes, taking turns; report the median round of each")
+    p.add_argument("--temperature", type=float, default=0.0, help="> 0: sample (request i with seed i); 0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
     args = p.parse_args()
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -114,12 +122,12 @@ def main() -> None:
                 time.sleep(0.2)
         prompts = [WORDS[i % len(WORDS)] + " " * (i // len(WORDS)) for i in range(args.clients)]
         base = {"checkpoint": args.checkpoint, "max_tokens": args.max_tokens, "max_batch": args.max_batch,
-                "max_seq_len": args.max_seq_len, "device": args.device, "dtype": args.dtype, "threads": args.threads, "writes_per_step": args.writes_per_step, "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+                "max_seq_len": args.max_seq_len, "device": args.device, "dtype": args.dtype, "threads": args.threads, "writes_per_step": args.writes_per_step, **sampling, "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
         asyncio.run(run(url, prompts[:2], 4, concurrent=False))  # warm up
         rounds = []
         for _ in range(args.repeat):
-            alone, seq = asyncio.run(run(url, prompts, args.max_tokens, concurrent=False))
-            together, con = asyncio.run(run(url, prompts, args.max_tokens, concurrent=True))
+            alone, seq = asyncio.run(run(url, prompts, args.max_tokens, concurrent=False, sampling=sampling))
+            together, con = asyncio.run(run(url, prompts, args.max_tokens, concurrent=True, sampling=sampling))
             rounds.append((alone, seq, together, con))
         median = lambda stats: sorted(stats, key=lambda d: d["tokens_per_s"])[len(stats) // 2]
         seq, con = median([r[1] for r in rounds]), median([r[3] for r in rounds])
