@@ -85,7 +85,7 @@ def test_every_token_tied_with_the_kth_stays_even_past_the_ranked_ones():
 def test_draws_follow_the_distribution_and_never_pick_a_dropped_token():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([draw(probs, [g, g]) for _ in range(4000)])  # (4000, 2)
+    draws = torch.stack([draw(probs.log(), [g, g]) for _ in range(4000)])  # (4000, 2); log 0 = -inf: never drawn
     assert set(draws[:, 1].tolist()) == {5} and set(draws[:, 0].tolist()) == {1, 3, 4}
     shares = torch.bincount(draws[:, 0], minlength=6).float() / 4000
     torch.testing.assert_close(shares, probs[0], atol=0.025, rtol=0)
@@ -109,6 +109,20 @@ def test_seeded_row_is_independent_of_its_batch():
     alone = [int(sample_rows(logits[2:3], [p], [torch.Generator().manual_seed(s)]).tokens[0]) for s in range(20)]
     batched = [int(sample_rows(logits, [p] * 4, [None, None, torch.Generator().manual_seed(s), None]).tokens[2]) for s in range(20)]
     assert alone == batched and len(set(alone)) > 1
+
+
+def test_a_seeded_row_draws_the_same_token_from_its_ranked_tokens_as_from_the_whole_vocabulary(monkeypatch):
+    """Alone, a top-k row draws among its ranked tokens only; beside a flat top-p row (whose nucleus
+    reaches past the 8 ranked tokens) the batch goes through the whole vocabulary: same tokens."""
+    monkeypatch.setattr(sampling, "CANDIDATES", 8)
+    torch.manual_seed(0)
+    logits = torch.randn(2, 60) * torch.tensor([[3.0], [0.1]])
+    peaked, flat = SamplingParams(temperature=0.8, top_k=5, seed=1), SamplingParams(temperature=1.0, top_p=0.99)
+    for seed in range(40):
+        alone = sample_rows(logits[:1], [peaked], [torch.Generator().manual_seed(seed)]).tokens[0]
+        beside = sample_rows(logits, [peaked, flat], [torch.Generator().manual_seed(seed), None]).tokens[0]
+        assert alone == beside
+    assert sampling.Ranked.of(logits[1:] / 1.0, torch.tensor([60]), torch.tensor([0.99]), torch.tensor([0.0])).exact.tolist() == [False]
 
 
 def test_sampled_support_and_frequencies():

@@ -42,7 +42,7 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     if cfg.top_k or cfg.top_p < 1.0:
         full = lambda value, dtype: torch.full((logits.size(0),), value, dtype=dtype, device=logits.device)
         logits = filter_logits(logits, full(cfg.top_k, torch.long), full(cfg.top_p, torch.float32), full(0.0, torch.float32))
-    return draw(torch.softmax(logits, dim=-1), [generator] * logits.size(0))
+    return draw(logits, [generator] * logits.size(0))
 
 
 def prefill(model: Transformer, idx: torch.Tensor, cache: KVCache | None, **memory) -> torch.Tensor:
