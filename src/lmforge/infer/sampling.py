@@ -213,7 +213,7 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torc
         for b, g in enumerate(generators):
             if g is not None:
                 u[b] = torch.rand(1, dtype=torch.float64, device=dev, generator=g)[0]
-    cdf = logits.double()  # one (B, n) buffer, worked in place: at a vocabulary's size each new one costs page faults
+    cdf = logits.to(torch.float64, copy=True)  # one (B, n) buffer, worked in place: at a vocabulary's size each new one costs page faults
     cdf.sub_(cdf.max(dim=-1, keepdim=True).values).exp_().cumsum_(dim=-1)
     # right=True: the first entry whose cumulative weight exceeds u * total, never one of zero weight.
     return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=n - 1)
