@@ -61,11 +61,16 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
+def build_engine(model, prompts, max_seq_len: int, compile_: bool, graphs: str) -> Engine:
+    """One slot per prompt, each prompt prefilled in one chunk and all of them in one step."""
+    B, T = prompts.shape
+    return Engine(model, max_batch=B, max_seq_len=max_seq_len, prefill_chunk=T, prefill_budget=B * T, compile=compile_, graphs=graphs)
+
+
 def run_engine(model, prompts, new_tokens, compile_: bool, device, max_seq_len: int | None = None, graphs: str = "capture") -> dict:
     B, T = prompts.shape
     reset_peak_memory(device)
-    engine = Engine(model, max_batch=B, max_seq_len=max_seq_len or T + new_tokens, prefill_chunk=T, prefill_budget=B * T,
-                    compile=compile_, graphs=graphs)
+    engine = build_engine(model, prompts, max_seq_len or T + new_tokens, compile_, graphs)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     engine.generate(prompts[:, :8].tolist(), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm up
     if compile_:
@@ -86,12 +91,11 @@ def run_engine(model, prompts, new_tokens, compile_: bool, device, max_seq_len: 
 
 
 def profile_engine(model, prompts, steps: int, compile_: bool, device, max_seq_len: int, trace: str | None, graphs: str) -> dict:
-    """torch.profiler over `steps` decode steps of an engine built as `run_engine` builds it."""
+    """torch.profiler over `steps` decode steps of an engine built as `run_engine` builds its own."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    B, T = prompts.shape
-    engine = Engine(model, max_batch=B, max_seq_len=max_seq_len, prefill_chunk=T, prefill_budget=B * T, compile=compile_, graphs=graphs)
+    engine = build_engine(model, prompts, max_seq_len, compile_, graphs)
     params = SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
     engine.generate(prompts.tolist(), params)  # compile and capture outside the profile
     for p in prompts.tolist():

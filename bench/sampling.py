@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.infer.sampling import SamplingParams, _filter_sorted, sample_rows
+from lmforge.infer.sampling import SamplingParams, _filter_sorted, _top_k, filter_logits, sample_rows
 from lmforge.utils.device import resolve_device
 
 SETTINGS = {
@@ -31,25 +31,30 @@ SETTINGS = {
 }
 
 
+def columns(x: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """top_k, top_p and min_p of `p` for every row of `x`, as `filter_logits` takes them."""
+    full = lambda v, dtype=torch.float32: torch.full((x.size(0),), v, dtype=dtype, device=x.device)
+    return full(p.top_k, torch.long), full(p.top_p), full(p.min_p)
+
+
+def sorted_filter(x: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The filters through a full sort of every row."""
+    top_k, top_p, min_p = columns(x, p)
+    return _filter_sorted(x, _top_k(top_k, x.size(-1)), top_p, min_p)
+
+
 def reference(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """Full sort for the filters, then one multinomial draw per row (as transformers samples)."""
     x = logits.float() / p.temperature
-    B, V = x.shape
     if p.filtered:
-        full = lambda v, dtype=torch.float32: torch.full((B,), v, dtype=dtype, device=x.device)
-        x = _filter_sorted(x, full(p.top_k if p.top_k else V, torch.long).clamp(max=V), full(p.top_p), full(p.min_p))
+        x = sorted_filter(x, p)
     return torch.multinomial(torch.softmax(x, dim=-1), 1)[:, 0]
 
 
 def kept(logits: torch.Tensor, p: SamplingParams, fast: bool) -> torch.Tensor:
-    from lmforge.infer.sampling import filter_logits
-
+    """Which tokens the filters keep: lmforge's way (`fast`) or through the full sort."""
     x = logits.float() / p.temperature
-    B, V = x.shape
-    full = lambda v, dtype=torch.float32: torch.full((B,), v, dtype=dtype, device=x.device)
-    if fast:
-        return filter_logits(x, full(p.top_k, torch.long), full(p.top_p), full(p.min_p)) > float("-inf")
-    return _filter_sorted(x, full(p.top_k if p.top_k else V, torch.long).clamp(max=V), full(p.top_p), full(p.min_p)) > float("-inf")
+    return (filter_logits(x, *columns(x, p)) if fast else sorted_filter(x, p)) > float("-inf")
 
 
 def timed(fn, device: torch.device, repeat: int) -> float:

@@ -45,7 +45,7 @@ from lmforge.scaling.counting import flops
 from lmforge.scaling.runs import RESULTS
 from lmforge.train import Interrupted, pretrain
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_write_text, ensure_dir
+from lmforge.utils.fs import atomic_write_text
 
 
 @dataclass
@@ -262,8 +262,7 @@ def _stopwatch(run_dir: Path, fn: Callable[[], Any]) -> tuple[Any, float]:
 
     def save() -> float:
         total = before + time.perf_counter() - t0
-        ensure_dir(run_dir)
-        atomic_write_text(path, json.dumps({"seconds": total}) + "\n")
+        atomic_write_text(path, json.dumps({"seconds": total}) + "\n")  # creates run_dir, or says why it cannot
         return total
 
     def tick() -> None:

@@ -45,8 +45,10 @@ def to_float8(net: nn.Module, device: torch.device, sharded: bool = False) -> li
 
 def refresh_float8_scales(net: nn.Module) -> None:
     """After an optimizer step of a model `to_float8(..., sharded=True)` converted: the float8 scale
-    of every sharded weight, in one all-reduce of their maxima."""
-    _quiet_import().precompute_float8_dynamic_scale_for_fsdp(net)
+    of every sharded weight, in one all-reduce of their maxima (torchao is imported by then)."""
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+    precompute_float8_dynamic_scale_for_fsdp(net)
 
 
 def _quiet_import():
