@@ -120,6 +120,10 @@ def test_classification_errors(tmp_path):
     not_gzip = tmp_path / "fake.tsv.gz"
     not_gzip.write_bytes(b"sentence\tlabel\n")
     user_error(read_classification, not_gzip, names=[not_gzip, "gzip"])
+    # A CoNLL tagging file is word<TAB>tag lines: two columns, as a headerless classification file has.
+    user_error(read_classification, WNUT / "wnut17train.conll", names=[WNUT / "wnut17train.conll", "IOB2", "--task tag"])
+    tags_as_labels = write(tmp_path / "o.tsv", "a fine day\tO\nwell\tB-x\n")  # texts with spaces: a label set that happens to look like tags
+    assert [e.label for e in read_classification(tags_as_labels)] == ["O", "B-x"]
 
 
 # --- tagging ------------------------------------------------------------------------------------

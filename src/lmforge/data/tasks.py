@@ -120,6 +120,10 @@ def read_classification(
                 f"{where}: label {label!r} is not one of {', '.join(allowed)}; fix the line or add it to `labels`"
             )
         out.append(ClassifyExample(text, label, where))
+    if out and all(e.label is not None and _IOB2.fullmatch(e.label) for e in out) and any(e.label != "O" for e in out) \
+            and not any(" " in e.text for e in out):
+        raise UserError(f"{path} holds one word and its IOB2 tag per line, a tagging file (CoNLL), not TEXT<TAB>LABEL; "
+                        "tag its words with the tag task (--task tag)")
     return _nonempty(out, path)
 
 
