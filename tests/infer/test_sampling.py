@@ -144,8 +144,27 @@ def test_penalties_change_the_greedy_choice():
     assert plain.item() == 0 and pen.item() == 1
 
 
+def test_logit_bias_per_row_before_the_penalties_and_not_in_the_logprobs():
+    logits = torch.tensor([[2.0, 1.2, 0.0, -1.0]]).repeat(4, 1)
+    kept = logits.clone()
+    counts, mask = torch.zeros(4, 4), torch.tensor([[False, True, False, False]] * 4)
+    params = [SamplingParams(temperature=0, logit_bias={3: 100.0}, logprobs=0),  # all but forces token 3
+              SamplingParams(temperature=0, logit_bias={0: -100.0}),  # bans the argmax
+              # bias first (vLLM's order): (1.2 + 1.5) / 2 = 1.35 < 2; the penalty first would give 2.1
+              SamplingParams(temperature=0, logit_bias={1: 1.5}, repetition_penalty=2.0),
+              SamplingParams(temperature=0)]
+    choice = sample_rows(logits, params, [None] * 4, counts, mask)
+    assert choice.tokens.tolist() == [3, 1, 0, 0]
+    assert torch.equal(logits, kept)  # the caller's logits are left alone
+    torch.testing.assert_close(choice.logprobs[0], torch.log_softmax(logits[0], -1)[3])  # raw, as vLLM reports them
+    g = torch.Generator().manual_seed(0)
+    banned = SamplingParams(temperature=1.0, top_k=2, logit_bias={0: -100.0})  # top-2 of the biased logits: 1 and 2
+    assert {int(sample_rows(logits[:1], [banned], [g]).tokens[0]) for _ in range(50)} == {1, 2}
+
+
 @pytest.mark.parametrize("bad", [dict(top_p=0), dict(min_p=1.5), dict(presence_penalty=3), dict(max_tokens=0),
-                                 dict(repetition_penalty=0), dict(logprobs=21), dict(temperature=-0.1)])
+                                 dict(repetition_penalty=0), dict(logprobs=21), dict(temperature=-0.1),
+                                 dict(logit_bias={1: 101.0}), dict(logit_bias={-1: 1.0})])
 def test_bad_values_are_user_errors(bad):
     with pytest.raises(UserError):
         SamplingParams(**bad)

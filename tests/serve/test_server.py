@@ -138,6 +138,25 @@ def test_n_and_seed_reproducibility(client):
     assert len(set(texts(a))) > 1  # the n choices are different draws
 
 
+def test_logit_bias(client, lm):
+    """OpenAI's logit_bias: +100 all but forces a token, -100 bans one; keys are token ids as strings."""
+    plain = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    first = lm.tokenizer.encode("ROMEO:" + plain.choices[0].text)[len(lm.tokenizer.encode("ROMEO:"))]
+    e = lm.tokenizer.encode("e")[0]
+    forced = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=4, temperature=0, logit_bias={str(e): 100},
+                                       extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == "eeee"
+    banned = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=1, temperature=0, logit_bias={str(first): -100},
+                                       logprobs=1, extra_body={"ignore_eos": True})
+    assert lm.tokenizer.encode("ROMEO:" + banned.choices[0].text)[len(lm.tokenizer.encode("ROMEO:"))] != first
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logit_bias={str(e): 100})
+    assert chat.choices[0].message.content == "eee"
+    for bad in ({"e": 1}, {str(10**6): 1}, {"-1": 1}, {"1": 101}):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="tiny", prompt="x", max_tokens=2, logit_bias=bad)
+
+
 def test_logprobs(client):
     r = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=5, temperature=0, logprobs=3,
                                   extra_body={"ignore_eos": True})

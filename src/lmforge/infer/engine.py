@@ -214,6 +214,8 @@ class Engine:
         V = self.model.config.vocab_size
         if any(not 0 <= t < V for t in prompt):
             raise UserError(f"prompt token ids must be in [0, {V})")
+        if any(t >= V for t in params.logit_bias or ()):
+            raise UserError(f"logit_bias token ids must be in [0, {V})")
         if len(prompt) + params.max_tokens > self.max_seq_len:
             raise UserError(
                 f"the prompt is {len(prompt)} tokens and max_tokens is {params.max_tokens}: {len(prompt) + params.max_tokens} "

@@ -2,8 +2,8 @@
 
 Per row, in this order (vLLM's and transformers' order):
 
-    raw logits ─> repetition penalty (prompt + output tokens) ─> presence / frequency penalties
-      (output tokens, OpenAI's formula) ─> greedy: argmax
+    raw logits ─> logit bias ─> repetition penalty (prompt + output tokens) ─> presence / frequency
+      penalties (output tokens, OpenAI's formula) ─> greedy: argmax
                                         ─> else: / temperature ─> top-k ─> top-p ─> min-p ─> draw
 
 Each draw uses the row's own `torch.Generator` when it has a seed, so a seeded request gives the
@@ -30,7 +30,9 @@ class SamplingParams:
     temperature 0 (below 1e-5) is greedy; top_k 0, top_p 1, min_p 0 and penalties 1 / 0 / 0 disable those.
     `stop` strings end the text before they occur; `stop_token_ids` (and the tokenizer's
     end-of-text unless `ignore_eos`) end it after the token. `logprobs` k >= 0 reports the chosen
-    token's log-probability and the k most likely ones; None reports none.
+    token's log-probability and the k most likely ones; None reports none. `logit_bias` maps token
+    ids to a number in [-100, 100] added to their logits (OpenAI's: -100 bans a token, 100 all but
+    forces it).
     """
 
     max_tokens: int = 16
@@ -46,6 +48,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -62,6 +65,9 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        for token, bias in (self.logit_bias or {}).items():
+            if not (isinstance(token, int) and token >= 0 and -100.0 <= bias <= 100.0):
+                raise UserError(f"logit_bias maps token ids (>= 0) to numbers in [-100, 100], got {token!r}: {bias!r}")
         # Any top_k at or above the vocabulary keeps every token; cap it so that a huge one (an
         # HTTP client may send 2**70) still fits the int64 tensor the sampler builds.
         self.top_k = min(self.top_k, 2**31 - 1)
@@ -246,6 +252,11 @@ def sample_rows(
     dev = raw.device
     col = lambda name, dtype=torch.float32: torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=dev)
     x = raw
+    biased = [(b, t, v) for b, p in enumerate(params) if p.logit_bias for t, v in p.logit_bias.items()]
+    if biased:  # a new tensor: `raw` may be the caller's logits
+        rows, ids, values = zip(*biased)
+        x = x.index_put((torch.tensor(rows, device=dev), torch.tensor(ids, device=dev)),
+                        torch.tensor(values, dtype=x.dtype, device=dev), accumulate=True)
     if any(p.penalised for p in params):
         if counts is None or prompt_mask is None:
             raise ValueError("penalties need the generated-token counts and the prompt mask")

@@ -15,7 +15,7 @@ import json
 import secrets
 import time
 import uuid
-from typing import Any, AsyncIterator, Literal, Union
+from typing import Annotated, Any, AsyncIterator, Literal, Union
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -52,6 +52,8 @@ class _Sampling(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, description="token id (as a string) -> a number added to its logits; -100 bans it")
     top_k: int = Field(0, ge=0, description="vLLM extension; 0 disables")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM extension; 0 disables")
     repetition_penalty: float = Field(1.0, ge=0.01, le=100.0, description="vLLM extension; 1 disables")
@@ -165,11 +167,15 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             raise APIError(400, "stop takes at most 4 strings", param="stop")
         if max_tokens is None:
             max_tokens = max(engine.max_seq_len - n_prompt, 1)
+        try:
+            bias = {int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None
+        except ValueError:
+            raise APIError(400, "logit_bias keys must be token ids, such as \"50256\"", param="logit_bias") from None
         return SamplingParams(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, stop=tuple(stop), ignore_eos=body.ignore_eos,
-            seed=None if body.seed is None else body.seed + index, logprobs=logprobs,
+            seed=None if body.seed is None else body.seed + index, logprobs=logprobs, logit_bias=bias,
         )
 
     async def start(body: _Sampling, prompts: list[list[int]], logprobs: int | None, max_tokens: int | None):
