@@ -159,6 +159,73 @@ def test_compiled_cpu_decode_equals_eager_and_writes_the_cache_in_place():
     # The last request decoded up to position len(prompt) + len(output) - 2: its keys are in its slot.
     last = compiled[-1]
     assert last.slot is not None and engine.cache.k[0][last.slot, :, len(last.prompt) + len(last.output) - 2].abs().sum() > 0
+    # The long request's freed slot keeps 275 tokens through steps over the 256-position span
+    # (the compiled graph writes the free slot's row at position 255, which is put back), and its
+    # next turn reuses all of them.
+    long = compiled[3]
+    kept = engine.kept[long.slot]
+    assert kept == long.prompt + long.output[:-1]
+    engine.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=5))
+    alone = model.new_cache(1, 320)
+    with torch.no_grad():
+        model(torch.tensor([kept]), cache=alone)
+    for t, ref in zip(engine.cache.k + engine.cache.v, alone.k + alone.v):
+        torch.testing.assert_close(t[long.slot, :, : len(kept)], ref[0, :, : len(kept)], atol=1e-4, rtol=1e-4)
+    turn, before = long.prompt + long.output + [5], engine.reused_tokens
+    assert engine.generate([turn], SamplingParams(temperature=0, max_tokens=5))[0].output == greedy_alone(model, turn, 5)
+    assert engine.reused_tokens - before == len(long.prompt) + len(long.output) - 1
+
+
+# --- prefix reuse ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_model():
+    return varied_transformer(4, context_length=160)
+
+
+def test_a_chat_turn_reuses_the_previous_turn_from_its_freed_slot(long_model):
+    """The next turn's prompt is the last prompt, its answer and a new message: only the answer's
+    last token (whose key was never written) and the message are prefilled, from the same slot even
+    after an unrelated request came and went."""
+    engine = Engine(long_model, max_batch=2, prefill_chunk=16)
+    first = engine.generate([list(range(1, 41))], SamplingParams(temperature=0, max_tokens=10))[0]
+    assert engine.kept[first.slot] == first.prompt + first.output[:-1] and engine.reused_tokens == 0
+    other = engine.generate([[7, 7, 7]], SamplingParams(temperature=0, max_tokens=3))[0]
+    assert other.slot != first.slot  # an empty slot goes first, so the conversation stays
+    turn = first.prompt + first.output + [11, 12, 13]
+    second = engine.generate([turn], SamplingParams(temperature=0, max_tokens=8))[0]
+    assert second.slot == first.slot and engine.reused_tokens == 49
+    assert second.output == greedy_alone(long_model, turn, 8)
+    off = Engine(long_model, max_batch=2, prefill_chunk=16, prefix_cache=False)
+    off.generate([first.prompt], SamplingParams(temperature=0, max_tokens=10))
+    assert off.generate([turn], SamplingParams(temperature=0, max_tokens=8))[0].output == second.output and off.reused_tokens == 0
+
+
+def test_requests_sharing_a_prefix_prefill_it_once(long_model):
+    """Three prompts with one 32-token system prefix arrive together: the first prefills it in
+    chunks of 16, the others wait a step for each chunk and copy it (2 x 32 tokens reused)."""
+    system = [(5 * i) % 97 + 1 for i in range(32)]
+    prompts = [system + [40 + j, 41, 42, 43] for j in range(3)]
+    engine = Engine(long_model, max_batch=3, prefill_chunk=16, prefill_budget=48)
+    reqs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=6))
+    assert engine.reused_tokens == 64
+    assert [r.output for r in reqs] == [greedy_alone(long_model, p, 6) for p in prompts]
+
+
+def test_a_free_slot_keeps_its_keys_through_decode_steps_that_attend_over_fewer(long_model):
+    """An eager decode step runs the slots below the highest decoding one; a free slot among them
+    that keeps more tokens than the step attends over (16 here) writes at the last attended
+    position, whose key and value the engine puts back after the step."""
+    engine = Engine(long_model, max_batch=2, prefill_chunk=64)
+    first = engine.generate([list(range(1, 41))], SamplingParams(temperature=0, max_tokens=4))[0]
+    before = [t[0].clone() for t in engine.cache.k + engine.cache.v]
+    engine.generate([[3, 1, 4]], SamplingParams(temperature=0, max_tokens=6))  # slot 1, positions 0..8
+    assert len(engine.kept[0]) == 43
+    assert all(torch.equal(t[0], b) for t, b in zip(engine.cache.k + engine.cache.v, before))
+    turn = first.prompt + first.output + [9]
+    again = engine.generate([turn], SamplingParams(temperature=0, max_tokens=6))[0]
+    assert again.slot == 0 and engine.reused_tokens == 43 and again.output == greedy_alone(long_model, turn, 6)
 
 
 def test_span_buckets_double_up_to_the_context():

@@ -11,7 +11,13 @@ tensor, see `KVCache.update`), so no sequence waits for another and no padding i
 
 Prefill runs in chunks of `prefill_chunk` tokens whose boundaries depend only on the prompt;
 requests in neighbouring slots prefill together, each row at its own position, and the output
-head runs only at the last prompt position. `Engine` is single-threaded; `lmforge.serve` drives it from
+head runs only at the last prompt position.
+
+Prefix reuse (vLLM's automatic prefix caching, on slots): a freed slot keeps the keys and values
+of its tokens until another request needs the slot. A new prompt that begins with tokens some
+slot holds, running or freed (the previous turns of a chat, a shared system prompt, the other
+`n - 1` copies of a request), takes their keys and values from that slot and prefills only the
+rest. `Engine` is single-threaded; `lmforge.serve` drives it from
 one thread.
 """
 
@@ -135,6 +141,22 @@ def span_buckets(max_seq_len: int, smallest: int = 256) -> list[int]:
     return [*spans, max_seq_len]
 
 
+MIN_REUSE = 16  # prompt tokens a copy from another slot must save (fewer cost about as much to prefill)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """The length of the longest common prefix of `a` and `b`, at most `limit` (by bisection over
+    slice comparisons, which run in C)."""
+    lo, hi = 0, min(len(a), len(b), limit)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 class Engine:
     """Runs requests to completion `max_batch` at a time; call `step()` until `has_work` is False.
 
@@ -146,6 +168,8 @@ class Engine:
     key lengths (static shapes), all of them when the engine is built. On CUDA each is then
     captured in a CUDA graph: `graphs="capture"` captures and replays them by hand
     (`CapturedDecode`), `graphs="trees"` leaves it to torch.compile's "reduce-overhead" mode.
+    `prefix_cache` reuses the keys and values of prompt prefixes that slots hold (see the module's
+    docstring); `reused_tokens` counts the prompt tokens it saved.
     """
 
     def __init__(
@@ -159,6 +183,7 @@ class Engine:
         compile: bool = False,
         prefill_budget: int | None = None,
         graphs: str = "capture",
+        prefix_cache: bool = True,
     ) -> None:
         if model.config.arch != "decoder":
             raise UserError(f"the engine runs decoder-only models; this checkpoint is an {model.config.arch} model "
@@ -186,6 +211,10 @@ class Engine:
         self.counts: torch.Tensor | None = None  # (slots, V) generated-token counts, once a request uses penalties
         self.prompt_mask: torch.Tensor | None = None
         self._ids = itertools.count()
+        self.prefix_cache, self.reused_tokens = prefix_cache, 0
+        self.kept: list[list[int]] = [[] for _ in range(max_batch)]  # the tokens whose keys/values a free slot holds
+        self._freed_at = [0] * max_batch  # the step that freed each slot: the least recently freed goes first
+        self._steps = 0
         self.compiled = compile
         self._decode: Callable[[Transformer, torch.Tensor, torch.Tensor, object], torch.Tensor] = _decode_step
         self.spans = span_buckets(self.max_seq_len) if compile else []  # the key spans compiled for
@@ -239,10 +268,10 @@ class Engine:
                 self.waiting.remove(req)
                 req.finish_reason = "abort"
                 return req
-        for s, req in enumerate(self.slots):
+        for req in self.slots:
             if req is not None and req.id == request_id:
                 req.finish_reason = "abort"
-                self.slots[s] = None
+                self._free(req)
                 return req
         return None
 
@@ -251,6 +280,7 @@ class Engine:
         reqs = list(self.waiting) + [r for r in self.slots if r is not None]
         self.waiting.clear()
         self.slots = [None] * self.max_batch
+        self.kept = [[] for _ in range(self.max_batch)]  # a failed step may have left anything in the cache
         for req in reqs:
             req.finish_reason = reason
         return reqs
@@ -270,18 +300,34 @@ class Engine:
         """Admit waiting requests into free slots, prefill a chunk of each new one, decode one
         token for every running sequence, retire the finished ones. Returns what happened."""
         events: list[Event] = []
-        for s in range(self.max_batch):
-            if self.slots[s] is None and self.waiting:
-                self._admit(self.waiting.popleft(), s)
+        self._steps += 1
+        while self.waiting and None in self.slots:
+            req = self.waiting.popleft()
+            self._admit(req, self._pick_slot(req.prompt))
         self._prefill(events)
         decoding = [r for r in self.slots if r is not None and r.prefilled == len(r.prompt) and r.output]
         if decoding:
             self._decode_all(decoding, events)
         return events
 
+    def _pick_slot(self, prompt: list[int]) -> int:
+        """A free slot for `prompt`: the one holding the longest prefix of it (at least MIN_REUSE
+        tokens), else the lowest empty one, else the one freed longest ago."""
+        free = [s for s, r in enumerate(self.slots) if r is None]
+        if self.prefix_cache:
+            match = {s: _common_prefix(self.kept[s], prompt, len(prompt) - 1) for s in free}
+            best = max(free, key=match.__getitem__)
+            if match[best] >= MIN_REUSE:
+                return best
+        return min(free, key=lambda s: (1, self._freed_at[s]) if self.kept[s] else (0, s))
+
     def _admit(self, req: Request, slot: int) -> None:
         req.slot = slot
         self.slots[slot] = req
+        kept, self.kept[slot] = self.kept[slot], []
+        if self.prefix_cache:  # the slot's own keys and values for a prefix of the prompt stay where they are
+            req.prefilled = _common_prefix(kept, req.prompt, len(req.prompt) - 1)
+            self.reused_tokens += req.prefilled
         if req.params.penalised and self.counts is None:
             V = self.model.config.vocab_size
             self.counts = torch.zeros(self.max_batch, V, device=self.device)
@@ -299,6 +345,10 @@ class Engine:
             if req is not None and req.prefilled < len(req.prompt):
                 if budget <= 0:
                     break
+                if self.prefix_cache:
+                    self._borrow(req)
+                    if any(self._will_lend(self.slots[c], req) for c in chosen):
+                        continue  # a request prefilling this step computes our next tokens: copy them next step
                 chosen.append(s)
                 budget -= min(self.prefill_chunk, len(req.prompt) - req.prefilled)
         run: list[int] = []
@@ -346,6 +396,47 @@ class Engine:
             logits = self.model.output(h)[:, : self.model.config.vocab_size]
             self._sample([reqs[b] for b in done], logits, events)
 
+    def _held(self, s: int) -> list[int]:
+        """The tokens whose keys and values slot `s` holds, from position 0."""
+        req = self.slots[s]
+        if req is None:
+            return self.kept[s]
+        # A prompt's prefilled part, then every output token but the newest (its key is written
+        # by the decode step that feeds it).
+        return req.prompt[: req.prefilled] if req.prefilled < len(req.prompt) else (req.prompt + req.output[:-1])
+
+    def _borrow(self, req: Request) -> None:
+        """Copy the keys and values of the longest prefix of `req`'s prompt that another slot holds
+        (at least MIN_REUSE tokens past what `req` has); at least the last prompt token is left to prefill."""
+        limit, best, src = len(req.prompt) - 1, req.prefilled + MIN_REUSE - 1, None
+        if best >= limit:
+            return
+        for s in range(self.max_batch):
+            if s != req.slot:
+                held = self._held(s)
+                if len(held) > best and held[best] == req.prompt[best] and (n := _common_prefix(held, req.prompt, limit)) > best:
+                    best, src = n, s
+        if src is not None:
+            a, b = req.prefilled, best
+            for t in self.cache.k + self.cache.v:
+                t[req.slot, :, a:b] = t[src, :, a:b]
+            self.reused_tokens += b - a
+            req.prefilled = b
+
+    def _will_lend(self, leader: Request, req: Request) -> bool:
+        """Whether `leader`'s prefill chunk this step computes at least MIN_REUSE of the tokens `req` would."""
+        p = req.prefilled
+        if leader.prefilled > p:
+            return False
+        end = min(leader.prefilled + self.prefill_chunk, len(req.prompt) - 1)
+        return end - p >= MIN_REUSE and _common_prefix(leader.prompt, req.prompt, end) - p >= MIN_REUSE
+
+    def _free(self, req: Request) -> None:
+        """Retire `req` from its slot; the slot keeps its keys and values for a later prompt."""
+        self.kept[req.slot] = list(self._held(req.slot)) if self.prefix_cache else []
+        self._freed_at[req.slot] = self._steps
+        self.slots[req.slot] = None
+
     def _decode_all(self, decoding: list[Request], events: list[Event]) -> None:
         # Every slot in [0, hi) takes part; a slot that is not decoding writes at its own length,
         # a position its own prefill or decode overwrites before ever reading it.
@@ -356,15 +447,31 @@ class Engine:
                 start[s] = req.prefilled
         for req in decoding:
             tokens[req.slot], start[req.slot] = req.output[-1], len(req.prompt) + len(req.output) - 1
-        tokens_t, start_t = torch.tensor([tokens, start], device=self.device).unbind()
         if self.compiled:  # static shapes: all slots, and the shortest span that holds every slot's position
             cache = next(c for c in self._spans if c.span > max(start))
+            room = cache.span
         else:
             # Attend over the live positions only, rounded up to 16 so that the vectorised sums
-            # group the real keys the same way at any length (masked keys add exact zeros); the
-            # view works out the write index and the mask once for all layers.
-            cache = self.cache.rows(0, hi, length=-(-(max(start) + 1) // 16) * 16, start=start_t)
+            # group the real keys the same way at any length (masked keys add exact zeros).
+            room = -(-(max(start) + 1) // 16) * 16
+        # A free slot writes past the tokens it keeps; one that keeps more than the step attends
+        # over writes at the last attended position, whose keys and values are put back after.
+        clobbered = []
+        for s in range(hi):
+            if self.slots[s] is None and self.kept[s]:
+                start[s] = min(len(self.kept[s]), room - 1)
+                if len(self.kept[s]) >= room:
+                    clobbered.append(s)
+        tokens_t, start_t = torch.tensor([tokens, start], device=self.device).unbind()
+        if not self.compiled:  # the view works out the write index and the mask once for all layers
+            cache = self.cache.rows(0, hi, length=room, start=start_t)
+        if clobbered:
+            rows = torch.tensor(clobbered, device=self.device)
+            saved = [t[rows, :, room - 1] for t in self.cache.k + self.cache.v]
         logits = self._decode(self.model, tokens_t, start_t, cache)
+        if clobbered:
+            for t, kept in zip(self.cache.k + self.cache.v, saved):
+                t[rows, :, room - 1] = kept
         if len(decoding) < logits.size(0):  # some slots in [0, hi) are not decoding
             logits = logits.index_select(0, torch.tensor([r.slot for r in decoding], device=self.device))
         self._sample(decoding, logits, events)
@@ -406,7 +513,7 @@ class Engine:
             text += req.stream.flush() if req.stream is not None else ""
         if reason is not None:
             req.finish_reason = reason
-            self.slots[req.slot] = None
+            self._free(req)
         req.text += text
         return Event(req, token, text, logprob, finished=reason is not None)
 

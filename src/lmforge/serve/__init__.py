@@ -26,6 +26,7 @@ def create_app(
     compile: bool = False,
     model_name: str | None = None,
     writes_per_step: int = 8,
+    prefix_cache: bool = True,
 ):
     """Load `checkpoint` and build its app (see `build_app`). The KV cache holds `max_batch`
     sequences of `max_seq_len` tokens, prompt and completion (default: the model's context), in the
@@ -34,7 +35,7 @@ def create_app(
 
     lm = load(checkpoint, device=device, dtype=dtype)
     engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
-                    max_waiting=max_queue, compile=compile)
+                    max_waiting=max_queue, compile=compile, prefix_cache=prefix_cache)
     name = model_name or (Path(lm.path).parent.name if lm.path is not None else "lmforge")
     return build_app(lm, engine, model_name=name, api_key=api_key, writes_per_step=writes_per_step)
 
@@ -71,5 +72,6 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, log
     app = create_app(checkpoint, **kwargs)
     engine = app.state.runner.engine
     print(f"KV cache: {engine.max_batch} sequences x {engine.max_seq_len} tokens ({engine.cache_bytes / 2**30:.2f} GiB) "
-          f"on {engine.device}" + (f"; decode step compiled for spans {engine.spans}" if engine.spans else ""), flush=True)
+          f"on {engine.device}" + (f"; decode step compiled for spans {engine.spans}" if engine.spans else "")
+          + ("; prefix reuse off" if not engine.prefix_cache else ""), flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
