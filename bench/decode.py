@@ -62,9 +62,11 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def build_engine(model, prompts, max_seq_len: int, compile_: bool, graphs: str) -> Engine:
-    """One slot per prompt, each prompt prefilled in one chunk and all of them in one step."""
+    """One slot per prompt, each prompt prefilled in one chunk and all of them in one step. Without
+    prefix reuse: the timed run's prompts are the warm-up's, and transformers prefills them anew."""
     B, T = prompts.shape
-    return Engine(model, max_batch=B, max_seq_len=max_seq_len, prefill_chunk=T, prefill_budget=B * T, compile=compile_, graphs=graphs)
+    return Engine(model, max_batch=B, max_seq_len=max_seq_len, prefill_chunk=T, prefill_budget=B * T, compile=compile_,
+                  graphs=graphs, prefix_cache=False)
 
 
 def run_engine(model, prompts, new_tokens, compile_: bool, device, max_seq_len: int | None = None, graphs: str = "capture") -> dict:

@@ -186,13 +186,13 @@ def long_model():
 
 def test_a_chat_turn_reuses_the_previous_turn_from_its_freed_slot(long_model):
     """The next turn's prompt is the last prompt, its answer and a new message: only the answer's
-    last token (whose key was never written) and the message are prefilled, from the same slot even
-    after an unrelated request came and went."""
-    engine = Engine(long_model, max_batch=2, prefill_chunk=16)
-    first = engine.generate([list(range(1, 41))], SamplingParams(temperature=0, max_tokens=10))[0]
+    last token (whose key was never written) and the message are prefilled, in the same slot.
+    Another conversation running beside it meanwhile takes the other slot."""
+    engine = Engine(long_model, max_batch=3, prefill_chunk=16)
+    first, other = engine.generate([list(range(1, 41)), [7, 7, 7]], [SamplingParams(temperature=0, max_tokens=10),
+                                                                     SamplingParams(temperature=0, max_tokens=30)])
     assert engine.kept[first.slot] == first.prompt + first.output[:-1] and engine.reused_tokens == 0
-    other = engine.generate([[7, 7, 7]], SamplingParams(temperature=0, max_tokens=3))[0]
-    assert other.slot != first.slot  # an empty slot goes first, so the conversation stays
+    assert other.slot != first.slot
     turn = first.prompt + first.output + [11, 12, 13]
     second = engine.generate([turn], SamplingParams(temperature=0, max_tokens=8))[0]
     assert second.slot == first.slot and engine.reused_tokens == 49
@@ -200,6 +200,14 @@ def test_a_chat_turn_reuses_the_previous_turn_from_its_freed_slot(long_model):
     off = Engine(long_model, max_batch=2, prefill_chunk=16, prefix_cache=False)
     off.generate([first.prompt], SamplingParams(temperature=0, max_tokens=10))
     assert off.generate([turn], SamplingParams(temperature=0, max_tokens=8))[0].output == second.output and off.reused_tokens == 0
+
+
+def test_eager_requests_one_at_a_time_keep_to_the_lowest_slot(long_model):
+    """An eager step runs every slot up to the highest running one: a lone request in slot 3
+    would cost four rows a step, so kept keys in slot 0 give way unless the prompt reuses them."""
+    engine = Engine(long_model, max_batch=4)
+    slots = [engine.generate([[i, i + 1]], SamplingParams(temperature=0, max_tokens=2))[0].slot for i in range(1, 5)]
+    assert slots == [0, 0, 0, 0]
 
 
 def test_requests_sharing_a_prefix_prefill_it_once(long_model):
@@ -218,10 +226,14 @@ def test_a_free_slot_keeps_its_keys_through_decode_steps_that_attend_over_fewer(
     that keeps more tokens than the step attends over (16 here) writes at the last attended
     position, whose key and value the engine puts back after the step."""
     engine = Engine(long_model, max_batch=2, prefill_chunk=64)
-    first = engine.generate([list(range(1, 41))], SamplingParams(temperature=0, max_tokens=4))[0]
-    before = [t[0].clone() for t in engine.cache.k + engine.cache.v]
-    engine.generate([[3, 1, 4]], SamplingParams(temperature=0, max_tokens=6))  # slot 1, positions 0..8
+    first = engine.add(list(range(1, 41)), SamplingParams(temperature=0, max_tokens=4))
+    engine.add([3, 1, 4], SamplingParams(temperature=0, max_tokens=12))  # slot 1, positions up to 14
+    while not first.finished:
+        engine.step()
     assert len(engine.kept[0]) == 43
+    before = [t[0].clone() for t in engine.cache.k + engine.cache.v]
+    while engine.has_work:
+        engine.step()
     assert all(torch.equal(t[0], b) for t, b in zip(engine.cache.k + engine.cache.v, before))
     turn = first.prompt + first.output + [9]
     again = engine.generate([turn], SamplingParams(temperature=0, max_tokens=6))[0]

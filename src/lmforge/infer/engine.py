@@ -312,14 +312,22 @@ class Engine:
 
     def _pick_slot(self, prompt: list[int]) -> int:
         """A free slot for `prompt`: the one holding the longest prefix of it (at least MIN_REUSE
-        tokens), else the lowest empty one, else the one freed longest ago."""
+        tokens); else, among the slots a decode step runs anyway, the lowest empty one, else the
+        one freed longest ago; else the lowest free slot.
+
+        A compiled step runs every slot. An eager one runs the slots up to the highest running
+        one, so a request that goes past them makes every step run more rows: one request at a
+        time then takes the lowest slot, as it would without prefix reuse."""
         free = [s for s, r in enumerate(self.slots) if r is None]
-        if self.prefix_cache:
-            match = {s: _common_prefix(self.kept[s], prompt, len(prompt) - 1) for s in free}
-            best = max(free, key=match.__getitem__)
-            if match[best] >= MIN_REUSE:
-                return best
-        return min(free, key=lambda s: (1, self._freed_at[s]) if self.kept[s] else (0, s))
+        if not self.prefix_cache:
+            return free[0]
+        match = {s: _common_prefix(self.kept[s], prompt, len(prompt) - 1) for s in free}
+        best = max(free, key=match.__getitem__)
+        if match[best] >= MIN_REUSE:
+            return best
+        hi = self.max_batch if self.compiled else max((s + 1 for s, r in enumerate(self.slots) if r is not None), default=0)
+        pool = [s for s in free if s < hi] or free[:1]
+        return min(pool, key=lambda s: (1, self._freed_at[s]) if self.kept[s] else (0, s))
 
     def _admit(self, req: Request, slot: int) -> None:
         req.slot = slot
