@@ -163,3 +163,23 @@ def test_train_throughput_stopped_by_sigterm_reports_the_rounds_it_finished(monk
     ours, theirs, ratio = _main_rows(decode, monkeypatch, capsys, "--preset", "tiny", "--vocab-size", "256", "--prompt-len", "8",
                                      "--new-tokens", "4", "--device", "cpu", "--threads", "1", "--compare-hf", "--repeat", "3")
     assert ours["stopped_early"] and theirs["what"] == "transformers generate" and len(ratio["ratios"]) == 1
+
+
+def test_prefix_cache_bench_reuses_prefixes_and_keeps_the_outputs(trained_run, tmp_path):
+    from conftest import varied_transformer
+
+    from lmforge.checkpoint.store import save_checkpoint
+    from lmforge.infer import load
+
+    tok = load(trained_run.out).tokenizer
+    tok.chat_template = ("{% for m in messages %}<|cls|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|cls|>assistant\n{% endif %}")
+    save_checkpoint(tmp_path / "chat", varied_transformer(0, vocab_size=tok.vocab_size, context_length=1024), tok)
+    rows = run_bench("bench/prefix_cache.py", str(tmp_path / "chat"), "--turns", "3", "--clients", "3", "--system-lines", "4",
+                     "--max-tokens", "6", "--repeat", "1", "--threads", "1")
+    chat_off, chat_on, chat_ratio, shared_off, shared_on, shared_ratio = rows
+    assert [r["prefix_cache"] for r in rows if "prefix_cache" in r] == [False, True, False, True]
+    assert chat_off["reused_tokens"] == shared_off["reused_tokens"] == 0
+    assert chat_on["prompt_tokens"] == chat_off["prompt_tokens"] and chat_on["reused_tokens"] > chat_on["prompt_tokens"] // 3
+    assert shared_on["reused_tokens"] >= 2 * shared_on["system_tokens"]  # two of three requests copy the system message
+    assert chat_ratio["identical_outputs"] and shared_ratio["identical_outputs"] and chat_ratio["ttft_ratio"] > 0
