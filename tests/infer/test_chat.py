@@ -32,6 +32,17 @@ def test_session_keeps_turns_and_resets(lm):
     assert chat.messages == [{"role": "system", "content": "Be brief."}]
 
 
+def test_a_turn_prefills_only_what_is_new_and_answers_as_generating_alone(lm):
+    chat = ChatSession(lm, temperature=0)
+    first_prompt = lm.tokenizer.encode(render_chat(lm, [{"role": "user", "content": "ROMEO:"}]))
+    "".join(chat.send("ROMEO:", max_new_tokens=6))
+    prompt = render_chat(lm, chat.messages + [{"role": "user", "content": "JULIET:"}])
+    second = "".join(chat.send("JULIET:", max_new_tokens=6))
+    assert second == lm.generate(prompt, 6, temperature=0)
+    # The first turn's prompt (and the reply, as far as its text re-encodes to the same tokens) came from the slot.
+    assert chat.engine.reused_tokens >= len(first_prompt), (chat.engine.reused_tokens, len(first_prompt), len(lm.tokenizer.encode(prompt)))
+
+
 def test_full_context_is_a_user_error_that_keeps_the_session(lm):
     chat = ChatSession(lm, temperature=0)
     with pytest.raises(UserError, match="no longer fits"):

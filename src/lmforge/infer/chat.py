@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from lmforge.infer.engine import Engine
+from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.session import LanguageModel
 from lmforge.utils.errors import UserError
 
@@ -23,11 +25,18 @@ def render_chat(lm: LanguageModel, messages: list[dict[str, str]], add_generatio
 
 
 class ChatSession:
-    """A conversation that remembers its turns; `send` streams the assistant's reply."""
+    """A conversation that remembers its turns; `send` streams the assistant's reply.
+
+    `sampling`: temperature, top_k, top_p, seed. A decoder-only model answers through a
+    one-slot `Engine`, whose prefix reuse keeps the conversation's keys and values between turns:
+    each turn prefills only the new message (and the last reply's final token), not the whole
+    conversation again.
+    """
 
     def __init__(self, lm: LanguageModel, system: str | None = None, **sampling) -> None:
         self.lm, self.system, self.sampling = lm, system, sampling
         self.messages: list[dict[str, str]] = []
+        self.engine = Engine(lm.model, lm.tokenizer, max_batch=1) if lm.model.config.arch == "decoder" else None
         self.reset()
 
     def reset(self) -> None:
@@ -43,7 +52,21 @@ class ChatSession:
             self.messages.pop()
             raise UserError("the conversation no longer fits in the model's context; /reset to start over")
         reply = []
-        for piece in self.lm.stream(prompt, min(max_new_tokens, room), **self.sampling):
+        for piece in self._stream(prompt, min(max_new_tokens, room)):
             reply.append(piece)
             yield piece
         self.messages.append({"role": "assistant", "content": "".join(reply).strip()})
+
+    def _stream(self, prompt: str, max_new_tokens: int) -> Iterator[str]:
+        if self.engine is None:
+            yield from self.lm.stream(prompt, max_new_tokens, **self.sampling)
+            return
+        req = self.engine.add(self.lm.tokenizer.encode(prompt), SamplingParams(max_tokens=max_new_tokens, **self.sampling))
+        try:
+            while not req.finished:
+                for event in self.engine.step():
+                    if event.text:
+                        yield event.text
+        finally:  # a reader that stops early (Ctrl-C) frees the slot
+            if not req.finished:
+                self.engine.abort(req.id)
