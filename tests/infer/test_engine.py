@@ -219,6 +219,14 @@ def test_requests_sharing_a_prefix_prefill_it_once(long_model):
     reqs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=6))
     assert engine.reused_tokens == 64
     assert [r.output for r in reqs] == [greedy_alone(long_model, p, 6) for p in prompts]
+    # n = 3 copies of one 40-token prompt: the two others copy its first two chunks and prefill
+    # the last 8 tokens themselves (fewer than MIN_REUSE would come from waiting another step).
+    engine = Engine(long_model, max_batch=3, prefill_chunk=16, prefill_budget=48)
+    seeded = [SamplingParams(temperature=1.0, max_tokens=6, seed=s) for s in (1, 2, 3)]
+    reqs = engine.generate([prompts[0] + [50, 51, 52, 53]] * 3, seeded)
+    assert engine.reused_tokens == 64
+    alone = [Engine(long_model, max_batch=1).generate([prompts[0] + [50, 51, 52, 53]], p)[0].output for p in seeded]
+    assert [r.output for r in reqs] == alone and len({tuple(a) for a in alone}) > 1
 
 
 def test_a_free_slot_keeps_its_keys_through_decode_steps_that_attend_over_fewer(long_model):
