@@ -183,3 +183,24 @@ def test_prefix_cache_bench_reuses_prefixes_and_keeps_the_outputs(trained_run, t
     assert chat_on["prompt_tokens"] == chat_off["prompt_tokens"] and chat_on["reused_tokens"] > chat_on["prompt_tokens"] // 3
     assert shared_on["reused_tokens"] >= 2 * shared_on["system_tokens"]  # two of three requests copy the system message
     assert chat_ratio["identical_outputs"] and shared_ratio["identical_outputs"] and chat_ratio["ttft_ratio"] > 0
+
+
+def test_speculative_bench_gives_the_same_tokens_four_ways(trained_run, tmp_path):
+    pytest.importorskip("transformers")
+    from conftest import SHARED_DATA, varied_transformer
+
+    from lmforge.checkpoint.store import save_checkpoint
+    from lmforge.infer import load
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    tok = load(trained_run.out).tokenizer
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    save_checkpoint(tmp_path / "chat", varied_transformer(0, vocab_size=tok.vocab_size, context_length=2048), tok)
+    rows = run_bench("bench/speculative.py", str(tmp_path / "chat"), "--docs", "2", "--max-new-tokens", "12", "--speculate", "4",
+                     "--repeat", "1", "--threads", "1")
+    plain, fast, hf, hf_lookup, ratio = rows
+    assert [r["what"] for r in rows[:4]] == ["lmforge", "lmforge speculative", "transformers", "transformers prompt lookup"]
+    assert plain["tokens"] == fast["tokens"] == hf["tokens"] == hf_lookup["tokens"] > 0
+    assert fast["drafted"] >= fast["accepted"] and plain["drafted"] == 0
+    assert ratio["identical_outputs"] == {"lmforge": 2, "lmforge speculative": 2, "transformers": 2, "transformers prompt lookup": 2}

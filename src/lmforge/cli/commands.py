@@ -245,7 +245,7 @@ def serve_cmd(args: Namespace) -> None:
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, device=args.device, dtype=args.dtype,
           max_batch=args.max_batch, max_seq_len=args.max_seq_len, max_queue=args.max_queue,
           prefill_chunk=args.prefill_chunk, compile=args.compile, model_name=args.model_name, threads=args.threads,
-          writes_per_step=args.writes_per_step, prefix_cache=not args.no_prefix_cache)
+          writes_per_step=args.writes_per_step, prefix_cache=not args.no_prefix_cache, speculate=args.speculate)
 
 
 def export_hf_cmd(args: Namespace) -> dict[str, Any]:

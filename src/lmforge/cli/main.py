@@ -205,6 +205,8 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(srv, "max_queue", type=int, default=256, help="waiting requests beyond which the server answers 429")
     _option(srv, "prefill_chunk", type=int, default=256, help="prompt tokens prefilled per step")
     _option(srv, "compile", action="store_true", help="compile the decode step (CUDA graphs on GPU)")
+    _option(srv, "speculate", type=int, default=0,
+            help="draft up to K tokens per greedy request by prompt lookup and check them in the decode step (0: off)")
     _option(srv, "no_prefix_cache", action="store_true",
             help="prefill every prompt in full (default: a prompt prefix whose keys and values a slot holds is copied)")
     _option(srv, "writes_per_step", type=int, default=8,

@@ -31,7 +31,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from lmforge.infer.sampling import SamplingParams, sample_rows
+from lmforge.infer.sampling import Choice, SamplingParams, sample_rows
+from lmforge.infer.speculate import NgramDrafter
 from lmforge.model import Transformer
 from lmforge.utils.device import free_memory
 from lmforge.utils.errors import UserError
@@ -105,6 +106,7 @@ class Request:
     prefilled: int = 0  # prompt tokens already in the cache
     stream: TextStream | None = None
     generator: torch.Generator | None = None
+    drafter: NgramDrafter | None = None  # prompt and output so far, for speculative drafts
 
     @property
     def finished(self) -> bool:
@@ -169,7 +171,10 @@ class Engine:
     captured in a CUDA graph: `graphs="capture"` captures and replays them by hand
     (`CapturedDecode`), `graphs="trees"` leaves it to torch.compile's "reduce-overhead" mode.
     `prefix_cache` reuses the keys and values of prompt prefixes that slots hold (see the module's
-    docstring); `reused_tokens` counts the prompt tokens it saved.
+    docstring); `reused_tokens` counts the prompt tokens it saved. `speculate` k > 0 drafts up to k
+    tokens per greedy sequence by prompt lookup (`lmforge.infer.speculate`) and checks them in the
+    decode step, which then feeds each sequence its newest token and its draft (eagerly, even when
+    compiled); `drafted` and `accepted` count the draft tokens proposed and kept.
     """
 
     def __init__(
@@ -184,12 +189,15 @@ class Engine:
         prefill_budget: int | None = None,
         graphs: str = "capture",
         prefix_cache: bool = True,
+        speculate: int = 0,
     ) -> None:
         if model.config.arch != "decoder":
             raise UserError(f"the engine runs decoder-only models; this checkpoint is an {model.config.arch} model "
                             "(use lmforge.infer.generate_tokens or beam_search for an encoder-decoder)")
         if graphs not in ("capture", "trees"):
             raise UserError(f"graphs must be capture or trees, got {graphs!r}")
+        if speculate < 0:
+            raise UserError(f"speculate must be >= 0 draft tokens, got {speculate}")
         if max_batch < 1 or prefill_chunk < 1 or (max_seq_len is not None and max_seq_len < 2):
             raise UserError(f"max_batch and prefill_chunk must be >= 1 and max_seq_len >= 2, "
                             f"got {max_batch}, {prefill_chunk} and {max_seq_len}")
@@ -215,6 +223,7 @@ class Engine:
         self.kept: list[list[int]] = [[] for _ in range(max_batch)]  # the tokens whose keys/values a free slot holds
         self._freed_at = [0] * max_batch  # the step that freed each slot: the least recently freed goes first
         self._steps = 0
+        self.speculate, self.drafted, self.accepted = speculate, 0, 0
         self.compiled = compile
         self._decode: Callable[[Transformer, torch.Tensor, torch.Tensor, object], torch.Tensor] = _decode_step
         self.spans = span_buckets(self.max_seq_len) if compile else []  # the key spans compiled for
@@ -446,65 +455,122 @@ class Engine:
         self.slots[req.slot] = None
 
     def _decode_all(self, decoding: list[Request], events: list[Event]) -> None:
-        # Every slot in [0, hi) takes part; a slot that is not decoding writes at its own length,
-        # a position its own prefill or decode overwrites before ever reading it.
-        hi = self.max_batch if self.compiled else max(r.slot for r in decoding) + 1
-        tokens, start = [0] * hi, [0] * hi
+        """One decode step for every decoding sequence: its newest token, and with `speculate` its
+        draft, T tokens a row (padded). Every slot in [0, hi) takes part; a row that is not
+        decoding writes T positions where nothing it holds is lost: past its prefill, past the
+        tokens a free slot keeps, or else in a window whose keys and values are put back after."""
+        drafts = self._drafts(decoding) if self.speculate else {}
+        T = 1 + max(map(len, drafts.values()), default=0)
+        eager = not self.compiled or T > 1
+        hi = max(r.slot for r in decoding) + 1 if eager else self.max_batch
+        tokens, start = [[0] * T for _ in range(hi)], [0] * hi
         for s, req in enumerate(self.slots[:hi]):
             if req is not None:
                 start[s] = req.prefilled
         for req in decoding:
-            tokens[req.slot], start[req.slot] = req.output[-1], len(req.prompt) + len(req.output) - 1
-        if self.compiled:  # static shapes: all slots, and the shortest span that holds every slot's position
-            cache = next(c for c in self._spans if c.span > max(start))
-            room = cache.span
-        else:
+            draft = drafts.get(req.slot, [])
+            tokens[req.slot][: 1 + len(draft)] = [req.output[-1], *draft]
+            start[req.slot] = len(req.prompt) + len(req.output) - 1
+        need = max(p for s, p in enumerate(start) if self.slots[s] is not None) + T
+        if eager:
             # Attend over the live positions only, rounded up to 16 so that the vectorised sums
             # group the real keys the same way at any length (masked keys add exact zeros).
-            room = -(-(max(start) + 1) // 16) * 16
-        # A free slot writes past the tokens it keeps; one that keeps more than the step attends
-        # over writes at the last attended position, whose keys and values are put back after.
+            room = min(-(-need // 16) * 16, self.max_seq_len)
+        else:  # static shapes: all slots, and the shortest span that holds every slot's position
+            cache = next(c for c in self._spans if c.span >= need)
+            room = cache.span
+        decoding_slots = {r.slot for r in decoding}
         clobbered = []
         for s in range(hi):
-            if self.slots[s] is None and self.kept[s]:
-                start[s] = min(len(self.kept[s]), room - 1)
-                if len(self.kept[s]) >= room:
-                    clobbered.append(s)
-        tokens_t, start_t = torch.tensor([tokens, start], device=self.device).unbind()
-        if not self.compiled:  # the view works out the write index and the mask once for all layers
-            cache = self.cache.rows(0, hi, length=room, start=start_t)
+            if s in decoding_slots:
+                continue
+            p = start[s] if self.slots[s] is not None else len(self.kept[s])
+            if p + T > room:
+                p = room - T
+                clobbered.append(s)
+            start[s] = p
+        tokens_t, start_t = torch.tensor(tokens, device=self.device), torch.tensor(start, device=self.device)
         if clobbered:
             rows = torch.tensor(clobbered, device=self.device)
-            saved = [t[rows, :, room - 1] for t in self.cache.k + self.cache.v]
-        logits = self._decode(self.model, tokens_t, start_t, cache)
+            saved = [t[rows, :, room - T: room] for t in self.cache.k + self.cache.v]
+        if T == 1:
+            if eager:  # the view works out the write index and the mask once for all layers
+                cache = self.cache.rows(0, hi, length=room, start=start_t)
+            logits = self._decode(self.model, tokens_t[:, 0], start_t, cache)
+        else:
+            h = self.model.encode(tokens_t, cache=self.cache.rows(0, hi, length=room, start=start_t, T=T), start=start_t)
         if clobbered:
             for t, kept in zip(self.cache.k + self.cache.v, saved):
-                t[rows, :, room - 1] = kept
-        if len(decoding) < logits.size(0):  # some slots in [0, hi) are not decoding
-            logits = logits.index_select(0, torch.tensor([r.slot for r in decoding], device=self.device))
-        self._sample(decoding, logits, events)
+                t[rows, :, room - T: room] = kept
+        if T == 1:
+            if len(decoding) < logits.size(0):  # some slots in [0, hi) are not decoding
+                logits = logits.index_select(0, torch.tensor([r.slot for r in decoding], device=self.device))
+            self._sample(decoding, logits, events)
+            return
+        # The head at each decoding row's newest token and draft positions; then each row keeps its
+        # draft up to the first token the model would not have chosen, and the model's choice there.
+        rows_at = [(r.slot, j) for r in decoding for j in range(1 + len(drafts.get(r.slot, [])))]
+        at = torch.tensor(rows_at, device=self.device)
+        logits = self.model.output(h[at[:, 0], at[:, 1]])[:, : self.model.config.vocab_size]
+        flat = [r for r in decoding for _ in range(1 + len(drafts.get(r.slot, [])))]
+        choice = self._choose(flat, logits)
+        chosen = choice.tokens.tolist()
+        i = 0
+        for req in decoding:
+            draft = drafts.get(req.slot, [])
+            for j in range(1 + len(draft)):
+                self._take(req, chosen[i + j], choice, i + j, events)
+                hit = j < len(draft) and chosen[i + j] == draft[j]
+                self.accepted += hit
+                if req.finished or not hit:
+                    break
+            i += 1 + len(draft)
 
-    def _sample(self, reqs: list[Request], logits: torch.Tensor, events: list[Event]) -> None:
+    def _drafts(self, decoding: list[Request]) -> dict[int, list[int]]:
+        """slot -> draft tokens, for the greedy sequences without penalties (their choices at the
+        draft positions are exact: no counts change between them). Each draft stops short of the
+        request's max_tokens, and every row keeps its T positions inside the cache."""
+        room = min(self.max_seq_len - (len(r.prompt) + len(r.output) - 1) for r in decoding)  # positions left to the fullest row
+        k = min(self.speculate, room - 1)
+        drafts = {}
+        for req in decoding:
+            if k <= 0 or not req.params.greedy or req.params.penalised:
+                continue
+            if req.drafter is None:
+                req.drafter = NgramDrafter(req.prompt)
+            req.drafter.extend(req.output[len(req.drafter.tokens) - len(req.prompt):])
+            draft = req.drafter.draft(min(k, req.params.max_tokens - len(req.output) - 1))
+            if draft:
+                drafts[req.slot] = draft
+                self.drafted += len(draft)
+        return drafts
+
+    def _choose(self, reqs: list[Request], logits: torch.Tensor) -> Choice:
         counts = mask = None
         if self.counts is not None:
             rows = torch.tensor([r.slot for r in reqs], device=self.device)
             counts, mask = self.counts.index_select(0, rows), self.prompt_mask.index_select(0, rows)
-        choice = sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs], counts, mask)
-        tokens = choice.tokens.tolist()
-        for b, req in enumerate(reqs):
-            token = tokens[b]
-            req.output.append(token)
-            if self.counts is not None:
-                self.counts[req.slot, token] += 1
-            logprob = None
-            if req.params.logprobs is not None:
-                top = []
-                if req.params.logprobs > 0:
-                    k = req.params.logprobs
-                    top = list(zip(choice.top_ids[b, :k].tolist(), choice.top_logprobs[b, :k].tolist()))
-                logprob = {"token": token, "logprob": float(choice.logprobs[b]), "top": top}
-                req.logprobs.append(logprob)
-            events.append(self._advance(req, token, logprob))
+        return sample_rows(logits, [r.params for r in reqs], [r.generator for r in reqs], counts, mask)
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor, events: list[Event]) -> None:
+        choice = self._choose(reqs, logits)
+        for b, (req, token) in enumerate(zip(reqs, choice.tokens.tolist())):
+            self._take(req, token, choice, b, events)
+
+    def _take(self, req: Request, token: int, choice: Choice, b: int, events: list[Event]) -> None:
+        """Append `token` (row b of `choice`) to `req`'s output and emit its event."""
+        req.output.append(token)
+        if self.counts is not None:
+            self.counts[req.slot, token] += 1
+        logprob = None
+        if req.params.logprobs is not None:
+            top = []
+            if req.params.logprobs > 0:
+                k = req.params.logprobs
+                top = list(zip(choice.top_ids[b, :k].tolist(), choice.top_logprobs[b, :k].tolist()))
+            logprob = {"token": token, "logprob": float(choice.logprobs[b]), "top": top}
+            req.logprobs.append(logprob)
+        events.append(self._advance(req, token, logprob))
 
     def _advance(self, req: Request, token: int, logprob: dict | None) -> Event:
         p = req.params

@@ -27,6 +27,7 @@ def create_app(
     model_name: str | None = None,
     writes_per_step: int = 8,
     prefix_cache: bool = True,
+    speculate: int = 0,
 ):
     """Load `checkpoint` and build its app (see `build_app`). The KV cache holds `max_batch`
     sequences of `max_seq_len` tokens, prompt and completion (default: the model's context), in the
@@ -35,7 +36,7 @@ def create_app(
 
     lm = load(checkpoint, device=device, dtype=dtype)
     engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
-                    max_waiting=max_queue, compile=compile, prefix_cache=prefix_cache)
+                    max_waiting=max_queue, compile=compile, prefix_cache=prefix_cache, speculate=speculate)
     name = model_name or (Path(lm.path).parent.name if lm.path is not None else "lmforge")
     return build_app(lm, engine, model_name=name, api_key=api_key, writes_per_step=writes_per_step)
 
@@ -73,5 +74,6 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, log
     engine = app.state.runner.engine
     print(f"KV cache: {engine.max_batch} sequences x {engine.max_seq_len} tokens ({engine.cache_bytes / 2**30:.2f} GiB) "
           f"on {engine.device}" + (f"; decode step compiled for spans {engine.spans}" if engine.spans else "")
-          + ("; prefix reuse off" if not engine.prefix_cache else ""), flush=True)
+          + ("; prefix reuse off" if not engine.prefix_cache else "")
+          + (f"; up to {engine.speculate} draft tokens per greedy request" if engine.speculate else ""), flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

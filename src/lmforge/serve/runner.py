@@ -36,6 +36,9 @@ class Metrics:
         Gauge("lmforge_slots", "KV-cache slots (the most sequences decoded at once)", registry=r).set(engine.max_batch)
         Gauge("lmforge_prefix_reused_tokens", "prompt tokens whose keys and values were reused, not prefilled (since start)",
               registry=r).set_function(lambda: engine.reused_tokens)
+        Gauge("lmforge_draft_tokens", "speculative draft tokens proposed (since start)", registry=r).set_function(lambda: engine.drafted)
+        Gauge("lmforge_draft_tokens_accepted", "speculative draft tokens the model confirmed (since start)",
+              registry=r).set_function(lambda: engine.accepted)
         self.tokens_per_second = Gauge("lmforge_tokens_per_second", "generated tokens per second over the last second", registry=r)
         self.generated = Counter("lmforge_generated_tokens", "generated tokens", registry=r)
         self.prompt = Counter("lmforge_prompt_tokens", "prompt tokens admitted", registry=r)

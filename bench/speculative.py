@@ -1,0 +1,146 @@
+"""Speculative decoding by prompt lookup, against plain decoding and transformers' own prompt lookup.
+
+    python bench/speculative.py CKPT [--task edit|summarize|extract] [--docs 8] [--max-new-tokens 128] [--speculate 8]
+                                     [--repeat 3] [--device cpu] [--threads N] [--no-hf]
+
+Greedy requests one at a time (batch 1, where a decode step is bound by reading the weights and
+checking several drafted tokens costs little more than one), on a chat checkpoint
+(SmolLM2-135M-Instruct), through its chat template, from ../shared/data:
+
+- edit: the first paragraph of each of the first --docs SQuAD v1.1 dev articles, "Correct any
+  spelling mistakes in this paragraph and return the whole paragraph" (the reply copies most of
+  the prompt, as proofreading and code edits do).
+- summarize: the first --docs SciTLDR test abstracts, "Summarize this abstract in two sentences".
+- extract: the first --docs SQuAD v1.1 dev questions, "Quote the sentence of the passage that answers".
+
+Four ways, taking turns --repeat times: lmforge's engine without and with `speculate`, and
+transformers' `generate` (dynamic cache) on the same weights, without and with
+`prompt_lookup_num_tokens`. One JSON line per way {"what", "tokens", "seconds", "tokens_per_s",
+["accepted_per_step"]} (medians of the turns), then {"what": "ratio", "speculative_over_plain",
+"lmforge_over_transformers_prompt_lookup", "identical_outputs"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+from _data import shared_data  # noqa: E402
+from decode import build_hf, sync  # noqa: E402
+
+from lmforge.infer import Engine, SamplingParams, load, render_chat  # noqa: E402
+
+
+def requests(task: str, n: int) -> list[str]:
+    if task == "edit":
+        squad = json.loads((shared_data() / "qa" / "squad-v1.1-dev" / "dev-v1.1.json").read_text(encoding="utf-8"))
+        return [f"Correct any spelling mistakes in this paragraph and return the whole paragraph:\n\n{a['paragraphs'][0]['context']}"
+                for a in squad["data"][:n]]
+    if task == "summarize":
+        lines = (shared_data() / "summarization" / "scitldr" / "test.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+        return [f"Summarize this abstract in two sentences.\n\n{' '.join(json.loads(line)['source'])}" for line in lines]
+    squad = json.loads((shared_data() / "qa" / "squad-v1.1-dev" / "dev-v1.1.json").read_text(encoding="utf-8"))
+    pairs = [(p["context"], qa["question"]) for a in squad["data"] for p in a["paragraphs"] for qa in p["qas"][:1]][:n]
+    return [f"{context}\n\nQuote the sentence of this passage that answers the question: {question}" for context, question in pairs]
+
+
+def run_engine(lm, prompts: list[list[int]], max_new_tokens: int, speculate: int, device) -> dict:
+    engine = Engine(lm.model, lm.tokenizer, max_batch=1, max_seq_len=max(map(len, prompts)) + max_new_tokens,
+                    prefix_cache=False, speculate=speculate)
+    params = SamplingParams(temperature=0, max_tokens=max_new_tokens)
+    sync(device)
+    t0 = time.perf_counter()
+    outputs, steps = [], 0
+    for p in prompts:
+        req = engine.add(p, params)
+        while not req.finished:
+            engine.step()
+            steps += 1
+        outputs.append(req.output)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    tokens = sum(map(len, outputs))
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "outputs": outputs,
+            "drafted": engine.drafted, "accepted": engine.accepted, "steps": steps}
+
+
+def run_hf(hf, lm, prompts: list[list[int]], max_new_tokens: int, lookup: int, device) -> dict:
+    kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=lm.tokenizer.eot_id,
+                  pad_token_id=lm.tokenizer.eot_id)
+    if lookup:
+        kwargs["prompt_lookup_num_tokens"] = lookup
+    sync(device)
+    t0 = time.perf_counter()
+    outputs = []
+    for p in prompts:
+        out = hf.generate(torch.tensor([p], device=device), **kwargs)[0, len(p):].tolist()
+        outputs.append(out)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    tokens = sum(map(len, outputs))
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "outputs": outputs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--task", choices=["edit", "summarize", "extract"], default="edit")
+    ap.add_argument("--docs", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--speculate", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-hf", action="store_true", help="time lmforge only")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    lm = load(args.checkpoint, device=args.device)
+    prompts = [lm.tokenizer.encode(render_chat(lm, [{"role": "user", "content": text}])) for text in requests(args.task, args.docs)]
+    ways = {"lmforge": lambda: run_engine(lm, prompts, args.max_new_tokens, 0, device),
+            "lmforge speculative": lambda: run_engine(lm, prompts, args.max_new_tokens, args.speculate, device)}
+    if not args.no_hf:
+        hf = build_hf(lm.model, device)
+        ways["transformers"] = lambda: run_hf(hf, lm, prompts, args.max_new_tokens, 0, device)
+        ways["transformers prompt lookup"] = lambda: run_hf(hf, lm, prompts, args.max_new_tokens, args.speculate, device)
+    env = {"task": args.task, "docs": args.docs, "prompt_tokens": sum(map(len, prompts)), "max_new_tokens": args.max_new_tokens,
+           "speculate": args.speculate, "device": args.device, "torch": torch.__version__, "machine": platform.machine(),
+           "threads": torch.get_num_threads(), "repeat": args.repeat}
+    runs: dict[str, list[dict]] = {name: [] for name in ways}
+    with torch.inference_mode():
+        run_engine(lm, prompts[:1], 8, args.speculate, device)  # warm up
+        for _ in range(args.repeat):
+            for name, run in ways.items():
+                runs[name].append(run())
+    median = {name: sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2] for name, rs in runs.items()}
+    for name, r in median.items():
+        row = {"what": name, **env, **{k: v for k, v in r.items() if k != "outputs"}}
+        if "drafted" in r:
+            row["accepted_per_step"] = round(r["accepted"] / max(r["steps"], 1), 2)
+        print(json.dumps(row), flush=True)
+    reference = median["lmforge"]["outputs"]
+    ratio = {"what": "ratio", **env,
+             "speculative_over_plain": round(median["lmforge speculative"]["tokens_per_s"] / median["lmforge"]["tokens_per_s"], 2),
+             "identical_outputs": {name: sum(a == b for a, b in zip(r["outputs"], reference)) for name, r in median.items()}}
+    if not args.no_hf:
+        ratio["transformers_prompt_lookup_over_plain"] = round(
+            median["transformers prompt lookup"]["tokens_per_s"] / median["transformers"]["tokens_per_s"], 2)
+        ratio["lmforge_over_transformers_prompt_lookup"] = round(
+            median["lmforge speculative"]["tokens_per_s"] / median["transformers prompt lookup"]["tokens_per_s"], 2)
+    print(json.dumps(ratio), flush=True)
+
+
+if __name__ == "__main__":
+    main()
