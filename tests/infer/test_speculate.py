@@ -2,7 +2,6 @@
 is exactly the model's own."""
 
 import pytest
-import torch
 
 from lmforge.infer import Engine, SamplingConfig, SamplingParams, generate_tokens, load
 from lmforge.infer.speculate import NgramDrafter
