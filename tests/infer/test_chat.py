@@ -35,12 +35,14 @@ def test_session_keeps_turns_and_resets(lm):
 def test_a_turn_prefills_only_what_is_new_and_answers_as_generating_alone(lm):
     chat = ChatSession(lm, temperature=0)
     first_prompt = lm.tokenizer.encode(render_chat(lm, [{"role": "user", "content": "ROMEO:"}]))
-    "".join(chat.send("ROMEO:", max_new_tokens=6))
+    first = "".join(chat.send("ROMEO:", max_new_tokens=6))
     prompt = render_chat(lm, chat.messages + [{"role": "user", "content": "JULIET:"}])
     second = "".join(chat.send("JULIET:", max_new_tokens=6))
     assert second == lm.generate(prompt, 6, temperature=0)
     # The first turn's prompt (and the reply, as far as its text re-encodes to the same tokens) came from the slot.
     assert chat.engine.reused_tokens >= len(first_prompt), (chat.engine.reused_tokens, len(first_prompt), len(lm.tokenizer.encode(prompt)))
+    fast = ChatSession(lm, temperature=0, speculate=4)  # greedy replies checked against drafts: the same text
+    assert ["".join(fast.send(m, max_new_tokens=6)) for m in ("ROMEO:", "JULIET:")] == [first, second]
 
 
 def test_full_context_is_a_user_error_that_keeps_the_session(lm):

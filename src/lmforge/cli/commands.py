@@ -207,8 +207,10 @@ def chat_cmd(args: Namespace) -> None:
     if args.max_new_tokens < 1:  # else every turn would end before its first token
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     lm = load(args.checkpoint, device=args.device, dtype=args.dtype)
-    session = ChatSession(lm, system=args.system, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed)
+    if args.speculate < 0:
+        raise UserError(f"--speculate must be >= 0, got {args.speculate}")
+    session = ChatSession(lm, system=args.system, speculate=args.speculate, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed)
     render_chat(lm, [{"role": "user", "content": "hi"}])  # a checkpoint without a template fails here, once
     interactive = sys.stdin.isatty()
     print(f"chatting with {lm.path} (/reset clears the conversation, /exit quits)", file=sys.stderr)

@@ -189,6 +189,8 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     chat.add_argument("checkpoint", help="checkpoint or run directory")
     _option(chat, "system", default=None, help="system message")
     _sampling_options(chat, max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.9)
+    _option(chat, "speculate", type=int, default=0,
+            help="with --temperature 0: draft up to K tokens by prompt lookup and check them in one step (replies that repeat the conversation come faster)")
     _device_options(chat)
     verbs.add_subcommand("chat", chat, help="interactive chat that streams replies")
 

@@ -30,13 +30,14 @@ class ChatSession:
     `sampling`: temperature, top_k, top_p, seed. A decoder-only model answers through a
     one-slot `Engine`, whose prefix reuse keeps the conversation's keys and values between turns:
     each turn prefills only the new message (and the last reply's final token), not the whole
-    conversation again.
+    conversation again; `speculate` is the engine's (greedy replies only).
     """
 
-    def __init__(self, lm: LanguageModel, system: str | None = None, **sampling) -> None:
+    def __init__(self, lm: LanguageModel, system: str | None = None, speculate: int = 0, **sampling) -> None:
         self.lm, self.system, self.sampling = lm, system, sampling
         self.messages: list[dict[str, str]] = []
-        self.engine = Engine(lm.model, lm.tokenizer, max_batch=1) if lm.model.config.arch == "decoder" else None
+        decoder = lm.model.config.arch == "decoder"
+        self.engine = Engine(lm.model, lm.tokenizer, max_batch=1, speculate=speculate) if decoder else None
         self.reset()
 
     def reset(self) -> None:
