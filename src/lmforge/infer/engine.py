@@ -502,13 +502,17 @@ class Engine:
         if clobbered:
             for t, kept in zip(self.cache.k + self.cache.v, saved):
                 t[rows, :, room - T: room] = kept
-        if T == 1:
-            if len(decoding) < logits.size(0):  # some slots in [0, hi) are not decoding
-                logits = logits.index_select(0, torch.tensor([r.slot for r in decoding], device=self.device))
-            self._sample(decoding, logits, events)
+        if T > 1:
+            self._accept_drafts(decoding, drafts, h, events)
             return
-        # The head at each decoding row's newest token and draft positions; then each row keeps its
-        # draft up to the first token the model would not have chosen, and the model's choice there.
+        if len(decoding) < logits.size(0):  # some slots in [0, hi) are not decoding
+            logits = logits.index_select(0, torch.tensor([r.slot for r in decoding], device=self.device))
+        self._sample(decoding, logits, events)
+
+    def _accept_drafts(self, decoding: list[Request], drafts: dict[int, list[int]], h: torch.Tensor, events: list[Event]) -> None:
+        """From the hidden states (hi, T, C) of a step that fed drafts: the head at each decoding
+        row's newest token and draft positions; then each row keeps its draft up to the first
+        token the model would not have chosen, and the model's choice there."""
         rows_at = [(r.slot, j) for r in decoding for j in range(1 + len(drafts.get(r.slot, [])))]
         at = torch.tensor(rows_at, device=self.device)
         logits = self.model.output(h[at[:, 0], at[:, 1]])[:, : self.model.config.vocab_size]
