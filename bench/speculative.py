@@ -1,7 +1,7 @@
 """Speculative decoding by prompt lookup, against plain decoding and transformers' own prompt lookup.
 
     python bench/speculative.py CKPT [--task edit|summarize|extract] [--docs 8] [--max-new-tokens 128] [--speculate 8]
-                                     [--repeat 3] [--device cpu] [--threads N] [--no-hf]
+                                     [--repeat 3] [--device cpu] [--threads N] [--no-hf] [--temperature T --top-k K --top-p P]
 
 Greedy requests one at a time (batch 1, where a decode step is bound by reading the weights and
 checking several drafted tokens costs little more than one), on a chat checkpoint
@@ -13,7 +13,10 @@ checking several drafted tokens costs little more than one), on a chat checkpoin
 - summarize: the first --docs SciTLDR test abstracts, "Summarize this abstract in two sentences".
 - extract: the first --docs SQuAD v1.1 dev questions, "Quote the sentence of the passage that answers".
 
-Four ways, taking turns --repeat times: lmforge's engine without and with `speculate`, and
+With --temperature > 0 the requests sample (request i with seed i): speculation then keeps a
+draft token with the probability the model gives it (`speculative_sample`), so the two lmforge
+ways draw different texts from the same distribution, and transformers is not run. Otherwise four
+ways, taking turns --repeat times: lmforge's engine without and with `speculate`, and
 transformers' `generate` (dynamic cache) on the same weights, without and with
 `prompt_lookup_num_tokens`. One JSON line per way {"what", "tokens", "seconds", "tokens_per_s",
 ["accepted_per_step"]} (medians of the turns), then {"what": "ratio", "speculative_over_plain",
@@ -54,15 +57,15 @@ def requests(task: str, n: int) -> list[str]:
     return [f"{context}\n\nQuote the sentence of this passage that answers the question: {question}" for context, question in pairs]
 
 
-def run_engine(lm, prompts: list[list[int]], max_new_tokens: int, speculate: int, device) -> dict:
+def run_engine(lm, prompts: list[list[int]], max_new_tokens: int, speculate: int, device, sampling: dict | None = None) -> dict:
     engine = Engine(lm.model, lm.tokenizer, max_batch=1, max_seq_len=max(map(len, prompts)) + max_new_tokens,
                     prefix_cache=False, speculate=speculate)
-    params = SamplingParams(temperature=0, max_tokens=max_new_tokens)
+    sampling = sampling or {"temperature": 0}
     sync(device)
     t0 = time.perf_counter()
     outputs, steps = [], 0
-    for p in prompts:
-        req = engine.add(p, params)
+    for i, p in enumerate(prompts):
+        req = engine.add(p, SamplingParams(max_tokens=max_new_tokens, seed=i, **sampling))
         while not req.finished:
             engine.step()
             steps += 1
@@ -102,20 +105,25 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true", help="time lmforge only")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     lm = load(args.checkpoint, device=args.device)
     prompts = [lm.tokenizer.encode(render_chat(lm, [{"role": "user", "content": text}])) for text in requests(args.task, args.docs)]
-    ways = {"lmforge": lambda: run_engine(lm, prompts, args.max_new_tokens, 0, device),
-            "lmforge speculative": lambda: run_engine(lm, prompts, args.max_new_tokens, args.speculate, device)}
-    if not args.no_hf:
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    ways = {"lmforge": lambda: run_engine(lm, prompts, args.max_new_tokens, 0, device, sampling),
+            "lmforge speculative": lambda: run_engine(lm, prompts, args.max_new_tokens, args.speculate, device, sampling)}
+    hf_too = not args.no_hf and args.temperature == 0
+    if hf_too:
         hf = build_hf(lm.model, device)
         ways["transformers"] = lambda: run_hf(hf, lm, prompts, args.max_new_tokens, 0, device)
         ways["transformers prompt lookup"] = lambda: run_hf(hf, lm, prompts, args.max_new_tokens, args.speculate, device)
     env = {"task": args.task, "docs": args.docs, "prompt_tokens": sum(map(len, prompts)), "max_new_tokens": args.max_new_tokens,
-           "speculate": args.speculate, "device": args.device, "torch": torch.__version__, "machine": platform.machine(),
+           "speculate": args.speculate, **sampling, "device": args.device, "torch": torch.__version__, "machine": platform.machine(),
            "threads": torch.get_num_threads(), "repeat": args.repeat}
     runs: dict[str, list[dict]] = {name: [] for name in ways}
     with torch.inference_mode():
@@ -131,9 +139,10 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     reference = median["lmforge"]["outputs"]
     ratio = {"what": "ratio", **env,
-             "speculative_over_plain": round(median["lmforge speculative"]["tokens_per_s"] / median["lmforge"]["tokens_per_s"], 2),
-             "identical_outputs": {name: sum(a == b for a, b in zip(r["outputs"], reference)) for name, r in median.items()}}
-    if not args.no_hf:
+             "speculative_over_plain": round(median["lmforge speculative"]["tokens_per_s"] / median["lmforge"]["tokens_per_s"], 2)}
+    if args.temperature == 0:  # sampled texts differ by design
+        ratio["identical_outputs"] = {name: sum(a == b for a, b in zip(r["outputs"], reference)) for name, r in median.items()}
+    if hf_too:
         ratio["transformers_prompt_lookup_over_plain"] = round(
             median["transformers prompt lookup"]["tokens_per_s"] / median["transformers"]["tokens_per_s"], 2)
         ratio["lmforge_over_transformers_prompt_lookup"] = round(

@@ -3,8 +3,9 @@
 Requests arrive over time, share prompt prefixes, continue earlier ones (chat turns), mix greedy,
 seeded sampling, penalties with logit bias, stop tokens and logprobs, and some are aborted; with
 prefix reuse and speculation on and off. Every request that ran to its end must give the tokens
-it gives alone in a fresh engine without either, and every freed slot must hold the keys and
-values of the tokens it says it keeps.
+it gives alone in a fresh engine without either (a sampled request: alone with the same
+speculation, which draws its random numbers differently), and every freed slot must hold the
+keys and values of the tokens it says it keeps.
 """
 
 import random
@@ -68,7 +69,8 @@ def test_a_random_workload_gives_every_request_its_tokens_alone(model, seed, spe
     finished = [r for r in reqs if r.finish_reason != "abort"]
     assert len(finished) >= 20
     for r in finished:
-        assert r.output == Engine(model, max_batch=1, prefix_cache=False).generate([r.prompt], r.params)[0].output, r.params
+        alone = Engine(model, max_batch=1, prefix_cache=False, speculate=0 if r.params.greedy else speculate)
+        assert r.output == alone.generate([r.prompt], r.params)[0].output, r.params
     assert (engine.reused_tokens > 0) == prefix_cache and (engine.drafted > 0) == (speculate > 0)
     for s, kept in enumerate(engine.kept):
         if kept:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge.infer import sampling
-from lmforge.infer.sampling import SamplingParams, apply_penalties, draw, filter_logits, sample_rows
+from lmforge.infer.sampling import SamplingParams, apply_penalties, draw, filter_logits, sample_rows, speculative_sample
 from lmforge.utils.errors import UserError
 
 
@@ -133,6 +133,24 @@ def test_sampled_support_and_frequencies():
     assert {d[0] for d in draws} == {0, 1} and {d[1] for d in draws} == {0, 1}
     share = sum(d[0] == 0 for d in draws) / len(draws)
     assert abs(share - 0.5 / 0.8) < 0.08  # renormalised over the kept tokens
+
+
+def test_speculative_sampling_emits_each_token_with_its_own_distribution():
+    """Draft [1, 3]: the first token must follow p0 whatever the draft, the second (after a kept 1)
+    p1, the third (after 1, 3) p2; with top-k 2 a filtered-out draft token is never kept."""
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    g = torch.Generator().manual_seed(0)
+    runs = [speculative_sample(p.log(), [1, 3], SamplingParams(temperature=1.0), g) for _ in range(4000)]
+    share = lambda xs, n=4: torch.bincount(torch.tensor(xs), minlength=n).float() / max(len(xs), 1)
+    torch.testing.assert_close(share([r[0] for r in runs]), p[0], atol=0.025, rtol=0)
+    torch.testing.assert_close(share([r[1] for r in runs if r[0] == 1]), p[1], atol=0.05, rtol=0)
+    torch.testing.assert_close(share([r[2] for r in runs if r[:2] == [1, 3]]), p[2], atol=0.07, rtol=0)
+    assert all(len(r) == 3 or r[-1] != [1, 3][len(r) - 1] for r in runs)  # a rejected draft token is never the replacement
+    top2 = [speculative_sample(p.log(), [2, 0], SamplingParams(temperature=1.0, top_k=2), g) for _ in range(2000)]
+    assert {r[0] for r in top2} == {0, 1} and all(len(r) == 1 for r in top2)
+    torch.testing.assert_close(share([r[0] for r in top2]), torch.tensor([0.625, 0.375, 0, 0]), atol=0.03, rtol=0)
+    hot = [speculative_sample(p.log(), [3], SamplingParams(temperature=1.0, logit_bias={3: 100.0}), g) for _ in range(50)]
+    assert all(r[0] == 3 and len(r) == 2 for r in hot)  # the bias counts in the acceptance
 
 
 def test_penalties_change_the_greedy_choice():

@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from lmforge.infer.sampling import Choice, SamplingParams, sample_rows
+from lmforge.infer.sampling import Choice, SamplingParams, sample_rows, speculative_sample, with_logprobs
 from lmforge.infer.speculate import NgramDrafter
 from lmforge.model import Transformer
 from lmforge.utils.device import free_memory
@@ -172,7 +172,7 @@ class Engine:
     (`CapturedDecode`), `graphs="trees"` leaves it to torch.compile's "reduce-overhead" mode.
     `prefix_cache` reuses the keys and values of prompt prefixes that slots hold (see the module's
     docstring); `reused_tokens` counts the prompt tokens it saved. `speculate` k > 0 drafts up to k
-    tokens per greedy sequence by prompt lookup (`lmforge.infer.speculate`) and checks them in the
+    tokens per sequence without penalties by prompt lookup (`lmforge.infer.speculate`) and checks them in the
     decode step, which then feeds each sequence its newest token and its draft (eagerly, even when
     compiled); `drafted` and `accepted` count the draft tokens proposed and kept.
     """
@@ -511,14 +511,28 @@ class Engine:
 
     def _accept_drafts(self, decoding: list[Request], drafts: dict[int, list[int]], h: torch.Tensor, events: list[Event]) -> None:
         """From the hidden states (hi, T, C) of a step that fed drafts: the head at each decoding
-        row's newest token and draft positions; then each row keeps its draft up to the first
-        token the model would not have chosen, and the model's choice there."""
+        row's newest token and draft positions. A greedy row keeps its draft up to the first
+        token the model would not have chosen, and the model's choice there; a sampled row keeps
+        each draft token with the probability its distribution gives it (`speculative_sample`).
+        Rows without a draft take one token as in a plain step."""
         rows_at = [(r.slot, j) for r in decoding for j in range(1 + len(drafts.get(r.slot, [])))]
         at = torch.tensor(rows_at, device=self.device)
         logits = self.model.output(h[at[:, 0], at[:, 1]])[:, : self.model.config.vocab_size]
         flat = [r for r in decoding for _ in range(1 + len(drafts.get(r.slot, [])))]
-        choice = self._choose(flat, logits)
-        chosen = choice.tokens.tolist()
+        own = [i for i, r in enumerate(flat) if not (r.slot in drafts and not r.params.greedy)]  # rows sample_rows decides
+        chosen = [0] * len(flat)
+        if own:
+            picked = self._choose([flat[i] for i in own], logits[torch.tensor(own, device=self.device)]).tokens.tolist()
+            for i, t in zip(own, picked):
+                chosen[i] = t
+        i = 0
+        for req in decoding:
+            draft = drafts.get(req.slot, [])
+            if draft and not req.params.greedy:
+                kept = speculative_sample(logits[i: i + 1 + len(draft)], draft, req.params, req.generator)
+                chosen[i: i + len(kept)] = kept
+            i += 1 + len(draft)
+        choice = with_logprobs(logits, torch.tensor(chosen, device=self.device), [r.params for r in flat])
         i = 0
         for req in decoding:
             draft = drafts.get(req.slot, [])
@@ -531,14 +545,14 @@ class Engine:
             i += 1 + len(draft)
 
     def _drafts(self, decoding: list[Request]) -> dict[int, list[int]]:
-        """slot -> draft tokens, for the greedy sequences without penalties (their choices at the
-        draft positions are exact: no counts change between them). Each draft stops short of the
-        request's max_tokens, and every row keeps its T positions inside the cache."""
+        """slot -> draft tokens, for the sequences without penalties (no counts change between
+        the draft positions). Each draft stops short of the request's max_tokens, and every row
+        keeps its T positions inside the cache."""
         room = min(self.max_seq_len - (len(r.prompt) + len(r.output) - 1) for r in decoding)  # positions left to the fullest row
         k = min(self.speculate, room - 1)
         drafts = {}
         for req in decoding:
-            if k <= 0 or not req.params.greedy or req.params.penalised:
+            if k <= 0 or req.params.penalised:
                 continue
             if req.drafter is None:
                 req.drafter = NgramDrafter(req.prompt)

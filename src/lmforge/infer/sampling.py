@@ -283,11 +283,47 @@ def sample_rows(
             tokens[sampled] = order.gather(1, picked[:, None])[:, 0]
         else:
             tokens[sampled] = draw(x, gens)
+    return with_logprobs(raw, tokens, params)
+
+
+def with_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> Choice:
+    """`tokens` (B,) as a `Choice`, with the raw log-probabilities that any row's `logprobs` asks for."""
     choice = Choice(tokens)
     want = [p.logprobs for p in params if p.logprobs is not None]
     if want:
-        logp = torch.log_softmax(raw, dim=-1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
         choice.logprobs = logp.gather(1, tokens[:, None])[:, 0]
         if max(want) > 0:
             choice.top_logprobs, choice.top_ids = logp.topk(max(want), dim=-1)
     return choice
+
+
+def speculative_sample(logits: torch.Tensor, draft: list[int], params: SamplingParams,
+                       generator: torch.Generator | None = None) -> list[int]:
+    """A sampled sequence's next tokens from the logits (len(draft) + 1, V) at its newest token and
+    at each draft token: draft token d at position j is kept with probability p_j(d), where p_j is
+    the row's sampling distribution there (bias, temperature, top-k/top-p/min-p); otherwise the
+    token there is drawn from p_j without d, and the rest of the draft is dropped. After a draft
+    kept whole, one more token is drawn from the last position.
+
+    This is speculative sampling (Leviathan et al. 2023; Chen et al. 2023) with a draft that puts
+    all its mass on one token: each emitted token has exactly the distribution of sampling one
+    token at a time. Not for rows with penalties (their counts change from token to token).
+    """
+    n, V = logits.shape
+    x = logits.float()
+    if params.logit_bias:
+        x = x.clone()
+        for t, v in params.logit_bias.items():
+            x[:, t] += v
+    x = (x / params.temperature).nan_to_num_(nan=float("-inf"), posinf=torch.finfo(x.dtype).max)
+    if params.filtered:
+        col = lambda value, dtype: torch.full((n,), value, dtype=dtype, device=x.device)
+        x = filter_logits(x, _top_k(col(params.top_k, torch.long), V), col(params.top_p, torch.float32), col(params.min_p, torch.float32))
+    kept = torch.softmax(x, dim=-1)[torch.arange(len(draft), device=x.device), torch.tensor(draft, device=x.device)].tolist()
+    u = torch.rand(len(draft), dtype=torch.float64, device=x.device, generator=generator).tolist()
+    for j, d in enumerate(draft):
+        if u[j] >= kept[j]:
+            x[j, d] = float("-inf")
+            return [*draft[:j], int(draw(x[j:j + 1], [generator])[0])]
+    return [*draft, int(draw(x[n - 1:], [generator])[0])]
