@@ -190,7 +190,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(chat, "system", default=None, help="system message")
     _sampling_options(chat, max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.9)
     _option(chat, "speculate", type=int, default=0,
-            help="with --temperature 0: draft up to K tokens by prompt lookup and check them in one step (replies that repeat the conversation come faster)")
+            help="draft up to K tokens by prompt lookup and check them in one step (replies that repeat the conversation come faster)")
     _device_options(chat)
     verbs.add_subcommand("chat", chat, help="interactive chat that streams replies")
 
@@ -208,7 +208,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(srv, "prefill_chunk", type=int, default=256, help="prompt tokens prefilled per step")
     _option(srv, "compile", action="store_true", help="compile the decode step (CUDA graphs on GPU)")
     _option(srv, "speculate", type=int, default=0,
-            help="draft up to K tokens per greedy request by prompt lookup and check them in the decode step (0: off)")
+            help="draft up to K tokens per request (without penalties) by prompt lookup and check them in the decode step (0: off)")
     _option(srv, "no_prefix_cache", action="store_true",
             help="prefill every prompt in full (default: a prompt prefix whose keys and values a slot holds is copied)")
     _option(srv, "writes_per_step", type=int, default=8,

@@ -30,7 +30,7 @@ class ChatSession:
     `sampling`: temperature, top_k, top_p, seed. A decoder-only model answers through a
     one-slot `Engine`, whose prefix reuse keeps the conversation's keys and values between turns:
     each turn prefills only the new message (and the last reply's final token), not the whole
-    conversation again; `speculate` is the engine's (greedy replies only).
+    conversation again; `speculate` is the engine's.
     """
 
     def __init__(self, lm: LanguageModel, system: str | None = None, speculate: int = 0, **sampling) -> None:

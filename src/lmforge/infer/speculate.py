@@ -4,9 +4,12 @@ A model that summarises, answers from a passage, edits code or continues a conve
 repeats text it has already seen. Prompt lookup (Saxena 2023; transformers'
 `prompt_lookup_num_tokens`, vLLM's "ngram" speculator) drafts the next tokens by finding the
 latest earlier occurrence of the sequence's last n tokens and proposing what followed it. The
-model then checks all the drafted tokens in one forward (`Engine(speculate=k)`): every token up to
-the first one the model would not have chosen is kept, plus the model's own choice there, so the
-output is the model's greedy output and a step can yield several tokens for about the cost of one.
+model then checks all the drafted tokens in one forward (`Engine(speculate=k)`). A greedy
+sequence keeps every token up to the first one the model would not have chosen, plus the model's
+own choice there; a sampled one keeps each draft token with the probability the model gives it
+(`lmforge.infer.sampling.speculative_sample`). Either way the output has the distribution of
+decoding one token at a time (greedy: the very same tokens), and a step can yield several tokens
+for little more than the cost of one.
 """
 
 from __future__ import annotations

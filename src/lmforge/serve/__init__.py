@@ -75,5 +75,5 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, log
     print(f"KV cache: {engine.max_batch} sequences x {engine.max_seq_len} tokens ({engine.cache_bytes / 2**30:.2f} GiB) "
           f"on {engine.device}" + (f"; decode step compiled for spans {engine.spans}" if engine.spans else "")
           + ("; prefix reuse off" if not engine.prefix_cache else "")
-          + (f"; up to {engine.speculate} draft tokens per greedy request" if engine.speculate else ""), flush=True)
+          + (f"; up to {engine.speculate} draft tokens per request" if engine.speculate else ""), flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
