@@ -6,7 +6,7 @@ from torch._dynamo.utils import counters
 
 from lmforge.config import preset
 from lmforge.infer import Engine, QueueFull, SamplingConfig, SamplingParams, TextStream, generate_tokens, load
-from lmforge.infer.engine import span_buckets
+from lmforge.infer.engine import _common_prefix, span_buckets
 from lmforge.model import Transformer
 from lmforge.utils.errors import UserError
 
@@ -200,6 +200,20 @@ def test_a_chat_turn_reuses_the_previous_turn_from_its_freed_slot(long_model):
     off = Engine(long_model, max_batch=2, prefill_chunk=16, prefix_cache=False)
     off.generate([first.prompt], SamplingParams(temperature=0, max_tokens=10))
     assert off.generate([turn], SamplingParams(temperature=0, max_tokens=8))[0].output == second.output and off.reused_tokens == 0
+
+
+def test_common_prefix_equals_a_plain_loop():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        a = [rng.randrange(3) for _ in range(rng.randrange(0, 200))]
+        b = a[: rng.randrange(0, len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(0, 200))]
+        limit = rng.randrange(0, 250)
+        n = 0
+        while n < min(len(a), len(b), limit) and a[n] == b[n]:
+            n += 1
+        assert _common_prefix(a, b, limit) == n
 
 
 def test_eager_requests_one_at_a_time_keep_to_the_lowest_slot(long_model):

@@ -147,15 +147,25 @@ MIN_REUSE = 16  # prompt tokens a copy from another slot must save (fewer cost a
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    """The length of the longest common prefix of `a` and `b`, at most `limit` (by bisection over
-    slice comparisons, which run in C)."""
-    lo, hi = 0, min(len(a), len(b), limit)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
+    """The length of the longest common prefix of `a` and `b`, at most `limit`. Slice comparisons
+    run in C: windows that double in size from the start (so two unrelated sequences cost one
+    short comparison and a shared prefix about twice its length), then bisection inside the first
+    window that differs."""
+    n = min(len(a), len(b), limit)
+    lo, size = 0, MIN_REUSE
+    while lo < n:
+        hi = min(lo + size, n)
+        if a[lo:hi] != b[lo:hi]:
+            break
+        lo, size = hi, 2 * size
+    else:
+        return n
+    while hi - lo > 1:  # a[lo:hi] differs from b[lo:hi]; everything before lo is equal
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
             lo = mid
         else:
-            hi = mid - 1
+            hi = mid
     return lo
 
 
@@ -443,7 +453,7 @@ class Engine:
     def _will_lend(self, leader: Request, req: Request) -> bool:
         """Whether `leader`'s prefill chunk this step computes at least MIN_REUSE of the tokens `req` would."""
         p = req.prefilled
-        if leader.prefilled > p:
+        if leader.prefilled > p or leader.prompt[p: p + MIN_REUSE] != req.prompt[p: p + MIN_REUSE]:
             return False
         end = min(leader.prefilled + self.prefill_chunk, len(req.prompt) - 1)
         return end - p >= MIN_REUSE and _common_prefix(leader.prompt, req.prompt, end) - p >= MIN_REUSE
