@@ -51,6 +51,20 @@ def test_speculative_greedy_equals_plain_decoding_and_accepts_drafts(model):
     assert 0 < engine.accepted <= engine.drafted
 
 
+def test_a_seeded_request_drafts_alike_beside_a_request_at_the_end_of_the_cache(model):
+    """A neighbour a few positions from the end of the cache cannot shorten another request's
+    drafts (that would change how a sampled one draws): rows whose padding would run past the
+    cache decode in a forward of their own."""
+    near_end = [(7 * i) % 100 for i in range(110)]  # 110 + 18 tokens: its last positions sit under the other row's padding
+    greedy = SamplingParams(temperature=0, max_tokens=18)
+    for seed in range(6):
+        p = SamplingParams(temperature=0.9, max_tokens=40, seed=seed)
+        alone = Engine(model, max_batch=2, speculate=4, max_seq_len=128).generate([[1, 2, 3, 1, 2, 3, 1, 2]], p)[0].output
+        both = Engine(model, max_batch=2, speculate=4, max_seq_len=128).generate([[1, 2, 3, 1, 2, 3, 1, 2], near_end], [p, greedy])
+        assert both[0].output == alone, seed
+    assert both[1].output == Engine(model, max_batch=1).generate([near_end], greedy)[0].output
+
+
 def test_a_stop_token_inside_an_accepted_draft_ends_the_request_there(model):
     prompt = [1, 2, 3, 1, 2, 3, 1, 2]
     ref = Engine(model, max_batch=1).generate([prompt], SamplingParams(temperature=0, max_tokens=30))[0].output

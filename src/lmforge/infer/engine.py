@@ -146,6 +146,11 @@ def span_buckets(max_seq_len: int, smallest: int = 256) -> list[int]:
 MIN_REUSE = 16  # prompt tokens a copy from another slot must save (fewer cost about as much to prefill)
 
 
+def _position(req: Request) -> int:
+    """Where a decoding request's newest token goes in the cache."""
+    return len(req.prompt) + len(req.output) - 1
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     """The length of the longest common prefix of `a` and `b`, at most `limit`. Slice comparisons
     run in C: windows that double in size from the start (so two unrelated sequences cost one
@@ -432,6 +437,19 @@ class Engine:
         # by the decode step that feeds it).
         return req.prompt[: req.prefilled] if req.prefilled < len(req.prompt) else (req.prompt + req.output[:-1])
 
+    def _held_len(self, s: int) -> int:
+        req = self.slots[s]
+        if req is None:
+            return len(self.kept[s])
+        return req.prefilled if req.prefilled < len(req.prompt) else _position(req)
+
+    def _held_token(self, s: int, i: int) -> int:
+        """Token i of `_held(s)` (i < `_held_len(s)`), without building the list."""
+        req = self.slots[s]
+        if req is None:
+            return self.kept[s][i]
+        return req.prompt[i] if i < len(req.prompt) else req.output[i - len(req.prompt)]
+
     def _borrow(self, req: Request) -> None:
         """Copy the keys and values of the longest prefix of `req`'s prompt that another slot holds
         (at least MIN_REUSE tokens past what `req` has); at least the last prompt token is left to prefill."""
@@ -439,9 +457,8 @@ class Engine:
         if best >= limit:
             return
         for s in range(self.max_batch):
-            if s != req.slot:
-                held = self._held(s)
-                if len(held) > best and held[best] == req.prompt[best] and (n := _common_prefix(held, req.prompt, limit)) > best:
+            if s != req.slot and self._held_len(s) > best and self._held_token(s, best) == req.prompt[best]:
+                if (n := _common_prefix(self._held(s), req.prompt, limit)) > best:
                     best, src = n, s
         if src is not None:
             a, b = req.prefilled, best
@@ -465,44 +482,49 @@ class Engine:
         self.slots[req.slot] = None
 
     def _decode_all(self, decoding: list[Request], events: list[Event]) -> None:
-        """One decode step for every decoding sequence: its newest token, and with `speculate` its
-        draft, T tokens a row (padded). Every slot in [0, hi) takes part; a row that is not
-        decoding writes T positions where nothing it holds is lost: past its prefill, past the
-        tokens a free slot keeps, or else in a window whose keys and values are put back after."""
-        drafts = self._drafts(decoding) if self.speculate else {}
-        T = 1 + max(map(len, drafts.values()), default=0)
+        """One decode step for every decoding sequence: its newest token, and with `speculate` its draft."""
+        self._decode_rows(decoding, self._drafts(decoding) if self.speculate else {}, events)
+
+    def _decode_rows(self, decoding: list[Request], drafts: dict[int, list[int]], events: list[Event]) -> None:
+        """One forward of T tokens a row (the newest token and the draft, padded). Each draft fits
+        the cache, but its padding may not beside a longer one near the end of the cache: such
+        rows go in a forward of their own, so that no request's draft depends on its neighbours.
+
+        Every slot in [0, hi) takes part; a row that is not decoding writes T positions where
+        nothing it holds is lost: past what it holds (its prefill, its output so far, the tokens
+        a free slot keeps), or else in a window whose keys and values are put back after."""
+        T = 1 + max((len(drafts.get(r.slot, ())) for r in decoding), default=0)
+        tight = [r for r in decoding if _position(r) + T > self.max_seq_len]
+        if tight:  # never all of them: a row with the longest draft fits its own T
+            self._decode_rows([r for r in decoding if _position(r) + T <= self.max_seq_len], drafts, events)
+            self._decode_rows(tight, drafts, events)
+            return
         eager = not self.compiled or T > 1
         hi = max(r.slot for r in decoding) + 1 if eager else self.max_batch
-        tokens, start = [[0] * T for _ in range(hi)], [0] * hi
-        for s, req in enumerate(self.slots[:hi]):
-            if req is not None:
-                start[s] = req.prefilled
+        tokens, start = [[0] * T for _ in range(hi)], [self._held_len(s) for s in range(hi)]
         for req in decoding:
             draft = drafts.get(req.slot, [])
             tokens[req.slot][: 1 + len(draft)] = [req.output[-1], *draft]
-            start[req.slot] = len(req.prompt) + len(req.output) - 1
+            start[req.slot] = _position(req)
         need = max(p for s, p in enumerate(start) if self.slots[s] is not None) + T
         if eager:
             # Attend over the live positions only, rounded up to 16 so that the vectorised sums
-            # group the real keys the same way at any length (masked keys add exact zeros).
-            room = min(-(-need // 16) * 16, self.max_seq_len)
+            # group the real keys the same way at any length (masked keys add exact zeros). The
+            # view's writes must land inside it.
+            room = limit = min(-(-need // 16) * 16, self.max_seq_len)
         else:  # static shapes: all slots, and the shortest span that holds every slot's position
             cache = next(c for c in self._spans if c.span >= need)
-            room = cache.span
+            room, limit = cache.span, self.max_seq_len  # a span view writes anywhere in the buffers
         decoding_slots = {r.slot for r in decoding}
         clobbered = []
         for s in range(hi):
-            if s in decoding_slots:
-                continue
-            p = start[s] if self.slots[s] is not None else len(self.kept[s])
-            if p + T > room:
-                p = room - T
+            if s not in decoding_slots and start[s] + T > limit:
+                start[s] = limit - T
                 clobbered.append(s)
-            start[s] = p
         tokens_t, start_t = torch.tensor(tokens, device=self.device), torch.tensor(start, device=self.device)
         if clobbered:
             rows = torch.tensor(clobbered, device=self.device)
-            saved = [t[rows, :, room - T: room] for t in self.cache.k + self.cache.v]
+            saved = [t[rows, :, limit - T: limit] for t in self.cache.k + self.cache.v]
         if T == 1:
             if eager:  # the view works out the write index and the mask once for all layers
                 cache = self.cache.rows(0, hi, length=room, start=start_t)
@@ -511,7 +533,7 @@ class Engine:
             h = self.model.encode(tokens_t, cache=self.cache.rows(0, hi, length=room, start=start_t, T=T), start=start_t)
         if clobbered:
             for t, kept in zip(self.cache.k + self.cache.v, saved):
-                t[rows, :, room - T: room] = kept
+                t[rows, :, limit - T: limit] = kept
         if T > 1:
             self._accept_drafts(decoding, drafts, h, events)
             return
@@ -556,18 +578,16 @@ class Engine:
 
     def _drafts(self, decoding: list[Request]) -> dict[int, list[int]]:
         """slot -> draft tokens, for the sequences without penalties (no counts change between
-        the draft positions). Each draft stops short of the request's max_tokens, and every row
-        keeps its T positions inside the cache."""
-        room = min(self.max_seq_len - (len(r.prompt) + len(r.output) - 1) for r in decoding)  # positions left to the fullest row
-        k = min(self.speculate, room - 1)
+        the draft positions). A draft depends on its own sequence alone; it stops short of the
+        request's max_tokens, and so inside the cache."""
         drafts = {}
         for req in decoding:
-            if k <= 0 or req.params.penalised:
+            if req.params.penalised:
                 continue
             if req.drafter is None:
                 req.drafter = NgramDrafter(req.prompt)
             req.drafter.extend(req.output[len(req.drafter.tokens) - len(req.prompt):])
-            draft = req.drafter.draft(min(k, req.params.max_tokens - len(req.output) - 1))
+            draft = req.drafter.draft(min(self.speculate, req.params.max_tokens - len(req.output) - 1))
             if draft:
                 drafts[req.slot] = draft
                 self.drafted += len(draft)

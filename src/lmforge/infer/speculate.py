@@ -8,8 +8,9 @@ model then checks all the drafted tokens in one forward (`Engine(speculate=k)`).
 sequence keeps every token up to the first one the model would not have chosen, plus the model's
 own choice there; a sampled one keeps each draft token with the probability the model gives it
 (`lmforge.infer.sampling.speculative_sample`). Either way the output has the distribution of
-decoding one token at a time (greedy: the very same tokens), and a step can yield several tokens
-for little more than the cost of one.
+decoding one token at a time (greedy: the very same tokens in fp32, as the tests check; in bf16 a
+near tie may break the other way, as it may between batch sizes), and a step can yield several
+tokens for little more than the cost of one.
 """
 
 from __future__ import annotations
