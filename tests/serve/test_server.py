@@ -138,6 +138,28 @@ def test_n_and_seed_reproducibility(client):
     assert len(set(texts(a))) > 1  # the n choices are different draws
 
 
+def test_a_speculating_server_streams_what_it_answers_whole(lm):
+    """Several tokens a step (the trained model repeats itself, so drafts are kept): the stream
+    carries all of them, in order, and greedy text is the model's own."""
+    engine = Engine(lm.model, lm.tokenizer, max_batch=4, speculate=4)
+    srv, thread, url = live(build_app(lm, engine, model_name="tiny"))
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        whole = c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+        stream = c.completions.create(model="tiny", prompt="ROMEO:", max_tokens=30, temperature=0, stream=True,
+                                      extra_body={"ignore_eos": True})
+        assert "".join(ch.choices[0].text for ch in stream if ch.choices) == whole.choices[0].text
+        assert whole.choices[0].text == lm.generate("ROMEO:", 30, temperature=0, stop_at_eot=False)
+        assert whole.usage.completion_tokens == 30 and engine.accepted > 0
+        sampled = [c.completions.create(model="tiny", prompt="KING", max_tokens=20, temperature=1.0, n=2, seed=3) for _ in range(2)]
+        assert [ch.text for ch in sampled[0].choices] == [ch.text for ch in sampled[1].choices]
+        metrics = httpx.get(url + "/metrics").text
+        assert "lmforge_draft_tokens_accepted" in metrics and "lmforge_prefix_reused_tokens" in metrics
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
 def test_logit_bias(client, lm):
     """OpenAI's logit_bias: +100 all but forces a token, -100 bans one; keys are token ids as strings."""
     plain = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
