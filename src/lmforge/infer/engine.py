@@ -477,7 +477,7 @@ class Engine:
 
     def _free(self, req: Request) -> None:
         """Retire `req` from its slot; the slot keeps its keys and values for a later prompt."""
-        self.kept[req.slot] = list(self._held(req.slot)) if self.prefix_cache else []
+        self.kept[req.slot] = self._held(req.slot) if self.prefix_cache else []  # a new list: the request is still in the slot
         self._freed_at[req.slot] = self._steps
         self.slots[req.slot] = None
 
@@ -547,26 +547,23 @@ class Engine:
         token the model would not have chosen, and the model's choice there; a sampled row keeps
         each draft token with the probability its distribution gives it (`speculative_sample`).
         Rows without a draft take one token as in a plain step."""
-        rows_at = [(r.slot, j) for r in decoding for j in range(1 + len(drafts.get(r.slot, [])))]
-        at = torch.tensor(rows_at, device=self.device)
+        rows = [(req, j) for req in decoding for j in range(1 + len(drafts.get(req.slot, [])))]  # (request, position)
+        at = torch.tensor([(req.slot, j) for req, j in rows], device=self.device)
         logits = self.model.output(h[at[:, 0], at[:, 1]])[:, : self.model.config.vocab_size]
-        flat = [r for r in decoding for _ in range(1 + len(drafts.get(r.slot, [])))]
-        own = [i for i, r in enumerate(flat) if not (r.slot in drafts and not r.params.greedy)]  # rows sample_rows decides
-        chosen = [0] * len(flat)
+        own = [i for i, (r, _) in enumerate(rows) if not (r.slot in drafts and not r.params.greedy)]  # rows sample_rows decides
+        chosen = [0] * len(rows)
         if own:
-            picked = self._choose([flat[i] for i in own], logits[torch.tensor(own, device=self.device)]).tokens.tolist()
+            picked = self._choose([rows[i][0] for i in own], logits[torch.tensor(own, device=self.device)]).tokens.tolist()
             for i, t in zip(own, picked):
                 chosen[i] = t
-        i = 0
-        for req in decoding:
+        first = [i for i, (_, j) in enumerate(rows) if j == 0]  # each request's first row
+        for req, i in zip(decoding, first):
             draft = drafts.get(req.slot, [])
             if draft and not req.params.greedy:
                 kept = speculative_sample(logits[i: i + 1 + len(draft)], draft, req.params, req.generator)
                 chosen[i: i + len(kept)] = kept
-            i += 1 + len(draft)
-        choice = with_logprobs(logits, torch.tensor(chosen, device=self.device), [r.params for r in flat])
-        i = 0
-        for req in decoding:
+        choice = with_logprobs(logits, torch.tensor(chosen, device=self.device), [r.params for r, _ in rows])
+        for req, i in zip(decoding, first):
             draft = drafts.get(req.slot, [])
             for j in range(1 + len(draft)):
                 self._take(req, chosen[i + j], choice, i + j, events)
@@ -574,7 +571,6 @@ class Engine:
                 self.accepted += hit
                 if req.finished or not hit:
                     break
-            i += 1 + len(draft)
 
     def _drafts(self, decoding: list[Request]) -> dict[int, list[int]]:
         """slot -> draft tokens, for the sequences without penalties (no counts change between

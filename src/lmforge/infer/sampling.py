@@ -251,12 +251,7 @@ def sample_rows(
     raw = logits.float()
     dev = raw.device
     col = lambda name, dtype=torch.float32: torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=dev)
-    x = raw
-    biased = [(b, t, v) for b, p in enumerate(params) if p.logit_bias for t, v in p.logit_bias.items()]
-    if biased:  # a new tensor: `raw` may be the caller's logits
-        rows, ids, values = zip(*biased)
-        x = x.index_put((torch.tensor(rows, device=dev), torch.tensor(ids, device=dev)),
-                        torch.tensor(values, dtype=x.dtype, device=dev), accumulate=True)
+    x = _biased(raw, params)
     if any(p.penalised for p in params):
         if counts is None or prompt_mask is None:
             raise ValueError("penalties need the generated-token counts and the prompt mask")
@@ -268,8 +263,7 @@ def sample_rows(
         chosen = [params[b] for b in sampled]
         of = lambda name, dtype=torch.float32: torch.tensor([getattr(p, name) for p in chosen], dtype=dtype, device=dev)
         x = x if len(sampled) == len(params) else x[sampled]
-        # Extreme penalties or temperatures can overflow: +inf becomes the largest float, NaN is dropped.
-        x = (x / of("temperature")[:, None]).nan_to_num_(nan=float("-inf"), posinf=torch.finfo(x.dtype).max)
+        x = _tempered(x, of("temperature"))
         gens = [generators[b] for b in sampled]
         ranked = None
         if any(p.filtered for p in chosen):
@@ -284,6 +278,24 @@ def sample_rows(
         else:
             tokens[sampled] = draw(x, gens)
     return with_logprobs(raw, tokens, params)
+
+
+def _biased(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Row b's `logit_bias` added to logits (B, V); a new tensor when any row has one (the
+    logits may be the caller's)."""
+    biased = [(b, t, v) for b, p in enumerate(params) if p.logit_bias for t, v in p.logit_bias.items()]
+    if not biased:
+        return logits
+    rows, ids, values = zip(*biased)
+    dev = logits.device
+    return logits.index_put((torch.tensor(rows, device=dev), torch.tensor(ids, device=dev)),
+                            torch.tensor(values, dtype=logits.dtype, device=dev), accumulate=True)
+
+
+def _tempered(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Logits (B, V) over each row's temperature (B,). Extreme penalties or temperatures can
+    overflow: +inf becomes the largest float, NaN is dropped."""
+    return (logits / temperature[:, None]).nan_to_num_(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
 
 
 def with_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]) -> Choice:
@@ -310,16 +322,11 @@ def speculative_sample(logits: torch.Tensor, draft: list[int], params: SamplingP
     all its mass on one token: each emitted token has exactly the distribution of sampling one
     token at a time. Not for rows with penalties (their counts change from token to token).
     """
-    n, V = logits.shape
-    x = logits.float()
-    if params.logit_bias:
-        x = x.clone()
-        for t, v in params.logit_bias.items():
-            x[:, t] += v
-    x = (x / params.temperature).nan_to_num_(nan=float("-inf"), posinf=torch.finfo(x.dtype).max)
+    n = logits.size(0)
+    col = lambda value, dtype=torch.float32: torch.full((n,), value, dtype=dtype, device=logits.device)
+    x = _tempered(_biased(logits.float(), [params] * n), col(params.temperature))
     if params.filtered:
-        col = lambda value, dtype: torch.full((n,), value, dtype=dtype, device=x.device)
-        x = filter_logits(x, _top_k(col(params.top_k, torch.long), V), col(params.top_p, torch.float32), col(params.min_p, torch.float32))
+        x = filter_logits(x, col(params.top_k, torch.long), col(params.top_p), col(params.min_p))
     kept = torch.softmax(x, dim=-1)[torch.arange(len(draft), device=x.device), torch.tensor(draft, device=x.device)].tolist()
     u = torch.rand(len(draft), dtype=torch.float64, device=x.device, generator=generator).tolist()
     for j, d in enumerate(draft):
