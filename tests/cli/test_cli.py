@@ -223,6 +223,8 @@ def test_numbers_out_of_range(capsys, trained_run, corpus_file, tmp_path):
     fails_with(capsys, "batch_size must be >= 1, got -2", "eval", trained_run.out, "--data", corpus_file, "--batch-size", -2)
     fails_with(capsys, "max_new_tokens must be >= 0, got -1", "generate", trained_run.out, "--max-new-tokens", -1)
     fails_with(capsys, "--max-new-tokens must be >= 1, got 0", "chat", trained_run.out, "--max-new-tokens", 0)
+    fails_with(capsys, "--speculate must be >= 0, got -1", "chat", trained_run.out, "--speculate", -1)
+    fails_with(capsys, "speculate must be >= 0 draft tokens, got -1", "serve", trained_run.out, "--port", 0, "--speculate", -1)
     fails_with(capsys, "--doc-stride must be >= 0", "finetune", trained_run.out, "--task", "qa", "--data", tmp_path / "q.json",
                "--out", tmp_path / "ft", "--doc-stride", -1)
     assert not (tmp_path / "t").exists() and not (tmp_path / "ft").exists()
