@@ -1,7 +1,8 @@
 """Speculative decoding by prompt lookup, against plain decoding and transformers' own prompt lookup.
 
     python bench/speculative.py CKPT [--task edit|summarize|extract] [--docs 8] [--max-new-tokens 128] [--speculate 8]
-                                     [--repeat 3] [--device cpu] [--threads N] [--no-hf] [--temperature T --top-k K --top-p P]
+                                     [--repeat 3] [--device cpu] [--threads N] [--no-hf] [--compile]
+                                     [--temperature T --top-k K --top-p P]
 
 Greedy requests one at a time (batch 1, where a decode step is bound by reading the weights and
 checking several drafted tokens costs little more than one), on a chat checkpoint
@@ -57,10 +58,15 @@ def requests(task: str, n: int) -> list[str]:
     return [f"{context}\n\nQuote the sentence of this passage that answers the question: {question}" for context, question in pairs]
 
 
-def run_engine(lm, prompts: list[list[int]], max_new_tokens: int, speculate: int, device, sampling: dict | None = None) -> dict:
-    engine = Engine(lm.model, lm.tokenizer, max_batch=1, max_seq_len=max(map(len, prompts)) + max_new_tokens,
-                    prefix_cache=False, speculate=speculate)
+def build_engine(lm, prompts: list[list[int]], max_new_tokens: int, speculate: int, compile_: bool = False) -> Engine:
+    """One slot; without prefix reuse, since every turn runs the same prompts again."""
+    return Engine(lm.model, lm.tokenizer, max_batch=1, max_seq_len=max(map(len, prompts)) + max_new_tokens,
+                  prefix_cache=False, speculate=speculate, compile=compile_)
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], max_new_tokens: int, device, sampling: dict | None = None) -> dict:
     sampling = sampling or {"temperature": 0}
+    drafted, accepted = engine.drafted, engine.accepted
     sync(device)
     t0 = time.perf_counter()
     outputs, steps = [], 0
@@ -74,7 +80,7 @@ def run_engine(lm, prompts: list[list[int]], max_new_tokens: int, speculate: int
     seconds = time.perf_counter() - t0
     tokens = sum(map(len, outputs))
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "outputs": outputs,
-            "drafted": engine.drafted, "accepted": engine.accepted, "steps": steps}
+            "drafted": engine.drafted - drafted, "accepted": engine.accepted - accepted, "steps": steps}
 
 
 def run_hf(hf, lm, prompts: list[list[int]], max_new_tokens: int, lookup: int, device) -> dict:
@@ -105,6 +111,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true", help="time lmforge only")
+    ap.add_argument("--compile", action="store_true", help="compiled engines (the decode and the verify step); transformers stays eager")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -115,19 +122,21 @@ def main() -> None:
     lm = load(args.checkpoint, device=args.device)
     prompts = [lm.tokenizer.encode(render_chat(lm, [{"role": "user", "content": text}])) for text in requests(args.task, args.docs)]
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-    ways = {"lmforge": lambda: run_engine(lm, prompts, args.max_new_tokens, 0, device, sampling),
-            "lmforge speculative": lambda: run_engine(lm, prompts, args.max_new_tokens, args.speculate, device, sampling)}
+    plain, fast = (build_engine(lm, prompts, args.max_new_tokens, k, args.compile) for k in (0, args.speculate))
+    ways = {"lmforge": lambda: run_engine(plain, prompts, args.max_new_tokens, device, sampling),
+            "lmforge speculative": lambda: run_engine(fast, prompts, args.max_new_tokens, device, sampling)}
     hf_too = not args.no_hf and args.temperature == 0
     if hf_too:
         hf = build_hf(lm.model, device)
         ways["transformers"] = lambda: run_hf(hf, lm, prompts, args.max_new_tokens, 0, device)
         ways["transformers prompt lookup"] = lambda: run_hf(hf, lm, prompts, args.max_new_tokens, args.speculate, device)
     env = {"task": args.task, "docs": args.docs, "prompt_tokens": sum(map(len, prompts)), "max_new_tokens": args.max_new_tokens,
-           "speculate": args.speculate, **sampling, "device": args.device, "torch": torch.__version__, "machine": platform.machine(),
+           "speculate": args.speculate, "compile": args.compile, **sampling, "device": args.device, "torch": torch.__version__, "machine": platform.machine(),
            "threads": torch.get_num_threads(), "repeat": args.repeat}
     runs: dict[str, list[dict]] = {name: [] for name in ways}
     with torch.inference_mode():
-        run_engine(lm, prompts[:1], 8, args.speculate, device)  # warm up
+        for engine in (plain, fast):
+            run_engine(engine, prompts[:1], 8, device)  # warm up
         for _ in range(args.repeat):
             for name, run in ways.items():
                 runs[name].append(run())

@@ -51,7 +51,8 @@ decode)  # issue 5: bf16, prompt 128, 256 new tokens, greedy
     # Prefix reuse and prompt-lookup speculation on the real SmolLM2 (the latter reads SQuAD from shared/data, if carried).
     [ -f /tmp/smollm2/config.json ] && $py bench/prefix_cache.py /tmp/smollm2 --device cuda --repeat 2 2>&1 | tee "$OUT/prefix.jsonl"
     [ -f /tmp/smollm2/config.json ] && [ -d "$LMFORGE_SHARED_DATA/qa" ] && \
-        $py bench/speculative.py /tmp/smollm2 --device cuda --repeat 2 2>&1 | tee "$OUT/speculative.jsonl" ;;
+        $py bench/speculative.py /tmp/smollm2 --device cuda --repeat 2 2>&1 | tee "$OUT/speculative.jsonl" && \
+        $py bench/speculative.py /tmp/smollm2 --device cuda --repeat 2 --compile --no-hf 2>&1 | tee -a "$OUT/speculative.jsonl" ;;
 time-to-loss)  # issue 4: GPT-2 recipe against the fastest, on ../shared/data/lm
     $py bench/time_to_loss.py --preset gpt2-124m --target-loss 3.8 --cache .bench-data 2>&1 | tee "$OUT/time-to-loss.jsonl" ;;
 scaling)  # issue 6: the GPU variant of the study

@@ -287,6 +287,20 @@ def test_compiled_cuda_graph_decode_equals_eager(graphs):
     assert [r.output for r in engine.generate(long, params)] == [r.output for r in alone]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the verify step is captured in CUDA graphs")
+def test_captured_verify_step_speculates_like_eager():
+    """The compiled verify step (speculate + 1 tokens a slot), captured in CUDA graphs, keeps the
+    greedy tokens of eager decoding, and accepts drafts."""
+    model = varied_transformer(5, context_length=512).to("cuda")
+    params = SamplingParams(temperature=0, max_tokens=24)
+    prompts = [[1, 2, 3, 1, 2, 3, 1], [9, 8, 9, 8], [(5 * i) % 50 for i in range(40)], [4, 4, 4, 4]]
+    eager = Engine(model, max_batch=3, max_seq_len=300).generate(prompts, params)
+    engine = Engine(model, max_batch=3, max_seq_len=300, compile=True, speculate=4)
+    assert [r.output for r in engine.generate(prompts, params)] == [r.output for r in eager]
+    assert engine.accepted > 0
+
+
 def test_prefill_together_with_padding_equals_alone(model):
     """Neighbouring slots prefill in one padded forward; near the end of the cache they fall back to one at a time."""
     prompts = [list(range(1, 30)), [3, 1, 4], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4], [9, 9]]

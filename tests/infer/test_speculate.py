@@ -87,12 +87,23 @@ def test_speculation_keeps_the_cache_right_for_prefix_reuse_and_the_context_end(
     assert second.output == greedy_alone(model, turn, 64 - len(turn)) and len(turn) + len(second.output) == 64
 
 
-def test_compiled_engine_speculates_in_eager_steps(model):
+def test_compiled_engine_checks_drafts_in_its_compiled_verify_step(model):
+    """A compiled engine feeds every slot speculate + 1 tokens through its compiled verify step
+    (greedy output as without drafts), and near the end of the cache, where that many would not
+    fit, an eager step (a 61-token prompt in a 64-position cache)."""
     params = SamplingParams(temperature=0, max_tokens=24)
-    prompts = [[1, 2, 3, 1, 2, 3, 1], [9, 8, 9, 8]]
-    plain = Engine(model, max_batch=2).generate(prompts, params)
-    engine = Engine(model, max_batch=2, compile=True, speculate=3)
+    prompts = [[1, 2, 3, 1, 2, 3, 1], [9, 8, 9, 8], [(5 * i) % 50 for i in range(40)]]
+    plain = Engine(model, max_batch=2, max_seq_len=64).generate(prompts, params)
+    engine = Engine(model, max_batch=2, max_seq_len=64, compile=True, speculate=3)
+    verify, calls = engine._verify, []
+    engine._verify = lambda *a: calls.append(a[1].shape) or verify(*a)
     assert [r.output for r in engine.generate(prompts, params)] == [r.output for r in plain] and engine.accepted > 0
+    assert calls and set(calls) == {(2, 4)}  # all slots, the newest token and 3 draft positions each
+    near_end = [78, 91, 54] + [1, 2, 3, 4, 5] * 11 + [1, 2, 2]  # the model goes on with 78 91 54: a draft
+    seen, drafted = len(calls), engine.drafted
+    req = engine.generate([near_end], SamplingParams(temperature=0, max_tokens=3))[0]
+    assert req.output == Engine(model, max_batch=1, max_seq_len=64).generate([near_end], req.params)[0].output
+    assert engine.drafted > drafted and len(calls) == seen  # position 61 + 4 tokens would pass the cache's 64
 
 
 def test_trained_model_text_with_speculation(trained_run):

@@ -132,6 +132,12 @@ def _decode_step(model: Transformer, tokens: torch.Tensor, start: torch.Tensor, 
     return logits if logits.size(-1) == V else logits[:, :V]
 
 
+def _verify_step(model: Transformer, tokens: torch.Tensor, start: torch.Tensor, cache) -> torch.Tensor:
+    """Hidden states (B, T, C) of T tokens per slot (the newest and a draft), from each slot's own
+    position: the engine applies the head only where a request needs logits."""
+    return model.encode(tokens, cache=cache, start=start)
+
+
 def span_buckets(max_seq_len: int, smallest: int = 256) -> list[int]:
     """The key lengths a compiled decode step is specialised for: doubling from `smallest` up to
     `max_seq_len`. A step attends over the smallest that holds every slot, so short sequences do
@@ -188,8 +194,9 @@ class Engine:
     `prefix_cache` reuses the keys and values of prompt prefixes that slots hold (see the module's
     docstring); `reused_tokens` counts the prompt tokens it saved. `speculate` k > 0 drafts up to k
     tokens per sequence without penalties by prompt lookup (`lmforge.infer.speculate`) and checks them in the
-    decode step, which then feeds each sequence its newest token and its draft (eagerly, even when
-    compiled); `drafted` and `accepted` count the draft tokens proposed and kept.
+    decode step, which then feeds each sequence its newest token and its draft (compiled too, for
+    k + 1 tokens a slot, when the engine is); `drafted` and `accepted` count the draft tokens
+    proposed and kept.
     """
 
     def __init__(
@@ -241,11 +248,14 @@ class Engine:
         self.speculate, self.drafted, self.accepted = speculate, 0, 0
         self.compiled = compile
         self._decode: Callable[[Transformer, torch.Tensor, torch.Tensor, object], torch.Tensor] = _decode_step
+        self._verify: Callable[[Transformer, torch.Tensor, torch.Tensor, object], torch.Tensor] | None = None
         self.spans = span_buckets(self.max_seq_len) if compile else []  # the key spans compiled for
         self.graphs = graphs if compile and self.device.type == "cuda" else None
         if compile:
             self._spans = [self.cache.spanning(n) for n in self.spans]
-            self._decode = self._compile()
+            self._decode = self._compile(_decode_step)
+            if speculate:
+                self._verify = self._compile(_verify_step)
             self._warm_up()
 
     # ---- requests -------------------------------------------------------------------------
@@ -490,16 +500,21 @@ class Engine:
         the cache, but its padding may not beside a longer one near the end of the cache: such
         rows go in a forward of their own, so that no request's draft depends on its neighbours.
 
+        A compiled engine feeds a fixed T: 1, or with drafts `speculate` + 1 unless some row is
+        too near the end of the cache for that many (then the step runs eagerly).
+
         Every slot in [0, hi) takes part; a row that is not decoding writes T positions where
         nothing it holds is lost: past what it holds (its prefill, its output so far, the tokens
         a free slot keeps), or else in a window whose keys and values are put back after."""
         T = 1 + max((len(drafts.get(r.slot, ())) for r in decoding), default=0)
-        tight = [r for r in decoding if _position(r) + T > self.max_seq_len]
+        eager = not self.compiled or (T > 1 and any(_position(r) + self.speculate >= self.max_seq_len for r in decoding))
+        if not eager and T > 1:
+            T = self.speculate + 1
+        tight = [r for r in decoding if _position(r) + T > self.max_seq_len] if eager else []
         if tight:  # never all of them: a row with the longest draft fits its own T
             self._decode_rows([r for r in decoding if _position(r) + T <= self.max_seq_len], drafts, events)
             self._decode_rows(tight, drafts, events)
             return
-        eager = not self.compiled or T > 1
         hi = max(r.slot for r in decoding) + 1 if eager else self.max_batch
         tokens, start = [[0] * T for _ in range(hi)], [self._held_len(s) for s in range(hi)]
         for req in decoding:
@@ -525,12 +540,12 @@ class Engine:
         if clobbered:
             rows = torch.tensor(clobbered, device=self.device)
             saved = [t[rows, :, limit - T: limit] for t in self.cache.k + self.cache.v]
+        if eager:  # the view works out the write index and the mask once for all layers
+            cache = self.cache.rows(0, hi, length=room, start=start_t, T=T)
         if T == 1:
-            if eager:  # the view works out the write index and the mask once for all layers
-                cache = self.cache.rows(0, hi, length=room, start=start_t)
             logits = self._decode(self.model, tokens_t[:, 0], start_t, cache)
         else:
-            h = self.model.encode(tokens_t, cache=self.cache.rows(0, hi, length=room, start=start_t, T=T), start=start_t)
+            h = (_verify_step if eager else self._verify)(self.model, tokens_t, start_t, cache)
         if clobbered:
             for t, kept in zip(self.cache.k + self.cache.v, saved):
                 t[rows, :, limit - T: limit] = kept
@@ -646,8 +661,8 @@ class Engine:
             self.step()
         return reqs
 
-    def _compile(self):
-        """The decode step under torch.compile, for a fixed batch of all slots.
+    def _compile(self, fn: Callable):
+        """A step (`_decode_step`, `_verify_step`) under torch.compile, for a fixed batch of all slots.
 
         On CUDA it is captured in CUDA graphs: by `CapturedDecode`, or with "trees" by
         torch.compile's "reduce-overhead", the cache buffers marked static so that the graphs may
@@ -658,9 +673,11 @@ class Engine:
 
         Each engine compiles its own copy of the step's code: dynamo keeps graphs, and counts
         recompiles against `recompile_limit` (8), per code object, so one engine's span buckets
-        must not push another's out.
+        must not push another's out; the limit is raised for an engine with more buckets.
         """
-        step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, _decode_step.__name__)
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, len(self.spans))
+        step = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
         if self.graphs == "trees":
             mark = getattr(torch._dynamo, "mark_static_address", None)
             if mark is not None:
@@ -674,18 +691,24 @@ class Engine:
     @torch.inference_mode()
     def _warm_up(self) -> None:
         """Compile (and on CUDA capture) the decode step for every span now rather than inside a
-        request. Every slot writes a key at position 0, which its prefill overwrites before anything reads it."""
-        if self.graphs == "capture":
-            self._decode = CapturedDecode(self._decode, self.model, self._spans, self.max_batch, self.device)
-            return
-        tokens, start = torch.zeros(2, self.max_batch, dtype=torch.long, device=self.device).unbind()  # as in _decode_all
-        for cache in self._spans:
-            for _ in range(3):  # CUDA graph trees record on the second call and replay from the third
-                self._decode(self.model, tokens, start, cache)
+        request. Every slot writes keys from position 0, which its prefill overwrites before anything reads them."""
+        steps = {"_decode": (self.max_batch,), "_verify": (self.max_batch, self.speculate + 1)}  # the tokens' shapes
+        for name, shape in steps.items():
+            step = getattr(self, name)
+            if step is None:
+                continue
+            tokens = torch.zeros(shape, dtype=torch.long, device=self.device)
+            if self.graphs == "capture":
+                setattr(self, name, CapturedDecode(step, self.model, self._spans, tokens, self.device))
+                continue
+            start = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)  # as in _decode_rows
+            for cache in self._spans:
+                for _ in range(3):  # CUDA graph trees record on the second call and replay from the third
+                    step(self.model, tokens, start, cache)
 
 
 class CapturedDecode:
-    """A compiled decode step captured in one CUDA graph per key span, replayed by hand.
+    """A compiled decode (or verify) step captured in one CUDA graph per key span, replayed by hand.
 
     torch.compile's own CUDA graphs ("reduce-overhead") pay host time at every call: dynamo
     evaluates its guards, which cover every parameter of the model, and the graph-tree wrapper
@@ -694,16 +717,16 @@ class CapturedDecode:
     fraction of a millisecond, so that host time would not be hidden. A replay is one call.
     SGLang and vLLM capture their compiled forwards the same way.
 
-    The token and position inputs are copied into static buffers, and the logits come back in the
-    graph's static output, valid until the next call (the engine samples from it first). All
-    graphs share one memory pool: they never run at the same time.
+    The token and position inputs are copied into static buffers, and the logits (hidden states
+    for a verify step) come back in the graph's static output, valid until the next call (the
+    engine reads it first). A step's graphs share one memory pool: they never run at the same time.
     """
 
-    def __init__(self, step: Callable, model: Transformer, spans: list, max_batch: int, device: torch.device) -> None:
-        self.tokens = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.start = torch.zeros(max_batch, dtype=torch.long, device=device)
+    def __init__(self, step: Callable, model: Transformer, spans: list, tokens: torch.Tensor, device: torch.device) -> None:
+        self.tokens = torch.zeros_like(tokens)  # (slots,) or (slots, T)
+        self.start = torch.zeros(tokens.size(0), dtype=torch.long, device=device)
         # Compile and run each span once away from the capture, on a side stream, as capture requires.
-        # Every slot writes a key at position 0, which its prefill overwrites before anything reads it.
+        # Every slot writes keys from position 0, which its prefill overwrites before anything reads them.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
