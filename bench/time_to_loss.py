@@ -167,6 +167,8 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path("/tmp/lmforge-bench-time-to-loss"))
     p.add_argument("--data", type=Path, default=None, help="already prepared shards to use instead of the shared corpus")
     args = p.parse_args()
+    if args.eval_interval < 1:
+        p.error(f"--eval-interval must be >= 1, got {args.eval_interval}")
 
     if args.threads:
         torch.set_num_threads(args.threads)

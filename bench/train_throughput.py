@@ -69,6 +69,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--peak-tflops", type=float, default=989.5, help="bf16 dense peak (H100 SXM: 989.5)")
     args = p.parse_args()
+    if args.steps < 1 or args.rounds < 1:
+        p.error(f"--steps and --rounds must be >= 1, got {args.steps} and {args.rounds}")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,12 +95,12 @@ def main() -> None:
     else:
         # A pool of random tokens on the host; each step copies one batch of it to the device (the "data" phase).
         g = torch.Generator().manual_seed(0)
-        pool = torch.randint(0, args.vocab_size, (max(4, args.batch_size) * 8, T + 1), generator=g)
+        pool = torch.randint(0, args.vocab_size, (args.batch_size * 8, T + 1), generator=g)
         pool = pool.pin_memory() if device.type == "cuda" else pool
 
-        def batch(i: int) -> torch.Tensor:
-            rows = torch.arange(i * args.batch_size, (i + 1) * args.batch_size) % pool.size(0)
-            return pool[rows].to(device, non_blocking=True)
+        def batch(i: int) -> torch.Tensor:  # a slice of the pinned pool: the copy runs asynchronously
+            first = i % 8 * args.batch_size
+            return pool[first: first + args.batch_size].to(device, non_blocking=True)
     common = dict(preset=args.preset, device=str(device), dtype=str(amp or torch.float32).replace("torch.", ""),
                   compile=args.compile, compile_mode=args.compile_mode if args.compile else None,
                   threads=torch.get_num_threads(), batch_size=args.batch_size, seq_len=T)
@@ -222,7 +224,7 @@ class Runner:
         t2 = _mark(sync)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self._pending.append(loss.detach())
+        self._pending.append(loss.detach().clone())  # a CUDA graph's output is overwritten by its next replay
         self.step_i += 1
         if sync is not None:
             t3 = _mark(sync)

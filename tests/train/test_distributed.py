@@ -116,3 +116,30 @@ def test_accumulation_reduces_gradients_once_per_step():
     calls = json.loads(proc.stdout.strip().splitlines()[-1])
     assert calls["ddp"] == [[], [], ["ddp_bucket_all_reduce"]]
     assert calls["fsdp"][:2] == [[], []] and len(calls["fsdp"][2]) == 3
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_rank_0_cannot_write_stops_every_rank(data_dir, tmp_path):
+    """Under FSDP2 the other ranks wait for rank 0's checkpoint directory: when rank 0 fails before
+    making it (a full disk, here faked), they are told and stop with a line instead of hanging."""
+    import subprocess
+
+    from conftest import torchrun as torchrun_cmd
+
+    script = tmp_path / "failing_save.py"
+    script.write_text(
+        "import os, sys\n"
+        "import lmforge.train.checkpointing as c\n"
+        "from lmforge.cli.main import main\n"
+        "def full(*a, **k):\n"
+        "    raise OSError(28, 'No space left on device')\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    c.save_checkpoint = full\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    cmd, env = torchrun_cmd(str(script), "pretrain", "--data", str(data_dir), "--out", str(tmp_path / "run"), *ARGS,
+                            "--train.parallel", "fsdp")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "No space left on device" in proc.stderr and "rank 0 could not write step-000003" in proc.stderr
+    assert not find_checkpoints(tmp_path / "run")

@@ -29,6 +29,11 @@ def test_only_the_blocks_linears_become_float8():
     assert {n for n, m in net.named_modules() if isinstance(m, Float8Linear)} == set(names)
     assert type(net.output) is torch.nn.Linear and net.output.weight is net.tok_embeddings.weight  # tied head stays
     assert all(p.dtype == torch.float32 for p in net.parameters())  # weights keep their dtype
+    # An encoder-decoder's encoder blocks too; its cross-attention projections are in the decoder blocks.
+    seq2seq = Transformer(preset("transformer-base", vocab_size=512, n_layer=1, n_encoder_layer=1, n_embd=64, n_head=4, mlp_hidden=128))
+    names = to_float8(seq2seq, torch.device("cpu"))
+    assert {n.split(".")[0] for n in names} == {"layers", "encoder_layers"}
+    assert len(names) == sum(type(m) is torch.nn.Linear for n, m in Transformer(seq2seq.config).named_modules() if "layers." in n)
 
 
 def test_float8_run_tracks_the_fp32_loss_and_writes_a_plain_checkpoint(data_dir, tmp_path):

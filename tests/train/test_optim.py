@@ -7,6 +7,9 @@ from torch import nn
 from lmforge.config import TrainConfig, preset
 from lmforge.model import Transformer
 from lmforge.train.optim import lr_at, param_groups
+from lmforge.utils.errors import UserError
+
+from conftest import tiny_train_config
 
 
 def test_lr_schedule_values():
@@ -190,3 +193,26 @@ def test_muon_covers_every_architecture(arch):
     before = [p.detach().clone() for p in model.parameters()]
     opt.step()
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("eval_batches", 0, "train.eval_batches must be >= 1"), ("threads", -2, "train.threads must be >= 1"),
+    ("seed", -1, r"train.seed must be in \[0, 2\*\*63\)"), ("seed", 2**64, "train.seed must be in"),
+    ("beta1", 1.5, r"train.beta1 and train.beta2 must be in \[0, 1\)"), ("beta2", -0.1, "train.beta2 must be in"),
+])
+def test_train_config_refuses_out_of_range_values_in_one_line(field, value, message):
+    with pytest.raises(UserError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_cuda_graph_compile_modes_refuse_gradient_accumulation(data_dir, tmp_path, monkeypatch):
+    """reduce-overhead replays CUDA graphs, whose gradient outputs the next micro-batch overwrites:
+    refused before any step (the check runs where CUDA graphs would be replayed; faked here on CPU)."""
+    import lmforge.train.loop as loop
+    from lmforge.train import pretrain
+
+    monkeypatch.setattr(loop, "replays_cuda_graphs", lambda mode, device: True)
+    cfg = tiny_train_config(max_steps=2, grad_accum=2, compile=True, compile_mode="reduce-overhead")
+    with pytest.raises(UserError, match="cannot accumulate gradients over 2 micro-batches; use --train.grad_accum 1"):
+        pretrain(data_dir, tmp_path / "run", "tiny", cfg, progress=False, log=lambda *a: None)
+    assert not (tmp_path / "run" / "step-000002").exists()

@@ -112,6 +112,20 @@ def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path):
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(10, 41, 10))
 
 
+def test_ctrl_c_during_a_checkpoint_step_writes_that_checkpoint_once(data_dir, tmp_path, monkeypatch):
+    import lmforge.train.loop as loop
+    from lmforge.train.checkpointing import Checkpointer
+
+    saves, save, lr_at = [], Checkpointer.save, loop.lr_at
+    monkeypatch.setattr(Checkpointer, "save", lambda self, step, *a: saves.append(step) or save(self, step, *a))
+    # Ctrl-C while step 4 (a checkpoint step) trains: it finishes, is saved, and the run stops there.
+    monkeypatch.setattr(loop, "lr_at", lambda step, cfg: (step == 3 and os.kill(os.getpid(), signal.SIGINT)) or lr_at(step, cfg))
+    cfg = tiny_train_config(max_steps=10, ckpt_interval=4, eval_interval=0)
+    with pytest.raises(UserError, match="interrupted at step 4"):
+        pretrain(data_dir, tmp_path / "run", "tiny", cfg, **quiet)
+    assert saves == [4] and [p.name for p in find_checkpoints(tmp_path / "run")] == ["step-000004"]
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_the_finished_steps(data_dir, tmp_path):
     """SIGINT stops at a step boundary, writes a checkpoint there and says how to resume."""
@@ -134,3 +148,10 @@ def test_ctrl_c_saves_the_finished_steps(data_dir, tmp_path):
     assert last.startswith("lmforge: error: interrupted at step ") and "--resume" in last
     step = int(last.split("interrupted at step ")[1].split(";")[0])
     assert find_checkpoints(out)[-1].name == f"step-{step:06d}"
+
+
+def test_resume_from_a_checkpoint_without_trainer_state_is_one_line(data_dir, tmp_path, trained_run):
+    shutil.copytree(trained_run.checkpoint, tmp_path / "run" / trained_run.checkpoint.name)
+    (tmp_path / "run" / trained_run.checkpoint.name / "trainer_state.json").unlink()
+    with pytest.raises(UserError, match="has no trainer state .* drop --resume"):
+        pretrain(data_dir, tmp_path / "run", "tiny", tiny_train_config(max_steps=70), resume=True, **quiet)

@@ -99,7 +99,7 @@ class TrainConfig:
     skip_nonfinite: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "keep_checkpoints"):
+        for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "keep_checkpoints", "eval_batches"):
             if getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_interval", "ckpt_interval", "weight_decay", "grad_clip"):
@@ -121,6 +121,12 @@ class TrainConfig:
             raise UserError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.seq_len is not None and self.seq_len < 1:
             raise UserError(f"train.seq_len must be >= 1, got {self.seq_len}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"train.threads must be >= 1, got {self.threads}")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"train.seed must be in [0, 2**63), got {self.seed}")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise UserError(f"train.beta1 and train.beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

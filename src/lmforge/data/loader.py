@@ -78,7 +78,8 @@ class Prefetcher:
             for key in keys:
                 batch = make(*key)
                 if pin:
-                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                    # Contiguous first: a strided pinned tensor is copied to the device through a pageable temporary.
+                    batch = {k: v.contiguous().pin_memory() for k, v in batch.items()}
                 if not self._put((key, batch)):
                     return
         except BaseException as e:  # handed to the consumer, which raises it in the training thread

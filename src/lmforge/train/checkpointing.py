@@ -60,6 +60,9 @@ class Checkpointer:
         if not existing:
             raise UserError(f"--resume given but {self.run_dir} holds no checkpoint; drop --resume to start a new run")
         ckpt = load_checkpoint(existing[-1])
+        if ckpt.trainer_state is None or "step" not in ckpt.trainer_state:
+            raise UserError(f"{ckpt.path} has no trainer state (trainer_state.json), so a run cannot resume from it; "
+                            "drop --resume and choose another --out")
         if ckpt.model_config != model_config:
             saved, given = ckpt.model_config.to_dict(), model_config.to_dict()
             diff = ", ".join(f"{k} {given[k]!r} (saved: {saved[k]!r})" for k in saved if saved[k] != given.get(k))
@@ -125,18 +128,29 @@ class Checkpointer:
         full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # rank 0 only
         shards = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, optimizer)}
 
+        told = False  # whether rank 0 has sent the other ranks the directory to write their shards in
+
         def write_shards(tmp: Path) -> None:
+            nonlocal told
             broadcast_object(str(tmp), self.world)
+            told = True
             dcp.save(shards, checkpoint_id=str(tmp / SHARDED_DIR))
 
         if self.world.main:
-            if self._gathered is None:
-                self._gathered = Transformer(net.config)
-            self._gathered.load_state_dict(full)
-            state = {**trainer_state, "sharded": SHARDED_DIR, "world_size": self.world.size}
-            save_checkpoint(path, self._gathered, tokenizer, trainer_state=state, metrics_file=metrics_file, extra=write_shards)
+            try:
+                if self._gathered is None:
+                    self._gathered = Transformer(net.config)
+                self._gathered.load_state_dict(full)
+                state = {**trainer_state, "sharded": SHARDED_DIR, "world_size": self.world.size}
+                save_checkpoint(path, self._gathered, tokenizer, trainer_state=state, metrics_file=metrics_file, extra=write_shards)
+            except BaseException:
+                if not told:  # the other ranks wait for the directory: tell them there is none, then fail
+                    broadcast_object(None, self.world)
+                raise
         else:
             tmp = broadcast_object(None, self.world)
+            if tmp is None:
+                raise UserError(f"rank 0 could not write {path.name} (its error says why); this rank stops too")
             dcp.save(shards, checkpoint_id=str(Path(tmp) / SHARDED_DIR))
 
     def latest(self) -> Path:

@@ -69,7 +69,7 @@ def init_world(device_name: str) -> Iterator[tuple[World, torch.device]]:
 
     With WORLD_SIZE > 1 the process group is created here (NCCL on CUDA, gloo on CPU) unless the
     caller already made one, and destroyed on exit if it was made here. Each process takes
-    `cuda:LOCAL_RANK` when the device is `auto` or `cuda`.
+    `cuda:LOCAL_RANK` when the device is `auto` or `cuda` (a device index is refused).
     """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
@@ -78,8 +78,10 @@ def init_world(device_name: str) -> Iterator[tuple[World, torch.device]]:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
     if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
+        if device.index is not None:
+            raise UserError(f"--train.device {device_name} would put all {size} processes on one GPU; under torchrun "
+                            "pass --train.device cuda (each process takes cuda:LOCAL_RANK) and choose GPUs with CUDA_VISIBLE_DEVICES")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     created = not dist.is_initialized()
     if created:

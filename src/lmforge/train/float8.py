@@ -69,7 +69,7 @@ def _quiet_import():
 
 
 def _eligible(name: str, module: nn.Module) -> bool:
-    return (type(module) is nn.Linear and ".layers." in f".{name}"
+    return (type(module) is nn.Linear and (".layers." in f".{name}" or ".encoder_layers." in f".{name}")
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 

@@ -141,10 +141,16 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
     # the cross-entropy (no fp32 copy of the logits) and the heads of fine-tuning tasks compile too.
     loss_fn = compile_module(objective.loss, train.compile_mode) if compiling else objective.loss
     graphed = compiling and replays_cuda_graphs(train.compile_mode, device)  # each micro-batch starts a new step
+    if graphed and train.grad_accum > 1:
+        # The first micro-batch's gradients would be the CUDA graph's output memory, which the next
+        # micro-batch's replay overwrites before they are accumulated into.
+        raise UserError(f"--train.compile_mode {train.compile_mode} replays CUDA graphs, which cannot accumulate gradients "
+                        f"over {train.grad_accum} micro-batches; use --train.grad_accum 1 or --train.compile_mode default")
     probe = None
     if world.distributed and train.parallel == "ddp":
         probe = {k: v.to(device) for k, v in objective.batch(train_source, train.batch_size, start_step, 0).items()}
-    step_loss = wrap(net, loss_fn, train.parallel, world, device, probe, objective.loss)  # FSDP2 shards `net` in place
+    with autocast(device, amp):  # DDP's probe for unused parameters runs one micro-batch as training does
+        step_loss = wrap(net, loss_fn, train.parallel, world, device, probe, objective.loss)  # FSDP2 shards `net` in place
     optimizer = build_optimizer(net, train, device)
     if resume_from is not None:
         checkpoints.restore(resume_from, net, optimizer, device)
@@ -187,9 +193,14 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
         metrics.log({"kind": "val", "step": step, "val_loss": loss, "val_bpb": bpb, "val_ppl": math.exp(min(loss, 700.0))})
         return loss, bpb
 
+    saved: dict[int, Path] = {}
+
     def checkpoint(step: int) -> Path:
-        run_state = {"tokens": step * tokens_per_step, "world_size": world.size, "train": train.to_dict(), **(state or {})}
-        return checkpoints.save(step, net, tokenizer, run_state, optimizer, metrics.path)
+        """RUN/step-N, written once: an interrupt right after a checkpoint step does not write it again."""
+        if step not in saved:
+            run_state = {"tokens": step * tokens_per_step, "world_size": world.size, "train": train.to_dict(), **(state or {})}
+            saved[step] = checkpoints.save(step, net, tokenizer, run_state, optimizer, metrics.path)
+        return saved[step]
 
     # A non-finite loss is recorded on the device as the first step it happened (no host sync) and
     # read at check points: every step on CPU or with skip_nonfinite, else at logging and before
