@@ -230,6 +230,33 @@ def test_numbers_out_of_range(capsys, trained_run, corpus_file, tmp_path):
     assert not (tmp_path / "t").exists() and not (tmp_path / "ft").exists()
 
 
+def test_task_data_mistakes_are_one_line(capsys, trained_run, tokenizer_dir, tmp_path):
+    src, tgt = tmp_path / "src.en", tmp_path / "tgt.de"
+    src.write_text("a man rides\ntwo dogs play\n")
+    tgt.write_text("ein Mann reitet\nzwei Hunde spielen\n")
+    (tmp_path / "fake.txt.gz").write_bytes(b"not gzip\n")
+    fails_with(capsys, f"{tmp_path / 'fake.txt.gz'} is not a valid gzip file", "prepare", src, "--target", tmp_path / "fake.txt.gz",
+               "--tokenizer", tokenizer_dir, "--out", tmp_path / "p")
+    (tmp_path / "adir").mkdir()
+    fails_with(capsys, f"{tmp_path / 'adir'} is a directory", "prepare", src, "--target", tmp_path / "adir",
+               "--tokenizer", tokenizer_dir, "--out", tmp_path / "p")
+    # A source file without its --val-target: a line naming the option, not "invalid JSON".
+    fails_with(capsys, "--val-target", "finetune", trained_run.out, "--task", "seq2seq", "--data", src, "--target", tgt,
+               "--val", src, "--out", tmp_path / "ft", "--train.device", "cpu")
+    # Parallel pairs are not token shards.
+    assert run(capsys, "prepare", src, "--target", tgt, "--tokenizer", trained_run.checkpoint, "--out", tmp_path / "pairs")[0] == 0
+    fails_with(capsys, "token shards", "eval", trained_run.out, "--data", tmp_path / "pairs")
+    fails_with(capsys, "--max-new-tokens must be >= 1, got 0", "predict", trained_run.out, "--task", "seq2seq", "--data", src,
+               "--out", tmp_path / "p.jsonl", "--max-new-tokens", 0)
+    fails_with(capsys, "--split-articles 0.0 is out of range", "finetune", trained_run.out, "--task", "qa", "--data", src,
+               "--out", tmp_path / "ft", "--split-articles", 0, "--train.device", "cpu")
+    code, _, _ = run(capsys, "predict", trained_run.out, "--task", "seq2seq", "--data", src, "--out", tmp_path / "p.jsonl",
+                     "--max-new-tokens", 2, "--device", "cpu")
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert code == 0 and [r["source"] for r in rows] == ["a man rides", "two dogs play"]
+    assert not (tmp_path / "ft").exists()
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_for_on_a_cpu_machine_names_the_verbs_option(capsys, trained_run):
     fails_with(capsys, "use the cpu device (--device cpu", "generate", trained_run.out, "--device", "cuda")

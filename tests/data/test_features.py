@@ -1,6 +1,6 @@
 import pytest
 
-from lmforge.data.features import TaskFormat, collate, sample_batch
+from lmforge.data.features import TaskFormat, collate, read_examples, sample_batch
 from lmforge.model.losses import IGNORE_INDEX
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
@@ -129,3 +129,21 @@ def test_repeated_qa_windows_mark_the_answer_in_the_second_copy(tok):
 def test_repeat_is_for_decoders(tok):
     with pytest.raises(UserError, match="for decoders"):
         TaskFormat(tok, "encoder", 64, repeat=True)
+
+
+@pytest.mark.parametrize("fraction", [0, 0.0, 1, -0.5])
+def test_split_articles_must_be_a_fraction_strictly_between_0_and_1(tmp_path, fraction):
+    with pytest.raises(UserError, match=rf"--split-articles {fraction} is out of range"):
+        read_examples("qa", tmp_path / "squad.json", split_articles=fraction)
+
+
+def test_unlabelled_seq2seq_and_chat_for_predicting(tmp_path):
+    (tmp_path / "src.en").write_text("A man rides a horse.\nTwo dogs play.\n")
+    examples = read_examples("seq2seq", tmp_path / "src.en", require_labels=False)
+    assert [(e.source, e.target) for e in examples] == [("A man rides a horse.", None), ("Two dogs play.", None)]
+    with pytest.raises(UserError, match="--target"):
+        read_examples("seq2seq", tmp_path / "src.en")
+    (tmp_path / "c.jsonl").write_text('[{"role": "user", "content": "Hi"}]\n')
+    assert read_examples("sft", tmp_path / "c.jsonl", require_labels=False)[0].messages == [{"role": "user", "content": "Hi"}]
+    with pytest.raises(UserError, match="no assistant"):
+        read_examples("sft", tmp_path / "c.jsonl")

@@ -34,6 +34,21 @@ def test_misaligned_empty_and_missing(tmp_path):
         read_parallel(tmp_path / "s", tmp_path / "nope")
 
 
+def test_a_bad_gzip_file_or_a_directory_is_named(tmp_path):
+    (tmp_path / "s.txt").write_text("a\nb\n")
+    (tmp_path / "fake.txt.gz").write_bytes(b"a\nb\n")  # a .gz name on plain text
+    with pytest.raises(UserError, match=r"fake\.txt\.gz is not a valid gzip file"):
+        read_parallel(tmp_path / "s.txt", tmp_path / "fake.txt.gz")
+    with gzip.open(tmp_path / "cut.txt.gz", "wb") as f:
+        f.write(b"a\nb\n" * 1000)
+    (tmp_path / "cut.txt.gz").write_bytes((tmp_path / "cut.txt.gz").read_bytes()[:-12])  # truncated
+    with pytest.raises(UserError, match=r"cut\.txt\.gz is not a valid gzip file"):
+        read_parallel(tmp_path / "cut.txt.gz", tmp_path / "s.txt")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(UserError, match=r"d is a directory; pass a line-aligned text file"):
+        read_parallel(tmp_path / "s.txt", tmp_path / "d")
+
+
 def test_batches_pad_and_shift(tmp_path, tokenizer_dir):
     (tmp_path / "s").write_text("to be\nor not to be\n")
     (tmp_path / "t").write_text("sein\noder nicht sein\n")

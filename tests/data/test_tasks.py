@@ -198,6 +198,35 @@ def test_tokens_only_files_are_read_without_labels(tmp_path):
     assert read_tagged(labelled, require_labels=False)[0].tags == ["B-PER"]
 
 
+def test_hash_lines_are_comments_only_where_the_file_writes_comments(tmp_path):
+    # Whitespace-separated: `#FollowFriday O` is a token line, even as the file's first line.
+    spaced = write(tmp_path / "s.conll", "#FollowFriday O\nto O\nParis B-LOC\n\n# O\nhi O\n")
+    assert [(e.tokens, e.tags, e.where) for e in read_tagged(spaced)] == [
+        (["#FollowFriday", "to", "Paris"], ["O", "O", "B-LOC"], f"{spaced}:1"), (["#", "hi"], ["O", "O"], f"{spaced}:5"),
+    ]
+    # A `#` line that does not fit the token columns (no tag where the tag goes) is a comment.
+    commented = write(tmp_path / "c.conll", "# sent_id = 1\n# text = to Paris\nto O\nParis B-LOC\n")
+    assert [(e.tokens, e.where) for e in read_tagged(commented)] == [(["to", "Paris"], f"{commented}:3")]
+    # Tokens only: `#hashtag` is a token, `# a comment` is not.
+    tokens_only = write(tmp_path / "t.conll", "# a comment\n#FollowFriday\nParis\n")
+    assert read_tagged(tokens_only, require_labels=False)[0].tokens == ["#FollowFriday", "Paris"]
+    # Tab-separated (UNER, WNUT): a `#` line without a tab is a comment, `#hashtag<TAB>O` a token.
+    tabbed = write(tmp_path / "u.iob2", "# text = #tag\n#tag\tO\n")
+    assert [(e.tokens, e.where) for e in read_tagged(tabbed)] == [(["#tag"], f"{tabbed}:2")]
+
+
+def test_wnut17_with_spaces_for_tabs_reads_as_the_tab_separated_file(tmp_path):
+    text = (WNUT / "wnut17train.conll").read_text(encoding="utf-8")
+    sentences = text.split("\n\t\n")[:300]
+    first_hash = next(i for i, s in enumerate(sentences) if s.startswith("#"))  # a sentence that starts with a hashtag
+    chosen = sentences[first_hash : first_hash + 40]
+    tabbed = write(tmp_path / "tab.conll", "\n\n".join(chosen) + "\n")
+    spaced = write(tmp_path / "space.conll", tabbed.read_text(encoding="utf-8").replace("\t", " "))
+    expected = [(e.tokens, e.tags) for e in read_tagged(tabbed)]
+    assert expected[0][0][0].startswith("#") and len(expected) == 40
+    assert [(e.tokens, e.tags) for e in read_tagged(spaced)] == expected
+
+
 # --- extractive QA ------------------------------------------------------------------------------
 
 
@@ -283,6 +312,27 @@ def test_squad_gzip_and_errors(tmp_path):
     user_error(read_squad, nothing, names=[nothing, "no examples"])
 
 
+@pytest.mark.parametrize(
+    "change, complaint",
+    [
+        (lambda doc: doc["data"][0]["paragraphs"][0]["qas"][0].update(question=None), "question"),
+        (lambda doc: doc["data"][0]["paragraphs"][0]["qas"][0].update(question=5), "question"),
+        (lambda doc: doc["data"][0]["paragraphs"][0]["qas"][0].update(question=" "), "question"),
+        (lambda doc: doc["data"][0]["paragraphs"][0]["qas"][0].update(id=None), "id"),
+        (lambda doc: doc["data"][0]["paragraphs"][0]["qas"][0].update(answers={"text": "on the mat", "answer_start": 12}), "answers"),
+        (lambda doc: doc["data"][0].update(paragraphs=None), "paragraphs"),
+        (lambda doc: doc["data"][0]["paragraphs"][0].update(qas=None), "qas"),
+        (lambda doc: doc["data"][0]["paragraphs"][0].update(qas={"id": "q1"}), "qas"),
+    ],
+)
+def test_squad_values_of_the_wrong_kind_are_one_line(tmp_path, change, complaint):
+    doc = json.loads(squad_json())
+    change(doc)
+    path = write(tmp_path / "bad.json", json.dumps(doc, indent=1))
+    for require_labels in (True, False):
+        user_error(read_squad, path, require_labels=require_labels, names=[path, repr(complaint)])
+
+
 # --- text to text -------------------------------------------------------------------------------
 
 
@@ -311,6 +361,41 @@ def test_text2text_mapping_csv_and_errors(tmp_path):
     user_error(read_text2text, write(tmp_path / "e.jsonl", ""), names=["e.jsonl"])
 
 
+def test_text2text_errors_name_the_real_options(tmp_path):
+    no_target = write(tmp_path / "m.jsonl", '{"source": "a"}\n')
+    user_error(read_text2text, no_target, names=[f"{no_target}:1", "--label-field NAME", "lmforge predict"])
+    assert "--target-field" not in user_error(read_text2text, no_target, target_field="summary", names=["'summary'"])
+    no_source = write(tmp_path / "s.jsonl", '{"body": "a", "target": "b"}\n')
+    message = user_error(read_text2text, no_source, names=[f"{no_source}:1", "--text-field NAME"])
+    assert "--source-field" not in message
+
+
+def test_text2text_without_targets_for_predicting(tmp_path):
+    jsonl = write(tmp_path / "d.jsonl", '{"source": "a man rides"}\n{"source": ["two", "sentences"], "target": "b"}\n')
+    first, second = read_text2text(jsonl, require_labels=False)
+    assert (first.source, first.target, first.references, first.where) == ("a man rides", None, [], f"{jsonl}:1")
+    assert (second.source, second.target, second.references) == ("two sentences", "b", ["b"])  # targets given are read
+    csv_file = write(tmp_path / "d.csv", "input\nhello\n")
+    assert [(e.source, e.target) for e in read_text2text(csv_file, require_labels=False)] == [("hello", None)]
+
+
+@pytest.mark.parametrize("name", ["src.en", "src.txt", "src.en.gz"])
+def test_a_plain_text_file_is_one_source_per_line(tmp_path, name):
+    path = write(tmp_path / name, "\ufeffA man rides a horse.\n\n{braces} are text too\ncafe\u0301\n")
+    examples = read_text2text(path, require_labels=False)
+    assert [(e.source, e.target, e.where) for e in examples] == [
+        ("A man rides a horse.", None, f"{path}:1"), ("{braces} are text too", None, f"{path}:3"), ("café", None, f"{path}:4"),
+    ]
+    # Labelled data needs the targets: a clear line naming the options that give them, not "invalid JSON".
+    message = user_error(read_text2text, path, names=[path, "--target", "--val-target"])
+    assert "invalid JSON" not in message
+    # A file that is JSONL by its name or its first line is still JSONL.
+    broken = write(tmp_path / "b.jsonl", "not json\n")
+    user_error(read_text2text, broken, require_labels=False, names=[f"{broken}:1", "invalid JSON"])
+    records = write(tmp_path / "records.txt", '{"source": "x", "target": "y"}\n')
+    assert read_text2text(records)[0].target == "y"
+
+
 def test_parallel_text_multi30k_and_errors(tmp_path):
     examples = read_parallel_text(MULTI30K / "val.en.gz", MULTI30K / "val.de.gz")
     with gzip.open(MULTI30K / "val.de.gz", "rt", encoding="utf-8") as f:
@@ -328,6 +413,8 @@ def test_parallel_text_multi30k_and_errors(tmp_path):
     fake = tmp_path / "t.de.gz"
     fake.write_bytes(b"x\ny\nz\n")
     user_error(read_parallel_text, src, fake, names=[fake, "gzip"])
+    user_error(read_parallel_text, src, tmp_path, names=[tmp_path, "is a directory"])
+    user_error(read_parallel_text, tmp_path, tgt, names=[tmp_path, "is a directory"])
 
 
 # --- chat ---------------------------------------------------------------------------------------
@@ -356,6 +443,14 @@ def test_chat_errors(tmp_path, line, complaint):
     ok = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
     path = write(tmp_path / "c.jsonl", ok + "\n" + line + "\n")
     user_error(read_chat, path, names=[f"{path}:2", complaint])
+
+
+def test_chat_without_a_reply_is_read_for_predicting(tmp_path):
+    line = '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}'
+    path = write(tmp_path / "c.jsonl", line + "\n")
+    user_error(read_chat, path, names=[f"{path}:1", "no assistant"])
+    [example] = read_chat(path, require_labels=False)
+    assert [m["role"] for m in example.messages] == ["system", "user"]
 
 
 def test_chat_empty_file(tmp_path):

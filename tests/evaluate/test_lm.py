@@ -41,3 +41,13 @@ def test_data_from_another_tokenizer_is_refused(trained_run, tmp_path, corpus_fi
     prepare([corpus_file], tmp_path / "tok", tmp_path / "data", progress=False)
     with pytest.raises(UserError, match="different tokenizer"):
         evaluate_lm(trained_run.out, tmp_path / "data", device="cpu")
+
+
+def test_parallel_pairs_are_not_token_shards(trained_run, tmp_path):
+    from lmforge.data import prepare_parallel
+
+    (tmp_path / "s").write_text("to be\nor not to be\n")
+    (tmp_path / "t").write_text("sein\noder nicht sein\n")
+    prepare_parallel(tmp_path / "s", tmp_path / "t", trained_run.checkpoint, tmp_path / "pairs", val_fraction=0.5)
+    with pytest.raises(UserError, match=r"pairs holds parallel pairs .*token shards"):
+        evaluate_lm(trained_run.out, tmp_path / "pairs", device="cpu")

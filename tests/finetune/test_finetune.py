@@ -11,7 +11,7 @@ from conftest import SHARED_DATA, tiny_train_config
 from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.config import LoraConfig, preset
 from lmforge.evaluate import evaluate_task
-from lmforge.evaluate.metrics import accuracy
+from lmforge.evaluate.metrics import accuracy, entity_f1, macro_f1
 from lmforge.finetune import finetune, merge_lora
 from lmforge.infer import load, pipeline, predict
 from lmforge.infer.pipeline import _valid_iob2
@@ -304,10 +304,10 @@ def test_chat_sft_lowers_the_loss_on_assistant_turns(trained_run, tmp_path):
 
 
 def test_bad_input_is_one_line(trained_run, encoder, yelp_run, tmp_path):
-    bad = tmp_path / "bad.tsv"
-    bad.write_text("good\t1\nbad\t0\nmeh\t7\n")
-    with pytest.raises(UserError, match=r"bad.tsv:3.*'7'"):
-        evaluate_task(yelp_run.checkpoint, "classify", bad, device="cpu")
+    other = tmp_path / "other.tsv"  # labels of another data set: the wrong file, not a score of 0
+    other.write_text("good\tpos\nbad\tneg\n")
+    with pytest.raises(UserError, match=r"other.tsv.*'neg', 'pos'.*'0', '1'"):
+        evaluate_task(yelp_run.checkpoint, "classify", other, device="cpu")
     with pytest.raises(UserError, match="fine-tunes decoder or encoder-decoder models"):
         finetune(encoder, "seq2seq", YELP, tmp_path / "x", **QUIET)
     with pytest.raises(UserError, match="no LoRA adapters"):
@@ -318,3 +318,76 @@ def test_bad_input_is_one_line(trained_run, encoder, yelp_run, tmp_path):
     empty.write_text("")
     with pytest.raises(UserError, match="empty.tsv"):
         finetune(trained_run.out, "classify", empty, tmp_path / "y", **QUIET)
+
+
+def test_eval_scores_a_gold_label_the_model_never_saw_as_a_miss(tmp_path_factory, tokenizer_dir, tmp_path):
+    tagger = _base(tmp_path_factory, tokenizer_dir, "tagger", task_head="tag", labels=["O", "B-PER", "I-PER"])
+    data = tmp_path / "gold.conll"
+    data.write_text("Peter\tB-PER\nlives\tO\n\nin\tO\nBerlin\tB-LOC\n")  # LOC: not one of the model's tags
+    result = evaluate_task(tagger, "tag", data, device="cpu")
+    predicted = [p["tags"] for p in pipeline("tag", tagger, device="cpu")([["Peter", "lives"], ["in", "Berlin"]])]
+    gold = [["B-PER", "O"], ["O", "B-LOC"]]
+    assert {k: result[k] for k in ("precision", "recall", "f1")} == entity_f1(predicted, gold)
+    assert result["examples"] == 2 and result["recall"] <= 50.0  # the LOC entity is a miss
+    only_unknown = tmp_path / "other.conll"
+    only_unknown.write_text("Berlin\tB-LOC\nis\tO\n")
+    with pytest.raises(UserError, match=r"other.conll.*'LOC'.*'PER'"):
+        evaluate_task(tagger, "tag", only_unknown, device="cpu")
+
+    classifier = _base(tmp_path_factory, tokenizer_dir, "classifier", task_head="classify", labels=["0", "1"])
+    data = tmp_path / "gold.tsv"
+    data.write_text("good\t1\nbad\t0\nso-so\t2\n")
+    result = evaluate_task(classifier, "classify", data, device="cpu")
+    predicted = [p["label"] for p in pipeline("classify", classifier, device="cpu")(["good", "bad", "so-so"])]
+    assert result["accuracy"] == accuracy(predicted, ["1", "0", "2"]) <= 200 / 3
+    assert result["macro_f1"] == macro_f1(predicted, ["1", "0", "2"])
+
+
+def test_predict_seq2seq_on_sources_without_targets(trained_run, tmp_path):
+    sources = tmp_path / "src.en"
+    sources.write_text("A man rides a horse.\nTwo dogs play.\n")
+    assert predict(trained_run.out, sources, tmp_path / "p.jsonl", task="seq2seq", max_new_tokens=2, device="cpu") == 2
+    rows = [json.loads(line) for line in open(tmp_path / "p.jsonl")]
+    assert [(r["where"], r["source"]) for r in rows] == [(f"{sources}:1", "A man rides a horse."), (f"{sources}:2", "Two dogs play.")]
+    assert all(isinstance(r["prediction"], str) for r in rows)
+    jsonl = tmp_path / "src.jsonl"
+    jsonl.write_text('{"source": "A man rides a horse."}\n')
+    assert predict(trained_run.out, jsonl, tmp_path / "q.jsonl", task="seq2seq", max_new_tokens=2, device="cpu") == 1
+    with pytest.raises(UserError, match="--target"):
+        evaluate_task(trained_run.out, "seq2seq", sources, device="cpu")
+
+
+def test_predict_sft_replies_to_conversations_without_a_reply(trained_run, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(trained_run.checkpoint, base)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": CHATML}))
+    user, reply = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}
+    again = {"role": "user", "content": "And?"}
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in ([user], [user, reply], [user, reply, again])))
+    assert predict(base, data, tmp_path / "p.jsonl", task="sft", max_new_tokens=2, device="cpu") == 3
+    rows = [json.loads(line) for line in open(tmp_path / "p.jsonl")]
+    # The reference reply at the end is left out; a conversation that ends with the user is answered.
+    assert [r["messages"] for r in rows] == [[user], [user], [user, reply, again]]
+    assert all(isinstance(r["reply"], str) for r in rows)
+    data.write_text(json.dumps({"messages": [reply]}) + "\n")
+    with pytest.raises(UserError, match=r"chat.jsonl:1.*no user message"):
+        predict(base, data, tmp_path / "p.jsonl", task="sft", max_new_tokens=2, device="cpu")
+
+
+def test_qa_predictions_without_a_span_are_strict_json(tmp_path_factory, tokenizer_dir, tmp_path):
+    reader = _base(tmp_path_factory, tokenizer_dir, "reader", task_head="span")
+    doc = {"data": [{"title": "T", "paragraphs": [
+        {"context": "", "qas": [{"id": "q1", "question": "Who?"}]},
+        {"context": "Denver won the game.", "qas": [{"id": "q2", "question": "Who won?"}]}]}]}
+    data = tmp_path / "q.json"
+    data.write_text(json.dumps(doc))
+    assert predict(reader, data, tmp_path / "p.jsonl", task="qa", device="cpu") == 2
+
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    rows = [json.loads(line, parse_constant=no_constants) for line in open(tmp_path / "p.jsonl")]
+    assert (rows[0]["answer"], rows[0]["score"]) == ("", None)
+    assert rows[1]["answer"] and isinstance(rows[1]["score"], float)

@@ -236,23 +236,29 @@ def read_examples(
     """A task's examples from its file(s): `target` is the second file of line-aligned parallel
     text (seq2seq); `split_articles` F keeps part 0 (the first F of the articles) or part 1 (the
     rest) of a QA file, split by article with a fixed seed. `require_labels=False` also reads
-    unlabelled data (GLUE test files, tokens-only CoNLL, questions without answers)."""
+    unlabelled data (GLUE test files, tokens-only CoNLL, questions without answers, sources without
+    targets, a plain-text file of sources, conversations without a reply)."""
     if task not in TASKS:
         raise UserError(f"task {task!r} is not supported; use one of {list(TASKS)}")
     if target is not None and task != "seq2seq":
         raise UserError(f"--target (a line-aligned target file) belongs to --task seq2seq, not {task}")
     if split_articles is not None and task != "qa":
         raise UserError("--split-articles splits SQuAD-style QA data; drop it for other tasks")
+    if split_articles is not None and not 0 < split_articles < 1:
+        raise UserError(f"--split-articles {split_articles} is out of range; pass the fraction of the articles to train on, "
+                        "in (0, 1), e.g. 0.8, or drop it to use every article")
     if task == "classify":
         return read_classification(data, text_field, label_field, labels, require_labels=require_labels)
     if task == "tag":
         return read_tagged(data, labels, require_labels=require_labels)
     if task == "qa":
         examples = read_squad(data, require_labels=require_labels)
-        return split_by_article(examples, split_articles, seed=0)[part] if split_articles else examples
+        return split_by_article(examples, split_articles, seed=0)[part] if split_articles is not None else examples
     if task == "seq2seq":
-        return read_parallel_text(data, target) if target is not None else read_text2text(data, text_field, label_field)
-    return read_chat(data)
+        if target is not None:
+            return read_parallel_text(data, target)
+        return read_text2text(data, text_field, label_field, require_labels=require_labels)
+    return read_chat(data, require_labels=require_labels)
 
 
 def label_set(task: str, examples: list) -> list[str]:

@@ -285,6 +285,9 @@ def open_split(data_dir: str | Path, split: str) -> list[np.memmap]:
     """Read-only memory maps of a split's shards, in order; each shard's size is checked against meta."""
     data_dir = Path(data_dir)
     meta = load_meta(data_dir)
+    if meta.get("kind") == "parallel":
+        raise UserError(f"{data_dir} holds parallel pairs (prepared with --target), not token shards; "
+                        "prepare the text without --target")
     if split not in meta["splits"]:
         raise UserError(f"unknown split {split!r}; choose one of {', '.join(meta['splits'])}")
     info = meta["splits"][split]

@@ -4,14 +4,15 @@ Every reader returns a list of small frozen dataclasses, each with a `where` ("F
 "FILE: question ID" for SQuAD) so that a later error can point at the line that caused it. Files may
 be gzipped. Input that cannot be right (an empty file, a missing column, a tag that is not IOB2, an
 answer that is not where its offset says) is a one-line `UserError` naming the file and the line.
-Labels (a class, tags, answers) are required, except with `require_labels=False` (`predict`).
+Labels (a class, tags, answers, a target, an assistant reply) are required, except with
+`require_labels=False` (`predict`).
 
     format                     reader                 example
     TSV / CSV / JSONL          read_classification    ClassifyExample(text, label)
     CoNLL / IOB2               read_tagged            TaggedExample(tokens, tags)
     SQuAD v1.1 JSON            read_squad             QAExample(id, title, context, question, answers)
-    JSONL / CSV, line pairs    read_text2text,        Text2TextExample(source, target, references)
-                               read_parallel_text
+    JSONL / CSV, line pairs,   read_text2text,        Text2TextExample(source, target, references)
+    plain text (sources only)  read_parallel_text
     JSONL of messages          read_chat              ChatExample(messages)
 """
 
@@ -73,8 +74,8 @@ class QAExample:
 @dataclass(frozen=True, slots=True)
 class Text2TextExample:
     source: str
-    target: str  # the first reference: what a model is trained towards
-    references: list[str]  # all of them: what it is scored against
+    target: str | None  # the first reference: what a model is trained towards; None only with require_labels=False
+    references: list[str]  # all of them: what it is scored against; [] only with require_labels=False
     where: str
 
 
@@ -183,16 +184,18 @@ def _csv_rows(path: Path) -> Rows:
 
 
 def _pick(
-    row: dict, field: str | None, defaults: Sequence[str], where: str, what: str, option: str, required: bool = True
+    row: dict, field: str | None, defaults: Sequence[str], where: str, what: str, option: str, required: bool = True,
+    flag: str | None = None,
 ) -> str | None:
-    """The key of `row` that holds `what`: `field` if given, else the first of `defaults` present."""
+    """The key of `row` that holds `what`: `field` if given, else the first of `defaults` present.
+    `option` is the reader's parameter that names the column, `flag` the command line's (default: alike)."""
     candidates = [field] if field else defaults
     key = next((k for k in candidates if k in row), None)
     if key is None and (required or field):
         have = ", ".join(map(str, row)) or "none"
         wanted = " or ".join(repr(k) for k in candidates)
-        hint = f"name the column with --{option.replace('_', '-')} NAME ({option}=NAME)"
-        if what == "label":
+        hint = f"name the column with {flag or '--' + option.replace('_', '-')} NAME ({option}=NAME)"
+        if what in ("label", "target"):
             hint += "; unlabelled data is for `lmforge predict` (require_labels=False)"
         raise UserError(f"{where}: no {what} column {wanted} (columns: {have}); {hint}")
     return key
@@ -224,9 +227,11 @@ def read_tagged(path: str | Path, labels: Sequence[str] | None = None, require_l
 
     The column layout is read from the first token line: `token tag` (WNUT-17), `index token tag ...`
     (Universal NER), otherwise token first and tag last (CoNLL-2003's `token POS chunk tag`). Columns
-    are tab-separated when the first token line has a tab, else whitespace-separated. In tab-separated
-    files a line starting with `#` and holding no tab is a comment (UNER's `# sent_id = ...`); a
-    `#hashtag<TAB>O` token line is not. `-DOCSTART-` lines are skipped. Tags must be O, B-TYPE or
+    are tab-separated when the first token line has a tab, else whitespace-separated. A line starting
+    with `#` is a comment only where it cannot be a token line: in a tab-separated file when it holds
+    no tab (UNER's `# sent_id = ...`; `#hashtag<TAB>O` is a token), in a whitespace-separated one when
+    its fields do not fit the columns (`# text = ...`; `#FollowFriday O` is a token). `-DOCSTART-`
+    lines are skipped. Tags must be O, B-TYPE or
     I-TYPE; an I-TYPE after O is accepted (conlleval and seqeval read it as the start of an entity).
     `labels`, when given, is the closed tag set. A file with one column holds tokens only: it is read,
     with tags None, only with `require_labels=False` (predicting on unlabelled text).
@@ -237,8 +242,13 @@ def read_tagged(path: str | Path, labels: Sequence[str] | None = None, require_l
     out: list[TaggedExample] = []
     tokens: list[str] = []
     tags: list[str] = []
-    layout: tuple[bool, int, int, int | None] | None = None  # (tabs, n_columns, token column, tag column)
-    start = layout_line = 0
+    # The layout comes from the first line that is surely a token line: one not starting with `#`, or
+    # holding a tab (comments have none).
+    nonblank = [i for i, line in enumerate(lines) if line.strip()]
+    sure = (i for i in nonblank if not lines[i].startswith("#") or "\t" in lines[i].strip())
+    layout_line = next(sure, nonblank[0] if nonblank else -1) + 1
+    layout = _tag_layout(lines[layout_line - 1]) if layout_line else None  # (tabs, n_columns, token column, tag column)
+    start = 0
 
     for lineno, line in enumerate([*lines, ""], 1):
         if not line.strip():
@@ -246,10 +256,9 @@ def read_tagged(path: str | Path, labels: Sequence[str] | None = None, require_l
                 out.append(TaggedExample(tokens, tags or None, f"{path}:{start}"))  # no tags: a tokens-only file
                 tokens, tags = [], []
             continue
-        if line.startswith("#") and "\t" not in line and (layout is None or layout[0]):
-            continue  # a comment; in a tab-separated file `#hashtag<TAB>O` is a token
-        if layout is None:
-            layout, layout_line = _tag_layout(line), lineno
+        assert layout is not None  # the file has a non-blank line
+        if line.startswith("#") and _is_comment(line, layout):
+            continue
         tabs, n_columns, token_col, tag_col = layout
         fields = [f.strip() for f in line.split("\t")] if tabs else line.split()
         where = f"{path}:{lineno}"
@@ -279,6 +288,15 @@ def read_tagged(path: str | Path, labels: Sequence[str] | None = None, require_l
             start = lineno
         tokens.append(_nfc(token))
     return _nonempty(out, path)
+
+
+def _is_comment(line: str, layout: tuple[bool, int, int, int | None]) -> bool:
+    """Whether a line starting with `#` is a comment rather than a token line of the file's layout."""
+    tabs, n_columns, _, tag_col = layout
+    if tabs:
+        return "\t" not in line
+    fields = line.split()
+    return len(fields) != n_columns or (tag_col is not None and not _IOB2.fullmatch(fields[tag_col]))
 
 
 def _tag_layout(line: str) -> tuple[bool, int, int, int | None]:
@@ -348,22 +366,34 @@ def read_squad(path: str | Path, require_labels: bool = True) -> list[QAExample]
     out, seen = [], set()
     for a, article in enumerate(articles):
         _require_keys(article, ("title", "paragraphs"), f"{path}: article {a}", hint)
+        _require_list(article, "paragraphs", f"{path}: article {a}", hint)
         for p, paragraph in enumerate(article["paragraphs"]):
-            _require_keys(paragraph, ("context", "qas"), f"{path}: article {a} paragraph {p}", hint)
+            place = f"{path}: article {a} paragraph {p}"
+            _require_keys(paragraph, ("context", "qas"), place, hint)
+            _require_list(paragraph, "qas", place, hint)
             context = paragraph["context"]
             if not isinstance(context, str):
-                raise UserError(f"{path}: article {a} paragraph {p}: the context is not a string; {hint}")
+                raise UserError(f"{place}: the context is not a string; {hint}")
             for qa in paragraph["qas"]:
                 keys = ("id", "question", "answers") if require_labels else ("id", "question")
-                place = f"{path}: article {a} paragraph {p}"
-                if isinstance(qa, dict) and "id" in qa and any(k not in qa for k in keys):
-                    place = _question_line(path, text, qa["id"])
-                _require_keys(qa, keys, place, hint)
+                valid_id = isinstance(qa, dict) and "id" in qa and _valid_id(qa["id"])
+                at = _question_line(path, text, qa["id"]) if valid_id and any(k not in qa for k in keys) else place
+                _require_keys(qa, keys, at, hint)
+                if not valid_id:
+                    kind = "empty" if isinstance(qa["id"], str) else _json_kind(qa["id"])
+                    raise UserError(f"{place}: 'id' is {kind}; each question needs a string id")
                 qid = str(qa["id"])
                 where = f"{path}: question {qid}"
                 if qid in seen:
                     raise UserError(f"{_question_line(path, text, qa['id'], 1)} appears twice; question ids must be unique")
                 seen.add(qid)
+                question = qa["question"]
+                if not isinstance(question, str) or not question.strip():
+                    kind = "empty" if isinstance(question, str) else _json_kind(question)
+                    raise UserError(f"{_question_line(path, text, qa['id'])}: 'question' is {kind}; give the question's text")
+                if qa.get("answers") is not None and not isinstance(qa["answers"], list):
+                    raise UserError(f"{_question_line(path, text, qa['id'])}: 'answers' is {_json_kind(qa['answers'])}, "
+                                    'not a list; give [{"text": ..., "answer_start": ...}, ...]')
                 answers = qa.get("answers") or []
                 if not answers and require_labels:
                     raise UserError(
@@ -373,7 +403,7 @@ def read_squad(path: str | Path, require_labels: bool = True) -> list[QAExample]
                     if problem := _answer_problem(ans, context):
                         raise UserError(f"{_question_line(path, text, qa['id'])}: {problem}")
                 answers = [(ans["text"], ans["answer_start"]) for ans in answers]
-                out.append(QAExample(qid, str(article["title"]), context, qa["question"], answers, where))
+                out.append(QAExample(qid, str(article["title"]), context, question, answers, where))
     return _nonempty(out, path)
 
 
@@ -381,6 +411,24 @@ def _require_keys(obj: Any, keys: Sequence[str], where: str, hint: str) -> None:
     missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
     if missing:
         raise UserError(f"{where}: missing {', '.join(repr(k) for k in missing)}; {hint}")
+
+
+def _require_list(obj: dict, key: str, where: str, hint: str) -> None:
+    if not isinstance(obj[key], list):
+        raise UserError(f"{where}: {key!r} is {_json_kind(obj[key])}, not a list; {hint}")
+
+
+def _valid_id(qid: Any) -> bool:
+    """A question id is a non-empty string (SQuAD's) or an integer."""
+    return (isinstance(qid, str) and bool(qid.strip())) or (isinstance(qid, int) and not isinstance(qid, bool))
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in words: `null`, `a number`, `an object`, ..."""
+    if value is None:
+        return "null"
+    kinds = [(bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "a list"), (dict, "an object")]
+    return next((kind for types, kind in kinds if isinstance(value, types)), type(value).__name__)
 
 
 def _question_line(path: Path, text: str, qid: Any, nth: int = 0) -> str:
@@ -434,23 +482,53 @@ def split_by_article(
 
 
 def read_text2text(
-    path: str | Path, source_field: str | None = None, target_field: str | None = None
+    path: str | Path, source_field: str | None = None, target_field: str | None = None, require_labels: bool = True
 ) -> list[Text2TextExample]:
-    """Source/target pairs from JSONL or a CSV with a header.
+    """Source/target pairs from JSONL or a CSV with a header; with `require_labels=False` (predicting)
+    the target may be missing, and a plain-text file is read as one source per line.
 
-    Fields default to `source`/`src`/`input` and `target`/`tgt`/`output`. A list-valued source is a
-    list of sentences and is joined with spaces; a list-valued target is a list of references (SciTLDR:
-    `target` is the first, `references` all). SciTLDR's own JSONL needs no options.
+    Fields default to `source`/`src`/`input` and `target`/`tgt`/`output` (on the command line,
+    `--text-field` and `--label-field` name them). A list-valued source is a list of sentences and is
+    joined with spaces; a list-valued target is a list of references (SciTLDR: `target` is the first,
+    `references` all). SciTLDR's own JSONL needs no options. A file is JSONL when its name ends in
+    .jsonl or .json (gzip ok) or its first line is a JSON object; otherwise it is plain text.
     """
     path = Path(path)
-    rows = _csv_rows(path) if _inner_suffix(path) == ".csv" else _jsonl_rows(path)
+    kind = _inner_suffix(path)
+    if kind == ".csv":
+        rows = _csv_rows(path)
+    else:
+        lines = _read_lines(path)
+        first = next((line for line in lines if line.strip()), None)
+        if kind not in (".jsonl", ".json") and first is not None and not _json_object(first):
+            return _plain_sources(path, lines, require_labels)
+        rows = _jsonl_rows(path, lines)
     out = []
     for where, columns_at, row in rows:
-        source_key = _pick(row, source_field, SOURCE_FIELDS, columns_at, "source", "source_field")
-        target_key = _pick(row, target_field, TARGET_FIELDS, columns_at, "target", "target_field")
+        source_key = _pick(row, source_field, SOURCE_FIELDS, columns_at, "source", "source_field", flag="--text-field")
+        target_key = _pick(row, target_field, TARGET_FIELDS, columns_at, "target", "target_field", required=require_labels,
+                           flag="--label-field")
         source = " ".join(_strings(row[source_key], where, source_key))
-        references = _strings(row[target_key], where, target_key)
-        out.append(Text2TextExample(source, references[0], references, where))
+        references = [] if target_key is None else _strings(row[target_key], where, target_key)
+        out.append(Text2TextExample(source, references[0] if references else None, references, where))
+    return _nonempty(out, path)
+
+
+def _json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _plain_sources(path: Path, lines: list[str], require_labels: bool) -> list[Text2TextExample]:
+    """A plain-text file's non-blank lines as sources without targets (predicting)."""
+    if require_labels:
+        raise UserError(
+            f"{path} is plain text, one source per line, without targets; pass the line-aligned target file with "
+            "--target (--val-target for a --val file), or give JSONL or CSV with a target field"
+        )
+    out = [Text2TextExample(line.strip(), None, [], f"{path}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
     return _nonempty(out, path)
 
 
@@ -468,17 +546,11 @@ def _strings(value: Any, where: str, key: str) -> list[str]:
 def read_parallel_text(src_path: str | Path, tgt_path: str | Path) -> list[Text2TextExample]:
     """Pairs of line-aligned files (gzip ok): line i of one translates line i of the other.
 
-    Different line counts, or an empty line in either file, are errors naming the file (and line).
+    Different line counts, an empty line in either file, or a file that cannot be read, are errors
+    naming the file (and line).
     """
     paths = [Path(src_path), Path(tgt_path)]
-    try:
-        pairs = read_parallel(*paths)
-    except _DECOMPRESS_ERRORS as e:
-        # read_parallel does not say which file failed; find out, on the error path only.
-        bad = next((p for p in paths if not _decompresses(p)), paths[0])
-        raise UserError(f"{bad} is not a valid gzip file ({e}); re-compress it with gzip, or decompress it") from None
-    except OSError as e:
-        raise UserError(f"cannot read {e.filename or ' or '.join(map(str, paths))} ({e.strerror or e}); check that it is readable") from None
+    pairs = read_parallel(*paths)
     out = []
     for i, (s, t) in enumerate(pairs, 1):
         if i == 1:
@@ -490,10 +562,10 @@ def read_parallel_text(src_path: str | Path, tgt_path: str | Path) -> list[Text2
 # --- chat ---------------------------------------------------------------------------------------
 
 
-def read_chat(path: str | Path) -> list[ChatExample]:
+def read_chat(path: str | Path, require_labels: bool = True) -> list[ChatExample]:
     """Conversations of a JSONL file: `{"messages": [{"role": ..., "content": ...}, ...]}` per line, or
     just the list. Roles are system, user and assistant; each conversation needs an assistant turn,
-    since that is what fine-tuning learns from."""
+    since that is what fine-tuning learns from, except with `require_labels=False` (predicting replies)."""
     path = Path(path)
     out = []
     for where, record in _jsonl_records(path):
@@ -508,7 +580,7 @@ def read_chat(path: str | Path) -> list[ChatExample]:
                     f"{where}: message {i} ({got!r}) needs a role of {', '.join(ROLES)} and a string content; fix the line"
                 )
             clean.append({"role": message["role"], "content": _nfc(message["content"])})
-        if not any(m["role"] == "assistant" for m in clean):
+        if require_labels and not any(m["role"] == "assistant" for m in clean):
             raise UserError(f"{where}: the conversation has no assistant message; add the reply to learn from")
         out.append(ChatExample(clean, where))
     return _nonempty(out, path)
@@ -522,6 +594,8 @@ _DECOMPRESS_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 @contextlib.contextmanager
 def _reading(path: Path) -> Iterator[None]:
     """Turn a missing file and a broken gzip stream into one-line UserErrors naming `path`."""
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; pass a data file")
     if not path.is_file():
         raise UserError(f"{path} does not exist or is not a file; check the path")
     try:
@@ -530,16 +604,6 @@ def _reading(path: Path) -> Iterator[None]:
         raise UserError(f"{path} is not a valid gzip file ({e}); re-compress it with gzip, or decompress it") from None
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror or e}); check that it is readable") from None
-
-
-def _decompresses(path: Path) -> bool:
-    try:
-        with open_bytes(path) as f:
-            while f.read(1 << 20):
-                pass
-        return True
-    except (*_DECOMPRESS_ERRORS, OSError):
-        return False
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -551,8 +615,8 @@ def _read_lines(path: Path) -> list[str]:
     return lines
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(_read_lines(path), 1):
+def _jsonl_records(path: Path, lines: list[str] | None = None) -> Iterator[tuple[str, Any]]:
+    for lineno, line in enumerate(_read_lines(path) if lines is None else lines, 1):
         if not line.strip():
             continue
         try:
@@ -561,8 +625,8 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
             raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno}); each line must be one JSON value") from None
 
 
-def _jsonl_rows(path: Path) -> Rows:
-    for where, record in _jsonl_records(path):
+def _jsonl_rows(path: Path, lines: list[str] | None = None) -> Rows:
+    for where, record in _jsonl_records(path, lines):
         if not isinstance(record, dict):
             raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}; fix the line")
         yield where, where, record

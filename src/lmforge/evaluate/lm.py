@@ -67,6 +67,12 @@ def evaluate_lm(
 
 def _prepared_split(data_dir: Path, split: str, tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
     meta = load_meta(data_dir)
+    if meta.get("kind") == "parallel":
+        raise UserError(
+            f"{data_dir} holds parallel pairs (prepared with --target), and eval measures a language model on token "
+            "shards: prepare the text without --target, pass text files, or score translations with "
+            "`lmforge eval CKPT --task seq2seq --data SRC --target TGT`"
+        )
     if meta["tokenizer_sha256"] != tokenizer.sha256:
         raise UserError(
             f"{data_dir} was prepared with a different tokenizer than the checkpoint's; "

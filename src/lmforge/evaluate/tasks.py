@@ -43,7 +43,9 @@ def evaluate_task(
     """Score `checkpoint` on `data` for `task` (None: the task it was fine-tuned for).
 
     For QA, `split_articles` F scores the held-out articles (those after the first F, as
-    `finetune --split-articles F` left out). `limit` scores only the first N examples. Generation
+    `finetune --split-articles F` left out). A gold class or entity type the model was not fine-tuned
+    with counts as a miss (as sklearn and seqeval count it); a file in which none is one of the
+    model's is refused, being labelled for another model. `limit` scores only the first N examples. Generation
     options (`max_new_tokens`, `num_beams`, `length_penalty`) and `max_answer_length` are the
     pipeline's (`lmforge.pipeline`), and so is `dtype`.
     """
@@ -51,13 +53,14 @@ def evaluate_task(
     pipe = pipeline(task, checkpoint, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens,
                     max_answer_length=max_answer_length, num_beams=num_beams, length_penalty=length_penalty, dtype=dtype)
     task = pipe.task
-    labels = pipe.model.config.labels
     examples = read_examples(task, data, target, text_field=text_field, label_field=label_field,
-                             labels=labels, split_articles=split_articles, part=1)
+                             split_articles=split_articles, part=1)
     if limit is not None:
         if limit < 1:
             raise UserError(f"--limit must be >= 1, got {limit}")
         examples = examples[:limit]
+    if task in ("classify", "tag"):
+        _check_labels_known(task, pipe.model.config.labels, examples, data)
     result: dict[str, Any] = {"task": task, "examples": len(examples)}
     if task == "classify":
         pred = [p["label"] for p in pipe([ex.text for ex in examples])]
@@ -78,6 +81,21 @@ def evaluate_task(
         result |= {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def _check_labels_known(task: str, labels: list[str], examples: list, data: str | Path) -> None:
+    """Refuse gold data none of whose classes (entity types, for tag) the model knows: it is
+    labelled for another model or data set, and every example would score as a miss."""
+    if task == "classify":
+        gold, known, what = {ex.label for ex in examples}, set(labels), "labels"
+    else:
+        gold = {t[2:] for ex in examples for t in ex.tags if t != "O"}
+        known, what = {t[2:] for t in labels if t != "O"}, "entity types"
+    if gold and not gold & known:
+        raise UserError(
+            f"none of the {what} in {data} ({', '.join(map(repr, sorted(gold)))}) is one the model was fine-tuned with "
+            f"({', '.join(map(repr, sorted(known)))}); score it on data labelled as its training data was"
+        )
 
 
 def _assistant_loss(model, fmt: TaskFormat, examples: list, batch_size: int) -> float:

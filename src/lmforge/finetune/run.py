@@ -92,7 +92,7 @@ def finetune(
     val_examples = None
     if val is not None:
         val_examples = read_examples(task, val, val_target, text_field=text_field, label_field=label_field, labels=labels)
-    elif split_articles:
+    elif split_articles is not None:
         val_examples = read_examples(task, data, split_articles=split_articles, part=1)
     train_features = featurize(fmt, task, train_examples, labels, doc_stride)
     val_features = featurize(fmt, task, val_examples, labels, doc_stride) if val_examples else None

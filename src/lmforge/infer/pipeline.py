@@ -125,7 +125,8 @@ class Pipeline:
             answer = item["context"][s:e]
             s += len(answer) - len(answer.lstrip())  # byte-level tokens carry the space before a word
             answer = answer.strip()
-            out.append({"answer": answer, "score": score, "start": s, "end": s + len(answer)})
+            # No span at all (an empty context): score None, since -inf is not JSON.
+            out.append({"answer": answer, "score": score if score > float("-inf") else None, "start": s, "end": s + len(answer)})
         return out
 
     def _generate(self, items: list[Any]) -> list[str]:
@@ -235,6 +236,8 @@ def pipeline(
     """
     if num_beams < 1 or batch_size < 1 or max_answer_length < 1:
         raise UserError(f"num_beams, batch_size and max_answer_length must be >= 1, got {num_beams}, {batch_size}, {max_answer_length}")
+    if max_new_tokens < 1:  # checked here, by the option's name, not deep in the engine or the beam search
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}; it is the length of the longest generated output")
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, dev, inference_dtype(dev, dtype))
     trained = (ckpt.trainer_state or {}).get("task") or {}
@@ -274,7 +277,9 @@ def predict(
     dtype: str = "auto",
 ) -> int:
     """Run `checkpoint` over the examples of `data` and write one JSON object per example to `out`
-    (atomically); returns the number written. Labels in the data are not needed (GLUE test files)."""
+    (atomically); returns the number written. Labels in the data are not needed (GLUE test files,
+    a plain-text file of sources, conversations without a reply). A conversation's reply is to all of
+    it but a final assistant turn (the reference reply, when the data has one)."""
     if Path(out).is_dir():  # found now, not after every prediction is made
         raise UserError(f"--out {out} is a directory; pass the path of the JSONL file to write, e.g. {Path(out) / 'predictions.jsonl'}")
     ensure_dir(Path(out).parent)
@@ -291,8 +296,12 @@ def predict(
         rows = [{"id": ex.id, "question": ex.question, **a} for ex, a in zip(examples, answers)]
     elif pipe.task == "seq2seq":
         rows = [{"source": ex.source, "prediction": p} for ex, p in zip(examples, pipe([ex.source for ex in examples]))]
-    else:  # the reply to each conversation up to its last assistant turn
-        prompts = [ex.messages[: max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")] for ex in examples]
+    else:  # the reply to each conversation, less a final assistant turn (its reference reply)
+        prompts = [ex.messages[:-1] if ex.messages[-1]["role"] == "assistant" else ex.messages for ex in examples]
+        for ex, prompt in zip(examples, prompts):
+            if not any(m["role"] == "user" for m in prompt):
+                raise UserError(f"{ex.where}: the conversation has no user message to reply to (a final assistant turn is "
+                                "the reference reply); give a user message")
         rows = [{"messages": m, "reply": r} for m, r in zip(prompts, pipe(prompts))]
     rows = [{"where": ex.where, **row} for ex, row in zip(examples, rows)]
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
