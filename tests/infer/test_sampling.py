@@ -182,10 +182,15 @@ def test_logit_bias_per_row_before_the_penalties_and_not_in_the_logprobs():
 
 @pytest.mark.parametrize("bad", [dict(top_p=0), dict(min_p=1.5), dict(presence_penalty=3), dict(max_tokens=0),
                                  dict(repetition_penalty=0), dict(logprobs=21), dict(temperature=-0.1),
-                                 dict(logit_bias={1: 101.0}), dict(logit_bias={-1: 1.0})])
+                                 dict(logit_bias={1: 101.0}), dict(logit_bias={-1: 1.0}), dict(seed=-1), dict(seed=2**64)])
 def test_bad_values_are_user_errors(bad):
     with pytest.raises(UserError):
         SamplingParams(**bad)
+    if "seed" in bad:  # generate's options too (a seed past 64 bits overflowed inside torch)
+        from lmforge.infer import SamplingConfig
+
+        with pytest.raises(UserError, match=r"seed must be in \[0, 2\*\*64\)"):
+            SamplingConfig(**bad)
 
 
 def test_a_huge_top_k_keeps_every_token():

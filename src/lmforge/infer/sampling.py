@@ -6,8 +6,10 @@ Per row, in this order (vLLM's and transformers' order):
       penalties (output tokens, OpenAI's formula) ─> greedy: argmax
                                         ─> else: / temperature ─> top-k ─> top-p ─> min-p ─> draw
 
-Each draw uses the row's own `torch.Generator` when it has a seed, so a seeded request gives the
-same tokens alone or in any batch. Log-probabilities are those of the raw model distribution
+Each draw uses the row's own `torch.Generator` when it has a seed, so a seeded request draws the
+same random numbers alone or in any batch, and from the same logits the same tokens. A batch's
+matrix products may round a row's logits differently in the last bits, which now and then moves a
+draw in the long tail to a neighbouring token (see README, Serving). Log-probabilities are those of the raw model distribution
 (before penalties and temperature), as vLLM reports them by default.
 """
 
@@ -61,6 +63,7 @@ class SamplingParams:
             (-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.seed is None or 0 <= self.seed < 2**64, f"seed must be in [0, 2**64), got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:
