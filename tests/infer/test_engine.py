@@ -139,19 +139,19 @@ def test_encoder_decoder_is_refused():
         Engine(m)
 
 
-def test_compiled_cpu_decode_equals_eager_and_writes_the_cache_in_place(monkeypatch):
+def test_compiled_cpu_decode_equals_eager_and_writes_the_cache_in_place():
     """The compiled step (inductor's C++ wrapper on CPU) over all slots, with requests joining
     and leaving and the attended span switching between buckets: the same tokens as eager,
     written into the engine's own cache buffers, with no graph compiled after the warm-up, one
     for each span even where dynamo's recompile limit is lower (a long context has 10 spans)."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     model = varied_transformer(3, position="rotary", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, context_length=320)
     prompts = [*PROMPTS[:3], list(range(1, 90)) * 3, *PROMPTS[3:]]  # 267 tokens: past the first span bucket
     lengths = [12, 5, 20, 9, 3, 15, 7, 10]
     params = [SamplingParams(temperature=0, max_tokens=n) for n in lengths]
     eager = Engine(model, max_batch=3, prefill_chunk=16).generate(prompts, params)
     before = counters["stats"]["unique_graphs"]
-    engine = Engine(model, max_batch=3, prefill_chunk=16, compile=True)  # compiles the step here, not in a request
+    with torch._dynamo.config.patch(recompile_limit=1):  # (pytest's monkeypatch would delete the option on undo)
+        engine = Engine(model, max_batch=3, prefill_chunk=16, compile=True)  # compiles the step here, not in a request
     assert engine.spans == [c.span for c in engine._spans] == span_buckets(320) == [256, 320]
     assert counters["stats"]["unique_graphs"] == before + 2
     buffers = [t.data_ptr() for t in engine.cache.k + engine.cache.v]
