@@ -1,6 +1,7 @@
 """`lmforge serve` as a user starts it: a subprocess answering on loopback."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -50,3 +51,31 @@ def test_serve_missing_checkpoint_is_one_line(capsys, tmp_path):
     assert main(["serve", str(tmp_path / "nope"), "--port", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("lmforge: error: ") and "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_serve_refuses_a_queue_that_holds_nothing(capsys, tmp_path, n):
+    """--max-queue 0 would answer every request 429: refused in one line, before anything loads."""
+    assert main(["serve", str(tmp_path / "nope"), "--port", "0", "--max-queue", n]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--max-queue must be >= 1" in err[0]
+
+
+def test_the_model_id_is_the_run_or_the_checkpoint_folder(trained_run, tmp_path):
+    """A run's step-* checkpoint is served as the run's name; any other checkpoint folder as its own
+    (an imported /tmp/smollm2 is "smollm2", not "tmp")."""
+    from fastapi.testclient import TestClient
+
+    from lmforge.checkpoint import resolve_checkpoint
+    from lmforge.serve import create_app
+
+    step = resolve_checkpoint(trained_run.out)
+    assert step.name.startswith("step-")
+    alone = tmp_path / "smollm2"
+    shutil.copytree(step, alone)
+    for path, name in ((trained_run.out, "tiny"), (step, "tiny"), (alone, "smollm2")):
+        app = create_app(path, device="cpu", max_batch=1)
+        try:
+            assert [m["id"] for m in TestClient(app).get("/v1/models").json()["data"]] == [name]
+        finally:
+            app.state.runner.close()

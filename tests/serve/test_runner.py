@@ -2,7 +2,9 @@
 
 import asyncio
 
-from lmforge.infer import Engine, SamplingConfig, SamplingParams, generate_tokens
+import pytest
+
+from lmforge.infer import Engine, QueueFull, SamplingConfig, SamplingParams, generate_tokens
 from lmforge.serve import EngineRunner
 
 PROMPTS = [[1, 2, 3], [9] * 11, [4, 8, 15, 16, 23, 42], [7], [30, 31], [5, 5, 6], [20, 21, 22, 23], [11, 12]]
@@ -38,3 +40,20 @@ def test_streams_take_turns_under_load_and_lose_nothing(varied_model):
         alone = list(generate_tokens(varied_model, p, 12, SamplingConfig(temperature=0)))
         assert [t for group in got[i] for t in group] == alone
     assert max(len(group) for groups in got.values() for group in groups) > 1
+
+
+def test_the_queue_bound_counts_requests_not_aborts(varied_model):
+    """Aborts on their way to the engine (clients gone) take no place in the queue of `max_waiting`."""
+    runner = EngineRunner(Engine(varied_model, max_batch=1, max_waiting=2))
+    runner.close()  # the engine thread stops: what is submitted now stays in the inbox, as on a busy step
+
+    async def main():
+        queue: asyncio.Queue = asyncio.Queue()
+        first = runner.submit([1, 2], SamplingParams(max_tokens=4), queue)
+        for _ in range(5):
+            runner.abort(first)
+        runner.submit([3], SamplingParams(max_tokens=4), queue)
+        with pytest.raises(QueueFull):
+            runner.submit([4], SamplingParams(max_tokens=4), queue)
+
+    asyncio.run(main())

@@ -190,6 +190,45 @@ def test_logprobs(client):
     assert c.choices[0].logprobs.content and len(c.choices[0].logprobs.content[0].top_logprobs) == 2
 
 
+def test_logprobs_of_part_of_a_character_are_its_bytes(client, lm):
+    """A token holding the first byte of an emoji: its text is OpenAI's "bytes:\\xf0", its `bytes`
+    the byte itself (not U+FFFD's), and every text_offset lies within the text."""
+    first = lm.tokenizer.encode("😀")[0]  # the trained tokenizer has no emoji: 4 byte tokens
+    assert lm.tokenizer.token_bytes(first) == b"\xf0"
+    force = {"logit_bias": {str(first): 100}, "extra_body": {"ignore_eos": True}, "max_tokens": 3, "temperature": 0}
+    r = client.completions.create(model="tiny", prompt="ROMEO:", logprobs=1, **force)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == ["bytes:\\xf0"] * 3 and all(len(top) == 1 for top in lp.top_logprobs)  # the raw model's top
+    assert all(0 <= o <= len(r.choices[0].text) for o in lp.text_offset)
+    stream = client.completions.create(model="tiny", prompt="ROMEO:", logprobs=1, stream=True, **force)
+    assert [o for c in stream if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+    c = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], logprobs=True,
+                                       top_logprobs=1, **force)
+    content = c.choices[0].logprobs.content
+    assert [(x.token, x.bytes) for x in content] == [("bytes:\\xf0", [0xF0])] * 3
+
+
+def test_token_texts_and_offsets_of_emoji_and_accents(lm):
+    """Tokens that split a character: each offset is the index of the character holding the token's
+    first byte, so offsets rise with the text and stay within it (decode([t]) gave U+FFFD, length 1)."""
+    from lmforge.serve.app import TextOffsets, token_text
+
+    tok = lm.tokenizer
+    for text in ("Emoji list: 😀 😁 😂 🤣 😃", "café, naïve, Größe", "中文：你好，世界。我们"):
+        ids = tok.encode(text)
+        offsets = TextOffsets(tok)(ids)
+        split = TextOffsets(tok)
+        assert split(ids[:3]) + split(ids[3:]) == offsets  # a stream's chunks go on where the last one ended
+        assert len(offsets) == len(ids) and offsets == sorted(offsets) and offsets[-1] < len(text)
+        at = 0
+        for t, o in zip(ids, offsets):
+            assert len(text[:o].encode()) <= at < len(text[:o + 1].encode())  # the character holding its first byte
+            at += len(tok.token_bytes(t))
+        texts = [token_text(tok, t) for t in ids]
+        assert any(t.startswith("bytes:\\x") for t in texts)
+        assert all(t == tok.decode([i]) for t, i in zip(texts, ids) if not t.startswith("bytes:"))
+
+
 def test_errors_have_openai_bodies(client, strict):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="word " * 40, max_tokens=50)
@@ -203,6 +242,17 @@ def test_errors_have_openai_bodies(client, strict):
     assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
     assert httpx.get(strict + "/v1/models").status_code == 401
     assert httpx.get(strict + "/health").status_code == 200
+
+
+def test_top_logprobs_needs_logprobs_and_bad_json_says_so(client, server):
+    """As OpenAI: chat `top_logprobs` without `logprobs: true` is a 400, not silently ignored."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2, top_logprobs=2)
+    assert e.value.body["param"] == "top_logprobs" and "logprobs" in e.value.body["message"]
+    r = httpx.post(server[0] + "/v1/completions", content=b'{"prompt": "x",}', headers={"Content-Type": "application/json"})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] is None
+    assert error["message"].startswith("the request body is not valid JSON: ") and "character 15" in error["message"]
 
 
 def test_full_queue_answers_429(strict):
@@ -235,6 +285,35 @@ def test_disconnect_frees_the_slot(client, server):
     while (engine.running or aborted() == before) and time.time() < deadline:
         time.sleep(0.01)
     assert engine.running == 0 and aborted() == before + 1
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slots(lm):
+    """Not streaming: a client that times out (and the openai client then sends the request again,
+    twice) must not leave its sequences generating until max_tokens."""
+    engine = Engine(lm.model, lm.tokenizer, max_batch=4)
+    step = engine.step
+
+    def slow_step():  # 40 tokens take 2.4 s
+        time.sleep(0.06)
+        return step()
+
+    engine.step = slow_step
+    app = build_app(lm, engine, model_name="tiny")
+    srv, thread, url = live(app)
+    aborted = lambda: app.state.runner.metrics.requests.labels("abort")._value.get()
+    try:
+        for path, body in (("/v1/completions", {"prompt": "ROMEO:", "n": 2}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+            before = aborted()
+            with httpx.Client(timeout=0.3) as c, pytest.raises(httpx.ReadTimeout):
+                c.post(url + path, json={**body, "max_tokens": 40, "ignore_eos": True})
+            gone = time.time()
+            while (engine.running or engine.waiting) and time.time() < gone + 1.2:
+                time.sleep(0.01)
+            assert engine.running == 0 and not engine.waiting and aborted() == before + body.get("n", 1)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
 
 
 def test_metrics(server, client):

@@ -165,3 +165,15 @@ def test_roles_and_chat_template_survive_save_and_load(tok, tmp_path):
     assert (custom.eot_id, custom.bos_id) == (4, 3)
     loaded = Tokenizer.load(custom.save(tmp_path / "t"))
     assert (loaded.eot_id, loaded.bos_id, loaded.chat_template) == (4, 3, template)
+
+
+def test_token_bytes_hold_even_part_of_a_character(tok):
+    """A byte-level token may hold part of a multi-byte character: `decode([t])` writes U+FFFD for
+    it, `token_bytes(t)` gives its raw bytes, so the tokens' bytes are exactly the text's."""
+    text = "".join(SAMPLES[1:11])  # emoji, CJK, accents, and special tokens inside the text
+    ids = tok.encode(text)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    partial = [i for i in ids if "\ufffd" in tok.decode([i])]
+    assert partial and all(b"\xef\xbf\xbd" not in tok.token_bytes(i) for i in partial)
+    assert tok.token_bytes(tok.eot_id) == b"<|endoftext|>"
+    assert all(tok.token_bytes(i) == tok.decode([i]).encode() for i in ids if i not in partial)

@@ -6,7 +6,7 @@ import errno
 import socket
 from pathlib import Path
 
-from lmforge.checkpoint import resolve_checkpoint
+from lmforge.checkpoint import find_checkpoints, resolve_checkpoint
 from lmforge.serve.app import build_app
 from lmforge.serve.runner import EngineRunner
 from lmforge.utils.errors import UserError
@@ -34,11 +34,26 @@ def create_app(
     weights' `dtype` (auto: bf16 on CUDA, fp32 on CPU)."""
     from lmforge.infer import Engine, load
 
+    _check_max_queue(max_queue)
     lm = load(checkpoint, device=device, dtype=dtype)
     engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
                     max_waiting=max_queue, compile=compile, prefix_cache=prefix_cache, speculate=speculate)
-    name = model_name or (Path(lm.path).parent.name if lm.path is not None else "lmforge")
+    name = model_name or default_model_name(lm.path)
     return build_app(lm, engine, model_name=name, api_key=api_key, writes_per_step=writes_per_step)
+
+
+def _check_max_queue(max_queue: int) -> None:
+    if max_queue < 1:
+        raise UserError(f"--max-queue must be >= 1, got {max_queue}; with no room to wait every request would get 429")
+
+
+def default_model_name(path: str | Path | None) -> str:
+    """The id a checkpoint is served as: a run's name for one of its step-* checkpoints, otherwise
+    the checkpoint folder's own name (`/tmp/smollm2` is "smollm2", not "tmp")."""
+    if path is None:
+        return "lmforge"
+    path = Path(path).resolve()
+    return path.parent.name if path in find_checkpoints(path.parent) else path.name
 
 
 def check_listen(host: str, port: int) -> None:
@@ -63,6 +78,7 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, log
 
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}; leave it out for torch's choice")
+    _check_max_queue(kwargs.get("max_queue", 1))  # bad options first, before the checkpoint is read
     resolve_checkpoint(checkpoint)  # a wrong path is reported first, as every verb does
     check_listen(host, port)  # then a busy port, before the model loads
     if threads:

@@ -11,13 +11,14 @@ vLLM's `top_k`, `min_p`, `repetition_penalty` and `ignore_eos`.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import secrets
 import time
 import uuid
 from typing import Annotated, Any, AsyncIterator, Literal, Union
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.infer import Engine, LanguageModel, QueueFull, SamplingParams, render_chat
 from lmforge.serve.runner import EngineRunner
+from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
 
 
@@ -96,6 +98,14 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
+async def _on_disconnect(request: Request, then) -> None:
+    """Call `then()` when the client goes away. The body has been read by now, so the next ASGI
+    message is http.disconnect (as vLLM listens for it)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    then()
+
+
 class _ApiKey:
     """Pure ASGI middleware (streams and client disconnects pass straight through): /v1 and
     /metrics need `Authorization: Bearer KEY`; /health stays open for probes."""
@@ -111,6 +121,38 @@ class _ApiKey:
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+# ---- log-probabilities of byte-level tokens ------------------------------------------------------
+
+
+def token_text(tok: Tokenizer, token: int) -> str:
+    """A token's text for logprobs. A byte-level token may hold part of a multi-byte character
+    (an emoji is often 2-4 tokens); OpenAI writes such a token as "bytes:" and its bytes escaped,
+    "bytes:\\xf0\\x9f", where decoding the token alone would give U+FFFD."""
+    raw = tok.token_bytes(token)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + raw.decode("utf-8", "backslashreplace")
+
+
+class TextOffsets:
+    """Where each token of one choice starts in its text (completions' `text_offset`): the length
+    of the text that the bytes before it decode to, so a token that goes on with a character begun
+    by the one before has that character's index. Called chunk after chunk, it goes on counting."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok, self.chars = tok, 0
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # holds back an unfinished character
+
+    def __call__(self, tokens: list[int], within: int | None = None) -> list[int]:
+        """The offsets of `tokens`, capped at `within` (the text's length so far: a stop string cuts it)."""
+        offsets = []
+        for t in tokens:
+            offsets.append(self.chars if within is None else min(self.chars, within))
+            self.chars += len(self._utf8.decode(self.tok.token_bytes(t)))
+        return offsets
 
 
 # ---- the app ------------------------------------------------------------------------------------
@@ -134,6 +176,10 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # its "loc" is ("body", character), not a field
+            at = first.get("loc", (None, None))[-1]
+            reason = (first.get("ctx") or {}).get("error", first.get("msg", ""))
+            return APIError(400, f"the request body is not valid JSON: {reason} (at character {at})").response()
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         return APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where).response()
 
@@ -202,22 +248,15 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             raise APIError(400, str(e), code="context_length_exceeded" if "context" in str(e) else None) from None
         return queue, ids
 
-    def token_text(t: int) -> str:
-        return tok.decode([t])
-
-    def completion_logprobs(entries: list[dict], offset: int) -> dict[str, Any]:
-        tokens = [token_text(e["token"]) for e in entries]
-        offsets, at = [], offset
-        for t in tokens:
-            offsets.append(at)
-            at += len(t)
+    def completion_logprobs(entries: list[dict], offsets: TextOffsets, within: int) -> dict[str, Any]:
         return {
-            "tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{token_text(t): lp for t, lp in e["top"]} for e in entries], "text_offset": offsets,
+            "tokens": [token_text(tok, e["token"]) for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{token_text(tok, t): lp for t, lp in e["top"]} for e in entries],
+            "text_offset": offsets([e["token"] for e in entries], within),
         }
 
     def chat_logprobs(entries: list[dict]) -> dict[str, Any]:
-        item = lambda t, lp: {"token": token_text(t), "logprob": lp, "bytes": list(token_text(t).encode("utf-8"))}
+        item = lambda t, lp: {"token": token_text(tok, t), "logprob": lp, "bytes": list(tok.token_bytes(t))}
         return {"content": [{**item(e["token"], e["logprob"]), "top_logprobs": [item(t, lp) for t, lp in e["top"]]}
                             for e in entries]}
 
@@ -225,8 +264,8 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
         n_prompt = sum(len(p) for p in prompts)
         return {"prompt_tokens": n_prompt, "completion_tokens": completion, "total_tokens": n_prompt + completion}
 
-    async def respond(body: _Sampling, prompts: list[list[int]], chat: bool, logprobs: int | None, max_tokens: int | None,
-                      echo: list[str | list[int]] | None = None):
+    async def respond(request: Request, body: _Sampling, prompts: list[list[int]], chat: bool, logprobs: int | None,
+                      max_tokens: int | None, echo: list[str | list[int]] | None = None):
         """`echo`: per prompt, its text or token ids, whose text goes before each of its completions."""
         queue, ids = await start(body, prompts, logprobs, max_tokens)
         if echo is not None:  # decoded only now that the engine has checked the ids
@@ -237,17 +276,22 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
                 "model": model_name}
         n_choices = len(ids)
 
-        def lp_block(entries: list[dict], offset: int = 0):
+        def lp_block(entries: list[dict], offsets: TextOffsets | None = None, within: int = 0):
             if logprobs is None:
                 return None
-            return chat_logprobs(entries) if chat else completion_logprobs(entries, offset)
+            return chat_logprobs(entries) if chat else completion_logprobs(entries, offsets or TextOffsets(tok), within)
 
         if not body.stream:
             texts, reasons, lps, generated = [""] * n_choices, [None] * n_choices, [[] for _ in ids], 0
             pending = n_choices
+            # A client that gives up (a timeout: the openai client then sends it all again, twice)
+            # must free its slots now, not after max_tokens: the watcher's None ends the wait.
+            watcher = asyncio.create_task(_on_disconnect(request, lambda: queue.put_nowait((None, None))))
             try:
                 while pending:
                     tag, ev = await queue.get()
+                    if tag is None:
+                        return Response(status_code=499)  # nginx's "client closed request"; no one reads it
                     if ev.logprob is not None:
                         lps[tag].append(ev.logprob)
                     if ev.finished and ev.request.finish_reason == "error":
@@ -256,11 +300,12 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
                         texts[tag], reasons[tag], pending = ev.request.text, ev.request.finish_reason, pending - 1
                         generated += len(ev.request.output)
             finally:
+                watcher.cancel()
                 for r in ids:
                     runner.abort(r)
             choices = []
             for i in range(n_choices):
-                c: dict[str, Any] = {"index": i, "finish_reason": reasons[i], "logprobs": lp_block(lps[i])}
+                c: dict[str, Any] = {"index": i, "finish_reason": reasons[i], "logprobs": lp_block(lps[i], within=len(texts[i]))}
                 if chat:
                     c["message"] = {"role": "assistant", "content": texts[i]}
                 else:
@@ -277,7 +322,7 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
 
         async def events() -> AsyncIterator[str]:
             sent = lambda obj: f"data: {_dumps(obj)}\n\n"
-            offsets = [0] * n_choices
+            offsets, written = [TextOffsets(tok) for _ in range(n_choices)], [0] * n_choices
             generated, pending = 0, n_choices
             try:
                 if chat:
@@ -304,12 +349,13 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
                         reason = last.request.finish_reason if last.finished else None
                         if not text and reason is None and not entries:
                             continue
-                        c: dict[str, Any] = {"index": tag, "logprobs": lp_block(entries, offsets[tag]), "finish_reason": reason}
+                        written[tag] += len(text)
+                        c: dict[str, Any] = {"index": tag, "logprobs": lp_block(entries, offsets[tag], written[tag]),
+                                             "finish_reason": reason}
                         if chat:
                             c["delta"] = {"content": text} if text else {}
                         else:
                             c["text"] = text
-                        offsets[tag] += len(text)
                         if last.finished:
                             pending -= 1
                             generated += len(last.request.output)
@@ -324,7 +370,7 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         prompt = body.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]  # one prompt: a text or a list of token ids
@@ -332,11 +378,13 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             raise APIError(400, "prompt is empty", param="prompt")
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs (the prompt's log-probabilities) is not supported", param="echo")
-        return await respond(body, [encode(p) if isinstance(p, str) else p for p in prompt], False, body.logprobs,
+        return await respond(request, body, [encode(p) if isinstance(p, str) else p for p in prompt], False, body.logprobs,
                              body.max_tokens, prompt if body.echo else None)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         messages = []
         for m in body.messages:
             content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
@@ -346,7 +394,7 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
         except UserError as e:
             raise APIError(400, str(e), param="messages") from None
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await respond(body, [encode(prompt)], True, logprobs, body.max_completion_tokens or body.max_tokens)
+        return await respond(request, body, [encode(prompt)], True, logprobs, body.max_completion_tokens or body.max_tokens)
 
     if api_key:
         app.add_middleware(_ApiKey, key=api_key)

@@ -110,6 +110,8 @@ class EngineRunner:
         self._turns = itertools.count()
         self.metrics = Metrics(engine)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._adding = 0  # requests in the inbox on their way to the engine's queue (aborts do not count)
+        self._adding_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -122,8 +124,10 @@ class EngineRunner:
         """Queue a request (UserError / QueueFull raise here); its events arrive on `queue` as (tag, Event)."""
         req = self.engine.make_request(prompt, params, request_id=uuid.uuid4().hex)
         bound = self.engine.max_waiting
-        if bound is not None and len(self.engine.waiting) + self._inbox.qsize() >= bound:
-            raise QueueFull(f"{bound} requests are waiting already; try again later")
+        with self._adding_lock:
+            if bound is not None and len(self.engine.waiting) + self._adding >= bound:
+                raise QueueFull(f"{bound} requests are waiting already; try again later")
+            self._adding += 1
         self._streams[req.id] = _Stream(asyncio.get_running_loop(), queue, tag, time.perf_counter(), next(self._turns))
         self.metrics.prompt.inc(len(prompt))
         self._inbox.put(("add", req))
@@ -149,6 +153,8 @@ class EngineRunner:
                 return
             if kind == "add":
                 self.engine.enqueue(item)
+                with self._adding_lock:
+                    self._adding -= 1
             elif self.engine.abort(item) is not None:
                 self._streams.pop(item, None)
                 self.metrics.requests.labels("abort").inc()

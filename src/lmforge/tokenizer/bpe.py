@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable
 
@@ -34,6 +36,19 @@ _ALPHABET = pre_tokenizers.ByteLevel.alphabet()
 MIN_VOCAB_SIZE = len(_ALPHABET) + len(SPECIAL_TOKENS)
 CONFIG_FILE = "tokenizer_config.json"
 _TRAIN_HINT = "train one with `lmforge tokenizer train FILES... --vocab-size N --out DIR`"
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode, inverted: the character a byte-level vocabulary writes for each byte."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {chr(b): b for b in bs}
+    for n, b in enumerate(b for b in range(256) if b not in bs):
+        chars[chr(256 + n)] = b
+    return chars
+
+
+_BYTE_OF = _byte_level_chars()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
 
 
 class Tokenizer:
@@ -184,6 +199,30 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes token `token_id` stands for. A byte-level token may hold part of a
+        multi-byte character, which `decode([token_id])` writes as U+FFFD; here it is exact, so the
+        tokens of a text give back its UTF-8 bytes (special tokens: their text; an id past the
+        vocabulary, as a model padded beyond it may sample: none, as `decode` skips it)."""
+        return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
+
+    @cached_property
+    def _bytes(self) -> list[bytes]:
+        added = {i: t.content for i, t in self.hf.get_added_tokens_decoder().items()}
+        byte_level = isinstance(self.hf.decoder, decoders.ByteLevel)
+        table = []
+        for i in range(self.vocab_size):
+            piece = self.hf.id_to_token(i) or ""
+            if i in added:
+                table.append(added[i].encode("utf-8"))
+            elif byte_level and all(c in _BYTE_OF for c in piece):
+                table.append(bytes(_BYTE_OF[c] for c in piece))
+            elif m := _BYTE_FALLBACK.fullmatch(piece):
+                table.append(bytes([int(m.group(1), 16)]))
+            else:  # another vocabulary (WordPiece, SentencePiece pieces): the decoder's text
+                table.append(self.decode([i]).encode("utf-8"))
+        return table
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
