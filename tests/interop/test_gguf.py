@@ -4,6 +4,7 @@
 import importlib.util
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -56,12 +57,25 @@ def test_q8_0_and_float_types():
     np.testing.assert_array_equal(dequantize(raw, "BF16", 8), bf16.float().numpy())
 
 
-def gguf_bytes(tensors: list[tuple[str, tuple[int, ...], int, bytes]], metadata: dict[str, str]) -> bytes:
-    """A minimal GGUF v3 file: string metadata and the given raw tensors (dims given fastest first)."""
+def gguf_bytes(tensors: list[tuple[str, tuple[int, ...], int, bytes]], metadata: dict[str, Any]) -> bytes:
+    """A minimal GGUF v3 file: metadata (str, u32, f32, or arrays of i32 or str) and the given raw tensors
+    (dims given fastest first)."""
     s = lambda text: struct.pack("<Q", len(text.encode())) + text.encode()  # noqa: E731
+
+    def value(v: Any) -> bytes:  # the value's type code, then the value
+        if isinstance(v, str):
+            return struct.pack("<I", 8) + s(v)
+        if isinstance(v, int):
+            return struct.pack("<II", 4, v)
+        if isinstance(v, float):
+            return struct.pack("<If", 6, v)
+        if v and isinstance(v[0], str):
+            return struct.pack("<IIQ", 9, 8, len(v)) + b"".join(s(x) for x in v)
+        return struct.pack("<IIQ", 9, 5, len(v)) + b"".join(struct.pack("<i", x) for x in v)
+
     out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(metadata))
     for k, v in metadata.items():
-        out += s(k) + struct.pack("<I", 8) + s(v)
+        out += s(k) + value(v)
     offset, blobs = 0, b""
     for name, dims, ggml_type, data in tensors:
         out += s(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
@@ -171,3 +185,67 @@ def test_chat_with_smollm2_through_the_cli(smollm2, monkeypatch, capsys):
     replies = [line for line in out.splitlines() if line.strip()]
     assert "Paris" in replies[0]
     assert "conversation cleared" in err and len(out.split("\n")) >= 3
+
+
+# ------------------------------------------------------------------ a tiny complete Llama file
+TOKENS = ["<|endoftext|>", "a", "b", "c", "d", "e", "f", "g"]
+TINY = {
+    "general.architecture": "llama", "llama.context_length": 16, "llama.embedding_length": 8, "llama.block_count": 2,
+    "llama.attention.head_count": 2, "llama.attention.head_count_kv": 1, "llama.feed_forward_length": 16,
+    "llama.rope.freq_base": 10000.0, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": TOKENS,
+    "tokenizer.ggml.token_type": [3] + [1] * 7, "tokenizer.ggml.eos_token_id": 0,
+}
+
+
+def tiny_llama_tensors(n_layer: int) -> list[tuple[str, tuple[int, ...], int, bytes]]:
+    """F32 tensors of a Llama with d_model 8, 2 heads of 4, one key/value head, FFN 16, vocab 8 (dims fastest first)."""
+    rng = np.random.default_rng(0)
+    dims = {"token_embd.weight": (8, 8), "output_norm.weight": (8,)}
+    for i in range(n_layer):
+        dims.update({f"blk.{i}.attn_norm.weight": (8,), f"blk.{i}.ffn_norm.weight": (8,), f"blk.{i}.attn_q.weight": (8, 8),
+                     f"blk.{i}.attn_k.weight": (8, 4), f"blk.{i}.attn_v.weight": (8, 4), f"blk.{i}.attn_output.weight": (8, 8),
+                     f"blk.{i}.ffn_gate.weight": (8, 16), f"blk.{i}.ffn_up.weight": (8, 16), f"blk.{i}.ffn_down.weight": (16, 8)})
+    return [(name, d, 0, rng.normal(size=int(np.prod(d))).astype(np.float32).tobytes()) for name, d in dims.items()]
+
+
+def test_tiny_llama_imports(tmp_path):
+    from lmforge.checkpoint import load_model
+
+    (tmp_path / "m.gguf").write_bytes(gguf_bytes(tiny_llama_tensors(2), TINY))
+    model, ckpt = load_model(import_gguf(tmp_path / "m.gguf", tmp_path / "ckpt"))
+    assert (model.config.n_layer, model.config.kv_heads, model.config.tie_embeddings) == (2, 1, True)
+    assert ckpt.tokenizer.eot_id == 0
+
+
+def test_import_refuses_blocks_the_metadata_does_not_name(tmp_path):
+    """block_count smaller than the blocks in the file used to import the first blocks silently."""
+    (tmp_path / "m.gguf").write_bytes(gguf_bytes(tiny_llama_tensors(2), {**TINY, "llama.block_count": 1}))
+    with pytest.raises(UserError, match=r"m\.gguf.*blk\.1\.") as err:
+        import_gguf(tmp_path / "m.gguf", tmp_path / "ckpt")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"tokenizer.ggml.tokens": None}, "'tokenizer.ggml.tokens' is missing"),
+    ({"llama.context_length": None}, "'llama.context_length' is missing"),
+    ({"llama.embedding_length": "8"}, "'llama.embedding_length' is '8'.*positive integer"),
+    ({"llama.attention.head_count_kv": [1, 1]}, "'llama.attention.head_count_kv' is a per-layer array"),
+    ({"tokenizer.ggml.eos_token_id": 99}, "'tokenizer.ggml.eos_token_id' is 99.*token id"),
+])
+def test_malformed_metadata_is_one_line(change, message, tmp_path):
+    metadata = {k: v for k, v in {**TINY, **change}.items() if v is not None}
+    (tmp_path / "m.gguf").write_bytes(gguf_bytes(tiny_llama_tensors(2), metadata))
+    with pytest.raises(UserError, match=message) as err:
+        import_gguf(tmp_path / "m.gguf", tmp_path / "ckpt")
+    assert "\n" not in str(err.value) and str(tmp_path / "m.gguf") in str(err.value)
+
+
+def test_quantized_rows_must_fill_whole_blocks_and_paths_must_be_files(tmp_path):
+    (tmp_path / "q.gguf").write_bytes(gguf_bytes([("w", (33,), 8, b"\0" * 68)], {"general.architecture": "llama"}))
+    with pytest.raises(UserError, match="tensor w .*33.*block of 32"):
+        read_gguf(tmp_path / "q.gguf")
+    with pytest.raises(UserError, match="is a directory; pass a .gguf file"):
+        read_gguf(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        read_gguf(tmp_path / "absent.gguf")

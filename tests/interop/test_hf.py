@@ -155,3 +155,104 @@ def test_architecture_without_hf_equivalent(tmp_path, trained_run):
     with pytest.raises(UserError, match="no Hugging Face equivalent"):
         export_hf(path, tmp_path / "export")
     assert not (tmp_path / "export").exists()
+
+
+# ------------------------------------------------------------------------- what HF cannot hold
+from lmforge.config import ModelConfig  # noqa: E402
+from lmforge.interop.hf import config_from_hf, config_to_hf, state_dict_to_hf  # noqa: E402
+from lmforge.model import Transformer  # noqa: E402
+
+GPT2_SHAPE = dict(vocab_size=VOCAB, context_length=128, n_layer=2, n_head=4, n_embd=64)
+LLAMA_SHAPE = dict(GPT2_SHAPE, position="rotary", norm="rmsnorm", mlp="swiglu", bias=False, n_kv_head=2)
+BERT_SHAPE = dict(GPT2_SHAPE, arch="encoder", norm_position="post", embed_norm=True, type_vocab_size=2)
+
+
+@pytest.mark.parametrize("shape,extra", [
+    (GPT2_SHAPE, {"embed_scale": True}), (GPT2_SHAPE, {"embed_norm": True}), (GPT2_SHAPE, {"type_vocab_size": 2}),
+    (LLAMA_SHAPE, {"embed_scale": True}), (LLAMA_SHAPE, {"embed_norm": True}), (LLAMA_SHAPE, {"type_vocab_size": 2}),
+    (BERT_SHAPE, {"embed_scale": True}),
+])
+def test_export_refuses_embedding_settings_transformers_lacks(shape, extra):
+    """transformers' GPT-2 and Llama have no embedding scale, embedding norm or token types, and BERT no
+    embedding scale: writing such a model anyway gave logits off by 3.6-6.3."""
+    plain = ModelConfig(**shape)
+    assert config_to_hf(plain)["vocab_size"] == VOCAB  # the shape itself is exportable
+    config = ModelConfig(**shape, **extra)
+    with pytest.raises(UserError, match=f"{next(iter(extra))}=.*has no Hugging Face equivalent"):
+        config_to_hf(config)
+    with pytest.raises(UserError, match="has no Hugging Face equivalent"):
+        state_dict_to_hf(config, Transformer(config).state_dict())
+
+
+# ----------------------------------------------------------------------- weights left unread
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, **changes}))
+
+
+@pytest.mark.parametrize("name,key,prefix", [
+    ("gpt2", "n_layer", "transformer.h.1."), ("llama-mha", "num_hidden_layers", "model.layers.1."),
+    ("bert", "num_hidden_layers", "bert.encoder.layer.1."),
+])
+def test_import_refuses_layers_config_json_does_not_name(name, key, prefix, tmp_path, tokenizer_dir):
+    """A config.json naming fewer layers than the weights hold used to import the first layers silently."""
+    src = hf_dir(tmp_path, bert() if name == "bert" else MODELS[name](), tokenizer_dir)
+    _edit_config(src, **{key: 1})
+    with pytest.raises(UserError, match=rf"config\.json.*{prefix.replace('.', '[.]')}") as err:
+        import_hf(src, tmp_path / "ckpt")
+    assert "\n" not in str(err.value) and str(src) in str(err.value)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_import_ignores_known_buffers_and_refuses_other_extra_tensors(tmp_path, tokenizer_dir):
+    from safetensors.torch import load_file, save_file
+
+    src = hf_dir(tmp_path, gpt2(), tokenizer_dir)
+    tensors = load_file(src / "model.safetensors")
+    buffers = {"transformer.h.0.attn.bias": torch.ones(1, 1, 128, 128), "transformer.h.0.attn.masked_bias": torch.tensor(-1e4),
+               "lm_head.weight": tensors["transformer.wte.weight"].clone()}
+    save_file({**tensors, **buffers}, src / "model.safetensors", metadata={"format": "pt"})
+    import_hf(src, tmp_path / "ckpt")  # older transformers saved GPT-2's causal-mask buffers and the tied head: harmless
+
+    save_file({**tensors, "score.weight": torch.zeros(2, 64)}, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="score.weight"):
+        import_hf(src, tmp_path / "ckpt2")
+
+
+# ------------------------------------------------------------------- malformed config.json files
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: {k: v for k, v in c.items() if k != "num_hidden_layers"}, "'num_hidden_layers' is missing"),
+    (lambda c: [1, 2], "must be a JSON object"),
+    (lambda c: {**c, "vocab_size": "512"}, "'vocab_size' is '512'.*positive integer"),
+    (lambda c: {**c, "rms_norm_eps": True}, "'rms_norm_eps' is True.*number"),
+    (lambda c: {**c, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}, "rope_parameters": None},
+     "'rope_scaling.low_freq_factor' is missing"),
+    (lambda c: {**c, "rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, "'rope_parameters.factor' is missing"),
+])
+def test_malformed_config_json_is_one_line(edit, message, tmp_path, tokenizer_dir):
+    src = hf_dir(tmp_path, llama(), tokenizer_dir)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(edit(cfg)))
+    with pytest.raises(UserError, match=message) as err:
+        import_hf(src, tmp_path / "ckpt")
+    assert "\n" not in str(err.value) and str(src / "config.json") in str(err.value)
+
+
+def test_import_hf_of_a_file_or_unreadable_config(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(UserError, match="m.gguf is not a directory.*import gguf"):
+        import_hf(tmp_path / "m.gguf", tmp_path / "ckpt")
+    (tmp_path / "d" / "config.json").mkdir(parents=True)  # read_json on something unreadable
+    with pytest.raises(UserError, match="config.json cannot be read"):
+        import_hf(tmp_path / "d", tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False), ("reorder_and_upcast_attn", True),
+])
+def test_gpt2_attention_flags_lmforge_does_not_model_are_refused(flag, value):
+    """Imported anyway, these gave logits off by 0.02 (inverse layer index) and 1.07 (no 1/sqrt(d) scale)."""
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=300).to_dict()
+    assert config_from_hf(cfg).n_layer == 2
+    with pytest.raises(UserError, match=f"{flag}={value}"):
+        config_from_hf({**cfg, flag: value})

@@ -3,6 +3,7 @@ import pytest
 from lmforge.config import preset
 from lmforge.model import Transformer
 from lmforge.scaling import flops
+from lmforge.scaling.counting import chinchilla_forward_flops
 from lmforge.utils.errors import UserError
 
 
@@ -108,3 +109,62 @@ def test_bad_input():
         flops(preset("tiny", vocab_size=100), tokens=1, seq_len=0)
     with pytest.raises(UserError, match="vocab_size is not set"):
         flops(preset("tiny"), tokens=1)
+
+
+def test_encoder_by_hand():
+    """BERT-style: blocks as a decoder's (appendix F ignores the causal mask), then the MLM head's transform
+    and logits at every position. An encoder has no `output`: this used to raise AttributeError."""
+    cfg = preset("tiny", vocab_size=100, arch="encoder", norm_position="post", embed_norm=True, type_vocab_size=2)
+    out = flops(cfg, tokens=1e6)
+
+    embeddings = 128 * 64 + 64 * 64 + 2 * 64  # token, position, type: 12_416
+    rest = 2 * 64 + 2 * 49_984 + (64 * 64 + 64 + 2 * 64 + 128) + (64 * 64 + 64) + (64 * 2 + 2)  # embed norm, blocks, mlm, pooler, nsp
+    assert out["params"] == embeddings + rest == 121_218 == Transformer(cfg).num_params(exclude_positions=False)
+    assert out["params_no_embed"] == rest == 108_802
+
+    forward = (
+        2 * 64 * 128 * 64  # embeddings                     1_048_576
+        + 2 * (3_194_880 + 4_194_304)  # blocks: attention and dense, as test_tiny_config_by_hand
+        + 2 * 64 * 64 * 64  # MLM transform (d x d)         524_288
+        + 2 * 64 * 64 * 128  # logits                       1_048_576
+    )
+    assert forward == 17_399_808
+    assert out["flops_per_token_chinchilla"] == 3 * forward / 64 == 815_616
+
+
+def test_encoder_decoder_by_hand():
+    """The encoder's blocks over the source, the decoder's over the target with cross-attention over the
+    source, both embeddings: 3 encoder and 2 decoder blocks, source 32 and target 64 tokens."""
+    cfg = preset("tiny", vocab_size=100, arch="encoder-decoder", n_encoder_layer=3)
+    S, T, d, V, H, f = 32, 64, 64, 128, 4, 256
+
+    def self_attention(n):  # QKV, logits, softmax, softmax @ V, final linear
+        return 2 * 3 * n * d * d + 2 * n * n * d + 3 * H * n * n + 2 * n * n * d + 2 * n * d * d
+
+    encoder_block = self_attention(S) + 2 * S * 2 * d * f  # 1_323_008 + 2_097_152
+    cross = (
+        2 * T * d * d  # query projection of the target           524_288
+        + 2 * 2 * S * d * d  # key and value projections of the source  524_288
+        + 2 * T * S * d  # logits                                 262_144
+        + 3 * H * T * S  # softmax                                 24_576
+        + 2 * T * S * d  # softmax @ value                        262_144
+        + 2 * T * d * d  # final linear                           524_288
+    )
+    assert (encoder_block, cross) == (3_420_160, 2_121_728)
+    decoder_block = self_attention(T) + cross + 2 * T * 2 * d * f  # 3_194_880 + 2_121_728 + 4_194_304
+    forward = 2 * S * V * d + 2 * T * V * d + 3 * encoder_block + 2 * decoder_block + 2 * T * d * V
+    assert forward == 31_903_744
+    assert chinchilla_forward_flops(cfg, T, src_len=S) == forward
+
+    # flops() takes the source as long as the target: seq_len tokens on each side.
+    self_64 = self_attention(64)
+    cross_64 = 2 * 64 * d * d + 2 * 2 * 64 * d * d + 2 * 64 * 64 * d + 3 * H * 64 * 64 + 2 * 64 * 64 * d + 2 * 64 * d * d
+    forward_64 = 2 * 64 * V * d * 2 + 3 * (self_64 + 4_194_304) + 2 * (self_64 + cross_64 + 4_194_304) + 2 * 64 * d * V
+    assert forward_64 == 46_481_408
+    out = flops(cfg, tokens=1e6)
+    assert out["flops_per_token_chinchilla"] == 3 * forward_64 / 64 == 2_178_816
+
+    block, cross_params = 49_984, 64 + (64 * 64 + 64) + (64 * 128 + 128) + (64 * 64 + 64) + 64  # norm, q, kv, proj
+    assert out["params"] == 128 * 64 + 64 * 64 + 3 * block + 64 * 2 + 2 * (block + cross_params) + 64 * 2 == 296_000
+    assert out["params"] == Transformer(cfg).num_params(exclude_positions=False)
+    assert out["params_no_embed"] == 296_000 - 128 * 64 - 64 * 64 == 283_712

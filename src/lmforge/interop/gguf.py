@@ -25,6 +25,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from lmforge.checkpoint import save_checkpoint
 from lmforge.config import ModelConfig
+from lmforge.interop._keys import REQUIRED, read_key, some_names
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
@@ -101,6 +102,8 @@ def dequantize(raw: np.ndarray, type_name: str, n: int) -> np.ndarray:
 def read_gguf(path: str | Path) -> GGUFFile:
     """Parse a GGUF file's header, metadata and tensor index (tensor data stays on disk)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; pass a .gguf file (for a Hugging Face directory use `lmforge import hf`)")
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass a .gguf file")
     size = path.stat().st_size
@@ -127,8 +130,14 @@ def read_gguf(path: str | Path) -> GGUFFile:
                     f"{path}: tensor {name} is quantized as {kind}, which lmforge cannot dequantize "
                     f"(supported: {', '.join(t[0] for t in GGML_TYPES.values())}); requantize the model to one of them"
                 )
+            type_name, _, block_values = GGML_TYPES[ggml_type]
+            if (dims[0] if dims else 1) % block_values:  # ggml quantizes each row in whole blocks
+                raise UserError(
+                    f"{path}: tensor {name} has rows of {dims[0] if dims else 1} values, not a whole number of "
+                    f"{type_name}'s block of {block_values}; the file is corrupt, re-download it"
+                )
             tensors[name] = TensorInfo(name, tuple(reversed(dims)), ggml_type, offset)
-        alignment = int(metadata.get("general.alignment", 32))
+        alignment = read_key(metadata, "general.alignment", int, path, _GGUF_FIX, 32)
         data_start = -(-f.tell() // alignment) * alignment
     for info in tensors.values():
         _, block_bytes, block_values = GGML_TYPES[info.ggml_type]
@@ -178,22 +187,43 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         # Llama 3.1+ files carry their RoPE scaling as per-frequency factors; ignoring them would give
         # silently wrong logits past the original context, so refuse instead.
         raise UserError(f"{g.path}: per-frequency RoPE factors (rope_freqs, Llama 3.1 style) are not supported yet")
-    a = lambda key, default=None: md.get(f"llama.{key}", default)  # noqa: E731
-    n_embd, n_head = a("embedding_length"), a("attention.head_count")
+    def a(key: str, kind: type = int, default: Any = REQUIRED) -> Any:
+        return read_key(md, f"llama.{key}", kind, g.path, _GGUF_FIX, default)
+
+    n_head = a("attention.head_count")
     scaling: dict[str, Any] = {}
-    kind = a("rope.scaling.type")
+    kind = a("rope.scaling.type", str, None)
     if kind == "linear":
-        scaling = {"rope_scaling": "linear", "rope_factor": a("rope.scaling.factor")}
+        scaling = {"rope_scaling": "linear", "rope_factor": a("rope.scaling.factor", float)}
     elif kind not in (None, "none"):
         raise UserError(f"{g.path}: RoPE scaling {kind!r} is not supported; supported: none, linear")
-    vocab = a("vocab_size") or len(md["tokenizer.ggml.tokens"])
-    return ModelConfig(
-        vocab_size=vocab, context_length=a("context_length"), n_layer=a("block_count"), n_head=n_head,
-        n_kv_head=a("attention.head_count_kv", n_head), n_embd=n_embd, mlp_hidden=a("feed_forward_length"),
-        position="rotary", rope_theta=float(a("rope.freq_base", 10000.0)), norm="rmsnorm", mlp="swiglu", bias=False,
-        norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)), tie_embeddings="output.weight" not in g.tensors,
+    fields = dict(
+        vocab_size=a("vocab_size", int, None) or len(_tokens(g)), context_length=a("context_length"),
+        n_layer=a("block_count"), n_head=n_head, n_kv_head=a("attention.head_count_kv", int, n_head),
+        n_embd=a("embedding_length"), mlp_hidden=a("feed_forward_length"), position="rotary",
+        rope_theta=a("rope.freq_base", float, 10000.0), norm="rmsnorm", mlp="swiglu", bias=False,
+        norm_eps=a("attention.layer_norm_rms_epsilon", float, 1e-5), tie_embeddings="output.weight" not in g.tensors,
         pad_vocab_multiple=1, **scaling,
     )
+    try:
+        return ModelConfig(**fields)
+    except UserError as e:  # sizes that are each valid but disagree (embedding_length not divisible by head_count, ...)
+        raise UserError(f"{g.path}: {e}") from None
+
+
+_GGUF_FIX = "re-download the file or convert the model again with llama.cpp"
+
+
+def _strings(g: GGUFFile, key: str, default: Any = REQUIRED) -> list[str]:
+    """The array of strings at `key` (the vocabulary, the merges)."""
+    values = read_key(g.metadata, key, list, g.path, _GGUF_FIX, default)
+    if not all(isinstance(v, str) for v in values) or (default is REQUIRED and not values):
+        raise UserError(f"{g.path}: {key!r} must be a non-empty array of strings; {_GGUF_FIX}")
+    return values
+
+
+def _tokens(g: GGUFFile) -> list[str]:
+    return _strings(g, "tokenizer.ggml.tokens")
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -203,8 +233,14 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, hs // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def state_dict_from_gguf(g: GGUFFile, c: ModelConfig) -> dict[str, torch.Tensor]:
-    t = g.tensor
+def state_dict_from_gguf(g: GGUFFile, c: ModelConfig, used: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """lmforge state dict from the file's tensors; `used`, when given, receives the names read."""
+    used = set() if used is None else used
+
+    def t(name: str) -> torch.Tensor:
+        used.add(name)
+        return g.tensor(name)
+
     sd = {"tok_embeddings.weight": t("token_embd.weight"), "norm.weight": t("output_norm.weight")}
     for i in range(c.n_layer):
         p, q = f"blk.{i}.", f"layers.{i}."
@@ -227,20 +263,26 @@ def tokenizer_from_gguf(g: GGUFFile) -> Tokenizer:
     kind = md.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise UserError(f"{g.path}: GGUF tokenizer model {kind!r} is not supported; only gpt2 (byte-level BPE)")
-    tokens: list[str] = md["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ", 1)) for m in md.get("tokenizer.ggml.merges", [])]
+    tokens = _tokens(g)
+    merges = [tuple(m.split(" ", 1)) for m in _strings(g, "tokenizer.ggml.merges", [])]
     hf = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    types = md.get("tokenizer.ggml.token_type", [])
+    types = read_key(md, "tokenizer.ggml.token_type", list, g.path, _GGUF_FIX, [])
     # Token type 3 is CONTROL in llama.cpp's vocabulary: <|im_start|>, <|endoftext|>, ...
     hf.add_special_tokens([tokenizers.AddedToken(tokens[i], special=True, normalized=False)
                            for i, kind in enumerate(types) if kind == 3])
-    roles = {role: tokens[md[f"tokenizer.ggml.{role}_token_id"]] for role in ("bos", "eos", "padding")
-             if f"tokenizer.ggml.{role}_token_id" in md}
+    roles = {}
+    for role in ("bos", "eos", "padding"):
+        key = f"tokenizer.ggml.{role}_token_id"
+        if key in md:
+            i = md[key]
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(tokens):
+                raise UserError(f"{g.path}: {key!r} is {i!r}, not a token id (the vocabulary has {len(tokens)} tokens); {_GGUF_FIX}")
+            roles[role] = tokens[i]
     return Tokenizer(
         hf, origin=str(g.path), eos_token=roles.get("eos"), bos_token=roles.get("bos"),
-        chat_template=md.get("tokenizer.chat_template"),
+        chat_template=read_key(md, "tokenizer.chat_template", str, g.path, _GGUF_FIX, None),
     )
 
 
@@ -250,7 +292,15 @@ def import_gguf(path: str | Path, out: str | Path) -> Path:
     config = config_from_gguf(g)
     tokenizer = tokenizer_from_gguf(g)
     model = Transformer(config)
-    sd = state_dict_from_gguf(g, config)
+    used: set[str] = set()
+    sd = state_dict_from_gguf(g, config, used)
+    unused = set(g.tensors) - used
+    if unused:
+        raise UserError(
+            f"{g.path}: {len(unused)} of its tensors are not part of the model its metadata describes "
+            f"({some_names(unused)}); the file is inconsistent "
+            "(is llama.block_count right?)"
+        )
     for name, p in model.state_dict().items():
         if name in sd and sd[name].shape != p.shape:
             raise UserError(

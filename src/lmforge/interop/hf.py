@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.config import ModelConfig
+from lmforge.interop._keys import REQUIRED, read_key, some_names
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
@@ -27,69 +28,100 @@ _HF_FIX = "pass a Hugging Face model directory (re-download it if it is damaged)
 
 
 # ---------------------------------------------------------------------------------------- configs
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """The lmforge config of a Hugging Face `config.json` (GPT-2 or Llama)."""
-    kind = hf.get("model_type")
+def config_from_hf(hf: Any, source: str | Path = "config.json") -> ModelConfig:
+    """The lmforge config of a Hugging Face `config.json` (GPT-2, Llama or BERT) read from `source`.
+
+    A missing key, a value of the wrong type or a setting lmforge does not model is a one-line
+    UserError naming the key and `source`.
+    """
+    if not isinstance(hf, dict):
+        raise UserError(f"{source} must be a JSON object of settings, not a {type(hf).__name__}; {_HF_FIX}")
+
+    def get(key: str, kind: type, default: Any = REQUIRED) -> Any:
+        return read_key(hf, key, kind, source, _HF_FIX, default)
+
+    if "model_type" not in hf and isinstance(hf.get("model"), dict):
+        raise UserError(f"{source} belongs to an lmforge checkpoint, not a Hugging Face model; use that checkpoint directly")
+    kind = get("model_type", str)
     if kind == "gpt2":
-        act = hf.get("activation_function", "gelu_new")
+        act = get("activation_function", str, "gelu_new")
         if act not in _GPT2_ACT:
-            raise UserError(f"GPT-2 activation {act!r} is not supported; supported: {sorted(_GPT2_ACT)}")
-        return ModelConfig(
-            vocab_size=hf["vocab_size"], context_length=hf["n_positions"], n_layer=hf["n_layer"],
-            n_head=hf["n_head"], n_embd=hf["n_embd"], mlp_hidden=hf.get("n_inner"), position="learned",
-            norm="layernorm", mlp=_GPT2_ACT[act], bias=True, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            tie_embeddings=hf.get("tie_word_embeddings", True), pad_vocab_multiple=1,
+            raise UserError(f"{source}: GPT-2 activation {act!r} is not supported; supported: {sorted(_GPT2_ACT)}")
+        for flag, default in _GPT2_ATTENTION.items():
+            if get(flag, bool, default) != default:
+                raise UserError(
+                    f"{source}: GPT-2 with {flag}={not default} is not supported; lmforge's attention scales "
+                    f"scores by 1/sqrt(head size) alone, as GPT-2's default {flag}={default}"
+                )
+        fields = dict(
+            vocab_size=get("vocab_size", int), context_length=get("n_positions", int), n_layer=get("n_layer", int),
+            n_head=get("n_head", int), n_embd=get("n_embd", int), mlp_hidden=get("n_inner", int, None), position="learned",
+            norm="layernorm", mlp=_GPT2_ACT[act], bias=True, norm_eps=get("layer_norm_epsilon", float, 1e-5),
+            tie_embeddings=get("tie_word_embeddings", bool, True), pad_vocab_multiple=1,
         )
-    if kind == "llama":
-        if hf.get("hidden_act", "silu") != "silu":
-            raise UserError(f"Llama activation {hf['hidden_act']!r} is not supported; only silu (SwiGLU)")
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise UserError("Llama checkpoints with attention_bias or mlp_bias are not supported yet")
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-        if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
-            raise UserError(f"head_dim {head_dim} x heads != hidden_size {hf['hidden_size']}: not supported yet")
-        return ModelConfig(
-            vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
-            n_head=hf["num_attention_heads"], n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            n_embd=hf["hidden_size"], mlp_hidden=hf["intermediate_size"], position="rotary", norm="rmsnorm",
-            mlp="swiglu", bias=False, norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_embeddings=hf.get("tie_word_embeddings", False), pad_vocab_multiple=1, **_rope_from_hf(hf),
+    elif kind == "llama":
+        if get("hidden_act", str, "silu") != "silu":
+            raise UserError(f"{source}: Llama activation {hf['hidden_act']!r} is not supported; only silu (SwiGLU)")
+        if get("attention_bias", bool, False) or get("mlp_bias", bool, False):
+            raise UserError(f"{source}: Llama checkpoints with attention_bias or mlp_bias are not supported yet")
+        hidden, heads = get("hidden_size", int), get("num_attention_heads", int)
+        head_dim = get("head_dim", int, None) or hidden // heads
+        if head_dim * heads != hidden:
+            raise UserError(f"{source}: head_dim {head_dim} x heads != hidden_size {hidden}: not supported yet")
+        fields = dict(
+            vocab_size=get("vocab_size", int), context_length=get("max_position_embeddings", int),
+            n_layer=get("num_hidden_layers", int), n_head=heads, n_kv_head=get("num_key_value_heads", int, heads),
+            n_embd=hidden, mlp_hidden=get("intermediate_size", int), position="rotary", norm="rmsnorm",
+            mlp="swiglu", bias=False, norm_eps=get("rms_norm_eps", float, 1e-6),
+            tie_embeddings=get("tie_word_embeddings", bool, False), pad_vocab_multiple=1, **_rope_from_hf(hf, source),
         )
-    if kind == "bert":
-        if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
-            raise UserError("BERT variants other than GELU with absolute positions are not supported yet")
-        return ModelConfig(
-            arch="encoder", vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"],
-            n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
-            mlp_hidden=hf["intermediate_size"], position="learned", norm="layernorm", norm_position="post",
-            embed_norm=True, type_vocab_size=hf.get("type_vocab_size", 2), mlp="gelu", bias=True,
-            norm_eps=hf.get("layer_norm_eps", 1e-12), tie_embeddings=hf.get("tie_word_embeddings", True),
+    elif kind == "bert":
+        if get("hidden_act", str, "gelu") != "gelu" or get("position_embedding_type", str, "absolute") != "absolute":
+            raise UserError(f"{source}: BERT variants other than GELU with absolute positions are not supported yet")
+        fields = dict(
+            arch="encoder", vocab_size=get("vocab_size", int), context_length=get("max_position_embeddings", int),
+            n_layer=get("num_hidden_layers", int), n_head=get("num_attention_heads", int), n_embd=get("hidden_size", int),
+            mlp_hidden=get("intermediate_size", int), position="learned", norm="layernorm", norm_position="post",
+            embed_norm=True, type_vocab_size=get("type_vocab_size", int, 2), mlp="gelu", bias=True,
+            norm_eps=get("layer_norm_eps", float, 1e-12), tie_embeddings=get("tie_word_embeddings", bool, True),
             pad_vocab_multiple=1,
         )
-    raise UserError(f"Hugging Face model_type {kind!r} is not supported; supported: gpt2, llama, bert")
+    else:
+        raise UserError(f"{source}: Hugging Face model_type {kind!r} is not supported; supported: gpt2, llama, bert")
+    try:
+        return ModelConfig(**fields)
+    except UserError as e:  # sizes that are each valid but disagree (n_embd not divisible by n_head, ...)
+        raise UserError(f"{source}: {e}") from None
 
 
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+# GPT-2 attention switches and their defaults, the only values lmforge's attention computes.
+_GPT2_ATTENTION = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
 
 
-def _rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+def _rope_from_hf(hf: dict[str, Any], source: str | Path) -> dict[str, Any]:
     # transformers >= 5 keeps theta and scaling in `rope_parameters`; older files in rope_theta/rope_scaling.
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = dict(hf.get("rope_scaling") or {})
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    params = read_key(hf, "rope_parameters", dict, source, _HF_FIX, {})
+    scaling = read_key(hf, "rope_scaling", dict, source, _HF_FIX, {})
+    theta = read_key(params, "rope_theta", float, source, _HF_FIX, None, "rope_parameters.")
+    theta = read_key(hf, "rope_theta", float, source, _HF_FIX, 10000.0) if theta is None else theta
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    src = params if "rope_type" in params else scaling
+    src, where = (params, "rope_parameters.") if "rope_type" in params else (scaling, "rope_scaling.")
+
+    def get(key: str) -> float:
+        return read_key(src, key, float, source, _HF_FIX, prefix=where)
+
     if kind == "default":
         return {"rope_theta": theta}
     if kind == "linear":
-        return {"rope_theta": theta, "rope_scaling": "linear", "rope_factor": src["factor"]}
+        return {"rope_theta": theta, "rope_scaling": "linear", "rope_factor": get("factor")}
     if kind == "llama3":
         return {
-            "rope_theta": theta, "rope_scaling": "llama3", "rope_factor": src["factor"],
-            "rope_low_freq_factor": src["low_freq_factor"], "rope_high_freq_factor": src["high_freq_factor"],
-            "rope_original_context": src["original_max_position_embeddings"],
+            "rope_theta": theta, "rope_scaling": "llama3", "rope_factor": get("factor"),
+            "rope_low_freq_factor": get("low_freq_factor"), "rope_high_freq_factor": get("high_freq_factor"),
+            "rope_original_context": read_key(src, "original_max_position_embeddings", int, source, _HF_FIX, prefix=where),
         }
-    raise UserError(f"RoPE scaling {kind!r} is not supported for import; supported: default, linear, llama3")
+    raise UserError(f"{source}: RoPE scaling {kind!r} is not supported for import; supported: default, linear, llama3")
 
 
 def config_to_hf(c: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
@@ -144,19 +176,30 @@ def _family(c: ModelConfig) -> str:
             "model.mlp=relu2 (ReLU squared) has no equivalent in transformers' GPT-2, Llama or BERT; "
             "export supports gelu/gelu_tanh (GPT-2, BERT) and swiglu (Llama) MLPs"
         )
+    family = None
     if c.arch == "encoder":
         if (c.position, c.norm, c.norm_position, c.mlp, c.embed_norm, c.bias) == ("learned", "layernorm", "post", "gelu", True, True) \
                 and c.type_vocab_size > 0 and c.kv_heads == c.n_head:
-            return "bert"
+            family = "bert"
     elif c.arch == "decoder" and c.norm_position == "pre" and c.position == "learned" and c.norm == "layernorm" and c.mlp in ("gelu", "gelu_tanh") and c.bias and c.kv_heads == c.n_head:
-        return "gpt2"
-    if c.arch == "decoder" and c.norm_position == "pre" and c.position == "rotary" and c.norm == "rmsnorm" \
+        family = "gpt2"
+    elif c.arch == "decoder" and c.norm_position == "pre" and c.position == "rotary" and c.norm == "rmsnorm" \
             and c.mlp == "swiglu" and not c.bias and c.rope_scaling != "ntk":
-        return "llama"
-    raise UserError(
-        f"this architecture (arch={c.arch}, position={c.position}, norm={c.norm}/{c.norm_position}, mlp={c.mlp}, bias={c.bias}, "
-        f"rope_scaling={c.rope_scaling}) has no Hugging Face equivalent; export supports GPT-2, Llama and BERT shapes"
-    )
+        family = "llama"
+    # Embedding extras: transformers' GPT-2 and Llama add nothing to the token embedding (no scale, no
+    # norm, no token types) and BERT adds no scale; exported anyway, the logits would silently differ.
+    extras = [f"{name}={value}" for name, value, on in (
+        ("embed_scale", c.embed_scale, c.embed_scale),
+        ("embed_norm", c.embed_norm, c.embed_norm and family != "bert"),
+        ("type_vocab_size", c.type_vocab_size, c.type_vocab_size > 0 and family != "bert"),
+    ) if on and family is not None]
+    if family is None or extras:
+        raise UserError(
+            f"this architecture (arch={c.arch}, position={c.position}, norm={c.norm}/{c.norm_position}, mlp={c.mlp}, bias={c.bias}, "
+            f"rope_scaling={c.rope_scaling}{''.join(', ' + e for e in extras)}) has no Hugging Face equivalent; "
+            "export supports GPT-2, Llama and BERT shapes"
+        )
+    return family
 
 
 # ----------------------------------------------------------------------------------- weight names
@@ -178,10 +221,7 @@ _BERT_TOP = {
 }
 
 
-def _bert_from_hf(c: ModelConfig, hf: Tensors) -> Tensors:
-    if not any(k.startswith("bert.") for k in hf):  # a bare BertModel saved on its own has no prefix
-        hf = {(k if k.startswith("cls.") else "bert." + k): v for k, v in hf.items()}
-    get = _getter(hf)
+def _bert_from_hf(c: ModelConfig, hf: Tensors, get: Callable[[str], torch.Tensor]) -> Tensors:
     sd = {ours: get(theirs) for ours, theirs in _BERT_TOP.items()}
     for i in range(c.n_layer):
         p, q = f"bert.encoder.layer.{i}.", f"layers.{i}."
@@ -192,7 +232,8 @@ def _bert_from_hf(c: ModelConfig, hf: Tensors) -> Tensors:
     if not c.tie_embeddings:
         sd["mlm.decoder.weight"] = get("cls.predictions.decoder.weight")
         # transformers >= 5 keeps an untied decoder's own bias, and that is the one its forward adds.
-        sd["mlm.decoder.bias"] = hf.get("cls.predictions.decoder.bias", sd["mlm.decoder.bias"])
+        if "cls.predictions.decoder.bias" in hf:
+            sd["mlm.decoder.bias"] = get("cls.predictions.decoder.bias")
     return sd
 
 
@@ -213,13 +254,35 @@ def _bert_to_hf(c: ModelConfig, sd: Tensors) -> Tensors:
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def state_dict_from_hf(c: ModelConfig, hf: Tensors) -> Tensors:
-    """lmforge state dict from HF tensors (names with or without the `transformer.` prefix)."""
-    hf = {k.removeprefix("transformer.") if k.startswith("transformer.") else k: v for k, v in hf.items()}
-    get = _getter(hf)
+def state_dict_from_hf(c: ModelConfig, hf: Tensors, used: set[str] | None = None) -> Tensors:
+    """lmforge state dict from HF tensors (names with or without the `transformer.` or `bert.` prefix).
+
+    `used`, when given, receives the names in `hf` that the mapping read, or that transformers itself
+    ignores (buffers older versions saved, a tied head's copy of the embedding): what is left over
+    is weights the config does not describe.
+    """
     family = _family(c)
-    if family == "bert":
-        return _bert_from_hf(c, hf)
+    if family == "bert" and not any(k.startswith("bert.") for k in hf):  # a bare BertModel saved on its own
+        names = {(k if k.startswith("cls.") else "bert." + k): k for k in hf}
+    else:
+        names = {k.removeprefix("transformer."): k for k in hf}
+    tensors = {ours: hf[k] for ours, k in names.items()}
+    read: set[str] = {k for k in tensors if k.endswith(_HF_BUFFERS)}
+    if c.tie_embeddings:
+        read |= {"lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"} & tensors.keys()
+    get = _getter(tensors, read)
+    sd = _bert_from_hf(c, tensors, get) if family == "bert" else _decoder_from_hf(c, family, get)
+    if used is not None:
+        used.update(names[k] for k in read)
+    return sd
+
+
+# Buffers, not weights, that some transformers versions saved: the causal mask of GPT-2's attention,
+# Llama's rotary frequencies, BERT's position ids.
+_HF_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq", "embeddings.position_ids")
+
+
+def _decoder_from_hf(c: ModelConfig, family: str, get: Callable[[str], torch.Tensor]) -> Tensors:
     sd: Tensors = {}
     if family == "gpt2":
         sd["tok_embeddings.weight"] = get("wte.weight")
@@ -288,10 +351,12 @@ def state_dict_to_hf(c: ModelConfig, sd: Tensors) -> Tensors:
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def _getter(tensors: Tensors) -> Callable[[str], torch.Tensor]:
+def _getter(tensors: Tensors, read: set[str] | None = None) -> Callable[[str], torch.Tensor]:
     def get(name: str) -> torch.Tensor:
         if name not in tensors:
             raise UserError(f"weight {name!r} is missing from the checkpoint; it does not match its config.json")
+        if read is not None:
+            read.add(name)
         return tensors[name]
 
     return get
@@ -301,11 +366,21 @@ def _getter(tensors: Tensors) -> Callable[[str], torch.Tensor]:
 def import_hf(src: str | Path, out: str | Path) -> Path:
     """Convert a Hugging Face model directory (config.json, *.safetensors, tokenizer.json) to a checkpoint."""
     src = Path(src)
-    hf_config = read_json(src / "config.json", _HF_FIX)
-    config = config_from_hf(hf_config)
+    if src.exists() and not src.is_dir():
+        hint = "; for a .gguf file use `lmforge import gguf`" if src.suffix == ".gguf" else ""
+        raise UserError(f"{src} is not a directory; pass a Hugging Face model directory{hint}")
+    config = config_from_hf(read_json(src / "config.json", _HF_FIX), src / "config.json")
     tensors = _read_safetensors(src)
     model = Transformer(config)
-    sd = state_dict_from_hf(config, tensors)
+    used: set[str] = set()
+    sd = state_dict_from_hf(config, tensors, used)
+    unused = set(tensors) - used
+    if unused:
+        raise UserError(
+            f"{src}: {len(unused)} of the weights' tensors are not part of the model its config.json describes "
+            f"({some_names(unused)}); the config and the weights disagree "
+            "(is its layer count right?)"
+        )
     for name, shape in ((k, v.shape) for k, v in model.state_dict().items()):
         if name in sd and sd[name].shape != shape:
             raise UserError(
@@ -346,7 +421,11 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
 
 def _read_safetensors(src: Path) -> Tensors:
     index = src / "model.safetensors.index.json"
-    files = sorted(set(read_json(index, _HF_FIX)["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.exists():
+        listing = read_json(index, _HF_FIX)
+        weight_map = read_key(listing if isinstance(listing, dict) else {}, "weight_map", dict, index, _HF_FIX)
+        files = sorted({read_key(weight_map, k, str, index, _HF_FIX, prefix="weight_map.") for k in weight_map})
     tensors: Tensors = {}
     for name in files:
         path = src / name

@@ -117,6 +117,8 @@ def read_json(path: str | os.PathLike, fix: str) -> Any:
         raise UserError(f"{path} is missing; {fix}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is corrupt (not valid JSON: {str(e).splitlines()[0]}); {fix}") from None
+    except OSError as e:  # a directory, a path through a file, no permission
+        raise UserError(f"{path} cannot be read ({e.strerror}); {fix}") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -1,0 +1,48 @@
+"""Typed reads of another format's settings (a `config.json`, GGUF metadata): a missing key or a value
+of the wrong type is one line naming the key and the file, not a KeyError or TypeError later on."""
+
+from __future__ import annotations
+
+import math
+import re
+import reprlib
+from pathlib import Path
+from typing import Any, Mapping
+
+from lmforge.utils.errors import UserError
+
+REQUIRED: Any = object()
+_WHAT = {int: "a positive integer", float: "a number", bool: "true or false", str: "a string", list: "an array",
+         dict: "a JSON object"}
+
+
+def read_key(meta: Mapping[str, Any], key: str, kind: type, source: str | Path, fix: str,
+             default: Any = REQUIRED, prefix: str = "") -> Any:
+    """`meta[key]` checked to be of `kind` (int: a positive integer; float: any finite number, returned as
+    float); `default` when the key is absent or null, and a UserError naming `prefix + key` and `source`
+    when there is no default. `prefix` names the enclosing object (`rope_scaling.`) in messages."""
+    value = meta.get(key)
+    if value is None:
+        if default is REQUIRED:
+            raise UserError(f"{source}: {prefix + key!r} is missing; {fix}")
+        return default
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok and isinstance(value, list) and kind in (int, float):
+        raise UserError(
+            f"{source}: {prefix + key!r} is a per-layer array {reprlib.repr(value)}; per-layer values are not "
+            "supported, only one value for every layer"
+        )
+    if not ok:
+        raise UserError(f"{source}: {prefix + key!r} is {reprlib.repr(value)}, not {_WHAT[kind]}; {fix}")
+    return float(value) if kind is float else value
+
+
+def some_names(names: set[str], n: int = 3) -> str:
+    """The first `n` of `names` in natural order (layer 2 before layer 10), for a one-line message."""
+    ordered = sorted(names, key=lambda name: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)])
+    return ", ".join(ordered[:n]) + (", ..." if len(ordered) > n else "")
