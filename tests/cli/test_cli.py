@@ -281,3 +281,61 @@ def test_serve_on_a_port_in_use_or_a_foreign_host(capsys, trained_run):
         fails_with(capsys, f"port {port} on 127.0.0.1 is already in use", "serve", trained_run.out, "--port", port)
     fails_with(capsys, "cannot listen on 192.0.2.1", "serve", trained_run.out, "--host", "192.0.2.1", "--port", 0)
     fails_with(capsys, "--threads must be >= 1", "serve", trained_run.out, "--threads", -1)
+
+
+@pytest.mark.parametrize("verb, yaml, key", [
+    (["pretrain", "--data", "d", "--out", "o"], "model:\n#  preset: tiny\ntrain:\n  max_steps: 1\n", "model"),
+    (["pretrain", "--data", "d", "--out", "o"], "model: [1, 2]\n", "model"),
+    (["pretrain", "--data", "d", "--out", "o"], "model: {preset: tiny}\ntrain: 5\n", "train"),
+    (["finetune", "c", "--task", "tag", "--data", "d", "--out", "o"], "train:\n#  max_steps: 1\n", "train"),
+    (["finetune", "c", "--task", "tag", "--data", "d", "--out", "o"], "lora: [8]\n", "lora"),
+])
+def test_a_config_group_that_is_not_a_mapping_is_one_line(capsys, tmp_path, verb, yaml, key):
+    (tmp_path / "c.yaml").write_text(yaml)
+    fails_with(capsys, f"`{key}` in --config must be a mapping", *verb, "--config", tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("verb, yaml, expected", [
+    (["pretrain"], "data: 5\nout: o\n", '"data"'),  # the key, quoted: not "meta.json" or "--out"
+    (["pretrain"], "data: [a, b]\nout: o\n", '"data"'),
+    (["pretrain"], "data: d\nout: {x: 1}\n", '"out"'),
+    (["pretrain"], "data: d\nout: o\nresume: maybe\n", "not boolean: maybe"),  # a flag takes a boolean only
+    (["pretrain"], "data: d\nout: o\njson: 1\n", "not boolean: 1"),
+    (["finetune", "c", "--task", "tag"], "data: d\nout: o\nfreeze_embeddings: sure\n", "not boolean: sure"),
+    (["finetune", "c", "--task", "tag"], "data: d\nout: o\nlabels: [[1]]\n", '"labels"'),
+    (["finetune", "--task", "tag"], "checkpoint: 5\ndata: d\nout: o\n", '"checkpoint"'),
+])
+def test_option_values_of_the_wrong_type_in_a_config_are_one_line(capsys, tmp_path, verb, yaml, expected):
+    (tmp_path / "c.yaml").write_text(yaml)
+    fails_with(capsys, expected, *verb, "--config", tmp_path / "c.yaml")
+
+
+def test_flags_still_take_no_value_and_yaml_booleans(tmp_path):
+    ns = parse(["pretrain", "--resume", "--data", "d", "--out", "o", "--json"])
+    assert ns.pretrain.resume is True and ns.pretrain.json is True
+    ns = parse(["finetune", "--json", "c", "--task", "tag", "--data", "d", "--out", "o", "--freeze-embeddings"])
+    assert (ns.finetune.checkpoint, ns.finetune.json, ns.finetune.freeze_embeddings, ns.finetune.resume) == ("c", True, True, False)
+    (tmp_path / "c.yaml").write_text("data: d\nout: o\nresume: true\n")
+    assert parse(["pretrain", "--config", str(tmp_path / "c.yaml")]).pretrain.resume is True
+
+
+def test_tokenizer_train_into_data_or_a_checkpoint_is_refused(capsys, trained_run, corpus_file, data_dir):
+    before = (data_dir / "tokenizer.json").read_bytes(), (trained_run.checkpoint / "tokenizer.json").read_bytes()
+    fails_with(capsys, "holds prepared data", "tokenizer", "train", corpus_file, "--vocab-size", 300, "--out", data_dir)
+    fails_with(capsys, "holds a checkpoint", "tokenizer", "train", corpus_file, "--vocab-size", 300, "--out", trained_run.checkpoint)
+    assert before == ((data_dir / "tokenizer.json").read_bytes(), (trained_run.checkpoint / "tokenizer.json").read_bytes())
+
+
+def test_pretrain_into_its_data_then_prepare_again_loses_nothing(capsys, tmp_path, corpus_file, tokenizer_dir):
+    assert run(capsys, "prepare", corpus_file, "--tokenizer", tokenizer_dir, "--out", tmp_path / "d")[0] == 0
+    fails_with(capsys, "the data directory", "pretrain", "--data", tmp_path / "d", "--out", tmp_path / "d" / "run",
+               "--model.preset", "tiny", "--train.device", "cpu")
+    (tmp_path / "d" / "run").mkdir()  # e.g. a run written there by an older lmforge
+    (tmp_path / "d" / "run" / "metrics.jsonl").write_text("{}\n")
+    fails_with(capsys, "holds run, which `lmforge prepare` did not write", "prepare", corpus_file, "--tokenizer", tokenizer_dir,
+               "--out", tmp_path / "d")
+    src = tmp_path / "src.txt"
+    src.write_text("a\nb\nc\n")
+    fails_with(capsys, "holds run, which `lmforge prepare` did not write", "prepare", src, "--target", src,
+               "--tokenizer", tokenizer_dir, "--out", tmp_path / "d")
+    assert (tmp_path / "d" / "run" / "metrics.jsonl").exists()

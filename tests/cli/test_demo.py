@@ -20,3 +20,44 @@ def test_demo_with_zero_steps_is_an_error_not_the_full_recipe(capsys, tmp_path):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--max-steps", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "lmforge: error: train.max_steps must be >= 1, got 0" and not (tmp_path / "demo").exists()
+
+
+def test_demo_refuses_to_delete_a_run_folder_it_did_not_write(capsys, tmp_path):
+    (tmp_path / "demo" / "run").mkdir(parents=True)
+    (tmp_path / "demo" / "run" / "notes.txt").write_text("keep me")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run exists and is not an earlier demo's run" in err[0]
+    assert (tmp_path / "demo" / "run" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["run"]  # no tokenizer trained first
+
+
+@pytest.mark.parametrize("earlier", ["metrics.jsonl", "step-000003/config.json"])
+def test_demo_starts_an_earlier_demo_run_again(capsys, tmp_path, monkeypatch, earlier):
+    import lmforge.cli.demo as demo
+    from lmforge.utils.errors import UserError
+
+    def stop(*args, **kwargs):
+        raise UserError("stopped after the cleanup")
+
+    monkeypatch.setattr(demo, "train_tokenizer", stop)
+    (tmp_path / "demo" / "run" / earlier).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "demo" / "run" / earlier).write_text("{}")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--max-steps", "3"]) == 2
+    assert "stopped after the cleanup" in capsys.readouterr().err and not (tmp_path / "demo" / "run").exists()
+
+
+def test_demo_refuses_data_or_tokenizer_folders_of_the_user_before_any_work(capsys, tmp_path):
+    (tmp_path / "demo" / "data").mkdir(parents=True)
+    (tmp_path / "demo" / "data" / "notes.txt").write_text("keep me")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--max-steps", "3"]) == 2
+    assert "data exists and is not a prepared data directory" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["data"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_demo_on_cuda_without_a_gpu_fails_first_and_names_its_own_option(capsys, tmp_path):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device cpu" in err[0] and "--train.device" not in err[0], err
+    assert not (tmp_path / "demo").exists()

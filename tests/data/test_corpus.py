@@ -132,3 +132,29 @@ def test_train_tokenizer_on_empty_corpus(tmp_path):
     with pytest.raises(UserError, match="is empty"):
         train_tokenizer([tmp_path / "empty.txt"], vocab_size=300, out=tmp_path / "tok", progress=False)
     assert not (tmp_path / "tok").exists()
+
+
+def test_upper_case_gzip_names_are_decompressed(tmp_path):
+    with gzip.open(tmp_path / "A.TXT.GZ", "wt", encoding="utf-8") as f:
+        f.write("shouted text")
+    with gzip.open(tmp_path / "b.JSONL.Gz", "wt", encoding="utf-8") as f:
+        f.write('{"text": "x"}\n')
+    assert texts([tmp_path]) == ["shouted text", "x"]
+    (tmp_path / "C.TXT.GZ").write_bytes(gzip.compress(b"caf\xe9"))
+    with pytest.raises(UserError, match="byte offset 3 of the decompressed text"):
+        list(iter_documents([tmp_path / "C.TXT.GZ"]))
+
+
+@pytest.mark.parametrize("marker, what", [("meta.json", "prepared data"), ("config.json", "a checkpoint"),
+                                          ("model.safetensors", "a checkpoint")])
+def test_train_tokenizer_refuses_to_overwrite_the_tokenizer_of_data_or_a_checkpoint(tmp_path, marker, what):
+    """Shards and weights were made with the tokenizer.json beside them: replacing it gives garbage."""
+    (tmp_path / "a.txt").write_text("the cat sat on the mat\n" * 50)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / marker).write_text("{}")
+    (tmp_path / "out" / "tokenizer.json").write_text("the original")
+    with pytest.raises(UserError, match=f"out holds {what}.*pass another --out"):
+        train_tokenizer([tmp_path / "a.txt"], vocab_size=300, out=tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == "the original"
+    train_tokenizer([tmp_path / "a.txt"], vocab_size=300, out=tmp_path / "tok", progress=False)
+    train_tokenizer([tmp_path / "a.txt"], vocab_size=300, out=tmp_path / "tok", progress=False)  # its own output: fine

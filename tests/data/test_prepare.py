@@ -294,3 +294,15 @@ def test_an_unsafe_cut_would_be_caught(tok):
     text = "return 1\n\n\nreturn 2"
     cut = text.index("\n") + 1
     assert tok.encode(text[:cut]) + tok.encode(text[cut:]) != tok.encode(text)
+
+
+@pytest.mark.parametrize("extra", ["step-000010/config.json", "notes.txt", "run/metrics.jsonl"])
+def test_refuses_to_replace_data_that_holds_anything_prepare_did_not_write(tmp_path, tok_dir, extra):
+    """`pretrain --out` inside the data directory, or a file the user put there, would vanish with it."""
+    (tmp_path / "a.txt").write_text("hello\nworld\n" * 50)
+    prepare([tmp_path / "a.txt"], tok_dir, tmp_path / "out", shard_tokens=10, progress=False)
+    (tmp_path / "out" / extra).parent.mkdir(exist_ok=True)
+    (tmp_path / "out" / extra).write_text("keep me")
+    with pytest.raises(UserError, match=f"holds {extra.split('/')[0]}, which `lmforge prepare` did not write"):
+        prepare([tmp_path / "a.txt"], tok_dir, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / extra).read_text() == "keep me"

@@ -1,6 +1,7 @@
 """Byte-level BPE: exact round trips on any Unicode, fixed special ids, save/load identity."""
 
 import hashlib
+import json
 
 import pytest
 import tokenizers
@@ -177,3 +178,56 @@ def test_token_bytes_hold_even_part_of_a_character(tok):
     assert partial and all(b"\xef\xbf\xbd" not in tok.token_bytes(i) for i in partial)
     assert tok.token_bytes(tok.eot_id) == b"<|endoftext|>"
     assert all(tok.token_bytes(i) == tok.decode([i]).encode() for i in ids if i not in partial)
+
+
+def test_too_large_vocab_is_one_line_not_an_out_of_memory_abort():
+    # HF's trainer reserves room for the whole vocabulary up front: 1e11 entries aborts the process.
+    with pytest.raises(UserError, match="too large.*--vocab-size"):
+        Tokenizer.train(CORPUS, vocab_size=100_000_000_000, show_progress=False)
+
+
+def test_literal_special_tokens_in_training_text_buy_no_merges():
+    """Encoding matches a literal `<|endoftext|>` as the special token, so training must not learn
+    merges for its pieces (`<|`, `|>`, `endoftext`), nor merges across it ("x<|endoftext|>y" is "x", "y")."""
+    texts = ["hello world <|endoftext|> foo bar<|pad|>\n" * 50 + f"x{i}<|endoftext|>y{i}" for i in range(50)]
+    tok = Tokenizer.train(texts, vocab_size=300, show_progress=False)
+    vocab = set(tok.hf.get_vocab())
+    pieces = [t for t in vocab - set(SPECIAL_TOKENS) if len(t) > 1 and any(s in t for s in ("<", "|", ">", "end", "pad"))]
+    assert pieces == []
+    assert {"Ġworld", "Ġfoo", "Ġbar"} <= vocab
+    assert tok.encode("a<|endoftext|>b")[1] == tok.eot_id
+
+
+def _write_config(tmp_path, tok, config):
+    tok.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def test_hugging_face_added_token_objects_are_read_for_their_content(tok, tmp_path):
+    added = {"__type": "AddedToken", "content": "<|sep|>", "lstrip": False, "normalized": False, "rstrip": False}
+    config = {"eos_token": added, "bos_token": {"content": "<|cls|>"}, "pad_token": added, "unk_token": None}
+    loaded = Tokenizer.load(_write_config(tmp_path, tok, config))
+    assert (loaded.eot_id, loaded.bos_id) == (4, 3)
+
+
+def test_a_list_of_named_chat_templates_uses_the_default(tok, tmp_path):
+    templates = [{"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": "{{ messages[0]['content'] }}!"}]
+    loaded = Tokenizer.load(_write_config(tmp_path, tok, {"chat_template": templates}))
+    assert loaded.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi!"
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (["eos_token", "<|sep|>"], "not a JSON object"),
+        ({"eos_token": 5}, "eos_token"),
+        ({"bos_token": {"__type": "AddedToken"}}, "bos_token"),
+        ({"chat_template": [{"name": "tool_use", "template": "T"}]}, "no template named 'default'.*tool_use"),
+        ({"chat_template": [{"name": "default"}]}, "chat_template"),
+        ({"chat_template": {"default": "x"}}, "chat_template"),
+    ],
+)
+def test_malformed_tokenizer_config_is_one_line(tok, tmp_path, config, message):
+    with pytest.raises(UserError, match=message):
+        Tokenizer.load(_write_config(tmp_path, tok, config))

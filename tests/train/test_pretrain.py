@@ -155,3 +155,40 @@ def test_resume_from_a_checkpoint_without_trainer_state_is_one_line(data_dir, tm
     (tmp_path / "run" / trained_run.checkpoint.name / "trainer_state.json").unlink()
     with pytest.raises(UserError, match="has no trainer state .* drop --resume"):
         pretrain(data_dir, tmp_path / "run", "tiny", tiny_train_config(max_steps=70), resume=True, **quiet)
+
+
+def test_out_inside_the_data_directory_is_refused(data_dir, tmp_path):
+    """A later `lmforge prepare --out DATA` replaces the whole directory: checkpoints there would vanish."""
+    import shutil as _shutil
+
+    data = tmp_path / "data"
+    _shutil.copytree(data_dir, data)
+    for out in (data, data / "run", data / "." / "runs" / "a"):
+        with pytest.raises(UserError, match="(is|is inside) the data directory"):
+            pretrain(data, out, "tiny", tiny_train_config(max_steps=1), **quiet)
+    assert sorted(p.name for p in data.iterdir()) == sorted(p.name for p in data_dir.iterdir())
+
+
+def test_a_tokenizer_that_does_not_match_the_shards_is_refused(data_dir, tmp_path):
+    import shutil as _shutil
+
+    from lmforge.tokenizer import Tokenizer
+
+    data = tmp_path / "data"
+    _shutil.copytree(data_dir, data)
+    Tokenizer.train(["other text entirely\n" * 100], vocab_size=300, show_progress=False).save(data)
+    with pytest.raises(UserError, match="tokenizer.json does not match the one the shards were made with"):
+        pretrain(data, tmp_path / "run", "tiny", tiny_train_config(max_steps=1), **quiet)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_val_split_too_short_for_one_window_says_validation_is_off(corpus_file, tokenizer_dir, tmp_path):
+    from lmforge.data import prepare
+
+    prepare([corpus_file], tokenizer_dir, tmp_path / "data", val_fraction=0.0005, progress=False)
+    lines = []
+    run = pretrain(tmp_path / "data", tmp_path / "run", "tiny", tiny_train_config(max_steps=2, eval_interval=1),
+                   progress=False, log=lines.append)
+    assert run.val_loss is None
+    said = [line for line in lines if "validation is off" in line]
+    assert len(said) == 1 and "seq_len 64" in said[0] and "--val-fraction" in said[0], lines

@@ -12,11 +12,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from lmforge.checkpoint import find_checkpoints
 from lmforge.config import TrainConfig, preset
 from lmforge.data import prepare, train_tokenizer
+from lmforge.data.corpus import check_tokenizer_out
+from lmforge.data.prepare import check_data_out
 from lmforge.evaluate import evaluate_lm
 from lmforge.infer import load
 from lmforge.train import pretrain
+from lmforge.utils.device import resolve_device
+from lmforge.utils.errors import UserError
 
 VOCAB_SIZE = 2048
 MODEL = preset("demo")
@@ -43,6 +50,17 @@ def corpus_path() -> Path:
     return Path(str(resources.files("lmforge") / "assets" / "tinyshakespeare.txt"))
 
 
+def _earlier_run(run: Path) -> bool:
+    """Whether `run` is an earlier demo's run folder, to be replaced (True), or absent or empty (False);
+    anything else is not the demo's to delete."""
+    if not run.exists() or run.is_dir() and not any(run.iterdir()):
+        return False
+    if run.is_dir() and (find_checkpoints(run) or (run / "metrics.jsonl").is_file()):
+        return True
+    raise UserError(f"{run} exists and is not an earlier demo's run (no step-* checkpoints, no metrics.jsonl); "
+                    "pass another --out or move it away")
+
+
 def run_demo(
     out: str | Path = "runs/demo",
     max_steps: int | None = None,
@@ -54,7 +72,13 @@ def run_demo(
     train = TRAIN.replace(device=device, max_steps=TRAIN.max_steps if max_steps is None else max_steps)
     out = Path(out)
     corpus = corpus_path()
-    if (out / "run").exists():
+    # Every check before any work: a missing GPU or a folder in the way shows now, not after the tokenizer.
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for but CUDA is not available here; run the demo with --device cpu")
+    resolve_device(device)  # an unknown name: one line with the choices
+    check_tokenizer_out(out / "tokenizer")
+    check_data_out(out / "data")
+    if _earlier_run(out / "run"):
         shutil.rmtree(out / "run")  # the demo's own previous run: start it again from scratch
     say(f"[1/5] tokenizer: byte-level BPE, {VOCAB_SIZE} tokens, on {corpus.name}")
     train_tokenizer([corpus], VOCAB_SIZE, out / "tokenizer")

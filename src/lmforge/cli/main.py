@@ -14,7 +14,7 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
 from lmforge.config import FINETUNE_DEFAULTS, PRESETS, LoraConfig, ModelConfig, TrainConfig
 from lmforge.utils.errors import UserError
@@ -24,20 +24,30 @@ VERBS = ("demo", "tokenizer", "prepare", "pretrain", "finetune", "merge-lora", "
 TASKS = ["classify", "tag", "qa", "seq2seq", "sft"]
 
 
+def _flag() -> ActionYesNo:
+    """An on/off option: `--resume` alone sets it; in a YAML config only a boolean (`resume: true`) is
+    taken, where argparse's store_true would take any value ("maybe", 1) as true."""
+    return ActionYesNo(no_prefix=None)
+
+
 def _parser(description: str, **kwargs: Any) -> ArgumentParser:
     # allow_abbrev=False: a misspelt key such as --train.max_step must be an error, not a prefix match.
     return ArgumentParser(description=description, exit_on_error=False, default_env=False, allow_abbrev=False, **kwargs)
 
 
 def _option(p: ArgumentParser, name: str, **kwargs: Any) -> None:
-    """An option spelled `--max-new-tokens` that also accepts `--max_new_tokens`."""
+    """An option spelled `--max-new-tokens` that also accepts `--max_new_tokens`; without a type it
+    takes a string (`str | None` where the default is None), so that a YAML value such as
+    `data: 5` or `out: {x: 1}` is a one-line error, not a TypeError deep in the library."""
     dashed = "--" + name.replace("_", "-")
     flags = [dashed] if "-" not in name and "_" not in name else [dashed, "--" + name]
+    if "type" not in kwargs and "action" not in kwargs:
+        kwargs["type"] = str | None if kwargs.get("default", ...) is None and "nargs" not in kwargs else str
     p.add_argument(*flags, dest=name, **kwargs)
 
 
 def _json_flag(p: ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    p.add_argument("--json", action=_flag(), help="print the result as one JSON object on the last line")
 
 
 def _device_options(p: ArgumentParser) -> None:
@@ -88,7 +98,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     verbs.add_subcommand("tokenizer", tok, help="train a byte-level BPE tokenizer")
     tok_verbs = tok.add_subcommands(dest="action", required=True)
     tok_train = _parser("Train a byte-level BPE tokenizer (HF tokenizers) with special tokens.")
-    tok_train.add_argument("files", nargs="+", help=".txt, .jsonl, .gz files or directories")
+    tok_train.add_argument("files", nargs="+", type=str, help=".txt, .jsonl, .gz files or directories")
     _option(tok_train, "vocab_size", type=int, default=8192, help="vocabulary size including special tokens")
     _option(tok_train, "out", required=True, help="directory to write tokenizer.json into")
     _option(tok_train, "min_frequency", type=int, default=2, help="minimum pair count for a merge")
@@ -96,7 +106,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     tok_verbs.add_subcommand("train", tok_train, help="train a tokenizer on text files")
 
     prep = _parser("Tokenize text into uint16/uint32 memmap shards with meta.json.")
-    prep.add_argument("inputs", nargs="+", help=".txt, .jsonl, .gz files or directories")
+    prep.add_argument("inputs", nargs="+", type=str, help=".txt, .jsonl, .gz files or directories")
     _option(prep, "tokenizer", required=True, help="directory with tokenizer.json")
     _option(prep, "out", required=True, help="output data directory")
     _option(prep, "val_fraction", type=float, default=0.1, help="last fraction of the text (or pairs) held out for validation")
@@ -107,13 +117,13 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
 
     pre = _parser("Pretrain a decoder-only Transformer on prepared shards.")
     pre.add_argument("--config", action=ActionConfigFile, help="YAML file with data/out/model/train keys")
-    pre.add_argument("--data", required=True, help="prepared data directory (lmforge prepare)")
-    pre.add_argument("--out", required=True, help="run directory for checkpoints, metrics and plots")
+    _option(pre, "data", required=True, help="prepared data directory (lmforge prepare)")
+    _option(pre, "out", required=True, help="run directory for checkpoints, metrics and plots")
     pre.add_class_arguments(ModelConfig, "model")
     pre.add_class_arguments(TrainConfig, "train")
-    pre.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    pre.add_argument("--objective", default="causal", choices=["causal", "mlm", "mlm+nsp", "seq2seq"],
-                     help="causal (GPT, Llama), masked-LM / masked-LM + next-sentence (BERT), seq2seq (encoder-decoder)")
+    _option(pre, "resume", action=_flag(), help="continue from the latest checkpoint in --out")
+    _option(pre, "objective", default="causal", choices=["causal", "mlm", "mlm+nsp", "seq2seq"],
+            help="causal (GPT, Llama), masked-LM / masked-LM + next-sentence (BERT), seq2seq (encoder-decoder)")
     _json_flag(pre)
     if pretrain_defaults:
         pre.set_defaults(pretrain_defaults)
@@ -121,7 +131,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
 
     ft = _parser("Fine-tune a checkpoint for a task: a head on the pretrained model, fully or with LoRA adapters.")
     ft.add_argument("--config", action=ActionConfigFile, help="YAML file with any of these keys")
-    ft.add_argument("checkpoint", help="checkpoint or run directory to start from")
+    ft.add_argument("checkpoint", type=str, help="checkpoint or run directory to start from")
     _option(ft, "task", required=True, choices=TASKS,
             help="classify (sentiment...), tag (NER, IOB2), qa (extractive, SQuAD), seq2seq (translation, summaries), sft (chat)")
     _option(ft, "data", required=True, help="training file: TSV/CSV/JSONL, CoNLL, SQuAD JSON, parallel text or chat JSONL (.gz ok)")
@@ -131,27 +141,27 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _task_data_options(ft)
     ft.add_class_arguments(TrainConfig, "train")
     ft.add_class_arguments(LoraConfig, "lora")
-    _option(ft, "freeze_embeddings", action="store_true", help="full fine-tune: keep the embeddings fixed")
+    _option(ft, "freeze_embeddings", action=_flag(), help="full fine-tune: keep the embeddings fixed")
     _option(ft, "freeze_layers", type=int, default=0, help="full fine-tune: keep the first K blocks fixed")
     _option(ft, "labels", nargs="+", default=None, help="classify/tag: the label set (default: the labels in --data)")
     _option(ft, "prompt", default="{source}\n\n", help="seq2seq on a decoder: how a source becomes a prompt")
     _option(ft, "doc_stride", type=int, default=128, help="qa: overlap in tokens of the windows over a long context")
-    _option(ft, "repeat_input", action="store_true",
+    _option(ft, "repeat_input", action=_flag(),
             help="tag/qa on a decoder: lay the input out twice and read the second copy, so every token sees the whole text")
     _option(ft, "dropout", type=float | None, default=None, help="dropout while fine-tuning (default: the model's)")
-    _option(ft, "resume", action="store_true", help="continue from the latest checkpoint in --out")
+    _option(ft, "resume", action=_flag(), help="continue from the latest checkpoint in --out")
     _json_flag(ft)
     ft.set_defaults({f"train.{k}": v for k, v in FINETUNE_DEFAULTS.items()})
     verbs.add_subcommand("finetune", ft, help="fine-tune for classify, tag, qa, seq2seq or sft (chat)")
 
     merge = _parser("Fold a LoRA checkpoint's adapters into its weights: a plain checkpoint, as fast as the base.")
-    merge.add_argument("checkpoint", help="a checkpoint fine-tuned with --lora.r > 0")
+    merge.add_argument("checkpoint", type=str, help="a checkpoint fine-tuned with --lora.r > 0")
     _option(merge, "out", required=True, help="checkpoint directory to write")
     _json_flag(merge)
     verbs.add_subcommand("merge-lora", merge, help="merge LoRA adapters into the weights")
 
     pred = _parser("Run a fine-tuned checkpoint over a data file and write one JSON line per example.")
-    pred.add_argument("checkpoint", help="checkpoint or run directory")
+    pred.add_argument("checkpoint", type=str, help="checkpoint or run directory")
     _option(pred, "data", required=True, help="input file, in the task's format (labels not needed)")
     _option(pred, "out", required=True, help="JSONL file to write")
     _option(pred, "task", default=None, choices=TASKS, help="default: the task the checkpoint was fine-tuned for")
@@ -163,7 +173,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     verbs.add_subcommand("predict", pred, help="write predictions as JSONL")
 
     gen = _parser("Generate text from a checkpoint, streaming tokens to stdout.")
-    gen.add_argument("checkpoint", help="checkpoint or run directory")
+    gen.add_argument("checkpoint", type=str, help="checkpoint or run directory")
     _option(gen, "prompt", default="\n", help="text to continue")
     _sampling_options(gen, max_new_tokens=200, temperature=0.8, top_k=200, top_p=1.0)
     _device_options(gen)
@@ -172,7 +182,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
 
     ev = _parser("Loss, perplexity and bits per byte of a checkpoint on text; with --task, the task's own metric "
                  "(accuracy/macro-F1, entity F1, SQuAD EM/F1, BLEU/chrF/ROUGE).")
-    ev.add_argument("checkpoint", help="checkpoint or run directory")
+    ev.add_argument("checkpoint", type=str, help="checkpoint or run directory")
     _option(ev, "data", nargs="+", required=True, help="a prepared data directory, or text files/directories; with --task, one task file")
     _option(ev, "split", default="val", help="split of a prepared data directory")
     _option(ev, "task", default=None, choices=TASKS, help="score a fine-tuned checkpoint on labelled task data")
@@ -186,7 +196,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     verbs.add_subcommand("eval", ev, help="evaluate a language model")
 
     chat = _parser("Chat with an instruction-tuned checkpoint through its chat template (/reset, /exit).")
-    chat.add_argument("checkpoint", help="checkpoint or run directory")
+    chat.add_argument("checkpoint", type=str, help="checkpoint or run directory")
     _option(chat, "system", default=None, help="system message")
     _sampling_options(chat, max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.9)
     _option(chat, "speculate", type=int, default=0,
@@ -195,7 +205,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     verbs.add_subcommand("chat", chat, help="interactive chat that streams replies")
 
     srv = _parser("Serve a checkpoint over an OpenAI-compatible HTTP API with continuous batching.")
-    srv.add_argument("checkpoint", help="checkpoint or run directory")
+    srv.add_argument("checkpoint", type=str, help="checkpoint or run directory")
     _option(srv, "host", default="127.0.0.1", help="interface to bind (default: localhost only)")
     _option(srv, "port", type=int, default=8000)
     _option(srv, "api_key", default=None, help="require `Authorization: Bearer KEY` on /v1 and /metrics")
@@ -206,10 +216,10 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
                  "holds max_batch x max_seq_len")
     _option(srv, "max_queue", type=int, default=256, help="waiting requests beyond which the server answers 429")
     _option(srv, "prefill_chunk", type=int, default=256, help="prompt tokens prefilled per step")
-    _option(srv, "compile", action="store_true", help="compile the decode step (CUDA graphs on GPU)")
+    _option(srv, "compile", action=_flag(), help="compile the decode step (CUDA graphs on GPU)")
     _option(srv, "speculate", type=int, default=0,
             help="draft up to K tokens per request (without penalties) by prompt lookup and check them in the decode step (0: off)")
-    _option(srv, "no_prefix_cache", action="store_true",
+    _option(srv, "no_prefix_cache", action=_flag(),
             help="prefill every prompt in full (default: a prompt prefix whose keys and values a slot holds is copied)")
     _option(srv, "writes_per_step", type=int, default=8,
             help="with more streams than this, each stream gets its tokens every k-th step, k = ceil(streams / N), "
@@ -231,7 +241,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _json_flag(sc_sweep)
     sc_verbs.add_subcommand("sweep", sc_sweep, help="run the training grid of a study")
     sc_fit = _parser("Fit Kaplan power laws and Chinchilla approaches 1-3 (with bootstrap intervals) to DIR/results.jsonl.")
-    sc_fit.add_argument("directory", help="a scaling study directory holding results.jsonl")
+    sc_fit.add_argument("directory", type=str, help="a scaling study directory holding results.jsonl")
     _option(sc_fit, "approaches", nargs="+", default=None, choices=["kaplan", "approach1", "approach2", "approach3"],
             help="which fits (default: every one the runs support)")
     _option(sc_fit, "bootstrap", type=int, default=200, help="resamples for the confidence intervals; 0 for none")
@@ -260,7 +270,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
          "template included.", ".gguf file", "from llama.cpp's GGUF"),
     ):
         sub = _parser(description)
-        sub.add_argument("source", help=source)
+        sub.add_argument("source", type=str, help=source)
         _option(sub, "out", required=True, help="checkpoint directory to write")
         _json_flag(sub)
         imp_verbs.add_subcommand(fmt, sub, help=help)
@@ -269,7 +279,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     verbs.add_subcommand("export", exp, help="export a checkpoint to Hugging Face format")
     exp_verbs = exp.add_subcommands(dest="format", required=True)
     exp_hf = _parser("Export a GPT-2-, Llama- or BERT-shaped checkpoint for transformers' Auto classes.")
-    exp_hf.add_argument("checkpoint", help="checkpoint or run directory")
+    exp_hf.add_argument("checkpoint", type=str, help="checkpoint or run directory")
     _option(exp_hf, "out", required=True, help="directory to write")
     _json_flag(exp_hf)
     exp_verbs.add_subcommand("hf", exp_hf, help="to Hugging Face format")
@@ -305,12 +315,29 @@ def _check_config_files(argv: Sequence[str]) -> None:
             raise UserError(f"--config {path} is empty; write YAML keys into it (e.g. `train: {{max_steps: 100}}`) or drop --config")
 
 
+# The dataclass groups of each verb, with an example for the message when a config leaves one empty.
+_GROUPS = {"pretrain": ("model", "train"), "finetune": ("train", "lora")}
+_GROUP_EXAMPLES = {"model": "model: {preset: tiny}", "train": "train: {max_steps: 100}", "lora": "lora: {r: 8}"}
+
+
+def _check_groups(ns: Namespace) -> None:
+    """jsonargparse takes `model:` left empty (None) or `model: [1, 2]` from a YAML file in place of the
+    group's keys; the verb would then fail on attribute access. One line naming the key instead."""
+    for key in _GROUPS.get(ns.verb, ()):
+        value = ns[ns.verb][key]
+        if not isinstance(value, Namespace):
+            got = "empty" if value is None else f"{type(value).__name__} {value!r}"
+            raise UserError(f"`{key}` in --config must be a mapping of its keys, such as `{_GROUP_EXAMPLES[key]}`, "
+                            f"but is {got}; fill it in or delete it")
+
+
 def parse(argv: Sequence[str]) -> Namespace:
     """Parse argv; a model preset (from the command line or a YAML file) becomes the defaults
     that explicit `--model.*` values override."""
     argv = [_config_key(a) for a in argv]
     _check_config_files(argv)
     ns = build_parser().parse_args(list(argv))
+    _check_groups(ns)
     if ns.verb == "pretrain" and ns.pretrain.model.preset:
         name = ns.pretrain.model.preset
         if name not in PRESETS:

@@ -53,8 +53,10 @@ def train_tokenizer(
     """Train a byte-level BPE tokenizer on the deduplicated documents of `paths`; save `out/tokenizer.json`.
 
     Duplicates are dropped because a document repeated a thousand times would otherwise buy
-    merges for its own phrases.
+    merges for its own phrases. `out` may not be a prepared data or checkpoint directory: its
+    shards or weights were made with the tokenizer.json there.
     """
+    check_tokenizer_out(out)
     n_docs = 0
 
     def texts() -> Iterator[str]:
@@ -72,6 +74,21 @@ def train_tokenizer(
         raise UserError(f"corpus {_names(paths)} is empty; pass files that contain text")
     tokenizer.save(out)
     return tokenizer
+
+
+def check_tokenizer_out(out: str | Path) -> None:
+    """Refuse an `out` whose tokenizer.json belongs to shards (meta.json) or to weights (a checkpoint)."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    if (out / "meta.json").exists():
+        what = "prepared data (meta.json): its shards"
+    elif (out / "config.json").exists() or any(out.glob("*.safetensors")) or (out / "pytorch_model.bin").exists():
+        what = "a checkpoint (config.json or weights): its weights"
+    else:
+        return
+    raise UserError(f"{out} holds {what} were made with the tokenizer.json there, which a new "
+                    "tokenizer would replace; pass another --out")
 
 
 def text_key(text: str) -> bytes:
@@ -127,7 +144,7 @@ def _expand(path: Path) -> list[Path]:
 
 def open_bytes(file: Path) -> BinaryIO:
     """A file's bytes, decompressed when its name ends in .gz."""
-    return gzip.open(file, "rb") if file.suffix == ".gz" else open(file, "rb")
+    return gzip.open(file, "rb") if file.suffix.lower() == ".gz" else open(file, "rb")
 
 
 def _read_file(file: Path) -> Iterator[Document]:
@@ -175,7 +192,7 @@ def _decode(data: bytes, file: Path, offset: int) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        where = "of the decompressed text " if file.suffix == ".gz" else ""
+        where = "of the decompressed text " if file.suffix.lower() == ".gz" else ""
         bad = data[e.start : e.start + 4]
         raise UserError(
             f"{file} is not valid UTF-8 (byte offset {offset + e.start} {where}is {bad!r}); convert it, "

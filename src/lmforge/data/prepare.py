@@ -51,6 +51,9 @@ BATCH_CHARS = 1 << 22
 # piece: slower, never different.
 # Python's \s is a superset of Unicode White_Space, so a doubtful character only costs a boundary.
 _SAFE_BOUNDARY = re.compile(r"(?<=\S)\n(?=\S)")
+# What `prepare` and `prepare_parallel` write into a data directory; it is replaced only when it
+# holds nothing else (a run written into it, a user's notes would vanish with it).
+_DATA_FILES = re.compile(r"meta\.json|tokenizer\.json|tokenizer_config\.json|(train|val)-\d{5,}\.bin|(train|val)\.pairs\.jsonl")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -95,7 +98,7 @@ def prepare(
     if shard_tokens < 1:
         raise UserError(f"shard_tokens {shard_tokens} must be positive; pass e.g. 100000000")
     out = Path(out)
-    check_replaceable(out, "meta.json", "a prepared data directory")  # `out` is replaced wholesale
+    check_data_out(out)
     tok = Tokenizer.load(tokenizer)
     sources = [str(p) for p in path_list(paths)]
 
@@ -135,6 +138,18 @@ def prepare(
         tok.save(tmp)
         atomic_write_json(tmp / "meta.json", meta)
     return meta
+
+
+def check_data_out(out: str | Path) -> None:
+    """`out` is about to be replaced wholesale: refuse unless it is absent, empty, or an earlier
+    data directory that holds only what prepare writes (no checkpoints, no files of the user's)."""
+    out = Path(out)
+    check_replaceable(out, "meta.json", "a prepared data directory")
+    if (out / "meta.json").is_file():
+        for entry in sorted(out.iterdir()):
+            if not (_DATA_FILES.fullmatch(entry.name) and entry.is_file()):
+                raise UserError(f"{out} holds {entry.name}, which `lmforge prepare` did not write and which replacing the "
+                                "data directory would delete; move it out, or pass a new --out")
 
 
 def _scan(paths: Sequence[str | Path], progress: bool) -> tuple[bytearray, int, int]:

@@ -19,7 +19,7 @@ import re
 import sys
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import tokenizers
 from jinja2 import TemplateError
@@ -34,6 +34,13 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|mask|>", "<|cls|>", "<|sep|>")
 EOT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>")
 _ALPHABET = pre_tokenizers.ByteLevel.alphabet()
 MIN_VOCAB_SIZE = len(_ALPHABET) + len(SPECIAL_TOKENS)
+# 2**24 (16.7M) is 64x the largest vocabularies in use (Gemma's 262,144) and still fits uint32 shards;
+# HF's BpeTrainer reserves room for the whole vocabulary up front, so a typo such as 1e11 would
+# abort the process with an out-of-memory error instead of a message.
+MAX_VOCAB_SIZE = 1 << 24
+# A literal special token in training text is split out: `encode` matches it as the special token,
+# so merges for its pieces (`<|`, `|>`, `endoftext`) or across it would never be used.
+_SPECIALS = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 CONFIG_FILE = "tokenizer_config.json"
 _TRAIN_HINT = "train one with `lmforge tokenizer train FILES... --vocab-size N --out DIR`"
 
@@ -49,6 +56,46 @@ def _byte_level_chars() -> dict[str, int]:
 
 _BYTE_OF = _byte_level_chars()
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
+
+
+def _without_specials(texts: Iterable[str]) -> Iterator[str]:
+    """`texts` with the literal special tokens cut out: each piece around one trains on its own, as it is encoded."""
+    for text in texts:
+        if "<|" in text:
+            yield from (piece for piece in _SPECIALS.split(text) if piece)
+        else:
+            yield text
+
+
+def _token_name(roles: dict, key: str, file: Path) -> str | None:
+    """A role's token from a tokenizer_config.json: a string, or Hugging Face's AddedToken object
+    (`{"__type": "AddedToken", "content": "</s>", ...}`), whose text is its "content"."""
+    value = roles.get(key)
+    if isinstance(value, dict):
+        value = value.get("content")
+        if not isinstance(value, str):
+            raise UserError(f'{file}: {key} is an object without a string "content"; fix the file or delete it')
+    elif value is not None and not isinstance(value, str):
+        raise UserError(f"{file}: {key} is {value!r}, not a token string; fix the file or delete it")
+    return value
+
+
+def _chat_template(value: object, file: Path) -> str | None:
+    """The chat template of a tokenizer_config.json: a string, or from Hugging Face's list of named
+    templates ([{"name": "default", "template": ...}, {"name": "tool_use", ...}]) the default one."""
+    if value is None or isinstance(value, str):
+        return value
+    fix = "fix the file or delete the key"
+    if not isinstance(value, list):
+        raise UserError(f"{file}: chat_template is a {type(value).__name__}, not a string or a list of named templates; {fix}")
+    named = {}
+    for item in value:
+        if not (isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("template"), str)):
+            raise UserError(f'{file}: chat_template holds {item!r}, not {{"name": ..., "template": ...}}; {fix}')
+        named[item["name"]] = item["template"]
+    if "default" not in named:
+        raise UserError(f"{file}: chat_template has no template named 'default' (only {sorted(named)}); {fix}")
+    return named["default"]
 
 
 class Tokenizer:
@@ -97,6 +144,11 @@ class Tokenizer:
                 f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens); "
                 f"pass --vocab-size {MIN_VOCAB_SIZE} or more"
             )
+        if vocab_size > MAX_VOCAB_SIZE:
+            raise UserError(
+                f"vocab_size {vocab_size} is too large: lmforge caps it at {MAX_VOCAB_SIZE:,} (2**24, 64x the largest "
+                "vocabularies in use); pass a smaller --vocab-size such as 32000"
+            )
         if min_frequency < 0:
             raise UserError(f"min_frequency must be >= 0, got {min_frequency}; pass e.g. --min-frequency 2")
         hf = tokenizers.Tokenizer(models.BPE())
@@ -111,7 +163,7 @@ class Tokenizer:
             # HF draws its bar on a terminal; elsewhere it would only print blank lines.
             show_progress=show_progress and sys.stderr.isatty(),
         )
-        hf.train_from_iterator(texts, trainer)
+        hf.train_from_iterator(_without_specials(texts), trainer)
         return cls(hf)
 
     @classmethod
@@ -141,7 +193,10 @@ class Tokenizer:
                 roles = json.loads(extra.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise UserError(f"{extra} is corrupt ({e}); delete it or re-save the tokenizer") from None
-            tok = cls(tok.hf, str(file), roles.get("eos_token"), roles.get("bos_token"), roles.get("chat_template"))
+            if not isinstance(roles, dict):
+                raise UserError(f"{extra} is not a JSON object of tokenizer settings; delete it or re-save the tokenizer")
+            tok = cls(tok.hf, str(file), _token_name(roles, "eos_token", extra), _token_name(roles, "bos_token", extra),
+                      _chat_template(roles.get("chat_template"), extra))
         return tok
 
     def save(self, directory: str | Path) -> Path:

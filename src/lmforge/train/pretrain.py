@@ -37,7 +37,14 @@ def pretrain(
     t0 = time.perf_counter()
     train = train or TrainConfig()
     meta = load_parallel_meta(data) or load_meta(data)
+    _check_out(data, out)
     tokenizer = Tokenizer.load(data)
+    if meta.get("tokenizer_sha256") != tokenizer.sha256:  # the tokenizer.json was replaced after `prepare`
+        raise UserError(
+            f"{Path(data) / 'tokenizer.json'} does not match the one the shards were made with (sha256 "
+            f"{tokenizer.sha256[:12]}, meta.json says {str(meta.get('tokenizer_sha256'))[:12]}); "
+            f"re-run `lmforge prepare ... --out {data}` with the tokenizer you mean"
+        )
     model_cfg = _resolve_model_config(model, meta)
     task = Objective(objective, model_cfg, tokenizer, train.seed, parallel_data=meta.get("kind") == "parallel",
                      chunked_loss=train.chunked_loss, label_smoothing=train.label_smoothing)
@@ -50,6 +57,10 @@ def pretrain(
     train_source = task.open(data, "train", seq_len)
     val_source = task.open(data, "val", seq_len, required=False) if train.eval_interval else None
     val = meta["splits"].get("val", {})
+    if train.eval_interval and val_source is None:
+        held = (f"{val.get('pairs', 0)} pairs" if "pairs" in val
+                else f"{val.get('tokens', 0)} tokens, no more than seq_len {seq_len}")
+        log(f"validation is off: the val split holds {held}; prepare the data with a larger --val-fraction to validate")
     return fit(
         net, task, tokenizer, train, out, train_source, val_source,
         tokens_per_sample=seq_len,
@@ -61,6 +72,15 @@ def pretrain(
         log=log,
         t0=t0,
     )
+
+
+def _check_out(data: str | Path, out: str | Path) -> None:
+    """A run inside its data directory would vanish when `lmforge prepare --out DATA` replaces it."""
+    data_dir, run_dir = Path(data).resolve(), Path(out).resolve()
+    if run_dir == data_dir or data_dir in run_dir.parents:
+        where = "is" if run_dir == data_dir else "is inside"
+        raise UserError(f"--out {out} {where} the data directory {data}, which `lmforge prepare --out {data}` replaces "
+                        "as a whole (checkpoints included); pass an --out outside it")
 
 
 def _resolve_model_config(model: ModelConfig | str | None, meta: dict) -> ModelConfig:
