@@ -317,6 +317,9 @@ def test_flags_still_take_no_value_and_yaml_booleans(tmp_path):
     assert (ns.finetune.checkpoint, ns.finetune.json, ns.finetune.freeze_embeddings, ns.finetune.resume) == ("c", True, True, False)
     (tmp_path / "c.yaml").write_text("data: d\nout: o\nresume: true\n")
     assert parse(["pretrain", "--config", str(tmp_path / "c.yaml")]).pretrain.resume is True
+    # A string option whose default is None keeps "null" as given: `--api-key null` is a key, not no key.
+    assert parse(["serve", "ck", "--api-key", "null"]).serve.api_key == "null"
+    assert parse(["serve", "ck"]).serve.api_key is None
 
 
 def test_tokenizer_train_into_data_or_a_checkpoint_is_refused(capsys, trained_run, corpus_file, data_dir):

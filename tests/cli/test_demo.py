@@ -32,7 +32,7 @@ def test_demo_refuses_to_delete_a_run_folder_it_did_not_write(capsys, tmp_path):
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["run"]  # no tokenizer trained first
 
 
-@pytest.mark.parametrize("earlier", ["metrics.jsonl", "step-000003/config.json"])
+@pytest.mark.parametrize("earlier", ["metrics.jsonl", "step-000003/config.json", "tensorboard/events.out"])
 def test_demo_starts_an_earlier_demo_run_again(capsys, tmp_path, monkeypatch, earlier):
     import lmforge.cli.demo as demo
     from lmforge.utils.errors import UserError

@@ -61,3 +61,15 @@ def test_batches_pad_and_shift(tmp_path, tokenizer_dir):
     assert b["input_ids"][1, : len(tgt1) + 1].tolist() == [tok.cls_id] + tgt1  # decoding starts from <|cls|>
     assert b["labels"][1, : len(tgt1) + 1].tolist() == tgt1 + [tok.eot_id]
     assert (b["labels"][0, len(tok.encode("sein")) + 1 :] == IGNORE).all()  # padding carries no loss
+
+
+def test_prepare_parallel_replaces_only_its_own_earlier_output(tmp_path, tokenizer_dir):
+    (tmp_path / "s").write_text("to be\nor not to be\n")
+    (tmp_path / "t").write_text("sein\noder nicht sein\n")
+    prepare_parallel(tmp_path / "s", tmp_path / "t", tokenizer_dir, tmp_path / "data", val_fraction=0)
+    prepare_parallel(tmp_path / "s", tmp_path / "t", tokenizer_dir, tmp_path / "data", val_fraction=0)  # again: fine
+    (tmp_path / "data" / "run").mkdir()
+    (tmp_path / "data" / "run" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(UserError, match="holds run, which `lmforge prepare` did not write"):
+        prepare_parallel(tmp_path / "s", tmp_path / "t", tokenizer_dir, tmp_path / "data", val_fraction=0)
+    assert (tmp_path / "data" / "run" / "metrics.jsonl").exists()

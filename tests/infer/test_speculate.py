@@ -104,6 +104,19 @@ def test_compiled_engine_checks_drafts_in_its_compiled_verify_step(model):
     req = engine.generate([near_end], SamplingParams(temperature=0, max_tokens=3))[0]
     assert req.output == Engine(model, max_batch=1, max_seq_len=64).generate([near_end], req.params)[0].output
     assert engine.drafted > drafted and len(calls) == seen  # position 61 + 4 tokens would pass the cache's 64
+    # A compiled verify step beside a slot whose prefill has reached past 64 - 4 positions: that slot
+    # writes in the put-back window; both requests give what they give alone.
+    engine = Engine(model, max_batch=2, max_seq_len=64, prefill_chunk=61, compile=True, speculate=3)
+    long = [(7 * i) % 50 + 1 for i in range(63)]
+    alone = Engine(model, max_batch=1, max_seq_len=64).generate([long], SamplingParams(temperature=0, max_tokens=1))[0].output
+    for k in range(1, 8):  # the long prompt joins after k steps of the first: at some k beside a drafting step
+        first = engine.add(prompts[0], params)
+        for _ in range(k):
+            engine.step()
+        second = engine.add(long, SamplingParams(temperature=0, max_tokens=1))
+        while engine.has_work:
+            engine.step()
+        assert (first.output, second.output) == (plain[0].output, alone), k
 
 
 def test_trained_model_text_with_speculation(trained_run):

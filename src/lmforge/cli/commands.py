@@ -14,7 +14,6 @@ from jsonargparse import Namespace
 
 from lmforge.config import LoraConfig, ModelConfig, TrainConfig
 from lmforge.data import prepare, prepare_parallel, train_tokenizer
-from lmforge.data.prepare import check_data_out
 from lmforge.evaluate import evaluate_lm, evaluate_task
 from lmforge.finetune import finetune, merge_lora
 from lmforge.infer import ChatSession, load, predict, render_chat
@@ -40,7 +39,6 @@ def prepare_cmd(args: Namespace) -> dict[str, Any]:
     if args.target is not None:
         if len(args.inputs) != 1:
             raise UserError(f"--target pairs with exactly one source file, got {len(args.inputs)} inputs")
-        check_data_out(args.out)  # as `prepare` does: replace only a data directory holding nothing else
         meta = prepare_parallel(args.inputs[0], args.target, args.tokenizer, args.out, val_fraction=args.val_fraction)
         for split, s in meta["splits"].items():
             say(f"{split}: {s['pairs']:,} pairs, {s['src_tokens']:,} source + {s['tgt_tokens']:,} target tokens")

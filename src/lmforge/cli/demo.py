@@ -55,9 +55,10 @@ def _earlier_run(run: Path) -> bool:
     anything else is not the demo's to delete."""
     if not run.exists() or run.is_dir() and not any(run.iterdir()):
         return False
-    if run.is_dir() and (find_checkpoints(run) or (run / "metrics.jsonl").is_file()):
+    # A demo stopped in its first second leaves only tensorboard/ (made before metrics.jsonl).
+    if run.is_dir() and (find_checkpoints(run) or (run / "metrics.jsonl").is_file() or (run / "tensorboard").is_dir()):
         return True
-    raise UserError(f"{run} exists and is not an earlier demo's run (no step-* checkpoints, no metrics.jsonl); "
+    raise UserError(f"{run} exists and is not an earlier demo's run (no step-* checkpoints, metrics.jsonl or tensorboard/); "
                     "pass another --out or move it away")
 
 

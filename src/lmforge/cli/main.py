@@ -37,12 +37,12 @@ def _parser(description: str, **kwargs: Any) -> ArgumentParser:
 
 def _option(p: ArgumentParser, name: str, **kwargs: Any) -> None:
     """An option spelled `--max-new-tokens` that also accepts `--max_new_tokens`; without a type it
-    takes a string (`str | None` where the default is None), so that a YAML value such as
+    takes a string, so that a YAML value such as
     `data: 5` or `out: {x: 1}` is a one-line error, not a TypeError deep in the library."""
     dashed = "--" + name.replace("_", "-")
     flags = [dashed] if "-" not in name and "_" not in name else [dashed, "--" + name]
     if "type" not in kwargs and "action" not in kwargs:
-        kwargs["type"] = str | None if kwargs.get("default", ...) is None and "nargs" not in kwargs else str
+        kwargs["type"] = str  # with a default of None too: `--api-key null` is that string, not None (no key)
     p.add_argument(*flags, dest=name, **kwargs)
 
 

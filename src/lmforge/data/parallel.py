@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from lmforge.data.corpus import open_bytes
+from lmforge.data.prepare import check_data_out
 from lmforge.model.losses import IGNORE_INDEX
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_dir, atomic_write_json, check_replaceable, read_json
+from lmforge.utils.fs import atomic_dir, atomic_write_json, read_json
 
 
 
@@ -87,7 +88,7 @@ def prepare_parallel(
     """Tokenize aligned source/target files into OUT; the last `val_fraction` of the pairs is validation."""
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction {val_fraction} is out of range; pass a value in [0, 1), e.g. 0.05")
-    check_replaceable(out, "meta.json", "a prepared data directory")  # `out` is replaced wholesale
+    check_data_out(out)  # `out` is replaced wholesale: only an earlier data directory holding nothing else
     tok = Tokenizer.load(tokenizer)
     pairs = read_parallel(source, target)
     cut = len(pairs) - int(len(pairs) * val_fraction)

@@ -528,7 +528,8 @@ class Engine:
             # view's writes must land inside it.
             room = limit = min(-(-need // 16) * 16, self.max_seq_len)
         else:  # static shapes: all slots, and the shortest span that holds every slot's position
-            cache = next(c for c in self._spans if c.span >= need)
+            # (a slot still prefilling near the end may not hold T more: it writes in the put-back window)
+            cache = next(c for c in self._spans if c.span >= min(need, self.max_seq_len))
             room, limit = cache.span, self.max_seq_len  # a span view writes anywhere in the buffers
         decoding_slots = {r.slot for r in decoding}
         clobbered = []
