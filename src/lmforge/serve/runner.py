@@ -123,12 +123,13 @@ class EngineRunner:
     def submit(self, prompt: list[int], params: SamplingParams, queue: asyncio.Queue, tag: int = 0) -> str:
         """Queue a request (UserError / QueueFull raise here); its events arrive on `queue` as (tag, Event)."""
         req = self.engine.make_request(prompt, params, request_id=uuid.uuid4().hex)
+        stream = _Stream(asyncio.get_running_loop(), queue, tag, time.perf_counter(), next(self._turns))
         bound = self.engine.max_waiting
         with self._adding_lock:
             if bound is not None and len(self.engine.waiting) + self._adding >= bound:
                 raise QueueFull(f"{bound} requests are waiting already; try again later")
-            self._adding += 1
-        self._streams[req.id] = _Stream(asyncio.get_running_loop(), queue, tag, time.perf_counter(), next(self._turns))
+            self._adding += 1  # nothing below can fail before the inbox has it
+        self._streams[req.id] = stream
         self.metrics.prompt.inc(len(prompt))
         self._inbox.put(("add", req))
         self._wake.set()
