@@ -231,3 +231,16 @@ def test_a_list_of_named_chat_templates_uses_the_default(tok, tmp_path):
 def test_malformed_tokenizer_config_is_one_line(tok, tmp_path, config, message):
     with pytest.raises(UserError, match=message):
         Tokenizer.load(_write_config(tmp_path, tok, config))
+
+
+def test_long_unbroken_runs_train_in_pieces_and_encode_whole():
+    from lmforge.tokenizer.bpe import LONG_RUN, _training_pieces
+
+    run = "ab" * 600  # 1,200 letters without a space: minified code, base64
+    text = f"a line <|endoftext|> then {run}, and more"
+    pieces = list(_training_pieces([text, "short"]))
+    assert "".join(pieces) == text.replace("<|endoftext|>", "") + "short"  # nothing lost but the special
+    assert max(map(len, pieces)) == LONG_RUN and pieces[-1] == "short"
+    assert all(len(p) <= LONG_RUN or " " in p for p in pieces)
+    tok = Tokenizer.train([text * 3], vocab_size=300, show_progress=False)
+    assert tok.decode(tok.encode(run)) == run  # encoding reads the run whole

@@ -58,13 +58,31 @@ _BYTE_OF = _byte_level_chars()
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
 
 
-def _without_specials(texts: Iterable[str]) -> Iterator[str]:
-    """`texts` with the literal special tokens cut out: each piece around one trains on its own, as it is encoded."""
+# BPE training takes time that grows faster than linearly with a word's length: one unbroken line of
+# 200,000 letters took 17 s and one of 2 MB over two minutes. Runs of non-space characters longer
+# than this (minified code, base64) train in pieces of this length; encoding is unchanged.
+LONG_RUN = 256
+_LONG = re.compile(r"\S{%d,}" % (LONG_RUN + 1))
+
+
+def _training_pieces(texts: Iterable[str]) -> Iterator[str]:
+    """`texts` as the trainer sees them: the literal special tokens cut out (each piece around one
+    trains on its own, as it is encoded), and runs of more than LONG_RUN non-space characters cut
+    into pieces of LONG_RUN."""
     for text in texts:
-        if "<|" in text:
-            yield from (piece for piece in _SPECIALS.split(text) if piece)
-        else:
-            yield text
+        for piece in (_SPECIALS.split(text) if "<|" in text else (text,)):
+            if len(piece) <= LONG_RUN or not _LONG.search(piece):
+                if piece:
+                    yield piece
+                continue
+            at = 0
+            for run in _LONG.finditer(piece):
+                if run.start() > at:
+                    yield piece[at: run.start()]
+                yield from (piece[i: min(i + LONG_RUN, run.end())] for i in range(run.start(), run.end(), LONG_RUN))
+                at = run.end()
+            if at < len(piece):
+                yield piece[at:]
 
 
 def _token_name(roles: dict, key: str, file: Path) -> str | None:
@@ -163,7 +181,7 @@ class Tokenizer:
             # HF draws its bar on a terminal; elsewhere it would only print blank lines.
             show_progress=show_progress and sys.stderr.isatty(),
         )
-        hf.train_from_iterator(_without_specials(texts), trainer)
+        hf.train_from_iterator(_training_pieces(texts), trainer)
         return cls(hf)
 
     @classmethod
