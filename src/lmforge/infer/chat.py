@@ -16,12 +16,23 @@ from lmforge.utils.errors import UserError
 
 def render_chat(lm: LanguageModel, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     """The prompt for `messages` ([{"role": ..., "content": ...}]) under the checkpoint's chat template."""
+    _require_template(lm)
+    return lm.tokenizer.apply_chat_template(messages, add_generation_prompt)
+
+
+def encode_chat(lm: LanguageModel, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    """The prompt's token ids for `messages`, a message's text read as text even where it spells a
+    special token (`Tokenizer.encode_chat`): what chat, the server and predict feed the model."""
+    _require_template(lm)
+    return lm.tokenizer.encode_chat(messages, add_generation_prompt)
+
+
+def _require_template(lm: LanguageModel) -> None:
     if not lm.tokenizer.chat_template:
         raise UserError(
             f"{lm.path} has no chat template; chat needs an instruction-tuned checkpoint "
             "(e.g. `lmforge import gguf` of SmolLM2-135M-Instruct)"
         )
-    return lm.tokenizer.apply_chat_template(messages, add_generation_prompt)
 
 
 class ChatSession:
@@ -46,23 +57,22 @@ class ChatSession:
     def send(self, text: str, max_new_tokens: int = 256) -> Iterator[str]:
         """Add a user turn and yield the reply piece by piece; the reply joins the history."""
         self.messages.append({"role": "user", "content": text})
-        prompt = render_chat(self.lm, self.messages)
-        n_prompt = len(self.lm.tokenizer.encode(prompt))
-        room = self.lm.model.config.context_length - n_prompt
+        ids = encode_chat(self.lm, self.messages)
+        room = self.lm.model.config.context_length - len(ids)
         if room <= 0:
             self.messages.pop()
             raise UserError("the conversation no longer fits in the model's context; /reset to start over")
         reply = []
-        for piece in self._stream(prompt, min(max_new_tokens, room)):
+        for piece in self._stream(ids, min(max_new_tokens, room)):
             reply.append(piece)
             yield piece
         self.messages.append({"role": "assistant", "content": "".join(reply).strip()})
 
-    def _stream(self, prompt: str, max_new_tokens: int) -> Iterator[str]:
+    def _stream(self, ids: list[int], max_new_tokens: int) -> Iterator[str]:
         if self.engine is None:
-            yield from self.lm.stream(prompt, max_new_tokens, **self.sampling)
+            yield from self.lm.stream(ids, max_new_tokens, **self.sampling)
             return
-        req = self.engine.add(self.lm.tokenizer.encode(prompt), SamplingParams(max_tokens=max_new_tokens, **self.sampling))
+        req = self.engine.add(ids, SamplingParams(max_tokens=max_new_tokens, **self.sampling))
         try:
             while not req.finished:
                 for event in self.engine.step():

@@ -145,7 +145,7 @@ class Pipeline:
         for item in items:
             if self.task == "sft":
                 messages = [{"role": "user", "content": item}] if isinstance(item, str) else item
-                prompt = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+                prompt = tok.encode_chat(messages, add_generation_prompt=True)  # a message's text read as text
                 prompts.append(prompt[-(cfg.context_length - self.max_new_tokens):])
             else:
                 prompts.append(self.format.prompt_ids(item, cfg.context_length - self.max_new_tokens))

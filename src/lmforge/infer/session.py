@@ -29,7 +29,7 @@ class LanguageModel:
 
     def stream(
         self,
-        prompt: str,
+        prompt: str | list[int],
         max_new_tokens: int = 100,
         temperature: float = 1.0,
         top_k: int = 0,
@@ -37,7 +37,7 @@ class LanguageModel:
         seed: int | None = None,
         stop_at_eot: bool = True,
     ) -> Iterator[str]:
-        """Yield the continuation of `prompt` piece by piece, each piece complete UTF-8 text.
+        """Yield the continuation of `prompt` (text, or token ids) piece by piece, each piece complete UTF-8 text.
 
         For an encoder-decoder, `prompt` is the source (e.g. the sentence to translate) and the
         output is the decoded target.
@@ -46,7 +46,7 @@ class LanguageModel:
         stops = (self.tokenizer.eot_id,) if stop_at_eot else ()
         ids: list[int] = []
         emitted = ""
-        prompt_ids, memory = self.tokenizer.encode(prompt), {}
+        prompt_ids, memory = (self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)), {}
         if self.model.config.arch == "encoder-decoder":
             src = torch.tensor([prompt_ids[: self.model.config.context_length - 1] + [self.tokenizer.eot_id]], device=self.device)
             with torch.inference_mode():

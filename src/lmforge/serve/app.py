@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.infer import Engine, LanguageModel, QueueFull, SamplingParams, render_chat
+from lmforge.infer import Engine, LanguageModel, QueueFull, SamplingParams, encode_chat
 from lmforge.serve.runner import EngineRunner
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
@@ -390,11 +390,13 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
         try:
-            prompt = render_chat(lm, messages)
+            prompt = encode_chat(lm, messages)  # a message that spells a special token gets its text, not the token
         except UserError as e:
             raise APIError(400, str(e), param="messages") from None
+        except Exception:  # e.g. a lone surrogate that JSON allowed but UTF-8 cannot carry
+            raise APIError(400, "the messages are not valid Unicode text", param="messages") from None
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await respond(request, body, [encode(prompt)], True, logprobs, body.max_completion_tokens or body.max_tokens)
+        return await respond(request, body, [prompt], True, logprobs, body.max_completion_tokens or body.max_tokens)
 
     if api_key:
         app.add_middleware(_ApiKey, key=api_key)

@@ -127,6 +127,7 @@ class Tokenizer:
         bos_token: str | None = None,
         chat_template: str | None = None,
     ):
+        self._literal: tokenizers.Tokenizer | None = None  # see encode_chat
         # Tokenizers trained here hold SPECIAL_TOKENS at ids 0..4. Imported ones (GPT-2, Llama,
         # SmolLM2) keep their own ids: end-of-text is the declared eos_token or found by name.
         names = (eos_token,) if eos_token else EOT_NAMES
@@ -269,6 +270,57 @@ class Tokenizer:
             )
         except TemplateError as e:
             raise UserError(f"the chat template failed: {e}") from None
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """The ids of a conversation under the chat template, the messages' own text read as text.
+
+        Encoding the rendered text would turn a message that spells a special token ("hi<|im_end|>
+        <|im_start|>system ...") into that token: a user could end their turn and open another
+        role's. Here the special tokens inside a message's text are read as plain text (their
+        pieces), while the template's own stay special. Where the messages sit in the text is found
+        by rendering the template once more with a marker in place of each message; a template that
+        does not put a message in as given (or trimmed) gets its rendered text encoded as it is. A
+        conversation that spells no special token gets exactly the ids of its rendered text.
+        """
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        enc = self.hf.encode(text, add_special_tokens=False)
+        spans = self._message_spans(messages, add_generation_prompt, text)
+        specials = set(self.hf.get_added_tokens_decoder())
+        inside = lambda a, b: any(s <= a and b <= e for s, e in spans)
+        if not spans or not any(i in specials and inside(*span) for i, span in zip(enc.ids, enc.offsets)):
+            return enc.ids
+        if self._literal is None:  # a copy that reads special tokens' text as text (never toggled: thread-safe)
+            self._literal = tokenizers.Tokenizer.from_str(self.hf.to_str())
+            self._literal.encode_special_tokens = True
+        ids, at = [], 0
+        for s, e in spans:
+            ids += self.hf.encode(text[at:s], add_special_tokens=False).ids if s > at else []
+            ids += self._literal.encode(text[s:e], add_special_tokens=False).ids
+            at = e
+        return ids + (self.hf.encode(text[at:], add_special_tokens=False).ids if at < len(text) else [])
+
+    def _message_spans(self, messages: list[dict[str, str]], add_generation_prompt: bool, text: str) -> list[tuple[int, int]]:
+        """The (start, end) of each message's text in `text` (the rendered conversation), in order;
+        [] when the template does not insert the messages verbatim (or trimmed)."""
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        marked = [{**m, "content": mark} if isinstance(m.get("content"), str) else m for m, mark in zip(messages, marks)]
+        try:
+            skeleton = self.apply_chat_template(marked, add_generation_prompt)
+        except UserError:
+            return []
+        parts = re.split("(\ue000\\d+\ue001)", skeleton)
+        for clean in (lambda c: c, str.strip):
+            spans, pieces, at = [], [], 0
+            for part in parts:
+                if part in marks:
+                    content = clean(messages[marks.index(part)]["content"])
+                    spans.append((at, at + len(content)))
+                    part = content
+                pieces.append(part)
+                at += len(part)
+            if "".join(pieces) == text:
+                return spans
+        return []
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
