@@ -242,5 +242,6 @@ def test_long_unbroken_runs_train_in_pieces_and_encode_whole():
     assert "".join(pieces) == text.replace("<|endoftext|>", "") + "short"  # nothing lost but the special
     assert max(map(len, pieces)) == LONG_RUN and pieces[-1] == "short"
     assert all(len(p) <= LONG_RUN or " " in p for p in pieces)
+    assert pieces[2].startswith(" abab")  # a run keeps the space before it, as the pre-tokenizer keeps it on the word
     tok = Tokenizer.train([text * 3], vocab_size=300, show_progress=False)
     assert tok.decode(tok.encode(run)) == run  # encoding reads the run whole

@@ -62,13 +62,13 @@ _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tok
 # 200,000 letters took 17 s and one of 2 MB over two minutes. Runs of non-space characters longer
 # than this (minified code, base64) train in pieces of this length; encoding is unchanged.
 LONG_RUN = 256
-_LONG = re.compile(r"\S{%d,}" % (LONG_RUN + 1))
+_LONG = re.compile(r" ?\S{%d,}" % (LONG_RUN + 1))  # with the space before it, which the pre-tokenizer keeps on the word
 
 
 def _training_pieces(texts: Iterable[str]) -> Iterator[str]:
     """`texts` as the trainer sees them: the literal special tokens cut out (each piece around one
     trains on its own, as it is encoded), and runs of more than LONG_RUN non-space characters cut
-    into pieces of LONG_RUN."""
+    into pieces of LONG_RUN (the first with the space before the run)."""
     for text in texts:
         for piece in (_SPECIALS.split(text) if "<|" in text else (text,)):
             if len(piece) <= LONG_RUN or not _LONG.search(piece):
@@ -268,7 +268,7 @@ class Tokenizer:
                 eos_token=self.hf.id_to_token(self.eot_id),
                 bos_token=self.hf.id_to_token(self.bos_id) if self.bos_id is not None else "",
             )
-        except TemplateError as e:
+        except (TemplateError, TypeError) as e:  # TypeError: a message the template cannot use (content None, a list)
             raise UserError(f"the chat template failed: {e}") from None
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
@@ -284,20 +284,30 @@ class Tokenizer:
         """
         text = self.apply_chat_template(messages, add_generation_prompt)
         enc = self.hf.encode(text, add_special_tokens=False)
-        spans = self._message_spans(messages, add_generation_prompt, text)
         specials = set(self.hf.get_added_tokens_decoder())
-        inside = lambda a, b: any(s <= a and b <= e for s, e in spans)
-        if not spans or not any(i in specials and inside(*span) for i, span in zip(enc.ids, enc.offsets)):
+        if not any(i in specials for i in enc.ids):
             return enc.ids
-        if self._literal is None:  # a copy that reads special tokens' text as text (never toggled: thread-safe)
-            self._literal = tokenizers.Tokenizer.from_str(self.hf.to_str())
-            self._literal.encode_special_tokens = True
-        ids, at = [], 0
-        for s, e in spans:
-            ids += self.hf.encode(text[at:s], add_special_tokens=False).ids if s > at else []
-            ids += self._literal.encode(text[s:e], add_special_tokens=False).ids
-            at = e
-        return ids + (self.hf.encode(text[at:], add_special_tokens=False).ids if at < len(text) else [])
+        spans = self._message_spans(messages, add_generation_prompt, text)
+        if not spans:  # fail closed: a message's special-token text cannot be told from the template's
+            spelled = [t.content for t in self.hf.get_added_tokens_decoder().values()
+                       if any(isinstance(m.get("content"), str) and t.content in m["content"] for m in messages)]
+            if spelled:
+                raise UserError(f"a message spells the special token {spelled[0]!r}, and this chat template changes the "
+                                "messages, so it cannot be kept as text; remove it from the message")
+            return enc.ids
+        if self._literal is None:  # a copy that reads special tokens' text as text (set up before it is shared)
+            literal = tokenizers.Tokenizer.from_str(self.hf.to_str())
+            literal.encode_special_tokens = True
+            self._literal = literal
+        # Only a special token inside a message changes: into the pieces of its text. Everything else
+        # keeps the ids of the whole text (encoding pieces apart would split words differently at the cuts).
+        ids: list[int] = []
+        for i, (a, b) in zip(enc.ids, enc.offsets):
+            if i in specials and any(s <= a and b <= e for s, e in spans):
+                ids += self._literal.encode(text[a:b], add_special_tokens=False).ids
+            else:
+                ids.append(i)
+        return ids
 
     def _message_spans(self, messages: list[dict[str, str]], add_generation_prompt: bool, text: str) -> list[tuple[int, int]]:
         """The (start, end) of each message's text in `text` (the rendered conversation), in order;
