@@ -7,6 +7,7 @@ a `.txt`/`.md` file is one document (a book stays whole), a `.jsonl` line is one
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -147,21 +148,32 @@ def open_bytes(file: Path) -> BinaryIO:
     return gzip.open(file, "rb") if file.suffix.lower() == ".gz" else open(file, "rb")
 
 
+@contextlib.contextmanager
+def reading(path: Path, what: str = "a data file") -> Iterator[None]:
+    """Around reading `path` (with `open_bytes`): a directory, a missing file, a broken gzip stream
+    or a failed read is a one-line UserError naming `path`; `what` is what to pass instead."""
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; pass {what}")
+    if not path.is_file():
+        raise UserError(f"{path} does not exist or is not a file; pass {what}")
+    try:
+        yield
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise UserError(f"{path} is not a valid gzip file ({e}); re-compress it with gzip, or decompress it") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}); check that it is readable") from None
+
+
 def _read_file(file: Path) -> Iterator[Document]:
     """Documents of one file, with every read or decode failure turned into a one-line UserError."""
-    try:
-        with open_bytes(file) as f:
-            if _kind(file) == "jsonl":
-                yield from _read_jsonl(file, f)
-            else:
-                text = _decode(f.read(), file, 0)
-                text = _nfc(text.removeprefix("\ufeff"))
-                if text:
-                    yield Document(str(file), text)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise UserError(f"{file} is not a valid gzip file ({e}); re-compress it with gzip, or decompress it") from None
-    except OSError as e:
-        raise UserError(f"cannot read {file} ({e.strerror or e}); check that it exists and is readable") from None
+    with reading(file), open_bytes(file) as f:
+        if _kind(file) == "jsonl":
+            yield from _read_jsonl(file, f)
+        else:
+            text = _decode(f.read(), file, 0)
+            text = _nfc(text.removeprefix("\ufeff"))
+            if text:
+                yield Document(str(file), text)
 
 
 def _read_jsonl(file: Path, f: BinaryIO) -> Iterator[Document]:

@@ -11,17 +11,15 @@ token windows of language modelling, a pure function of (seed, step, micro-batch
 
 from __future__ import annotations
 
-import gzip
 import json
 import unicodedata
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lmforge.data.corpus import open_bytes
+from lmforge.data.corpus import open_bytes, reading
 from lmforge.data.prepare import check_data_out
 from lmforge.model.losses import IGNORE_INDEX
 from lmforge.tokenizer import Tokenizer
@@ -34,17 +32,8 @@ def read_lines(path: str | Path) -> list[str]:
     """NFC-normalised lines of a UTF-8 text file, gzipped or not; a file that cannot be read is a
     one-line UserError naming it."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path} is a directory; pass a line-aligned text file")
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; pass a line-aligned text file")
-    try:
-        with open_bytes(path) as f:
-            raw = f.read()
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise UserError(f"{path} is not a valid gzip file ({e}); re-compress it with gzip, or decompress it") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror or e}); check that it is readable") from None
+    with reading(path, "a line-aligned text file"), open_bytes(path) as f:
+        raw = f.read()
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()

@@ -18,21 +18,18 @@ Labels (a class, tags, answers, a target, an assistant reply) are required, exce
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import gzip
 import hashlib
 import io
 import json
 import re
 import unicodedata
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.corpus import open_bytes
+from lmforge.data.corpus import open_bytes, reading
 from lmforge.data.parallel import read_lines, read_parallel
 from lmforge.utils.errors import UserError
 
@@ -347,7 +344,7 @@ def read_squad(path: str | Path, require_labels: bool = True) -> list[QAExample]
     `require_labels=False` also reads questions without answers (predicting), with answers [].
     """
     path = Path(path)
-    with _reading(path), open_bytes(path) as f:
+    with reading(path), open_bytes(path) as f:
         raw = f.read()
     try:
         text = raw.decode("utf-8").removeprefix("\ufeff")
@@ -588,28 +585,10 @@ def read_chat(path: str | Path, require_labels: bool = True) -> list[ChatExample
 
 # --- shared reading -----------------------------------------------------------------------------
 
-_DECOMPRESS_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
-
-
-@contextlib.contextmanager
-def _reading(path: Path) -> Iterator[None]:
-    """Turn a missing file and a broken gzip stream into one-line UserErrors naming `path`."""
-    if path.is_dir():
-        raise UserError(f"{path} is a directory; pass a data file")
-    if not path.is_file():
-        raise UserError(f"{path} does not exist or is not a file; check the path")
-    try:
-        yield
-    except _DECOMPRESS_ERRORS as e:
-        raise UserError(f"{path} is not a valid gzip file ({e}); re-compress it with gzip, or decompress it") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror or e}); check that it is readable") from None
-
 
 def _read_lines(path: Path) -> list[str]:
     """NFC lines of a UTF-8 file (gzip ok, a leading BOM dropped), through the parallel-text reader."""
-    with _reading(path):
-        lines = read_lines(path)
+    lines = read_lines(path)
     if lines:
         lines[0] = lines[0].removeprefix("\ufeff")
     return lines
