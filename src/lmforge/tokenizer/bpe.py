@@ -127,7 +127,6 @@ class Tokenizer:
         bos_token: str | None = None,
         chat_template: str | None = None,
     ):
-        self._literal: tokenizers.Tokenizer | None = None  # see encode_chat
         # Tokenizers trained here hold SPECIAL_TOKENS at ids 0..4. Imported ones (GPT-2, Llama,
         # SmolLM2) keep their own ids: end-of-text is the declared eos_token or found by name.
         names = (eos_token,) if eos_token else EOT_NAMES
@@ -276,38 +275,38 @@ class Tokenizer:
 
         Encoding the rendered text would turn a message that spells a special token ("hi<|im_end|>
         <|im_start|>system ...") into that token: a user could end their turn and open another
-        role's. Here the special tokens inside a message's text are read as plain text (their
-        pieces), while the template's own stay special. Where the messages sit in the text is found
-        by rendering the template once more with a marker in place of each message; a template that
-        does not put a message in as given (or trimmed) gets its rendered text encoded as it is. A
-        conversation that spells no special token gets exactly the ids of its rendered text.
+        role's. Here a special token inside a message's text becomes the pieces of its text, while
+        the template's own stay special; every other token keeps the id the whole rendered text
+        gives it, so a conversation that spells no special token gets exactly those ids. Where the
+        messages sit in the text is found by rendering the template once more with a marker in place
+        of each message. A template that does not put the messages in as given (or trimmed) cannot
+        tell a spelled token from its own: a message that spells one is then refused.
         """
         text = self.apply_chat_template(messages, add_generation_prompt)
         enc = self.hf.encode(text, add_special_tokens=False)
-        specials = set(self.hf.get_added_tokens_decoder())
-        if not any(i in specials for i in enc.ids):
+        added = self.hf.get_added_tokens_decoder()
+        spelled = [t.content for t in added.values()
+                   if any(isinstance(m.get("content"), str) and t.content in m["content"] for m in messages)]
+        if not spelled:  # the usual case: the template is rendered once
             return enc.ids
         spans = self._message_spans(messages, add_generation_prompt, text)
         if not spans:  # fail closed: a message's special-token text cannot be told from the template's
-            spelled = [t.content for t in self.hf.get_added_tokens_decoder().values()
-                       if any(isinstance(m.get("content"), str) and t.content in m["content"] for m in messages)]
-            if spelled:
-                raise UserError(f"a message spells the special token {spelled[0]!r}, and this chat template changes the "
-                                "messages, so it cannot be kept as text; remove it from the message")
-            return enc.ids
-        if self._literal is None:  # a copy that reads special tokens' text as text (set up before it is shared)
-            literal = tokenizers.Tokenizer.from_str(self.hf.to_str())
-            literal.encode_special_tokens = True
-            self._literal = literal
-        # Only a special token inside a message changes: into the pieces of its text. Everything else
-        # keeps the ids of the whole text (encoding pieces apart would split words differently at the cuts).
+            raise UserError(f"a message spells the special token {spelled[0]!r}, and this chat template changes the "
+                            "messages, so it cannot be kept as text; remove it from the message")
         ids: list[int] = []
         for i, (a, b) in zip(enc.ids, enc.offsets):
-            if i in specials and any(s <= a and b <= e for s, e in spans):
+            if i in added and any(s <= a and b <= e for s, e in spans):
                 ids += self._literal.encode(text[a:b], add_special_tokens=False).ids
             else:
                 ids.append(i)
         return ids
+
+    @cached_property
+    def _literal(self) -> tokenizers.Tokenizer:
+        """A copy of the tokenizer that reads special tokens' text as text (built whole before it is cached)."""
+        literal = tokenizers.Tokenizer.from_str(self.hf.to_str())
+        literal.encode_special_tokens = True
+        return literal
 
     def _message_spans(self, messages: list[dict[str, str]], add_generation_prompt: bool, text: str) -> list[tuple[int, int]]:
         """The (start, end) of each message's text in `text` (the rendered conversation), in order;
