@@ -9,6 +9,7 @@ import reprlib
 from pathlib import Path
 from typing import Any, Mapping
 
+from lmforge.config import ModelConfig
 from lmforge.utils.errors import UserError
 
 REQUIRED: Any = object()
@@ -46,3 +47,12 @@ def some_names(names: set[str], n: int = 3) -> str:
     """The first `n` of `names` in natural order (layer 2 before layer 10), for a one-line message."""
     ordered = sorted(names, key=lambda name: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)])
     return ", ".join(ordered[:n]) + (", ..." if len(ordered) > n else "")
+
+
+def model_config(source: str | Path, **fields: Any) -> ModelConfig:
+    """`ModelConfig(**fields)` read from `source`: sizes that are each valid but disagree
+    (n_embd not divisible by n_head, ...) are one line naming `source`."""
+    try:
+        return ModelConfig(**fields)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None

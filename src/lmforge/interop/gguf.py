@@ -25,7 +25,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from lmforge.checkpoint import save_checkpoint
 from lmforge.config import ModelConfig
-from lmforge.interop._keys import REQUIRED, read_key, some_names
+from lmforge.interop._keys import REQUIRED, model_config, read_key, some_names
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
@@ -205,10 +205,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
         norm_eps=a("attention.layer_norm_rms_epsilon", float, 1e-5), tie_embeddings="output.weight" not in g.tensors,
         pad_vocab_multiple=1, **scaling,
     )
-    try:
-        return ModelConfig(**fields)
-    except UserError as e:  # sizes that are each valid but disagree (embedding_length not divisible by head_count, ...)
-        raise UserError(f"{g.path}: {e}") from None
+    return model_config(g.path, **fields)
 
 
 _GGUF_FIX = "re-download the file or convert the model again with llama.cpp"

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.config import ModelConfig
-from lmforge.interop._keys import REQUIRED, read_key, some_names
+from lmforge.interop._keys import REQUIRED, model_config, read_key, some_names
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
@@ -88,10 +88,7 @@ def config_from_hf(hf: Any, source: str | Path = "config.json") -> ModelConfig:
         )
     else:
         raise UserError(f"{source}: Hugging Face model_type {kind!r} is not supported; supported: gpt2, llama, bert")
-    try:
-        return ModelConfig(**fields)
-    except UserError as e:  # sizes that are each valid but disagree (n_embd not divisible by n_head, ...)
-        raise UserError(f"{source}: {e}") from None
+    return model_config(source, **fields)
 
 
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
