@@ -59,8 +59,9 @@ _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tok
 
 
 # BPE training takes time that grows faster than linearly with a word's length: one unbroken line of
-# 200,000 letters took 17 s and one of 2 MB over two minutes. Runs of non-space characters longer
-# than this (minified code, base64) train in pieces of this length; encoding is unchanged.
+# 200,000 random letters took 8.3 s to train a 2,048-token vocabulary on (0.3 s in pieces). Runs of
+# non-space characters longer than this (minified code, base64) train in pieces of this length;
+# encoding is unchanged.
 LONG_RUN = 256
 _LONG = re.compile(r" ?\S{%d,}" % (LONG_RUN + 1))  # with the space before it, which the pre-tokenizer keeps on the word
 
