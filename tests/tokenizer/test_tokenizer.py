@@ -1,7 +1,10 @@
 """Byte-level BPE: exact round trips on any Unicode, fixed special ids, save/load identity."""
 
+import _thread
 import hashlib
 import json
+import random
+import threading
 
 import pytest
 import tokenizers
@@ -245,3 +248,18 @@ def test_long_unbroken_runs_train_in_pieces_and_encode_whole():
     assert pieces[2].startswith(" abab")  # a run keeps the space before it, as the pre-tokenizer keeps it on the word
     tok = Tokenizer.train([text * 3], vocab_size=300, show_progress=False)
     assert tok.decode(tok.encode(run)) == run  # encoding reads the run whole
+
+
+def test_ctrl_c_during_the_merges_lands_at_once():
+    """HF's merges run in Rust, where Python cannot raise KeyboardInterrupt: the interrupt lands while
+    they still run (their thread is alive), not after the whole training has finished."""
+    rng = random.Random(0)
+    words = [" ".join("".join(rng.choices("abcdefghij", k=rng.randint(4, 9))) for _ in range(20)) for _ in range(5000)]
+
+    def texts():  # interrupts the main thread once HF has read everything, i.e. as the merges start
+        yield from words
+        _thread.interrupt_main()
+
+    with pytest.raises(KeyboardInterrupt):
+        Tokenizer.train(texts(), vocab_size=30_000, min_frequency=1, show_progress=False)
+    assert any(t.name == "lmforge-bpe-train" and t.is_alive() for t in threading.enumerate())

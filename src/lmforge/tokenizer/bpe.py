@@ -17,9 +17,10 @@ import hashlib
 import json
 import re
 import sys
+import threading
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import tokenizers
 from jinja2 import TemplateError
@@ -84,6 +85,36 @@ def _training_pieces(texts: Iterable[str]) -> Iterator[str]:
                 at = run.end()
             if at < len(piece):
                 yield piece[at:]
+
+
+class _Abandoned(Exception):
+    """Raised into HF's reading of the texts once the caller has been interrupted."""
+
+
+def _in_daemon_thread(work: Callable[[], None]) -> None:
+    """Run `work` in a daemon thread and wait for it in short waits.
+
+    HF's merge loop runs in Rust for as long as it takes (a minute on a large corpus), and Python
+    raises KeyboardInterrupt only when the main thread runs Python again: Ctrl-C would wait for the
+    merges. Waiting on an event, the main thread takes the interrupt at once; the abandoned thread ends
+    with the process.
+    """
+    failure: list[BaseException] = []
+    done = threading.Event()  # waited on rather than joined: a join that Ctrl-C interrupts marks the thread stopped
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as e:  # handed to the caller's thread below
+            failure.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="lmforge-bpe-train", daemon=True).start()
+    while not done.wait(0.1):
+        pass
+    if failure:
+        raise failure[0]
 
 
 def _token_name(roles: dict, key: str, file: Path) -> str | None:
@@ -182,7 +213,19 @@ class Tokenizer:
             # HF draws its bar on a terminal; elsewhere it would only print blank lines.
             show_progress=show_progress and sys.stderr.isatty(),
         )
-        hf.train_from_iterator(_training_pieces(texts), trainer)
+        abandoned = threading.Event()
+
+        def pieces() -> Iterator[str]:
+            for piece in _training_pieces(texts):
+                if abandoned.is_set():
+                    raise _Abandoned  # stops HF's reading; its merges cannot be stopped
+                yield piece
+
+        try:
+            _in_daemon_thread(lambda: hf.train_from_iterator(pieces(), trainer))
+        except KeyboardInterrupt:
+            abandoned.set()
+            raise
         return cls(hf)
 
     @classmethod
