@@ -72,6 +72,19 @@ def test_chat_trains_on_assistant_turns_only(tok):
     assert "Hi there" not in trained and "Again" not in trained and "user" not in trained
 
 
+
+def test_chat_reads_a_spelled_special_token_as_text_as_serving_does(tok):
+    """Training must see what `encode_chat` feeds the model when it is served: a special token's text
+    inside a message is text there, so it is text here too, and the loss covers the reply's pieces."""
+    tok.chat_template = CHATML
+    msgs = [{"role": "user", "content": "Say <|endoftext|> please"}, {"role": "assistant", "content": "Fine<|endoftext|>done"}]
+    f = TaskFormat(tok, "decoder", max_length=128).chat(msgs)
+    ids = f["input_ids"] + f["labels"][-1:]
+    assert ids == tok.encode_chat(msgs, add_generation_prompt=False) and tok.eot_id not in ids
+    assert tok.decode(ids) == tok.apply_chat_template(msgs, add_generation_prompt=False)
+    trained = tok.decode([t for t in f["labels"] if t != IGNORE_INDEX])
+    assert trained.startswith("Fine<|endoftext|>done") and "please" not in trained
+
 def test_collate_pads_right_and_batches_are_a_function_of_the_step(tok):
     fmt = TaskFormat(tok, "decoder", max_length=32)
     feats = [fmt.classify(t, i % 2) for i, t in enumerate(["a", "a longer text here", "mid text"])]

@@ -173,8 +173,9 @@ class TaskFormat:
     # -- chat supervised fine-tuning -----------------------------------------------------------
     def chat(self, messages: list[dict[str, str]]) -> Feature:
         """The conversation through the chat template; the loss only on the assistant turns'
-        tokens (the content and the template's end-of-turn marker after it)."""
-        text = self.tok.apply_chat_template(messages, add_generation_prompt=False)
+        tokens (the content and the template's end-of-turn marker after it). A message that spells
+        a special token trains on its text, as `encode_chat` reads it when the model is served."""
+        text, ids, offsets = self.tok.encode_chat_with_offsets(messages, add_generation_prompt=False)
         spans = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -184,7 +185,6 @@ class TaskFormat:
             if not text.startswith(through) or not through.startswith(before):
                 raise UserError("the chat template does not render a conversation as a growing prefix; it cannot be used for SFT")
             spans.append((len(before), len(through)))
-        ids, offsets = self.tok.encode_with_offsets(text)
         ids, offsets = ids[: self.max_length + 1], offsets[: self.max_length + 1]
         trained = [any(s <= o0 < e for s, e in spans) for o0, _ in offsets]
         labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], trained[1:])]

@@ -326,24 +326,33 @@ class Tokenizer:
         of each message. A template that does not put the messages in as given (or trimmed) cannot
         tell a spelled token from its own: a message that spells one is then refused.
         """
+        return self.encode_chat_with_offsets(messages, add_generation_prompt)[1]
+
+    def encode_chat_with_offsets(self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+                                 ) -> tuple[str, list[int], list[tuple[int, int]]]:
+        """`encode_chat`, with the rendered text and each token's (start, end) in it."""
         text = self.apply_chat_template(messages, add_generation_prompt)
         enc = self.hf.encode(text, add_special_tokens=False)
         added = self.hf.get_added_tokens_decoder()
         spelled = [t.content for t in added.values()
                    if any(isinstance(m.get("content"), str) and t.content in m["content"] for m in messages)]
         if not spelled:  # the usual case: the template is rendered once
-            return enc.ids
+            return text, enc.ids, enc.offsets
         spans = self._message_spans(messages, add_generation_prompt, text)
         if not spans:  # fail closed: a message's special-token text cannot be told from the template's
             raise UserError(f"a message spells the special token {spelled[0]!r}, and this chat template changes the "
                             "messages, so it cannot be kept as text; remove it from the message")
         ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
         for i, (a, b) in zip(enc.ids, enc.offsets):
             if i in added and any(s <= a and b <= e for s, e in spans):
-                ids += self._literal.encode(text[a:b], add_special_tokens=False).ids
+                pieces = self._literal.encode(text[a:b], add_special_tokens=False)
+                ids += pieces.ids
+                offsets += [(a + c, a + d) for c, d in pieces.offsets]
             else:
                 ids.append(i)
-        return ids
+                offsets.append((a, b))
+        return text, ids, offsets
 
     @cached_property
     def _literal(self) -> tokenizers.Tokenizer:
