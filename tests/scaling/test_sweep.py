@@ -63,6 +63,16 @@ def test_sweep_writes_rows_and_resumes(tmp_path, data_dir):
     assert json.loads((tmp_path / "study" / "results.jsonl").read_text().splitlines()[-1])["tokens"] == 12288
 
 
+
+def test_an_encoder_grid_trains_with_the_masked_lm_objective(tmp_path, data_dir):
+    grid = GRID.replace("sizes: [2.0e4, 5.0e4]", "sizes: [2.0e4]").replace("tokens: [4096, 8192]", "tokens: [4096]")
+    (tmp_path / "g.yaml").write_text(grid.replace("model: {context_length: 32}", "model: {context_length: 32, arch: encoder}")
+                                      + "objective: mlm\n")
+    [row] = sweep(tmp_path / "g.yaml", data_dir, tmp_path / "study", log=lambda *a: None, progress=False)
+    assert row["config"]["arch"] == "encoder" and row["params"] == flops(ModelConfig.from_dict(row["config"]), 0)["params"]
+    state = json.loads(next((tmp_path / "study" / "runs" / row["name"]).glob("step-*/trainer_state.json")).read_text())
+    assert state["objective"] == "mlm" and 0 < row["loss"] < 12
+
 @pytest.mark.parametrize(
     "text, match",
     [
@@ -75,6 +85,9 @@ def test_sweep_writes_rows_and_resumes(tmp_path, data_dir):
         ("sizes: [1e5]\ntokens: [1e6]\naspect_ratio: wide\n", "`aspect_ratio` must be a number > 0, got 'wide'"),
         ("sizes: [1e5]\ntokens: [1e6]\nhead_size: 0.5\n", "`head_size` must be a whole number > 0"),
         ("sizes: [1e5]\ntokens: [1e6]\nmodel: {context_length: long}\n", "model.context_length is 'long'; it must be int"),
+        ("sizes: [1e5]\ntokens: [1e6]\nobjective: seq2seq\n", "`objective` must be one of ['causal', 'mlm', 'mlm+nsp'], got 'seq2seq'"),
+        ("sizes: [1e5]\ntokens: [1e6]\nmodel: {arch: encoder}\n", "objective causal trains decoder models but model.arch is encoder; set `objective: mlm`"),
+        ("sizes: [1e5]\ntokens: [1e6]\nobjective: mlm\nmodel: {arch: encoder-decoder}\n", "a sweep trains decoder (causal) and encoder (mlm, mlm+nsp) models"),
     ],
 )
 def test_bad_grids(tmp_path, text, match):

@@ -233,7 +233,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     sc_verbs = sc.add_subcommands(dest="action", required=True)
     sc_sweep = _parser("Train a grid of model sizes x token budgets (or isoFLOP profiles) into OUT/results.jsonl; "
                        "started again, it skips finished runs and resumes an interrupted one.")
-    _option(sc_sweep, "grid", required=True, help="YAML grid: sizes, tokens or flops, aspect_ratio, head_size, model, train")
+    _option(sc_sweep, "grid", required=True, help="YAML grid: sizes, tokens or flops, aspect_ratio, head_size, model, train, evals, objective")
     _option(sc_sweep, "data", required=True, help="prepared data directory (lmforge prepare)")
     _option(sc_sweep, "out", required=True, help="study directory (results.jsonl, runs/)")
     _option(sc_sweep, "devices", nargs="+", default=None,

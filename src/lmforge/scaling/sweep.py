@@ -21,6 +21,7 @@ The grid file (YAML):
     model: {context_length: 128}                 # any other ModelConfig fields
     train: {batch_size: 16, lr: 3.0e-3}          # any TrainConfig fields; max_steps comes from the budget
     evals: 4                                     # validation points per run (the curve approach 1 uses)
+    objective: causal                            # or mlm / mlm+nsp, for an encoder grid (model: {arch: encoder})
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from lmforge.config import ModelConfig, TrainConfig
 from lmforge.data import load_meta
 from lmforge.scaling.counting import flops
 from lmforge.scaling.runs import RESULTS
-from lmforge.train import Interrupted, pretrain
+from lmforge.train import OBJECTIVE_ARCH, Interrupted, pretrain
 from lmforge.utils.errors import UserError
 from lmforge.utils.fs import atomic_write_text
 
@@ -58,6 +59,12 @@ class Grid:
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     evals: int = 4
+    objective: str = "causal"
+
+
+# Objectives a sweep trains: those on plain text, where a step holds batch x seq_len tokens (a
+# seq2seq step holds padded pairs, which the budgets would miscount).
+SWEEP_OBJECTIVES = ("causal", "mlm", "mlm+nsp")
 
 
 @dataclass
@@ -104,6 +111,9 @@ def load_grid(path: str | Path) -> Grid:
         if not isinstance(value, kinds) or isinstance(value, bool) or value <= 0:
             whole = "a whole number" if kinds == (int,) else "a number"
             raise UserError(f"{path}: `{key}` must be {whole} > 0, got {value!r}")
+    if grid.objective not in SWEEP_OBJECTIVES:
+        raise UserError(f"{path}: `objective` must be one of {list(SWEEP_OBJECTIVES)}, got {grid.objective!r} "
+                        "(a sweep counts tokens on plain text)")
     return grid
 
 
@@ -152,6 +162,11 @@ def plan_runs(grid: Grid, data: str | Path | None = None) -> list[PlannedRun]:
             )
         shapes[shape] = size
         models.append(model)
+    wants = OBJECTIVE_ARCH[grid.objective]
+    if models[0].arch != wants:
+        fits = [k for k, v in OBJECTIVE_ARCH.items() if v == models[0].arch and k in SWEEP_OBJECTIVES]
+        raise UserError(f"the grid's objective {grid.objective} trains {wants} models but model.arch is {models[0].arch}; "
+                        + (f"set `objective: {fits[0]}`" if fits else "a sweep trains decoder (causal) and encoder (mlm, mlm+nsp) models"))
     if grid.flops and models[0].vocab_size is None:
         if data is None:
             raise UserError("isoFLOP budgets need the vocabulary size to count N; set model.vocab_size in the grid "
@@ -207,7 +222,7 @@ def sweep(
     if not devices or len(devices) == 1:
         for i, run in todo:
             train = base.replace(device=devices[0]) if devices else base
-            record(i, _train_one(run, grid.evals, train, str(data), str(out), progress))
+            record(i, _train_one(run, grid.evals, train, str(data), str(out), progress, grid.objective))
         return rows
     # One worker per device: `spawn` gives each a fresh CUDA context; the device queue hands them out.
     ctx = multiprocessing.get_context("spawn")
@@ -215,7 +230,8 @@ def sweep(
     for device in devices:
         queue.put(device)
     with ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_claim_device, initargs=(queue,)) as pool:
-        futures = {pool.submit(_train_one, run, grid.evals, base, str(data), str(out), False): i for i, run in todo}
+        futures = {pool.submit(_train_one, run, grid.evals, base, str(data), str(out), False, grid.objective): i
+                   for i, run in todo}
         for future in as_completed(futures):
             record(futures[future], future.result())
     return rows
@@ -280,7 +296,8 @@ def _stopwatch(run_dir: Path, fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, total
 
 
-def _train_one(run: PlannedRun, evals: int, base: TrainConfig, data: str, out: str, progress: bool) -> dict[str, Any]:
+def _train_one(run: PlannedRun, evals: int, base: TrainConfig, data: str, out: str, progress: bool,
+               objective: str) -> dict[str, Any]:
     """Train one planned run (resuming it if it was interrupted) and return its results.jsonl row."""
     if _DEVICE is not None:
         base = base.replace(device=_DEVICE)
@@ -293,7 +310,7 @@ def _train_one(run: PlannedRun, evals: int, base: TrainConfig, data: str, out: s
     resume = bool(find_checkpoints(run_dir))  # an interrupted attempt left a checkpoint: continue from it
     try:
         result, seconds = _stopwatch(run_dir, lambda: pretrain(data, run_dir, run.model, train, resume=resume,
-                                                               progress=progress, log=lambda *a: None))
+                                                               objective=objective, progress=progress, log=lambda *a: None))
     except Interrupted as e:  # its message names `pretrain --resume`; a sweep resumes by running again
         raise UserError(f"run {run.name} interrupted at step {e.step}; start the same sweep again to resume it") from None
     if result.val_loss is None:

@@ -25,7 +25,8 @@ from lmforge.utils.device import autocast
 from lmforge.utils.errors import UserError
 
 ObjectiveName = Literal["causal", "mlm", "mlm+nsp", "seq2seq"]
-_ARCH = {"causal": "decoder", "mlm": "encoder", "mlm+nsp": "encoder", "seq2seq": "encoder-decoder"}
+# The architecture each pretraining objective trains.
+OBJECTIVE_ARCH = {"causal": "decoder", "mlm": "encoder", "mlm+nsp": "encoder", "seq2seq": "encoder-decoder"}
 Batch = dict[str, torch.Tensor]
 _VAL_SEED = 0xFFFF_FFFF  # one fixed masking of the validation batches, whatever the training seed
 
@@ -39,9 +40,9 @@ class Objective:
         `label_smoothing` applies while the model is in training mode; validation (eval mode) is plain."""
         if name not in ObjectiveName.__args__:
             raise UserError(f"objective {name!r} is not supported; use one of {list(ObjectiveName.__args__)}")
-        wants = _ARCH[name]
+        wants = OBJECTIVE_ARCH[name]
         if config.arch != wants:
-            fitting = next(k for k, v in _ARCH.items() if v == config.arch)
+            fitting = next(k for k, v in OBJECTIVE_ARCH.items() if v == config.arch)
             raise UserError(
                 f"the {name} objective trains {wants} models but model.arch is {config.arch}; "
                 f"use --objective {fitting} or another --model.preset"
