@@ -153,6 +153,41 @@ def test_speculative_sampling_emits_each_token_with_its_own_distribution():
     assert all(r[0] == 3 and len(r) == 2 for r in hot)  # the bias counts in the acceptance
 
 
+
+def test_speculative_sampling_matches_the_step_by_step_loop_draw_for_draw():
+    """The device-side form (one read back) against the algorithm written out on the host: the same
+    generator state gives the same tokens, through rejections, whole drafts and filters."""
+    from lmforge.infer.sampling import _biased, _tempered
+
+    def loop(logits, draft, params, g):
+        n = logits.size(0)
+        col = lambda v, dtype=torch.float32: torch.full((n,), v, dtype=dtype)
+        x = _tempered(_biased(logits.float(), [params] * n), col(params.temperature))
+        if params.filtered:
+            x = filter_logits(x, col(params.top_k, torch.long), col(params.top_p), col(params.min_p))
+        kept = torch.softmax(x, dim=-1)[torch.arange(len(draft)), torch.tensor(draft)].tolist()
+        u = torch.rand(len(draft), dtype=torch.float64, generator=g).tolist()
+        for j, d in enumerate(draft):
+            if u[j] >= kept[j]:
+                x[j, d] = float("-inf")
+                return [*draft[:j], int(draw(x[j:j + 1], [g])[0])]
+        return [*draft, int(draw(x[n - 1:], [g])[0])]
+
+    torch.manual_seed(0)
+    settings = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5), SamplingParams(top_p=0.8, min_p=0.05)]
+    outcomes = set()
+    for case in range(60):
+        k = 1 + case % 4
+        logits = torch.randn(k + 1, 12) * 2
+        draft = torch.randint(0, 12, (k,)).tolist()
+        logits[torch.arange(k), torch.tensor(draft)] += 3 * (case % 3)  # some drafts likely kept whole
+        params = settings[case % 3]
+        a, b = torch.Generator().manual_seed(case), torch.Generator().manual_seed(case)
+        got = speculative_sample(logits, draft, params, a)
+        assert got == loop(logits, draft, params, b) and torch.equal(a.get_state(), b.get_state())
+        outcomes.add(len(got) == k + 1)
+    assert outcomes == {True, False}
+
 def test_penalties_change_the_greedy_choice():
     logits = torch.tensor([[3.0, 2.9, 0.0]])
     counts = torch.tensor([[2.0, 0.0, 0.0]])

@@ -325,15 +325,20 @@ def speculative_sample(logits: torch.Tensor, draft: list[int], params: SamplingP
     all its mass on one token: each emitted token has exactly the distribution of sampling one
     token at a time. Not for rows with penalties (their counts change from token to token).
     """
-    n = logits.size(0)
-    col = lambda value, dtype=torch.float32: torch.full((n,), value, dtype=dtype, device=logits.device)
+    n, m = logits.size(0), len(draft)
+    dev = logits.device
+    col = lambda value, dtype=torch.float32: torch.full((n,), value, dtype=dtype, device=dev)
     x = _tempered(_biased(logits.float(), [params] * n), col(params.temperature))
     if params.filtered:
         x = filter_logits(x, col(params.top_k, torch.long), col(params.top_p), col(params.min_p))
-    kept = torch.softmax(x, dim=-1)[torch.arange(len(draft), device=x.device), torch.tensor(draft, device=x.device)].tolist()
-    u = torch.rand(len(draft), dtype=torch.float64, device=x.device, generator=generator).tolist()
-    for j, d in enumerate(draft):
-        if u[j] >= kept[j]:
-            x[j, d] = float("-inf")
-            return [*draft[:j], int(draw(x[j:j + 1], [generator])[0])]
-    return [*draft, int(draw(x[n - 1:], [generator])[0])]
+    # Worked on the device, read back once (a GPU waits for each read): the first rejected position
+    # j (m when none is), and the token drawn there from p_j without draft[j] (from p_m after a
+    # whole draft). The generator gives the same numbers in the same order as a step-by-step loop.
+    d = torch.tensor([*draft, -1], device=dev)  # -1: no draft token at position m
+    kept = torch.softmax(x[:m], dim=-1).gather(1, d[:m, None])[:, 0]
+    rejected = torch.rand(m, dtype=torch.float64, device=dev, generator=generator) >= kept
+    j = torch.where(rejected.any(), rejected.to(torch.uint8).argmax(), m)  # argmax: the first maximum
+    row = x.index_select(0, j.view(1))
+    row.masked_fill_(torch.arange(row.size(1), device=dev) == d[j], float("-inf"))
+    at, token = torch.stack([j, draw(row, [generator])[0]]).tolist()
+    return [*draft[:at], token]
