@@ -83,3 +83,12 @@ def test_tied_embeddings_share_storage():
 def test_padded_vocab():
     assert preset("tiny", vocab_size=100).padded_vocab_size == 128
     assert preset("tiny", vocab_size=128).padded_vocab_size == 128
+
+
+def test_encode_source_longer_than_the_context_is_refused_like_encode():
+    cfg = preset("transformer-base", vocab_size=50, n_layer=1, n_encoder_layer=1, n_embd=32, n_head=4, mlp_hidden=64,
+                 context_length=16)
+    model = Transformer(cfg).eval()
+    with pytest.raises(ValueError, match="source of 17 tokens exceeds the context of 16"):
+        model.encode_source(torch.randint(0, 50, (1, 17)))
+    assert model.encode_source(torch.randint(0, 50, (1, 16))).shape == (1, 16, 32)

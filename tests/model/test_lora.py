@@ -68,3 +68,18 @@ def test_lora_config_round_trips_through_json_and_rejects_unknown_keys():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(UserError, match="unknown model.lora key"):
         ModelConfig.from_dict({**cfg.to_dict(), "lora": {"r": 2, "rank": 3}})
+
+
+@pytest.mark.parametrize("targets", ["gate", "q,gate"])
+def test_a_gate_target_without_a_gated_mlp_is_one_line(targets):
+    # A GELU MLP has no gate: the adapter would match no layer and fine-tuning train only the head.
+    with pytest.raises(UserError, match="'gate' needs model.mlp swiglu"):
+        preset("tiny").replace(vocab_size=10, mlp="gelu", lora=LoraConfig(r=4, targets=targets))
+    lora = Transformer(preset("tiny").replace(vocab_size=10, mlp="gelu", lora=LoraConfig(r=4, targets="all-linear")))
+    assert any(isinstance(m, LoRALinear) for m in lora.modules())  # all-linear takes what the MLP has
+
+
+@pytest.mark.parametrize("targets", ["", " , "])
+def test_an_empty_target_list_is_one_line(targets):
+    with pytest.raises(UserError, match="lora.targets is empty"):
+        LoraConfig(r=4, targets=targets)

@@ -70,3 +70,35 @@ def test_chunked_loss_with_label_smoothing_equals_plain(chunk):
     chunked.backward()
     torch.testing.assert_close(h2.grad, h.grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(w2.grad, w.grad, atol=1e-6, rtol=1e-5)
+
+
+def _count_matmuls(fn):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        out = fn()
+    return out, Count.n
+
+
+def test_chunked_loss_under_no_grad_does_no_gradient_work():
+    # Validation runs under no_grad with the head's Parameter: one matmul per chunk, the loss only.
+    torch.manual_seed(0)
+    h, w, y = torch.randn(2, 6, 16), torch.nn.Parameter(torch.randn(40, 16)), torch.randint(0, 40, (2, 6))
+    with torch.no_grad():
+        got, matmuls = _count_matmuls(lambda: chunked_lm_loss(h, w, y, 4))  # 3 chunks
+        want = lm_loss(h @ w.T, y)
+    assert matmuls == 3
+    torch.testing.assert_close(got, want)
+    # Training is unchanged: the weight gradient is made in the forward, a second matmul per chunk.
+    loss, matmuls = _count_matmuls(lambda: chunked_lm_loss(h, w, y, 4))
+    assert matmuls == 6
+    loss.backward()
+    (want_gw,) = torch.autograd.grad(lm_loss(h @ w.T, y), w)
+    torch.testing.assert_close(w.grad, want_gw)

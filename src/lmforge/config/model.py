@@ -23,8 +23,18 @@ TaskHead = Literal["none", "classify", "tag", "span"]
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # The Python types a JSON/YAML value may have for each scalar field annotation (an int is a valid float).
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
-    "int": (int,), "int | None": (int, type(None)), "float": (int, float), "bool": (bool,), "str | None": (str, type(None)),
+    "int": (int,), "int | None": (int, type(None)), "float": (int, float), "bool": (bool,), "str": (str,),
+    "str | None": (str, type(None)),
 }
+
+
+def _check_scalar_types(cls: type, d: dict[str, Any], prefix: str) -> None:
+    """JSON and YAML values arrive untyped (the CLI's are checked by its parser): one line per wrong type."""
+    for f in dataclasses.fields(cls):
+        kinds = _SCALAR_TYPES.get(str(f.type))
+        value = d.get(f.name, f.default)
+        if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            raise UserError(f"{prefix}.{f.name} is {value!r}; it must be {f.type}")
 
 
 @dataclass
@@ -49,6 +59,8 @@ class LoraConfig:
             raise UserError(f"lora.r must be >= 0, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_list:  # adapters on nothing: fine-tuning would silently train only the head
+            raise UserError(f"lora.targets is empty; name some of {list(LORA_TARGETS)} or all-linear")
         bad = [t for t in self.target_list if t not in LORA_TARGETS]
         if bad:
             raise UserError(f"lora.targets {bad} unknown; use names from {list(LORA_TARGETS)} or all-linear")
@@ -165,14 +177,34 @@ class ModelConfig:
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}); "
                 "change one of them"
             )
-        if self.n_kv_head is not None and self.n_kv_head < 1:
-            raise UserError(f"model.n_kv_head must be >= 1, got {self.n_kv_head}")
+        for name in ("n_kv_head", "n_encoder_layer", "mlp_hidden"):  # None means the default; 0 is not "default"
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"model.{name} must be >= 1 (or null for the default), got {getattr(self, name)}")
+        if self.type_vocab_size < 0:
+            raise UserError(f"model.type_vocab_size must be >= 0 (0 for no token types), got {self.type_vocab_size}")
+        if self.norm_eps <= 0:  # x / sqrt(mean(x^2) + eps): a negative eps is NaN, 0 is inf on a zero row
+            raise UserError(f"model.norm_eps must be > 0, got {self.norm_eps}")
         if self.n_head % self.kv_heads:
             raise UserError(
                 f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head}); change one of them"
             )
-        if self.position == "rotary" and self.head_size % 2:
-            raise UserError(f"rotary positions need an even head size, got {self.head_size}; change n_embd or n_head")
+        if self.position == "rotary":
+            if self.head_size % 2:
+                raise UserError(f"rotary positions need an even head size, got {self.head_size}; change n_embd or n_head")
+            # theta^x and 1/factor: the rotary tables are NaN otherwise.
+            for name in ("rope_theta", "rope_factor"):
+                if getattr(self, name) <= 0:
+                    raise UserError(f"model.{name} must be > 0, got {getattr(self, name)}")
+            if self.rope_scaling == "ntk" and self.head_size <= 2:  # the base grows by factor^(d/(d-2))
+                raise UserError(f"rope_scaling ntk needs a head size > 2, got {self.head_size}; change n_embd or n_head")
+            # Llama 3.1 interpolates between the two bands; low >= high reverses which band is scaled.
+            if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+                raise UserError(
+                    f"llama3 rope scaling needs 0 < model.rope_low_freq_factor < model.rope_high_freq_factor, "
+                    f"got {self.rope_low_freq_factor} and {self.rope_high_freq_factor}"
+                )
+            if self.rope_scaling == "llama3" and self.rope_original_context < 1:
+                raise UserError(f"model.rope_original_context must be >= 1, got {self.rope_original_context}")
         if self.zero_init_head and self.tie_embeddings:
             raise UserError("model.zero_init_head needs an untied head (a tied head is the embedding); set --model.tie_embeddings false")
         if self.vocab_size is not None and self.vocab_size < 1:
@@ -195,6 +227,10 @@ class ModelConfig:
                 raise UserError(
                     f"model.{name}={getattr(self, name)!r} is not supported; use one of {list(allowed.__args__)}"
                 )
+        # A non-gated MLP has one `fc` (all `up`): a `gate` adapter would match no layer and train nothing.
+        if self.lora is not None and self.mlp != "swiglu" and self.lora.targets.strip() != "all-linear" \
+                and "gate" in self.lora.target_list:
+            raise UserError(f"lora.targets 'gate' needs model.mlp swiglu (this model's mlp is {self.mlp}); use up or down")
 
     @property
     def num_labels(self) -> int:
@@ -210,7 +246,7 @@ class ModelConfig:
 
     @property
     def hidden_size(self) -> int:
-        return self.mlp_hidden or 4 * self.n_embd
+        return 4 * self.n_embd if self.mlp_hidden is None else self.mlp_hidden
 
     @property
     def padded_vocab_size(self) -> int:
@@ -232,11 +268,14 @@ class ModelConfig:
             raise UserError(
                 f"unknown model config key(s) {unknown}; valid keys are {sorted(names)}"
             )
-        for f in dataclasses.fields(cls):  # JSON and YAML values arrive untyped; the CLI's are checked by its parser
-            kinds = _SCALAR_TYPES.get(str(f.type))
-            value = d.get(f.name, f.default)
-            if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
-                raise UserError(f"model.{f.name} is {value!r}; it must be {f.type}")
+        _check_scalar_types(cls, d, "model")
+        labels, lora = d.get("labels"), d.get("lora")
+        if labels is not None and not (isinstance(labels, (list, tuple)) and all(isinstance(x, str) for x in labels)):
+            raise UserError(f"model.labels is {labels!r}; it must be a list of label names or null")
+        if lora is not None and not isinstance(lora, dict):
+            raise UserError(f"model.lora is {lora!r}; it must be a mapping of r, alpha, dropout, targets or null")
+        if lora is not None:
+            _check_scalar_types(LoraConfig, lora, "model.lora")
         return cls(**d)
 
     def replace(self, **changes: Any) -> "ModelConfig":

@@ -51,6 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                             n_embd=1024, mlp_hidden=4096, mlp="relu", position="sinusoidal", norm_position="post",
                             embed_scale=True, dropout=0.3),
 }
+PRESETS["llama-1b"] = PRESETS["llama-3.2-1b"]  # the short name DESIGN.md uses
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:

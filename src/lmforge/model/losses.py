@@ -42,9 +42,45 @@ def chunked_lm_loss(
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return _ChunkedCrossEntropy.apply(
-        hidden.flatten(0, -2), weight, targets.flatten(), chunk_tokens, ignore_index, label_smoothing
-    )
+    args = (hidden.flatten(0, -2), weight, targets.flatten(), chunk_tokens, ignore_index, label_smoothing)
+    if not torch.is_grad_enabled():
+        # Evaluation: needs_input_grad would still ask for the head's gradient (the weight is a
+        # Parameter), a (V, C) fp32 buffer and a second matmul per chunk that nothing reads.
+        return _chunked_loss_and_grads(*args, want_h=False, want_w=False)[0]
+    return _ChunkedCrossEntropy.apply(*args)
+
+
+def _chunked_loss_and_grads(hidden, weight, targets, chunk_tokens, ignore_index, smoothing, want_h, want_w):
+    """The mean loss and, where wanted, its gradients with respect to hidden (N, C) and weight (V, C)."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    valid_all = targets != ignore_index
+    count = valid_all.sum()
+    w = weight.to(dtype)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if want_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+    for s in range(0, hidden.size(0), chunk_tokens):
+        h = hidden[s : s + chunk_tokens].to(dtype)
+        y, valid = targets[s : s + chunk_tokens], valid_all[s : s + chunk_tokens]
+        logits = (h @ w.T).float()  # (n, V): the only logits alive at a time
+        lse = logits.logsumexp(dim=-1)
+        y = torch.where(valid, y, 0)
+        picked = logits.gather(1, y[:, None]).squeeze(1)
+        # target (1 - e) on the label plus e / V on every class: (1 - e) nll + e (lse - mean logit)
+        loss = (1 - smoothing) * (lse - picked) + (smoothing * (lse - logits.mean(dim=-1)) if smoothing else 0.0)
+        total += (loss * valid).sum()
+        if want_h or want_w:
+            g = (logits - lse[:, None]).exp_()  # softmax
+            if smoothing:
+                g -= smoothing / logits.size(1)
+            g.scatter_add_(1, y[:, None], torch.full_like(picked[:, None], smoothing - 1.0))
+            g = (g * (valid[:, None] / count)).to(dtype)  # d(mean loss) / d(logits)
+            if want_h:
+                grad_h[s : s + chunk_tokens] = (g @ w).to(hidden.dtype)
+            if want_w:
+                grad_w += (g.T @ h).float()
+    return total / count, grad_h, grad_w
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -53,37 +89,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_tokens, ignore_index, smoothing):
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        valid_all = targets != ignore_index
-        count = valid_all.sum()
-        w = weight.to(dtype)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
-        for s in range(0, hidden.size(0), chunk_tokens):
-            h = hidden[s : s + chunk_tokens].to(dtype)
-            y, valid = targets[s : s + chunk_tokens], valid_all[s : s + chunk_tokens]
-            logits = (h @ w.T).float()  # (n, V): the only logits alive at a time
-            lse = logits.logsumexp(dim=-1)
-            y = torch.where(valid, y, 0)
-            picked = logits.gather(1, y[:, None]).squeeze(1)
-            # target (1 - e) on the label plus e / V on every class: (1 - e) nll + e (lse - mean logit)
-            loss = (1 - smoothing) * (lse - picked) + (smoothing * (lse - logits.mean(dim=-1)) if smoothing else 0.0)
-            total += (loss * valid).sum()
-            if want_h or want_w:
-                g = (logits - lse[:, None]).exp_()  # softmax
-                if smoothing:
-                    g -= smoothing / logits.size(1)
-                g.scatter_add_(1, y[:, None], torch.full_like(picked[:, None], smoothing - 1.0))
-                g = (g * (valid[:, None] / count)).to(dtype)  # d(mean loss) / d(logits)
-                if want_h:
-                    grad_h[s : s + chunk_tokens] = (g @ w).to(hidden.dtype)
-                if want_w:
-                    grad_w += (g.T @ h).float()
+        loss, grad_h, grad_w = _chunked_loss_and_grads(
+            hidden, weight, targets, chunk_tokens, ignore_index, smoothing, *ctx.needs_input_grad[:2]
+        )
         ctx.save_for_backward(grad_h, grad_w)
-        return total / count
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -123,6 +123,8 @@ class Transformer(nn.Module):
         """An encoder-decoder's encoder: memory (B, S, C) for source tokens (B, S)."""
         if self.config.arch != "encoder-decoder":
             raise ValueError("encode_source belongs to encoder-decoder models")
+        if src.size(1) > self.config.context_length:  # the position tables end there
+            raise ValueError(f"source of {src.size(1)} tokens exceeds the context of {self.config.context_length}")
         pos = torch.arange(src.size(1), device=src.device)
         x = self.dropout(self._embed(src, pos))
         rope = self.rotary(pos) if self.rotary is not None else None

@@ -1,0 +1,73 @@
+"""ModelConfig refuses settings that would build a different model than asked, or NaNs, in one line."""
+
+import pytest
+
+from lmforge.config import PRESETS, ModelConfig, preset
+from lmforge.utils.errors import UserError
+
+BASE = dict(vocab_size=50, context_length=16, n_layer=1, n_head=2, n_embd=16)
+ROTARY = dict(BASE, position="rotary")
+
+
+@pytest.mark.parametrize(
+    "over, key",
+    [
+        (dict(mlp_hidden=0), "mlp_hidden"),  # was silently 4 * n_embd
+        (dict(mlp_hidden=-4), "mlp_hidden"),  # was a negative-dimension RuntimeError
+        (dict(arch="encoder-decoder", n_encoder_layer=0), "n_encoder_layer"),  # was silently n_layer
+        (dict(arch="encoder-decoder", n_encoder_layer=-1), "n_encoder_layer"),  # was an encoder of no layers
+        (dict(type_vocab_size=-1), "type_vocab_size"),
+        (dict(norm_eps=0.0), "norm_eps"),
+        (dict(norm_eps=-1.0), "norm_eps"),  # was non-finite logits
+        (dict(ROTARY, rope_theta=0.0), "rope_theta"),  # were NaN rotary tables
+        (dict(ROTARY, rope_theta=-1.0), "rope_theta"),
+        (dict(ROTARY, rope_scaling="linear", rope_factor=0.0), "rope_factor"),
+        (dict(ROTARY, rope_scaling="llama3", rope_factor=-8.0), "rope_factor"),
+        (dict(ROTARY, rope_scaling="llama3", rope_low_freq_factor=4.0, rope_high_freq_factor=1.0), "rope_low_freq_factor"),
+        (dict(ROTARY, rope_scaling="llama3", rope_low_freq_factor=4.0, rope_high_freq_factor=4.0), "rope_low_freq_factor"),
+        (dict(ROTARY, n_head=8, rope_scaling="ntk", rope_factor=2.0), "ntk"),  # head size 2: was ZeroDivisionError
+    ],
+)
+def test_impossible_settings_are_one_line(over, key):
+    with pytest.raises(UserError, match=key) as e:
+        ModelConfig(**{**BASE, **over})
+    assert "\n" not in str(e.value)
+
+
+def test_default_and_explicit_sizes_still_build():
+    assert ModelConfig(**BASE).hidden_size == 64
+    assert ModelConfig(**BASE, mlp_hidden=24).hidden_size == 24
+    ModelConfig(**ROTARY, rope_scaling="llama3", rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0)
+    ModelConfig(**{**ROTARY, "n_head": 4}, rope_scaling="ntk", rope_factor=2.0)  # head size 4
+
+
+@pytest.mark.parametrize(
+    "over, key",
+    [
+        ({"lora": "yes"}, "model.lora"),
+        ({"lora": [4]}, "model.lora"),
+        ({"lora": {"r": "4"}}, "model.lora.r"),
+        ({"lora": {"r": 2.5}}, "model.lora.r"),
+        ({"lora": {"r": True}}, "model.lora.r"),
+        ({"lora": {"r": 4, "alpha": "8"}}, "model.lora.alpha"),
+        ({"lora": {"r": 4, "targets": ["q", "v"]}}, "model.lora.targets"),
+        ({"task_head": "classify", "labels": "pos"}, "model.labels"),  # was 3 labels p, o, s
+        ({"task_head": "classify", "labels": 5}, "model.labels"),
+        ({"task_head": "classify", "labels": ["a", 1]}, "model.labels"),
+    ],
+)
+def test_from_dict_checks_the_lora_block_and_labels(over, key):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")) as e:
+        ModelConfig.from_dict({**BASE, **over})
+    assert "\n" not in str(e.value)
+
+
+def test_from_dict_still_reads_good_lora_and_labels():
+    cfg = ModelConfig.from_dict({**BASE, "task_head": "tag", "labels": ["O", "B"], "lora": {"r": 4, "alpha": 8}})
+    assert cfg.num_labels == 2 and cfg.lora.r == 4 and cfg.lora.scale == 2.0
+    assert ModelConfig.from_dict({**BASE, "lora": None, "labels": None}).lora is None
+
+
+def test_llama_1b_is_the_llama_3_2_1b_preset():
+    assert PRESETS["llama-1b"] is PRESETS["llama-3.2-1b"]
+    assert preset("llama-1b", vocab_size=10).replace(preset=None) == preset("llama-3.2-1b", vocab_size=10).replace(preset=None)
