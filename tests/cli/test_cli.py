@@ -93,6 +93,26 @@ def test_generation_errors(capsys, trained_run, tmp_path):
     fails_with(capsys, "dtype", "generate", trained_run.out, "--dtype", "fp16")
 
 
+@pytest.mark.parametrize("option", [("--top-p", 0, "top_p must be in (0, 1], got 0.0"),
+                                    ("--temperature", -1, "temperature must be >= 0, got -1.0"),
+                                    ("--seed", -5, "seed must be in [0, 2**64), got -5")])
+def test_chat_refuses_bad_sampling_once_before_the_first_turn(capsys, monkeypatch, trained_run, tmp_path, option):
+    """Not an error printed after every message with exit status 0."""
+    import io
+    import shutil
+
+    from lmforge.infer import load
+
+    ckpt = tmp_path / "chat"
+    shutil.copytree(load(trained_run.out, device="cpu").path, ckpt)
+    tok = load(ckpt, device="cpu").tokenizer
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    tok.save(ckpt)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nhello\n"))
+    flag, value, message = option
+    fails_with(capsys, message, "chat", ckpt, flag, value, "--max-new-tokens", 2)
+
+
 @pytest.mark.parametrize(
     "verb",
     [["demo"], ["tokenizer", "train"], ["prepare"], ["pretrain"], ["generate"], ["chat"], ["eval"], ["import", "hf"],
@@ -221,7 +241,8 @@ def test_numbers_out_of_range(capsys, trained_run, corpus_file, tmp_path):
     fails_with(capsys, "min_frequency must be >= 0", "tokenizer", "train", corpus_file, "--min-frequency", -1, "--out", tmp_path / "t")
     fails_with(capsys, "batch_size must be >= 1, got 0", "eval", trained_run.out, "--data", corpus_file, "--batch-size", 0)
     fails_with(capsys, "batch_size must be >= 1, got -2", "eval", trained_run.out, "--data", corpus_file, "--batch-size", -2)
-    fails_with(capsys, "max_new_tokens must be >= 0, got -1", "generate", trained_run.out, "--max-new-tokens", -1)
+    fails_with(capsys, "--max-new-tokens must be >= 1, got 0", "generate", trained_run.out, "--max-new-tokens", 0)
+    fails_with(capsys, "--max-new-tokens must be >= 1, got -1", "generate", trained_run.out, "--max-new-tokens", -1)
     fails_with(capsys, "--max-new-tokens must be >= 1, got 0", "chat", trained_run.out, "--max-new-tokens", 0)
     fails_with(capsys, "--speculate must be >= 0, got -1", "chat", trained_run.out, "--speculate", -1)
     fails_with(capsys, "speculate must be >= 0 draft tokens, got -1", "serve", trained_run.out, "--port", 0, "--speculate", -1)

@@ -86,3 +86,44 @@ def test_a_batch_of_padded_sources_searches_as_each_source_alone(k):
     for got, want in zip(batched, alone):
         assert [h.tokens for h in got] == [h.tokens for h in want]
         assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-4)
+
+
+def hf_gpt2_pair(seed):
+    """A tiny transformers GPT-2 with varied weights, and lmforge's model holding the same weights."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.interop.hf import config_from_hf, state_dict_from_hf
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=100, tie_word_embeddings=False,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    c = config_from_hf(cfg.to_dict())
+    m = Transformer(c)
+    m.load_state_dict(state_dict_from_hf(c, dict(hf.state_dict())), strict=False)
+    return m.eval(), hf
+
+
+# Seed 0 with prompt [1, 2, 3] once finished end tokens ranked past the top K (transformers ignores
+# them), so its lists held extra short hypotheses.
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beam_matches_transformers_with_an_end_token(seed):
+    m, hf = hf_gpt2_pair(seed)
+    prompt, n = [1, 2, 3], 8
+    with torch.no_grad():
+        greedy = hf.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False, pad_token_id=0)[0, 3:].tolist()
+    for eos in greedy[1:]:  # end tokens the model likes, so hypotheses end early
+        for k in (3, 4):
+            for lp in (0.0, 1.0):
+                ours = beam_search(m, prompt, beam_size=k, max_new_tokens=n, length_penalty=lp, eos_id=eos)
+                with torch.no_grad():
+                    out = hf.generate(torch.tensor([prompt]), num_beams=k, num_return_sequences=k, max_new_tokens=n,
+                                      length_penalty=lp, eos_token_id=eos, pad_token_id=eos, do_sample=False,
+                                      early_stopping=False, return_dict_in_generate=True, output_scores=True)
+                theirs = [row[3:] for row in out.sequences.tolist()]
+                theirs = [t[: t.index(eos) + 1] if eos in t else t for t in theirs]
+                assert [h.tokens for h in ours] == theirs, (eos, k, lp)
+                assert [h.score for h in ours] == pytest.approx(out.sequences_scores.tolist(), abs=1e-4)

@@ -52,6 +52,34 @@ def test_full_context_is_a_user_error_that_keeps_the_session(lm):
     assert chat.messages == []
 
 
+@pytest.mark.parametrize("option", [{"top_p": 0.0}, {"temperature": -1.0}, {"seed": -5}, {"top_k": -1}])
+def test_bad_sampling_options_fail_when_the_session_is_made(lm, option):
+    with pytest.raises(UserError, match=next(iter(option))):
+        ChatSession(lm, **option)
+
+
+def test_a_turn_that_fails_or_is_cut_off_leaves_no_unanswered_message(lm, monkeypatch):
+    chat = ChatSession(lm, temperature=0)
+    "".join(chat.send("ROMEO:", max_new_tokens=4))
+    before = list(chat.messages)
+
+    def failing(ids, max_new_tokens):
+        yield "half a reply"
+        raise UserError("the engine refused")
+
+    monkeypatch.setattr(chat, "_stream", failing)
+    with pytest.raises(UserError, match="refused"):
+        list(chat.send("JULIET:"))
+    assert chat.messages == before
+    monkeypatch.undo()
+    turn = chat.send("JULIET:", max_new_tokens=4)
+    next(turn)
+    turn.close()  # a reader that stops early (Ctrl-C)
+    assert chat.messages == before
+    "".join(chat.send("JULIET:", max_new_tokens=4))  # the slot was freed: the next turn answers
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+
+
 def test_template_is_sandboxed(lm):
     lm.tokenizer.chat_template = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
     with pytest.raises(UserError, match="chat template"):

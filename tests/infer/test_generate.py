@@ -31,6 +31,14 @@ def test_greedy_equals_argmax_of_full_forward(model):
         seq.append(tid)
 
 
+@pytest.mark.parametrize("temperature", [1e-6, 1e-40, 1e-45])
+def test_a_tiny_temperature_is_greedy(model, temperature):
+    """Below 1e-5 (the Engine's threshold) the scaled logits overflow to inf; such a temperature
+    once drew the last token id every step instead of the argmax."""
+    greedy = list(generate_tokens(model, [7, 8, 9], 8, SamplingConfig(temperature=0)))
+    assert list(generate_tokens(model, [7, 8, 9], 8, SamplingConfig(temperature=temperature, seed=1))) == greedy
+
+
 def test_same_seed_same_sample_and_seeds_differ(model):
     run = lambda seed: list(generate_tokens(model, [1], 20, SamplingConfig(temperature=1.0, seed=seed)))
     assert run(11) == run(11)

@@ -28,7 +28,7 @@ def naive_filter(logits, top_k, top_p, min_p):
     probs = {t: math.exp(logits[t]) / z for t in kept}
     nucleus, mass = [], 0.0
     for t in kept:
-        if mass > top_p:
+        if top_p < 1.0 and mass >= top_p:  # the tokens above already hold top_p
             break
         nucleus.append(t)
         mass += probs[t]
@@ -74,6 +74,36 @@ def test_filters_match_the_naive_reference(seed, candidates, monkeypatch):
             kept = {t for t in range(V) if got[b, t] > float("-inf")}
             assert kept == naive_filter(rows[b].tolist(), k, p, m), (k, p, m)
             assert torch.equal(got[b][list(kept)], rows[b][list(kept)])  # kept logits are untouched
+
+
+@pytest.mark.parametrize("candidates", [1024, 2])
+def test_top_p_keeps_what_transformers_keeps_at_ties_and_boundaries(candidates, monkeypatch):
+    """A token goes once the tokens above it hold >= top_p (TopPLogitsWarper). With 4 or 8 tied
+    tokens the masses are exact in binary, so top_p 0.5 of 4 ties keeps 2, not 3. Two candidates
+    rank too few for the nucleus of 8 ties: that path must agree too."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    monkeypatch.setattr(sampling, "CANDIDATES", candidates)
+    torch.manual_seed(0)
+    cases = []
+    for n, top_ps in ((4, [0.25, 0.5, 0.75, 0.9]), (8, [0.125, 0.375, 0.5, 0.625, 0.99])):
+        x = torch.full((1, 2000), -1e4)
+        x[0, torch.randperm(2000)[:n]] = 5.0
+        cases += [(x, p) for p in top_ps]
+    x = torch.randn(1, 2000) * 3.0
+    cases += [(x, p) for p in (0.1, 0.5, 0.9, 0.999)]
+    for x, p in cases:
+        ours = filter_logits(x, torch.tensor([0]), torch.tensor([p]), torch.tensor([0.0]))[0].isfinite()
+        theirs = TopPLogitsWarper(p)(None, x.clone())[0].isfinite()
+        # Tied tokens may be kept in another order; the kept count and logits must match.
+        assert int(ours.sum()) == int(theirs.sum()), p
+        assert torch.equal(x[0][ours].sort().values, x[0][theirs].sort().values), p
+
+
+def test_top_p_of_one_keeps_tokens_whose_mass_above_rounds_to_one():
+    logits = torch.tensor([[30.0, 0.0, 0.0, -1e4]])  # in float32 the first token holds all the mass
+    got = filter_logits(logits, torch.tensor([3]), torch.tensor([1.0]), torch.tensor([0.0]))
+    assert got[0].isfinite().tolist() == [True, True, True, False]
 
 
 def test_every_token_tied_with_the_kth_stays_even_past_the_ranked_ones():

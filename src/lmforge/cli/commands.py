@@ -99,6 +99,8 @@ def _report_run(result: RunResult, say: Callable[..., None], unit: str = " nats/
 
 
 def generate_cmd(args: Namespace) -> dict[str, Any]:
+    if args.max_new_tokens < 1:  # else the output is an empty line, as if the model had nothing to say
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     lm = load(args.checkpoint, device=args.device, dtype=args.dtype)
     kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     t0 = time.perf_counter()

@@ -96,13 +96,16 @@ def beam_search_batch(
             if not live[b]:
                 continue
             kept: list[tuple[list[int], float, int]] = []
-            for s, i in zip(top_scores[b], top_idx[b]):
+            for rank, (s, i) in enumerate(zip(top_scores[b], top_idx[b])):
                 if s == -math.inf:
                     break
                 j, tok = divmod(i, V)
                 hyp = beams[b][j] + [tok]
                 if tok == eos_id:
-                    done[b].append(Hypothesis(hyp, s, s / len(hyp) ** length_penalty))
+                    # Only an end ranked within the top K finishes a hypothesis; the K after it are
+                    # there to refill the live beams (transformers' `top_num_beam_mask`).
+                    if rank < K:
+                        done[b].append(Hypothesis(hyp, s, s / len(hyp) ** length_penalty))
                     continue
                 kept.append((hyp, s, j))
                 if len(kept) == K:

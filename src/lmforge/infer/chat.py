@@ -6,6 +6,7 @@ Templates are Jinja, as in Hugging Face's `tokenizer_config.json`; the tokenizer
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterator
 
 from lmforge.infer.engine import Engine
@@ -45,6 +46,8 @@ class ChatSession:
     """
 
     def __init__(self, lm: LanguageModel, system: str | None = None, speculate: int = 0, **sampling) -> None:
+        # Checked now, so that a bad option fails once here rather than on every turn.
+        self.params = SamplingParams(**sampling)
         self.lm, self.system, self.sampling = lm, system, sampling
         self.messages: list[dict[str, str]] = []
         decoder = lm.model.config.arch == "decoder"
@@ -55,24 +58,28 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def send(self, text: str, max_new_tokens: int = 256) -> Iterator[str]:
-        """Add a user turn and yield the reply piece by piece; the reply joins the history."""
+        """Add a user turn and yield the reply piece by piece; the reply joins the history. A turn
+        that fails or is cut off leaves the history as it was (no unanswered user message)."""
         self.messages.append({"role": "user", "content": text})
-        ids = encode_chat(self.lm, self.messages)
-        room = self.lm.model.config.context_length - len(ids)
-        if room <= 0:
+        try:
+            ids = encode_chat(self.lm, self.messages)
+            room = self.lm.model.config.context_length - len(ids)
+            if room <= 0:
+                raise UserError("the conversation no longer fits in the model's context; /reset to start over")
+            reply = []
+            for piece in self._stream(ids, min(max_new_tokens, room)):
+                reply.append(piece)
+                yield piece
+        except BaseException:  # GeneratorExit and Ctrl-C too: the turn got no reply
             self.messages.pop()
-            raise UserError("the conversation no longer fits in the model's context; /reset to start over")
-        reply = []
-        for piece in self._stream(ids, min(max_new_tokens, room)):
-            reply.append(piece)
-            yield piece
+            raise
         self.messages.append({"role": "assistant", "content": "".join(reply).strip()})
 
     def _stream(self, ids: list[int], max_new_tokens: int) -> Iterator[str]:
         if self.engine is None:
             yield from self.lm.stream(ids, max_new_tokens, **self.sampling)
             return
-        req = self.engine.add(ids, SamplingParams(max_tokens=max_new_tokens, **self.sampling))
+        req = self.engine.add(ids, replace(self.params, max_tokens=max_new_tokens))
         try:
             while not req.finished:
                 for event in self.engine.step():

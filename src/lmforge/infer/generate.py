@@ -11,14 +11,14 @@ from typing import Iterator
 
 import torch
 
-from lmforge.infer.sampling import draw, filter_logits
+from lmforge.infer.sampling import draw, filter_logits, is_greedy
 from lmforge.model import KVCache, Transformer
 from lmforge.utils.errors import UserError
 
 
 @dataclass
 class SamplingConfig:
-    """How the next token is picked. temperature 0 is greedy; top_k 0 and top_p 1 disable them."""
+    """How the next token is picked. temperature 0 (below 1e-5) is greedy; top_k 0 and top_p 1 disable them."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -38,7 +38,7 @@ class SamplingConfig:
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, V)."""
-    if cfg.temperature == 0:
+    if is_greedy(cfg.temperature):  # the Engine's rule: a tiny temperature overflows the scaled logits
         return logits.argmax(dim=-1)
     logits = logits.float() / cfg.temperature
     if cfg.top_k or cfg.top_p < 1.0:

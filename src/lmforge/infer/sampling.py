@@ -25,6 +25,12 @@ from lmforge.utils.errors import UserError
 GREEDY_BELOW = 1e-5
 
 
+def is_greedy(temperature: float) -> bool:
+    """Whether `temperature` picks the argmax. Below 1e-5 the scaled logits overflow; the draw is
+    the argmax anyway (vLLM's threshold)."""
+    return temperature < GREEDY_BELOW
+
+
 @dataclass
 class SamplingParams:
     """One request's decoding options; the names and defaults are OpenAI's where it has them.
@@ -79,8 +85,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        # Below 1e-5 the scaled logits overflow; the draw is the argmax anyway (vLLM's threshold).
-        return self.temperature < GREEDY_BELOW
+        return is_greedy(self.temperature)
 
     @property
     def penalised(self) -> bool:
@@ -185,10 +190,18 @@ class Ranked:
         probs = weights / z
         # The unranked tokens are dropped when top-k cuts inside the ranked ones (no tie past them),
         # top-p's mass is reached inside them, or min-p drops the last of them already.
-        exact = torch.where(limited, past[:, 0] == 0, (probs.sum(-1) > top_p) | (probs[:, -1] < min_p * probs[:, 0]))
-        drop |= probs.cumsum(dim=-1) - probs > top_p[:, None]
+        reached = (top_p < 1.0) & (probs.sum(-1) >= top_p)  # as in `_past_nucleus`: top_p 1 drops none
+        exact = torch.where(limited, past[:, 0] == 0, reached | (probs[:, -1] < min_p * probs[:, 0]))
+        drop |= _past_nucleus(probs, top_p)
         drop |= probs < min_p[:, None] * probs[:, :1]
         return Ranked(vals.masked_fill(drop, float("-inf")), order, exact, ~limited & (top_p >= 1.0) & (min_p <= 0.0))
+
+
+def _past_nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-p's drops for probabilities (B, m) ranked in descending order: the tokens whose higher
+    ranked ones already hold >= top_p of the mass (transformers' TopPLogitsWarper, vLLM). The first
+    always stays as top_p > 0; top_p 1 drops none, whatever the float sums round to."""
+    return (top_p[:, None] < 1.0) & (probs.cumsum(dim=-1) - probs >= top_p[:, None])
 
 
 def _filter_sorted(logits: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -196,7 +209,7 @@ def _filter_sorted(logits: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor, m
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     drop = sorted_logits < sorted_logits.gather(1, (k - 1)[:, None])
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    drop |= probs.cumsum(dim=-1) - probs > top_p[:, None]
+    drop |= _past_nucleus(probs, top_p)
     drop |= probs < min_p[:, None] * probs[:, :1]
     return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
 
