@@ -51,3 +51,11 @@ def test_parallel_pairs_are_not_token_shards(trained_run, tmp_path):
     prepare_parallel(tmp_path / "s", tmp_path / "t", trained_run.checkpoint, tmp_path / "pairs", val_fraction=0.5)
     with pytest.raises(UserError, match=r"pairs holds parallel pairs .*token shards"):
         evaluate_lm(trained_run.out, tmp_path / "pairs", device="cpu")
+
+
+@pytest.mark.parametrize("max_tokens", [-5, 0, 1])
+def test_max_tokens_below_two_is_refused(trained_run, tmp_path, max_tokens):
+    # Seen in review: max_tokens=-5 returned negative bytes and bits per byte.
+    (tmp_path / "t.txt").write_text("KING HENRY:\nWhat say you, my lord?\n")
+    with pytest.raises(UserError, match=rf"max_tokens must be >= 2 .*, got {max_tokens}"):
+        evaluate_lm(trained_run.out, [tmp_path / "t.txt"], device="cpu", max_tokens=max_tokens)

@@ -244,16 +244,69 @@ def test_read_runs_schema_and_missing_file(tmp_path):
     assert (full.params_no_embed, full.flops, full.budget) == (600, 3e8, 2.4e8)
 
 
-def test_approach3_that_runs_off_to_infinity_is_one_clear_error(monkeypatch):
+@pytest.mark.parametrize("x", [[1.0, 900.0, 2.0, 0.3, 0.3], [1.0, 10.0, 2.0, 1e-3, 1e-3]], ids=["log A", "G"])
+def test_approach3_that_runs_off_to_infinity_is_one_clear_error(monkeypatch, x):
     # Seen on a CPU isoFLOP study whose larger models saw too few tokens: in some bootstrap resamples
-    # L-BFGS drove a coefficient's log past exp's range. That must be a UserError (bootstrap counts
-    # it as a failed resample), never an OverflowError. The optimiser's answer is forced here, so the
-    # test does not hang on one scipy version's path to infinity.
+    # L-BFGS drove a coefficient's log past exp's range (or alpha + beta to ~0, where G overflows).
+    # That must be a UserError (bootstrap counts it as a failed resample), never an OverflowError. The
+    # optimiser's answer is forced here, so the test does not hang on one scipy version's path to infinity.
     import scipy.optimize
     from types import SimpleNamespace
 
-    monkeypatch.setattr(scipy.optimize, "minimize", lambda *a, **k: SimpleNamespace(x=[1.0, 900.0, 2.0, 0.3, 0.3], fun=0.0))
+    monkeypatch.setattr(scipy.optimize, "minimize", lambda *a, **k: SimpleNamespace(x=x, fun=0.0))
     rng = np.random.default_rng(0)
     runs = [Run(params=float(n), tokens=float(d), loss=noisy(rng, TRUE.loss(n, d))) for n in (1e6, 4e6, 1.6e7) for d in (1e8, 4e8, 1.6e9)]
     with pytest.raises(UserError, match="approach 3 diverged"):
         approach3(runs)
+
+
+def _flat_budget(C, losses=(3.0, 2.9, 2.8001)):
+    """An isoFLOP profile whose loss falls almost linearly in log N: its parabola's vertex is astronomically far."""
+    return [Run(params=N, tokens=C / (6 * N), loss=loss, budget=C) for N, loss in zip((1e7, 1e8, 1e9), losses)]
+
+
+def test_approach2_skips_a_budget_whose_minimum_lies_far_outside_its_sizes():
+    # Seen in review: p2 ~ 1e-6 put the vertex at N ~ e^10000, exp overflowed and fit.json held
+    # params_opt: Infinity, a: NaN. That budget is skipped; the others still give the law.
+    runs = isoflop_runs() + _flat_budget(1e22)
+    out = approach2(runs)
+    assert len(out["budgets"]) == 5 and out["a"] == pytest.approx(TRUE.a, rel=0.03)
+    assert len(out["skipped_budgets"]) == 1 and "C=1e+22: minimum at N = " in out["skipped_budgets"][0]
+    assert "more than a decade outside the sizes tried" in out["skipped_budgets"][0]
+    assert all(math.isfinite(v) for b in out["budgets"] for v in (b["params_opt"], b["tokens_opt"]))
+    # With only one usable budget left, one clear error instead of NaN.
+    good = [Run(params=N, tokens=1e18 / (6 * N), loss=loss, budget=1e18) for N, loss in ((1e7, 3.2), (1e8, 3.0), (1e9, 3.1))]
+    with pytest.raises(UserError, match=r"approach 2 needs isoFLOP profiles .* found 1 \(skipped C=1e\+19: minimum at N = "):
+        approach2(good + _flat_budget(1e19, (3.0, 2.9, 2.8001)))
+    # Two budgets 0.1% apart whose optima differ ~2x: N_opt ~ C^-768, and exp(log k_N) overflowed.
+    close = [Run(params=N, tokens=1.001e18 / (6 * N), loss=loss, budget=1.001e18) for N, loss in ((1e7, 3.1), (1e8, 3.0), (1e9, 3.2))]
+    with pytest.raises(UserError, match=r"approach 2's optima do not follow a power law in C \(N_opt ~ C\^-768\)"):
+        approach2(good + close)
+
+
+def test_bootstrap_that_mostly_fails_reports_no_interval(tmp_path, capsys):
+    # 4 sizes: most resamples lose a size and approach 1 cannot refit them; the few survivors all
+    # agree, which once printed a zero-width "95%" interval.
+    runs = curve_runs()[::3]
+    boot = bootstrap(runs, approach1, n=40, seed=0)
+    assert "intervals" not in boot and boot["failed"] > 4 and boot["resamples"] + boot["failed"] == 40
+    assert boot["unavailable"].startswith(f"{boot['failed']} of 40 resamples could not be refitted (")
+    from lmforge.cli.main import main
+
+    write_results(tmp_path, runs)
+    assert main(["scaling", "fit", str(tmp_path), "--approaches", "approach1", "--bootstrap", "40"]) == 0
+    line = [s for s in capsys.readouterr().out.splitlines() if s.startswith("approach1:")][0]
+    assert "[" not in line and "no 95% interval:" in line and "of 40 resamples could not be refitted" in line
+
+
+def test_kaplan_compute_counts_non_embedding_parameters():
+    # Kaplan et al. 2020, sec. 2.1: C = 6 N D with N the non-embedding count. Losses that follow
+    # L(C) = (C_c / C)^0.050 in that C exactly; `flops` (every parameter, what sweep writes) would
+    # give another exponent, since the embedding share shrinks with size.
+    runs = []
+    for n in np.geomspace(1e5, 1e8, 4):
+        for D in np.geomspace(1e8, 1e11, 4):
+            runs.append(Run(params=n + 6.4e6, params_no_embed=n, tokens=D, loss=(2.68e28 / (6 * n * D)) ** 0.050))
+    out = kaplan(runs)
+    assert out["exponents"]["alpha_C"] == pytest.approx(0.050, rel=1e-9)
+    assert out["L(C)"]["scale"] == pytest.approx(2.68e28, rel=1e-6)

@@ -66,3 +66,12 @@ def test_load_law_bad_input(tmp_path):
         load_law(bad)
     with pytest.raises(UserError, match="alpha=-0.1 must be > 0"):
         ParametricLaw(E=1.0, A=1.0, B=1.0, alpha=-0.1, beta=0.3)
+
+
+def test_a_negative_irreducible_loss_is_refused(tmp_path):
+    # Seen in review: a fit.json with E = -5 planned a predicted loss of -4.25 nats/token.
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps({"approach3": {"law": {"E": -5, "A": 400, "B": 410, "alpha": 0.3, "beta": 0.3}}}))
+    with pytest.raises(UserError, match=r"E=-5 must be >= 0: it is the loss of an ideal model"):
+        load_law(path)
+    assert ParametricLaw(E=0.0, A=1.0, B=1.0, alpha=0.3, beta=0.3).loss(1.0, 1.0) == 2.0

@@ -1,9 +1,10 @@
 import json
+import math
 import re
 
 import pytest
 
-from lmforge.scaling import BESIROGLU, CHINCHILLA, plan
+from lmforge.scaling import BESIROGLU, CHINCHILLA, ParametricLaw, plan
 from lmforge.utils.errors import UserError
 
 
@@ -74,3 +75,29 @@ def test_too_small_for_any_model_names_a_size_that_is_enough(what, value):
 def test_bad_input(kwargs, message):
     with pytest.raises(UserError, match=message):
         plan(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"params": 1e150}, r"--params 1e\+150 under chinchilla gives a run beyond floating-point range"),
+        ({"tokens": 1e200}, r"--tokens 1e\+200 under chinchilla gives a run beyond floating-point range"),
+        ({"flops": 1e21, "law": ParametricLaw(E=1.7, A=1e308, B=410.0, alpha=1e-4, beta=0.3)},
+         r"scaling law 'custom' has no usable optimum: G = \(alpha A / \(beta B\)\)\^\(1 / \(alpha \+ beta\)\) "
+         r"is beyond floating-point range"),
+    ],
+    ids=["params", "tokens", "huge-A"],
+)
+def test_a_plan_beyond_float_range_is_one_clear_error(kwargs, message):
+    # Seen in review: OverflowError tracebacks from float ** in the closed forms.
+    with pytest.raises(UserError, match=message):
+        plan(**kwargs)
+
+
+def test_the_optimum_is_computed_in_log_space():
+    # alpha A alone overflows a float here (2e308), G = (alpha A / (beta B))^(1 / (alpha + beta)) does not.
+    law = ParametricLaw(E=1.7, A=1e308, B=410.0, alpha=2.0, beta=0.3)
+    out = plan(flops=1e21, law=law)
+    log_g = (math.log(2.0) + math.log(1e308) - math.log(0.3) - math.log(410.0)) / 2.3
+    assert out["params"] == pytest.approx(math.exp(log_g + 0.3 / 2.3 * math.log(1e21 / 6)), rel=1e-12)
+    assert out["flops"] == pytest.approx(1e21, rel=1e-12) and math.isfinite(out["loss"])

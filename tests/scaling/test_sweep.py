@@ -199,3 +199,25 @@ def test_a_sweep_interrupted_mid_run_resumes_from_its_checkpoint(tmp_path, data_
     # The same weights as a run that was never interrupted (every batch is a function of its step).
     reference = sweep(tmp_path / "g.yaml", data_dir, tmp_path / "uninterrupted", log=lambda *a: None, progress=False)
     assert rows[0]["loss"] == reference[0]["loss"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"params":1e6,"tokens":1e8,"loss":3.0}\n',
+         r"results.jsonl:1: this row has no 'name', so `lmforge scaling sweep` did not write it"),
+        ('{"name": "L2-d32-D4.1e03", "params":1e6,"tokens":1e8,"loss":3.0\n',
+         r"results.jsonl:1: not valid JSON .*; fix or delete that line"),
+        ('\n{"name": "L2-d32-D4.1e03", "params":1e6,"tokens":-1e8,"loss":3.0}\n',
+         r"results.jsonl:2: 'tokens' must be > 0"),
+    ],
+    ids=["no name", "malformed", "bad value"],
+)
+def test_an_existing_results_file_it_cannot_resume_from_is_one_clear_error(tmp_path, content, message):
+    # Seen in review: KeyError 'name' and a raw JSONDecodeError. Refused before anything trains.
+    (tmp_path / "g.yaml").write_text(GRID)
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "results.jsonl").write_text(content)
+    with pytest.raises(UserError, match=message):
+        sweep(tmp_path / "g.yaml", tmp_path / "no-data", tmp_path / "study", log=lambda *a: None, progress=False)
+    assert not (tmp_path / "study" / "runs").exists()

@@ -171,12 +171,14 @@ def scaling_fit_cmd(args: Namespace) -> dict[str, Any]:
         if "skipped" in section:
             say(f"{name}: skipped ({section['skipped']})")
             continue
-        intervals = section.get("bootstrap", {}).get("intervals", {})
+        boot = section.get("bootstrap", {})
+        intervals = boot.get("intervals", {})
         parts = []
         for key, value in section["exponents"].items():
             lo_hi = intervals.get(key)
             parts.append(f"{key} = {value:.4g}" + (f" [{lo_hi[0]:.4g}, {lo_hi[1]:.4g}]" if lo_hi else ""))
-        say(f"{name}: " + ", ".join(parts))
+        why = boot.get("unavailable") or boot.get("skipped")  # no bracket then: an interval it is not
+        say(f"{name}: " + ", ".join(parts) + (f" (no {args.level:.0%} interval: {why})" if why else ""))
     for path in result.get("plots", []):
         say(f"plot: {path}")
     say(f"wrote {args.directory}/fit.json")

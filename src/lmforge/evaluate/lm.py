@@ -35,6 +35,9 @@ def evaluate_lm(
     """
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}; pass e.g. --batch-size 8")
+    if max_tokens is not None and max_tokens < 2:  # else a negative count slices off the end: bytes < 0
+        raise UserError(f"max_tokens must be >= 2 (one token to predict and one before it), got {max_tokens}; "
+                        "leave it unset to evaluate the whole text")
     dev = resolve_device(device)
     amp = autocast_dtype(dev, dtype)
     model, ckpt = load_model(checkpoint, dev)

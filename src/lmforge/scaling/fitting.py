@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.scaling.laws import ParametricLaw
-from lmforge.scaling.runs import RESULTS, Run, isoflop_profiles, lower_envelope, read_runs
+from lmforge.scaling.runs import RESULTS, Run, frontier, isoflop_profiles, lower_envelope, read_runs
 from lmforge.utils.errors import UserError
 from lmforge.utils.fs import atomic_write_json
 
@@ -70,8 +70,9 @@ def kaplan(runs: Sequence[Run]) -> dict[str, Any]:
     Kaplan fits L(N) to models trained to convergence, L(D) to the largest model stopped early and
     L(C) to the compute-efficient frontier. From a finite table the closest stand-ins are: the lowest
     loss each model size (non-embedding N) reached; the lowest loss any run reached by D tokens; the
-    lowest loss any run reached by C FLOPs. Curves count where present. C is each run's `flops`, in
-    FLOPs rather than Kaplan's PF-days (C_c is in FLOPs too).
+    lowest loss any run reached by C FLOPs. Curves count where present. C is Kaplan's own 6 N D with
+    non-embedding N (section 2.1), not the run's `flops` (every parameter, or measured), in FLOPs rather
+    than Kaplan's PF-days (C_c is in FLOPs too).
     """
     best_by_size: dict[float, float] = {}
     for r in runs:
@@ -81,7 +82,7 @@ def kaplan(runs: Sequence[Run]) -> dict[str, Any]:
     series = {
         "L(N)": (np.array(list(best_by_size)), np.array(list(best_by_size.values())), "N", "model sizes"),
         "L(D)": (*lower_envelope(pts[:, 0], pts[:, 2]), "D", "points on the data frontier"),
-        "L(C)": (*lower_envelope(pts[:, 1], pts[:, 2]), "C", "points on the compute frontier"),
+        "L(C)": (*frontier(runs, non_embedding=True), "C", "points on the compute frontier"),
     }
     out: dict[str, Any] = {}
     for label, (x, y, what, desc) in series.items():
@@ -138,13 +139,21 @@ def approach1(runs: Sequence[Run], n_grid: int = 1500) -> dict[str, Any]:
     }
 
 
+# How far beyond the sizes tried (in log N) approach 2 still reads a profile's minimum: one decade.
+# Hoffmann et al. 2022 (section 3.2, figure 3) fit parabolas to profiles whose minimum lies within
+# them; a vertex far outside comes from a profile that hardly curves, where p2 is mostly noise and
+# the vertex can land anywhere (e^10000 in review), so it says nothing about N_opt.
+VERTEX_REACH = math.log(10.0)
+
+
 def approach2(runs: Sequence[Run]) -> dict[str, Any]:
     """Hoffmann et al. 2022, approach 2 (section 3.2): a parabola through each isoFLOP profile.
 
     Per budget C, loss = p2 x^2 + p1 x + p0 with x = log N; its vertex is N_opt(C). D_opt(C) is read off
     the same profile (log D is fitted as a line in log N and taken at the vertex; with C = 6 N D that is
     C / (6 N_opt)). Then N_opt = k_N C^a and D_opt = k_D C^b across budgets. A profile needs >= 3 model
-    sizes and upward curvature; a vertex outside the sizes tried is kept but flagged `extrapolated`.
+    sizes and upward curvature; a vertex outside the sizes tried is kept but flagged `extrapolated`, up to
+    `VERTEX_REACH` beyond them.
     """
     budgets, skipped = [], []
     for C, members in isoflop_profiles(runs):
@@ -158,6 +167,11 @@ def approach2(runs: Sequence[Run]) -> dict[str, Any]:
             skipped.append(f"C={C:.3g}: no minimum (loss does not curve up on both sides)")
             continue
         vertex = -p1 / (2 * p2)
+        if not (math.isfinite(vertex) and x.min() - VERTEX_REACH <= vertex <= x.max() + VERTEX_REACH):
+            where = f"N = 10^{vertex / math.log(10):.1f}" if math.isfinite(vertex) else "no finite N"
+            skipped.append(f"C={C:.3g}: minimum at {where}, more than a decade outside the sizes tried "
+                           "(the loss hardly curves; add sizes on both sides of its minimum)")
+            continue
         slope, intercept = np.polyfit(x, np.log([r.tokens for r in members]), 1)
         budgets.append({
             "flops": C, "runs": len(members),
@@ -174,6 +188,11 @@ def approach2(runs: Sequence[Run]) -> dict[str, Any]:
     C = [b["flops"] for b in budgets]
     a, log_kn = _loglog_line(C, [b["params_opt"] for b in budgets])
     b, log_kd = _loglog_line(C, [b["tokens_opt"] for b in budgets])
+    if not all(math.isfinite(v) and abs(v) < _MAX_LOG for v in (a, b, log_kn, log_kd)):
+        raise UserError(
+            f"approach 2's optima do not follow a power law in C (N_opt ~ C^{a:.3g}); "
+            "add budgets further apart and sizes on both sides of each budget's minimum"
+        )
     return {
         "a": a, "b": b, "params_coef": math.exp(log_kn), "tokens_coef": math.exp(log_kd),
         "budgets": budgets, "skipped_budgets": skipped,
@@ -259,14 +278,16 @@ def approach3(runs: Sequence[Run], delta: float = 1e-3, starts: int = 4) -> dict
         key=lambda res: res.fun,
     )
     e, a, b, alpha, beta = (float(v) for v in best.x)
-    if not all(math.isfinite(v) and abs(v) < _MAX_LOG for v in (e, a, b, alpha, beta)):
+    law = None
+    if all(math.isfinite(v) and abs(v) < _MAX_LOG for v in (e, a, b, alpha, beta)):
+        law = ParametricLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta, name="approach 3")
+    if law is None or not math.isfinite(law.G):  # G overflows too when alpha + beta is near 0
         # L-BFGS ran off to infinity: these runs do not pin down the law (the loss is not falling
         # with N and D across them, e.g. too few steps for the larger models).
         raise UserError(
             "approach 3 diverged: the runs do not determine L(N, D) = E + A/N^alpha + B/D^beta "
             "(does the loss fall with both N and D?); add runs with more tokens per model"
         )
-    law = ParametricLaw(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta, name="approach 3")
     return {
         "law": law.to_dict(), "a": law.a, "b": law.b, "G": law.G,
         "huber_delta": delta, "objective": float(best.fun), "runs": len(runs),
@@ -293,6 +314,13 @@ def held_out(runs: Sequence[Run], delta: float = 1e-3) -> dict[str, Any]:
             "max_rel_error": max(errors), "mean_rel_error": sum(errors) / len(errors)}
 
 
+# The largest share of failed resamples bootstrap still makes an interval of. The survivors are the
+# resamples that happened to keep enough distinct sizes, not a random draw: past a tenth of them
+# lost, their spread understates the real one (4 sizes for approach 1: 181 of 200 failed and the
+# 19 left agreed exactly, a zero-width "95%" interval).
+MAX_FAILED = 0.1
+
+
 def bootstrap(
     runs: Sequence[Run],
     fn: Callable[[Sequence[Run]], dict[str, Any]],
@@ -306,7 +334,8 @@ def bootstrap(
 
     Each resample draws runs with replacement (within each stratum when `strata` partitions the runs,
     so an isoFLOP design keeps its budgets) and refits. A resample that cannot be fitted (too few
-    distinct sizes left, say) is counted in `failed` and not used. Hoffmann et al. 2022 (table 2) quote
+    distinct sizes left, say) is counted in `failed` and not used; when more than `MAX_FAILED` of them
+    fail there are no `intervals`, and `unavailable` says why. Hoffmann et al. 2022 (table 2) quote
     bootstrap 10th-90th percentiles, i.e. level=0.8; 0.95 is the default here. `progress` shows a bar
     on stderr.
     """
@@ -324,15 +353,17 @@ def bootstrap(
             samples.append(fn(resample)["exponents"])
         except UserError as e:
             failures.append(str(e))
-    if len(samples) < 2:
-        raise UserError(
-            f"bootstrap: only {len(samples)} of {n} resamples could be fitted ({failures[0]}); "
-            "add runs so that a resample keeps enough distinct points"
-        )
+    counts = {"level": level, "resamples": len(samples), "failed": len(failures)}
+    if len(failures) > MAX_FAILED * n:  # also covers < 2 survivors, since n >= 2
+        return {
+            "unavailable": f"{len(failures)} of {n} resamples could not be refitted ({failures[0]}); "
+                           "add runs so that a resample keeps enough distinct points",
+            **counts,
+        }
     q = [50 * (1 - level), 50 * (1 + level)]
     return {
         "intervals": {k: [float(v) for v in np.percentile([s[k] for s in samples], q)] for k in samples[0]},
-        "level": level, "resamples": len(samples), "failed": len(failures),
+        **counts,
     }
 
 

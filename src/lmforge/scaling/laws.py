@@ -39,6 +39,11 @@ class ParametricLaw:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
                 raise UserError(f"scaling law {self.name!r}: {key}={value!r} is not a finite number; fix its {key}")
+        if self.E < 0:
+            raise UserError(
+                f"scaling law {self.name!r}: E={self.E:.4g} must be >= 0: it is the loss of an ideal model, the "
+                "entropy of the text, which is never negative; refit the law or fix its E"
+            )
         for key in ("A", "B", "alpha", "beta"):
             if getattr(self, key) <= 0:
                 raise UserError(
@@ -60,10 +65,18 @@ class ParametricLaw:
         """Exponent of D_opt ∝ C^b: alpha / (alpha + beta)."""
         return self.alpha / (self.alpha + self.beta)
 
+    # The closed forms below are taken in log space: float ** raises OverflowError (alpha A alone
+    # can overflow while G does not), and a result past float range comes back as inf for the
+    # caller to refuse.
+    @property
+    def log_G(self) -> float:
+        """log G, from the logs of the constants."""
+        return (math.log(self.alpha) + math.log(self.A) - math.log(self.beta) - math.log(self.B)) / (self.alpha + self.beta)
+
     @property
     def G(self) -> float:
         """G = (alpha A / (beta B))^(1 / (alpha + beta)), the scale of the optimum (Hoffmann et al. 2022, eq. 4)."""
-        return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+        return _exp(self.log_G)
 
     def optimum(self, C: float) -> tuple[float, float]:
         """(N_opt, D_opt) minimising L(N, D) subject to 6 N D = C.
@@ -71,21 +84,27 @@ class ParametricLaw:
         Closed form of Hoffmann et al. 2022, eq. 4: N_opt = G (C/6)^a, D_opt = G^-1 (C/6)^b. Setting
         dL/dN = 0 along D = C / (6N) gives alpha A / N^alpha = beta B / D^beta, which solves to it.
         """
-        x = C / 6.0
-        return self.G * x**self.a, x**self.b / self.G
+        log_x = math.log(C / 6.0)
+        return _exp(self.log_G + self.a * log_x), _exp(self.b * log_x - self.log_G)
 
     def tokens_for(self, N: float) -> float:
         """The D for which N is the compute-optimal size: invert N = G (C/6)^a, then D = (C/6) / N."""
-        x = (N / self.G) ** (1.0 / self.a)
-        return x / N
+        return _exp((math.log(N) - self.log_G) / self.a - math.log(N))
 
     def params_for(self, D: float) -> float:
         """The N for which D is the compute-optimal token count: invert D = G^-1 (C/6)^b, then N = (C/6) / D."""
-        x = (D * self.G) ** (1.0 / self.b)
-        return x / D
+        return _exp((math.log(D) + self.log_G) / self.b - math.log(D))
 
     def to_dict(self) -> dict[str, float | str]:
         return asdict(self)
+
+
+def _exp(x: float) -> float:
+    """exp(x), or inf past float range (where math.exp raises OverflowError)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 # Hoffmann et al. 2022, approach 3 (eq. 10 prints alpha 0.34, beta 0.28); the unrounded exponents are

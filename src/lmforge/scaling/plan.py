@@ -74,6 +74,11 @@ def plan(
         raise UserError(f"--mfu must be in (0, 1], got {mfu}; 0.3-0.5 is typical of large dense training runs")
     if isinstance(gpus, bool) or not isinstance(gpus, Integral) or gpus < 1:
         raise UserError(f"--gpus must be a whole number >= 1, got {gpus!r}")
+    if not math.isfinite(law.G):
+        raise UserError(
+            f"scaling law {law.name!r} has no usable optimum: G = (alpha A / (beta B))^(1 / (alpha + beta)) is "
+            f"beyond floating-point range (10^{law.log_G / math.log(10):.0f}); check its constants"
+        )
 
     if what == "flops":
         N, D = law.optimum(value)
@@ -94,8 +99,14 @@ def plan(
         )
     C = 6.0 * N * D
     gpu_hours = C / (mfu * peak) / 3600.0
+    loss = float(law.loss(N, D))
+    if not all(math.isfinite(v) and v > 0 for v in (N, D, C, gpu_hours)) or not math.isfinite(loss):
+        raise UserError(
+            f"--{what} {value:.3g} under {law.name} gives a run beyond floating-point range "
+            f"(N = {N:.3g}, D = {D:.3g}, C = {C:.3g}); use a smaller --{what}"
+        )
     return {
-        "params": N, "tokens": D, "flops": C, "loss": float(law.loss(N, D)), "tokens_per_param": D / N,
+        "params": N, "tokens": D, "flops": C, "loss": loss, "tokens_per_param": D / N,
         "gpu_hours": gpu_hours, "wall_hours": gpu_hours / gpus,
         "law": law.name, "gpu": gpu.lower(), "peak_flops": peak, "mfu": mfu, "gpus": gpus,
     }

@@ -53,10 +53,12 @@ def plot_loss_vs_compute(runs: Sequence[Run], kaplan: dict[str, Any] | None, pat
                       cmap=cmap, norm=norm, s=18, zorder=3, edgecolors="k", linewidths=0.3)
     C, L = frontier(runs)
     ax.step(C, L, where="post", color="k", linewidth=1.4, label="compute-efficient frontier")
-    if kaplan is not None:
+    if kaplan is not None:  # with the frontier it was fitted to, in Kaplan's C (non-embedding N)
         k, c_c = kaplan["L(C)"]["exponent"], kaplan["L(C)"]["scale"]
-        xs = np.geomspace(C.min(), C.max(), 100)
-        ax.plot(xs, (c_c / xs) ** k, "r--", linewidth=1.2, label=f"Kaplan L(C) = (C_c / C)^{k:.3f}")
+        C_k, L_k = frontier(runs, non_embedding=True)
+        ax.step(C_k, L_k, where="post", color="r", linewidth=0.8, alpha=0.5, label="frontier in Kaplan's C")
+        xs = np.geomspace(C_k.min(), C_k.max(), 100)
+        ax.plot(xs, (c_c / xs) ** k, "r--", linewidth=1.2, label=f"Kaplan L(C) = (C_c / C)^{k:.3f}, C = 6 N_non-emb D")
     fig.colorbar(dots, ax=ax, label="parameters N")
     _log_axes(ax, "training compute C (FLOPs)", "validation loss (nats/token)", "loss vs compute", log_y=True)
     return _save(plt, fig, path)

@@ -119,6 +119,20 @@ def parse_run(row: Any, where: str) -> Run:
     )
 
 
+def read_rows(path: str | os.PathLike) -> list[tuple[str, Any]]:
+    """("file:line", decoded JSON) for each non-blank line of a results.jsonl; a malformed line names file:line."""
+    rows = []
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rows.append((where, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg}); fix or delete that line") from None
+    return rows
+
+
 def read_runs(directory: str | os.PathLike) -> list[Run]:
     """Every run in `directory/results.jsonl`; blank lines are skipped, anything malformed names file:line."""
     directory = Path(directory)
@@ -129,16 +143,7 @@ def read_runs(directory: str | os.PathLike) -> list[Run]:
         raise UserError(
             f"{path} does not exist; write one JSON object per training run there (schema: lmforge.scaling.runs)"
         )
-    runs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg}); fix or delete that line") from None
-        runs.append(parse_run(row, where))
+    runs = [parse_run(row, where) for where, row in read_rows(path)]
     if not runs:
         raise UserError(f"{path} holds no runs; add one JSON object per finished training run")
     return runs
@@ -155,12 +160,15 @@ def lower_envelope(x: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndar
     return x[keep], loss[keep]
 
 
-def frontier(runs: Sequence[Run]) -> tuple[np.ndarray, np.ndarray]:
+def frontier(runs: Sequence[Run], non_embedding: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(compute, loss) of the compute-efficient frontier: the lowest loss any run reached by each compute.
 
     Every point of every curve counts, as in Kaplan et al. 2020, figure 1 and Hoffmann et al. 2022, figure 2.
+    Compute is each run's `flops`, or with `non_embedding` Kaplan's C = 6 N D with N the non-embedding
+    count (Kaplan et al. 2020, section 2.1).
     """
-    pts = np.array([(c, loss) for r in runs for _, c, loss in r.points()])
+    pts = np.array([(6.0 * r.params_no_embed * t if non_embedding else c, loss)
+                    for r in runs for t, c, loss in r.points()])
     return lower_envelope(pts[:, 0], pts[:, 1])
 
 

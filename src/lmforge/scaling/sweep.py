@@ -43,7 +43,7 @@ from lmforge.checkpoint import find_checkpoints
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.data import load_meta
 from lmforge.scaling.counting import flops
-from lmforge.scaling.runs import RESULTS
+from lmforge.scaling.runs import RESULTS, parse_run, read_rows
 from lmforge.train import OBJECTIVE_ARCH, Interrupted, pretrain
 from lmforge.utils.errors import UserError
 from lmforge.utils.fs import atomic_write_text
@@ -203,7 +203,17 @@ def sweep(
     out = Path(out)
     planned = plan_runs(grid, data)
     results = out / RESULTS
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
+    rows = []
+    for where, row in read_rows(results) if results.exists() else []:
+        parse_run(row, where)  # a row `fit` would refuse is refused now, not after the sweep has trained
+        if not isinstance(row.get("name"), str):
+            # Refused rather than skipped: the sweep cannot tell which planned run such a row is, so it
+            # would train that run again, and a foreign row would slip into the study's fits unseen.
+            raise UserError(
+                f"{where}: this row has no 'name', so `lmforge scaling sweep` did not write it and cannot tell "
+                f"which planned run it is; move it out of {results}, or sweep into a new directory"
+            )
+        rows.append(row)
     done = {row["name"] for row in rows}
     try:
         base = TrainConfig(**{**grid.train, "max_steps": 1})  # validates the train keys once, up front
