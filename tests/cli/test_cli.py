@@ -137,6 +137,8 @@ def test_scaling_plan_and_fit(capsys, tmp_path):
     result = json.loads(out.splitlines()[-1])
     assert code == 0 and {"params", "tokens", "flops", "loss", "tokens_per_param", "gpu_hours"} <= set(result)
     fails_with(capsys, "too small for any model", "scaling", "plan", "--flops", "1e6")
+    code, out, _ = run(capsys, "scaling", "plan", "--flops", "1e300")  # amounts past a trillion in powers of ten
+    assert code == 0 and "GPU-hours" in out and max(len(w) for w in out.split()) < 20, out
 
     # A study generated from a known law: the fit finds its exponents again.
     import numpy as np

@@ -190,12 +190,17 @@ def scaling_plan_cmd(args: Namespace) -> dict[str, Any]:
                   gpus=args.gpus)
     _say(args)(
         f"{result['law']}: N = {result['params']:.3g} parameters, D = {result['tokens']:.3g} tokens "
-        f"({result['tokens_per_param']:.1f} tokens/parameter), C = {result['flops']:.3g} FLOPs, "
+        f"({_amount(result['tokens_per_param'], 1)} tokens/parameter), C = {result['flops']:.3g} FLOPs, "
         f"predicted loss {result['loss']:.3f}\n"
-        f"{result['gpu_hours']:,.0f} {result['gpu']} GPU-hours at MFU {result['mfu']}"
-        f" ({result['wall_hours']:,.1f} h on {result['gpus']} GPU{'s' if result['gpus'] > 1 else ''})"
+        f"{_amount(result['gpu_hours'], 0)} {result['gpu']} GPU-hours at MFU {result['mfu']}"
+        f" ({_amount(result['wall_hours'], 1)} h on {result['gpus']} GPU{'s' if result['gpus'] > 1 else ''})"
     )
     return result
+
+
+def _amount(x: float, decimals: int) -> str:
+    """`x` with thousands separators, or in powers of ten past a trillion (not hundreds of digits)."""
+    return f"{x:,.{decimals}f}" if x < 1e12 else f"{x:.3g}"
 
 
 def _importer(convert: Callable[..., Any]) -> Callable[[Namespace], dict[str, Any]]:
