@@ -1,10 +1,11 @@
 import gzip
+import json
 
 import numpy as np
 import pytest
 
-from lmforge.data import prepare_parallel, read_parallel
-from lmforge.data.parallel import ParallelPairs
+from lmforge.data import load_meta, prepare_parallel, read_parallel
+from lmforge.data.parallel import ParallelPairs, load_parallel_meta
 from lmforge.model.losses import IGNORE_INDEX as IGNORE
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
@@ -73,3 +74,27 @@ def test_prepare_parallel_replaces_only_its_own_earlier_output(tmp_path, tokeniz
     with pytest.raises(UserError, match="holds run, which `lmforge prepare` did not write"):
         prepare_parallel(tmp_path / "s", tmp_path / "t", tokenizer_dir, tmp_path / "data", val_fraction=0)
     assert (tmp_path / "data" / "run" / "metrics.jsonl").exists()
+
+
+def test_damaged_parallel_data_is_one_line_naming_the_file(tmp_path, tokenizer_dir):
+    """A pairs file cut short (a full disk, a partial copy), or a meta.json that is not a JSON object."""
+    (tmp_path / "s").write_text("to be\nor not to be\nthat is\n")
+    (tmp_path / "t").write_text("sein\noder nicht sein\ndas ist\n")
+    prepare_parallel(tmp_path / "s", tmp_path / "t", tokenizer_dir, tmp_path / "data", val_fraction=0)
+    tok = Tokenizer.load(tmp_path / "data")
+    pairs = tmp_path / "data" / "train.pairs.jsonl"
+    text = pairs.read_text()
+    pairs.write_text(text[: len(text) - 8])
+    with pytest.raises(UserError, match=r"train.pairs.jsonl:3 is not a pair of token lists \(.*\); the file is damaged, re-run"):
+        ParallelPairs.open(tmp_path / "data", "train", tok, max_len=32)
+    pairs.write_text(text.replace('"tgt"', '"TGT"', 1))
+    with pytest.raises(UserError, match=r"train.pairs.jsonl:1 is not a pair of token lists \(no src and tgt token lists\)"):
+        ParallelPairs.open(tmp_path / "data", "train", tok, max_len=32)
+    meta = tmp_path / "data" / "meta.json"
+    meta.write_text("[]")
+    with pytest.raises(UserError, match=r"meta.json holds a JSON list, not a data description"):
+        load_meta(tmp_path / "data")
+    assert load_parallel_meta(tmp_path / "data") is None  # then load_meta, which says what is wrong
+    meta.write_text(json.dumps({"format": 1, "kind": "parallel", "vocab_size": 512, "splits": {"train": {"pairs": 3}}}))
+    with pytest.raises(UserError, match=r"meta.json is damaged \(the train split has no src_tokens count\)"):
+        load_parallel_meta(tmp_path / "data")

@@ -257,6 +257,28 @@ def test_open_split_errors(tmp_path, tok_dir):
         open_split(tmp_path / "out", "train")
 
 
+@pytest.mark.parametrize("damage,message", [
+    (lambda m: [], r"meta.json holds a JSON list, not a data description"),
+    (lambda m: m.pop("splits"), r"meta.json is damaged \(no splits\)"),
+    (lambda m: m["splits"].pop("val"), r"meta.json is damaged \(no val split\)"),
+    (lambda m: m["splits"]["train"].pop("tokens"), r"meta.json is damaged \(the train split has no tokens count\)"),
+    (lambda m: m["splits"]["train"]["shards"].append({"file": "../x.bin", "tokens": 1}), r"train split's shard list is malformed"),
+    (lambda m: m.update(dtype="uint77"), r"meta.json is damaged \(dtype 'uint77' is not an unsigned integer type"),
+    (lambda m: m.update(dtype="float32"), r"dtype 'float32' is not an unsigned integer type"),
+])
+def test_a_damaged_meta_is_one_line_naming_it(tmp_path, tok_dir, damage, message):
+    """What readers of meta.json index without checking (pretrain, objectives, open_split) is checked on load."""
+    (tmp_path / "a.txt").write_text("hello\nworld\n" * 200)
+    prepare([tmp_path / "a.txt"], tok_dir, tmp_path / "out", progress=False)
+    path = tmp_path / "out" / "meta.json"
+    meta = json.loads(path.read_text())
+    replaced = damage(meta)  # edits meta in place, or returns what replaces it
+    meta = replaced if isinstance(replaced, list) else meta
+    path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=message + r".*re-run `lmforge prepare ... --out"):
+        load_meta(tmp_path / "out")
+
+
 def safe_positions(text):
     """Every position where a chunk may start, straight from the definition."""
     return [

@@ -143,7 +143,18 @@ def load_optimizer_state(ckpt: Checkpoint) -> dict[str, Any]:
         tensors = load_file(str(ckpt.path / "optimizer.safetensors"))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{ckpt.path / 'optimizer.safetensors'} is unreadable ({_first_line(e)}); resume from another step") from None
-    return _join_tensors(ckpt.trainer_state["optimizer"], tensors)
+    try:
+        state = _join_tensors(ckpt.trainer_state["optimizer"], tensors)
+    except KeyError as e:
+        raise UserError(f"{ckpt.path / 'optimizer.safetensors'} lacks the tensor {e.args[0]!r} that trainer_state.json "
+                        f"names; {_CKPT_FIX}") from None
+    except (TypeError, ValueError) as e:  # a "__dict__" entry that is not a list of [key, value] pairs
+        raise UserError(f"{ckpt.path / 'trainer_state.json'} has a damaged optimizer entry ({_first_line(e)}); {_CKPT_FIX}") from None
+    # What torch's load_state_dict indexes without checking: the rest it checks itself.
+    for key, kind in (("state", dict), ("param_groups", list)):
+        if not isinstance(state, dict) or not isinstance(state.get(key), kind):
+            raise UserError(f"{ckpt.path / 'trainer_state.json'} has a damaged optimizer entry (no {key}); {_CKPT_FIX}")
+    return state
 
 
 def _split_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:

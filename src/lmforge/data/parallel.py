@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lmforge.data.corpus import open_bytes, reading
-from lmforge.data.prepare import check_data_out
+from lmforge.data.prepare import check_data_out, load_meta
 from lmforge.model.losses import IGNORE_INDEX
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
@@ -123,8 +123,21 @@ class ParallelPairs:
         path = Path(data_dir) / f"{split}.pairs.jsonl"
         if not path.is_file():
             raise UserError(f"{path} is missing; prepare parallel data with `lmforge prepare SRC --target TGT ...`")
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return cls([(r["src"], r["tgt"]) for r in rows], tokenizer, max_len)
+        pairs = []
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                row, why = None, str(e)
+            else:
+                why = "no src and tgt token lists"
+            if not (isinstance(row, dict) and isinstance(row.get("src"), list) and isinstance(row.get("tgt"), list)):
+                raise UserError(f"{path}:{number} is not a pair of token lists ({why}); the file is damaged, re-run "
+                                f"`lmforge prepare SRC --target TGT --out {data_dir}`")
+            pairs.append((row["src"], row["tgt"]))
+        return cls(pairs, tokenizer, max_len)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -159,4 +172,6 @@ def load_parallel_meta(data_dir: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     meta = read_json(path, "run `lmforge prepare` again to rewrite the data directory")
-    return meta if meta.get("kind") == "parallel" else None
+    if not isinstance(meta, dict) or meta.get("kind") != "parallel":
+        return None
+    return load_meta(data_dir)  # checks the format, and what readers of the meta index without checking

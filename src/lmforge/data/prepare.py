@@ -287,13 +287,55 @@ def load_meta(data_dir: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is unreadable ({e}); re-run `lmforge prepare ... --out {data_dir}`") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} holds a JSON {type(meta).__name__}, not a data description; "
+                        f"re-run `lmforge prepare ... --out {data_dir}`")
+    if meta.get("format") != FORMAT:
         raise UserError(
-            f"{path} has data format {found!r}, this lmforge reads format {FORMAT}; "
+            f"{path} has data format {meta.get('format')!r}, this lmforge reads format {FORMAT}; "
             f"re-run `lmforge prepare ... --out {data_dir}`"
         )
+    problem = _meta_problem(meta)
+    if problem:
+        raise UserError(f"{path} is damaged ({problem}); re-run `lmforge prepare ... --out {data_dir}`")
     return meta
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What a meta.json lacks of what its readers index without checking; None when it is whole.
+
+    Both kinds of data directory: token shards, and parallel pairs (`lmforge.data.parallel`).
+    """
+    def count(x: Any) -> bool:
+        return type(x) is int and x >= 0
+
+    if not count(meta.get("vocab_size")):
+        return "no vocab_size"
+    splits = meta.get("splits")
+    if not isinstance(splits, dict):
+        return "no splits"
+    parallel = meta.get("kind") == "parallel"
+    for name in SPLITS:  # prepare writes both, an empty val included
+        split = splits.get(name)
+        if not isinstance(split, dict):
+            return f"no {name} split"
+        for key in ("pairs", "src_tokens", "tgt_tokens") if parallel else ("tokens", "bytes"):
+            if not count(split.get(key)):
+                return f"the {name} split has no {key} count"
+        shards = [] if parallel else split.get("shards")
+        if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("file"), str) and Path(s["file"]).name == s["file"]
+            and count(s.get("tokens")) for s in shards
+        ):
+            return f"the {name} split's shard list is malformed"
+    if not parallel:
+        try:
+            unsigned = np.dtype(meta.get("dtype")).kind == "u"
+        except (TypeError, ValueError):  # not a dtype at all
+            unsigned = False
+        if not unsigned:
+            return f"dtype {meta.get('dtype')!r} is not an unsigned integer type such as uint16"
+    return None
 
 
 def open_split(data_dir: str | Path, split: str) -> list[np.memmap]:

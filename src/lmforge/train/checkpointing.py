@@ -11,19 +11,30 @@ mid-write leaves only complete step directories behind):
   `dcp/` and lets DCP reshard it; `model.safetensors` is what `lmforge.checkpoint.load_model`, and
   every stage after training, reads. Gathering the weights costs one full copy on rank 0 per save;
   the optimizer state, twice the model's size, stays sharded.
+
+`dcp/` holds pickles (its `.metadata`, and the optimizer's non-tensor values), so it is read with
+an unpickler that builds only the classes DCP's metadata is made of and `torch.load(weights_only=True)`:
+resuming a checkpoint never runs code from it (DESIGN.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,8 +44,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lmforge.checkpoint import Checkpoint, find_checkpoints, load_checkpoint, load_model, save_checkpoint
-from lmforge.checkpoint.store import load_optimizer_state
-from lmforge.config import ModelConfig
+from lmforge.checkpoint.store import _CKPT_FIX, _first_line, load_optimizer_state
+from lmforge.config import ModelConfig, TrainConfig
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import World, barrier, broadcast_object
@@ -48,8 +59,9 @@ class Checkpointer:
         self.run_dir, self.keep, self.world = run_dir, keep, world
         self._gathered: Transformer | None = None  # rank 0's full copy for model.safetensors
 
-    def resume_point(self, resume: bool, model_config: ModelConfig) -> Checkpoint | None:
-        """The checkpoint to continue from (None for a new run); refuses to mix two runs in one directory."""
+    def resume_point(self, resume: bool, model_config: ModelConfig, tokenizer: Tokenizer, train: TrainConfig) -> Checkpoint | None:
+        """The checkpoint to continue from (None for a new run); refuses to mix two runs in one directory,
+        or to continue a run on another model, tokenizer or optimizer than the one it was trained with."""
         existing = find_checkpoints(self.run_dir)
         if not resume:
             if existing:
@@ -60,14 +72,27 @@ class Checkpointer:
         if not existing:
             raise UserError(f"--resume given but {self.run_dir} holds no checkpoint; drop --resume to start a new run")
         ckpt = load_checkpoint(existing[-1])
-        if ckpt.trainer_state is None or "step" not in ckpt.trainer_state:
+        if not isinstance(ckpt.trainer_state, dict) or "step" not in ckpt.trainer_state:
             raise UserError(f"{ckpt.path} has no trainer state (trainer_state.json), so a run cannot resume from it; "
                             "drop --resume and choose another --out")
+        step = ckpt.trainer_state["step"]
+        if type(step) is not int or step < 0:  # bool is an int subclass, and no step is True
+            raise UserError(f"{ckpt.path / 'trainer_state.json'} holds step {step!r}, not a step number; {_CKPT_FIX}")
         if ckpt.model_config != model_config:
             saved, given = ckpt.model_config.to_dict(), model_config.to_dict()
             diff = ", ".join(f"{k} {given[k]!r} (saved: {saved[k]!r})" for k in saved if saved[k] != given.get(k))
             raise UserError(f"the model config differs from the one in {ckpt.path}: {diff}; "
                             "resume with the same --model settings (e.g. the same --model.preset)")
+        if ckpt.tokenizer.sha256 != tokenizer.sha256:  # the same ids would mean other text: a silent mix of two runs
+            data = ckpt.trainer_state.get("data")
+            raise UserError(f"{ckpt.path} was trained with another tokenizer (sha256 {ckpt.tokenizer.sha256[:12]}) than "
+                            f"this run's data (sha256 {tokenizer.sha256[:12]}); resume on the data it was trained on"
+                            + (f" ({data})" if isinstance(data, str) else "") + ", or start a new run in another --out")
+        saved_train = ckpt.trainer_state.get("train")
+        saved_optim = saved_train.get("optim", "adamw") if isinstance(saved_train, dict) else train.optim
+        if saved_optim != train.optim:  # another optimizer's state cannot be loaded into this one
+            raise UserError(f"{ckpt.path} was trained with --train.optim {saved_optim}, this run asks for {train.optim}; "
+                            f"resume with --train.optim {saved_optim}")
         if self.world.main:  # checkpoints whose write was killed: never complete, never read
             for tmp in self.run_dir.glob(".step-*.tmp"):
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -77,22 +102,32 @@ class Checkpointer:
     def restore(self, ckpt: Checkpoint, net: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
         """Load a checkpoint's weights and optimizer state into `net` (sharded or not) and `optimizer`."""
         if (ckpt.path / SHARDED_DIR).is_dir():
+            sharded = ckpt.path / SHARDED_DIR
             state = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, optimizer)}
-            with warnings.catch_warnings():  # one process reading a sharded checkpoint is what we mean
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(state, checkpoint_id=str(ckpt.path / SHARDED_DIR), no_dist=not self.world.distributed)
+            reader = _SafeReader(sharded)
+            try:
+                reader.read_metadata()  # alone first, for its own error rather than DCP's retry of per-rank files
+                with warnings.catch_warnings():  # one process reading a sharded checkpoint is what we mean
+                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                    dcp.load(state, storage_reader=reader, planner=_SafePlanner(), no_dist=not self.world.distributed)
+            except (Exception, CheckpointException) as e:  # CheckpointException (every rank's error) is a BaseException
+                raise UserError(f"{sharded} is unreadable ({_first_line(_root_cause(e))}); "
+                                "resume from another step (a complete step-* directory) or retrain") from None
             set_model_state_dict(net, state["model"])
-            set_optimizer_state_dict(net, optimizer, state["optim"])
+            with _optimizer_fits(ckpt):
+                set_optimizer_state_dict(net, optimizer, state["optim"])
             return
         loaded, _ = load_model(ckpt.path, device if not self.world.distributed else "cpu")
         optim_state = load_optimizer_state(ckpt)
         if not self.world.distributed:
             net.load_state_dict(loaded.state_dict())
-            optimizer.load_state_dict(optim_state)
+            with _optimizer_fits(ckpt):
+                optimizer.load_state_dict(optim_state)
             return
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(net, loaded.state_dict(), options=full)
-        set_optimizer_state_dict(net, optimizer, _keyed_by_name(net, optimizer, optim_state), options=full)
+        with _optimizer_fits(ckpt):
+            set_optimizer_state_dict(net, optimizer, _keyed_by_name(net, optimizer, optim_state), options=full)
 
     def save(
         self,
@@ -170,3 +205,72 @@ def _keyed_by_name(net: nn.Module, optimizer: torch.optim.Optimizer, state: dict
         "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in state["param_groups"]],
     }
 
+
+@contextlib.contextmanager
+def _optimizer_fits(ckpt: Checkpoint) -> Iterator[None]:
+    """Turn torch's refusal of a saved optimizer state (another group layout, a damaged entry) into one line."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"the optimizer state in {ckpt.path} does not fit this run's optimizer ({_first_line(e)}); "
+                        "resume with the --train settings the run was trained with, or from another step") from None
+
+
+# Every global a `dcp/.metadata` that torch.distributed.checkpoint writes for lmforge refers to (found by
+# recording what unpickling the metadata of DDP and FSDP2 runs, AdamW and Muon, on torch 2.11 and 2.13
+# asks for), besides torch dtypes. Anything else is refused before it is built: a pickle's globals are
+# what it can call.
+_DCP_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a tensor layout by its name (torch.strided)
+    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id: where it was written
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f".metadata refers to {module}.{name}, which DCP metadata never holds: refused, "
+                                     "nothing was run")
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """torch's reader, with the metadata unpickled by `_MetadataUnpickler` instead of `pickle.load`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise ValueError(f".metadata holds a {type(metadata).__name__}, not checkpoint metadata")
+        for info in (metadata.storage_data or {}).values():
+            name = getattr(info, "relative_path", None)  # the shard files, which must lie in dcp/ itself
+            if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+                raise ValueError(f".metadata names a shard file {name!r} outside its directory")
+        if getattr(metadata, "storage_meta", None) is None:  # as torch's own read_metadata does
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(dcp.DefaultLoadPlanner):
+    """torch's load planner, with non-tensor values (the optimizer's param-group settings) read by
+    `torch.load(weights_only=True)` instead of `weights_only=False`."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The first rank's own error inside a CheckpointException (whose text is every rank's traceback)."""
+    if isinstance(e, CheckpointException) and e.failures:
+        return next(iter(e.failures.values()))[0]
+    return e

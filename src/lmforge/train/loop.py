@@ -125,8 +125,8 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
          state: dict[str, Any] | None, val_tokens_bytes: tuple[int, int] | None, describe: str, progress: bool,
          log: Callable[[str], None], t0: float) -> RunResult:
     checkpoints = Checkpointer(out, train.keep_checkpoints, world)
-    resume_from = checkpoints.resume_point(resume, net.config)
-    start_step = int(resume_from.trainer_state["step"]) if resume_from else 0
+    resume_from = checkpoints.resume_point(resume, net.config, tokenizer, train)
+    start_step = resume_from.trainer_state["step"] if resume_from else 0  # checked to be an int
 
     amp = autocast_dtype(device, train.dtype)
     if train.threads:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lmforge.utils.errors import UserError
 from lmforge.utils.fs import atomic_write_text
 
 
@@ -38,9 +39,30 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl, less a torn last line.
+
+    `MetricsLog.log` appends, so a process killed (or a disk filled) mid-write leaves part of a row
+    at the end: that row's step comes after the last checkpoint and is logged again on resume. A bad
+    row before the last one is not what an interrupted append leaves, and is named instead.
+    """
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+             if line.strip()]
+    rows = []
+    for n, (number, line) in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            row, why = None, str(e)
+        else:
+            why = f"a {type(row).__name__}"
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        elif n < len(lines):
+            raise UserError(f"{path}:{number} is not a JSON object with a step ({why}); delete that line (or the file: "
+                            "each checkpoint keeps a copy) and resume")
+    return rows
 
 
 def plot_loss(metrics_path: Path, out_png: Path) -> Path:

@@ -1,0 +1,172 @@
+"""What `--resume` refuses, in one line and without running anything from the checkpoint: pickles in a
+sharded `dcp/` directory, another tokenizer or optimizer than the run's, damaged trainer state or
+metrics; and what it still resumes (a real `dcp/` checkpoint, a metrics log cut mid-line)."""
+
+import json
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+from conftest import tiny_train_config
+from lmforge.checkpoint import load_model
+from lmforge.checkpoint.store import load_optimizer_state
+from lmforge.data import prepare, train_tokenizer
+from lmforge.train import pretrain
+from lmforge.train.metrics import read_metrics
+from lmforge.train.optim import build_optimizer
+from lmforge.utils.errors import UserError
+
+quiet = dict(progress=False, log=lambda *a: None)
+TRAIN = dict(max_steps=4, ckpt_interval=2, eval_interval=0, log_interval=1, keep_checkpoints=5)
+
+
+@pytest.fixture(scope="module")
+def run4(data_dir, tmp_path_factory):
+    """A 4-step run with checkpoints at steps 2 and 4: resuming step 2 to 4 must give its step 4."""
+    return pretrain(data_dir, tmp_path_factory.mktemp("run4") / "run", "tiny", tiny_train_config(**TRAIN), **quiet)
+
+
+def from_step_2(run4, tmp_path) -> tuple[Path, Path]:
+    """A run directory holding a copy of run4's step-2 checkpoint, as if the run had died right after it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(run4.out / "step-000002", out / "step-000002")
+    return out, out / "step-000002"
+
+
+def resume(data_dir, out, **train):
+    return pretrain(data_dir, out, "tiny", tiny_train_config(**{**TRAIN, **train}), resume=True, **quiet)
+
+
+class Marker:
+    """Unpickling this creates `path`: proof that a pickle's code ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def write_dcp(ckpt: Path, tamper=lambda state: None) -> None:
+    """Add the `dcp/` directory that a run of several processes writes (here one process's shard:
+    the same metadata classes), holding `ckpt`'s weights and optimizer state, after `tamper(state)`."""
+    net, loaded = load_model(ckpt)
+    optimizer = build_optimizer(net, tiny_train_config(**TRAIN), torch.device("cpu"))
+    optimizer.load_state_dict(load_optimizer_state(loaded))
+    state = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, optimizer)}
+    tamper(state)
+    with warnings.catch_warnings():  # one process writing a sharded checkpoint is what we mean
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(ckpt / "dcp"), no_dist=True)
+
+
+def test_a_sharded_checkpoint_resumes_through_the_safe_reader(run4, data_dir, tmp_path):
+    out, ckpt = from_step_2(run4, tmp_path)
+    write_dcp(ckpt)
+    # Weights read from dcp/ alone: model.safetensors zeroed shows they did not come from it.
+    weights = load_file(str(ckpt / "model.safetensors"))
+    save_file({k: torch.zeros_like(v) for k, v in weights.items()}, str(ckpt / "model.safetensors"))
+    resumed = resume(data_dir, out)
+    a, b = load_file(str(run4.checkpoint / "model.safetensors")), load_file(str(resumed.checkpoint / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_pickle_in_dcp_metadata_is_refused_without_running_it(run4, data_dir, tmp_path):
+    out, ckpt = from_step_2(run4, tmp_path)
+    write_dcp(ckpt)
+    (ckpt / "dcp" / ".metadata").write_bytes(pickle.dumps(Marker(tmp_path / "ran")))
+    with pytest.raises(UserError, match=r"step-000002/dcp is unreadable \(.metadata refers to io.open, .*refused.*"
+                                        r"resume from another step"):
+        resume(data_dir, out)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_pickle_in_a_dcp_value_is_refused_without_running_it(run4, data_dir, tmp_path):
+    """Non-tensor values (the optimizer's param-group settings) are pickles too: weights_only refuses one that calls."""
+    out, ckpt = from_step_2(run4, tmp_path)
+    write_dcp(ckpt, tamper=lambda state: state["optim"]["param_groups"][0].update(lr=Marker(tmp_path / "ran")))
+    with pytest.raises(UserError, match=r"step-000002/dcp is unreadable \(.*resume from another step"):
+        resume(data_dir, out)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_truncated_dcp_metadata_is_one_line(run4, data_dir, tmp_path):
+    out, ckpt = from_step_2(run4, tmp_path)
+    write_dcp(ckpt)
+    meta = ckpt / "dcp" / ".metadata"
+    meta.write_bytes(meta.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"step-000002/dcp is unreadable \(pickle data was truncated\)"):
+        resume(data_dir, out)
+
+
+def test_resume_on_data_of_another_tokenizer_is_refused(run4, data_dir, corpus_file, tmp_path):
+    """Token 300 of another tokenizer is other text: the model would silently learn a new language."""
+    other_text = tmp_path / "other.txt"
+    other_text.write_text(corpus_file.read_text(encoding="utf-8")[60_000:], encoding="utf-8")
+    train_tokenizer([other_text], 512, tmp_path / "tok")  # the same vocab size: the model config matches
+    prepare([other_text], tmp_path / "tok", tmp_path / "data", val_fraction=0.1, progress=False)
+    out, _ = from_step_2(run4, tmp_path)
+    with pytest.raises(UserError, match=r"step-000002 was trained with another tokenizer \(sha256 \w{12}\) than this run's "
+                                        rf"data \(sha256 \w{{12}}\); resume on the data it was trained on \({data_dir}\)"):
+        resume(tmp_path / "data", out)
+
+
+def test_resume_with_another_optimizer_names_the_flag(run4, data_dir, tmp_path):
+    out, _ = from_step_2(run4, tmp_path)
+    with pytest.raises(UserError, match=r"trained with --train.optim adamw, this run asks for muon; resume with --train.optim adamw"):
+        resume(data_dir, out, optim="muon")
+
+
+def test_an_optimizer_state_that_does_not_fit_is_one_line(run4, data_dir, tmp_path):
+    """A checkpoint without the saved train config (so no up-front check) whose groups do not fit Muon's."""
+    out, ckpt = from_step_2(run4, tmp_path)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    del state["train"]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(UserError, match=r"the optimizer state in .*step-000002 does not fit this run's optimizer \(.*\); "
+                                        "resume with the --train settings"):
+        resume(data_dir, out, optim="muon")
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda s: s.update(step="eight"), r"trainer_state.json holds step 'eight', not a step number; use another checkpoint"),
+    (lambda s: s.update(step=-1), r"trainer_state.json holds step -1, not a step number"),
+    (lambda s: s.update(optimizer={"x": 1}), r"trainer_state.json has a damaged optimizer entry \(no state\)"),
+    (lambda s: s.update(optimizer=json.loads(json.dumps(s["optimizer"]).replace(".exp_avg\"", ".EXP\""))),
+     r"optimizer.safetensors lacks the tensor 'optimizer.state.0.EXP' that trainer_state.json names"),
+])
+def test_damaged_trainer_state_is_one_line_naming_the_checkpoint(run4, data_dir, tmp_path, damage, message):
+    out, ckpt = from_step_2(run4, tmp_path)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    damage(state)
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(UserError, match=r"step-000002.*" + message):
+        resume(data_dir, out)
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(run4, data_dir, tmp_path):
+    """A run killed (or out of disk) mid-append leaves half a line: the step it logged is trained again."""
+    out, _ = from_step_2(run4, tmp_path)
+    shutil.copyfile(run4.out / "step-000002" / "metrics.jsonl", out / "metrics.jsonl")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 3, "tok')
+    resume(data_dir, out)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
+def test_a_bad_metrics_line_before_the_last_is_one_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1}\n\n{"kind": "tr\n{"kind": "train", "step": 3}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl:3 is not a JSON object with a step \(.*\); delete that line"):
+        read_metrics(path)
+    path.write_text('{"kind": "train", "step": 1}\n{"kind": "tr\n')
+    assert read_metrics(path) == [{"kind": "train", "step": 1}]
