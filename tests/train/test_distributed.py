@@ -86,6 +86,22 @@ def test_muon_under_fsdp_matches_one_process(data_dir, tmp_path):
     assert_same_weights(find_checkpoints(out)[-1], single.checkpoint)
 
 
+
+@pytest.mark.slow
+def test_masked_lm_on_two_processes_matches_one(data_dir, tmp_path):
+    """Each rank's micro-batch masks its own number of tokens: the step is the mean over all of them
+    (one all-reduce of the counts), as one process with twice the accumulation computes it."""
+    shape = dict(n_layer=2, n_embd=64, n_head=4, mlp_hidden=128, context_length=64, dropout=0.1)
+    one = pretrain(data_dir, tmp_path / "one", preset("bert-base", **shape), tiny_train_config(**TRAIN, grad_accum=2),
+                   objective="mlm", **quiet)
+    two = tmp_path / "two"
+    bert = ["--model.preset", "bert-base", *(a for k, v in shape.items() for a in (f"--model.{k}", str(v)))]
+    run_torchrun("-m", "lmforge", "pretrain", "--data", str(data_dir), "--out", str(two), *bert, *ARGS[4:],
+                 "--objective", "mlm", "--train.grad_accum", "1")
+    np.testing.assert_allclose(losses(two), losses(one.out), atol=1e-5, rtol=0)
+    assert_same_weights(find_checkpoints(two)[-1], one.checkpoint)
+
+
 @pytest.mark.slow
 def test_one_process_checkpoint_resumes_on_two_with_fsdp(single, data_dir, tmp_path):
     """The single-file checkpoint (index-keyed optimizer state) is sharded onto FSDP2 parameters."""

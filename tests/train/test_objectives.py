@@ -71,3 +71,46 @@ def test_label_smoothing_shapes_the_training_loss_and_validation_stays_plain(dat
     assert net.training
     with pytest.raises(UserError, match="label_smoothing must be in"):
         tiny_train_config(label_smoothing=1.0)
+
+
+class _FixedBatches:
+    """Micro-batch m of a step is examples [m*B, (m+1)*B) of 8 with very different numbers of targets."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(5, 100, (8, 24), generator=g)
+        self.labels = self.ids.clone()
+        for row, keep in enumerate([1, 2, 20, 23, 3, 2, 15, 1]):  # target tokens per example
+            self.labels[row, : 24 - keep] = -100
+
+    def batch(self, source, batch_size, step, micro=0):
+        rows = slice(micro * batch_size, (micro + 1) * batch_size)
+        return {"input_ids": self.ids[rows], "labels": self.labels[rows]}
+
+    def val_batches(self, source, batch_size, n_batches):
+        return []
+
+    def loss(self, model, batch):
+        return lm_loss(model(batch["input_ids"]), batch["labels"])
+
+    def weight(self, batch):
+        return int((batch["labels"] != -100).sum())
+
+
+@pytest.mark.parametrize("split", [(4, 2), (2, 4), (1, 8)])
+def test_accumulation_averages_over_the_steps_predictions_not_its_micro_batches(split, tokenizer_dir, tmp_path):
+    """One step of 8 examples as 1 x 8 or in micro-batches of 4, 2 or 1: the same loss and gradient,
+    the mean over the step's 67 target tokens (a mean of micro-batch means weights 1 target as much as 23)."""
+    from lmforge.train import fit
+
+    def one_step(batch_size, grad_accum, out):
+        torch.manual_seed(0)
+        net = Transformer(preset("tiny", vocab_size=100, context_length=32, dropout=0.0))
+        cfg = tiny_train_config(max_steps=1, batch_size=batch_size, grad_accum=grad_accum, grad_clip=1e9, log_interval=1,
+                                eval_interval=0, warmup_steps=0)
+        fit(net, _FixedBatches(), Tokenizer.load(tokenizer_dir), cfg, out, None, None, tokens_per_sample=24, **quiet)
+        row = next(r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train")
+        return row["loss"], row["grad_norm"]
+
+    whole = one_step(8, 1, tmp_path / "whole")
+    assert one_step(*split, tmp_path / "split") == pytest.approx(whole, rel=1e-5)

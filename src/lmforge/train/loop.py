@@ -249,17 +249,18 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum = torch.zeros((), device=device)
-                wait = 0.0
-                for i, micro in enumerate(micros):
-                    t = time.perf_counter()
-                    batch = {k: v.to(device, non_blocking=True) for k, v in prefetch.next((step, micro)).items()}
-                    wait += time.perf_counter() - t
+                t = time.perf_counter()
+                batches = [prefetch.next((step, micro)) for micro in micros]
+                wait = time.perf_counter() - t
+                shares = _shares([objective.weight(b) for b in batches], world, device)
+                for i, (micro, batch) in enumerate(zip(micros, batches)):
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     torch.manual_seed(micro_seed(train.seed, step, micro))  # dropout: a function of (step, micro)
                     if graphed:
                         torch.compiler.cudagraph_mark_step_begin()
                     with grad_sync(step_loss, i == len(micros) - 1):  # one gradient all-reduce per step
                         with autocast(device, amp):
-                            loss = step_loss(batch) / train.grad_accum
+                            loss = step_loss(batch) * shares[i]
                         loss.backward()
                     loss_sum += loss.detach()
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, train.grad_clip) if train.grad_clip else None
@@ -344,6 +345,22 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
         data_wait_share=total_wait / total_busy if total_busy else None,
         skipped_steps=skipped,
     )
+
+
+def _shares(weights: list[int], world: World, device: torch.device) -> list[float] | list[torch.Tensor]:
+    """Each micro-batch's share of the step: its predictions (`objective.weight`) over the whole
+    step's, on every rank, so that a step's loss and gradient are the mean over its predictions
+    however they are split into micro-batches and processes. 1 / grad_accum would weight a
+    micro-batch with few targets (a short SFT reply, a short summary, a lightly masked MLM batch)
+    as much as one with many: transformers' gradient-accumulation fix (num_items_in_batch, 2024).
+    DDP and FSDP2 average the ranks' gradients, hence the factor world.size. Several processes
+    agree on the total with one small all-reduce, kept on the device (no host sync).
+    """
+    if not world.distributed:
+        total = max(sum(weights), 1)  # a step without a prediction has a NaN loss either way
+        return [w / total for w in weights]
+    total = all_reduce(torch.tensor(float(sum(weights)), dtype=torch.float64, device=device), world).clamp_(min=1)
+    return [(w * world.size / total).float() for w in weights]
 
 
 def _check_every_step(device: torch.device, train: TrainConfig) -> bool:
