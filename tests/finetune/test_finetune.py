@@ -120,6 +120,23 @@ def test_freeze_layers_and_embeddings_keep_them_fixed(trained_run, tmp_path):
     assert not torch.equal(after["layers.1.attention.qkv.weight"], before["layers.1.attention.qkv.weight"])
 
 
+
+def test_an_encoder_decoder_freezes_the_first_blocks_of_both_stacks(tmp_path_factory, tokenizer_dir, tmp_path):
+    encdec = _base(tmp_path_factory, tokenizer_dir, "frozen-t5ish", arch="encoder-decoder", position="sinusoidal")
+    src, tgt = _lines(MULTI30K / "train.en.gz", 40, tmp_path / "en.txt"), _lines(MULTI30K / "train.de.gz", 40, tmp_path / "de.txt")
+    run = finetune(encdec, "seq2seq", src, tmp_path / "mt", target=tgt, train=_cfg(max_steps=3), freeze_layers=1, **QUIET)
+    before, after = load_model(encdec)[0].state_dict(), load_model(run.checkpoint)[0].state_dict()
+    first = [k for k in before if k.startswith(("encoder_layers.0.", "layers.0."))]
+    assert any(k.startswith("encoder_layers.0.") for k in first) and all(torch.equal(after[k], before[k]) for k in first)
+    assert not torch.equal(after["encoder_layers.1.attention.qkv.weight"], before["encoder_layers.1.attention.qkv.weight"])
+
+
+def test_freezing_with_lora_is_refused(trained_run, tmp_path):
+    """LoRA keeps every base weight fixed already; --freeze-layers would silently do nothing."""
+    with pytest.raises(UserError, match="--freeze-layers and --freeze-embeddings are for a full fine-tune"):
+        finetune(trained_run.out, "classify", YELP, tmp_path / "lora", train=_cfg(max_steps=1), freeze_layers=1,
+                 lora=LoraConfig(r=4), **QUIET)
+
 def _wnut_slice(path, n_sentences):
     sentences = WNUT.read_text(encoding="utf-8").split("\n\t\n")[:n_sentences]  # WNUT ends a sentence with a line "\t"
     path.write_text("\n\t\n".join(sentences) + "\n", encoding="utf-8")

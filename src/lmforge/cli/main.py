@@ -142,7 +142,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     ft.add_class_arguments(TrainConfig, "train")
     ft.add_class_arguments(LoraConfig, "lora")
     _option(ft, "freeze_embeddings", action=_flag(), help="full fine-tune: keep the embeddings fixed")
-    _option(ft, "freeze_layers", type=int, default=0, help="full fine-tune: keep the first K blocks fixed")
+    _option(ft, "freeze_layers", type=int, default=0, help="full fine-tune: keep the first K blocks fixed (of both stacks in an encoder-decoder)")
     _option(ft, "labels", nargs="+", default=None, help="classify/tag: the label set (default: the labels in --data)")
     _option(ft, "prompt", default="{source}\n\n", help="seq2seq on a decoder: how a source becomes a prompt")
     _option(ft, "doc_stride", type=int, default=128, help="qa: overlap in tokens of the windows over a long context")

@@ -137,9 +137,15 @@ def _from_base(base: Transformer, cfg: ModelConfig, seed: int) -> Transformer:
 
 
 def _freeze(net: Transformer, embeddings: bool, layers: int) -> None:
-    """Set requires_grad for the fine-tune: LoRA trains adapters and head; else all but the frozen."""
-    if layers < 0 or layers > net.config.n_layer:
-        raise UserError(f"--freeze-layers must be in 0..{net.config.n_layer}, got {layers}")
+    """Set requires_grad for the fine-tune: LoRA trains adapters and head; else all but the frozen.
+    An encoder-decoder's first K blocks are those of both stacks: each starts from its own input."""
+    stacks = [net.layers] + ([net.encoder_layers] if hasattr(net, "encoder_layers") else [])
+    most = min(len(stack) for stack in stacks)
+    if layers < 0 or layers > most:
+        raise UserError(f"--freeze-layers must be in 0..{most}, got {layers}")
+    if net.config.lora is not None and (layers or embeddings):  # LoRA already keeps every base weight fixed
+        raise UserError("--freeze-layers and --freeze-embeddings are for a full fine-tune; LoRA already keeps the "
+                        "base weights fixed and trains only the adapters and head: drop them, or drop --lora.r")
     if net.config.lora is not None:
         # LoRA: only the adapters and the new task head learn (PEFT's modules_to_save).
         for p in net.parameters():
@@ -147,7 +153,7 @@ def _freeze(net: Transformer, embeddings: bool, layers: int) -> None:
         for p in lora_parameters(net) + (list(net.head.parameters()) if net.head is not None else []):
             p.requires_grad_(True)
     else:
-        frozen: list[torch.nn.Module] = list(net.layers[:layers])
+        frozen: list[torch.nn.Module] = [block for stack in stacks for block in stack[:layers]]
         if embeddings:
             frozen += [m for m in (net.tok_embeddings, net.pos_embeddings, net.type_embeddings, net.embed_norm) if m is not None]
         for module in frozen:
