@@ -6,13 +6,20 @@
 
 Random weights, random prompts of --prompt-len tokens, --new-tokens greedy tokens each (no
 end-of-text stop). One JSON line per measurement: {"what", "preset", "device", "dtype", "batch",
-"prompt_len", "new_tokens", "tokens_per_s", "ms_per_step", "ttft_ms", "peak_memory_gb"}; with
+"prompt_len", "new_tokens", "tokens_per_s", "ms_per_step", "ttft_ms", "peak_memory_gb", "memory"}; with
 --compare-hf a line for transformers and a last line with "ratio" = lmforge / transformers tokens/s
 and how many greedy sequences came out identical. transformers runs under the engine's setting
 (`--compile`: a static cache and torch.compile, its fastest documented setting; otherwise eager
 with its default dynamic cache) unless `--hf-mode` says otherwise. `--repeat N` times each side N times, taking
 turns (engine, transformers, engine, ...) so that a busy machine slows both alike, and reports the
 median of each; "ratios" lists the ratio of each turn.
+
+`peak_memory_gb` (GB = 1e9 bytes), on CUDA ("memory": "own_weights_plus_peak_allocated_above_start"):
+each side's own weights and buffers plus the most allocated above what was resident when its run
+started, so that the other side's model, still on the device, is not counted; the max over turns
+(the first turn holds the compilation and capture). On CPU ("memory": "process_peak_rss"): the
+process's peak RSS, which cannot be reset (the engine's first run comes before transformers' model
+is built, so the engine's number is its own and transformers' includes both).
 
 `--profile N` adds a line on where a decode step's time goes, from torch.profiler over N steps
 after the timed runs (the profiler slows the host side, so its wall time is not the speed):
@@ -53,12 +60,25 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """CUDA: the peak allocated since the last reset_peak_memory. CPU: the process's peak RSS so far
-    (it cannot be reset, so the engine runs first, before transformers' model is even built)."""
+def resident_bytes(module: torch.nn.Module) -> int:
+    """A model's weights and buffers on the device (tied tensors once)."""
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()] if t.is_cuda}
+    return sum(tensors.values())
+
+
+def memory_start(device: torch.device) -> int:
+    """Resets the peak counter; returns what is allocated now (both sides' models, on CUDA)."""
+    reset_peak_memory(device)
+    return torch.cuda.memory_allocated() if device.type == "cuda" else 0
+
+
+def peak_memory_gb(device: torch.device, own: torch.nn.Module, start: int) -> float:
+    """GB (1e9 bytes). CUDA: `own`'s weights plus the peak allocated above `start` (memory_start's),
+    which excludes the other side's model. CPU: the process's peak RSS so far (it cannot be reset,
+    so the engine runs first, before transformers' model is even built)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+        return (resident_bytes(own) + torch.cuda.max_memory_allocated() - start) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
 
 
 def build_engine(model, prompts, max_seq_len: int, compile_: bool, graphs: str) -> Engine:
@@ -71,7 +91,7 @@ def build_engine(model, prompts, max_seq_len: int, compile_: bool, graphs: str) 
 
 def run_engine(model, prompts, new_tokens, compile_: bool, device, max_seq_len: int | None = None, graphs: str = "capture") -> dict:
     B, T = prompts.shape
-    reset_peak_memory(device)
+    start = memory_start(device)
     engine = build_engine(model, prompts, max_seq_len or T + new_tokens, compile_, graphs)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     engine.generate(prompts[:, :8].tolist(), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm up
@@ -89,7 +109,7 @@ def run_engine(model, prompts, new_tokens, compile_: bool, device, max_seq_len: 
     total = time.perf_counter() - t0
     assert all(len(r.output) == new_tokens for r in reqs)
     return {"tokens": [r.output for r in reqs], "tokens_per_s": B * new_tokens / total, "ms_per_step": 1e3 * (total - ttft) / max(new_tokens - 1, 1),
-            "ttft_ms": 1e3 * ttft, "peak_memory_gb": peak_memory_gb(device)}
+            "ttft_ms": 1e3 * ttft, "peak_memory_gb": peak_memory_gb(device, model, start)}
 
 
 def profile_engine(model, prompts, steps: int, compile_: bool, device, max_seq_len: int, trace: str | None, graphs: str) -> dict:
@@ -148,16 +168,18 @@ def build_hf(model, device):
 
 
 def run_hf(hf, prompts, new_tokens, compile_: bool, device) -> dict:
-    reset_peak_memory(device)
+    start = memory_start(device)
     kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompts))
     if compile_:
         kwargs["cache_implementation"] = "static"
         if not hasattr(hf, "_bench_compiled"):
             hf.forward, hf._bench_compiled = torch.compile(hf.forward, mode="reduce-overhead" if device.type == "cuda" else "default"), True
     with torch.inference_mode():
-        hf.generate(prompts, max_new_tokens=4, min_new_tokens=4, **kwargs)
-        if compile_:
-            hf.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        # Compiled: one warm-up at the timed length. The static cache is sized for the longest
+        # generate so far, so a shorter first one (4 tokens: prompt + 4 positions) would make the
+        # timed length's cache a new shape, compiled again; the 1-token TTFT run below reuses it.
+        warm = new_tokens if compile_ else 4
+        hf.generate(prompts, max_new_tokens=warm, min_new_tokens=warm, **kwargs)
         sync(device)
         t0 = time.perf_counter()
         first = hf.generate(prompts, max_new_tokens=1, min_new_tokens=1, **kwargs)
@@ -170,7 +192,7 @@ def run_hf(hf, prompts, new_tokens, compile_: bool, device) -> dict:
     assert out.shape[1] == prompts.shape[1] + new_tokens and first.shape[1] == prompts.shape[1] + 1
     B = prompts.shape[0]
     return {"tokens": out[:, prompts.shape[1]:].tolist(), "tokens_per_s": B * new_tokens / total, "ms_per_step": 1e3 * (total - ttft) / max(new_tokens - 1, 1),
-            "ttft_ms": 1e3 * ttft, "peak_memory_gb": peak_memory_gb(device)}
+            "ttft_ms": 1e3 * ttft, "peak_memory_gb": peak_memory_gb(device, hf, start)}
 
 
 def main() -> None:
@@ -249,7 +271,7 @@ def main() -> None:
     tokens = runs[0]["tokens"]
     assert all(r["tokens"] == tokens for r in runs)
     ours = median(runs)
-    memory = "peak_allocated" if device.type == "cuda" else "process_peak_rss"
+    memory = "own_weights_plus_peak_allocated_above_start" if device.type == "cuda" else "process_peak_rss"
     print(json.dumps({"what": "lmforge engine", **base, "repeat": args.repeat, **ours,
                       "peak_memory_gb": round(runs[0]["peak_memory_gb"], 3) if device.type == "cpu" else peak(runs),
                       "memory": memory}), flush=True)

@@ -18,6 +18,9 @@ unless --fastest-lr gives the fastest recipe its own (Muon's groups follow the s
 counted; a first step's compilation is). A run stops at the first validation at or below the target.
 One line per recipe, then a line with the ratio of the times: to the target, or, when a recipe
 stopped short of it, to the lowest validation loss both reached ("requested_target_reached": false).
+SIGTERM (what `timeout` sends) stops the run in progress: its line comes out with what it measured
+up to there (its curve, the last validation's loss), marked "stopped_early", the recipes after it
+do not run, and the ratio line follows if both recipes have a validation to compare.
 
 The corpus is small: about 3M tokens at a 2048-token vocabulary, fewer at larger ones. At GPT-2's
 32 x 1024 tokens a step, one epoch is about 90 steps; pick a target that both recipes reach before
@@ -42,6 +45,7 @@ from lmforge.train.objectives import Objective, weighted_mean_loss
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.utils.device import autocast, autocast_dtype, compile_module, resolve_device
 from _data import shared_data  # bench/_data.py
+from _stop import Stopped, stop_on_sigterm  # bench/_stop.py
 
 DATA = shared_data() / "lm"
 
@@ -110,37 +114,44 @@ def run(name: str, model_cfg, train: TrainConfig, data: Path, args, device: torc
     opt = build_optimizer(net, train, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    clock, first_step, step, val_loss, curve = 0.0, None, 0, float("nan"), []
-    while step < train.max_steps:
-        t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, train)
-        batch = {k: v.to(device, non_blocking=True) for k, v in task.batch(windows, train.batch_size, step).items()}
-        with autocast(device, amp):
-            loss = loss_fn(net, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), train.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        clock += time.perf_counter() - t0
-        first_step = clock if first_step is None else first_step
-        step += 1
-        if step % args.eval_interval == 0 or step == train.max_steps:
-            val_loss = weighted_mean_loss(loss_fn, task.weight, net, val_batches, device, amp)
-            curve.append([step, round(clock, 2), round(val_loss, 4)])
-            if val_loss <= args.target_loss:
-                break
-    return {
+    clock, first_step, step, val_loss, curve, stopped = 0.0, None, 0, float("nan"), [], False
+    try:  # SIGTERM (stop_on_sigterm in main): the steps and validations done so far are reported
+        while step < train.max_steps:
+            t0 = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, train)
+            batch = {k: v.to(device, non_blocking=True) for k, v in task.batch(windows, train.batch_size, step).items()}
+            with autocast(device, amp):
+                loss = loss_fn(net, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), train.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            clock += time.perf_counter() - t0
+            first_step = clock if first_step is None else first_step
+            step += 1
+            if step % args.eval_interval == 0 or step == train.max_steps:
+                val_loss = weighted_mean_loss(loss_fn, task.weight, net, val_batches, device, amp)
+                curve.append([step, round(clock, 2), round(val_loss, 4)])
+                if val_loss <= args.target_loss:
+                    break
+    except Stopped:
+        stopped = True
+        val_loss = curve[-1][2] if curve else float("nan")  # the last validation finished
+    out = {
         "what": "time_to_loss", "recipe": name, "preset": args.preset, "device": str(device),
         "dtype": str(amp or torch.float32).replace("torch.", ""), "compile": args.compile,
         "threads": torch.get_num_threads(), "target_loss": args.target_loss, "reached": val_loss <= args.target_loss,
-        "seconds": round(clock, 2), "first_step_seconds": round(first_step, 2), "step": step,
-        "tokens": step * train.batch_size * seq_len, "val_loss": round(val_loss, 4), "params": net.num_params(),
+        "seconds": round(clock, 2), "first_step_seconds": round(first_step, 2) if first_step is not None else None, "step": step,
+        "tokens": step * train.batch_size * seq_len, "val_loss": round(val_loss, 4) if curve else None, "params": net.num_params(),
         "optim": train.optim, "lr": train.lr, "muon_lr": train.muon_lr if train.optim == "muon" else None,
         "batch_size": train.batch_size, "seq_len": seq_len, "vocab_size": model_cfg.vocab_size,
         "curve": curve,  # [step, training seconds, val loss] at every validation
     }
+    if stopped:
+        out["stopped_early"] = True
+    return out
 
 
 def main() -> None:
@@ -175,14 +186,25 @@ def main() -> None:
     device = resolve_device(args.device)
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     args.warmup_steps = max(1, args.max_steps // 20) if args.warmup_steps is None else args.warmup_steps
-    data = args.data or prepared(args.cache, args.vocab_size, args.val_fraction)
-    results = {}
-    for name, (model_cfg, train) in recipes(args.preset, args, device).items():
-        if name in args.recipes.split(","):
-            results[name] = run(name, model_cfg, train, data, args, device)
-            print(json.dumps(results[name]), flush=True)
-    if len(results) == 2:
-        print(json.dumps({"what": "time_to_loss_ratio", "preset": args.preset, "device": str(device), **ratio(results, args.target_loss)}))
+    results, current, stopped = {}, None, False
+    with stop_on_sigterm():  # SIGTERM (`timeout`): the run in progress reports what it has, the rest do not start
+        try:
+            data = args.data or prepared(args.cache, args.vocab_size, args.val_fraction)
+            for name, (model_cfg, train) in recipes(args.preset, args, device).items():
+                if name in args.recipes.split(","):
+                    current = name
+                    results[name] = run(name, model_cfg, train, data, args, device)
+                    print(json.dumps(results[name]), flush=True)
+                    if results[name].get("stopped_early"):
+                        stopped = True
+                        break
+        except Stopped:  # outside a training loop: preparing the data, building a model
+            stopped = True
+            print(json.dumps({"what": "time_to_loss", "recipe": current, "preset": args.preset, "device": str(device),
+                              "stopped_early": True, "failed": "stopped before its first training step"}), flush=True)
+    if len(results) == 2 and all(r["curve"] for r in results.values()):
+        line = {"what": "time_to_loss_ratio", "preset": args.preset, "device": str(device), **ratio(results, args.target_loss)}
+        print(json.dumps({**line, "stopped_early": True} if stopped else line), flush=True)
 
 
 def ratio(results: dict, target: float) -> dict:

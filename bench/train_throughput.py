@@ -7,16 +7,27 @@
 Each line holds tokens/s and ms per step (the median of --rounds rounds; with --compare-hf or
 --loss-check the implementations take turns round by round, so that a slow spell of a shared
 machine hits both), a step-time breakdown (data, forward+backward, optimizer; on 10 more steps with
-a device sync between the phases), MFU and peak memory (CUDA only: the implementation's weights and
-optimizer state plus the most its steps allocate on top) and the loss of the first and last step. MFU counts 6N + 12 L H Q T FLOPs per token (N
-without position embeddings) against --peak-tflops (H100 SXM bf16 dense: 989.5).
+a device sync between the phases), MFU, peak memory and the loss of the first and last step. MFU
+counts 6N + 12 L H Q T FLOPs per token (N without position embeddings) against --peak-tflops (H100
+SXM bf16 dense: 989.5).
+
+`peak_memory_gb` (CUDA only; GB = 1e9 bytes) says how in "peak_memory": "allocated": the
+implementation's weights and optimizer state plus the most its timed steps allocate on top (the
+other implementations' weights stay resident and are not counted). "reserved", for a runner that
+replays CUDA graphs (--compile-mode reduce-overhead): its activations live in the graphs' memory
+pools, which max_memory_allocated does not see while graphs replay, so the number is its weights
+plus the reserved memory that its own warm-up and timed steps added (graph pools, gradients and
+optimizer state included; an upper bound, as it counts the compilation's scratch too).
 
 --compare-hf builds transformers' model of the same shape (GPT2LMHeadModel or LlamaForCausalLM,
 from `lmforge.interop.hf.config_to_hf`), runs the same loop in the same process with torch's
 AdamW (fused on CUDA) and prints a last line with the ratio of the two rates.
 
 Batches are random tokens, or windows of prepared shards with --data (the model keeps --vocab-size
-unless the shards' tokenizer has more ids). --loss-check trains a second,
+unless the shards' tokenizer has more ids). Both come from a pool in pinned memory on CUDA, built
+before the timing, so that each step's "data" phase is the same asynchronous copy: random tokens
+cycle through 8 batches; real windows are the run's own batches, one per step (a pool of at most
+1 GiB, repeating beyond). --loss-check trains a second,
 plain copy (eager, full logits, same init, batches and dtype) for the same steps and reports the
 relative difference of the mean training loss: the fast path (compile, chunked loss, fp8) must agree.
 --fp8 runs the blocks' linear layers in float8 through torchao (`lmforge.train.float8`).
@@ -86,21 +97,23 @@ def main() -> None:
     cfg = preset(args.preset, vocab_size=args.vocab_size)
     T = args.seq_len or cfg.context_length
     train = TrainConfig(optim=args.optim, lr=6e-4, chunked_loss=args.chunked_loss)
+    # A pool of batches on the host, pinned on CUDA; each step copies one batch of it to the device
+    # (the "data" phase), asynchronously, for random and real tokens alike.
     if args.data:
         windows = TokenWindows(open_split(args.data, "train"), T, "train")
-
-        def batch(i: int) -> torch.Tensor:
-            x, y = windows.random_batch(args.batch_size, 0, i)
-            return torch.cat([x, y[:, -1:]], dim=1).to(device, non_blocking=True)
+        # Every batch a runner takes (warm-up, timed, breakdown: step i is batch i of seed 0), built now.
+        n_pool = max(1, min(args.warmup + args.steps + min(args.steps, 10), 2**30 // (args.batch_size * (T + 1) * 8)))
+        pool = torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y in
+                          (windows.random_batch(args.batch_size, 0, i) for i in range(n_pool))])
     else:
-        # A pool of random tokens on the host; each step copies one batch of it to the device (the "data" phase).
         g = torch.Generator().manual_seed(0)
-        pool = torch.randint(0, args.vocab_size, (args.batch_size * 8, T + 1), generator=g)
-        pool = pool.pin_memory() if device.type == "cuda" else pool
+        n_pool = 8
+        pool = torch.randint(0, args.vocab_size, (args.batch_size * n_pool, T + 1), generator=g)
+    pool = pool.pin_memory() if device.type == "cuda" else pool
 
-        def batch(i: int) -> torch.Tensor:  # a slice of the pinned pool: the copy runs asynchronously
-            first = i % 8 * args.batch_size
-            return pool[first: first + args.batch_size].to(device, non_blocking=True)
+    def batch(i: int) -> torch.Tensor:  # a slice of the pinned pool: the copy runs asynchronously
+        first = i % n_pool * args.batch_size
+        return pool[first: first + args.batch_size].to(device, non_blocking=True)
     common = dict(preset=args.preset, device=str(device), dtype=str(amp or torch.float32).replace("torch.", ""),
                   compile=args.compile, compile_mode=args.compile_mode if args.compile else None,
                   threads=torch.get_num_threads(), batch_size=args.batch_size, seq_len=T)
@@ -210,6 +223,7 @@ class Runner:
     def __init__(self, name: str, model: nn.Module, loss_fn: Callable, opt, graphed: bool = False) -> None:
         self.name, self.model, self.loss_fn, self.opt, self.graphed = name, model, loss_fn, opt, graphed
         self.step_i, self.losses, self.round_ms, self.phases, self.n_breakdown = 0, [], [], {}, 0
+        self.reserved_growth = 0  # CUDA: bytes of reserved memory that this runner's own steps added
         self._pending: list[torch.Tensor] = []
 
     def _step(self, batch: Callable, device, amp, sync=None) -> None:
@@ -238,31 +252,47 @@ class Runner:
 
     def warmup(self, batch, n: int, device, amp) -> None:
         self.model.train()
+        start = self._memory_start(device)  # graphed: the graphs' pools are made here, counted in reserved
         for _ in range(n):
             self._step(batch, device, amp)
         _sync(device)
         self._collect()
+        if start is not None:
+            self.reserved_growth += torch.cuda.max_memory_reserved() - start[1]
 
     def timed(self, batch, n: int, device, amp) -> None:
         _sync(device)
-        cuda = device.type == "cuda"
-        if cuda:  # other implementations' weights stay resident: count only what this round adds to them
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+        start = self._memory_start(device)  # other implementations' weights stay resident: count only what this round adds
         t0 = time.perf_counter()
         for _ in range(n):
             self._step(batch, device, amp)
         _sync(device)
         self.round_ms.append((time.perf_counter() - t0) / n * 1e3)
         self._collect()
-        if cuda:
-            extra = torch.cuda.max_memory_allocated() - base
-            self.peak_gb = max(getattr(self, "peak_gb", 0.0), (self._resident_bytes() + extra) / 2**30)
+        if start is not None:
+            self.reserved_growth += torch.cuda.max_memory_reserved() - start[1]
+            if self.graphed:  # activations in CUDA graph pools: invisible to max_memory_allocated on replay
+                self.peak_memory = "reserved"
+                peak = self._resident_bytes(optimizer=False) + self.reserved_growth
+            else:
+                self.peak_memory = "allocated"
+                peak = self._resident_bytes() + torch.cuda.max_memory_allocated() - start[0]
+            self.peak_gb = max(getattr(self, "peak_gb", 0.0), peak / 1e9)
 
-    def _resident_bytes(self) -> int:
-        """Weights and optimizer state: what stays allocated between steps (gradients are freed)."""
+    @staticmethod
+    def _memory_start(device) -> tuple[int, int] | None:
+        """CUDA: resets the peak counters; what is allocated and reserved now."""
+        if device.type != "cuda":
+            return None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+
+    def _resident_bytes(self, optimizer: bool = True) -> int:
+        """Weights and optimizer state: what stays allocated between steps (gradients are freed).
+        Without `optimizer`, the weights only (the state is made in the first step, and is in reserved_growth)."""
         tensors = {id(t): t for t in self.model.parameters()}
-        for state in self.opt.state.values():
+        for state in self.opt.state.values() if optimizer else ():
             tensors.update({id(t): t for t in state.values() if isinstance(t, torch.Tensor)})
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -284,6 +314,7 @@ class Runner:
             "breakdown_ms": {k: round(v / self.n_breakdown * 1e3, 2) for k, v in self.phases.items()} if self.n_breakdown else None,
             "mfu": round(tokens_per_s * _flops_per_token(self.model, T) / (args.peak_tflops * 1e12), 4) if cuda else None,
             "peak_memory_gb": round(self.peak_gb, 3) if cuda else None,
+            "peak_memory": self.peak_memory if cuda else None,
             "loss_first": round(self.losses[0], 4), "loss_last": round(self.losses[-1], 4),
         }
 

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One phase of the GPU measurements, for one `device` call each (every phase ends well inside
-# the 10-minute limit of a call). Results go to $OUT as JSON lines and logs. See bench/gpu/README.md.
+# One phase of the GPU measurements, for one `device` call each (at most 10 minutes a call: every
+# step of a phase runs under its own `timeout`, and a phase's caps sum to at most ~540 s, so that a
+# row in flight at the limit is cut by its cap, prints what it measured, and the call still ends in
+# time). Results go to $OUT: each step's stdout (JSON lines) to NAME.jsonl, its stderr to NAME.err
+# next to it, both also on this script's own stdout and stderr. See bench/gpu/README.md.
 #
-#   bash bench/gpu/run.sh quick|tests|train|decode|time-to-loss|scaling|finetune [ROWS]
+#   bash bench/gpu/run.sh quick|tests|train-a|train-b|decode-a|decode-b|time-to-loss|scaling|finetune [ROWS]
 set -uo pipefail
 OUT=${OUT:-/tmp/lmforge-out}
 mkdir -p "$OUT"
@@ -19,47 +22,71 @@ real_data() {  # `--data DIR`: the shards bench/gpu/prepare.sh built, if they ca
     local d=.bench-data/lm-v16384-val0.05
     [ -f "$d/meta.json" ] && echo "--data $d"
 }
+to() {  # to NAME CMD...: CMD's stdout appended to $OUT/NAME.jsonl, its stderr to $OUT/NAME.err, both still shown
+    local name=$1; shift
+    { "$@" 2>&1 1>&3 3>&- | tee -a "$OUT/$name.err" >&2 3>&-; } 3>&1 | tee -a "$OUT/$name.jsonl"
+}
+GRACE=5  # seconds between a step's SIGTERM (the benches then print what they measured) and its SIGKILL
+row() {  # row CAP NAME CMD...: `to NAME CMD` with CMD under `timeout`: TERM at CAP-GRACE s, KILL at CAP s.
+    # Returns CMD's status: 124 (TERM) or 137 (KILL) when the cap stopped it.
+    local cap=$1 name=$2; shift 2
+    to "$name" timeout -k "$GRACE" "$((cap - GRACE))" "$@"
+}
 case "${1:-}" in
-quick)  # the headline rows of issues 4 and 5 in one call of at most ~9.5 minutes, each step capped.
+quick)  # the headline rows of issues 4 and 5 in one call, each step capped. No CUDA tests: the `tests` phase runs them.
+    # Worst case: ~20 s (pip, nvidia-smi, torch import) + 225 (train) + 80 (fp8) + 2 x 120 (decode at
+    # batch 1 and 32, fallback included) = 565 s, inside the call's 600.
     # Real data: shards of ../shared/data/lm prepared on the CPU machine (`bash bench/gpu/prepare.sh`)
     # and carried as .bench-data, run through GPT-2's shape; without them the rows use random tokens.
-    timeout 270 $py bench/train_throughput.py --preset gpt2-124m --steps 100 --rounds 4 --compile --compare-hf --loss-check \
-        $(real_data) 2>&1 | tee "$OUT/train.jsonl"
-    timeout 100 $py bench/train_throughput.py --preset gpt2-124m --steps 100 --rounds 2 --compile --fp8 --loss-check \
-        $(real_data) 2>&1 | tee -a "$OUT/train.jsonl"
-    # The engine's own CUDA graph capture has never run on a GPU: if it fails, torch.compile's graphs instead.
-    for b in 1 32; do timeout 65 $py bench/decode.py --preset gpt2-124m --batch $b --compile --compare-hf \
-        || timeout 65 $py bench/decode.py --preset gpt2-124m --batch $b --compile --compare-hf --graphs trees; done 2>&1 | tee "$OUT/decode.jsonl"
-    timeout 60 $py -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/tests-gpu.log" ;;  # last: the numbers come first
+    row 225 train $py bench/train_throughput.py --preset gpt2-124m --steps 100 --rounds 4 --compile --compare-hf --loss-check $(real_data)
+    row 80 train $py bench/train_throughput.py --preset gpt2-124m --steps 100 --rounds 2 --compile --fp8 --loss-check $(real_data)
+    for b in 1 32; do  # 120 s a batch size, the fallback included
+        start=$SECONDS
+        row 60 decode $py bench/decode.py --preset gpt2-124m --batch $b --compile --compare-hf
+        rc=$?
+        # The engine's own CUDA graph capture has never run on a GPU: if it failed (not timed out:
+        # 124/137, which a recompiling fallback could not beat), torch.compile's graphs instead,
+        # in the time the first try left of the 120 s.
+        if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $rc -ne 137 ]; then
+            row $((120 - (SECONDS - start))) decode $py bench/decode.py --preset gpt2-124m --batch $b --compile --compare-hf --graphs trees
+        fi
+    done ;;
 tests)  # the CUDA tests, then the CPU suite's model/infer/train tests under torch 2.11
     $py -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/tests-gpu.log"
     $py -m pytest -q -p no:cacheprovider -x tests/model tests/infer tests/train/test_optim.py 2>&1 | tee "$OUT/tests-cpu-parts.log" ;;
-train)  # issue 4: GPT-2 124M (B 32, T 1024) and the Llama-3.2-1B shape (B 8, T 2048), against transformers
-    $py bench/train_throughput.py --preset gpt2-124m --steps 100 --rounds 4 --compile --compare-hf --loss-check $(real_data) 2>&1 | tee "$OUT/train.jsonl"
-    $py bench/train_throughput.py --preset gpt2-124m --steps 100 --rounds 4 --compile --chunked-loss 8192 --loss-check $(real_data) 2>&1 | tee -a "$OUT/train.jsonl"
-    $py bench/train_throughput.py --preset gpt2-124m --steps 100 --compile --fp8 --loss-check --rounds 2 $(real_data) 2>&1 | tee -a "$OUT/train.jsonl"
-    $py bench/train_throughput.py --preset gpt2-124m --steps 100 --rounds 4 --compile --compile-mode reduce-overhead --loss-check $(real_data) 2>&1 | tee -a "$OUT/train.jsonl"
-    $py bench/train_throughput.py --preset llama-3.2-1b --vocab-size 128256 --batch-size 8 --seq-len 2048 --steps 15 \
-        --compile --compare-hf 2>&1 | tee -a "$OUT/train.jsonl" ;;
-decode)  # issue 5: bf16, prompt 128, 256 new tokens, greedy
-    for b in 1 32; do $py bench/decode.py --preset gpt2-124m --batch $b --compile --compare-hf --profile 50 --trace "$OUT/decode-trace-b$b.json"; done 2>&1 | tee "$OUT/decode.jsonl"
-    $py bench/decode.py --preset gpt2-124m --batch 1 --compile --graphs trees 2>&1 | tee -a "$OUT/decode.jsonl"  # torch.compile's own graphs
-    $py bench/decode.py --preset smollm2-135m --batch 1 --compile --compare-hf 2>&1 | tee -a "$OUT/decode.jsonl"
-    $py bench/decode.py --preset llama-3.2-1b --batch 1 --compile --compare-hf 2>&1 | tee -a "$OUT/decode.jsonl"
-    # A server-sized cache: the CUDA graphs of the key spans 256..2048 (last: it compiles four graphs).
-    $py bench/decode.py --preset smollm2-135m --batch 32 --compile --max-seq-len 2048 2>&1 | tee -a "$OUT/decode.jsonl"
-    # Prefix reuse and prompt-lookup speculation on the real SmolLM2 (the latter reads SQuAD from shared/data, if carried).
-    [ -f /tmp/smollm2/config.json ] && $py bench/prefix_cache.py /tmp/smollm2 --device cuda --repeat 2 2>&1 | tee "$OUT/prefix.jsonl"
-    [ -f /tmp/smollm2/config.json ] && [ -d "$LMFORGE_SHARED_DATA/qa" ] && \
-        $py bench/speculative.py /tmp/smollm2 --device cuda --repeat 2 2>&1 | tee "$OUT/speculative.jsonl" && \
-        $py bench/speculative.py /tmp/smollm2 --device cuda --repeat 2 --compile --no-hf 2>&1 | tee -a "$OUT/speculative.jsonl" ;;
-time-to-loss)  # issue 4: GPT-2 recipe against the fastest, on ../shared/data/lm
-    $py bench/time_to_loss.py --preset gpt2-124m --target-loss 3.8 --cache .bench-data 2>&1 | tee "$OUT/time-to-loss.jsonl" ;;
-scaling)  # issue 6: the GPU variant of the study
-    $py bench/scaling_study.py --grid bench/grids/gpu-study.yaml --out /tmp/scaling-study 2>&1 | tee "$OUT/scaling.jsonl"
+train-a)  # issue 4, GPT-2 124M (B 32, T 1024): against transformers, chunked loss, fp8. Caps: 240 + 150 + 110 = 500 s
+    row 240 train $py bench/train_throughput.py --preset gpt2-124m --steps 100 --rounds 4 --compile --compare-hf --loss-check $(real_data)
+    row 150 train $py bench/train_throughput.py --preset gpt2-124m --steps 100 --rounds 4 --compile --chunked-loss 8192 --loss-check $(real_data)
+    row 110 train $py bench/train_throughput.py --preset gpt2-124m --steps 100 --compile --fp8 --loss-check --rounds 2 $(real_data) ;;
+train-b)  # issue 4: GPT-2 in CUDA graphs, and the Llama-3.2-1B shape (B 8, T 2048) against transformers. Caps: 200 + 300 = 500 s
+    row 200 train $py bench/train_throughput.py --preset gpt2-124m --steps 100 --rounds 4 --compile --compile-mode reduce-overhead --loss-check $(real_data)
+    row 300 train $py bench/train_throughput.py --preset llama-3.2-1b --vocab-size 128256 --batch-size 8 --seq-len 2048 --steps 15 \
+        --compile --compare-hf ;;
+decode-a)  # issue 5 on random weights: bf16, prompt 128, 256 new tokens, greedy. Caps: 80 + 80 + 60 + 80 + 120 = 420 s
+    for b in 1 32; do
+        row 80 decode $py bench/decode.py --preset gpt2-124m --batch $b --compile --compare-hf --profile 50 --trace "$OUT/decode-trace-b$b.json"
+    done
+    row 60 decode $py bench/decode.py --preset gpt2-124m --batch 1 --compile --graphs trees  # torch.compile's own graphs
+    row 80 decode $py bench/decode.py --preset smollm2-135m --batch 1 --compile --compare-hf
+    row 120 decode $py bench/decode.py --preset llama-3.2-1b --batch 1 --compile --compare-hf ;;
+decode-b)  # issue 5: a server-sized cache, then the real SmolLM2 (/tmp/smollm2). Caps: 90 + 100 + 100 + 150 = 440 s
+    # The CUDA graphs of the key spans 256..2048 (it compiles four graphs).
+    row 90 decode $py bench/decode.py --preset smollm2-135m --batch 32 --compile --max-seq-len 2048
+    # Prefix reuse and prompt-lookup speculation (the latter reads SQuAD from shared/data, if carried).
+    if [ -f /tmp/smollm2/config.json ]; then
+        row 100 prefix $py bench/prefix_cache.py /tmp/smollm2 --device cuda --repeat 2
+        if [ -d "$LMFORGE_SHARED_DATA/qa" ]; then
+            row 100 speculative $py bench/speculative.py /tmp/smollm2 --device cuda --repeat 2
+            row 150 speculative $py bench/speculative.py /tmp/smollm2 --device cuda --repeat 2 --compile --no-hf
+        fi
+    fi ;;
+time-to-loss)  # issue 4: GPT-2 recipe against the fastest, on ../shared/data/lm. Cap: 520 s (a stopped run reports its curve)
+    row 520 time-to-loss $py bench/time_to_loss.py --preset gpt2-124m --target-loss 3.8 --cache .bench-data ;;
+scaling)  # issue 6: the GPU variant of the study (a sweep resumes: run it again in a new call)
+    row 540 scaling $py bench/scaling_study.py --grid bench/grids/gpu-study.yaml --out /tmp/scaling-study
     cp /tmp/scaling-study/study/*.png "$OUT/" ;;
 finetune)  # issue 7: needs /tmp/smollm2 (README: the GGUF comes in two calls)
-    $py bench/finetune_tasks.py --base /tmp/smollm2 --device cuda ${2:+--rows $2} 2>&1 | tee -a "$OUT/finetune.jsonl" ;;
+    row 540 finetune $py bench/finetune_tasks.py --base /tmp/smollm2 --device cuda ${2:+--rows $2} ;;
 *)
-    echo "usage: bash bench/gpu/run.sh quick|tests|train|decode|time-to-loss|scaling|finetune [ROWS]" >&2; exit 2 ;;
+    echo "usage: bash bench/gpu/run.sh quick|tests|train-a|train-b|decode-a|decode-b|time-to-loss|scaling|finetune [ROWS]" >&2; exit 2 ;;
 esac
