@@ -6,6 +6,7 @@ import pytest
 
 from lmforge.infer import Engine, QueueFull, SamplingConfig, SamplingParams, generate_tokens
 from lmforge.serve import EngineRunner
+from lmforge.utils.errors import UserError
 
 PROMPTS = [[1, 2, 3], [9] * 11, [4, 8, 15, 16, 23, 42], [7], [30, 31], [5, 5, 6], [20, 21, 22, 23], [11, 12]]
 
@@ -17,7 +18,7 @@ def test_streams_take_turns_under_load_and_lose_nothing(varied_model):
     async def main():
         queue: asyncio.Queue = asyncio.Queue()
         for i, p in enumerate(PROMPTS):
-            runner.submit(p, SamplingParams(temperature=0, max_tokens=12), queue, tag=i)
+            runner.submit([(p, SamplingParams(temperature=0, max_tokens=12), i)], queue)
         got: dict[int, list[list[int]]] = {i: [] for i in range(len(PROMPTS))}
         done = 0
         while done < len(PROMPTS):
@@ -49,11 +50,39 @@ def test_the_queue_bound_counts_requests_not_aborts(varied_model):
 
     async def main():
         queue: asyncio.Queue = asyncio.Queue()
-        first = runner.submit([1, 2], SamplingParams(max_tokens=4), queue)
+        [first] = runner.submit([([1, 2], SamplingParams(max_tokens=4), 0)], queue)
         for _ in range(5):
             runner.abort(first)
-        runner.submit([3], SamplingParams(max_tokens=4), queue)
+        runner.submit([([3], SamplingParams(max_tokens=4), 0)], queue)
         with pytest.raises(QueueFull):
-            runner.submit([4], SamplingParams(max_tokens=4), queue)
+            runner.submit([([4], SamplingParams(max_tokens=4), 0)], queue)
 
     asyncio.run(main())
+
+
+
+def test_a_request_with_several_sequences_is_let_in_whole(varied_model):
+    """n = 2 under a bound of 1 on an idle server: both sequences go in together (the first one had
+    counted against the second: 429 with nothing waiting); the next request waits its turn; a
+    request one of whose prompts is too long queues none of its sequences."""
+    runner = EngineRunner(Engine(varied_model, max_batch=1, max_waiting=1))
+    runner.close()  # nothing reaches the engine: the inbox is the queue
+
+    async def main():
+        queue: asyncio.Queue = asyncio.Queue()
+        two = [([1, 2], SamplingParams(max_tokens=4, seed=s), s) for s in range(2)]
+        assert len(runner.submit(two, queue)) == 2
+        with pytest.raises(QueueFull):
+            runner.submit([([3], SamplingParams(max_tokens=4), 0)], queue)
+
+    asyncio.run(main())
+    fresh = EngineRunner(Engine(varied_model, max_batch=1, max_waiting=1))
+    fresh.close()
+
+    async def too_long():
+        queue: asyncio.Queue = asyncio.Queue()
+        with pytest.raises(UserError, match="context"):
+            fresh.submit([([1], SamplingParams(max_tokens=4), 0), ([1] * 500, SamplingParams(max_tokens=4), 1)], queue)
+        assert fresh._adding == 0 and not fresh._streams
+
+    asyncio.run(too_long())

@@ -230,20 +230,13 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
                            code="model_not_found", param="model")
         queue: asyncio.Queue = asyncio.Queue()
-        ids: list[str] = []
         try:
-            for p, prompt in enumerate(prompts):
-                for j in range(body.n):
-                    params = params_for(body, len(prompt), j, logprobs, max_tokens)
-                    ids.append(runner.submit(prompt, params, queue, tag=p * body.n + j))
+            ids = runner.submit([(prompt, params_for(body, len(prompt), j, logprobs, max_tokens), p * body.n + j)
+                                 for p, prompt in enumerate(prompts) for j in range(body.n)], queue)
         except QueueFull as e:
-            for rid in ids:
-                runner.abort(rid)
             runner.metrics.rejected.labels("429").inc()
             raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="rate_limit_exceeded") from None
         except UserError as e:
-            for rid in ids:
-                runner.abort(rid)
             runner.metrics.rejected.labels("400").inc()
             raise APIError(400, str(e), code="context_length_exceeded" if "context" in str(e) else None) from None
         return queue, ids

@@ -120,20 +120,25 @@ class EngineRunner:
         self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: list[int], params: SamplingParams, queue: asyncio.Queue, tag: int = 0) -> str:
-        """Queue a request (UserError / QueueFull raise here); its events arrive on `queue` as (tag, Event)."""
-        req = self.engine.make_request(prompt, params, request_id=uuid.uuid4().hex)
-        stream = _Stream(asyncio.get_running_loop(), queue, tag, time.perf_counter(), next(self._turns))
+    def submit(self, requests: list[tuple[list[int], SamplingParams, int]], queue: asyncio.Queue) -> list[str]:
+        """Queue one client request's sequences, (prompt, params, tag) each (its prompts x n), all or
+        none: UserError / QueueFull raise here before any is queued. Their events arrive on `queue`
+        as (tag, Event). The queue bound refuses a client request when `max_waiting` sequences are
+        waiting already; one that is let in brings all its sequences (else `n` above the bound could
+        never be served, and its first sequence would count against its second)."""
+        reqs = [self.engine.make_request(prompt, params, request_id=uuid.uuid4().hex) for prompt, params, _ in requests]
         bound = self.engine.max_waiting
         with self._adding_lock:
             if bound is not None and len(self.engine.waiting) + self._adding >= bound:
                 raise QueueFull(f"{bound} requests are waiting already; try again later")
-            self._adding += 1  # nothing below can fail before the inbox has it
-        self._streams[req.id] = stream
-        self.metrics.prompt.inc(len(prompt))
-        self._inbox.put(("add", req))
+            self._adding += len(reqs)  # nothing below can fail before the inbox has them
+        loop, now = asyncio.get_running_loop(), time.perf_counter()
+        for req, (prompt, _, tag) in zip(reqs, requests):
+            self._streams[req.id] = _Stream(loop, queue, tag, now, next(self._turns))
+            self.metrics.prompt.inc(len(prompt))
+            self._inbox.put(("add", req))
         self._wake.set()
-        return req.id
+        return [req.id for req in reqs]
 
     def abort(self, request_id: str) -> None:
         """Free a request's slot at the next step (a no-op once it has finished)."""
