@@ -365,3 +365,17 @@ def test_pretrain_into_its_data_then_prepare_again_loses_nothing(capsys, tmp_pat
     fails_with(capsys, "holds run, which `lmforge prepare` did not write", "prepare", src, "--target", src,
                "--tokenizer", tokenizer_dir, "--out", tmp_path / "d")
     assert (tmp_path / "d" / "run" / "metrics.jsonl").exists()
+
+
+def test_the_qa_score_hint_keeps_the_article_split(capsys, trained_run, tmp_path):
+    """A fine-tune on the first articles of a SQuAD file is scored on the rest of the same file: the
+    hint says so (a DEV_FILE placeholder would invite scoring on the training articles too)."""
+    from conftest import SHARED_DATA
+
+    doc = json.loads((SHARED_DATA / "qa" / "squad-v1.1-dev" / "dev-v1.1.json").read_text(encoding="utf-8"))
+    doc["data"] = [dict(a, paragraphs=a["paragraphs"][:1]) for a in doc["data"][:3]]
+    (tmp_path / "squad.json").write_text(json.dumps(doc), encoding="utf-8")
+    code, out, err = run(capsys, "finetune", trained_run.out, "--task", "qa", "--data", tmp_path / "squad.json",
+                         "--out", tmp_path / "qa", "--split-articles", 0.67, "--train.device", "cpu", "--train.max_steps", 2,
+                         "--train.eval_interval", 0, "--train.threads", 1)
+    assert code == 0 and f"--task qa --data {tmp_path / 'squad.json'} --split-articles 0.67" in out + err

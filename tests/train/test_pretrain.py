@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_train_config
-from lmforge.checkpoint import find_checkpoints
+from lmforge.checkpoint import find_checkpoints, load_model
 from lmforge.config import preset
 from lmforge.config.presets import SPEEDRUN
 from lmforge.train import pretrain
@@ -192,3 +192,9 @@ def test_a_val_split_too_short_for_one_window_says_validation_is_off(corpus_file
     assert run.val_loss is None
     said = [line for line in lines if "validation is off" in line]
     assert len(said) == 1 and "seq_len 64" in said[0] and "--val-fraction" in said[0], lines
+
+
+def test_parameter_counts_agree_with_each_other(trained_run):
+    """A full pretrain trains every parameter it counts: the trainable count is of the same total
+    (learned positions left out of both, as num_params leaves them out; they had been in one only)."""
+    assert trained_run.trainable_params == trained_run.params == load_model(trained_run.checkpoint)[0].num_params()

@@ -71,7 +71,11 @@ def finetune_cmd(args: Namespace) -> dict[str, Any]:
     )
     unit = {"tag": " nats/word", "seq2seq": " nats/token", "sft": " nats/token"}.get(args.task, " nats/example")
     _report_run(result, _say(args), unit)
-    _say(args)(f"score it: lmforge eval {result.checkpoint} --task {args.task} --data DEV_FILE")
+    if args.split_articles is not None:  # the held-out articles of the same file, not a separate one
+        _say(args)(f"score it: lmforge eval {result.checkpoint} --task {args.task} --data {args.data} "
+                   f"--split-articles {args.split_articles:g}")
+    else:
+        _say(args)(f"score it: lmforge eval {result.checkpoint} --task {args.task} --data DEV_FILE")
     return result.to_dict()
 
 

@@ -164,11 +164,14 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
     metrics.truncate_after(start_step)
     sequences_per_step = train.batch_size * train.grad_accum * world.size
     tokens_per_step = sequences_per_step * tokens_per_sample
-    total = sum(p.numel() for p in net.parameters())  # parameters() yields a tied tensor once
-    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    # Counted as num_params counts (tied weights once, learned positions not: Kaplan's and nanoGPT's N),
+    # so that the trainable share is of the same total.
+    positions = getattr(net.pos_embeddings, "weight", None)
+    total = net.num_params()
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad and p is not positions)
     c = net.config
     log(
-        f"model: {net.num_params():,} parameters"
+        f"model: {total:,} parameters"
         + (f" ({trainable:,} of {total:,} trainable)" if trainable < total else "")
         + f" ({_fmt_flops(net.flops_per_token(tokens_per_sample))} FLOPs/token), "
         f"{c.n_layer} layers x {c.n_embd} wide, context {c.context_length}, vocab {c.vocab_size}"
@@ -339,7 +342,7 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
         val_bpb=last_val[1] if last_val else None,
         seconds=time.perf_counter() - t0,
         tokens_per_s=tokens_per_s,
-        params=net.num_params(),
+        params=total,
         plot=plot,
         trainable_params=trainable,
         data_wait_share=total_wait / total_busy if total_busy else None,
