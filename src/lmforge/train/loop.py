@@ -362,7 +362,8 @@ def _shares(weights: list[int], world: World, device: torch.device) -> list[floa
     if not world.distributed:
         total = max(sum(weights), 1)  # a step without a prediction has a NaN loss either way
         return [w / total for w in weights]
-    total = all_reduce(torch.tensor(float(sum(weights)), dtype=torch.float64, device=device), world).clamp_(min=1)
+    # torch.full fills on the device; torch.tensor(value, device=cuda) would copy from pageable memory and wait.
+    total = all_reduce(torch.full((), float(sum(weights)), dtype=torch.float64, device=device), world).clamp_(min=1)
     return [(w * world.size / total).float() for w in weights]
 
 
