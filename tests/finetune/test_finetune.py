@@ -136,6 +136,9 @@ def test_freezing_with_lora_is_refused(trained_run, tmp_path):
     with pytest.raises(UserError, match="--freeze-layers and --freeze-embeddings are for a full fine-tune"):
         finetune(trained_run.out, "classify", YELP, tmp_path / "lora", train=_cfg(max_steps=1), freeze_layers=1,
                  lora=LoraConfig(r=4), **QUIET)
+    with pytest.raises(UserError, match="'gate' needs model.mlp swiglu"):  # GPT-2's MLP has no gate to adapt
+        finetune(trained_run.out, "classify", YELP, tmp_path / "gate", train=_cfg(max_steps=1),
+                 lora=LoraConfig(r=4, targets="gate"), **QUIET)
 
 def _wnut_slice(path, n_sentences):
     sentences = WNUT.read_text(encoding="utf-8").split("\n\t\n")[:n_sentences]  # WNUT ends a sentence with a line "\t"

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from lmforge.config import LoraConfig, preset
+from lmforge.config import LoraConfig, ModelConfig, preset
 from lmforge.model import Transformer
 from lmforge.model.lora import LoRALinear, lora_parameters, merge_lora
 from lmforge.utils.errors import UserError
@@ -74,7 +74,11 @@ def test_lora_config_round_trips_through_json_and_rejects_unknown_keys():
 def test_a_gate_target_without_a_gated_mlp_is_one_line(targets):
     # A GELU MLP has no gate: the adapter would match no layer and fine-tuning train only the head.
     with pytest.raises(UserError, match="'gate' needs model.mlp swiglu"):
-        preset("tiny").replace(vocab_size=10, mlp="gelu", lora=LoraConfig(r=4, targets=targets))
+        LoraConfig(r=4, targets=targets).check_adapts("gelu")
+    LoraConfig(r=4, targets=targets).check_adapts("swiglu")
+    # A checkpoint written before the check (its adapter on a missing gate) still loads.
+    stored = preset("tiny").replace(vocab_size=10, mlp="gelu", lora=LoraConfig(r=4, targets=targets))
+    assert ModelConfig.from_dict(stored.to_dict()) == stored
     lora = Transformer(preset("tiny").replace(vocab_size=10, mlp="gelu", lora=LoraConfig(r=4, targets="all-linear")))
     assert any(isinstance(m, LoRALinear) for m in lora.modules())  # all-linear takes what the MLP has
 
@@ -82,4 +86,4 @@ def test_a_gate_target_without_a_gated_mlp_is_one_line(targets):
 @pytest.mark.parametrize("targets", ["", " , "])
 def test_an_empty_target_list_is_one_line(targets):
     with pytest.raises(UserError, match="lora.targets is empty"):
-        LoraConfig(r=4, targets=targets)
+        LoraConfig(r=4, targets=targets).check_adapts("swiglu")

@@ -59,11 +59,18 @@ class LoraConfig:
             raise UserError(f"lora.r must be >= 0, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_list:  # adapters on nothing: fine-tuning would silently train only the head
-            raise UserError(f"lora.targets is empty; name some of {list(LORA_TARGETS)} or all-linear")
         bad = [t for t in self.target_list if t not in LORA_TARGETS]
         if bad:
             raise UserError(f"lora.targets {bad} unknown; use names from {list(LORA_TARGETS)} or all-linear")
+
+    def check_adapts(self, mlp: str) -> None:
+        """Refuse, for a new fine-tune, targets that adapt no layer: it would silently train only the
+        head. Not part of __post_init__, so that a checkpoint written before this check still loads."""
+        if not self.target_list:
+            raise UserError(f"lora.targets is empty; name some of {list(LORA_TARGETS)} or all-linear")
+        # A non-gated MLP has one `fc` (all `up`): a `gate` adapter would match no layer.
+        if mlp != "swiglu" and self.targets.strip() != "all-linear" and "gate" in self.target_list:
+            raise UserError(f"lora.targets 'gate' needs model.mlp swiglu (this model's mlp is {mlp}); use up or down")
 
     @property
     def target_list(self) -> tuple[str, ...]:
@@ -227,10 +234,6 @@ class ModelConfig:
                 raise UserError(
                     f"model.{name}={getattr(self, name)!r} is not supported; use one of {list(allowed.__args__)}"
                 )
-        # A non-gated MLP has one `fc` (all `up`): a `gate` adapter would match no layer and train nothing.
-        if self.lora is not None and self.mlp != "swiglu" and self.lora.targets.strip() != "all-linear" \
-                and "gate" in self.lora.target_list:
-            raise UserError(f"lora.targets 'gate' needs model.mlp swiglu (this model's mlp is {self.mlp}); use up or down")
 
     @property
     def num_labels(self) -> int:

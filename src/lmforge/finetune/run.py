@@ -64,7 +64,8 @@ def finetune(
     `split_articles` F trains on the first F of the articles of `data` and validates on the rest.
     `train.seq_len` caps the tokens of one example (default: the model's context). With
     `lora.r` > 0 only the adapters and the task head train; `freeze_embeddings` and
-    `freeze_layers` k freeze the embeddings and the first k blocks of a full fine-tune.
+    `freeze_layers` k freeze the embeddings and the first k blocks (of each stack of an encoder-decoder)
+    of a full fine-tune; with LoRA they are refused.
     `repeat_input` (decoders; tag and qa) lays each input out twice and reads the second copy,
     so that every token has seen the whole text (see `lmforge.data.features`).
     """
@@ -97,6 +98,8 @@ def finetune(
     train_features = featurize(fmt, task, train_examples, labels, doc_stride)
     val_features = featurize(fmt, task, val_examples, labels, doc_stride) if val_examples else None
 
+    if lora is not None and lora.r:
+        lora.check_adapts(cfg.mlp)
     new_cfg = cfg.replace(
         task_head=TASK_HEAD[task], labels=labels if task in ("classify", "tag") else None,
         lora=lora if lora is not None and lora.r else None,
