@@ -114,3 +114,16 @@ def test_accumulation_averages_over_the_steps_predictions_not_its_micro_batches(
 
     whole = one_step(8, 1, tmp_path / "whole")
     assert one_step(*split, tmp_path / "split") == pytest.approx(whole, rel=1e-5)
+
+
+def test_only_mlm_with_nsp_shares_its_micro_batches_equally(tokenizer_dir):
+    """Its loss adds a mean over masked tokens to a mean over sequences: weighting the step by masked
+    tokens would skew the next-sentence gradient (0.75 relative in review), so it keeps equal shares."""
+    from lmforge.train.distributed import World
+    from lmforge.train.loop import _shares
+
+    tok = Tokenizer.load(tokenizer_dir)
+    bert = TINY_BERT.replace(vocab_size=tok.vocab_size, type_vocab_size=2)
+    assert not Objective("mlm+nsp", bert, tok, seed=0).token_weighted
+    assert Objective("mlm", bert, tok, seed=0).token_weighted and Objective("causal", preset("tiny"), tok, seed=0).token_weighted
+    assert _shares([1, 1], World(), torch.device("cpu")) == [0.5, 0.5] and _shares([3, 1], World(), torch.device("cpu")) == [0.75, 0.25]

@@ -170,3 +170,19 @@ def test_a_bad_metrics_line_before_the_last_is_one_line(tmp_path):
         read_metrics(path)
     path.write_text('{"kind": "train", "step": 1}\n{"kind": "tr\n')
     assert read_metrics(path) == [{"kind": "train", "step": 1}]
+
+
+@pytest.mark.parametrize("failure", [torch.cuda.OutOfMemoryError("CUDA out of memory"), KeyboardInterrupt()])
+def test_a_failure_that_is_not_the_checkpoints_is_not_called_damage(run4, data_dir, tmp_path, monkeypatch, failure):
+    """Out of memory or Ctrl-C while reading dcp/ stays what it is; only a read error is 'unreadable'."""
+    from lmforge.train.checkpointing import _SafeReader
+
+    out, ckpt = from_step_2(run4, tmp_path)
+    write_dcp(ckpt)
+
+    def fail(self, *args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(_SafeReader, "read_data", fail)
+    with pytest.raises(type(failure)):
+        resume(data_dir, out)

@@ -15,6 +15,7 @@ also takes the run directory and uses its latest complete step.
 """
 
 from lmforge.checkpoint.store import (
+    CKPT_FIX,
     Checkpoint,
     find_checkpoints,
     load_checkpoint,
@@ -24,6 +25,7 @@ from lmforge.checkpoint.store import (
 )
 
 __all__ = [
+    "CKPT_FIX",
     "Checkpoint",
     "find_checkpoints",
     "load_checkpoint",

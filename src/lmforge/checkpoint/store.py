@@ -15,12 +15,12 @@ from safetensors.torch import load_file, load_model as st_load_model, save_file,
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
-from lmforge.utils.errors import UserError
+from lmforge.utils.errors import UserError, first_line
 from lmforge.utils.fs import atomic_dir, atomic_write_json, check_replaceable, read_json
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
-_CKPT_FIX = "use another checkpoint (a complete step-* directory) or retrain"
+CKPT_FIX = "use another checkpoint (a complete step-* directory) or retrain"
 
 
 @dataclass
@@ -93,7 +93,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint's config, tokenizer and trainer state (weights are loaded by `load_model`)."""
     path = resolve_checkpoint(path)
-    config = read_json(path / "config.json", _CKPT_FIX)
+    config = read_json(path / "config.json", CKPT_FIX)
     if not isinstance(config, dict) or config.get("format") != FORMAT or "model" not in config:
         raise UserError(f"{path / 'config.json'} is not an lmforge checkpoint config (format {FORMAT}); re-export it")
     model_config = ModelConfig.from_dict(config["model"])
@@ -102,7 +102,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                         "it was trained with (its data directory has one), or use another checkpoint")
     tokenizer = Tokenizer.load(path)
     state_file = path / "trainer_state.json"
-    trainer_state = read_json(state_file, _CKPT_FIX) if state_file.exists() else None
+    trainer_state = read_json(state_file, CKPT_FIX) if state_file.exists() else None
     return Checkpoint(path, model_config, tokenizer, trainer_state)
 
 
@@ -119,14 +119,14 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     except RuntimeError as e:
         mismatch = [line.strip() for line in str(e).splitlines() if line.strip().startswith("size mismatch")]
         if not mismatch:
-            raise UserError(f"{weights} is corrupt ({_first_line(e)}); use another checkpoint or retrain") from None
+            raise UserError(f"{weights} is corrupt ({first_line(e)}); use another checkpoint or retrain") from None
         more = f", and {len(mismatch) - 1} more" if len(mismatch) > 1 else ""
         raise UserError(
             f"{weights} does not match config.json ({mismatch[0].rstrip('.')}{more}); "
             "the checkpoint is inconsistent: restore its config.json or re-save it"
         ) from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{weights} is corrupt ({_first_line(e)}); use another checkpoint or retrain") from None
+        raise UserError(f"{weights} is corrupt ({first_line(e)}); use another checkpoint or retrain") from None
     if missing or unexpected:
         raise UserError(
             f"{weights} does not match config.json (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); "
@@ -142,18 +142,18 @@ def load_optimizer_state(ckpt: Checkpoint) -> dict[str, Any]:
     try:
         tensors = load_file(str(ckpt.path / "optimizer.safetensors"))
     except (SafetensorError, OSError) as e:
-        raise UserError(f"{ckpt.path / 'optimizer.safetensors'} is unreadable ({_first_line(e)}); resume from another step") from None
+        raise UserError(f"{ckpt.path / 'optimizer.safetensors'} is unreadable ({first_line(e)}); resume from another step") from None
     try:
         state = _join_tensors(ckpt.trainer_state["optimizer"], tensors)
     except KeyError as e:
         raise UserError(f"{ckpt.path / 'optimizer.safetensors'} lacks the tensor {e.args[0]!r} that trainer_state.json "
-                        f"names; {_CKPT_FIX}") from None
+                        f"names; {CKPT_FIX}") from None
     except (TypeError, ValueError) as e:  # a "__dict__" entry that is not a list of [key, value] pairs
-        raise UserError(f"{ckpt.path / 'trainer_state.json'} has a damaged optimizer entry ({_first_line(e)}); {_CKPT_FIX}") from None
+        raise UserError(f"{ckpt.path / 'trainer_state.json'} has a damaged optimizer entry ({first_line(e)}); {CKPT_FIX}") from None
     # What torch's load_state_dict indexes without checking: the rest it checks itself.
     for key, kind in (("state", dict), ("param_groups", list)):
         if not isinstance(state, dict) or not isinstance(state.get(key), kind):
-            raise UserError(f"{ckpt.path / 'trainer_state.json'} has a damaged optimizer entry (no {key}); {_CKPT_FIX}")
+            raise UserError(f"{ckpt.path / 'trainer_state.json'} has a damaged optimizer entry (no {key}); {CKPT_FIX}")
     return state
 
 
@@ -179,6 +179,3 @@ def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return [_join_tensors(v, tensors) for v in obj]
     return obj
 
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

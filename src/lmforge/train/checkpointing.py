@@ -43,13 +43,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from lmforge.checkpoint import Checkpoint, find_checkpoints, load_checkpoint, load_model, save_checkpoint
-from lmforge.checkpoint.store import _CKPT_FIX, _first_line, load_optimizer_state
+from lmforge.checkpoint import CKPT_FIX, Checkpoint, find_checkpoints, load_checkpoint, load_model, save_checkpoint
+from lmforge.checkpoint.store import load_optimizer_state
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import World, barrier, broadcast_object
-from lmforge.utils.errors import UserError
+from lmforge.utils.errors import UserError, first_line
 
 SHARDED_DIR = "dcp"
 
@@ -77,7 +77,7 @@ class Checkpointer:
                             "drop --resume and choose another --out")
         step = ckpt.trainer_state["step"]
         if type(step) is not int or step < 0:  # bool is an int subclass, and no step is True
-            raise UserError(f"{ckpt.path / 'trainer_state.json'} holds step {step!r}, not a step number; {_CKPT_FIX}")
+            raise UserError(f"{ckpt.path / 'trainer_state.json'} holds step {step!r}, not a step number; {CKPT_FIX}")
         if ckpt.model_config != model_config:
             saved, given = ckpt.model_config.to_dict(), model_config.to_dict()
             diff = ", ".join(f"{k} {given[k]!r} (saved: {saved[k]!r})" for k in saved if saved[k] != given.get(k))
@@ -111,7 +111,12 @@ class Checkpointer:
                     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                     dcp.load(state, storage_reader=reader, planner=_SafePlanner(), no_dist=not self.world.distributed)
             except (Exception, CheckpointException) as e:  # CheckpointException (every rank's error) is a BaseException
-                raise UserError(f"{sharded} is unreadable ({_first_line(_root_cause(e))}); "
+                cause = _root_cause(e)
+                if isinstance(cause, KeyboardInterrupt):  # Ctrl-C while reading: an interrupt, not a damaged file
+                    raise KeyboardInterrupt from None
+                if not isinstance(cause, _UNREADABLE) or isinstance(cause, torch.cuda.OutOfMemoryError):
+                    raise cause from None  # not the checkpoint's fault (out of memory, a bug): the error itself
+                raise UserError(f"{sharded} is unreadable ({first_line(cause)}); "
                                 "resume from another step (a complete step-* directory) or retrain") from None
             set_model_state_dict(net, state["model"])
             with _optimizer_fits(ckpt):
@@ -212,7 +217,7 @@ def _optimizer_fits(ckpt: Checkpoint) -> Iterator[None]:
     try:
         yield
     except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise UserError(f"the optimizer state in {ckpt.path} does not fit this run's optimizer ({_first_line(e)}); "
+        raise UserError(f"the optimizer state in {ckpt.path} does not fit this run's optimizer ({first_line(e)}); "
                         "resume with the --train settings the run was trained with, or from another step") from None
 
 
@@ -267,6 +272,11 @@ class _SafePlanner(dcp.DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
+
+
+# What reading a damaged or foreign dcp/ raises: a refused or truncated pickle, a missing or short
+# file, metadata that does not describe this model's state.
+_UNREADABLE = (pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError)
 
 
 def _root_cause(e: BaseException) -> BaseException:

@@ -54,6 +54,7 @@ class TrainingObjective(Protocol):
     def val_batches(self, source: Any, batch_size: int, n_batches: int) -> list[Batch]: ...
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor: ...
     def weight(self, batch: Batch) -> int: ...  # how many predictions the batch's mean loss averages over
+    # Optional `token_weighted` (default True): False gives a step's micro-batches equal shares instead.
 
 
 class Interrupted(UserError):
@@ -255,7 +256,8 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
                 t = time.perf_counter()
                 batches = [prefetch.next((step, micro)) for micro in micros]
                 wait = time.perf_counter() - t
-                shares = _shares([objective.weight(b) for b in batches], world, device)
+                token_weighted = getattr(objective, "token_weighted", True)
+                shares = _shares([objective.weight(b) if token_weighted else 1 for b in batches], world, device)
                 for i, (micro, batch) in enumerate(zip(micros, batches)):
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     torch.manual_seed(micro_seed(train.seed, step, micro))  # dropout: a function of (step, micro)

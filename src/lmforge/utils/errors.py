@@ -15,3 +15,8 @@ def require(condition: bool, message: str) -> None:
     """Raise `UserError(message)` unless `condition` holds."""
     if not condition:
         raise UserError(message)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a one-line error quotes."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
