@@ -4,6 +4,7 @@ import _thread
 import hashlib
 import json
 import random
+import signal
 import threading
 
 import pytest
@@ -260,6 +261,11 @@ def test_ctrl_c_during_the_merges_lands_at_once():
         yield from words
         _thread.interrupt_main()
 
-    with pytest.raises(KeyboardInterrupt):
-        Tokenizer.train(texts(), vocab_size=30_000, min_frequency=1, show_progress=False)
-    assert any(t.name == "lmforge-bpe-train" and t.is_alive() for t in threading.enumerate())
+    # Python's own SIGINT handler, which earlier tests' servers (uvicorn) may have replaced.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Tokenizer.train(texts(), vocab_size=30_000, min_frequency=1, show_progress=False)
+        assert any(t.name == "lmforge-bpe-train" and t.is_alive() for t in threading.enumerate())
+    finally:
+        signal.signal(signal.SIGINT, previous)
