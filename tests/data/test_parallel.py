@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lmforge.data import load_meta, prepare_parallel, read_parallel
-from lmforge.data.parallel import ParallelPairs, load_parallel_meta
+from lmforge.data.parallel import ParallelPairs
 from lmforge.model.losses import IGNORE_INDEX as IGNORE
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
@@ -94,7 +94,6 @@ def test_damaged_parallel_data_is_one_line_naming_the_file(tmp_path, tokenizer_d
     meta.write_text("[]")
     with pytest.raises(UserError, match=r"meta.json holds a JSON list, not a data description"):
         load_meta(tmp_path / "data")
-    assert load_parallel_meta(tmp_path / "data") is None  # then load_meta, which says what is wrong
     meta.write_text(json.dumps({"format": 1, "kind": "parallel", "vocab_size": 512, "splits": {"train": {"pairs": 3}}}))
     with pytest.raises(UserError, match=r"meta.json is damaged \(the train split has no src_tokens count\)"):
-        load_parallel_meta(tmp_path / "data")
+        load_meta(tmp_path / "data")

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from lmforge.data.corpus import open_bytes, reading
-from lmforge.data.prepare import check_data_out, load_meta
+from lmforge.data.prepare import check_data_out
 from lmforge.model.losses import IGNORE_INDEX
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_dir, atomic_write_json, read_json
+from lmforge.utils.fs import atomic_dir, atomic_write_json
 
 
 
@@ -164,14 +164,3 @@ class ParallelPairs:
         n = min(batch_size * n_batches, len(self.pairs))
         return [self.batch(np.arange(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
 
-
-def load_parallel_meta(data_dir: str | Path) -> dict[str, Any] | None:
-    """The meta of a parallel data directory, or None when `data_dir` is anything else (token shards,
-    or no data at all: `load_meta` then says what is wrong)."""
-    path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        return None
-    meta = read_json(path, "run `lmforge prepare` again to rewrite the data directory")
-    if not isinstance(meta, dict) or meta.get("kind") != "parallel":
-        return None
-    return load_meta(data_dir)  # checks the format, and what readers of the meta index without checking

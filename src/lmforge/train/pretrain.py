@@ -9,7 +9,6 @@ import torch
 
 from lmforge.config import ModelConfig, TrainConfig, preset
 from lmforge.data import load_meta
-from lmforge.data.parallel import load_parallel_meta
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.loop import RunResult, fit
@@ -36,7 +35,7 @@ def pretrain(
     """
     t0 = time.perf_counter()
     train = train or TrainConfig()
-    meta = load_parallel_meta(data) or load_meta(data)
+    meta = load_meta(data)  # token shards or parallel pairs (kind "parallel"), checked either way
     _check_out(data, out)
     tokenizer = Tokenizer.load(data)
     if meta.get("tokenizer_sha256") != tokenizer.sha256:  # the tokenizer.json was replaced after `prepare`
