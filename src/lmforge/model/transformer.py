@@ -209,12 +209,11 @@ class Transformer(nn.Module):
             device=p.device, dtype=p.dtype,
         )
 
-    def num_params(self, exclude_positions: bool = True) -> int:
-        """Parameters, counting tied weights once; positions excluded as in Kaplan et al. 2020."""
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_positions and isinstance(self.pos_embeddings, nn.Embedding):
-            n -= self.pos_embeddings.weight.numel()
-        return n
+    def num_params(self, exclude_positions: bool = True, trainable_only: bool = False) -> int:
+        """Parameters (those that train, with `trainable_only`), counting tied weights once; learned
+        positions excluded as in Kaplan et al. 2020."""
+        positions = self.pos_embeddings.weight if exclude_positions and isinstance(self.pos_embeddings, nn.Embedding) else None
+        return sum(p.numel() for p in self.parameters() if p is not positions and (p.requires_grad or not trainable_only))
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token: 6N + 12 * n_layer * n_head * head_size * seq_len (Kaplan et al. 2020; PaLM app. B)."""

@@ -165,11 +165,7 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
     metrics.truncate_after(start_step)
     sequences_per_step = train.batch_size * train.grad_accum * world.size
     tokens_per_step = sequences_per_step * tokens_per_sample
-    # Counted as num_params counts (tied weights once, learned positions not: Kaplan's and nanoGPT's N),
-    # so that the trainable share is of the same total.
-    positions = getattr(net.pos_embeddings, "weight", None)
-    total = net.num_params()
-    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad and p is not positions)
+    total, trainable = net.num_params(), net.num_params(trainable_only=True)  # counted alike: a share of the same total
     c = net.config
     log(
         f"model: {total:,} parameters"
