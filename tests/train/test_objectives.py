@@ -116,14 +116,21 @@ def test_accumulation_averages_over_the_steps_predictions_not_its_micro_batches(
     assert one_step(*split, tmp_path / "split") == pytest.approx(whole, rel=1e-5)
 
 
-def test_only_mlm_with_nsp_shares_its_micro_batches_equally(tokenizer_dir):
-    """Its loss adds a mean over masked tokens to a mean over sequences: weighting the step by masked
-    tokens would skew the next-sentence gradient (0.75 relative in review), so it keeps equal shares."""
+def test_which_objectives_share_their_micro_batches_equally(tokenizer_dir, data_dir):
+    """mlm+nsp's loss adds a mean over masked tokens to a mean over sequences: weighting the step by
+    masked tokens would skew the next-sentence gradient (0.75 relative in review), so it keeps equal
+    shares. Causal windows all predict batch_size x seq_len tokens: equal shares are what counting
+    them gives, without the count (or, across processes, an all-reduce every step)."""
     from lmforge.train.distributed import World
     from lmforge.train.loop import _shares
 
     tok = Tokenizer.load(tokenizer_dir)
     bert = TINY_BERT.replace(vocab_size=tok.vocab_size, type_vocab_size=2)
     assert not Objective("mlm+nsp", bert, tok, seed=0).token_weighted
-    assert Objective("mlm", bert, tok, seed=0).token_weighted and Objective("causal", preset("tiny"), tok, seed=0).token_weighted
+    assert Objective("mlm", bert, tok, seed=0).token_weighted
     assert _shares([1, 1], World(), torch.device("cpu")) == [0.5, 0.5] and _shares([3, 1], World(), torch.device("cpu")) == [0.75, 0.25]
+    causal = Objective("causal", preset("tiny", vocab_size=tok.vocab_size), tok, seed=0)
+    windows = causal.open(data_dir, "train", 32)
+    counts = [causal.weight(causal.batch(windows, 4, step=0, micro=m)) for m in range(3)]
+    assert not causal.token_weighted and counts == [4 * 32] * 3
+    assert _shares(counts, World(), torch.device("cpu")) == [1 / 3] * 3

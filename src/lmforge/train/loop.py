@@ -234,6 +234,8 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
         depth=2 * train.grad_accum, pin=device.type == "cuda",
     )
     trainable_params = [p for p in net.parameters() if p.requires_grad]
+    token_weighted = getattr(objective, "token_weighted", True)  # else the micro-batches share a step equally
+    equal = [1 / len(micros)] * len(micros)
     step, last_loss, last_val, skipped = start_step, float("nan"), None, 0
     bar = tqdm(total=train.max_steps, initial=start_step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     window_t, window_tokens, window_wait, window_busy = time.perf_counter(), 0, 0.0, 0.0
@@ -252,8 +254,7 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
                 t = time.perf_counter()
                 batches = [prefetch.next((step, micro)) for micro in micros]
                 wait = time.perf_counter() - t
-                token_weighted = getattr(objective, "token_weighted", True)
-                shares = _shares([objective.weight(b) if token_weighted else 1 for b in batches], world, device)
+                shares = _shares([objective.weight(b) for b in batches], world, device) if token_weighted else equal
                 for i, (micro, batch) in enumerate(zip(micros, batches)):
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     torch.manual_seed(micro_seed(train.seed, step, micro))  # dropout: a function of (step, micro)

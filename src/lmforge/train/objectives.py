@@ -58,10 +58,12 @@ class Objective:
             raise UserError(f"train.chunked_loss applies to the causal objective only, not {name}; drop --train.chunked_loss")
         self.name, self.seed, self.tokenizer, self.chunked_loss = name, seed, tokenizer, chunked_loss
         self.label_smoothing = label_smoothing
-        # The step's micro-batches count by their predictions (`weight`), except for mlm+nsp, whose loss
-        # adds a mean over masked tokens to one over sequences: no one count weighs both, and equal
-        # shares keep the next-sentence part exact.
-        self.token_weighted = name != "mlm+nsp"
+        # Whether a step's micro-batches count by their predictions (`weight`): yes where the counts
+        # differ (masked tokens, target lengths). Causal windows all predict batch_size x seq_len tokens,
+        # so equal shares are the same without counting (or, across processes, an all-reduce a step);
+        # mlm+nsp adds a mean over masked tokens to one over sequences: no one count weighs both, and
+        # equal shares keep the next-sentence part exact.
+        self.token_weighted = name in ("mlm", "seq2seq")
         self.spec = MaskingSpec.from_tokenizer(tokenizer, config.vocab_size) if name in ("mlm", "mlm+nsp") else None
 
     def open(self, data: str, split: str, seq_len: int, required: bool = True) -> TokenWindows | ParallelPairs | None:
