@@ -54,3 +54,24 @@ def test_batches_are_a_function_of_seed_and_step():
     assert all((a[k] == b[k]).all() for k in a)
     c = mlm_batch(windows, SPEC, 4, seed=1, step=8, nsp=True)
     assert not (a["input_ids"] == c["input_ids"]).all()
+
+
+def test_random_segments_come_from_another_document():
+    # Eight documents of 50 tokens; token d*100 + i is token i of document d, and 0 ends each document.
+    stream = np.concatenate([np.append(d * 100 + np.arange(1, 51), 0) for d in range(1, 9)])
+    spec = MaskingSpec(cls_id=9001, sep_id=9002, mask_id=9003, vocab_size=9000, special_ids=(0, 9001, 9002, 9003), eot_id=0)
+    windows = TokenWindows([stream], seq_len=32)
+    a_len, checked = (32 - 3) // 2, 0
+    for step in range(40):
+        b = mlm_batch(windows, spec, 16, seed=5, step=step, nsp=True)
+        ids = np.where(b["labels"] != IGNORE, b["labels"], b["input_ids"])
+        a_last, b_first = ids[:, a_len], ids[:, a_len + 2]
+        for is_random, x, y in zip(b["nsp_labels"].tolist(), a_last, b_first):
+            if is_random and x and y:  # an end-of-text token (0) names no document by itself
+                assert x // 100 != y // 100
+                checked += 1
+    assert checked > 200
+    # One document: nothing else to draw from, so B is a random span of it (and the batch is still made).
+    one = TokenWindows([np.arange(1, 2000)], seq_len=32)
+    labels = np.concatenate([mlm_batch(one, spec, 16, seed=5, step=s, nsp=True)["nsp_labels"].numpy() for s in range(10)])
+    assert 0.3 < labels.mean() < 0.7

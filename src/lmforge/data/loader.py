@@ -31,20 +31,41 @@ class TokenWindows:
                 f"{seq_len}; lower --train.seq_len or prepare more text"
             )
         self.cumulative = np.cumsum([0] + counts)
+        self._document_ends: tuple[int, list[np.ndarray], np.ndarray] | None = None
 
     @property
     def num_windows(self) -> int:
         return int(self.cumulative[-1])
 
+    def locate(self, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The shard of each global window start, and the window's offset in that shard."""
+        shard = np.searchsorted(self.cumulative, starts, side="right") - 1
+        return shard, np.asarray(starts) - self.cumulative[shard]
+
     def windows(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (B, seq_len) int64 for global window starts."""
-        rows = []
-        for g in starts.tolist():
-            shard = int(np.searchsorted(self.cumulative, g, side="right")) - 1
-            offset = g - int(self.cumulative[shard])
-            rows.append(self.shards[shard][offset : offset + self.seq_len + 1])
+        shards, offsets = self.locate(starts)
+        rows = [self.shards[s][o : o + self.seq_len + 1] for s, o in zip(shards.tolist(), offsets.tolist())]
         chunk = torch.from_numpy(np.stack(rows).astype(np.int64))
         return chunk[:, :-1], chunk[:, 1:]
+
+    def document_ids(self, starts: np.ndarray, eot_id: int, offset: int = 0) -> np.ndarray:
+        """A number for the document that holds token `offset` of each window, equal for tokens of one
+        document. `prepare` ends every document with the end-of-text token `eot_id`; the first call
+        finds those tokens (one pass over the split, in chunks) and later calls reuse them."""
+        if self._document_ends is None or self._document_ends[0] != eot_id:
+            ends = [_positions_of(shard, eot_id) for shard in self.shards]
+            # Document numbers continue across shards: shard s starts after the documents of the shards before it.
+            first = np.cumsum([0] + [len(e) + 1 for e in ends])
+            self._document_ends = (eot_id, ends, first)
+        _, ends, first = self._document_ends
+        shards, offsets = self.locate(starts)
+        positions = offsets + offset
+        # An end-of-text token belongs to the document it ends (side="left": the ends strictly before it).
+        return np.array(
+            [first[s] + np.searchsorted(ends[s], p, side="left") for s, p in zip(shards.tolist(), positions.tolist())],
+            dtype=np.int64,
+        )
 
     def random_batch(self, batch_size: int, seed: int, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch number (step, micro) of a run seeded with `seed`."""
@@ -56,6 +77,13 @@ class TokenWindows:
         n = min(batch_size * n_batches, self.num_windows)
         starts = np.linspace(0, self.num_windows - 1, n).astype(np.int64)
         return [self.windows(starts[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def _positions_of(tokens: np.ndarray, token: int, chunk: int = 1 << 26) -> np.ndarray:
+    """Sorted positions of `token` in a (memory-mapped) array, read a chunk at a time so that the
+    comparison never holds a whole shard's worth of booleans."""
+    found = [np.flatnonzero(np.asarray(tokens[i : i + chunk]) == token) + i for i in range(0, len(tokens), chunk)]
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
 
 class Prefetcher:

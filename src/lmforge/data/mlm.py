@@ -6,8 +6,9 @@ a chosen token becomes [MASK] 80% of the time, a random token 10% of the time an
 segment B follows segment A in the text half of the time and comes from a random place otherwise.
 
 A sequence is `[CLS] A [SEP]` (MLM) or `[CLS] A [SEP] B [SEP]` (MLM+NSP) with token types 0 for
-`[CLS] A [SEP]` and 1 for `B [SEP]`. Segments are spans of tokens; document boundaries are ignored.
-Like `TokenWindows.random_batch`, a batch is a pure function of (seed, step, micro).
+`[CLS] A [SEP]` and 1 for `B [SEP]`. Segments are spans of tokens. A random B comes from another
+document than the one A ends in, as in BERT's create_pretraining_data.py: a draw that lands in A's
+document is redrawn, up to 10 times (a corpus of one document keeps the last draw). Like `TokenWindows.random_batch`, a batch is a pure function of (seed, step, micro).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class MaskingSpec:
     mask_prob: float = 0.15
     replace_with_mask: float = 0.8
     replace_with_random: float = 0.1
+    eot_id: int | None = None  # the end-of-text token that closes every document; None: documents unknown
 
     @classmethod
     def from_tokenizer(cls, tokenizer, vocab_size: int) -> "MaskingSpec":
@@ -46,7 +48,7 @@ class MaskingSpec:
                 "train one with `lmforge tokenizer train` (it adds <|cls|>, <|sep|>, <|mask|>)"
             )
         specials = tuple(i for i in (tokenizer.eot_id, tokenizer.pad_id, *ids.values()) if i is not None)
-        return cls(ids["cls"], ids["sep"], ids["mask"], vocab_size, specials)
+        return cls(ids["cls"], ids["sep"], ids["mask"], vocab_size, specials, eot_id=tokenizer.eot_id)
 
 
 def mask_tokens(ids: np.ndarray, spec: MaskingSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +85,8 @@ def mlm_batch(
         is_random = rng.random(batch_size) < 0.5
         b = text[:, a_len:].copy()
         if is_random.any():
-            others = windows.windows(rng.integers(0, windows.num_windows, size=int(is_random.sum())))[0].numpy()
-            b[is_random] = others[:, : n_text - a_len]
+            others = _other_documents(windows, starts[is_random], a_len, spec.eot_id, rng)
+            b[is_random] = windows.windows(others)[0].numpy()[:, : n_text - a_len]
         ids = np.concatenate([cls, text[:, :a_len], sep, b, sep], axis=1)
         types[:, a_len + 2 :] = 1
         out["nsp_labels"] = torch.from_numpy(is_random.astype(np.int64))
@@ -93,3 +95,18 @@ def mlm_batch(
     inputs, labels = mask_tokens(ids.astype(np.int64), spec, rng)
     out.update(input_ids=torch.from_numpy(inputs), token_type_ids=torch.from_numpy(types), labels=torch.from_numpy(labels))
     return out
+
+
+def _other_documents(windows: TokenWindows, a_starts: np.ndarray, a_len: int, eot_id: int | None, rng: np.random.Generator, tries: int = 10) -> np.ndarray:
+    """Window starts for random segments B: each drawn again, up to `tries` times, while B would open
+    in the document that A (the first `a_len` tokens of the window at `a_starts`) ends in."""
+    starts = rng.integers(0, windows.num_windows, size=len(a_starts))
+    if eot_id is None:
+        return starts
+    a_docs = windows.document_ids(a_starts, eot_id, offset=a_len - 1)
+    for _ in range(tries):
+        same = windows.document_ids(starts, eot_id) == a_docs
+        if not same.any():
+            break
+        starts[same] = rng.integers(0, windows.num_windows, size=int(same.sum()))
+    return starts
