@@ -24,7 +24,7 @@ from lmforge.data.prepare import check_data_out
 from lmforge.model.losses import IGNORE_INDEX
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_dir, atomic_write_json
+from lmforge.utils.fs import atomic_dir, atomic_write_json, read_jsonl
 
 
 
@@ -124,16 +124,9 @@ class ParallelPairs:
         if not path.is_file():
             raise UserError(f"{path} is missing; prepare parallel data with `lmforge prepare SRC --target TGT ...`")
         pairs = []
-        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                row, why = None, str(e)
-            else:
-                why = "no src and tgt token lists"
+        for number, row, error in read_jsonl(path):
             if not (isinstance(row, dict) and isinstance(row.get("src"), list) and isinstance(row.get("tgt"), list)):
+                why = error or "no src and tgt token lists"
                 raise UserError(f"{path}:{number} is not a pair of token lists ({why}); the file is damaged, re-run "
                                 f"`lmforge prepare SRC --target TGT --out {data_dir}`")
             pairs.append((row["src"], row["tgt"]))

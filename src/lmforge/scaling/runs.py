@@ -31,7 +31,6 @@ written before a key existed still load: every optional key has its default. For
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lmforge.utils.errors import UserError
+from lmforge.utils.fs import read_jsonl
 
 RESULTS = "results.jsonl"
 
@@ -122,14 +122,10 @@ def parse_run(row: Any, where: str) -> Run:
 def read_rows(path: str | os.PathLike) -> list[tuple[str, Any]]:
     """("file:line", decoded JSON) for each non-blank line of a results.jsonl; a malformed line names file:line."""
     rows = []
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rows.append((where, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg}); fix or delete that line") from None
+    for number, row, error in read_jsonl(path):
+        if error:
+            raise UserError(f"{path}:{number}: not valid JSON ({error}); fix or delete that line")
+        rows.append((f"{path}:{number}", row))
     return rows
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_write_text
+from lmforge.utils.fs import atomic_write_text, read_jsonl
 
 
 class MetricsLog:
@@ -47,19 +47,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """
     if not path.exists():
         return []
-    lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
-             if line.strip()]
+    lines = read_jsonl(path)
     rows = []
-    for n, (number, line) in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            row, why = None, str(e)
-        else:
-            why = f"a {type(row).__name__}"
+    for n, (number, row, error) in enumerate(lines, 1):
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             rows.append(row)
         elif n < len(lines):
+            why = error or f"a {type(row).__name__}"
             raise UserError(f"{path}:{number} is not a JSON object with a step ({why}); delete that line (or the file: "
                             "each checkpoint keeps a copy) and resume")
     return rows

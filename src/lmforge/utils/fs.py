@@ -121,6 +121,20 @@ def read_json(path: str | os.PathLike, fix: str) -> Any:
         raise UserError(f"{path} cannot be read ({e.strerror}); {fix}") from None
 
 
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any, str | None]]:
+    """(line number, value, None) for each non-blank line of a JSON-lines file, or (line number, None,
+    why) for a line that is not JSON; what a bad line means is the caller's to say."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line), None))
+        except json.JSONDecodeError as e:
+            rows.append((number, None, e.msg))
+    return rows
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
