@@ -264,3 +264,11 @@ def test_a_huge_top_k_keeps_every_token():
     gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)]
     tokens = sample_rows(torch.cat([logits[:1], logits[:1]]), params, gens).tokens
     assert tokens[0] == tokens[1]
+
+
+def test_a_plain_string_or_id_is_one_stop_not_one_per_character():
+    """As vLLM's SamplingParams: stop="END" is one stop string (a tuple of str would split it to "E", "N", "D")."""
+    assert SamplingParams(stop="END").stop == ("END",) and SamplingParams(stop=["END", ""]).stop == ("END",)
+    assert SamplingParams(stop_token_ids=7).stop_token_ids == (7,)
+    assert SamplingParams(stop_token_ids=[7, 8]).stop_token_ids == (7, 8)
+    assert SamplingParams(stop=None, stop_token_ids=None).stop == () == SamplingParams().stop_token_ids

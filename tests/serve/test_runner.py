@@ -86,3 +86,28 @@ def test_a_request_with_several_sequences_is_let_in_whole(varied_model):
         assert fresh._adding == 0 and not fresh._streams
 
     asyncio.run(too_long())
+
+
+def test_a_request_cancelled_while_waiting_counts_as_an_abort_and_no_prompt(varied_model):
+    """One slot: the second client request (n = 2) waits, and is cancelled there. The metrics count
+    two client requests, the first one's prompt only, and its tokens."""
+    runner = EngineRunner(Engine(varied_model, max_batch=1))
+    metrics = runner.metrics
+
+    async def main():
+        queue: asyncio.Queue = asyncio.Queue()
+        runner.submit([([1, 2, 3], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), 0)], queue)
+        ids = runner.submit([([4, 5], SamplingParams(max_tokens=4, seed=s), s) for s in range(2)], queue)
+        for r in ids:
+            runner.abort(r)
+        while not (await queue.get())[1].finished:
+            pass
+
+    try:
+        asyncio.run(main())
+    finally:
+        runner.close()
+    value = lambda counter, *labels: (counter.labels(*labels) if labels else counter)._value.get()
+    assert value(metrics.requests, "length") == 1 and value(metrics.requests, "abort") == 1
+    assert value(metrics.prompt) == 3 and value(metrics.generated) == 30
+    assert metrics.ttft._sum.get() > 0 and sum(b.get() for b in metrics.ttft._buckets) == 1

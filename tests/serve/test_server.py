@@ -1,6 +1,7 @@
 """The official `openai` client against live servers on loopback."""
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -216,6 +217,22 @@ def test_logprobs_of_part_of_a_character_are_its_bytes(client, lm):
     assert [(x.token, x.bytes) for x in content] == [("bytes:\\xf0", [0xF0])] * 3
 
 
+def test_streamed_text_offsets_equal_the_whole_answers_while_a_stop_string_is_held_back(client):
+    """Text that may begin a stop string is held back from the stream for several tokens; their
+    offsets are still those of the whole answer (they were capped at the text written so far)."""
+    free = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    text = free.choices[0].text
+    assert len(text) >= 9
+    for stop in (text[1:9] + "\u2603", text[4:9]):  # a prefix that never completes; one that does, inside the text
+        ask = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 12, "temperature": 0, "logprobs": 0, "stop": [stop],
+               "extra_body": {"ignore_eos": True}}
+        whole = client.completions.create(**ask).choices[0]
+        stream = client.completions.create(stream=True, **ask)
+        streamed = [o for c in stream if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+        assert streamed == whole.logprobs.text_offset
+        assert len(whole.logprobs.text_offset) == len(whole.logprobs.tokens) and max(streamed) <= len(whole.text)
+
+
 def test_token_texts_and_offsets_of_emoji_and_accents(lm):
     """Tokens that split a character: each offset is the index of the character holding the token's
     first byte, so offsets rise with the text and stay within it (decode([t]) gave U+FFFD, length 1)."""
@@ -261,6 +278,37 @@ def test_top_logprobs_needs_logprobs_and_bad_json_says_so(client, server):
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] is None
     assert error["message"].startswith("the request body is not valid JSON: ") and "character 15" in error["message"]
+
+
+def test_null_means_the_default(server):
+    """OpenAI types these fields "X or null": an explicit null is the default, not a 400; a required field stays required."""
+    url = server[0]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "seed": 1}
+    completion = {"prompt": "ROMEO:", "max_tokens": 3, "seed": 1}
+    common = ("temperature", "top_p", "n", "stream", "stream_options", "presence_penalty", "frequency_penalty", "stop",
+              "seed", "user", "logit_bias", "top_k", "min_p", "repetition_penalty", "ignore_eos", "best_of")
+    for path, body, fields in (("/v1/chat/completions", chat, common + ("logprobs", "top_logprobs", "max_completion_tokens")),
+                               ("/v1/completions", completion, common + ("echo", "logprobs", "suffix"))):
+        default = httpx.post(url + path, json=body, timeout=60).json()
+        for field in fields:
+            r = httpx.post(url + path, json={**body, field: None}, timeout=60)
+            assert r.status_code == 200, (path, field, r.text)
+            if field != "seed":
+                assert r.json()["choices"] == default["choices"], (path, field)
+    r = httpx.post(url + "/v1/completions", json={**completion, "stream": True, "stream_options": {"include_usage": None}})
+    assert r.status_code == 200 and '"usage"' not in r.text
+    for path, body, required in (("/v1/chat/completions", chat, "messages"), ("/v1/completions", completion, "prompt")):
+        r = httpx.post(url + path, json={**body, required: None}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith(required)
+
+
+def test_top_k_minus_one_is_vllms_disabled(client):
+    plain = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=6, seed=3)
+    r = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=6, seed=3, extra_body={"top_k": -1})
+    assert r.choices[0].text == plain.choices[0].text
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=6, extra_body={"top_k": -2})
+    assert e.value.body["param"] == "top_k"
 
 
 def test_full_queue_answers_429(strict):
@@ -318,7 +366,7 @@ def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slots(lm):
             gone = time.time()
             while (engine.running or engine.waiting) and time.time() < gone + 1.2:
                 time.sleep(0.01)
-            assert engine.running == 0 and not engine.waiting and aborted() == before + body.get("n", 1)
+            assert engine.running == 0 and not engine.waiting and aborted() == before + 1  # one client request
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
@@ -331,6 +379,33 @@ def test_metrics(server, client):
                  "lmforge_time_to_first_token_seconds_bucket", "lmforge_request_latency_seconds_count",
                  "lmforge_generated_tokens_total"):
         assert name in text
+
+
+def test_metrics_count_client_requests_and_prompts_as_usage_does(lm):
+    """A request with n = 3 is one request, its prompt counted once, as in its usage; a refused one is neither."""
+    app = build_app(lm, Engine(lm.model, lm.tokenizer, max_batch=2, max_waiting=8), model_name="tiny")
+    srv, thread, url = live(app)
+    try:
+        bodies = [("/v1/completions", {"prompt": "ROMEO:", "max_tokens": 5, "temperature": 0}),
+                  ("/v1/completions", {"prompt": ["KING", "What say"], "max_tokens": 7, "n": 3, "stop": ["e"]}),
+                  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True,
+                                            "stream_options": {"include_usage": True}})]
+        prompt = completion = 0
+        for path, body in bodies:
+            r = httpx.post(url + path, json=body, timeout=60)
+            usage = r.json()["usage"] if not body.get("stream") else json.loads(r.text.split("data: ")[-2])["usage"]
+            prompt, completion = prompt + usage["prompt_tokens"], completion + usage["completion_tokens"]
+        assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 999}).status_code == 400
+        metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in httpx.get(url + "/metrics").text.splitlines()
+                   if line.startswith("lmforge_")}
+        assert metrics["lmforge_prompt_tokens_total"] == prompt
+        assert metrics["lmforge_generated_tokens_total"] == completion
+        assert sum(v for k, v in metrics.items() if k.startswith("lmforge_requests_total")) == 3
+        assert metrics["lmforge_time_to_first_token_seconds_count"] == metrics["lmforge_request_latency_seconds_count"] == 3
+        assert metrics['lmforge_rejected_requests_total{status="400"}'] == 1
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
 
 
 def test_64_concurrent_streams_equal_each_request_alone(server):

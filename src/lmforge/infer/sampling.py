@@ -37,8 +37,9 @@ class SamplingParams:
 
     temperature 0 (below 1e-5) is greedy; top_k 0, top_p 1, min_p 0 and penalties 1 / 0 / 0 disable those.
     `stop` strings end the text before they occur; `stop_token_ids` (and the tokenizer's
-    end-of-text unless `ignore_eos`) end it after the token. `logprobs` k >= 0 reports the chosen
-    token's log-probability and the k most likely ones; None reports none. `logit_bias` maps token
+    end-of-text unless `ignore_eos`) end it after the token; a bare string or id is one stop, as in
+    vLLM. `logprobs` k >= 0 reports the chosen token's log-probability and the k most likely ones;
+    None reports none. `logit_bias` maps token
     ids to a number in [-100, 100] added to their logits (OpenAI's: -100 bans a token, 100 all but
     forces it).
     """
@@ -80,8 +81,9 @@ class SamplingParams:
         # Any top_k at or above the vocabulary keeps every token; cap it so that a huge one (an
         # HTTP client may send 2**70) still fits the int64 tensor the sampler builds.
         self.top_k = min(self.top_k, 2**31 - 1)
-        self.stop = tuple(s for s in self.stop if s)
-        self.stop_token_ids = tuple(self.stop_token_ids)
+        # tuple("END") would be the stops "E", "N", "D": a bare string (or id) is one stop.
+        self.stop = tuple(s for s in ((self.stop,) if isinstance(self.stop, str) else self.stop or ()) if s)
+        self.stop_token_ids = tuple((self.stop_token_ids,) if isinstance(self.stop_token_ids, int) else self.stop_token_ids or ())
 
     @property
     def greedy(self) -> bool:

@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
 import json
 import secrets
 import time
 import uuid
-from typing import Annotated, Any, AsyncIterator, Literal, Union
+from typing import Annotated, Any, AsyncIterator, Literal, Union, get_args
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.infer import Engine, LanguageModel, QueueFull, SamplingParams, encode_chat
@@ -37,11 +38,45 @@ _dumps = json.JSONEncoder(ensure_ascii=False).encode
 # ---- request bodies (their JSON schema is the server's OpenAPI schema) -----------------------
 
 
-class StreamOptions(BaseModel):
+def _admits_none(annotation: Any) -> bool:
+    return annotation is None or type(None) in get_args(annotation)
+
+
+@functools.cache
+def _defaulted(model: type[BaseModel]) -> set[str]:
+    """The fields of `model` that have a default and whose type has no null of its own."""
+    return {name for name, f in model.model_fields.items() if not f.is_required() and not _admits_none(f.annotation)}
+
+
+def _null_in_schema(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """The JSON schema says what `_Body` takes: null too, for those fields."""
+    for name in _defaulted(model) & schema.get("properties", {}).keys():
+        prop = schema["properties"][name]
+        keep = {k: prop.pop(k) for k in ("title", "description", "default") if k in prop}
+        schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **keep}
+
+
+class _Body(BaseModel):
+    """A request body in which an explicit null, for a field with a default, means that default:
+    OpenAI types most of its fields "X or null" (temperature, n, stream, ...), and clients send
+    null for "not given"."""
+
+    model_config = ConfigDict(json_schema_extra=_null_in_schema)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        defaulted = _defaulted(cls)
+        return {k: v for k, v in data.items() if v is not None or k not in defaulted}
+
+
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class _Sampling(_Body):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, description="default: the rest of the context")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -56,7 +91,7 @@ class _Sampling(BaseModel):
     user: str | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         None, description="token id (as a string) -> a number added to its logits; -100 bans it")
-    top_k: int = Field(0, ge=0, description="vLLM extension; 0 disables")
+    top_k: int = Field(0, ge=-1, description="vLLM extension; 0 or -1 (vLLM's default) disables")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM extension; 0 disables")
     repetition_penalty: float = Field(1.0, ge=0.01, le=100.0, description="vLLM extension; 1 disables")
     ignore_eos: bool = Field(False, description="vLLM extension: do not stop at end-of-text")
@@ -218,7 +253,7 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
         except ValueError:
             raise APIError(400, "logit_bias keys must be token ids, such as \"50256\"", param="logit_bias") from None
         return SamplingParams(
-            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0), min_p=body.min_p,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, stop=tuple(stop), ignore_eos=body.ignore_eos,
             seed=None if body.seed is None else body.seed + index, logprobs=logprobs, logit_bias=bias,
@@ -232,7 +267,8 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
         queue: asyncio.Queue = asyncio.Queue()
         try:
             ids = runner.submit([(prompt, params_for(body, len(prompt), j, logprobs, max_tokens), p * body.n + j)
-                                 for p, prompt in enumerate(prompts) for j in range(body.n)], queue)
+                                 for p, prompt in enumerate(prompts) for j in range(body.n)], queue,
+                                prompt_tokens=sum(len(p) for p in prompts))  # as usage() counts them
         except QueueFull as e:
             runner.metrics.rejected.labels("429").inc()
             raise APIError(429, f"the server is busy: {e}", type="rate_limit_error", code="rate_limit_exceeded") from None
@@ -241,11 +277,10 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             raise APIError(400, str(e), code="context_length_exceeded" if "context" in str(e) else None) from None
         return queue, ids
 
-    def completion_logprobs(entries: list[dict], offsets: TextOffsets, within: int) -> dict[str, Any]:
+    def completion_logprobs(entries: list[dict], text_offset: list[int]) -> dict[str, Any]:
         return {
             "tokens": [token_text(tok, e["token"]) for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{token_text(tok, t): lp for t, lp in e["top"]} for e in entries],
-            "text_offset": offsets([e["token"] for e in entries], within),
+            "top_logprobs": [{token_text(tok, t): lp for t, lp in e["top"]} for e in entries], "text_offset": text_offset,
         }
 
     def chat_logprobs(entries: list[dict]) -> dict[str, Any]:
@@ -269,10 +304,10 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
                 "model": model_name}
         n_choices = len(ids)
 
-        def lp_block(entries: list[dict], offsets: TextOffsets | None = None, within: int = 0):
+        def lp_block(entries: list[dict], text_offset: list[int]):
             if logprobs is None:
                 return None
-            return chat_logprobs(entries) if chat else completion_logprobs(entries, offsets or TextOffsets(tok), within)
+            return chat_logprobs(entries) if chat else completion_logprobs(entries, text_offset)
 
         if not body.stream:
             texts, reasons, lps, generated = [""] * n_choices, [None] * n_choices, [[] for _ in ids], 0
@@ -298,7 +333,8 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
                     runner.abort(r)
             choices = []
             for i in range(n_choices):
-                c: dict[str, Any] = {"index": i, "finish_reason": reasons[i], "logprobs": lp_block(lps[i], within=len(texts[i]))}
+                offsets = TextOffsets(tok)([e["token"] for e in lps[i]], within=len(texts[i])) if logprobs is not None else []
+                c: dict[str, Any] = {"index": i, "finish_reason": reasons[i], "logprobs": lp_block(lps[i], offsets)}
                 if chat:
                     c["message"] = {"role": "assistant", "content": texts[i]}
                 else:
@@ -316,6 +352,11 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
         async def events() -> AsyncIterator[str]:
             sent = lambda obj: f"data: {_dumps(obj)}\n\n"
             offsets, written = [TextOffsets(tok) for _ in range(n_choices)], [0] * n_choices
+            # Per choice, the (entry, offset) pairs whose offset lies past the text written so far: the
+            # engine holds back text that may begin a stop string, and a stop string would cap those
+            # offsets at the final text's length. They go out once the text reaches them, or at the end,
+            # so that the stream's offsets are the whole answer's.
+            held: list[list[tuple[dict, int]]] = [[] for _ in range(n_choices)]
             generated, pending = 0, n_choices
             try:
                 if chat:
@@ -340,11 +381,17 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
                         entries = [ev.logprob for ev in evs if ev.logprob is not None]
                         last = evs[-1]
                         reason = last.request.finish_reason if last.finished else None
+                        written[tag] += len(text)
+                        if not chat and logprobs is not None:
+                            held[tag] += zip(entries, offsets[tag]([e["token"] for e in entries]))
+                            ready = len(held[tag]) if last.finished else sum(o <= written[tag] for _, o in held[tag])
+                            out, held[tag] = held[tag][:ready], held[tag][ready:]
+                            entries, text_offset = [e for e, _ in out], [min(o, written[tag]) for _, o in out]
+                        else:
+                            text_offset = []
                         if not text and reason is None and not entries:
                             continue
-                        written[tag] += len(text)
-                        c: dict[str, Any] = {"index": tag, "logprobs": lp_block(entries, offsets[tag], written[tag]),
-                                             "finish_reason": reason}
+                        c: dict[str, Any] = {"index": tag, "logprobs": lp_block(entries, text_offset), "finish_reason": reason}
                         if chat:
                             c["delta"] = {"content": text} if text else {}
                         else:

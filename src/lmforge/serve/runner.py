@@ -27,11 +27,16 @@ log = logging.getLogger("lmforge.serve")
 
 
 class Metrics:
-    """Prometheus metrics of one server, in their own registry (several apps may live in one process)."""
+    """Prometheus metrics of one server, in their own registry (several apps may live in one process).
+
+    A client request (one HTTP request) runs as a sequence per prompt and copy (`n`): the request
+    counters and histograms count client requests, the token counters count tokens as the
+    response's `usage` does (each prompt once, whatever `n`; every sequence's generated tokens)."""
 
     def __init__(self, engine: Engine) -> None:
         self.registry = r = CollectorRegistry()
-        Gauge("lmforge_queue_length", "requests waiting for a slot", registry=r).set_function(lambda: len(engine.waiting))
+        Gauge("lmforge_queue_length", "sequences waiting for a slot (n per prompt of a client request)",
+              registry=r).set_function(lambda: len(engine.waiting))
         Gauge("lmforge_running_sequences", "sequences holding a KV-cache slot", registry=r).set_function(lambda: engine.running)
         Gauge("lmforge_slots", "KV-cache slots (the most sequences decoded at once)", registry=r).set(engine.max_batch)
         Gauge("lmforge_prefix_reused_tokens", "prompt tokens whose keys and values were reused, not prefilled (since start)",
@@ -40,14 +45,36 @@ class Metrics:
         Gauge("lmforge_draft_tokens_accepted", "speculative draft tokens the model confirmed (since start)",
               registry=r).set_function(lambda: engine.accepted)
         self.tokens_per_second = Gauge("lmforge_tokens_per_second", "generated tokens per second over the last second", registry=r)
-        self.generated = Counter("lmforge_generated_tokens", "generated tokens", registry=r)
-        self.prompt = Counter("lmforge_prompt_tokens", "prompt tokens admitted", registry=r)
-        self.requests = Counter("lmforge_requests", "finished requests by reason", ["finish_reason"], registry=r)
-        self.rejected = Counter("lmforge_rejected_requests", "requests refused, by HTTP status", ["status"], registry=r)
+        self.generated = Counter("lmforge_generated_tokens", "generated tokens of every sequence (as usage.completion_tokens "
+                                 "counts them, and those of requests cancelled on the way)", registry=r)
+        self.prompt = Counter("lmforge_prompt_tokens", "prompt tokens of client requests, each prompt once whatever n (as "
+                              "usage.prompt_tokens counts them), at a request's first token: none of one cancelled before",
+                              registry=r)
+        self.requests = Counter("lmforge_requests", "finished client requests (an HTTP request, whatever n and its prompts) "
+                                "by how their sequences ended: error if any did, else abort, else length, else stop",
+                                ["finish_reason"], registry=r)
+        self.rejected = Counter("lmforge_rejected_requests", "client requests refused on submission, by HTTP status "
+                                "(429: the queue is full; 400: the engine refused a prompt)", ["status"], registry=r)
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-        self.ttft = Histogram("lmforge_time_to_first_token_seconds", "time from arrival to the first token", buckets=buckets, registry=r)
-        self.latency = Histogram("lmforge_request_latency_seconds", "time from arrival to the last token", buckets=buckets, registry=r)
+        self.ttft = Histogram("lmforge_time_to_first_token_seconds", "time from a client request's arrival to the first "
+                              "token of any of its sequences", buckets=buckets, registry=r)
+        self.latency = Histogram("lmforge_request_latency_seconds", "time from a client request's arrival to the last token "
+                                 "of its last sequence (not for cancelled requests)", buckets=buckets, registry=r)
         self.step_time = Histogram("lmforge_step_seconds", "time of one engine step", buckets=buckets, registry=r)
+
+
+_WORSE = {"stop": 0, "length": 1, "abort": 2, "error": 3}  # a client request ends as the worst of its sequences
+
+
+@dataclass
+class _Client:
+    """One client request, whose sequences the metrics count together."""
+
+    arrived: float
+    prompt_tokens: int
+    left: int  # sequences not finished
+    first: float | None = None
+    reason: str = "stop"
 
 
 @dataclass
@@ -55,9 +82,8 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     tag: int
-    arrived: float
+    client: _Client
     turn: int = 0
-    first: float | None = None
     held: list = field(default_factory=list)
 
 
@@ -120,22 +146,25 @@ class EngineRunner:
         self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, requests: list[tuple[list[int], SamplingParams, int]], queue: asyncio.Queue) -> list[str]:
+    def submit(self, requests: list[tuple[list[int], SamplingParams, int]], queue: asyncio.Queue,
+               prompt_tokens: int | None = None) -> list[str]:
         """Queue one client request's sequences, (prompt, params, tag) each (its prompts x n), all or
         none: UserError / QueueFull raise here before any is queued. Their events arrive on `queue`
         as (tag, Event). The queue bound refuses a client request when `max_waiting` sequences are
         waiting already; one that is let in brings all its sequences (else `n` above the bound could
-        never be served, and its first sequence would count against its second)."""
+        never be served, and its first sequence would count against its second). `prompt_tokens`:
+        what the metrics count for the request's prompts (default: every sequence's prompt)."""
         reqs = [self.engine.make_request(prompt, params, request_id=uuid.uuid4().hex) for prompt, params, _ in requests]
         bound = self.engine.max_waiting
         with self._adding_lock:
             if bound is not None and len(self.engine.waiting) + self._adding >= bound:
                 raise QueueFull(f"{bound} requests are waiting already; try again later")
             self._adding += len(reqs)  # nothing below can fail before the inbox has them
-        loop, now = asyncio.get_running_loop(), time.perf_counter()
-        for req, (prompt, _, tag) in zip(reqs, requests):
-            self._streams[req.id] = _Stream(loop, queue, tag, now, next(self._turns))
-            self.metrics.prompt.inc(len(prompt))
+        loop = asyncio.get_running_loop()
+        client = _Client(time.perf_counter(), sum(len(p) for p, _, _ in requests) if prompt_tokens is None else prompt_tokens,
+                         len(reqs))
+        for req, (_, _, tag) in zip(reqs, requests):
+            self._streams[req.id] = _Stream(loop, queue, tag, client, next(self._turns))
             self._inbox.put(("add", req))
         self._wake.set()
         return [req.id for req in reqs]
@@ -161,9 +190,8 @@ class EngineRunner:
                 self.engine.enqueue(item)
                 with self._adding_lock:
                     self._adding -= 1
-            elif self.engine.abort(item) is not None:
-                self._streams.pop(item, None)
-                self.metrics.requests.labels("abort").inc()
+            elif self.engine.abort(item) is not None and (stream := self._streams.pop(item, None)) is not None:
+                self._ended(stream.client, "abort", time.perf_counter())
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -193,12 +221,13 @@ class EngineRunner:
             stream = self._streams.pop(ev.request.id, None) if ev.finished else self._streams.get(ev.request.id)
             if stream is None:
                 continue
-            if stream.first is None:
-                stream.first = now
-                self.metrics.ttft.observe(now - stream.arrived)
+            client = stream.client
+            if client.first is None and ev.token is not None:  # its prompt is in: count it (usage counts it too)
+                client.first = now
+                self.metrics.ttft.observe(now - client.arrived)
+                self.metrics.prompt.inc(client.prompt_tokens)
             if ev.finished:
-                self.metrics.latency.observe(now - stream.arrived)
-                self.metrics.requests.labels(ev.request.finish_reason).inc()
+                self._ended(client, ev.request.finish_reason, now)
             stream.held.append((stream.queue, (stream.tag, ev)))
             if ev.finished or len(ev.request.output) == 1 or (self._steps + stream.turn) % every == 0:
                 by_loop[stream.loop].extend(stream.held)
@@ -210,6 +239,15 @@ class EngineRunner:
             outbox.put(items)
         self.metrics.generated.inc(n)
         self._tick(n)
+
+    def _ended(self, client: _Client, reason: str, now: float) -> None:
+        """One of `client`'s sequences ended with `reason`; the last one counts the request."""
+        client.left -= 1
+        client.reason = max(client.reason, reason, key=lambda r: _WORSE.get(r, 0))
+        if client.left == 0:
+            self.metrics.requests.labels(client.reason).inc()
+            if client.reason != "abort":
+                self.metrics.latency.observe(now - client.arrived)
 
     def _tick(self, n: int) -> None:
         start, count = self._window
