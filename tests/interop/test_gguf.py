@@ -139,8 +139,33 @@ def smollm2(tmp_path_factory):
     return model, ckpt.tokenizer, hf_model.eval(), hf_tok, ckpt.path
 
 
+def test_smollm2_tokenizer_splits_numerals_as_its_own_tokenizer_json():
+    """The file's pre is `smollm`: llama.cpp, and HF's SmolLM2 tokenizer.json (Digits(individual_digits),
+    ByteLevel), split every \\p{N} character alone first. The vocabulary has no token of two digits, so only
+    numerals of more than one byte show it: " ½" is split into " " and "½" -> Ġ, Â½ (GPT-2's regex alone: ĠÂ, ½)."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+
+    from lmforge.interop.gguf import tokenizer_from_gguf
+
+    g = read_gguf(smollm2_file())
+    tok = tokenizer_from_gguf(g)
+    tokens = g.metadata["tokenizer.ggml.tokens"]
+    ref = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)},
+                                          [tuple(m.split(" ")) for m in g.metadata["tokenizer.ggml.merges"]]))
+    ref.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    ref.add_special_tokens([t for t, kind in zip(tokens, g.metadata["tokenizer.ggml.token_type"]) if kind == 3])
+    for text in ["add ½ cup; area = 3 m² ; ¼", "In 2024, 1,234.56 apples cost $99.", "Ⅻ ٣ ¾x", "<|im_start|>user\n½<|im_end|>"]:
+        assert tok.encode(text) == ref.encode(text).ids, text
+    assert [tok.hf.id_to_token(i) for i in tok.encode(" ½")] == ["Ġ", "Â½"]
+    assert tok.hf.encode("hi").ids == tok.encode("hi")  # add_bos_token is false in the file: nothing is added
+
+
 @pytest.mark.slow
 def test_smollm2_tokens_match_transformers(smollm2):
+    """transformers' GGUF loader does not apply the `smollm` digit split (see the test above), so the samples
+    keep to numerals of one byte, where the split changes nothing in this vocabulary."""
     _, tok, _, hf_tok, _ = smollm2
     samples = [
         "The quick brown fox jumps over the lazy dog, doesn't it?",
@@ -151,6 +176,7 @@ def test_smollm2_tokens_match_transformers(smollm2):
     ]
     for text in samples:
         assert tok.encode(text) == hf_tok(text, add_special_tokens=False)["input_ids"], text
+        assert tok.hf.encode(text).ids == hf_tok(text)["input_ids"], text  # neither adds BOS: add_bos_token is false
         assert tok.decode(tok.encode(text)) == text
     assert tok.hf.id_to_token(tok.eot_id) == "<|im_end|>" and tok.chat_template.startswith("{% for message")
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors
 
 from lmforge.checkpoint import save_checkpoint
 from lmforge.config import ModelConfig
@@ -190,7 +190,17 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     def a(key: str, kind: type = int, default: Any = REQUIRED) -> Any:
         return read_key(md, f"llama.{key}", kind, g.path, _GGUF_FIX, default)
 
-    n_head = a("attention.head_count")
+    n_head, n_embd = a("attention.head_count"), a("embedding_length")
+    # lmforge's heads are n_embd / n_head wide and rotate whole: a file that says otherwise (Mistral-Nemo's
+    # key_length 128 with 5120 / 32 = 160; partial rotary) would load into the wrong shapes or rotate too much.
+    head_size = n_embd // n_head
+    for key, unsupported in (("attention.key_length", "heads of another size are"),
+                             ("attention.value_length", "heads of another size are"),
+                             ("rope.dimension_count", "rotating only part of each head (partial rotary) is")):
+        value = a(key, int, head_size)
+        if value != head_size:
+            raise UserError(f"{g.path}: 'llama.{key}' is {value}, but lmforge's head size is embedding_length / "
+                            f"head_count = {n_embd} / {n_head} = {head_size}; {unsupported} not supported")
     scaling: dict[str, Any] = {}
     kind = a("rope.scaling.type", str, None)
     if kind == "linear":
@@ -200,7 +210,7 @@ def config_from_gguf(g: GGUFFile) -> ModelConfig:
     fields = dict(
         vocab_size=a("vocab_size", int, None) or len(_tokens(g)), context_length=a("context_length"),
         n_layer=a("block_count"), n_head=n_head, n_kv_head=a("attention.head_count_kv", int, n_head),
-        n_embd=a("embedding_length"), mlp_hidden=a("feed_forward_length"), position="rotary",
+        n_embd=n_embd, mlp_hidden=a("feed_forward_length"), position="rotary",
         rope_theta=a("rope.freq_base", float, 10000.0), norm="rmsnorm", mlp="swiglu", bias=False,
         norm_eps=a("attention.layer_norm_rms_epsilon", float, 1e-5), tie_embeddings="output.weight" not in g.tensors,
         pad_vocab_multiple=1, **scaling,
@@ -254,31 +264,94 @@ def state_dict_from_gguf(g: GGUFFile, c: ModelConfig, used: set[str] | None = No
     return sd
 
 
+# llama.cpp's pre-tokenizers (src/llama-vocab.cpp, llm_tokenizer_bpe), by `tokenizer.ggml.pre`: the regexes it
+# splits text with, one after another, each keeping what it does not match as pieces too, before byte-level BPE.
+# The splits are those of each model's own tokenizer.json, so an export to Hugging Face carries the same rule.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+# Meta's tokenizer.json spelling; llama.cpp writes the contractions as '[sS] etc. for std::regex (the same on ASCII).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp's fallback for a file without `pre` (it warns that generation quality degrades).
+_DEFAULT_SPLITS = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]")
+# kind -> the `pre` names llama.cpp gives it. llama3: the word is looked up whole before any merge
+# (ignore_merges, as in Llama 3's tokenizer.json) and BOS is added unless the file says otherwise.
+_PRE_NAMES = {
+    "gpt2": ("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v1-en", "jina-v2-es", "jina-v2-de",
+             "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais"),
+    "digits": ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+    "llama3": ("llama3", "llama-v3", "llama-bpe", "falcon3"),
+    "llama3-split": ("dbrx", "smaug-bpe"),
+    "default": ("default",),
+}
+_PRE_KIND = {name: kind for kind, names in _PRE_NAMES.items() for name in names}
+# llama.cpp token types: 2 UNKNOWN and 3 CONTROL are special tokens (<|im_start|>, <|endoftext|>);
+# 4 USER_DEFINED (<think>, <tool>) is matched whole in any text, but is not special.
+_SPECIAL_TYPES, _USER_DEFINED = (2, 3), 4
+
+
+def _pre_tokenizer(g: GGUFFile) -> tuple[pre_tokenizers.PreTokenizer, str]:
+    """The pre-tokenizer llama.cpp uses for this file's `tokenizer.ggml.pre`, and its kind (see _PRE_NAMES)."""
+    pre = g.metadata.get("tokenizer.ggml.pre", "default")
+    kind = _PRE_KIND.get(pre) if isinstance(pre, str) else None
+    if kind is None:
+        raise UserError(
+            f"{g.path}: 'tokenizer.ggml.pre' is {pre!r}, a pre-tokenizer lmforge does not implement "
+            f"(it knows {', '.join(sorted(_PRE_KIND))}); import the model's Hugging Face directory with `lmforge import hf`"
+        )
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if kind == "gpt2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False), kind  # its built-in regex is GPT-2's
+    if kind == "digits":  # as SmolLM2's tokenizer.json: each \p{N} alone, then GPT-2's regex
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False)]), kind
+    splits = _DEFAULT_SPLITS if kind == "default" else (_LLAMA3_SPLIT,)
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), "isolated") for r in splits] + [byte_level]), kind
+
+
 def tokenizer_from_gguf(g: GGUFFile) -> Tokenizer:
-    """Rebuild a byte-level BPE tokenizer (`tokenizer.ggml.model` = gpt2) from the GGUF metadata."""
+    """Rebuild a byte-level BPE tokenizer (`tokenizer.ggml.model` = gpt2) from the GGUF metadata, splitting
+    text as llama.cpp does for the file's `tokenizer.ggml.pre`."""
     md = g.metadata
     kind = md.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise UserError(f"{g.path}: GGUF tokenizer model {kind!r} is not supported; only gpt2 (byte-level BPE)")
+    pre_tokenizer, pre_kind = _pre_tokenizer(g)
     tokens = _tokens(g)
     merges = [tuple(m.split(" ", 1)) for m in _strings(g, "tokenizer.ggml.merges", [])]
-    hf = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                         ignore_merges=pre_kind == "llama3"))
+    hf.pre_tokenizer = pre_tokenizer
     hf.decoder = decoders.ByteLevel()
     types = read_key(md, "tokenizer.ggml.token_type", list, g.path, _GGUF_FIX, [])
-    # Token type 3 is CONTROL in llama.cpp's vocabulary: <|im_start|>, <|endoftext|>, ...
     hf.add_special_tokens([tokenizers.AddedToken(tokens[i], special=True, normalized=False)
-                           for i, kind in enumerate(types) if kind == 3])
-    roles = {}
+                           for i, t in enumerate(types) if t in _SPECIAL_TYPES])
+    hf.add_tokens([tokenizers.AddedToken(tokens[i], special=False, normalized=False)
+                   for i, t in enumerate(types) if t == _USER_DEFINED])
+    ids = {}
     for role in ("bos", "eos", "padding"):
         key = f"tokenizer.ggml.{role}_token_id"
         if key in md:
             i = md[key]
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(tokens):
                 raise UserError(f"{g.path}: {key!r} is {i!r}, not a token id (the vocabulary has {len(tokens)} tokens); {_GGUF_FIX}")
-            roles[role] = tokens[i]
+            ids[role] = i
+    roles = {role: tokens[i] for role, i in ids.items()}
+    # llama.cpp adds BOS (and EOS) when it tokenizes with add_special. That is the post-processor here, as in
+    # Llama 3's tokenizer.json: HF-style encoding with special tokens adds them; lmforge's `encode` adds none.
+    add = {role: read_key(md, f"tokenizer.ggml.add_{role}_token", bool, g.path, _GGUF_FIX, default)
+           for role, default in (("bos", pre_kind == "llama3"), ("eos", False))}
+    missing = [role for role, on in add.items() if on and role not in ids]
+    if missing:
+        raise UserError(f"{g.path}: 'tokenizer.ggml.add_{missing[0]}_token' is true (or its pre-tokenizer's default) but "
+                        f"'tokenizer.ggml.{missing[0]}_token_id' is missing; {_GGUF_FIX}")
+    if any(add.values()):
+        bos, eos = ([roles[r]] if add[r] else [] for r in ("bos", "eos"))
+        hf.post_processor = processors.TemplateProcessing(
+            single=[*bos, "$A", *eos], pair=[*bos, "$A", *eos, *(f"{t}:1" for t in bos), "$B:1", *(f"{t}:1" for t in eos)],
+            special_tokens=[(roles[r], ids[r]) for r in ("bos", "eos") if add[r]],
+        )
     return Tokenizer(
-        hf, origin=str(g.path), eos_token=roles.get("eos"), bos_token=roles.get("bos"),
+        hf, origin=str(g.path), eos_token=roles.get("eos"), bos_token=roles.get("bos"), pad_token=roles.get("padding"),
         chat_template=read_key(md, "tokenizer.chat_template", str, g.path, _GGUF_FIX, None),
     )
 

@@ -2,18 +2,21 @@
 
 Import maps HF names onto lmforge's (fusing q/k/v and gate/up projections, transposing GPT-2's
 Conv1D weights); export undoes it, so `transformers`' Auto classes load the result with no missing
-or unexpected weights.
+or unexpected weights. BERT's task classes import too: a head the class lacks starts afresh (as in
+transformers), and a classification, tagging or QA layer becomes lmforge's task head.
 """
 
 from __future__ import annotations
 
-import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import tokenizers
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tokenizers import processors
 
 from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.config import ModelConfig
@@ -21,7 +24,13 @@ from lmforge.interop._keys import REQUIRED, model_config, read_key, some_names
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_dir, atomic_write_json, check_replaceable, read_json
+from lmforge.utils.fs import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    check_replaceable,
+    read_json,
+)
 
 Tensors = dict[str, torch.Tensor]
 _HF_FIX = "pass a Hugging Face model directory (re-download it if it is damaged)"
@@ -58,6 +67,7 @@ def config_from_hf(hf: Any, source: str | Path = "config.json") -> ModelConfig:
             n_head=get("n_head", int), n_embd=get("n_embd", int), mlp_hidden=get("n_inner", int, None), position="learned",
             norm="layernorm", mlp=_GPT2_ACT[act], bias=True, norm_eps=get("layer_norm_epsilon", float, 1e-5),
             tie_embeddings=get("tie_word_embeddings", bool, True), pad_vocab_multiple=1,
+            dropout=get("resid_pdrop", float, 0.1),
         )
     elif kind == "llama":
         if get("hidden_act", str, "silu") != "silu":
@@ -74,26 +84,58 @@ def config_from_hf(hf: Any, source: str | Path = "config.json") -> ModelConfig:
             n_embd=hidden, mlp_hidden=get("intermediate_size", int), position="rotary", norm="rmsnorm",
             mlp="swiglu", bias=False, norm_eps=get("rms_norm_eps", float, 1e-6),
             tie_embeddings=get("tie_word_embeddings", bool, False), pad_vocab_multiple=1, **_rope_from_hf(hf, source),
+            dropout=get("attention_dropout", float, 0.0),
         )
     elif kind == "bert":
         if get("hidden_act", str, "gelu") != "gelu" or get("position_embedding_type", str, "absolute") != "absolute":
             raise UserError(f"{source}: BERT variants other than GELU with absolute positions are not supported yet")
         fields = dict(
+            _bert_task(hf, (get("architectures", list, None) or ["BertForPreTraining"])[0], get("is_decoder", bool, False), source),
             arch="encoder", vocab_size=get("vocab_size", int), context_length=get("max_position_embeddings", int),
             n_layer=get("num_hidden_layers", int), n_head=get("num_attention_heads", int), n_embd=get("hidden_size", int),
             mlp_hidden=get("intermediate_size", int), position="learned", norm="layernorm", norm_position="post",
             embed_norm=True, type_vocab_size=get("type_vocab_size", int, 2), mlp="gelu", bias=True,
             norm_eps=get("layer_norm_eps", float, 1e-12), tie_embeddings=get("tie_word_embeddings", bool, True),
-            pad_vocab_multiple=1,
+            pad_vocab_multiple=1, dropout=get("hidden_dropout_prob", float, 0.1),
         )
     else:
         raise UserError(f"{source}: Hugging Face model_type {kind!r} is not supported; supported: gpt2, llama, bert")
     return model_config(source, **fields)
 
 
+# lmforge has one dropout (embeddings, attention weights, residual branches). It is read from GPT-2's
+# resid_pdrop and BERT's hidden_dropout_prob, and written to all of their dropouts; Llama has only
+# attention_dropout, which is read and written as it.
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 # GPT-2 attention switches and their defaults, the only values lmforge's attention computes.
 _GPT2_ATTENTION = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
+
+
+# The BERT classes import takes: each one's lmforge task head (its HF layer in _BERT_TASK_LAYER).
+_BERT_CLASSES = {
+    "BertForPreTraining": "none", "BertForMaskedLM": "none", "BertModel": "none", "BertForNextSentencePrediction": "none",
+    "BertForSequenceClassification": "classify", "BertForTokenClassification": "tag", "BertForQuestionAnswering": "span",
+}
+_BERT_TASK_LAYER = {"classify": "classifier", "tag": "classifier", "span": "qa_outputs"}
+
+
+def _bert_task(hf: dict[str, Any], arch: Any, is_decoder: bool, source: str | Path) -> dict[str, Any]:
+    """The task head and labels of a BERT config.json's class (`architectures[0]`)."""
+    if arch not in _BERT_CLASSES or is_decoder:
+        what = f"{arch} with is_decoder true (a causal BERT)" if is_decoder else repr(arch)
+        raise UserError(f"{source}: BERT class {what} is not supported; supported: {', '.join(_BERT_CLASSES)}")
+    task = _BERT_CLASSES[arch]
+    if task not in ("classify", "tag"):
+        return {"task_head": task}
+    id2label = read_key(hf, "id2label", dict, source, _HF_FIX, {"0": "LABEL_0", "1": "LABEL_1"})
+    if not all(isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in id2label.items()) \
+            or sorted(map(int, id2label)) != list(range(len(id2label))):
+        raise UserError(f"{source}: 'id2label' is not a map from 0..n-1 to label names; {_HF_FIX}")
+    problem = read_key(hf, "problem_type", str, source, _HF_FIX, "single_label_classification")
+    if task == "classify" and (problem != "single_label_classification" or len(id2label) < 2):
+        raise UserError(f"{source}: a {problem} head ({len(id2label)} labels) is not supported; "
+                        "lmforge's classify head picks one of two or more labels")
+    return {"task_head": task, "labels": [id2label[str(i)] for i in range(len(id2label))]}
 
 
 def _rope_from_hf(hf: dict[str, Any], source: str | Path) -> dict[str, Any]:
@@ -123,7 +165,8 @@ def _rope_from_hf(hf: dict[str, Any], source: str | Path) -> dict[str, Any]:
 
 def config_to_hf(c: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
     """A Hugging Face `config.json` for an lmforge config that has an HF equivalent."""
-    special = {"eos_token_id": tokenizer.eot_id, "bos_token_id": tokenizer.eot_id} if tokenizer else {}
+    pad = {"pad_token_id": tokenizer.pad_id} if tokenizer and tokenizer.pad_id is not None else {}
+    special = {"eos_token_id": tokenizer.eot_id, "bos_token_id": _bos_id(tokenizer), **pad} if tokenizer else {}
     family = _family(c)
     if family == "bert":
         return {
@@ -131,8 +174,8 @@ def config_to_hf(c: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[str
             "hidden_size": c.n_embd, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
             "intermediate_size": c.hidden_size, "hidden_act": "gelu", "max_position_embeddings": c.context_length,
             "type_vocab_size": c.type_vocab_size, "layer_norm_eps": c.norm_eps, "tie_word_embeddings": c.tie_embeddings,
-            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "position_embedding_type": "absolute",
-            **({"pad_token_id": tokenizer.pad_id} if tokenizer and tokenizer.pad_id is not None else {}),
+            "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.dropout, "position_embedding_type": "absolute",
+            **pad,
         }
     if family == "gpt2":
         act = {"gelu_tanh": "gelu_new", "gelu": "gelu"}[c.mlp]
@@ -140,7 +183,7 @@ def config_to_hf(c: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[str
             "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
             "n_positions": c.context_length, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
             "n_inner": c.hidden_size, "activation_function": act, "layer_norm_epsilon": c.norm_eps,
-            "tie_word_embeddings": c.tie_embeddings, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "tie_word_embeddings": c.tie_embeddings, "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
             **special,
         }
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": c.rope_theta}
@@ -155,11 +198,16 @@ def config_to_hf(c: ModelConfig, tokenizer: Tokenizer | None = None) -> dict[str
         "hidden_size": c.n_embd, "intermediate_size": c.hidden_size, "num_hidden_layers": c.n_layer,
         "num_attention_heads": c.n_head, "num_key_value_heads": c.kv_heads, "head_dim": c.head_size,
         "max_position_embeddings": c.context_length, "rms_norm_eps": c.norm_eps, "hidden_act": "silu",
-        "tie_word_embeddings": c.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": c.tie_embeddings, "attention_bias": False, "mlp_bias": False, "attention_dropout": c.dropout,
         # Both spellings, so that transformers before and after v5 read the same rotary settings.
         "rope_parameters": rope, "rope_theta": c.rope_theta, "rope_scaling": legacy_scaling,
         **special,
     }
+
+
+def _bos_id(tokenizer: Tokenizer) -> int:
+    """A decoder's BOS: the tokenizer's, or where it has none (GPT-2, lmforge's own) its EOS, as GPT-2's config has it."""
+    return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eot_id
 
 
 def _family(c: ModelConfig) -> str:
@@ -201,6 +249,8 @@ def _family(c: ModelConfig) -> str:
 
 # ----------------------------------------------------------------------------------- weight names
 # BERT names under `bert.` (BertForPreTraining) against lmforge's, per layer and outside the layers.
+# The heads outside the encoder, which not every BERT class has (by lmforge's name prefix).
+_BERT_HEADS = {"pooler": "pooler", "mlm": "masked-LM head", "nsp": "next-sentence head"}
 _BERT_LAYER = {
     "attention.proj": "attention.output.dense", "attention_norm": "attention.output.LayerNorm",
     "feed_forward.fc": "intermediate.dense", "feed_forward.proj": "output.dense", "ffn_norm": "output.LayerNorm",
@@ -219,14 +269,19 @@ _BERT_TOP = {
 
 
 def _bert_from_hf(c: ModelConfig, hf: Tensors, get: Callable[[str], torch.Tensor]) -> Tensors:
-    sd = {ours: get(theirs) for ours, theirs in _BERT_TOP.items()}
+    """A head none of whose weights are in `hf` is left out (import_hf says it starts afresh)."""
+    absent = {h for h in _BERT_HEADS if not any(theirs in hf for ours, theirs in _BERT_TOP.items() if ours.startswith(h + "."))}
+    sd = {ours: get(theirs) for ours, theirs in _BERT_TOP.items() if ours.split(".")[0] not in absent}
     for i in range(c.n_layer):
         p, q = f"bert.encoder.layer.{i}.", f"layers.{i}."
         for w in ("weight", "bias"):
             sd[f"{q}attention.qkv.{w}"] = torch.cat([get(f"{p}attention.self.{n}.{w}") for n in ("query", "key", "value")])
             for ours, theirs in _BERT_LAYER.items():
                 sd[f"{q}{ours}.{w}"] = get(f"{p}{theirs}.{w}")
-    if not c.tie_embeddings:
+    if c.task_head != "none":
+        layer = _BERT_TASK_LAYER[c.task_head]
+        sd["head.weight"], sd["head.bias"] = get(f"{layer}.weight"), get(f"{layer}.bias")
+    if not c.tie_embeddings and "mlm" not in absent:
         sd["mlm.decoder.weight"] = get("cls.predictions.decoder.weight")
         # transformers >= 5 keeps an untied decoder's own bias, and that is the one its forward adds.
         if "cls.predictions.decoder.bias" in hf:
@@ -370,7 +425,10 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     tensors = _read_safetensors(src)
     model = Transformer(config)
     used: set[str] = set()
-    sd = state_dict_from_hf(config, tensors, used)
+    try:
+        sd = state_dict_from_hf(config, tensors, used)
+    except UserError as e:
+        raise UserError(f"{src}: {e}") from None
     unused = set(tensors) - used
     if unused:
         raise UserError(
@@ -385,14 +443,22 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
                 "the config and the weights disagree"
             )
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    if set(missing) - {"output.weight", "mlm.decoder.weight"} or unexpected:  # a tied head is the embedding
+    missing = [m for m in missing if m not in ("output.weight", "mlm.decoder.weight")]  # a tied head is the embedding
+    fresh = [h for h in _BERT_HEADS if any(m.startswith(h + ".") for m in missing)] if config.arch == "encoder" else []
+    missing = [m for m in missing if m.split(".")[0] not in fresh]
+    if missing or unexpected:
         raise UserError(f"{src}: weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
     tokenizer = Tokenizer.load(src)
-    return save_checkpoint(out, model, tokenizer)
+    path = save_checkpoint(out, model, tokenizer)
+    if fresh:  # as transformers warns of "newly initialized" weights
+        print(f"lmforge: {src} has no weights for BERT's {', '.join(_BERT_HEADS[h] for h in fresh)}; "
+              "they are initialised afresh (train them before use)", file=sys.stderr)
+    return path
 
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write a checkpoint as a Hugging Face directory that `AutoModelForCausalLM`/`AutoTokenizer` load."""
+    """Write a checkpoint as a Hugging Face directory that `AutoModelForCausalLM`/`AutoTokenizer` load
+    (BERT: `AutoModelForPreTraining`/`AutoModelForMaskedLM`), with the tokenizer's roles and chat template."""
     model, ckpt = load_model(checkpoint)
     config = ckpt.model_config
     if config.lora is not None:
@@ -406,14 +472,31 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     with atomic_dir(out) as tmp:
         atomic_write_json(tmp / "config.json", hf_config)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copyfile(ckpt.path / "tokenizer.json", tmp / "tokenizer.json")
-        tok = ckpt.tokenizer
-        names = {"eos_token": tok.eot_id, "bos_token": tok.eot_id, "pad_token": tok.pad_id}
+        tok, bert = ckpt.tokenizer, hf_config["model_type"] == "bert"
+        roles: dict[str, Any] = tok.roles()
+        atomic_write_text(tmp / "tokenizer.json", _hf_tokenizer(tok, bert).to_str(pretty=True))
+        if bert:  # a pair's segments, as lmforge's encoder reads them
+            roles["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+        else:
+            roles["bos_token"] = tok.hf.id_to_token(_bos_id(tok))
         atomic_write_json(tmp / "tokenizer_config.json", {
-            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.context_length,
-            **{k: tok.hf.id_to_token(v) for k, v in names.items() if v is not None},
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.context_length, **roles,
         })
     return out
+
+
+def _hf_tokenizer(tok: Tokenizer, encoder: bool) -> tokenizers.Tokenizer:
+    """The tokenizer.json to export: for an encoder, one that frames a text as lmforge's encoder inputs
+    are framed (`[CLS] A [SEP]`, a pair `[CLS] A [SEP] B [SEP]` with token types 0 and 1: BERT's rule),
+    where the tokenizer has no framing of its own. lmforge's `encode` adds no tokens either way."""
+    hf = tokenizers.Tokenizer.from_str(tok.hf.to_str())
+    if encoder and hf.post_processor is None and tok.cls_id is not None and tok.sep_id is not None:
+        cls, sep = tok.hf.id_to_token(tok.cls_id), tok.hf.id_to_token(tok.sep_id)
+        hf.post_processor = processors.TemplateProcessing(
+            single=[cls, "$A", sep], pair=[cls, "$A", sep, "$B:1", f"{sep}:1"],
+            special_tokens=[(cls, tok.cls_id), (sep, tok.sep_id)],
+        )
+    return hf
 
 
 def _read_safetensors(src: Path) -> Tensors:

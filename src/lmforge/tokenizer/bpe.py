@@ -6,7 +6,9 @@ combining marks, `\\r\\n` included). There is deliberately no normalizer: normal
 property of the corpus and happens in `lmforge.data`, so the tokenizer never changes text.
 
 The five special tokens take ids 0..4 in every tokenizer lmforge trains. A tokenizer imported
-from elsewhere keeps its own ids; its end-of-text token is found by name, the others may be None.
+from elsewhere keeps its own ids: each role is the token its tokenizer_config.json declares, else
+found by name (lmforge's, then BERT's [PAD]/[MASK]/[CLS]/[SEP]); only end-of-text is required, and
+a vocabulary without one (BERT's) ends a text with its separator [SEP]. The others may be None.
 `encode` never adds any of them by itself; a literal `<|endoftext|>` in the text is matched as the
 special token (the HF default), and `decode` writes special tokens back out.
 """
@@ -33,6 +35,9 @@ from lmforge.utils.fs import atomic_write_text
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|mask|>", "<|cls|>", "<|sep|>")
 # End-of-text by the names lmforge/GPT-2, Llama 3, Llama 2 and ChatML tokenizers give it.
 EOT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>")
+# The other roles by lmforge's names, then BERT's, where tokenizer_config.json declares none.
+ROLE_NAMES = {"pad": ("<|pad|>", "[PAD]"), "mask": ("<|mask|>", "[MASK]"), "cls": ("<|cls|>", "[CLS]"), "sep": ("<|sep|>", "[SEP]")}
+ROLES = ("eos", "bos", *ROLE_NAMES)  # tokenizer_config.json's keys are these + "_token"
 _ALPHABET = pre_tokenizers.ByteLevel.alphabet()
 MIN_VOCAB_SIZE = len(_ALPHABET) + len(SPECIAL_TOKENS)
 # 2**24 (16.7M) is 64x the largest vocabularies in use (Gemma's 262,144) and still fits uint32 shards;
@@ -43,6 +48,7 @@ MAX_VOCAB_SIZE = 1 << 24
 # so merges for its pieces (`<|`, `|>`, `endoftext`) or across it would never be used.
 _SPECIALS = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 CONFIG_FILE = "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.43 saves the chat template
 _TRAIN_HINT = "train one with `lmforge tokenizer train FILES... --vocab-size N --out DIR`"
 
 
@@ -148,6 +154,18 @@ def _chat_template(value: object, file: Path) -> str | None:
     return named["default"]
 
 
+def _space_mark(decoder: dict | None) -> str | None:
+    """The character a SentencePiece-style decoder writes a space as ('▁'): a Metaspace decoder's, or a
+    Replace decoder's that turns it into " " (Llama 2's tokenizer.json); None for any other decoder."""
+    if not decoder:
+        return None
+    if decoder.get("type") == "Metaspace":
+        return decoder.get("replacement")
+    if decoder.get("type") == "Replace" and decoder.get("content") == " ":
+        return (decoder.get("pattern") or {}).get("String")
+    return next((m for d in decoder.get("decoders") or () if (m := _space_mark(d))), None)
+
+
 class Tokenizer:
     """An HF `tokenizers` tokenizer with named special-token roles; the wrapped one is `self.hf`."""
 
@@ -158,18 +176,34 @@ class Tokenizer:
         eos_token: str | None = None,
         bos_token: str | None = None,
         chat_template: str | None = None,
+        pad_token: str | None = None,
+        mask_token: str | None = None,
+        cls_token: str | None = None,
+        sep_token: str | None = None,
     ):
         # Tokenizers trained here hold SPECIAL_TOKENS at ids 0..4. Imported ones (GPT-2, Llama,
-        # SmolLM2) keep their own ids: end-of-text is the declared eos_token or found by name.
-        names = (eos_token,) if eos_token else EOT_NAMES
-        self.eot_id = next((i for name in names if (i := hf.token_to_id(name)) is not None), None)
-        if self.eot_id is None:
-            raise UserError(f"{origin} has no end-of-text token (looked for {list(names)}); {_TRAIN_HINT}")
-        self.bos_id = hf.token_to_id(bos_token) if bos_token else None
+        # SmolLM2, BERT) keep their own ids: a role is the token declared for it, or found by name.
+        def find(*names: str | None) -> int | None:
+            return next((i for name in names if name and (i := hf.token_to_id(name)) is not None), None)
+
+        self.pad_id, self.mask_id, self.cls_id, self.sep_id = (
+            find(declared, *ROLE_NAMES[role]) for role, declared in
+            (("pad", pad_token), ("mask", mask_token), ("cls", cls_token), ("sep", sep_token)))
+        if eos_token:
+            self.eot_id = find(eos_token)
+            if self.eot_id is None:
+                raise UserError(f"{origin} has no end-of-text token: the declared eos_token {eos_token!r} is not in its "
+                                "vocabulary; fix eos_token in tokenizer_config.json")
+        else:  # an encoder's vocabulary (BERT's) has none: its texts end in the separator
+            eot = find(*EOT_NAMES)
+            self.eot_id = eot if eot is not None else self.sep_id
+            if self.eot_id is None:
+                raise UserError(f"{origin} has no end-of-text token (looked for {[*EOT_NAMES, *ROLE_NAMES['sep']]}); "
+                                f"name it as eos_token in tokenizer_config.json, or {_TRAIN_HINT}")
+        self.bos_id = find(bos_token)
         # A Jinja template that turns a list of {"role", "content"} messages into a prompt (HF's convention).
         self.chat_template = chat_template
         self.hf = hf
-        self.pad_id, self.mask_id, self.cls_id, self.sep_id = (hf.token_to_id(t) for t in SPECIAL_TOKENS[1:])
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         # Hash of the canonical serialisation: data shards and checkpoints record it, so a
         # mismatch between the tokenizer a model was trained with and the one used later shows.
@@ -229,16 +263,19 @@ class Tokenizer:
         return cls(hf)
 
     @classmethod
-    def from_str(cls, s: str, origin: str = "tokenizer JSON") -> Tokenizer:
+    def from_str(cls, s: str, origin: str = "tokenizer JSON", **roles: str | None) -> Tokenizer:
+        """The tokenizer of a tokenizer.json's text; `roles` as `__init__` takes them."""
         try:
             hf = tokenizers.Tokenizer.from_str(s)
         except Exception as e:  # HF raises a bare Exception for every parse error
             raise UserError(f"{origin} is corrupt ({e}); {_TRAIN_HINT}") from None
-        return cls(hf, origin)
+        return cls(hf, origin, **roles)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load `path/tokenizer.json`, or `path` itself when it names the file."""
+        """Load `path/tokenizer.json`, or `path` itself when it names the file, with the roles and chat
+        template of tokenizer_config.json beside it; a chat_template.jinja there takes precedence over
+        the config's template, as in transformers."""
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
@@ -248,30 +285,37 @@ class Tokenizer:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read {file} ({e}); {_TRAIN_HINT}") from None
-        tok = cls.from_str(text, origin=str(file))
-        extra = file.parent / CONFIG_FILE
+        extra, template = file.parent / CONFIG_FILE, file.parent / TEMPLATE_FILE
+        config = {}
         if extra.is_file():
             try:
-                roles = json.loads(extra.read_text(encoding="utf-8"))
+                config = json.loads(extra.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise UserError(f"{extra} is corrupt ({e}); delete it or re-save the tokenizer") from None
-            if not isinstance(roles, dict):
+            if not isinstance(config, dict):
                 raise UserError(f"{extra} is not a JSON object of tokenizer settings; delete it or re-save the tokenizer")
-            tok = cls(tok.hf, str(file), _token_name(roles, "eos_token", extra), _token_name(roles, "bos_token", extra),
-                      _chat_template(roles.get("chat_template"), extra))
-        return tok
+        roles = {f"{role}_token": _token_name(config, f"{role}_token", extra) for role in ROLES}
+        roles["chat_template"] = _chat_template(config.get("chat_template"), extra)
+        if template.is_file():
+            try:
+                roles["chat_template"] = template.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"cannot read {template} ({e}); fix or delete it") from None
+        return cls.from_str(text, origin=str(file), **roles)
+
+    def roles(self) -> dict[str, str]:
+        """The special tokens by role and the chat template, in tokenizer_config.json's key names."""
+        ids = {"eos": self.eot_id, "bos": self.bos_id, "pad": self.pad_id, "mask": self.mask_id, "cls": self.cls_id,
+               "sep": self.sep_id}
+        out = {f"{role}_token": self.hf.id_to_token(i) for role, i in ids.items() if i is not None}
+        return {**out, "chat_template": self.chat_template} if self.chat_template else out
 
     def save(self, directory: str | Path) -> Path:
         """Write `directory/tokenizer.json` (and `tokenizer_config.json` with the roles and chat
         template, in Hugging Face's key names) atomically; return the tokenizer.json path."""
         path = Path(directory) / "tokenizer.json"
         atomic_write_text(path, self.hf.to_str(pretty=True))
-        roles = {
-            "eos_token": self.hf.id_to_token(self.eot_id),
-            "bos_token": self.hf.id_to_token(self.bos_id) if self.bos_id is not None else None,
-            "chat_template": self.chat_template,
-        }
-        atomic_write_text(path.parent / CONFIG_FILE, json.dumps({k: v for k, v in roles.items() if v}, indent=2) + "\n")
+        atomic_write_text(path.parent / CONFIG_FILE, json.dumps(self.roles(), indent=2) + "\n")
         return path
 
     def to_str(self) -> str:
@@ -391,13 +435,19 @@ class Tokenizer:
         """The raw bytes token `token_id` stands for. A byte-level token may hold part of a
         multi-byte character, which `decode([token_id])` writes as U+FFFD; here it is exact, so the
         tokens of a text give back its UTF-8 bytes (special tokens: their text; an id past the
-        vocabulary, as a model padded beyond it may sample: none, as `decode` skips it)."""
+        vocabulary, as a model padded beyond it may sample: none, as `decode` skips it).
+
+        A SentencePiece-style piece ('▁world', Llama 2) is its text with '▁' as a space, and a byte
+        token (<0xF0>) its byte: decoded alone, the decoder would strip the space that starts a text.
+        So the tokens of a text give back its bytes after the space such a tokenizer's normalizer
+        puts in front of a text (" Hello" for "Hello")."""
         return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
 
     @cached_property
     def _bytes(self) -> list[bytes]:
         added = {i: t.content for i, t in self.hf.get_added_tokens_decoder().items()}
         byte_level = isinstance(self.hf.decoder, decoders.ByteLevel)
+        space = None if byte_level else _space_mark(json.loads(self.to_str()).get("decoder"))
         table = []
         for i in range(self.vocab_size):
             piece = self.hf.id_to_token(i) or ""
@@ -407,7 +457,9 @@ class Tokenizer:
                 table.append(bytes(_BYTE_OF[c] for c in piece))
             elif m := _BYTE_FALLBACK.fullmatch(piece):
                 table.append(bytes([int(m.group(1), 16)]))
-            else:  # another vocabulary (WordPiece, SentencePiece pieces): the decoder's text
+            elif space:
+                table.append(piece.replace(space, " ").encode("utf-8"))
+            else:  # another vocabulary (WordPiece): the decoder's text
                 table.append(self.decode([i]).encode("utf-8"))
         return table
 
