@@ -10,9 +10,19 @@ end-of-text stop). One JSON line per measurement: {"what", "preset", "device", "
 --compare-hf a line for transformers and a last line with "ratio" = lmforge / transformers tokens/s
 and how many greedy sequences came out identical. transformers runs under the engine's setting
 (`--compile`: a static cache and torch.compile, its fastest documented setting; otherwise eager
-with its default dynamic cache) unless `--hf-mode` says otherwise. `--repeat N` times each side N times, taking
+with its default dynamic cache) unless `--hf-mode` says otherwise; its row's "compiled" says what
+was compiled (on CUDA generate's own auto-compile of the decode step, prefill eager as in the
+engine; on CPU, where generate does not auto-compile, torch.compile of forward). `--repeat N` times each side N times, taking
 turns (engine, transformers, engine, ...) so that a busy machine slows both alike, and reports the
 median of each; "ratios" lists the ratio of each turn.
+
+"ttft_ms", on both sides, is a run of its own that stops at the first token: the prefill and the
+first token's sampling (the engine's requests with max_tokens=1, transformers' 1-token generate).
+"ms_per_step" is the time of a decode step: the engine's full run timed step by step (its first
+step, "first_step_ms", prefills, samples the first token and decodes the second, as the engine
+runs every step that finishes a prefill, and so when a client streaming from the engine sees
+its first token; ms_per_step is the new_tokens - 2 steps after it over their number), and
+transformers' full generate less its TTFT over its new_tokens - 1 decode steps.
 
 `peak_memory_gb` (GB = 1e9 bytes), on CUDA ("memory": "own_weights_plus_peak_allocated_above_start"):
 each side's own weights and buffers plus the most allocated above what was resident when its run
@@ -90,26 +100,41 @@ def build_engine(model, prompts, max_seq_len: int, compile_: bool, graphs: str) 
 
 
 def run_engine(model, prompts, new_tokens, compile_: bool, device, max_seq_len: int | None = None, graphs: str = "capture") -> dict:
+    """Two timed runs of the same prompts. TTFT: requests of max_tokens=1, which finish at their
+    first token, so that the step that prefills them and samples it runs no decode step (as
+    transformers' 1-token generate). Then the full run: its first step prefills, samples the
+    first token and decodes the second (the engine decodes every running sequence in the step
+    that finishes a prefill), each step after it decodes one token; ms_per_step is the time of
+    those steps over their number (new_tokens - 2)."""
     B, T = prompts.shape
     start = memory_start(device)
     engine = build_engine(model, prompts, max_seq_len or T + new_tokens, compile_, graphs)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    engine.generate(prompts[:, :8].tolist(), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm up
+    engine.generate(prompts.tolist(), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm up: the timed prefill's shape
     if compile_:
         engine.generate(prompts.tolist(), params)  # compile and capture before timing
     sync(device)
     t0 = time.perf_counter()
-    reqs = [engine.add(p, params) for p in prompts.tolist()]
+    firsts = [engine.add(p, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)) for p in prompts.tolist()]
     engine.step()
     sync(device)
     ttft = time.perf_counter() - t0
+    assert not engine.has_work and all(len(r.output) == 1 for r in firsts)
+    t0 = time.perf_counter()
+    reqs = [engine.add(p, params) for p in prompts.tolist()]
+    engine.step()
+    sync(device)
+    first_step = time.perf_counter() - t0
+    steps = 0
     while engine.has_work:
         engine.step()
+        steps += 1
     sync(device)
     total = time.perf_counter() - t0
-    assert all(len(r.output) == new_tokens for r in reqs)
-    return {"tokens": [r.output for r in reqs], "tokens_per_s": B * new_tokens / total, "ms_per_step": 1e3 * (total - ttft) / max(new_tokens - 1, 1),
-            "ttft_ms": 1e3 * ttft, "peak_memory_gb": peak_memory_gb(device, model, start)}
+    assert all(len(r.output) == new_tokens for r in reqs) and steps == new_tokens - 2
+    return {"tokens": [r.output for r in reqs], "tokens_per_s": B * new_tokens / total,
+            "ms_per_step": 1e3 * (total - first_step) / steps, "ttft_ms": 1e3 * ttft,
+            "first_step_ms": 1e3 * first_step, "peak_memory_gb": peak_memory_gb(device, model, start)}
 
 
 def profile_engine(model, prompts, steps: int, compile_: bool, device, max_seq_len: int, trace: str | None, graphs: str) -> dict:
@@ -167,19 +192,39 @@ def build_hf(model, device):
     return hf.eval()
 
 
+def hf_compile_how(hf, device) -> str:
+    """What `run_hf` compiles of transformers' side, for its row."""
+    if device.type == "cuda" and not getattr(hf, "_bench_compiled", False):
+        # transformers' own setting: with a static cache on CUDA, generate compiles the model's call
+        # for the decode steps (`_valid_auto_compile_criteria`, CompileConfig's defaults); prefill
+        # stays eager, as the engine's does.
+        return "generate's auto-compile of the decode step (CompileConfig defaults: mode reduce-overhead); prefill eager"
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    return f"torch.compile(forward, mode={mode}): prefill and decode steps"
+
+
 def run_hf(hf, prompts, new_tokens, compile_: bool, device) -> dict:
+    """TTFT: a 1-token generate (prefill and the first token). ms_per_step: the full generate less
+    that TTFT, over its new_tokens - 1 decode steps."""
     start = memory_start(device)
     kwargs = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompts))
     if compile_:
         kwargs["cache_implementation"] = "static"
-        if not hasattr(hf, "_bench_compiled"):
-            hf.forward, hf._bench_compiled = torch.compile(hf.forward, mode="reduce-overhead" if device.type == "cuda" else "default"), True
+        # On CUDA generate compiles the decode step itself with a static cache (transformers
+        # 5.17's `_valid_auto_compile_criteria`); compiling forward on top would compile the prefill too, and nest one compiled
+        # call in another. On CPU generate does not auto-compile: forward is compiled here.
+        if device.type != "cuda" and not hasattr(hf, "_bench_compiled"):
+            hf.forward, hf._bench_compiled = torch.compile(hf.forward, mode="default"), True
     with torch.inference_mode():
         # Compiled: one warm-up at the timed length. The static cache is sized for the longest
         # generate so far, so a shorter first one (4 tokens: prompt + 4 positions) would make the
         # timed length's cache a new shape, compiled again; the 1-token TTFT run below reuses it.
         warm = new_tokens if compile_ else 4
         hf.generate(prompts, max_new_tokens=warm, min_new_tokens=warm, **kwargs)
+        if compile_ and device.type == "cuda" and not hasattr(hf, "_compiled_call") and not hasattr(hf, "_bench_compiled"):
+            # This transformers did not auto-compile: compile forward instead, as this bench used to.
+            hf.forward, hf._bench_compiled = torch.compile(hf.forward, mode="reduce-overhead"), True
+            hf.generate(prompts, max_new_tokens=warm, min_new_tokens=warm, **kwargs)
         sync(device)
         t0 = time.perf_counter()
         first = hf.generate(prompts, max_new_tokens=1, min_new_tokens=1, **kwargs)
@@ -191,7 +236,7 @@ def run_hf(hf, prompts, new_tokens, compile_: bool, device) -> dict:
         total = time.perf_counter() - t0
     assert out.shape[1] == prompts.shape[1] + new_tokens and first.shape[1] == prompts.shape[1] + 1
     B = prompts.shape[0]
-    return {"tokens": out[:, prompts.shape[1]:].tolist(), "tokens_per_s": B * new_tokens / total, "ms_per_step": 1e3 * (total - ttft) / max(new_tokens - 1, 1),
+    return {"tokens": out[:, prompts.shape[1]:].tolist(), "tokens_per_s": B * new_tokens / total, "ms_per_step": 1e3 * (total - ttft) / (new_tokens - 1),
             "ttft_ms": 1e3 * ttft, "peak_memory_gb": peak_memory_gb(device, hf, start)}
 
 
@@ -218,6 +263,8 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="the engine's KV cache length, as a server sizes it for a context (default: prompt + new tokens)")
     args = p.parse_args()
+    if args.new_tokens < 3:  # the engine's first step yields two tokens; ms_per_step times the steps after it
+        p.error(f"--new-tokens must be at least 3, got {args.new_tokens}")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -270,7 +317,7 @@ def main() -> None:
     peak = lambda rs: round(max(r["peak_memory_gb"] for r in rs), 3)
     tokens = runs[0]["tokens"]
     assert all(r["tokens"] == tokens for r in runs)
-    ours = median(runs)
+    ours = median(runs) | {"first_step_ms": statistics.median(r["first_step_ms"] for r in runs)}
     memory = "own_weights_plus_peak_allocated_above_start" if device.type == "cuda" else "process_peak_rss"
     print(json.dumps({"what": "lmforge engine", **base, "repeat": args.repeat, **ours,
                       "peak_memory_gb": round(runs[0]["peak_memory_gb"], 3) if device.type == "cpu" else peak(runs),
@@ -283,6 +330,7 @@ def main() -> None:
         same = sum(a == b for a, b in zip(tokens, hf_runs[0]["tokens"]))
         print(json.dumps({"what": "transformers generate", **base, "transformers": transformers.__version__, "repeat": args.repeat,
                           **theirs, "compile": hf_compile, "cache": "static" if hf_compile else "dynamic",
+                          "compiled": hf_compile_how(hf, device) if hf_compile else None,
                           "peak_memory_gb": peak(hf_runs), "memory": memory}), flush=True)
         print(json.dumps({"what": "ratio lmforge / transformers", **base,
                           "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),

@@ -39,7 +39,9 @@ def main() -> None:
     if args.steps < 10:  # windows of 5 steps, the first (compile, warm-up) left out of the median
         p.error(f"--steps must be at least 10 (two logged windows of 5 steps), got {args.steps}")
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(args.threads)}
+    # src first, then whatever PYTHONPATH already holds (the device image's wheels in /tmp/site, say)
+    pythonpath = os.pathsep.join([str(ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sys.path.insert(0, str(ROOT / "src"))

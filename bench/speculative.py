@@ -22,6 +22,9 @@ transformers' `generate` (dynamic cache) on the same weights, without and with
 `prompt_lookup_num_tokens`. One JSON line per way {"what", "tokens", "seconds", "tokens_per_s",
 ["accepted_per_step"]} (medians of the turns), then {"what": "ratio", "speculative_over_plain",
 "lmforge_over_transformers_prompt_lookup", "identical_outputs"}.
+
+SIGTERM (what `timeout` sends) stops the turns: the whole turns finished are reported as above,
+marked "stopped_early", then a line {"what": "stopped", "stopped_early": true, "during", "turns_done"}.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
 from _data import shared_data  # noqa: E402
+from _stop import Stopped, stop_on_sigterm  # noqa: E402
 from decode import build_hf, sync  # noqa: E402
 
 from lmforge.infer import Engine, SamplingParams, load, render_chat  # noqa: E402
@@ -119,37 +123,59 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    lm = load(args.checkpoint, device=args.device)
-    prompts = [lm.tokenizer.encode(render_chat(lm, [{"role": "user", "content": text}])) for text in requests(args.task, args.docs)]
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-    plain, fast = (build_engine(lm, prompts, args.max_new_tokens, k, args.compile) for k in (0, args.speculate))
-    ways = {"lmforge": lambda: run_engine(plain, prompts, args.max_new_tokens, device, sampling),
-            "lmforge speculative": lambda: run_engine(fast, prompts, args.max_new_tokens, device, sampling)}
     hf_too = not args.no_hf and args.temperature == 0
-    if hf_too:
-        hf = build_hf(lm.model, device)
-        ways["transformers"] = lambda: run_hf(hf, lm, prompts, args.max_new_tokens, 0, device)
-        ways["transformers prompt lookup"] = lambda: run_hf(hf, lm, prompts, args.max_new_tokens, args.speculate, device)
-    env = {"task": args.task, "docs": args.docs, "prompt_tokens": sum(map(len, prompts)), "max_new_tokens": args.max_new_tokens,
+    env = {"task": args.task, "docs": args.docs, "max_new_tokens": args.max_new_tokens,
            "speculate": args.speculate, "compile": args.compile, **sampling, "device": args.device, "torch": torch.__version__, "machine": platform.machine(),
            "threads": torch.get_num_threads(), "repeat": args.repeat}
-    runs: dict[str, list[dict]] = {name: [] for name in ways}
-    with torch.inference_mode():
-        for engine in (plain, fast):
-            run_engine(engine, prompts[:1], 8, device)  # warm up
-        for _ in range(args.repeat):
-            for name, run in ways.items():
-                runs[name].append(run())
+    runs: dict[str, list[dict]] = {}
+    during = "load"
+    try:  # SIGTERM (`timeout`): the whole turns finished are reported
+        with stop_on_sigterm():
+            lm = load(args.checkpoint, device=args.device)
+            prompts = [lm.tokenizer.encode(render_chat(lm, [{"role": "user", "content": text}])) for text in requests(args.task, args.docs)]
+            env["prompt_tokens"] = sum(map(len, prompts))
+            during = "build"
+            plain, fast = (build_engine(lm, prompts, args.max_new_tokens, k, args.compile) for k in (0, args.speculate))
+            ways = {"lmforge": lambda: run_engine(plain, prompts, args.max_new_tokens, device, sampling),
+                    "lmforge speculative": lambda: run_engine(fast, prompts, args.max_new_tokens, device, sampling)}
+            if hf_too:
+                hf = build_hf(lm.model, device)
+                ways["transformers"] = lambda: run_hf(hf, lm, prompts, args.max_new_tokens, 0, device)
+                ways["transformers prompt lookup"] = lambda: run_hf(hf, lm, prompts, args.max_new_tokens, args.speculate, device)
+            runs = {name: [] for name in ways}
+            with torch.inference_mode():
+                during = "warm-up"
+                for engine in (plain, fast):
+                    run_engine(engine, prompts[:1], 8, device)  # warm up
+                for turn in range(args.repeat):
+                    during = f"turn {turn + 1}"
+                    for name, run in ways.items():
+                        runs[name].append(run())
+        during = None
+    except Stopped:
+        pass
+    turns = min((len(rs) for rs in runs.values()), default=0)  # whole turns only
+    if turns:
+        report({name: rs[:turns] for name, rs in runs.items()}, {**env, "repeat": turns}, hf_too, args.temperature,
+               stopped=during is not None)
+    if during is not None:
+        print(json.dumps({"what": "stopped", "bench": "speculative", "stopped_early": True, "during": during,
+                          "turns_done": turns, **env}), flush=True)
+
+
+def report(runs: dict[str, list[dict]], env: dict, hf_too: bool, temperature: float, stopped: bool = False) -> None:
+    extra = {"stopped_early": True} if stopped else {}
     median = {name: sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2] for name, rs in runs.items()}
     for name, r in median.items():
-        row = {"what": name, **env, **{k: v for k, v in r.items() if k != "outputs"}}
+        row = {"what": name, **env, **{k: v for k, v in r.items() if k != "outputs"}, **extra}
         if "drafted" in r:
             row["accepted_per_step"] = round(r["accepted"] / max(r["steps"], 1), 2)
         print(json.dumps(row), flush=True)
     reference = median["lmforge"]["outputs"]
-    ratio = {"what": "ratio", **env,
+    ratio = {"what": "ratio", **env, **extra,
              "speculative_over_plain": round(median["lmforge speculative"]["tokens_per_s"] / median["lmforge"]["tokens_per_s"], 2)}
-    if args.temperature == 0:  # sampled texts differ by design
+    if temperature == 0:  # sampled texts differ by design
         ratio["identical_outputs"] = {name: sum(a == b for a, b in zip(r["outputs"], reference)) for name, r in median.items()}
     if hf_too:
         ratio["transformers_prompt_lookup_over_plain"] = round(
@@ -157,7 +183,6 @@ def main() -> None:
         ratio["lmforge_over_transformers_prompt_lookup"] = round(
             median["lmforge speculative"]["tokens_per_s"] / median["transformers prompt lookup"]["tokens_per_s"], 2)
     print(json.dumps(ratio), flush=True)
-
 
 if __name__ == "__main__":
     main()

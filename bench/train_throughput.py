@@ -9,7 +9,8 @@ Each line holds tokens/s and ms per step (the median of --rounds rounds; with --
 machine hits both), a step-time breakdown (data, forward+backward, optimizer; on 10 more steps with
 a device sync between the phases), MFU, peak memory and the loss of the first and last step. MFU
 counts 6N + 12 L H Q T FLOPs per token (N without position embeddings) against --peak-tflops (H100
-SXM bf16 dense: 989.5).
+SXM bf16 dense: 989.5), for --fp8 rows too (the fp8 dense peak is twice that): each row says so in
+"mfu_peak": "bf16_dense" and "peak_tflops".
 
 `peak_memory_gb` (CUDA only; GB = 1e9 bytes) says how in "peak_memory": "allocated": the
 implementation's weights and optimizer state plus the most its timed steps allocate on top (the
@@ -313,6 +314,8 @@ class Runner:
             "ms_per_step_rounds": [round(x, 2) for x in self.round_ms],
             "breakdown_ms": {k: round(v / self.n_breakdown * 1e3, 2) for k, v in self.phases.items()} if self.n_breakdown else None,
             "mfu": round(tokens_per_s * _flops_per_token(self.model, T) / (args.peak_tflops * 1e12), 4) if cuda else None,
+            "mfu_peak": "bf16_dense" if cuda else None,  # --peak-tflops is the bf16 dense peak, for the fp8 row as well
+            "peak_tflops": args.peak_tflops if cuda else None,
             "peak_memory_gb": round(self.peak_gb, 3) if cuda else None,
             "peak_memory": self.peak_memory if cuda else None,
             "loss_first": round(self.losses[0], 4), "loss_last": round(self.losses[-1], 4),

@@ -68,7 +68,8 @@ def test_decode_compares_with_transformers_on_the_same_weights_and_profiles_its_
     assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     assert (ours["what"], hf["what"], hf["cache"]) == ("lmforge engine", "transformers generate", "dynamic")
     for row in (ours, hf):
-        assert row["tokens_per_s"] > 0 and row["ttft_ms"] > 0 and row["peak_memory_gb"] > 0
+        assert row["tokens_per_s"] > 0 and row["ttft_ms"] > 0 and row["ms_per_step"] > 0 and row["peak_memory_gb"] > 0
+    assert ours["first_step_ms"] > 0 and hf["compiled"] is None  # eager transformers
     assert len(ratio["ratios"]) == 2 and ratio["ratio"] > 0
     assert ratio["sequences_identical_to_transformers"] == "2/2"  # fp32 greedy on the same weights
 
@@ -183,6 +184,9 @@ def test_prefix_cache_bench_reuses_prefixes_and_keeps_the_outputs(trained_run, t
     assert chat_on["prompt_tokens"] == chat_off["prompt_tokens"] and chat_on["reused_tokens"] > chat_on["prompt_tokens"] // 3
     assert shared_on["reused_tokens"] >= 2 * shared_on["system_tokens"]  # two of three requests copy the system message
     assert chat_ratio["identical_outputs"] and shared_ratio["identical_outputs"] and chat_ratio["ttft_ratio"] > 0
+    for row in (chat_off, chat_on, shared_off, shared_on):  # one decode step inside the TTFT, and its estimate without it
+        assert row["decode_step_ms"] > 0 and row["ttft_less_decode_ms"] <= row["ttft_ms"]
+    assert "ttft_less_decode_ratio" in chat_ratio and "ttft_less_decode_ratio" in shared_ratio
 
 
 def test_speculative_bench_gives_the_same_tokens_four_ways(trained_run, tmp_path):

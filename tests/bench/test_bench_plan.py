@@ -1,0 +1,190 @@
+"""What the GPU plan (bench/gpu/run.sh) relies on: the decode bench times what its rows name, a
+bench cut short by `timeout` (SIGTERM) still prints JSON, and the quick phase's fallback and caps."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+
+def _bench_module(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # as `python bench/NAME.py` has it, for its `_stop`
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _main_rows(module, monkeypatch, capsys, *argv: str) -> list[dict]:
+    monkeypatch.setattr(sys, "argv", [module.__file__, *argv])
+    module.main()
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_decode_ttft_is_the_prefill_alone_and_ms_per_step_divides_by_the_steps_timed(monkeypatch):
+    """The engine's TTFT window holds the prefill and no decode step (as transformers' 1-token
+    generate); ms_per_step is the steps after the first one (which prefills and decodes) over their number."""
+    from lmforge.config import preset
+    from lmforge.infer.engine import Engine
+    from lmforge.model import Transformer
+
+    decode = _bench_module("decode", monkeypatch)
+    log, clock = [], iter([0.0, 10.0, 100.0, 130.0, 170.0])
+
+    def perf_counter():
+        log.append("t")
+        return next(clock)
+    monkeypatch.setattr(decode, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    for name in ("_prefill_rows", "_decode_all"):
+        original = getattr(Engine, name)
+        monkeypatch.setattr(Engine, name, lambda self, *a, _o=original, _n=name: (log.append(_n), _o(self, *a))[1])
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=256)).eval()
+    prompts = torch.randint(0, 256, (2, 8))
+    out = decode.run_engine(model, prompts, 6, False, torch.device("cpu"))
+    timed = log[log.index("t"):]
+    assert timed == ["t", "_prefill_rows", "t",  # TTFT: the prefill and the first token, no decode step
+                     "t", "_prefill_rows", "_decode_all", "t",  # the first step: prefill, first token, second token
+                     *["_decode_all"] * 4, "t"]  # 6 - 2 steps, one token each
+    assert out["ttft_ms"] == 1e4 and out["first_step_ms"] == 3e4
+    assert out["ms_per_step"] == pytest.approx(1e3 * (170 - 130) / 4) and out["tokens_per_s"] == pytest.approx(2 * 6 / 70)
+    assert all(len(t) == 6 for t in out["tokens"])
+
+
+def test_prefix_cache_stopped_reports_the_whole_turns_and_a_stopped_line(monkeypatch, capsys):
+    prefix = _bench_module("prefix_cache", monkeypatch)
+    monkeypatch.setattr(prefix, "load", lambda *a, **k: object())
+    calls = []
+
+    def scenario(kind):
+        def run(lm, on, *args):
+            calls.append((kind, on))
+            if len(calls) == 5:  # warm-up, chat off, chat on, chat off, then SIGTERM in the second turn's "on"
+                raise prefix.Stopped
+            return {"what": kind, "prefix_cache": on, "ttft_ms": 1.0 if on else 3.0, "decode_step_ms": 0.5,
+                    "ttft_less_decode_ms": 0.5 if on else 2.5, "seconds": 1.0, "outputs": ["same"]}
+        return run
+    monkeypatch.setattr(prefix, "chat", scenario("chat"))
+    monkeypatch.setattr(prefix, "shared", scenario("shared"))
+    off, on, ratio, stopped = _main_rows(prefix, monkeypatch, capsys, "ckpt", "--repeat", "2")
+    assert (off["prefix_cache"], on["prefix_cache"], off["repeat"]) == (False, True, 1) and off["stopped_early"]
+    assert (ratio["what"], ratio["ttft_ratio"], ratio["ttft_less_decode_ratio"]) == ("chat ratio", 3.0, 5.0)
+    assert ratio["stopped_early"] and ratio["identical_outputs"]
+    assert (stopped["what"], stopped["during"], stopped["stopped_early"]) == ("stopped", "chat", True)
+
+
+def test_speculative_stopped_reports_the_whole_turns_and_a_stopped_line(monkeypatch, capsys):
+    spec = _bench_module("speculative", monkeypatch)
+    lm = types.SimpleNamespace(tokenizer=types.SimpleNamespace(encode=lambda text: [1, 2, 3]), model=None)
+    monkeypatch.setattr(spec, "load", lambda *a, **k: lm)
+    monkeypatch.setattr(spec, "render_chat", lambda lm, messages: "text")
+    monkeypatch.setattr(spec, "requests", lambda task, n: ["a"] * n)
+    monkeypatch.setattr(spec, "build_engine", lambda *a, **k: object())
+    monkeypatch.setattr(spec, "build_hf", lambda *a, **k: object())
+    calls = []
+
+    def timed(*a, **k):
+        calls.append(1)
+        if len(calls) == 2 + 4 + 2:  # two warm-ups, one whole turn of the four ways, then SIGTERM
+            raise spec.Stopped
+        return {"tokens": 4, "seconds": 1.0, "tokens_per_s": 4.0, "outputs": [[1, 2, 3, 4]], "drafted": 0, "accepted": 0, "steps": 4}
+    monkeypatch.setattr(spec, "run_engine", timed)
+    monkeypatch.setattr(spec, "run_hf", lambda *a, **k: {k: v for k, v in timed().items() if k in ("tokens", "seconds", "tokens_per_s", "outputs")})
+    rows = _main_rows(spec, monkeypatch, capsys, "ckpt", "--docs", "1", "--repeat", "3")
+    assert [r["what"] for r in rows] == ["lmforge", "lmforge speculative", "transformers", "transformers prompt lookup", "ratio", "stopped"]
+    assert all(r["stopped_early"] for r in rows) and rows[0]["repeat"] == 1
+    assert rows[4]["identical_outputs"] == {"lmforge": 1, "lmforge speculative": 1, "transformers": 1, "transformers prompt lookup": 1}
+    assert (rows[5]["during"], rows[5]["turns_done"]) == ("turn 2", 1)
+
+
+def test_finetune_tasks_stopped_prints_the_finished_rows_and_a_stopped_line(monkeypatch, capsys, tmp_path):
+    from lmforge.train import Interrupted
+
+    ft = _bench_module("finetune_tasks", monkeypatch)
+
+    def row(name, args, device):
+        if name == "sst2-lora":
+            raise Interrupted(7, tmp_path / "step-000007")  # what the training loop raises on SIGTERM
+        if name == "wnut17":
+            raise ft.Stopped  # SIGTERM outside training (scoring, say)
+        return {"what": "finetune_tasks", "row": name}
+    monkeypatch.setattr(ft, "_row", row)
+    first, stopped = _main_rows(ft, monkeypatch, capsys, "--rows", "sst2-full,sst2-lora,wnut17", "--device", "cpu")
+    assert first == {"what": "finetune_tasks", "row": "sst2-full"}
+    assert (stopped["what"], stopped["during"], stopped["finished"]) == ("stopped", "sst2-lora", ["sst2-full"])
+    assert "interrupted at step 7" in stopped["interrupted"]
+    first, stopped = _main_rows(ft, monkeypatch, capsys, "--rows", "sst2-full,wnut17,squad", "--device", "cpu")
+    assert (stopped["during"], stopped["finished"], stopped["stopped_early"]) == ("wnut17", ["sst2-full"], True)
+    assert "interrupted" not in stopped
+
+
+def test_scaling_study_stopped_prints_a_stopped_line_and_other_errors_still_raise(monkeypatch, capsys, tmp_path):
+    from lmforge.utils.errors import UserError
+
+    study = _bench_module("scaling_study", monkeypatch)
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "results.jsonl").write_text('{"name": "a"}\n{"name": "b"}\n')
+
+    def interrupted(args, out, stage):
+        stage[0] = "sweep"
+        raise UserError("run c interrupted at step 3; start the same sweep again to resume it")
+    monkeypatch.setattr(study, "study", interrupted)
+    [row] = _main_rows(study, monkeypatch, capsys, "--out", str(tmp_path))
+    assert (row["what"], row["during"], row["runs_done"], row["stopped_early"]) == ("stopped", "sweep", 2, True)
+
+    def broken(args, out, stage):
+        raise UserError("something else")
+    monkeypatch.setattr(study, "study", broken)
+    with pytest.raises(UserError, match="something else"):
+        _main_rows(study, monkeypatch, capsys, "--out", str(tmp_path))
+
+
+def test_distributed_train_keeps_the_pythonpath_it_was_given(monkeypatch, tmp_path):
+    import lmforge.data
+
+    dist = _bench_module("distributed_train", monkeypatch)
+    monkeypatch.setattr(lmforge.data, "train_tokenizer", lambda *a, **k: None)
+    monkeypatch.setattr(lmforge.data, "prepare", lambda *a, **k: None)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/tmp/site", "/elsewhere"]))
+    seen = []
+
+    def run(cmd, env, **kwargs):
+        seen.append(env["PYTHONPATH"])
+        raise SystemExit(0)
+    monkeypatch.setattr(dist.subprocess, "run", run)
+    monkeypatch.setattr(sys, "argv", ["distributed_train.py", "--nprocs", "1"])
+    with pytest.raises(SystemExit):
+        dist.main()
+    assert seen == [os.pathsep.join([str(ROOT / "src"), "/tmp/site", "/elsewhere"])]
+
+
+FAKE_PYTHON = """#!/bin/bash
+# python's stand-in: one JSON line naming the command; decode.py in the engine's own capture fails as a capture error would
+echo "{\\"args\\": \\"$*\\"}"
+case "$*" in *decode.py*"--graphs capture"*) echo "RuntimeError: capture failed" >&2; exit 1;; esac
+"""
+
+
+@pytest.mark.slow
+def test_run_sh_quick_falls_back_to_torch_compiles_graphs_and_keeps_within_its_caps(tmp_path):
+    run_sh = ROOT / "bench" / "gpu" / "run.sh"
+    assert subprocess.run(["bash", "-n", str(run_sh)]).returncode == 0
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {**os.environ, "PY": str(fake), "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", str(run_sh), "quick"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    rows = [json.loads(line)["args"] for line in proc.stdout.splitlines() if line.startswith('{"args"')][1:]  # after torch's version
+    assert [r.split()[0] for r in rows] == ["bench/train_throughput.py"] + ["bench/decode.py"] * 3 + ["bench/train_throughput.py"]
+    assert "--compare-hf --loss-check" in rows[0] and "--fp8" in rows[4] and "--steps 60" in rows[4]
+    # batch 1 in the engine's capture fails: batch 1 again and batch 32 in torch.compile's graphs
+    assert [(r.split("--batch ")[1].split()[0], r.split("--graphs ")[1]) for r in rows[1:4]] == [("1", "capture"), ("1", "trees"), ("32", "trees")]
+    decode = [json.loads(line)["args"] for line in (tmp_path / "out" / "decode.jsonl").read_text().splitlines()]
+    assert len(decode) == 3 and "capture failed" in (tmp_path / "out" / "decode.err").read_text()
