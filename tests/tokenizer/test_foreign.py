@@ -127,3 +127,25 @@ def test_token_bytes_of_sentencepiece_tokens_keep_their_spaces(tmp_path, decoder
     word = tok.hf.token_to_id("▁the")
     assert word is not None and tok.token_bytes(word) == b" the"
     assert tok.token_bytes(tok.eot_id) == b"</s>"
+
+
+def test_a_prompt_gets_the_bos_the_tokenizer_adds_as_transformers_gives_it(tmp_path):
+    """Llama 3's tokenizer.json puts <|begin_of_text|> before a text; transformers (and vLLM) give a
+    prompt that BOS, once. lmforge's own tokenizers add nothing, so their prompts are `encode`'s."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    hf = tokenizers.Tokenizer(models.BPE(vocab={c: i for i, c in enumerate("abcdefgh ")}, merges=[]))
+    hf.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    bos = hf.token_to_id("<|begin_of_text|>")
+    hf.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    tok = Tokenizer.load(_save(tmp_path, hf, {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}))
+    theirs = PreTrainedTokenizerFast(tokenizer_object=hf)
+    for text in ("abc dea", "", "<|begin_of_text|>abc"):
+        want = theirs(text).input_ids
+        if text.startswith("<|begin_of_text|>"):
+            want = want[1:]  # transformers doubles a BOS the text spells; lmforge keeps the one
+        assert tok.encode_prompt(text) == want
+    assert tok.prompt_prefix == (bos,) and tok.encode("abc") == tok.encode_prompt("abc")[1:]
+    plain = Tokenizer.load(_save(tmp_path / "plain", _bpe("<|endoftext|>")) if (tmp_path / "plain").mkdir() is None else None)
+    assert plain.prompt_prefix == () and plain.encode_prompt("ab") == plain.encode("ab")

@@ -46,7 +46,7 @@ class LanguageModel:
         stops = (self.tokenizer.eot_id,) if stop_at_eot else ()
         ids: list[int] = []
         emitted = ""
-        prompt_ids, memory = (self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)), {}
+        prompt_ids, memory = (self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)), {}
         if self.model.config.arch == "encoder-decoder":
             src = torch.tensor([prompt_ids[: self.model.config.context_length - 1] + [self.tokenizer.eot_id]], device=self.device)
             with torch.inference_mode():

@@ -238,7 +238,7 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
 
     def encode(text: str) -> list[int]:
         try:
-            return tok.encode(text)
+            return tok.encode_prompt(text)
         except Exception:  # e.g. a lone surrogate that JSON allowed but UTF-8 cannot carry
             raise APIError(400, "the prompt is not valid Unicode text", param="prompt") from None
 

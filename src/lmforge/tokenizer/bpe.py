@@ -325,6 +325,20 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 
+    @cached_property
+    def prompt_prefix(self) -> tuple[int, ...]:
+        """The ids the tokenizer's own post-processor puts before a single text (Llama's BOS, from
+        its tokenizer.json or a GGUF's add_bos_token), which transformers and vLLM give a prompt;
+        none for lmforge's tokenizers, GPT-2's and SmolLM2's."""
+        plain, framed = self.encode("a"), self.hf.encode("a", add_special_tokens=True).ids
+        start = next((i for i in range(len(framed) - len(plain) + 1) if framed[i : i + len(plain)] == plain), 0)
+        return tuple(framed[:start])
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt to continue: `encode`'s ids after `prompt_prefix`, unless the text spells it already."""
+        ids, prefix = self.encode(text), list(self.prompt_prefix)
+        return ids if ids[: len(prefix)] == prefix else prefix + ids
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once on all cores (HF runs the batch on Rust threads)."""
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
