@@ -122,3 +122,24 @@ def varied_transformer(seed: int = 0, **overrides):
 @pytest.fixture(scope="module")
 def varied_model():
     return varied_transformer()
+
+
+def bench_module(name: str, monkeypatch):
+    """bench/NAME.py imported as `python bench/NAME.py` runs it (bench/ on the path, for its `_stop`)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_rows(module, monkeypatch, capsys, *argv: str) -> list[dict]:
+    """The JSON rows a bench module's main() prints for `argv`."""
+    import json
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [module.__file__, *argv])
+    module.main()
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]

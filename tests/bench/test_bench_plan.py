@@ -1,7 +1,6 @@
 """What the GPU plan (bench/gpu/run.sh) relies on: the decode bench times what its rows name, a
 bench cut short by `timeout` (SIGTERM) still prints JSON, and the quick phase's fallback and caps."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,21 +10,7 @@ import types
 import pytest
 import torch
 
-from conftest import ROOT
-
-
-def _bench_module(name: str, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # as `python bench/NAME.py` has it, for its `_stop`
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _main_rows(module, monkeypatch, capsys, *argv: str) -> list[dict]:
-    monkeypatch.setattr(sys, "argv", [module.__file__, *argv])
-    module.main()
-    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+from conftest import ROOT, bench_module, bench_rows
 
 
 def test_decode_ttft_is_the_prefill_alone_and_ms_per_step_divides_by_the_steps_timed(monkeypatch):
@@ -35,7 +20,7 @@ def test_decode_ttft_is_the_prefill_alone_and_ms_per_step_divides_by_the_steps_t
     from lmforge.infer.engine import Engine
     from lmforge.model import Transformer
 
-    decode = _bench_module("decode", monkeypatch)
+    decode = bench_module("decode", monkeypatch)
     log, clock = [], iter([0.0, 10.0, 100.0, 130.0, 170.0])
 
     def perf_counter():
@@ -59,7 +44,7 @@ def test_decode_ttft_is_the_prefill_alone_and_ms_per_step_divides_by_the_steps_t
 
 
 def test_prefix_cache_stopped_reports_the_whole_turns_and_a_stopped_line(monkeypatch, capsys):
-    prefix = _bench_module("prefix_cache", monkeypatch)
+    prefix = bench_module("prefix_cache", monkeypatch)
     monkeypatch.setattr(prefix, "load", lambda *a, **k: object())
     calls = []
 
@@ -73,7 +58,7 @@ def test_prefix_cache_stopped_reports_the_whole_turns_and_a_stopped_line(monkeyp
         return run
     monkeypatch.setattr(prefix, "chat", scenario("chat"))
     monkeypatch.setattr(prefix, "shared", scenario("shared"))
-    off, on, ratio, stopped = _main_rows(prefix, monkeypatch, capsys, "ckpt", "--repeat", "2")
+    off, on, ratio, stopped = bench_rows(prefix, monkeypatch, capsys, "ckpt", "--repeat", "2")
     assert (off["prefix_cache"], on["prefix_cache"], off["repeat"]) == (False, True, 1) and off["stopped_early"]
     assert (ratio["what"], ratio["ttft_ratio"], ratio["ttft_less_decode_ratio"]) == ("chat ratio", 3.0, 5.0)
     assert ratio["stopped_early"] and ratio["identical_outputs"]
@@ -81,7 +66,7 @@ def test_prefix_cache_stopped_reports_the_whole_turns_and_a_stopped_line(monkeyp
 
 
 def test_speculative_stopped_reports_the_whole_turns_and_a_stopped_line(monkeypatch, capsys):
-    spec = _bench_module("speculative", monkeypatch)
+    spec = bench_module("speculative", monkeypatch)
     lm = types.SimpleNamespace(tokenizer=types.SimpleNamespace(encode=lambda text: [1, 2, 3]), model=None)
     monkeypatch.setattr(spec, "load", lambda *a, **k: lm)
     monkeypatch.setattr(spec, "render_chat", lambda lm, messages: "text")
@@ -97,7 +82,7 @@ def test_speculative_stopped_reports_the_whole_turns_and_a_stopped_line(monkeypa
         return {"tokens": 4, "seconds": 1.0, "tokens_per_s": 4.0, "outputs": [[1, 2, 3, 4]], "drafted": 0, "accepted": 0, "steps": 4}
     monkeypatch.setattr(spec, "run_engine", timed)
     monkeypatch.setattr(spec, "run_hf", lambda *a, **k: {k: v for k, v in timed().items() if k in ("tokens", "seconds", "tokens_per_s", "outputs")})
-    rows = _main_rows(spec, monkeypatch, capsys, "ckpt", "--docs", "1", "--repeat", "3")
+    rows = bench_rows(spec, monkeypatch, capsys, "ckpt", "--docs", "1", "--repeat", "3")
     assert [r["what"] for r in rows] == ["lmforge", "lmforge speculative", "transformers", "transformers prompt lookup", "ratio", "stopped"]
     assert all(r["stopped_early"] for r in rows) and rows[0]["repeat"] == 1
     assert rows[4]["identical_outputs"] == {"lmforge": 1, "lmforge speculative": 1, "transformers": 1, "transformers prompt lookup": 1}
@@ -107,7 +92,7 @@ def test_speculative_stopped_reports_the_whole_turns_and_a_stopped_line(monkeypa
 def test_finetune_tasks_stopped_prints_the_finished_rows_and_a_stopped_line(monkeypatch, capsys, tmp_path):
     from lmforge.train import Interrupted
 
-    ft = _bench_module("finetune_tasks", monkeypatch)
+    ft = bench_module("finetune_tasks", monkeypatch)
 
     def row(name, args, device):
         if name == "sst2-lora":
@@ -116,11 +101,11 @@ def test_finetune_tasks_stopped_prints_the_finished_rows_and_a_stopped_line(monk
             raise ft.Stopped  # SIGTERM outside training (scoring, say)
         return {"what": "finetune_tasks", "row": name}
     monkeypatch.setattr(ft, "_row", row)
-    first, stopped = _main_rows(ft, monkeypatch, capsys, "--rows", "sst2-full,sst2-lora,wnut17", "--device", "cpu")
+    first, stopped = bench_rows(ft, monkeypatch, capsys, "--rows", "sst2-full,sst2-lora,wnut17", "--device", "cpu")
     assert first == {"what": "finetune_tasks", "row": "sst2-full"}
     assert (stopped["what"], stopped["during"], stopped["finished"]) == ("stopped", "sst2-lora", ["sst2-full"])
     assert "interrupted at step 7" in stopped["interrupted"]
-    first, stopped = _main_rows(ft, monkeypatch, capsys, "--rows", "sst2-full,wnut17,squad", "--device", "cpu")
+    first, stopped = bench_rows(ft, monkeypatch, capsys, "--rows", "sst2-full,wnut17,squad", "--device", "cpu")
     assert (stopped["during"], stopped["finished"], stopped["stopped_early"]) == ("wnut17", ["sst2-full"], True)
     assert "interrupted" not in stopped
 
@@ -128,7 +113,7 @@ def test_finetune_tasks_stopped_prints_the_finished_rows_and_a_stopped_line(monk
 def test_scaling_study_stopped_prints_a_stopped_line_and_other_errors_still_raise(monkeypatch, capsys, tmp_path):
     from lmforge.utils.errors import UserError
 
-    study = _bench_module("scaling_study", monkeypatch)
+    study = bench_module("scaling_study", monkeypatch)
     (tmp_path / "study").mkdir()
     (tmp_path / "study" / "results.jsonl").write_text('{"name": "a"}\n{"name": "b"}\n')
 
@@ -136,20 +121,20 @@ def test_scaling_study_stopped_prints_a_stopped_line_and_other_errors_still_rais
         stage[0] = "sweep"
         raise UserError("run c interrupted at step 3; start the same sweep again to resume it")
     monkeypatch.setattr(study, "study", interrupted)
-    [row] = _main_rows(study, monkeypatch, capsys, "--out", str(tmp_path))
+    [row] = bench_rows(study, monkeypatch, capsys, "--out", str(tmp_path))
     assert (row["what"], row["during"], row["runs_done"], row["stopped_early"]) == ("stopped", "sweep", 2, True)
 
     def broken(args, out, stage):
         raise UserError("something else")
     monkeypatch.setattr(study, "study", broken)
     with pytest.raises(UserError, match="something else"):
-        _main_rows(study, monkeypatch, capsys, "--out", str(tmp_path))
+        bench_rows(study, monkeypatch, capsys, "--out", str(tmp_path))
 
 
 def test_distributed_train_keeps_the_pythonpath_it_was_given(monkeypatch, tmp_path):
     import lmforge.data
 
-    dist = _bench_module("distributed_train", monkeypatch)
+    dist = bench_module("distributed_train", monkeypatch)
     monkeypatch.setattr(lmforge.data, "train_tokenizer", lambda *a, **k: None)
     monkeypatch.setattr(lmforge.data, "prepare", lambda *a, **k: None)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/tmp/site", "/elsewhere"]))

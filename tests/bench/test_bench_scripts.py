@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, bench_module, bench_rows
 
 pytestmark = pytest.mark.slow
 
@@ -82,27 +82,11 @@ def test_serve_load_serves_concurrent_clients_as_it_serves_them_alone(trained_ru
     assert speedup["identical_outputs"] == "4/4" and speedup["ratio"] > 0
 
 
-def _bench_module(name: str, monkeypatch):
-    import importlib.util
-
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # as `python bench/NAME.py` has it, for its `_stop`
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _main_rows(module, monkeypatch, capsys, *argv: str) -> list[dict]:
-    monkeypatch.setattr(sys, "argv", [module.__file__, *argv])
-    module.main()
-    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-
-
 def test_a_failing_comparison_is_reported_and_the_own_row_still_comes_out(monkeypatch, capsys):
     """On a first GPU run transformers' side may break (its compile on another version): the
     lmforge row must survive it, with the failure in a line of its own."""
     pytest.importorskip("transformers")
-    train = _bench_module("train_throughput", monkeypatch)
+    train = bench_module("train_throughput", monkeypatch)
     timed = train.Runner.timed
 
     def breaks_for_transformers(self, *a, **k):
@@ -110,14 +94,14 @@ def test_a_failing_comparison_is_reported_and_the_own_row_still_comes_out(monkey
             raise RuntimeError("boom")
         return timed(self, *a, **k)
     monkeypatch.setattr(train.Runner, "timed", breaks_for_transformers)
-    failed, ours = _main_rows(train, monkeypatch, capsys, "--preset", "tiny", "--vocab-size", "256", "--batch-size", "2",
+    failed, ours = bench_rows(train, monkeypatch, capsys, "--preset", "tiny", "--vocab-size", "256", "--batch-size", "2",
                               "--steps", "2", "--warmup", "1", "--rounds", "1", "--device", "cpu", "--threads", "1", "--compare-hf")
     assert (failed["impl"], failed["failed"]) == ("transformers", "RuntimeError: boom")
     assert ours["impl"] == "lmforge" and ours["tokens_per_s"] > 0
 
-    decode = _bench_module("decode", monkeypatch)
+    decode = bench_module("decode", monkeypatch)
     monkeypatch.setattr(decode, "run_hf", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
-    ours, failed = _main_rows(decode, monkeypatch, capsys, "--preset", "tiny", "--vocab-size", "256", "--prompt-len", "8",
+    ours, failed = bench_rows(decode, monkeypatch, capsys, "--preset", "tiny", "--vocab-size", "256", "--prompt-len", "8",
                               "--new-tokens", "4", "--device", "cpu", "--threads", "1", "--compare-hf", "--repeat", "2")
     assert ours["what"] == "lmforge engine" and ours["tokens_per_s"] > 0
     assert (failed["what"], failed["failed"]) == ("transformers generate", "RuntimeError: boom")
@@ -134,7 +118,7 @@ def test_sampling_bench_times_both_ways_and_they_keep_the_same_tokens(trained_ru
 def test_train_throughput_stopped_by_sigterm_reports_the_rounds_it_finished(monkeypatch, capsys):
     """`timeout` ends a bench with SIGTERM: the rounds done by then are still reported."""
     pytest.importorskip("transformers")
-    train = _bench_module("train_throughput", monkeypatch)
+    train = bench_module("train_throughput", monkeypatch)
     timed, calls = train.Runner.timed, []
 
     def stopped_in_the_second_round(self, *a, **k):
@@ -143,7 +127,7 @@ def test_train_throughput_stopped_by_sigterm_reports_the_rounds_it_finished(monk
             raise train.Stopped  # what the SIGTERM handler raises
         return timed(self, *a, **k)
     monkeypatch.setattr(train.Runner, "timed", stopped_in_the_second_round)
-    ours, eager, hf, ratio = _main_rows(train, monkeypatch, capsys, "--preset", "tiny", "--vocab-size", "256", "--batch-size", "2",
+    ours, eager, hf, ratio = bench_rows(train, monkeypatch, capsys, "--preset", "tiny", "--vocab-size", "256", "--batch-size", "2",
                                         "--steps", "4", "--warmup", "1", "--rounds", "2", "--device", "cpu", "--threads", "1",
                                         "--compare-hf", "--loss-check")
     assert ours["stopped_early"] and len(ours["ms_per_step_rounds"]) == 1 and ours["breakdown_ms"] is None
@@ -152,7 +136,7 @@ def test_train_throughput_stopped_by_sigterm_reports_the_rounds_it_finished(monk
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
     # decode.py: stopped in transformers' second turn, it reports the one whole turn of each side.
-    decode = _bench_module("decode", monkeypatch)
+    decode = bench_module("decode", monkeypatch)
     run_hf, hf_turns = decode.run_hf, []
 
     def stopped_in_the_second_turn(*a, **k):
@@ -161,7 +145,7 @@ def test_train_throughput_stopped_by_sigterm_reports_the_rounds_it_finished(monk
             raise decode.Stopped
         return run_hf(*a, **k)
     monkeypatch.setattr(decode, "run_hf", stopped_in_the_second_turn)
-    ours, theirs, ratio = _main_rows(decode, monkeypatch, capsys, "--preset", "tiny", "--vocab-size", "256", "--prompt-len", "8",
+    ours, theirs, ratio = bench_rows(decode, monkeypatch, capsys, "--preset", "tiny", "--vocab-size", "256", "--prompt-len", "8",
                                      "--new-tokens", "4", "--device", "cpu", "--threads", "1", "--compare-hf", "--repeat", "3")
     assert ours["stopped_early"] and theirs["what"] == "transformers generate" and len(ratio["ratios"]) == 1
 
