@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import math
 import shutil
 
 import pytest
@@ -14,6 +15,7 @@ from lmforge.evaluate import evaluate_task
 from lmforge.evaluate.metrics import accuracy, entity_f1, macro_f1
 from lmforge.finetune import finetune, merge_lora
 from lmforge.infer import load, pipeline, predict
+from lmforge.infer.engine import Engine
 from lmforge.infer.pipeline import _valid_iob2
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
@@ -300,7 +302,8 @@ def test_summarization_with_a_decoder_trains_on_the_target_only(trained_run, tmp
     pipe = pipeline(None, run.checkpoint, device="cpu", max_new_tokens=8, batch_size=3)
     sources = [json.loads(line)["source"][0] for line in data.read_text().splitlines()[:3]]
     lm = load(run.checkpoint, device="cpu")
-    alone = [lm.generate(pipe.tokenizer.decode(pipe.format.prompt_ids(s, 64 - 8)), 8, temperature=0).strip() for s in sources]
+    # The prompts are as long as the fine-tune's: half of its 64 tokens (the other half is the target's).
+    alone = [lm.generate(pipe.tokenizer.decode(pipe.format.prompt_ids(s, 32)), 8, temperature=0).strip() for s in sources]
     assert pipe(sources) == alone
 
 
@@ -411,3 +414,74 @@ def test_qa_predictions_without_a_span_are_strict_json(tmp_path_factory, tokeniz
     rows = [json.loads(line, parse_constant=no_constants) for line in open(tmp_path / "p.jsonl")]
     assert (rows[0]["answer"], rows[0]["score"]) == ("", None)
     assert rows[1]["answer"] and isinstance(rows[1]["score"], float)
+
+
+def test_a_fine_tune_is_refused_for_another_task_and_a_base_model_serves_every_generation_task(
+        yelp_run, trained_run, tmp_path_factory, tokenizer_dir, tmp_path):
+    """A classifier's LM head was never tuned: scoring it as seq2seq or sft would be a score of another
+    model. A base model (no fine-tune on record) is still run zero-shot."""
+    src, tgt = _lines(MULTI30K / "val.en.gz", 20, tmp_path / "en.txt"), _lines(MULTI30K / "val.de.gz", 20, tmp_path / "de.txt")
+    with pytest.raises(UserError, match=r"fine-tuned for --task classify, not seq2seq; use --task classify"):
+        evaluate_task(yelp_run.checkpoint, "seq2seq", src, target=tgt, limit=2, max_new_tokens=2, device="cpu")
+    with pytest.raises(UserError, match=r"fine-tuned for --task classify, not seq2seq"):
+        predict(yelp_run.checkpoint, src, tmp_path / "p.jsonl", task="seq2seq", max_new_tokens=2, device="cpu")
+    assert not (tmp_path / "p.jsonl").exists()
+    with pytest.raises(UserError, match=r"fine-tuned for --task classify, not sft"):
+        pipeline("sft", yelp_run.checkpoint, device="cpu")
+    tagger = _base(tmp_path_factory, tokenizer_dir, "bare-tagger", task_head="tag", labels=["O", "B-PER", "I-PER"])
+    with pytest.raises(UserError, match=r"fine-tuned for --task tag, not seq2seq"):  # a head, though no record
+        pipeline("seq2seq", tagger, device="cpu")
+    summarizer = finetune(trained_run.out, "seq2seq", src, tmp_path / "mt", target=tgt, train=_cfg(max_steps=2), **QUIET)
+    with pytest.raises(UserError, match=r"fine-tuned for --task seq2seq, not sft"):
+        pipeline("sft", summarizer.checkpoint, device="cpu")
+    assert pipeline("seq2seq", summarizer.checkpoint, device="cpu").task == "seq2seq"
+    for task in ("seq2seq", "sft"):
+        assert pipeline(task, trained_run.checkpoint, device="cpu").task == task
+
+
+def test_decoder_seq2seq_generation_keeps_the_prompt_length_it_was_fine_tuned_on(tmp_path_factory, tokenizer_dir, tmp_path,
+                                                                                  monkeypatch):
+    """A decoder with a context of 256 fine-tuned with seq_len 64 saw prompts of at most 64 tokens;
+    generation keeps 32 (half of max_length, as `TaskFormat.seq2seq` lays a source out), not the 248
+    the context leaves after 8 new tokens, which would be text of a length the fine-tune never saw."""
+    base = _base(tmp_path_factory, tokenizer_dir, "ctx256", context_length=256)
+    src, tgt = _lines(MULTI30K / "val.en.gz", 20, tmp_path / "en.txt"), _lines(MULTI30K / "val.de.gz", 20, tmp_path / "de.txt")
+    run = finetune(base, "seq2seq", src, tmp_path / "mt", target=tgt, train=_cfg(max_steps=2, seq_len=64), **QUIET)
+    seen = []
+    generate = Engine.generate
+    monkeypatch.setattr(Engine, "generate", lambda self, prompts, params: seen.extend(map(len, prompts)) or generate(self, prompts, params))
+    source = "A man in a blue shirt is standing on a ladder cleaning windows. " * 40
+    pipe = pipeline(None, run.checkpoint, device="cpu", max_new_tokens=8)
+    pipe([source])
+    assert seen == [32] == [len(pipe.format.seq2seq(source)["input_ids"])]
+    pipeline(None, run.checkpoint, device="cpu", max_new_tokens=240)([source])  # the context still bounds it
+    assert seen[-1] == 256 - 240
+    pipeline("seq2seq", base, device="cpu", max_new_tokens=8)([source])  # a base model: what the context leaves
+    assert seen[-1] == 256 - 8
+
+
+def test_sft_batches_without_assistant_tokens_weigh_nothing(trained_run, tmp_path):
+    """A conversation whose reply lies past max_length has no target: a micro-batch or a validation
+    batch of only such conversations adds nothing (it made the step's loss nan, and eval's loss
+    depend on the batch size). Data without any reply in reach is refused in one line."""
+    base = tmp_path / "base"
+    shutil.copytree(trained_run.checkpoint, base)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": CHATML}))
+    short = {"messages": [{"role": "user", "content": "Good morrow."}, {"role": "assistant", "content": "Good morrow, my lord."}]}
+    long = {"messages": [{"role": "user", "content": "Speak " * 80}, {"role": "assistant", "content": "I will."}]}
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in [short, long] * 8))
+    run = finetune(base, "sft", data, tmp_path / "sft", val=data,
+                   train=_cfg(max_steps=6, eval_interval=3, eval_batches=4, batch_size=1, grad_accum=2), **QUIET)
+    assert math.isfinite(run.train_loss) and math.isfinite(run.val_loss) and run.skipped_steps == 0
+    one = evaluate_task(run.checkpoint, None, data, batch_size=1, device="cpu")["loss"]
+    assert math.isfinite(one) and one == pytest.approx(evaluate_task(run.checkpoint, None, data, batch_size=16, device="cpu")["loss"])
+    unreachable = tmp_path / "long.jsonl"
+    unreachable.write_text(json.dumps(long) + "\n")
+    with pytest.raises(UserError, match=r"no conversation in .*long.jsonl has an assistant token within the first 64 tokens"):
+        finetune(base, "sft", unreachable, tmp_path / "x", train=_cfg(max_steps=2), **QUIET)
+    with pytest.raises(UserError, match=r"no conversation in .*long.jsonl has an assistant token"):
+        finetune(base, "sft", data, tmp_path / "y", val=unreachable, train=_cfg(max_steps=2), **QUIET)
+    with pytest.raises(UserError, match="no assistant tokens"):
+        evaluate_task(run.checkpoint, None, unreachable, device="cpu")

@@ -102,3 +102,43 @@ def test_chunked_loss_under_no_grad_does_no_gradient_work():
     loss.backward()
     (want_gw,) = torch.autograd.grad(lm_loss(h @ w.T, y), w)
     torch.testing.assert_close(w.grad, want_gw)
+
+
+def test_label_smoothing_spreads_over_the_real_vocabulary_not_the_padding():
+    """Logits padded from 11 to 16 classes (padded_vocab_size): `vocab_size` keeps the padding ids out,
+    as torch's smoothed cross-entropy on the sliced logits does; the padded rows of the head get no gradient."""
+    torch.manual_seed(0)
+    V, P = 11, 16
+    h, w, y = torch.randn(2, 5, 8, requires_grad=True), torch.randn(P, 8, requires_grad=True), torch.randint(0, V, (2, 5))
+    y[1, 3:] = IGNORE_INDEX
+    want = torch.nn.functional.cross_entropy((h @ w.T)[..., :V].flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
+                                             label_smoothing=0.1)
+    (want_gh, want_gw) = torch.autograd.grad(want, (h, w))
+    got = lm_loss(h @ w.T, y, label_smoothing=0.1, vocab_size=V)
+    torch.testing.assert_close(got, want)
+    assert abs(lm_loss(h @ w.T, y, label_smoothing=0.1) - want) > 1e-3  # over all 16 logits: another loss
+    for chunk in (3, 1000):
+        h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        chunked = chunked_lm_loss(h2, w2, y, chunk, label_smoothing=0.1, vocab_size=V)
+        chunked.backward()
+        torch.testing.assert_close(chunked, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(h2.grad, want_gh, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(w2.grad, want_gw, atol=1e-6, rtol=1e-5)
+        assert not w2.grad[V:].any()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_a_batch_without_targets_has_loss_zero_and_no_gradient(smoothing):
+    """An SFT batch whose replies all lie past max_length (or an MLM batch with nothing masked):
+    0 over 0 targets would be nan, and nan times a share of 0 is still nan."""
+    torch.manual_seed(0)
+    h, w = torch.randn(2, 4, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+    y = torch.full((2, 4), IGNORE_INDEX)
+    plain = lm_loss(h @ w.T, y, label_smoothing=smoothing)
+    chunked = chunked_lm_loss(h, w, y, 3, label_smoothing=smoothing)
+    for loss in (plain, chunked):
+        assert loss.item() == 0.0
+        gh, gw = torch.autograd.grad(loss, (h, w))
+        assert not gh.any() and not gw.any()
+    with torch.no_grad():
+        assert chunked_lm_loss(h, w, y, 3).item() == 0.0

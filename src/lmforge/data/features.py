@@ -157,11 +157,17 @@ class TaskFormat:
             src, dec_in, labels = pair_layout(self.tok.encode(source), tgt_ids, self.max_length, eot, decoder_start_id(self.tok))
             return {"src": src, "input_ids": dec_in, "labels": labels} if target is not None else {"src": src}
         if target is None:
-            return {"input_ids": self.prompt_ids(source, self.max_length // 2)}
+            return {"input_ids": self.prompt_ids(source, self.prompt_length)}
         tgt = [*self.tok.encode(target), eot][: self.max_length // 2]
         prompt = self.prompt_ids(source, self.max_length + 1 - len(tgt))
         seq = prompt + tgt
         return {"input_ids": seq[:-1], "labels": [IGNORE_INDEX] * (len(prompt) - 1) + tgt}
+
+    @property
+    def prompt_length(self) -> int:
+        """A decoder-only generation prompt's tokens: half of max_length, the least training left a
+        prompt (a target takes at most the other half)."""
+        return self.max_length // 2
 
     def prompt_ids(self, source: str, budget: int) -> list[int]:
         """The decoder-only prompt in at most `budget` tokens: the source is cut, never the template."""

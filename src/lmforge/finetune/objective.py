@@ -41,11 +41,14 @@ class TaskObjective:
             start, end = logits.unbind(dim=-1)  # (B, T) each
             return (F.cross_entropy(start, batch["start_positions"], label_smoothing=eps)
                     + F.cross_entropy(end, batch["end_positions"], label_smoothing=eps)) / 2
+        # Smoothing spreads e over the real vocabulary, not the LM head's padding ids (see `lm_loss`).
+        V = model.config.vocab_size if self.label_smoothing else None
         if self.arch == "encoder-decoder":
             memory = model.encode_source(batch["src"], batch["src_mask"])
             logits = model(batch["input_ids"], memory=memory, memory_mask=batch["src_mask"])
-            return lm_loss(logits, batch["labels"], label_smoothing=eps)
-        return lm_loss(model(batch["input_ids"]), batch["labels"], label_smoothing=eps)  # seq2seq prompt format, chat SFT
+            return lm_loss(logits, batch["labels"], label_smoothing=eps, vocab_size=V)
+        # seq2seq prompt format, chat SFT
+        return lm_loss(model(batch["input_ids"]), batch["labels"], label_smoothing=eps, vocab_size=V)
 
     def weight(self, batch: Batch) -> int:
         """How many predictions a batch's mean loss averages over."""

@@ -20,6 +20,7 @@ from lmforge.data.features import DEFAULT_PROMPT, TASK_HEAD, TASKS, TaskFormat, 
 from lmforge.finetune.objective import TaskObjective
 from lmforge.model import Transformer
 from lmforge.model.lora import lora_parameters, merge_lora as merge_modules
+from lmforge.model.losses import IGNORE_INDEX
 from lmforge.train import RunResult, fit
 from lmforge.utils.errors import UserError
 
@@ -97,6 +98,10 @@ def finetune(
         val_examples = read_examples(task, data, split_articles=split_articles, part=1)
     train_features = featurize(fmt, task, train_examples, labels, doc_stride)
     val_features = featurize(fmt, task, val_examples, labels, doc_stride) if val_examples else None
+    for features, source in ((train_features, data), (val_features, val or data)):
+        if task == "sft" and features and not any(t != IGNORE_INDEX for f in features for t in f["labels"]):
+            raise UserError(f"no conversation in {source} has an assistant token within the first {max_length} tokens; "
+                            "nothing to train or validate on: raise --train.seq_len or shorten the conversations")
 
     if lora is not None and lora.r:
         lora.check_adapts(cfg.mlp)

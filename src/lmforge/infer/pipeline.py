@@ -6,7 +6,9 @@
 
 Inputs are laid out by the same `TaskFormat` the fine-tune used (read from the checkpoint's
 trainer state), batched, and long ones handled: classification and tagging keep the first
-`max_length` tokens; QA slides windows over a long context and keeps the best span of any window.
+`max_length` tokens; QA slides windows over a long context and keeps the best span of any window;
+a decoder's seq2seq prompt keeps `max_length // 2` tokens, as its fine-tune laid prompts out. A
+fine-tuned checkpoint runs only the task it was tuned for; a base model serves seq2seq and sft zero-shot.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ class Pipeline:
 
     def __init__(self, task: str, model: Transformer, tokenizer: Tokenizer, fmt: TaskFormat, batch_size: int,
                  max_new_tokens: int, max_answer_length: int, doc_stride: int, num_beams: int = 1,
-                 length_penalty: float = 1.0) -> None:
+                 length_penalty: float = 1.0, prompt_length: int | None = None) -> None:
+        """`prompt_length`: the tokens of a decoder's seq2seq prompt, as its fine-tune laid prompts out
+        (None, a model not fine-tuned for seq2seq: what the context leaves after `max_new_tokens`)."""
         self.task, self.model, self.tokenizer, self.format = task, model, tokenizer, fmt
+        self.prompt_length = prompt_length
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.num_beams, self.length_penalty = num_beams, length_penalty
         self.max_answer_length, self.doc_stride = max_answer_length, doc_stride
@@ -141,14 +146,15 @@ class Pipeline:
         cfg, tok = self.model.config, self.tokenizer
         if self.max_new_tokens >= cfg.context_length:
             raise UserError(f"max_new_tokens {self.max_new_tokens} leaves no room for the input in a context of {cfg.context_length}")
+        room = cfg.context_length - self.max_new_tokens
         prompts = []
         for item in items:
             if self.task == "sft":
                 messages = [{"role": "user", "content": item}] if isinstance(item, str) else item
                 prompt = tok.encode_chat(messages, add_generation_prompt=True)  # a message's text read as text
-                prompts.append(prompt[-(cfg.context_length - self.max_new_tokens):])
+                prompts.append(prompt[-room:])
             else:
-                prompts.append(self.format.prompt_ids(item, cfg.context_length - self.max_new_tokens))
+                prompts.append(self.format.prompt_ids(item, min(self.prompt_length or room, room)))
         if self.num_beams > 1:
             return [beam_search(self.model, prompt, self.num_beams, self.max_new_tokens, self.length_penalty,
                                 eos_id=tok.eot_id)[0].tokens for prompt in prompts]
@@ -251,11 +257,18 @@ def pipeline(
         raise UserError(f"{ckpt.path} has no {head} head; fine-tune it first with `lmforge finetune {ckpt.path} --task {task} ...`")
     if head == "none" and model.config.arch == "encoder":
         raise UserError(f"an encoder cannot generate text for --task {task}; use a decoder or encoder-decoder checkpoint")
+    # A base model serves seq2seq and sft as it is (zero-shot); a fine-tune only the task it was tuned for.
+    kind = trained.get("kind") or {h: t for t, h in TASK_HEAD.items() if h != "none"}.get(model.config.task_head)
+    if kind not in (None, task):
+        raise UserError(f"{ckpt.path} was fine-tuned for --task {kind}, not {task}; use --task {kind}, or fine-tune "
+                        f"its base model with `lmforge finetune BASE --task {task} ...`")
     cfg = model.config
     fmt = TaskFormat(ckpt.tokenizer, cfg.arch, trained.get("max_length", cfg.context_length), trained.get("prompt", DEFAULT_PROMPT),
                      trained.get("repeat", False))
+    # A decoder's seq2seq fine-tune saw prompts of the length `TaskFormat.seq2seq` gives a source without a target.
+    prompt_length = fmt.prompt_length if "max_length" in trained else None
     return Pipeline(task, model, ckpt.tokenizer, fmt, batch_size, max_new_tokens, max_answer_length, trained.get("doc_stride", 128),
-                    num_beams, length_penalty)
+                    num_beams, length_penalty, prompt_length)
 
 
 def predict(

@@ -13,13 +13,22 @@ IGNORE_INDEX = -100
 
 
 def lm_loss(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy in nats over the targets that are not `ignore_index`; logits (B, T, V), targets (B, T).
-    `label_smoothing` e mixes the one-hot target with e/V on every class (Szegedy et al. 2016)."""
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index, label_smoothing=label_smoothing
+    `label_smoothing` e mixes the one-hot target with e/V on every class (Szegedy et al. 2016).
+    `vocab_size` keeps only the first logits, the real vocabulary: the model's are padded to
+    `padded_vocab_size` with ids no text holds, which smoothing would otherwise train probability onto.
+    Without any target (an SFT batch whose replies lie past max_length) the loss is 0 with zero gradient,
+    not 0 / 0: such a batch weighs nothing in a step or a validation (its `weight` is 0)."""
+    if vocab_size is not None:
+        logits = logits[..., :vocab_size]
+    total = F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index, label_smoothing=label_smoothing,
+        reduction="sum",
     )
+    return total / (targets != ignore_index).sum().clamp(min=1)
 
 
 def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
@@ -30,9 +39,9 @@ def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:
 
 def chunked_lm_loss(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 4096,
-    ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0,
+    ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0, vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """`lm_loss(hidden @ weight.T, targets, label_smoothing=...)` without the logits of the whole batch.
+    """`lm_loss(hidden @ weight.T, targets, label_smoothing=..., vocab_size=...)` without the logits of the whole batch.
 
     hidden (B, T, C) final hidden states, weight (V, C) the output head, targets (B, T). The rows
     are taken `chunk_tokens` at a time: each chunk's logits are made, reduced to its loss and, when
@@ -42,7 +51,7 @@ def chunked_lm_loss(
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    args = (hidden.flatten(0, -2), weight, targets.flatten(), chunk_tokens, ignore_index, label_smoothing)
+    args = (hidden.flatten(0, -2), weight, targets.flatten(), chunk_tokens, ignore_index, label_smoothing, vocab_size)
     if not torch.is_grad_enabled():
         # Evaluation: needs_input_grad would still ask for the head's gradient (the weight is a
         # Parameter), a (V, C) fp32 buffer and a second matmul per chunk that nothing reads.
@@ -50,13 +59,14 @@ def chunked_lm_loss(
     return _ChunkedCrossEntropy.apply(*args)
 
 
-def _chunked_loss_and_grads(hidden, weight, targets, chunk_tokens, ignore_index, smoothing, want_h, want_w):
-    """The mean loss and, where wanted, its gradients with respect to hidden (N, C) and weight (V, C)."""
+def _chunked_loss_and_grads(hidden, weight, targets, chunk_tokens, ignore_index, smoothing, vocab_size, want_h, want_w):
+    """The mean loss and, where wanted, its gradients with respect to hidden (N, C) and weight (V, C)
+    (zero on the rows past `vocab_size`)."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     valid_all = targets != ignore_index
-    count = valid_all.sum()
-    w = weight.to(dtype)
+    count = valid_all.sum().clamp(min=1)  # no target: loss 0, gradients 0
+    w = weight[:vocab_size].to(dtype)  # the real vocabulary's rows (all of them for vocab_size None)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden) if want_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
@@ -79,7 +89,7 @@ def _chunked_loss_and_grads(hidden, weight, targets, chunk_tokens, ignore_index,
             if want_h:
                 grad_h[s : s + chunk_tokens] = (g @ w).to(hidden.dtype)
             if want_w:
-                grad_w += (g.T @ h).float()
+                grad_w[: w.size(0)] += (g.T @ h).float()
     return total / count, grad_h, grad_w
 
 
@@ -88,9 +98,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     backward only scales the saved gradients by the incoming one."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens, ignore_index, smoothing):
+    def forward(ctx, hidden, weight, targets, chunk_tokens, ignore_index, smoothing, vocab_size):
         loss, grad_h, grad_w = _chunked_loss_and_grads(
-            hidden, weight, targets, chunk_tokens, ignore_index, smoothing, *ctx.needs_input_grad[:2]
+            hidden, weight, targets, chunk_tokens, ignore_index, smoothing, vocab_size, *ctx.needs_input_grad[:2]
         )
         ctx.save_for_backward(grad_h, grad_w)
         return loss
@@ -101,5 +111,5 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return (
             grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
             grad_w * grad_out if grad_w is not None else None,
-            None, None, None, None,
+            None, None, None, None, None,
         )

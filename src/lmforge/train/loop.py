@@ -359,7 +359,7 @@ def _shares(weights: list[int], world: World, device: torch.device) -> list[floa
     agree on the total with one small all-reduce, kept on the device (no host sync).
     """
     if not world.distributed:
-        total = max(sum(weights), 1)  # a step without a prediction has a NaN loss either way
+        total = max(sum(weights), 1)  # a micro-batch without predictions has loss 0 (`lm_loss`) and share 0
         return [w / total for w in weights]
     # torch.full fills on the device; torch.tensor(value, device=cuda) would copy from pageable memory and wait.
     total = all_reduce(torch.full((), float(sum(weights)), dtype=torch.float64, device=device), world).clamp_(min=1)

@@ -107,17 +107,21 @@ class Objective:
 
     def loss(self, model: Transformer, batch: Batch) -> torch.Tensor:
         eps = self.label_smoothing if model.training else 0.0
+        # Smoothing spreads e over the real vocabulary, not the padding ids no text holds, which it
+        # would train probability onto; a smoothed run validates over the same classes.
+        V = model.config.vocab_size if self.label_smoothing else None
         if self.name == "causal" and self.chunked_loss:
             hidden = model(batch["input_ids"], return_hidden=True)
-            return chunked_lm_loss(hidden, model.output.weight, batch["labels"], self.chunked_loss, label_smoothing=eps)
+            return chunked_lm_loss(hidden, model.output.weight, batch["labels"], self.chunked_loss, label_smoothing=eps,
+                                   vocab_size=V)
         if self.name == "causal":
-            return lm_loss(model(batch["input_ids"]), batch["labels"], label_smoothing=eps)
+            return lm_loss(model(batch["input_ids"]), batch["labels"], label_smoothing=eps, vocab_size=V)
         if self.name == "seq2seq":
             memory = model.encode_source(batch["src"], batch["src_mask"])
             logits = model(batch["input_ids"], memory=memory, memory_mask=batch["src_mask"])
-            return lm_loss(logits, batch["labels"], label_smoothing=eps)
+            return lm_loss(logits, batch["labels"], label_smoothing=eps, vocab_size=V)
         hidden = model.encode(batch["input_ids"], token_type_ids=batch["token_type_ids"])
-        loss = lm_loss(model.mlm(hidden), batch["labels"], label_smoothing=eps)
+        loss = lm_loss(model.mlm(hidden), batch["labels"], label_smoothing=eps, vocab_size=V)
         if "nsp_labels" in batch:
             loss = loss + F.cross_entropy(model.nsp_logits(hidden).float(), batch["nsp_labels"], label_smoothing=eps)
         return loss
@@ -146,6 +150,7 @@ def weighted_mean_loss(
         with autocast(device, amp):
             value = loss(model, batch)
         n = weight(batch)
-        total, count = total + value.item() * n, count + n
+        if n:  # a batch without predictions (an SFT batch whose replies lie past max_length) weighs nothing
+            total, count = total + value.item() * n, count + n
     model.train(was_training)
     return total / max(count, 1)
