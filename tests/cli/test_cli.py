@@ -308,6 +308,11 @@ def test_serve_on_a_port_in_use_or_a_foreign_host(capsys, trained_run):
 
 @pytest.mark.parametrize("verb, yaml, key", [
     (["pretrain", "--data", "d", "--out", "o"], "model:\n#  preset: tiny\ntrain:\n  max_steps: 1\n", "model"),
+    # The group alone: jsonargparse read such a file as no mapping at all ("Unexpected config: model:").
+    (["pretrain", "--data", "d", "--out", "o"], "model:\n", "model"),
+    (["pretrain", "--data", "d", "--out", "o"], "train:\n#  max_steps: 1\n", "train"),
+    (["finetune", "c", "--task", "tag", "--data", "d", "--out", "o"], "lora:\n", "lora"),
+    (["finetune", "c", "--task", "tag", "--data", "d", "--out", "o"], "lora: null\n", "lora"),
     (["pretrain", "--data", "d", "--out", "o"], "model: [1, 2]\n", "model"),
     (["pretrain", "--data", "d", "--out", "o"], "model: {preset: tiny}\ntrain: 5\n", "train"),
     (["finetune", "c", "--task", "tag", "--data", "d", "--out", "o"], "train:\n#  max_steps: 1\n", "train"),
@@ -325,7 +330,7 @@ def test_a_config_group_that_is_not_a_mapping_is_one_line(capsys, tmp_path, verb
     (["pretrain"], "data: d\nout: o\nresume: maybe\n", "not boolean: maybe"),  # a flag takes a boolean only
     (["pretrain"], "data: d\nout: o\njson: 1\n", "not boolean: 1"),
     (["finetune", "c", "--task", "tag"], "data: d\nout: o\nfreeze_embeddings: sure\n", "not boolean: sure"),
-    (["finetune", "c", "--task", "tag"], "data: d\nout: o\nlabels: [[1]]\n", '"labels"'),
+    (["finetune", "c", "--task", "tag"], "data: d\nout: o\nlabels: [[1]]\n", "`labels` in --config must be a list of label names"),
     (["finetune", "--task", "tag"], "checkpoint: 5\ndata: d\nout: o\n", '"checkpoint"'),
 ])
 def test_option_values_of_the_wrong_type_in_a_config_are_one_line(capsys, tmp_path, verb, yaml, expected):
@@ -379,3 +384,302 @@ def test_the_qa_score_hint_keeps_the_article_split(capsys, trained_run, tmp_path
                          "--out", tmp_path / "qa", "--split-articles", 0.67, "--train.device", "cpu", "--train.max_steps", 2,
                          "--train.eval_interval", 0, "--train.threads", 1)
     assert code == 0 and f"--task qa --data {tmp_path / 'squad.json'} --split-articles 0.67" in out + err
+
+
+# ---------------------------------------------------------------- failures of the machine, not the input
+
+
+def _failing(monkeypatch, verb, error):
+    """Make VERB's handler fail with `error` (an exception, or a function that raises)."""
+    from lmforge.cli import commands
+
+    def handler(args):
+        if callable(error):
+            return error()
+        raise error
+
+    monkeypatch.setitem(commands.HANDLERS, verb, handler)
+
+
+def _dev_full() -> bool:
+    """Whether /dev/full is the device that fails every write with ENOSPC (not a file put in its place)."""
+    import os
+    import stat
+
+    return os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
+def _write_to_dev_full():
+    with open("/dev/full", "w") as f:
+        f.write("x" * 100)  # the flush at close: OSError ENOSPC, no file name on it
+
+
+@pytest.mark.skipif(not _dev_full(), reason="needs the /dev/full device")
+def test_a_full_disk_is_one_line_naming_the_path_and_the_fix(capsys, monkeypatch):
+    """Seen in review on a 600 KB tmpfs: prepare, pretrain, export and tokenizer train --out full/...
+    ended in OSError or SafetensorError tracebacks ("No space left on device")."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    _failing(monkeypatch, "prepare", OSError(errno.ENOSPC, "No space left on device", "full/data/train-00000.bin"))
+    fails_with(capsys, "no space left on device (full/data/train-00000.bin); free space or pass another --out",
+               "prepare", "a.txt", "--tokenizer", "t", "--out", "full/data")
+    _failing(monkeypatch, "prepare", OSError(errno.EDQUOT, "Disk quota exceeded"))
+    fails_with(capsys, "no space left on device; free space or pass another --out", "prepare", "a.txt", "--tokenizer", "t", "--out", "o")
+    _failing(monkeypatch, "tokenizer.train", _write_to_dev_full)  # a real ENOSPC, as tokenizer train's f.write gave
+    fails_with(capsys, "no space left on device; free space", "tokenizer", "train", "a.txt", "--out", "full/tok")
+    msg = "Error while serializing: I/O error: No space left on device (os error 28)"
+    _failing(monkeypatch, "export.hf", SafetensorError(msg))
+    fails_with(capsys, "no space left on device; free space or pass another --out", "export", "hf", "ck", "--out", "full/hf")
+    _failing(monkeypatch, "prepare", OSError("518743 requested and 307200 written"))  # numpy's tofile: no errno
+    fails_with(capsys, "a write stopped short (518743 requested and 307200 written): the disk is most likely full",
+               "prepare", "a.txt", "--tokenizer", "t", "--out", "o")
+    # Another OSError, or a SafetensorError for another reason, is not a full disk: it is not reworded.
+    _failing(monkeypatch, "prepare", OSError(errno.EIO, "Input/output error"))
+    with pytest.raises(OSError, match="Input/output"):
+        main(["prepare", "a.txt", "--tokenizer", "t", "--out", "o"])
+    _failing(monkeypatch, "export.hf", SafetensorError("Error while serializing: shape mismatch"))
+    with pytest.raises(SafetensorError):
+        main(["export", "hf", "ck", "--out", "o"])
+
+
+def test_out_of_memory_is_one_line_and_other_runtime_errors_are_not(capsys, monkeypatch):
+    """Seen in review: --model.context_length 100000000 or --model.n_embd 1000000 ended in torch's
+    "can't allocate memory" RuntimeError traceback."""
+    import torch
+
+    _failing(monkeypatch, "pretrain", lambda: torch.empty(2**62, dtype=torch.uint8))  # torch's own CPU allocator error
+    fails_with(capsys, "out of memory (tried to allocate 4.61e+03 PB); lower the model or batch sizes",
+               "pretrain", "--data", "d", "--out", "o")
+    _failing(monkeypatch, "pretrain", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has ..."))
+    fails_with(capsys, "out of GPU memory (tried to allocate 20.00 GiB); lower the model or batch sizes",
+               "pretrain", "--data", "d", "--out", "o")
+    _failing(monkeypatch, "import.hf", MemoryError())
+    fails_with(capsys, "out of memory (MemoryError); lower the model or batch sizes", "import", "hf", "src", "--out", "o")
+    _failing(monkeypatch, "pretrain", RuntimeError("mat1 and mat2 shapes cannot be multiplied"))  # a bug: shown in full
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(["pretrain", "--data", "d", "--out", "o"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [["scaling", "plan", "--flops", "1e20"], ["scaling", "plan", "--flops", "1e20", "--json"]])
+def test_a_stdout_that_cannot_take_the_output_is_one_line(argv):
+    """`lmforge scaling plan ... > /dev/full` (a full disk behind `> file`): seen in review as an OSError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    if not _dev_full():
+        pytest.skip("needs the /dev/full device")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "lmforge", *argv], stdout=full, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1] == ("lmforge: error: no space left on device for the output (stdout); "
+                                            "free space or redirect it elsewhere"), proc.stderr
+
+
+# ---------------------------------------------------------------- input that is not UTF-8, Ctrl-C and templates in chat
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+
+
+def _chat_checkpoint(trained_run, path, template=CHAT_TEMPLATE):
+    import shutil
+
+    from lmforge.infer import load
+
+    shutil.copytree(load(trained_run.out, device="cpu").path, path)
+    tok = load(path, device="cpu").tokenizer
+    tok.chat_template = template
+    tok.save(path)
+    return path
+
+
+def test_arguments_that_are_not_utf8_are_one_line(capsys, trained_run, tmp_path):
+    """`--prompt $'caf\\xe9'` arrives as "caf\\udce9": seen in review as "TypeError: TextInputSequence must be str"."""
+    fails_with(capsys, "--prompt is not valid UTF-8 text (byte 0xe9 at character 4)", "generate", trained_run.out,
+               "--prompt", "caf\udce9", "--max-new-tokens", 3)
+    fails_with(capsys, "--system is not valid UTF-8 text (byte 0xff at character 1)", "chat",
+               _chat_checkpoint(trained_run, tmp_path / "chat"), "--system", "\udcff")
+
+
+def test_a_chat_line_that_is_not_utf8_is_refused_and_the_session_goes_on(capsys, monkeypatch, trained_run, tmp_path):
+    import io
+
+    from lmforge.cli import commands
+
+    sessions = []
+
+    class Recorded(commands.ChatSession):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sessions.append(self)
+
+    monkeypatch.setattr(commands, "ChatSession", Recorded)
+    ckpt = _chat_checkpoint(trained_run, tmp_path / "chat")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n\udcff\nhello\n"))
+    code, out, err = run(capsys, "chat", ckpt, "--max-new-tokens", 3, "--seed", 1, "--device", "cpu")
+    assert code == 0 and "Traceback" not in err, err
+    assert [l for l in err.splitlines() if l.startswith("lmforge:")] == [
+        "lmforge: the message is not valid UTF-8 text (byte 0xff at character 1); pass it as UTF-8 "
+        "(check the terminal's or the file's encoding)"]
+    messages = sessions[0].messages
+    assert [(m["role"], m["content"]) for m in messages[::2]] == [("user", "hi"), ("user", "hello")] and len(messages) == 4
+
+
+def test_a_template_that_fails_on_a_later_turn_is_one_line_and_the_chat_goes_on(capsys, monkeypatch, trained_run, tmp_path):
+    import io
+
+    ckpt = _chat_checkpoint(trained_run, tmp_path / "chat",
+                            "{% if messages|length > 1 %}{{ 1/0 }}{% endif %}{{ messages[0].content }}")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nagain\n/reset\nonce more\n"))
+    code, out, err = run(capsys, "chat", ckpt, "--max-new-tokens", 3, "--seed", 1, "--device", "cpu")
+    assert code == 0 and "Traceback" not in err, err
+    assert [l for l in err.splitlines() if l.startswith("lmforge:")] == [
+        f"lmforge: the chat template of {ckpt} failed on this conversation (ZeroDivisionError: division by zero); "
+        "fix the chat template that came with it"]
+
+
+_SLOW_CHAT = """
+import sys, time
+from lmforge.infer import chat
+
+stream = chat.ChatSession._stream
+
+def slow(self, ids, max_new_tokens):  # a model slow enough to press Ctrl-C in the middle of its reply
+    for piece in stream(self, ids, max_new_tokens):
+        time.sleep(0.05)
+        yield piece
+
+chat.ChatSession._stream = slow
+chat.ChatSession.reset = lambda self, reset=chat.ChatSession.reset: (print(len(self.messages), file=sys.stderr), reset(self))[1]
+from lmforge.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_chat_reply_stops_the_reply_not_the_session(trained_run, tmp_path):
+    """Seen in review: Ctrl-C during a reply ended the whole session (status 130), losing the conversation.
+    Now it stops that reply (the turn is dropped), the prompt comes back; Ctrl-C at the prompt still exits."""
+    import os
+    import queue
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import ROOT
+
+    ckpt = _chat_checkpoint(trained_run, tmp_path / "chat")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_CHAT, "chat", str(ckpt), "--max-new-tokens", "40", "--temperature", "0", "--device", "cpu"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # the shell running the tests may ignore SIGINT
+    )
+    events: queue.Queue = queue.Queue()
+
+    def pump(stream, name):
+        for chunk in iter(lambda: os.read(stream.fileno(), 4096), b""):
+            events.put((name, chunk.decode(errors="replace")))
+
+    for stream, name in ((proc.stdout, "out"), (proc.stderr, "err")):
+        threading.Thread(target=pump, args=(stream, name), daemon=True).start()
+
+    def wait_for(name, text=None):
+        """What `name` printed until `text` (or anything, for None) showed."""
+        seen = ""
+        while not seen if text is None else text not in seen:
+            source, chunk = events.get(timeout=60)
+            if source == name:
+                seen += chunk
+        return seen
+
+    try:
+        proc.stdin.write(b"ROMEO:\n")
+        proc.stdin.flush()
+        wait_for("out")  # the reply has begun
+        proc.send_signal(signal.SIGINT)
+        wait_for("err", "(reply stopped; that turn is dropped from the conversation)")
+        proc.stdin.write(b"/reset\n")  # prints how many messages the session held: the stopped turn left none
+        proc.stdin.flush()
+        assert wait_for("err", "(conversation cleared)").split("(conversation cleared)")[0].strip().endswith("0")
+        proc.stdin.write(b"JULIET:\n")
+        proc.stdin.flush()
+        proc.stdin.write(b"/reset\n")  # after a whole reply: the user turn and the reply
+        proc.stdin.flush()
+        assert wait_for("err", "(conversation cleared)").split("(conversation cleared)")[0].strip().endswith("2")
+        proc.send_signal(signal.SIGINT)  # at the prompt: the session ends as before
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+        proc.wait()
+    err = "".join(chunk for source, chunk in list(events.queue) if source == "err")
+    assert "Traceback" not in err, err
+
+
+# ---------------------------------------------------------------- configs and options
+
+@pytest.mark.parametrize("verb", [["pretrain", "--data", "d", "--out", "o"], ["finetune", "c", "--task", "tag", "--data", "d", "--out", "o"]])
+@pytest.mark.parametrize("yaml, message", [
+    ("- a\n- b\n", "holds a YAML list, not a mapping of option keys"),  # was "Unexpected config: - a - b"
+    ("# only a comment\n", "is empty (or only comments)"),  # was "Unexpected config: # only a comment"
+    ("\n\n", "is empty (or only comments)"),
+    ("just words\n", "holds a YAML str, not a mapping of option keys"),
+])
+def test_a_config_file_that_is_not_a_mapping_is_one_line_naming_it(capsys, tmp_path, verb, yaml, message):
+    (tmp_path / "c.yaml").write_text(yaml)
+    fails_with(capsys, f"--config {tmp_path / 'c.yaml'} {message}", *verb, "--config", tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("yaml, got", [
+    ("labels: {a: 1}\n", "but is {'a': 1}; write it as a list"),  # was RuntimeError: dictionary changed size during iteration
+    ("labels: abc\n", "but is 'abc'; write it as a list"),  # was "'str' object does not support item assignment"
+    ("labels: 5\n", "but is 5; write it as a list"),
+    ("labels: [pos, yes]\n", "but holds True, a YAML bool; write each name as text in quotes"),
+])
+def test_finetune_labels_in_a_config_must_be_a_list_of_names(capsys, tmp_path, yaml, got):
+    (tmp_path / "c.yaml").write_text(yaml)
+    line = fails_with(capsys, "`labels` in --config must be a list of label names, such as `labels: [pos, neg]`",
+                      "finetune", "c", "--task", "tag", "--data", "d", "--out", "o", "--config", tmp_path / "c.yaml")
+    assert line.endswith(got), line
+    (tmp_path / "c.yaml").write_text("labels: [pos, 'yes']\n")
+    assert parse(["finetune", "c", "--task", "tag", "--data", "d", "--out", "o", "--config", str(tmp_path / "c.yaml")]
+                 ).finetune.labels == ["pos", "yes"]
+
+
+@pytest.mark.parametrize("train, field", [("lr: .nan", "lr"), ("min_lr: .nan", "min_lr"), ("weight_decay: .nan", "weight_decay"),
+                                          ("grad_clip: .inf", "grad_clip")])
+def test_nan_or_inf_in_a_config_is_refused_before_training(capsys, data_dir, tmp_path, train, field):
+    """Seen in review: lr nan a torch traceback, min_lr nan trained, weight_decay/grad_clip nan failed after
+    training with "lower --train.lr"."""
+    (tmp_path / "c.yaml").write_text(f"{{data: {data_dir}, out: {tmp_path / 'r'}, model: {{preset: tiny}}, "
+                                     f"train: {{max_steps: 2, device: cpu, {train}}}}}\n")
+    fails_with(capsys, f"train.{field} must be a finite number, got", "pretrain", "--config", tmp_path / "c.yaml")
+    assert not (tmp_path / "r").exists()
+
+
+def test_lora_alpha_that_is_not_finite_is_named(capsys, trained_run, tmp_path):
+    fails_with(capsys, "lora.alpha must be a finite number, got inf", "finetune", trained_run.out, "--task", "classify",
+               "--data", tmp_path / "x.tsv", "--out", tmp_path / "ft", "--lora.r", 4, "--lora.alpha", "1e999")
+    (tmp_path / "c.yaml").write_text("lora: {r: 4, alpha: .nan}\n")
+    fails_with(capsys, "lora.alpha must be a finite number, got nan", "finetune", trained_run.out, "--task", "classify",
+               "--data", tmp_path / "x.tsv", "--out", tmp_path / "ft", "--config", tmp_path / "c.yaml")
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("device", ["cpu:7", "meta"])
+def test_a_device_lmforge_cannot_use_is_named_not_blamed_on_the_checkpoint(capsys, trained_run, device):
+    """Seen in review: "model.safetensors is corrupt (device cpu:7 is invalid)"."""
+    fails_with(capsys, f"unknown device '{device}'; use auto, cpu, cuda or cuda:N", "generate", trained_run.out,
+               "--prompt", "hi", "--device", device)
+
+
+def test_eval_on_a_run_directory_says_what_it_is(capsys, trained_run):
+    fails_with(capsys, f"{trained_run.out} is a checkpoint or run directory, not text to evaluate on", "eval", trained_run.out,
+               "--data", trained_run.out)

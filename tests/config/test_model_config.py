@@ -71,3 +71,30 @@ def test_from_dict_still_reads_good_lora_and_labels():
 def test_llama_1b_is_the_llama_3_2_1b_preset():
     assert PRESETS["llama-1b"] is PRESETS["llama-3.2-1b"]
     assert preset("llama-1b", vocab_size=10).replace(preset=None) == preset("llama-3.2-1b", vocab_size=10).replace(preset=None)
+
+
+def _float_fields(cls):
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(cls) if f.type in ("float", "float | None")]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_every_float_field_refuses_nan_and_inf_in_one_line_naming_it(value):
+    """A range check is a comparison, and every comparison with nan is False: nan passed them all (seen in
+    review: lr nan a torch traceback, min_lr nan trained, weight_decay nan failed after training)."""
+    from lmforge.config import LoraConfig, TrainConfig
+
+    cases = [(TrainConfig, {}, "train"), (LoraConfig, {"r": 4}, "lora"), (ModelConfig, ROTARY, "model")]
+    for cls, base, prefix in cases:
+        names = _float_fields(cls)
+        assert names, cls
+        for name in names:
+            with pytest.raises(UserError, match=rf"{prefix}\.{name} must be a finite number, got {value}") as e:
+                cls(**{**base, name: value})
+            assert "\n" not in str(e.value)
+    # An int field given a float from a YAML file (a sweep grid's train) is caught too.
+    with pytest.raises(UserError, match=r"train\.max_steps must be a finite number, got nan"):
+        TrainConfig(max_steps=float("nan"))
+    with pytest.raises(UserError, match=r"model\.lora\.alpha|lora\.alpha"):
+        ModelConfig.from_dict({**BASE, "lora": {"r": 4, "alpha": float("inf")}})

@@ -328,3 +328,51 @@ def test_refuses_to_replace_data_that_holds_anything_prepare_did_not_write(tmp_p
     with pytest.raises(UserError, match=f"holds {extra.split('/')[0]}, which `lmforge prepare` did not write"):
         prepare([tmp_path / "a.txt"], tok_dir, tmp_path / "out", progress=False)
     assert (tmp_path / "out" / extra).read_text() == "keep me"
+
+
+@pytest.mark.parametrize("out", ["", "."])
+def test_the_current_directory_or_an_empty_out_is_one_line(out, tmp_path, tok_dir, monkeypatch):
+    """Replacing the current directory would pull it from under the shell, even when it is empty."""
+    (tmp_path / "a.txt").write_text("hello\nworld\n" * 20)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(UserError, match="current directory|empty") as err:
+        prepare([tmp_path / "a.txt"], tok_dir, out, progress=False)
+    assert "\n" not in str(err.value) and list((tmp_path / "here").iterdir()) == []
+
+
+def test_an_out_that_cannot_be_renamed_is_one_line_and_keeps_the_old_data(tmp_path, tok_dir, monkeypatch):
+    """`chattr +i out`: renaming it aside fails with EPERM."""
+    import errno
+    import os
+
+    (tmp_path / "a.txt").write_text("hello\nworld\n" * 50)
+    out = tmp_path / "out"
+    prepare([tmp_path / "a.txt"], tok_dir, out, progress=False)
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    replace = os.replace
+
+    def immutable(src, dst):
+        if str(src) == str(out):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", immutable)
+    with pytest.raises(UserError, match=f"cannot replace {out}") as err:
+        prepare([tmp_path / "a.txt"], tok_dir, out, progress=False)
+    assert "\n" not in str(err.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "out"]
+
+
+def test_a_damaged_tokenizer_in_the_data_directory_says_to_re_prepare(data_dir, tmp_path):
+    import shutil
+
+    from lmforge.train import pretrain
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    (data / "tokenizer.json").write_text("{")
+    with pytest.raises(UserError, match="tokenizer.json is corrupt") as err:
+        pretrain(data, tmp_path / "run", "tiny", progress=False, log=lambda *a: None)
+    assert "tokenizer train" not in str(err.value) and "prepare" in str(err.value)

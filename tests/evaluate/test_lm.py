@@ -59,3 +59,10 @@ def test_max_tokens_below_two_is_refused(trained_run, tmp_path, max_tokens):
     (tmp_path / "t.txt").write_text("KING HENRY:\nWhat say you, my lord?\n")
     with pytest.raises(UserError, match=rf"max_tokens must be >= 2 .*, got {max_tokens}"):
         evaluate_lm(trained_run.out, [tmp_path / "t.txt"], device="cpu", max_tokens=max_tokens)
+
+
+def test_a_run_or_checkpoint_directory_as_data_is_named_as_such(trained_run):
+    """Seen in review: `eval run --data run` read the run's files as text and blamed metrics.jsonl:1."""
+    for path in (trained_run.out, trained_run.checkpoint):
+        with pytest.raises(UserError, match=rf"{path} is a checkpoint or run directory, not text to evaluate on"):
+            evaluate_lm(trained_run.out, [path], device="cpu")

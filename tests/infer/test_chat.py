@@ -122,3 +122,42 @@ def test_a_message_that_spells_a_special_token_gets_its_text_not_the_token(lm):
     with pytest.raises(UserError, match="spells the special token '<|endoftext|>'.*remove it"):
         encode_chat(lm, attack)
     assert encode_chat(lm, plain) == tok.encode(render_chat(lm, plain))
+
+
+def test_text_that_is_not_utf8_is_refused_for_that_turn_only(lm):
+    """Python reads a non-UTF-8 line (or argument) with lone surrogates, which the tokenizer cannot take:
+    seen in review as "TypeError: TextInputSequence must be str" ending the session."""
+    chat = ChatSession(lm, temperature=0)
+    "".join(chat.send("ROMEO:", max_new_tokens=4))
+    before = list(chat.messages)
+    with pytest.raises(UserError, match=r"the message is not valid UTF-8 text \(byte 0xff at character 4\)"):
+        list(chat.send("caf\udcff"))
+    assert chat.messages == before
+    "".join(chat.send("JULIET:", max_new_tokens=4))
+    assert len(chat.messages) == 4
+    with pytest.raises(UserError, match=r"the system message is not valid UTF-8 text \(byte 0xe9"):
+        ChatSession(lm, system="caf\udce9")
+
+
+def test_a_template_that_raises_on_a_later_turn_is_a_template_error_that_keeps_the_session(lm):
+    """Seen in review: ZeroDivisionError from the template's own code on the second turn was a traceback."""
+    lm.tokenizer.chat_template = "{% if messages|length > 1 %}{{ 1/0 }}{% endif %}{{ messages[0].content }}"
+    chat = ChatSession(lm, temperature=0)
+    "".join(chat.send("ROMEO:", max_new_tokens=4))
+    before = list(chat.messages)
+    with pytest.raises(UserError, match=r"chat template of .* failed on this conversation \(ZeroDivisionError: division by zero\)") as e:
+        list(chat.send("JULIET:"))
+    assert "\n" not in str(e.value) and chat.messages == before
+    chat.reset()
+    "".join(chat.send("ROMEO:", max_new_tokens=4))  # after /reset the conversation goes on
+    with pytest.raises(UserError, match="ZeroDivisionError"):
+        render_chat(lm, before + [{"role": "user", "content": "x"}])
+
+
+def test_an_error_outside_the_template_is_not_called_a_template_error(lm, monkeypatch):
+    def broken(messages, add_generation_prompt=True):
+        return 1 / 0  # a bug in lmforge's own code: its traceback must show
+
+    monkeypatch.setattr(lm.tokenizer, "encode_chat", broken)
+    with pytest.raises(ZeroDivisionError):
+        list(ChatSession(lm, temperature=0).send("hi"))

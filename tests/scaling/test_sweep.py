@@ -79,10 +79,16 @@ def test_an_encoder_grid_trains_with_the_masked_lm_objective(tmp_path, data_dir)
         ("sizes: [1e4]\n", "exactly one of `tokens`"),
         ("sizes: [1e4]\ntokens: [1e6]\nflops: [1e12]\n", "exactly one of `tokens`"),
         ("sizes: [10]\ntokens: [1e6]\nhead_size: 64\n", "no shape with head size 64"),
-        ("sizes: [-5]\ntokens: [1e6]\n", "positive numbers"),
+        ("sizes: [-5]\ntokens: [1e6]\n", "positive finite numbers"),
+        # nan passed `v <= 0`, then failed as "cannot convert float NaN to integer".
+        ("sizes: [.nan]\ntokens: [1e6]\n", "`sizes` must be a non-empty list of positive finite numbers, got [nan]"),
+        ("sizes: [1e5]\ntokens: [.inf]\n", "`tokens` must be a non-empty list of positive finite numbers, got [inf]"),
+        ("sizes: [1e5]\nflops: [.nan]\n", "`flops` must be a non-empty list of positive finite numbers"),
+        ("sizes: [1e5]\ntokens: [1e6]\naspect_ratio: .nan\n", "`aspect_ratio` must be a finite number > 0, got nan"),
+        ("sizes: [1e5]\ntokens: [1e6]\nmodel: {rope_theta: .nan}\n", "model.rope_theta must be a finite number, got nan"),
         ("sizes: [1e5]\ntokens: [1e6]\nwidth: 3\n", "unknown key"),
         ("sizes: [1e5\n", "not valid YAML"),
-        ("sizes: [1e5]\ntokens: [1e6]\naspect_ratio: wide\n", "`aspect_ratio` must be a number > 0, got 'wide'"),
+        ("sizes: [1e5]\ntokens: [1e6]\naspect_ratio: wide\n", "`aspect_ratio` must be a finite number > 0, got 'wide'"),
         ("sizes: [1e5]\ntokens: [1e6]\nhead_size: 0.5\n", "`head_size` must be a whole number > 0"),
         ("sizes: [1e5]\ntokens: [1e6]\nmodel: {context_length: long}\n", "model.context_length is 'long'; it must be int"),
         ("sizes: [1e5]\ntokens: [1e6]\nobjective: seq2seq\n", "`objective` must be one of ['causal', 'mlm', 'mlm+nsp'], got 'seq2seq'"),
@@ -221,3 +227,45 @@ def test_an_existing_results_file_it_cannot_resume_from_is_one_clear_error(tmp_p
     with pytest.raises(UserError, match=message):
         sweep(tmp_path / "g.yaml", tmp_path / "no-data", tmp_path / "study", log=lambda *a: None, progress=False)
     assert not (tmp_path / "study" / "runs").exists()
+
+
+def test_a_nan_in_the_grids_train_is_refused_before_any_run(tmp_path, data_dir):
+    (tmp_path / "g.yaml").write_text(GRID.replace("lr: 3.0e-3", "lr: .nan"))
+    with pytest.raises(UserError, match=r"train\.lr must be a finite number, got nan"):
+        sweep(tmp_path / "g.yaml", data_dir, tmp_path / "study", log=lambda *a: None, progress=False)
+    assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize("inside", [".", "runs", "study"])
+def test_a_study_in_its_data_directory_is_refused_before_anything_is_written(tmp_path, data_dir, inside):
+    """Seen in review: pretrain refused the first run, but only after the sweep had written
+    DATA/runs/NAME/sweep-seconds.json, which then made `prepare --out DATA` refuse the directory."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    (tmp_path / "g.yaml").write_text(GRID)
+    with pytest.raises(UserError, match=r"the data directory .* pass an --out outside it"):
+        sweep(tmp_path / "g.yaml", data, data / inside, log=lambda *a: None, progress=False)
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_a_run_refused_before_it_starts_leaves_no_run_directory(tmp_path, data_dir, monkeypatch):
+    """Data a run cannot train on (or a device missing) is found by pretrain; the stopwatch around it
+    must not leave a runs/NAME/sweep-seconds.json behind for a run that never started."""
+    (tmp_path / "g.yaml").write_text(GRID)
+    import importlib
+
+    sweep_module = importlib.import_module("lmforge.scaling.sweep")  # the package's `sweep` is the function
+
+    def refuse(data, out, *args, **kwargs):
+        raise UserError("refused before training")
+
+    monkeypatch.setattr(sweep_module, "pretrain", refuse)
+    with pytest.raises(UserError, match="refused before training"):
+        sweep(tmp_path / "g.yaml", data_dir, tmp_path / "study", log=lambda *a: None, progress=False)
+    assert not (tmp_path / "study").exists()
+    with pytest.raises(UserError, match="not a prepared data directory"):
+        sweep(tmp_path / "g.yaml", tmp_path / "no-data", tmp_path / "study", log=lambda *a: None, progress=False)
+    assert not (tmp_path / "study").exists()

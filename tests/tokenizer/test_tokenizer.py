@@ -269,3 +269,11 @@ def test_ctrl_c_during_the_merges_lands_at_once():
         assert any(t.name == "lmforge-bpe-train" and t.is_alive() for t in threading.enumerate())
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_saving_to_an_empty_path_is_refused(tok, tmp_path, monkeypatch):
+    """An empty --out (an unset variable) would write into the current directory and print "-> /tokenizer.json"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="empty"):
+        tok.save("")
+    assert list(tmp_path.iterdir()) == []

@@ -157,5 +157,5 @@ def test_a_checkpoint_that_rank_0_cannot_write_stops_every_rank(data_dir, tmp_pa
                             "--train.parallel", "fsdp")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
-    assert "No space left on device" in proc.stderr and "rank 0 could not write step-000003" in proc.stderr
+    assert "no space left on device" in proc.stderr and "rank 0 could not write step-000003" in proc.stderr
     assert not find_checkpoints(tmp_path / "run")

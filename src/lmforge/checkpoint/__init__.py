@@ -17,6 +17,8 @@ also takes the run directory and uses its latest complete step.
 from lmforge.checkpoint.store import (
     CKPT_FIX,
     Checkpoint,
+    check_checkpoint_out,
+    check_run_out,
     find_checkpoints,
     load_checkpoint,
     load_model,
@@ -27,6 +29,8 @@ from lmforge.checkpoint.store import (
 __all__ = [
     "CKPT_FIX",
     "Checkpoint",
+    "check_checkpoint_out",
+    "check_run_out",
     "find_checkpoints",
     "load_checkpoint",
     "load_model",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ def save_checkpoint(
     that belong to the same atomic checkpoint (the trainer's sharded `dcp/` directory).
     """
     path = Path(path)
-    check_replaceable(path, "config.json", "a checkpoint directory")  # `path` is replaced wholesale
+    check_checkpoint_out(path, training=trainer_state is not None and "step" in trainer_state)
     with atomic_dir(path) as tmp:
         atomic_write_json(tmp / "config.json", {"format": FORMAT, "model": model.config.to_dict()})
         st_save_model(model, str(tmp / "model.safetensors"))
@@ -66,6 +67,35 @@ def save_checkpoint(
         if extra is not None:
             extra(tmp)
     return path
+
+
+def check_checkpoint_out(out: str | Path, *sources: str | Path, training: bool = False) -> None:
+    """Refuse an `out` that a new checkpoint must not replace: anything but an absent or empty directory or
+    an earlier checkpoint, and never one of `sources` (what is being converted), a directory inside or
+    around one, or (unless `training`: a run re-saving its own step) a training checkpoint or run directory.
+    Callers that convert call it before the work; `save_checkpoint` calls it again."""
+    check_replaceable(out, "config.json", "a checkpoint directory", key="model", sources=sources, training=training)
+
+
+def check_run_out(out: str | Path) -> None:
+    """Refuse a run directory `out` (a training run's, or a scaling study's) that is empty or is, or lies
+    in, a checkpoint (or model) directory or a prepared data directory: a run writes step-* directories
+    and a metrics.jsonl of its own there, which would replace the checkpoint's metrics and vanish when
+    the data is prepared again. Called by `pretrain`, `finetune` and `scaling sweep` before any work."""
+    if not str(out).strip():
+        raise UserError("--out is empty; pass the run directory to write, e.g. --out runs/x")
+    path = Path(os.path.abspath(out))
+    for where in (path, *path.parents):
+        if (where / "config.json").is_file() and any((where / f).exists() for f in ("model.safetensors", "trainer_state.json")):
+            what = "the checkpoint"
+        elif (where / "meta.json").is_file() and (where / "tokenizer.json").is_file():
+            what = "the data directory"
+        else:
+            continue
+        relation = "is" if where == path else "is inside"
+        why = "which `lmforge prepare` replaces as a whole" if what == "the data directory" else "whose files a run's would mix with"
+        raise UserError(f"--out {out} {relation} {what} {where}, {why} (a run writes step-* checkpoints and a "
+                        "metrics.jsonl); pass an --out outside it")
 
 
 def find_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -100,7 +130,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not (path / "tokenizer.json").is_file():
         raise UserError(f"{path / 'tokenizer.json'} is missing; the checkpoint is incomplete: copy in the tokenizer.json "
                         "it was trained with (its data directory has one), or use another checkpoint")
-    tokenizer = Tokenizer.load(path)
+    tokenizer = Tokenizer.load(path, fix=f"the checkpoint {path} needs the tokenizer its weights were trained with: restore "
+                                         "tokenizer.json from another step of its run (or the run's data directory), or "
+                                         "re-import or re-export the checkpoint; a newly trained tokenizer would not match")
     state_file = path / "trainer_state.json"
     trainer_state = read_json(state_file, CKPT_FIX) if state_file.exists() else None
     return Checkpoint(path, model_config, tokenizer, trainer_state)

@@ -6,7 +6,9 @@ dict that `--json` prints.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -20,7 +22,7 @@ from lmforge.infer import ChatSession, load, predict, render_chat
 from lmforge.interop import export_hf, import_gguf, import_hf
 from lmforge.scaling import fit, plan, sweep
 from lmforge.train import RunResult, pretrain
-from lmforge.utils.errors import UserError
+from lmforge.utils.errors import UserError, require_text
 
 
 def _say(args: Namespace) -> Callable[..., None]:
@@ -105,6 +107,7 @@ def _report_run(result: RunResult, say: Callable[..., None], unit: str = " nats/
 def generate_cmd(args: Namespace) -> dict[str, Any]:
     if args.max_new_tokens < 1:  # else the output is an empty line, as if the model had nothing to say
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    require_text(args.prompt, "--prompt")
     lm = load(args.checkpoint, device=args.device, dtype=args.dtype)
     kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     t0 = time.perf_counter()
@@ -219,12 +222,18 @@ def _importer(convert: Callable[..., Any]) -> Callable[[Namespace], dict[str, An
 def chat_cmd(args: Namespace) -> None:
     if args.max_new_tokens < 1:  # else every turn would end before its first token
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.system is not None:
+        require_text(args.system, "--system")
     lm = load(args.checkpoint, device=args.device, dtype=args.dtype)
     if args.speculate < 0:
         raise UserError(f"--speculate must be >= 0, got {args.speculate}")
     session = ChatSession(lm, system=args.system, speculate=args.speculate, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed)
     render_chat(lm, [{"role": "user", "content": "hi"}])  # a checkpoint without a template fails here, once
+    if hasattr(sys.stdin, "reconfigure"):
+        # A line that is not UTF-8 arrives with its bad bytes as lone surrogates, which the turn refuses;
+        # strict decoding would fail on the whole buffered chunk, losing the lines around it.
+        sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     print(f"chatting with {lm.path} (/reset clears the conversation, /exit quits)", file=sys.stderr)
     while True:
@@ -242,14 +251,45 @@ def chat_cmd(args: Namespace) -> None:
         if not text:
             continue
         try:
-            for piece in session.send(text, args.max_new_tokens):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except UserError as e:  # a full context ends the turn, not the session
+            if not _reply(session, text, args.max_new_tokens):
+                print("\n(reply stopped; that turn is dropped from the conversation)", file=sys.stderr, end="")
+        except UserError as e:  # a full context, a line that is not UTF-8: that turn ends, not the session
             print(f"lmforge: {e}", file=sys.stderr)
         sys.stdout.write("\n")
         sys.stdout.flush()
     return None
+
+
+def _reply(session: ChatSession, text: str, max_new_tokens: int) -> bool:
+    """Stream the reply to `text` to stdout; False when Ctrl-C stopped it.
+
+    Ctrl-C stops the reply, not the session: the press is noted and the reply ends at its next piece,
+    so that the model is never cut off mid-step; the turn is rolled back as a cut-off turn is. A second
+    press interrupts at once (and ends the session, as Ctrl-C at the prompt does).
+    """
+    pressed = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+
+    # Not where SIGINT is ignored (a background job) or off the main thread (no handler can be set there).
+    deferred = (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None))
+    previous = signal.signal(signal.SIGINT, on_sigint) if deferred else None
+    reply = session.send(text, max_new_tokens)
+    try:
+        for piece in reply:
+            if pressed:
+                return False
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:
+        reply.close()  # stopped early: the session drops the unanswered turn
+        if deferred:
+            signal.signal(signal.SIGINT, previous)
+    return True
 
 
 def serve_cmd(args: Namespace) -> None:

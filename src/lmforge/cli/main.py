@@ -7,17 +7,20 @@ line of stdout a JSON object with the verb's result.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import sys
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
 from lmforge.config import FINETUNE_DEFAULTS, PRESETS, LoraConfig, ModelConfig, TrainConfig
-from lmforge.utils.errors import UserError
+from lmforge.utils.errors import UserError, first_line
 
 VERBS = ("demo", "tokenizer", "prepare", "pretrain", "finetune", "merge-lora", "predict", "generate", "chat", "serve", "eval",
          "scaling", "import", "export")
@@ -296,8 +299,10 @@ def _config_key(arg: str) -> str:
 
 
 def _check_config_files(argv: Sequence[str]) -> None:
-    """A `--config` file that jsonargparse would fail on with a traceback (not UTF-8) or a bare
-    "Unexpected config" (empty): one line naming the file."""
+    """A `--config` file that jsonargparse would fail on with a traceback (not UTF-8, a bad `labels`) or a
+    bare "Unexpected config: ..." (empty, only comments, a list, a group left empty): one line naming the
+    file and the fix."""
+    verb = argv[0] if argv else None
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
             path = Path(argv[i + 1])
@@ -311,8 +316,27 @@ def _check_config_files(argv: Sequence[str]) -> None:
             raise UserError(f"--config {path} is not UTF-8 text; pass a YAML file") from None
         except OSError:
             continue  # a missing file, a directory or inline YAML: jsonargparse says what is wrong
-        if not text.strip():
-            raise UserError(f"--config {path} is empty; write YAML keys into it (e.g. `train: {{max_steps: 100}}`) or drop --config")
+        try:
+            config = yaml.safe_load(text)
+        except yaml.YAMLError:
+            continue  # jsonargparse names the line
+        if config is None:
+            raise UserError(f"--config {path} is empty (or only comments); write YAML keys into it "
+                            "(e.g. `train: {max_steps: 100}`) or drop --config")
+        if not isinstance(config, dict):
+            raise UserError(f"--config {path} holds a YAML {type(config).__name__}, not a mapping of option keys "
+                            "(e.g. `train: {max_steps: 100}`); write it as `key: value` lines")
+        for key in _GROUPS.get(verb, ()):
+            if key in config and not isinstance(config[key], dict):
+                raise UserError(_group_message(key, config[key]))
+        labels = config.get("labels") if verb == "finetune" else None
+        if labels is not None and not isinstance(labels, list):
+            raise UserError(f"`labels` in --config must be a list of label names, such as `labels: [pos, neg]`, "
+                            f"but is {labels!r}; write it as a list")
+        for label in labels or ():
+            if not isinstance(label, str):
+                raise UserError(f"`labels` in --config must be a list of label names, such as `labels: [pos, neg]`, but "
+                                f"holds {label!r}, a YAML {type(label).__name__}; write each name as text in quotes")
 
 
 # The dataclass groups of each verb, with an example for the message when a config leaves one empty.
@@ -320,15 +344,20 @@ _GROUPS = {"pretrain": ("model", "train"), "finetune": ("train", "lora")}
 _GROUP_EXAMPLES = {"model": "model: {preset: tiny}", "train": "train: {max_steps: 100}", "lora": "lora: {r: 8}"}
 
 
+def _group_message(key: str, value: Any) -> str:
+    got = "empty" if value is None else f"{type(value).__name__} {value!r}"
+    return (f"`{key}` in --config must be a mapping of its keys, such as `{_GROUP_EXAMPLES[key]}`, "
+            f"but is {got}; fill it in or delete it")
+
+
 def _check_groups(ns: Namespace) -> None:
     """jsonargparse takes `model:` left empty (None) or `model: [1, 2]` from a YAML file in place of the
-    group's keys; the verb would then fail on attribute access. One line naming the key instead."""
+    group's keys; the verb would then fail on attribute access. One line naming the key instead (a
+    config file is checked before parsing too: jsonargparse reads some such files as no mapping at all)."""
     for key in _GROUPS.get(ns.verb, ()):
         value = ns[ns.verb][key]
         if not isinstance(value, Namespace):
-            got = "empty" if value is None else f"{type(value).__name__} {value!r}"
-            raise UserError(f"`{key}` in --config must be a mapping of its keys, such as `{_GROUP_EXAMPLES[key]}`, "
-                            f"but is {got}; fill it in or delete it")
+            raise UserError(_group_message(key, value))
 
 
 def parse(argv: Sequence[str]) -> Namespace:
@@ -351,6 +380,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for the run; errors still show
         sys.stdout = open(os.devnull, "w")
+    stdout = sys.stdout
+    if stdout is not None:
+        sys.stdout = _Stdout(stdout)
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        return _reader_gone()
+    except _OutputFailed as e:
+        _reader_gone()  # what is still buffered for stdout must not fail again at exit
+        full = e.error.errno in _DISK_FULL
+        why = "no space left on device" if full else f"writing to stdout failed ({e.error.strerror or e.error})"
+        print(f"lmforge: error: {why} for the output (stdout); "
+              + ("free space or redirect it elsewhere" if full else "redirect it elsewhere"), file=sys.stderr)
+        return 2
+    except Exception as e:
+        message = _disk_full(e) or _out_of_memory(e)
+        if message is None:  # a bug, not the machine: the traceback is what a report needs
+            raise
+        print(f"lmforge: error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        sys.stdout = stdout
+
+
+def _run(argv: list[str]) -> int:
     try:
         ns = parse(argv)
         # Scaling fits solve thousands of 5-variable problems; OpenBLAS threads only slow those down.
@@ -366,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = ns[verb]
         handler: Callable[[Namespace], dict[str, Any]] = commands.HANDLERS[verb]
         result = handler(args)
+        if result is not None and args.get("json"):
+            print(json.dumps(result, ensure_ascii=False))
+        sys.stdout.flush()  # a stdout that cannot take the output fails here, not in the flush at exit
     except UserError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         return UserError.exit_code
@@ -377,20 +434,98 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return _reader_gone()
-    if result is not None and args.get("json"):
-        try:
-            print(json.dumps(result, ensure_ascii=False), flush=True)
-        except BrokenPipeError:
-            return _reader_gone()
     return 0
+
+
+class _OutputFailed(Exception):
+    """Writing to stdout failed (`> /dev/full`, a full disk behind `> file`): not a failure of the verb's --out."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Stdout:
+    """sys.stdout, whose failed writes raise `_OutputFailed`, so that the one-line error can tell them from
+    the verb's own files (an OSError from `write` names no file). A reader that has gone (BrokenPipeError)
+    stays itself: that is a quiet stop."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._guard(self._stream.write, text)
+
+    def flush(self) -> None:
+        return self._guard(self._stream.flush)
+
+    @staticmethod
+    def _guard(fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise _OutputFailed(e) from e
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(e: BaseException) -> str | None:
+    """The one-line message for a write that failed on a full disk (or quota), anywhere in `e`'s chain; else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            where = f" ({e.filename})" if e.filename else ""
+            return f"no space left on device{where}; free space or pass another --out"
+        # safetensors' Rust writer reports the OS error in its message only.
+        if type(e).__name__ == "SafetensorError" and ("No space left on device" in text or "Disk quota exceeded" in text):
+            return "no space left on device; free space or pass another --out"
+        # numpy's tofile reports a short write without an errno: what a full disk does to it.
+        if isinstance(e, OSError) and e.errno is None and re.fullmatch(r"\d+ requested and \d+ written", text):
+            return f"a write stopped short ({text}): the disk is most likely full; free space or pass another --out"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+    """The one-line message for an allocation that failed for want of memory; else None. Only the
+    allocators' own errors: any other RuntimeError is a bug to see in full."""
+    torch = sys.modules.get("torch")
+    text = str(e)
+    gpu = torch is not None and isinstance(e, torch.OutOfMemoryError)
+    if not (gpu or isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in text)):
+        return None
+    size = re.search(r"allocate (\d+) bytes", text)  # torch's CPU allocator
+    if size:
+        detail = f"tried to allocate {_bytes(int(size.group(1)))}"
+    else:  # CUDA: "Tried to allocate 20.00 GiB"; numpy: "Unable to allocate 8.00 PiB"
+        size = re.search(r"allocate ([\d.]+ ?[KMGTPE]?i?B)", text)
+        detail = f"tried to allocate {size.group(1)}" if size else first_line(e)
+    return f"out of {'GPU ' if gpu else ''}memory ({detail}); lower the model or batch sizes"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{n} B"
+        n /= 1000
+    return f"{n} B"
 
 
 def _reader_gone() -> int:
     """The reader of stdout has gone (`lmforge generate ... | head -3`): stop quietly, as `cat` does.
     stdout is pointed at /dev/null so that the flush at exit does not fail again."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a file descriptor (a test's capture): nothing flushes at exit
+        pass
     return 141  # 128 + SIGPIPE, what a shell reports for a program the signal stopped
 
 

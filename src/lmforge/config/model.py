@@ -6,6 +6,7 @@ Choices are strings, not classes, so a config round-trips through `config.json` 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,6 +38,15 @@ def _check_scalar_types(cls: type, d: dict[str, Any], prefix: str) -> None:
             raise UserError(f"{prefix}.{f.name} is {value!r}; it must be {f.type}")
 
 
+def check_finite(config: Any, prefix: str) -> None:
+    """Refuse nan and inf in any field of a config dataclass: every range check after this one is a
+    comparison, and a comparison with nan is False, so nan would pass them all."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{prefix}.{f.name} must be a finite number, got {value}; set it to a number")
+
+
 @dataclass
 class LoraConfig:
     """Low-rank adapters (Hu et al. 2021): W x + (alpha / r) * B A dropout(x), with A (r, in), B (out, r).
@@ -55,6 +65,7 @@ class LoraConfig:
     targets: str = "q,v"
 
     def __post_init__(self) -> None:
+        check_finite(self, "lora")
         if self.r < 0:
             raise UserError(f"lora.r must be >= 0, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -176,6 +187,7 @@ class ModelConfig:
     lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
+        check_finite(self, "model")
         for name in ("context_length", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
             if getattr(self, name) < 1:
                 raise UserError(f"model.{name} must be >= 1, got {getattr(self, name)}")

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from lmforge.config.model import check_finite
 from lmforge.utils.errors import UserError
 
 
@@ -99,6 +100,7 @@ class TrainConfig:
     skip_nonfinite: bool = False
 
     def __post_init__(self) -> None:
+        check_finite(self, "train")
         for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "keep_checkpoints", "eval_batches"):
             if getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")

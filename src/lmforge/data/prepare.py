@@ -31,7 +31,7 @@ from tqdm import tqdm
 from lmforge.data.corpus import iter_documents, path_list, text_key
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_dir, atomic_write_json, check_replaceable
+from lmforge.utils.fs import atomic_dir, atomic_write_json, check_replaceable, out_dir
 
 FORMAT = 1
 SPLITS = ("train", "val")
@@ -97,8 +97,8 @@ def prepare(
         raise UserError(f"val_fraction {val_fraction} is out of range; pass a value in [0, 1), e.g. 0.1")
     if shard_tokens < 1:
         raise UserError(f"shard_tokens {shard_tokens} must be positive; pass e.g. 100000000")
-    out = Path(out)
     check_data_out(out)
+    out = Path(out)
     tok = Tokenizer.load(tokenizer)
     sources = [str(p) for p in path_list(paths)]
 
@@ -143,13 +143,14 @@ def prepare(
 def check_data_out(out: str | Path) -> None:
     """`out` is about to be replaced wholesale: refuse unless it is absent, empty, or an earlier
     data directory that holds only what prepare writes (no checkpoints, no files of the user's)."""
+    out_dir(out)  # '' and the current directory are refused, by the name given
     out = Path(out)
-    check_replaceable(out, "meta.json", "a prepared data directory")
     if (out / "meta.json").is_file():
         for entry in sorted(out.iterdir()):
             if not (_DATA_FILES.fullmatch(entry.name) and entry.is_file()):
                 raise UserError(f"{out} holds {entry.name}, which `lmforge prepare` did not write and which replacing the "
                                 "data directory would delete; move it out, or pass a new --out")
+    check_replaceable(out, "meta.json", "a prepared data directory")
 
 
 def _scan(paths: Sequence[str | Path], progress: bool) -> tuple[bytearray, int, int]:

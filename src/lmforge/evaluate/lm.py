@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lmforge.checkpoint import load_model
+from lmforge.checkpoint import find_checkpoints, load_model
 from lmforge.data import iter_documents, load_meta, open_split
 from lmforge.model.losses import lm_loss
 from lmforge.model import Transformer
@@ -38,6 +38,12 @@ def evaluate_lm(
     if max_tokens is not None and max_tokens < 2:  # else a negative count slices off the end: bytes < 0
         raise UserError(f"max_tokens must be >= 2 (one token to predict and one before it), got {max_tokens}; "
                         "leave it unset to evaluate the whole text")
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    for path in map(Path, paths):
+        # Read as text, a run's metrics.jsonl and a checkpoint's JSON would fail on a line of their own.
+        if (path / "config.json").is_file() or (path / "metrics.jsonl").is_file() or find_checkpoints(path):
+            raise UserError(f"{path} is a checkpoint or run directory, not text to evaluate on; pass --data a prepared "
+                            "data directory (lmforge prepare) or text files")
     dev = resolve_device(device)
     amp = autocast_dtype(dev, dtype)
     model, ckpt = load_model(checkpoint, dev)
@@ -46,7 +52,6 @@ def evaluate_lm(
             f"{ckpt.path} is an {model.config.arch} model; eval measures next-token language models "
             "(for encoders and encoder-decoders the training run reports validation loss)"
         )
-    paths = [data] if isinstance(data, (str, Path)) else list(data)
     if len(paths) == 1 and (Path(paths[0]) / "meta.json").exists():
         tokens, n_bytes = _prepared_split(Path(paths[0]), split, ckpt.tokenizer)
     else:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lmforge.checkpoint import load_model, save_checkpoint
+from lmforge.checkpoint import check_checkpoint_out, check_run_out, load_model, save_checkpoint
 from lmforge.config import FINETUNE_DEFAULTS, LoraConfig, ModelConfig, TrainConfig
 from lmforge.data.features import DEFAULT_PROMPT, TASK_HEAD, TASKS, TaskFormat, featurize, label_set, read_examples
 from lmforge.finetune.objective import TaskObjective
@@ -72,6 +72,7 @@ def finetune(
     """
     t0 = time.perf_counter()
     train = train or TrainConfig(**FINETUNE_DEFAULTS)
+    check_run_out(out)
     base, ckpt = load_model(checkpoint, "cpu")
     cfg = base.config
     if task not in TASKS:
@@ -174,6 +175,7 @@ def merge_lora(checkpoint: str | Path, out: str | Path) -> Path:
     model, ckpt = load_model(checkpoint, "cpu")
     if model.config.lora is None:
         raise UserError(f"{ckpt.path} has no LoRA adapters to merge; it can be used as it is")
+    check_checkpoint_out(out, ckpt.path, checkpoint)  # never over the adapters' own checkpoint or run
     merge_modules(model)
     model.config = model.config.replace(lora=None)
     task = (ckpt.trainer_state or {}).get("task")

@@ -6,26 +6,44 @@ Templates are Jinja, as in Hugging Face's `tokenizer_config.json`; the tokenizer
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import replace
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.session import LanguageModel
-from lmforge.utils.errors import UserError
+from lmforge.utils.errors import UserError, first_line, require_text
+
+T = TypeVar("T")
 
 
 def render_chat(lm: LanguageModel, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     """The prompt for `messages` ([{"role": ..., "content": ...}]) under the checkpoint's chat template."""
     _require_template(lm)
-    return lm.tokenizer.apply_chat_template(messages, add_generation_prompt)
+    return _templated(lm, lambda: lm.tokenizer.apply_chat_template(messages, add_generation_prompt))
 
 
 def encode_chat(lm: LanguageModel, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
     """The prompt's token ids for `messages`, a message's text read as text even where it spells a
     special token (`Tokenizer.encode_chat`): what chat, the server and predict feed the model."""
     _require_template(lm)
-    return lm.tokenizer.encode_chat(messages, add_generation_prompt)
+    return _templated(lm, lambda: lm.tokenizer.encode_chat(messages, add_generation_prompt))
+
+
+def _templated(lm: LanguageModel, fn: Callable[[], T]) -> T:
+    """`fn()`, where an exception raised by the chat template's own code (`{{ 1/0 }}`, a filter on a
+    value it cannot take) is a one-line template error: the template comes with the checkpoint. The
+    tokenizer says so for jinja's TemplateError; an error in lmforge's code is not caught."""
+    try:
+        return fn()
+    except UserError:
+        raise
+    except Exception as e:
+        if not any(frame.f_code.co_filename == "<template>" for frame, _ in traceback.walk_tb(e.__traceback__)):
+            raise
+        raise UserError(f"the chat template of {lm.path} failed on this conversation ({type(e).__name__}: "
+                        f"{first_line(e)}); fix the chat template that came with it") from None
 
 
 def _require_template(lm: LanguageModel) -> None:
@@ -48,6 +66,8 @@ class ChatSession:
     def __init__(self, lm: LanguageModel, system: str | None = None, speculate: int = 0, **sampling) -> None:
         # Checked now, so that a bad option fails once here rather than on every turn.
         self.params = SamplingParams(**sampling)
+        if system is not None:
+            require_text(system, "the system message")
         self.lm, self.system, self.sampling = lm, system, sampling
         self.messages: list[dict[str, str]] = []
         decoder = lm.model.config.arch == "decoder"
@@ -60,6 +80,7 @@ class ChatSession:
     def send(self, text: str, max_new_tokens: int = 256) -> Iterator[str]:
         """Add a user turn and yield the reply piece by piece; the reply joins the history. A turn
         that fails or is cut off leaves the history as it was (no unanswered user message)."""
+        require_text(text, "the message")
         self.messages.append({"role": "user", "content": text})
         try:
             ids = encode_chat(self.lm, self.messages)

@@ -14,6 +14,7 @@ fine-tuned checkpoint runs only the task it was tuned for; a base model serves s
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -271,6 +272,37 @@ def pipeline(
                     num_beams, length_penalty, prompt_length)
 
 
+# Every row `predict` writes starts with this, as json.dumps spells it: how an earlier predictions file is known.
+_ROW_START = b'{"where": "'
+
+
+def check_predictions_out(out: str | Path, **inputs: str | Path | None) -> None:
+    """Refuse an `out` that `predict` must not replace: one of its `inputs` (by flag name: data, target),
+    a directory, or an existing file that is neither empty nor an earlier predictions file (whose first
+    line is a JSON object starting with "where", as every row `predict` writes does)."""
+    path = Path(out)
+    if not str(out).strip():
+        raise UserError("--out is empty; pass the path of the JSONL file to write, e.g. --out predictions.jsonl")
+    if path.is_dir():
+        raise UserError(f"--out {out} is a directory; pass the path of the JSONL file to write, e.g. {path / 'predictions.jsonl'}")
+    if not path.exists():
+        return
+    for flag, given in inputs.items():
+        if given is not None and Path(given).exists() and os.path.samefile(path, given):
+            raise UserError(f"--out {out} is the --{flag} file; predictions would replace it: pass another --out, "
+                            f"e.g. {path.with_name(path.stem + '.predictions.jsonl')}")
+    head = b""
+    if path.is_file():  # never opened otherwise: reading a FIFO would wait forever
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(_ROW_START))
+        except OSError as e:
+            raise UserError(f"--out {out} cannot be read ({e.strerror}); pass another --out") from None
+    if not path.is_file() or (head and head != _ROW_START):
+        raise UserError(f"{out} exists and is not an earlier predictions file (JSON lines starting with \"where\"); "
+                        "pass a new --out or remove it")
+
+
 def predict(
     checkpoint: str | Path,
     data: str | Path,
@@ -293,8 +325,7 @@ def predict(
     (atomically); returns the number written. Labels in the data are not needed (GLUE test files,
     a plain-text file of sources, conversations without a reply). A conversation's reply is to all of
     it but a final assistant turn (the reference reply, when the data has one)."""
-    if Path(out).is_dir():  # found now, not after every prediction is made
-        raise UserError(f"--out {out} is a directory; pass the path of the JSONL file to write, e.g. {Path(out) / 'predictions.jsonl'}")
+    check_predictions_out(out, data=data, target=target)  # found now, not after every prediction is made
     ensure_dir(Path(out).parent)
     pipe = pipeline(task, checkpoint, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens,
                     max_answer_length=max_answer_length, num_beams=num_beams, length_penalty=length_penalty, dtype=dtype)

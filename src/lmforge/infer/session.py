@@ -13,6 +13,7 @@ from lmforge.infer.generate import SamplingConfig, generate_tokens
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.device import inference_dtype, resolve_device
+from lmforge.utils.errors import require_text
 
 
 class LanguageModel:
@@ -42,6 +43,8 @@ class LanguageModel:
         For an encoder-decoder, `prompt` is the source (e.g. the sentence to translate) and the
         output is the decoded target.
         """
+        if isinstance(prompt, str):
+            require_text(prompt, "the prompt")
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stops = (self.tokenizer.eot_id,) if stop_at_eot else ()
         ids: list[int] = []

@@ -13,6 +13,7 @@ type, offset); padding to `general.alignment` (32); tensor data. Quantized tenso
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors
 
-from lmforge.checkpoint import save_checkpoint
+from lmforge.checkpoint import check_checkpoint_out, save_checkpoint
 from lmforge.config import ModelConfig
 from lmforge.interop._keys import REQUIRED, model_config, read_key, some_names
 from lmforge.model import Transformer
@@ -108,13 +109,17 @@ def read_gguf(path: str | Path) -> GGUFFile:
         raise UserError(f"{path} does not exist; pass a .gguf file")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        reader = _Reader(f, path)
+        reader = _Reader(f, path, size)
         if reader.read(4) != b"GGUF":
             raise UserError(f"{path} is not a GGUF file (bad magic); pass a llama.cpp .gguf file")
         version = reader.unpack("<I")
         if version not in (2, 3):
             raise UserError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
         n_tensors, n_kv = reader.unpack("<Q"), reader.unpack("<Q")
+        # the least one entry takes: a key (length, text) with a type and a one-byte value; a tensor's name,
+        # dimension count, type and offset
+        reader.need(n_kv, 8 + 4 + 1, "the metadata count")
+        reader.need(n_tensors, 8 + 4 + 4 + 8, "the tensor count")
         metadata = {}
         for _ in range(n_kv):
             key = reader.string()
@@ -122,7 +127,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
         tensors = {}
         for _ in range(n_tensors):
             name = reader.string()
-            dims = [reader.unpack("<Q") for _ in range(reader.unpack("<I"))]
+            dims = [reader.unpack("<Q") for _ in range(reader.need(reader.unpack("<I"), 8, "a dimension count"))]
             ggml_type, offset = reader.unpack("<I"), reader.unpack("<Q")
             if ggml_type not in GGML_TYPES:
                 kind = _UNSUPPORTED_NAMES.get(ggml_type, f"type {ggml_type}")
@@ -141,27 +146,44 @@ def read_gguf(path: str | Path) -> GGUFFile:
         data_start = -(-f.tell() // alignment) * alignment
     for info in tensors.values():
         _, block_bytes, block_values = GGML_TYPES[info.ggml_type]
-        end = data_start + info.offset + int(np.prod(info.shape)) // block_values * block_bytes
+        end = data_start + info.offset + math.prod(info.shape) // block_values * block_bytes  # exact: no int64 wrap
         if end > size:
             raise UserError(f"{path} is truncated ({size} bytes, tensor {info.name} ends at {end}); re-download it")
     return GGUFFile(path, metadata, tensors, data_start)
 
 
 class _Reader:
-    def __init__(self, f, path: Path) -> None:
-        self.f, self.path = f, path
+    """Reads the header fields; every length or count is checked against the bytes the file has left, so
+    that a corrupt one is "truncated or corrupt", never a huge allocation or an overflow."""
+
+    def __init__(self, f, path: Path, size: int) -> None:
+        self.f, self.path, self.size = f, path, size
+
+    def corrupt(self, what: str) -> UserError:
+        return UserError(f"{self.path} is truncated or corrupt ({what}); re-download it")
+
+    def need(self, count: int, each: int, what: str) -> int:
+        """`count`, after checking that `count` items of at least `each` bytes fit in what is left."""
+        left = self.size - self.f.tell()
+        if count * each > left:
+            raise self.corrupt(f"{what} {count:,} needs at least {count * each:,} bytes at byte {self.f.tell():,}, "
+                               f"{left:,} are left")
+        return count
 
     def read(self, n: int) -> bytes:
+        left = self.size - self.f.tell()
+        if n > left:
+            raise self.corrupt(f"{n:,} bytes wanted at byte {self.f.tell():,}, {left:,} are left")
         data = self.f.read(n)
         if len(data) != n:
-            raise UserError(f"{self.path} is truncated in its header; re-download it")
+            raise self.corrupt("its header ends early")
         return data
 
     def unpack(self, fmt: str) -> Any:
         return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
-        return self.read(self.unpack("<Q")).decode("utf-8", errors="replace")
+        return self.read(self.need(self.unpack("<Q"), 1, "a string of length")).decode("utf-8", errors="replace")
 
     def value(self, vtype: int) -> Any:
         if vtype in _SCALARS:
@@ -170,6 +192,9 @@ class _Reader:
             return self.string()
         if vtype == _ARRAY:
             item_type, count = self.unpack("<I"), self.unpack("<Q")
+            # the least an item takes: a scalar's size, a string's length field, a nested array's type and count
+            each = struct.calcsize(_SCALARS[item_type]) if item_type in _SCALARS else 12 if item_type == _ARRAY else 8
+            self.need(count, each, "an array of length")
             if item_type in _SCALARS and item_type != 7:  # numeric arrays: read in one go
                 dtype = np.dtype(_SCALARS[item_type])
                 return np.frombuffer(self.read(dtype.itemsize * count), dtype=dtype).tolist()
@@ -358,6 +383,7 @@ def tokenizer_from_gguf(g: GGUFFile) -> Tokenizer:
 
 def import_gguf(path: str | Path, out: str | Path) -> Path:
     """Convert a Llama-architecture GGUF file to an lmforge checkpoint (weights in float32)."""
+    check_checkpoint_out(out, path)  # before the work: never over the file itself, a run, or another kind
     g = read_gguf(path)
     config = config_from_gguf(g)
     tokenizer = tokenizer_from_gguf(g)

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import processors
 
-from lmforge.checkpoint import load_model, save_checkpoint
+from lmforge.checkpoint import check_checkpoint_out, load_model, save_checkpoint
 from lmforge.config import ModelConfig
 from lmforge.interop._keys import REQUIRED, model_config, read_key, some_names
 from lmforge.model import Transformer
@@ -421,6 +421,7 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     if src.exists() and not src.is_dir():
         hint = "; for a .gguf file use `lmforge import gguf`" if src.suffix == ".gguf" else ""
         raise UserError(f"{src} is not a directory; pass a Hugging Face model directory{hint}")
+    check_checkpoint_out(out, src)  # before the work: never over the model being imported, a run, or another kind
     config = config_from_hf(read_json(src / "config.json", _HF_FIX), src / "config.json")
     tensors = _read_safetensors(src)
     model = Transformer(config)
@@ -448,7 +449,8 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     missing = [m for m in missing if m.split(".")[0] not in fresh]
     if missing or unexpected:
         raise UserError(f"{src}: weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    tokenizer = Tokenizer.load(src)
+    tokenizer = Tokenizer.load(src, fix=f"the tokenizer is part of the model: re-download {src} with its tokenizer.json "
+                                        "(a newly trained tokenizer would not match the weights)")
     path = save_checkpoint(out, model, tokenizer)
     if fresh:  # as transformers warns of "newly initialized" weights
         print(f"lmforge: {src} has no weights for BERT's {', '.join(_BERT_HEADS[h] for h in fresh)}; "
@@ -460,6 +462,8 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     """Write a checkpoint as a Hugging Face directory that `AutoModelForCausalLM`/`AutoTokenizer` load
     (BERT: `AutoModelForPreTraining`/`AutoModelForMaskedLM`), with the tokenizer's roles and chat template."""
     model, ckpt = load_model(checkpoint)
+    # `out` is replaced wholesale: only an earlier export, never the checkpoint itself, its run or another run.
+    check_replaceable(out, "config.json", "a model directory", key="model_type", sources=(ckpt.path, checkpoint))
     config = ckpt.model_config
     if config.lora is not None:
         raise UserError(f"{ckpt.path} holds LoRA adapters; fold them in with `lmforge merge-lora`, then export the result")
@@ -468,7 +472,6 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     hf_config = config_to_hf(config, ckpt.tokenizer)
     tensors = state_dict_to_hf(config, model.state_dict())
     out = Path(out)
-    check_replaceable(out, "config.json", "a model directory")  # `out` is replaced wholesale
     with atomic_dir(out) as tmp:
         atomic_write_json(tmp / "config.json", hf_config)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

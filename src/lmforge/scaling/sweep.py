@@ -39,12 +39,13 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from lmforge.checkpoint import find_checkpoints
+from lmforge.checkpoint import check_run_out, find_checkpoints
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.data import load_meta
 from lmforge.scaling.counting import flops
 from lmforge.scaling.runs import RESULTS, parse_run, read_rows
 from lmforge.train import OBJECTIVE_ARCH, Interrupted, pretrain
+from lmforge.utils.device import resolve_device
 from lmforge.utils.errors import UserError
 from lmforge.utils.fs import atomic_write_text
 
@@ -103,18 +104,23 @@ def load_grid(path: str | Path) -> Grid:
         if isinstance(values, list):  # YAML 1.1 reads 1e6 (no dot, no sign) as a string
             values = [_number(v) for v in values]
             setattr(grid, key, values)
-        if values is not None and (not values or any(not isinstance(v, (int, float)) or v <= 0 for v in values)):
-            raise UserError(f"{path}: `{key}` must be a non-empty list of positive numbers, got {values!r}")
+        if values is not None and (not values or not all(_positive(v) for v in values)):
+            raise UserError(f"{path}: `{key}` must be a non-empty list of positive finite numbers, got {values!r}")
     grid.aspect_ratio = _number(grid.aspect_ratio)
     for key, kinds in (("aspect_ratio", (int, float)), ("head_size", (int,)), ("evals", (int,))):
         value = getattr(grid, key)
-        if not isinstance(value, kinds) or isinstance(value, bool) or value <= 0:
-            whole = "a whole number" if kinds == (int,) else "a number"
+        if not isinstance(value, kinds) or not _positive(value):
+            whole = "a whole number" if kinds == (int,) else "a finite number"
             raise UserError(f"{path}: `{key}` must be {whole} > 0, got {value!r}")
     if grid.objective not in SWEEP_OBJECTIVES:
         raise UserError(f"{path}: `objective` must be one of {list(SWEEP_OBJECTIVES)}, got {grid.objective!r} "
                         "(a sweep counts tokens on plain text)")
     return grid
+
+
+def _positive(v: Any) -> bool:
+    """A number > 0 that is not nan or inf (nan > 0 is False, but so is nan <= 0)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def _number(v: Any) -> Any:
@@ -200,6 +206,7 @@ def sweep(
     or order, since every run is a pure function of its config and seed.
     """
     grid = load_grid(grid_file)
+    check_run_out(out)  # before anything is written: not in the data, which `prepare` replaces as a whole
     out = Path(out)
     planned = plan_runs(grid, data)
     results = out / RESULTS
@@ -215,12 +222,15 @@ def sweep(
             )
         rows.append(row)
     done = {row["name"] for row in rows}
+    load_meta(data)  # not prepared data: one line now, not a run directory started in OUT first
     try:
         base = TrainConfig(**{**grid.train, "max_steps": 1})  # validates the train keys once, up front
     except TypeError as e:
         raise UserError(f"grid `train`: {e}") from None
     for run in planned:  # a budget too small for its schedule would silently train more: refuse up front
         _steps(run, grid.evals, base)
+    for device in devices or [base.device]:  # e.g. cuda on a machine without it: before any run starts
+        resolve_device(device)
     todo = [(i, run) for i, run in enumerate(planned, 1) if run.name not in done]
 
     def record(i: int, row: dict[str, Any]) -> None:
@@ -277,6 +287,7 @@ def _stopwatch(run_dir: Path, fn: Callable[[], Any]) -> tuple[Any, float]:
 
     The file is rewritten every few seconds by a thread and once more when fn returns or raises, so an
     interrupted attempt's time survives into the next one, a SIGKILLed one's up to the last write.
+    fn must make run_dir before it trains: until then the stopwatch writes nothing.
     """
     path = run_dir / SECONDS_FILE
     try:
@@ -293,16 +304,20 @@ def _stopwatch(run_dir: Path, fn: Callable[[], Any]) -> tuple[Any, float]:
 
     def tick() -> None:
         while not stop.wait(_HEARTBEAT_S):
-            save()
+            if run_dir.exists():
+                save()
 
     thread = threading.Thread(target=tick, name="sweep-stopwatch", daemon=True)
     thread.start()
+    started = run_dir.exists()
     try:
         result = fn()
     finally:
         stop.set()
         thread.join()
-        total = save()
+        # An attempt refused before it made its run directory (a bad option, data that does not fit)
+        # trained nothing: it leaves no directory behind either.
+        total = save() if started or run_dir.exists() else 0.0
     return result, total
 
 

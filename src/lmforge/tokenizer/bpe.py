@@ -29,7 +29,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lmforge.utils.errors import UserError
+from lmforge.utils.errors import UserError, first_line
 from lmforge.utils.fs import atomic_write_text
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|mask|>", "<|cls|>", "<|sep|>")
@@ -263,28 +263,31 @@ class Tokenizer:
         return cls(hf)
 
     @classmethod
-    def from_str(cls, s: str, origin: str = "tokenizer JSON", **roles: str | None) -> Tokenizer:
-        """The tokenizer of a tokenizer.json's text; `roles` as `__init__` takes them."""
+    def from_str(cls, s: str, origin: str = "tokenizer JSON", fix: str = _TRAIN_HINT, **roles: str | None) -> Tokenizer:
+        """The tokenizer of a tokenizer.json's text; `roles` as `__init__` takes them; `fix` ends the
+        error of a text that does not parse."""
         try:
             hf = tokenizers.Tokenizer.from_str(s)
         except Exception as e:  # HF raises a bare Exception for every parse error
-            raise UserError(f"{origin} is corrupt ({e}); {_TRAIN_HINT}") from None
+            raise UserError(f"{origin} is corrupt ({first_line(e)}); {fix}") from None
         return cls(hf, origin, **roles)
 
     @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
+    def load(cls, path: str | Path, fix: str = _TRAIN_HINT) -> Tokenizer:
         """Load `path/tokenizer.json`, or `path` itself when it names the file, with the roles and chat
         template of tokenizer_config.json beside it; a chat_template.jinja there takes precedence over
-        the config's template, as in transformers."""
+        the config's template, as in transformers. `fix` ends the error of a missing or damaged
+        tokenizer.json: training a new one is right for a tokenizer directory, never for one that
+        weights or shards were made with (their loaders say how to get that one back)."""
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             where = path if path.is_dir() or path.name != "tokenizer.json" else path.parent
-            raise UserError(f"no tokenizer.json in {where}; {_TRAIN_HINT}")
+            raise UserError(f"no tokenizer.json in {where}; {fix}")
         try:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read {file} ({e}); {_TRAIN_HINT}") from None
+            raise UserError(f"cannot read {file} ({first_line(e)}); {fix}") from None
         extra, template = file.parent / CONFIG_FILE, file.parent / TEMPLATE_FILE
         config = {}
         if extra.is_file():
@@ -301,7 +304,7 @@ class Tokenizer:
                 roles["chat_template"] = template.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise UserError(f"cannot read {template} ({e}); fix or delete it") from None
-        return cls.from_str(text, origin=str(file), **roles)
+        return cls.from_str(text, origin=str(file), fix=fix, **roles)
 
     def roles(self) -> dict[str, str]:
         """The special tokens by role and the chat template, in tokenizer_config.json's key names."""
@@ -313,6 +316,8 @@ class Tokenizer:
     def save(self, directory: str | Path) -> Path:
         """Write `directory/tokenizer.json` (and `tokenizer_config.json` with the roles and chat
         template, in Hugging Face's key names) atomically; return the tokenizer.json path."""
+        if not str(directory).strip():  # an unset variable: not the current directory by accident
+            raise UserError("the output directory is empty; pass the directory to write the tokenizer to, e.g. --out tok")
         path = Path(directory) / "tokenizer.json"
         atomic_write_text(path, self.hf.to_str(pretty=True))
         atomic_write_text(path.parent / CONFIG_FILE, json.dumps(self.roles(), indent=2) + "\n")

@@ -20,6 +20,7 @@ resuming a checkpoint never runs code from it (DESIGN.md).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import pickle
@@ -45,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lmforge.checkpoint import CKPT_FIX, Checkpoint, find_checkpoints, load_checkpoint, load_model, save_checkpoint
 from lmforge.checkpoint.store import load_optimizer_state
-from lmforge.config import ModelConfig, TrainConfig
+from lmforge.config import LoraConfig, ModelConfig, TrainConfig
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import World, barrier, broadcast_object
@@ -79,10 +80,7 @@ class Checkpointer:
         if type(step) is not int or step < 0:  # bool is an int subclass, and no step is True
             raise UserError(f"{ckpt.path / 'trainer_state.json'} holds step {step!r}, not a step number; {CKPT_FIX}")
         if ckpt.model_config != model_config:
-            saved, given = ckpt.model_config.to_dict(), model_config.to_dict()
-            diff = ", ".join(f"{k} {given[k]!r} (saved: {saved[k]!r})" for k in saved if saved[k] != given.get(k))
-            raise UserError(f"the model config differs from the one in {ckpt.path}: {diff}; "
-                            "resume with the same --model settings (e.g. the same --model.preset)")
+            raise UserError(_settings_differ(ckpt, model_config))
         if ckpt.tokenizer.sha256 != tokenizer.sha256:  # the same ids would mean other text: a silent mix of two runs
             data = ckpt.trainer_state.get("data")
             raise UserError(f"{ckpt.path} was trained with another tokenizer (sha256 {ckpt.tokenizer.sha256[:12]}) than "
@@ -195,6 +193,39 @@ class Checkpointer:
 
     def latest(self) -> Path:
         return find_checkpoints(self.run_dir)[-1]
+
+
+# A fine-tune's model config comes from its base checkpoint and these options, not from --model flags.
+_FINETUNE_FLAGS = {"dropout": "--dropout", "labels": "--labels", "task_head": "the task head (--task)"}
+
+
+def _settings_differ(ckpt: Checkpoint, given_config: ModelConfig) -> str:
+    """Why a run cannot resume on `given_config`, naming the options that differ from `ckpt`'s, as the
+    verb that trained it spells them (pretrain: --model.*; finetune: --lora.*, --dropout, ...)."""
+    saved, given = ckpt.model_config.to_dict(), given_config.to_dict()
+    differ = [k for k in saved if saved[k] != given.get(k)]
+    if not isinstance(ckpt.trainer_state, dict) or "task" not in ckpt.trainer_state:  # a pretraining run
+        diff = ", ".join(f"{k} {given[k]!r} (saved: {saved[k]!r})" for k in differ)
+        return (f"the model config differs from the one in {ckpt.path}: {diff}; "
+                "resume with the same --model settings (e.g. the same --model.preset)")
+    off = dataclasses.asdict(LoraConfig())  # no adapters: r 0
+    changes, base = [], []
+    for k in differ:
+        if k == "lora":
+            was, now = saved[k] or off, given[k] or off
+            changes += [(f"--lora.{f}", now[f], was[f]) for f in was if was[f] != now.get(f)]
+        elif k in _FINETUNE_FLAGS:
+            changes.append((_FINETUNE_FLAGS[k], given[k], saved[k]))
+        else:
+            base.append(f"{k} {given[k]!r} (saved: {saved[k]!r})")
+    show = lambda v: " ".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731 (as typed on the command line)
+    parts = [f"{flag} {show(now)} (saved: {show(was)})" for flag, now, was in changes]
+    fixes = [f"{flag} {show(was)}" for flag, _, was in changes]
+    if base:
+        parts.append("the base checkpoint's " + ", ".join(base))
+        fixes.append(f"the base checkpoint {ckpt.trainer_state.get('base', 'it was fine-tuned from')}")
+    return (f"the fine-tuning settings differ from those {ckpt.path} was trained with: {'; '.join(parts)}; "
+            f"resume with the same settings ({', '.join(fixes)})")
 
 
 def _keyed_by_name(net: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:

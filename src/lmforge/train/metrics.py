@@ -15,10 +15,7 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         self.run_dir = run_dir
         self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # imported lazily: it takes a second
-
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self._tensorboard = tensorboard  # the writer starts with the first row: a refused resume leaves no event file
 
     def truncate_after(self, step: int) -> None:
         """Drop rows past `step` (a resumed run rewrites what the interrupted one logged after it)."""
@@ -28,6 +25,10 @@ class MetricsLog:
     def log(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        if self._tensorboard and self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: it takes a second
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         if self._tb is not None:
             for key, value in row.items():
                 if key not in ("step", "kind") and isinstance(value, (int, float)):
@@ -47,7 +48,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     """
     if not path.exists():
         return []
-    lines = read_jsonl(path)
+    try:
+        lines = read_jsonl(path)
+    except OSError as e:  # a directory in its place, no permission
+        raise UserError(f"{path} cannot be read as the run's metrics ({e.strerror}); move it aside (each checkpoint "
+                        "keeps a copy of the metrics) and resume") from None
     rows = []
     for n, (number, row, error) in enumerate(lines, 1):
         if isinstance(row, dict) and isinstance(row.get("step"), int):
@@ -91,7 +96,7 @@ class NoMetrics(MetricsLog):
     """What a rank other than 0 logs to: nothing (rank 0 writes the run's metrics)."""
 
     def __init__(self) -> None:
-        self.path, self.run_dir, self._tb = None, None, None
+        self.path, self.run_dir, self._tb, self._tensorboard = None, None, None, False
 
     def truncate_after(self, step: int) -> None:
         pass

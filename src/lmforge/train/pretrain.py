@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.checkpoint import check_run_out
 from lmforge.config import ModelConfig, TrainConfig, preset
 from lmforge.data import load_meta
 from lmforge.model import Transformer
@@ -36,8 +37,9 @@ def pretrain(
     t0 = time.perf_counter()
     train = train or TrainConfig()
     meta = load_meta(data)  # token shards or parallel pairs (kind "parallel"), checked either way
-    _check_out(data, out)
-    tokenizer = Tokenizer.load(data)
+    check_run_out(out)  # not in the data (which `prepare` replaces as a whole), nor in a checkpoint
+    tokenizer = Tokenizer.load(data, fix=f"the shards in {data} were made with it: restore it, or re-run "
+                                         f"`lmforge prepare ... --out {data}` with the tokenizer you mean")
     if meta.get("tokenizer_sha256") != tokenizer.sha256:  # the tokenizer.json was replaced after `prepare`
         raise UserError(
             f"{Path(data) / 'tokenizer.json'} does not match the one the shards were made with (sha256 "
@@ -71,15 +73,6 @@ def pretrain(
         log=log,
         t0=t0,
     )
-
-
-def _check_out(data: str | Path, out: str | Path) -> None:
-    """A run inside its data directory would vanish when `lmforge prepare --out DATA` replaces it."""
-    data_dir, run_dir = Path(data).resolve(), Path(out).resolve()
-    if run_dir == data_dir or data_dir in run_dir.parents:
-        where = "is" if run_dir == data_dir else "is inside"
-        raise UserError(f"--out {out} {where} the data directory {data}, which `lmforge prepare --out {data}` replaces "
-                        "as a whole (checkpoints included); pass an --out outside it")
 
 
 def _resolve_model_config(model: ModelConfig | str | None, meta: dict) -> ModelConfig:

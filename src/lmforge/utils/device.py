@@ -17,11 +17,21 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    except (RuntimeError, TypeError):
+        device = None
+    # torch also names devices lmforge does not run on (meta holds no data, mps, xla, ...) and takes any
+    # CPU index: refused here, not later as a checkpoint that "is corrupt" on them.
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return torch.device("cpu")  # cpu:0 too: safetensors reads onto "cpu", not "cpu:0"
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for but CUDA is not available; "
                         "use the cpu device (--device cpu, or --train.device cpu to train)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UserError(f"device {name!r} asked for but this machine has {count} CUDA device{'s' if count > 1 else ''} "
+                        f"(cuda:0 to cuda:{count - 1}); use one of them")
     return device
 
 

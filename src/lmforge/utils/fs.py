@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from lmforge.utils.errors import UserError
 
@@ -42,6 +42,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory; pass a file path to write")
+    if path.exists() and not path.is_file():  # a device (/dev/null) or pipe: the rename would put a file in its place
+        raise UserError(f"{path} is not a regular file; pass a file path to write")
     ensure_dir(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -68,13 +70,36 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def out_dir(path: str | os.PathLike) -> Path:
+    """`path`, an output directory about to be replaced as a whole, made absolute (so that its
+    temporary sibling has a name); an empty path and the current directory or one holding it are a
+    one-line UserError: replacing those would pull the folder out from under the shell."""
+    if not str(path).strip():
+        raise UserError("the output path is empty; pass the directory to write, e.g. --out out")
+    absolute = Path(os.path.abspath(path))  # not resolve(): a symlink named as `path` is what gets replaced
+    try:
+        here: Path | None = Path.cwd()
+    except OSError:  # the current directory was deleted: it holds nothing to protect
+        here = None
+    if (here is not None and (absolute == here or absolute in here.parents)) or not absolute.name:
+        which = "the current directory" if absolute == here else f"{absolute}, which holds the current directory,"
+        raise UserError(f"--out {path} is {which} and would be replaced as a whole; pass a new directory, e.g. --out out")
+    return absolute
+
+
+def _swap_failed(path: Path, e: OSError) -> UserError:
+    return UserError(f"cannot replace {path} ({e.strerror}); it was left as it was: make it writable (is it immutable, "
+                     "or on a read-only mount?) or pass another --out")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path` in one rename.
 
-    On any exception the temporary directory is removed and `path` is left as it was.
+    On any exception the temporary directory is removed and `path` is left as it was; a rename the
+    filesystem refuses (an immutable or read-only `path`) is a one-line UserError.
     """
-    path = Path(path)
+    path = out_dir(path)
     ensure_dir(path.parent)
     try:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -83,29 +108,100 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory the usual mode
         yield tmp
-        if path.exists():
+        if path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
+            try:
+                os.replace(path, old)
+            except OSError as e:
+                raise _swap_failed(path, e) from None
             try:
                 os.replace(tmp, path)
-            except BaseException:  # an interrupt between the two renames: put the old one back
-                os.replace(old, path)
+            except BaseException as e:  # an interrupt or a refusal between the two renames: put the old one back
+                try:
+                    os.replace(old, path)
+                except OSError as again:
+                    raise UserError(f"cannot replace {path} ({again.strerror}); its previous content is in {old}: "
+                                    f"rename it back to {path.name}") from None
+                if isinstance(e, OSError):
+                    raise _swap_failed(path, e) from None
                 raise
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise UserError(f"cannot write {path} ({e.strerror}); pass an output path in a writable location") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def check_replaceable(path: str | os.PathLike, marker: str, what: str) -> None:
+# What only training writes (see lmforge.checkpoint): a directory holding one of these is a checkpoint
+# a run resumes from, or the run directory itself, and no other output may replace it.
+_RUN_FILES = ("optimizer.safetensors", "dcp", "metrics.jsonl")
+
+
+def _run_state(path: Path) -> str | None:
+    """The entry of `path` that marks it as a training checkpoint or run directory, or None."""
+    for name in _RUN_FILES:
+        if (path / name).exists():
+            return name
+    steps = sorted(p.name for p in path.glob("step-*") if p.is_dir())
+    if steps:
+        return steps[-1]
+    state = path / "trainer_state.json"  # merge-lora writes one without a step: that output is no run
+    with contextlib.suppress(OSError, ValueError):
+        if state.is_file() and "step" in json.loads(state.read_text(encoding="utf-8")):
+            return state.name
+    return None
+
+
+def _holds_key(marker: Path, key: str) -> bool:
+    try:
+        value = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(value, dict) and key in value
+
+
+def _relation(out: Path, source: Path) -> str | None:
+    """How `out` lies to `source` ("is", "is inside", "holds"), symlinks followed; None if apart."""
+    out, source = Path(os.path.realpath(out)), Path(os.path.realpath(source))
+    if out == source:
+        return "is"
+    if source in out.parents:
+        return "is inside"
+    if out in source.parents:
+        return "holds"
+    return None
+
+
+def check_replaceable(path: str | os.PathLike, marker: str, what: str, *, key: str | None = None,
+                      sources: Iterable[str | os.PathLike] = (), training: bool = False) -> None:
     """`path` is about to be replaced wholesale (`atomic_dir`): refuse unless it is absent, an empty
-    directory, or holds `marker`, i.e. is an earlier output of the same kind."""
-    path = Path(path)
-    if path.exists() and not (path / marker).is_file() and (not path.is_dir() or any(path.iterdir())):
-        raise UserError(f"{path} exists and is not {what}; pass a new --out or remove it")
+    directory, or an earlier output of the same kind: it holds `marker` (a JSON object holding `key`,
+    when given). Never replaced: one of `sources` (the input being converted) or a directory inside or
+    around one, and, unless `training` (a run writing its own step), a training checkpoint or run."""
+    shown = path
+    path = out_dir(path)
+    for source in sources:
+        relation = _relation(path, Path(source))
+        if relation:
+            raise UserError(f"--out {shown} {relation} the source {source}, which writing {what} there would destroy; "
+                            "pass an --out outside it")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UserError(f"{shown} exists and is not {what}; pass a new --out or remove it")
+    if not any(path.iterdir()):
+        return
+    state = None if training else _run_state(path)
+    if state is not None:
+        raise UserError(f"{shown} is a training checkpoint or run (it holds {state}), which replacing it with {what} "
+                        "would lose; pass a new --out")
+    if not (path / marker).is_file() or (key is not None and not _holds_key(path / marker, key)):
+        raise UserError(f"{shown} exists and is not {what}; pass a new --out or remove it")
 
 
 def read_json(path: str | os.PathLike, fix: str) -> Any:

@@ -1,0 +1,104 @@
+"""Where fine-tuning, merge-lora and predict may write: never over their own inputs or a run's state."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import SHARED_DATA, tiny_train_config
+from lmforge.config import LoraConfig
+from lmforge.finetune import finetune, merge_lora
+from lmforge.infer import predict
+from lmforge.utils.errors import UserError
+
+YELP = SHARED_DATA / "classification" / "uci-sentiment" / "yelp_labelled.txt"
+QUIET = dict(progress=False, log=lambda *a: None)
+
+
+def _cfg(**overrides):
+    return tiny_train_config(**{"max_steps": 2, "eval_interval": 0, "ckpt_interval": 0, "seq_len": 32, "batch_size": 4,
+                                **overrides})
+
+
+@pytest.fixture(scope="module")
+def lora_run(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "lora"
+    return finetune(trained_run.out, "classify", YELP, out, train=_cfg(), lora=LoraConfig(r=4), **QUIET)
+
+
+def _files(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_merge_lora_never_writes_over_its_source_or_a_training_checkpoint(lora_run, tmp_path):
+    run = tmp_path / "lora"
+    shutil.copytree(lora_run.out, run)
+    step = run / lora_run.checkpoint.name
+    before = _files(step)
+    for out, says in ((step, "is the source"), (run, "holds the source"), (step / "merged", "is inside the source")):
+        with pytest.raises(UserError, match=says) as err:
+            merge_lora(run, out)
+        assert "\n" not in str(err.value)
+    assert _files(step) == before and "optimizer.safetensors" in before
+    other = tmp_path / "other"
+    shutil.copytree(step, other)  # a training checkpoint that is not the source
+    with pytest.raises(UserError, match="optimizer.safetensors.*pass a new --out"):
+        merge_lora(run, other)
+    merged = merge_lora(run, tmp_path / "merged")
+    assert merge_lora(run, merged) == merged  # an earlier merge is replaced
+
+
+def test_finetune_resumed_with_other_lora_settings_names_the_flags(lora_run, trained_run, tmp_path):
+    out = tmp_path / "lora"
+    shutil.copytree(lora_run.out, out)
+    with pytest.raises(UserError) as err:
+        finetune(trained_run.out, "classify", YELP, out, train=_cfg(max_steps=4), lora=LoraConfig(r=8, alpha=32.0),
+                 resume=True, **QUIET)
+    message = str(err.value)
+    assert "--lora.r 8 (saved: 4)" in message and "--lora.alpha 32.0 (saved: 16.0)" in message, message
+    assert "--model" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "inside checkpoint", "data"])
+def test_finetune_out_in_a_checkpoint_or_data_directory_is_refused(where, trained_run, data_dir, tmp_path):
+    ckpt = tmp_path / "run" / trained_run.checkpoint.name
+    shutil.copytree(trained_run.checkpoint, ckpt)
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    out = {"checkpoint": ckpt, "inside checkpoint": ckpt / "ft", "data": data}[where]
+    before = {p: _files(p) for p in (ckpt, data)}
+    with pytest.raises(UserError, match="checkpoint|data directory") as err:
+        finetune(ckpt, "classify", YELP, out, train=_cfg(), **QUIET)
+    assert "\n" not in str(err.value) and "pass an --out outside it" in str(err.value)
+    assert {p: _files(p) for p in (ckpt, data)} == before
+
+
+@pytest.fixture(scope="module")
+def clf_run(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clf") / "clf"
+    return finetune(trained_run.out, "classify", YELP, out, train=_cfg(), **QUIET)
+
+
+def test_predict_never_writes_over_its_input_or_a_file_that_is_not_predictions(clf_run, tmp_path):
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("a fine meal\t1\nawful\t0\n")
+    data = dev.read_text()
+    with pytest.raises(UserError, match="is the --data file") as err:
+        predict(clf_run.checkpoint, dev, dev, device="cpu")
+    assert "\n" not in str(err.value) and dev.read_text() == data
+    weights = tmp_path / "model.safetensors"
+    shutil.copyfile(clf_run.checkpoint / "model.safetensors", weights)
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"text": "mine"}\n')
+    for target in (weights, notes):
+        kept = target.read_bytes()
+        with pytest.raises(UserError, match="exists and is not an earlier predictions file"):
+            predict(clf_run.checkpoint, dev, target, device="cpu")
+        assert target.read_bytes() == kept
+    out = tmp_path / "pred.jsonl"
+    assert predict(clf_run.checkpoint, dev, out, device="cpu") == 2
+    assert predict(clf_run.checkpoint, dev, out, device="cpu") == 2  # earlier predictions are replaced
+    assert json.loads(out.read_text().splitlines()[0])["where"].endswith("dev.tsv:1")
+    empty = tmp_path / "empty.jsonl"
+    empty.touch()
+    assert predict(clf_run.checkpoint, dev, empty, device="cpu") == 2

@@ -1,0 +1,37 @@
+"""`load(CKPT)` and `LanguageModel.stream`: text in, text out."""
+
+import pytest
+
+from lmforge.infer import load
+from lmforge.utils.errors import UserError
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(trained_run):
+    """`--prompt $'caf\\xe9'` arrives as "caf\\udce9": seen in review as a TypeError from the tokenizer."""
+    lm = load(trained_run.out, device="cpu")
+    with pytest.raises(UserError, match=r"the prompt is not valid UTF-8 text \(byte 0xe9 at character 4\)"):
+        lm.generate("caf\udce9", 3)
+    assert isinstance(lm.generate("café", 3, temperature=0), str)
+
+
+@pytest.mark.parametrize("device", ["cpu:7", "meta", "mps", "tpu", "cuda:-1", " cpu"])
+def test_a_device_lmforge_cannot_run_on_is_refused_before_the_checkpoint_is_read(trained_run, device):
+    """Seen in review: cpu:7 and meta passed torch.device and were blamed on the checkpoint
+    ("model.safetensors is corrupt (device cpu:7 is invalid)")."""
+    with pytest.raises(UserError, match=rf"unknown device '{device}'; use auto, cpu, cuda or cuda:N"):
+        load(trained_run.out, device=device)
+
+
+def test_cpu_0_is_the_cpu(trained_run):
+    assert load(trained_run.out, device="cpu:0").device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_index_past_the_machines_gpus_is_one_line(trained_run):
+    import torch
+
+    count = torch.cuda.device_count()
+    with pytest.raises(UserError, match=rf"'cuda:{count}' asked for but this machine has {count} CUDA device"):
+        load(trained_run.out, device=f"cuda:{count}")
+    assert load(trained_run.out, device=f"cuda:{count - 1}").device.type == "cuda"

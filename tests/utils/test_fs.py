@@ -1,0 +1,133 @@
+"""Outputs that replace a directory wholesale: what they may replace, and how a failed swap ends."""
+
+import errno
+import json
+import os
+import stat
+
+import pytest
+
+from lmforge.utils.errors import UserError
+from lmforge.utils.fs import atomic_dir, check_replaceable
+
+
+def _checkpoint(path):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"format": 1, "model": {}}))
+    (path / "model.safetensors").write_bytes(b"weights")
+    return path
+
+
+@pytest.mark.parametrize("kind,why", [
+    ("optimizer", "optimizer.safetensors"),
+    ("trainer_state", "trainer_state.json"),
+    ("metrics", "metrics.jsonl"),
+    ("run", "step-000004"),
+])
+def test_a_training_checkpoint_or_run_is_never_replaced(kind, why, tmp_path):
+    path = _checkpoint(tmp_path / "out")
+    if kind == "optimizer":
+        (path / "optimizer.safetensors").write_bytes(b"state")
+    elif kind == "trainer_state":
+        (path / "trainer_state.json").write_text(json.dumps({"step": 4}))
+    elif kind == "metrics":
+        (path / "metrics.jsonl").write_text("{}\n")
+    else:
+        _checkpoint(path / "step-000004")
+    with pytest.raises(UserError, match=f"{why}.*pass a new --out") as err:
+        check_replaceable(path, "config.json", "a checkpoint directory")
+    assert "\n" not in str(err.value)
+
+
+def test_an_earlier_output_of_the_same_kind_is_replaceable_and_another_kind_is_not(tmp_path):
+    ours = _checkpoint(tmp_path / "ours")
+    (ours / "trainer_state.json").write_text(json.dumps({"task": None, "merged_from": "x"}))  # merge-lora's: no step
+    check_replaceable(ours, "config.json", "a checkpoint directory", key="model")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    check_replaceable(hf, "config.json", "a model directory", key="model_type")
+    with pytest.raises(UserError, match="hf exists and is not a checkpoint directory"):
+        check_replaceable(hf, "config.json", "a checkpoint directory", key="model")
+    with pytest.raises(UserError, match="ours exists and is not a model directory"):
+        check_replaceable(ours, "config.json", "a model directory", key="model_type")
+
+
+@pytest.mark.parametrize("where,says", [("same", "is the source"), ("inside", "is inside the source"),
+                                        ("holds", "holds the source")])
+def test_the_source_is_never_the_output(where, says, tmp_path):
+    src = tmp_path / "a" / "src"
+    src.mkdir(parents=True)
+    out = {"same": src, "inside": src / "sub", "holds": tmp_path / "a"}[where]
+    with pytest.raises(UserError, match=says):
+        check_replaceable(out, "config.json", "a checkpoint directory", sources=[src])
+    check_replaceable(tmp_path / "elsewhere", "config.json", "a checkpoint directory", sources=[src])
+
+
+@pytest.mark.parametrize("out", ["", ".", "./"])
+def test_an_empty_path_or_the_current_directory_is_refused_in_one_line(out, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # empty: replacing it would still pull it from under the shell
+    for call in (lambda: check_replaceable(out, "meta.json", "a prepared data directory"),
+                 lambda: atomic_dir(out).__enter__()):
+        with pytest.raises(UserError, match="current directory|empty") as err:
+            call()
+        assert "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_relative_path_without_a_folder_part_works(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with atomic_dir("out") as tmp:
+        (tmp / "f").write_text("new")
+    assert (tmp_path / "out" / "f").read_text() == "new"
+
+
+@pytest.mark.parametrize("fails", ["aside", "in"])
+def test_a_swap_the_filesystem_refuses_is_one_line_and_keeps_the_old_directory(fails, tmp_path, monkeypatch):
+    """`chattr +i out` makes renaming `out` aside fail with EPERM; a failure of the second rename puts it back."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "f").write_text("old")
+    replace = os.replace
+
+    def refused(src, dst):
+        if (fails == "aside" and str(src) == str(target)) or (fails == "in" and str(dst) == str(target) and ".tmp" in str(src)):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(UserError, match=f"cannot replace {target} \\(Operation not permitted\\)") as err:
+        with atomic_dir(target) as tmp:
+            (tmp / "f").write_text("new")
+    assert "\n" not in str(err.value)
+    assert (target / "f").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_new_directory_that_cannot_be_renamed_in_is_one_line(tmp_path, monkeypatch):
+    replace = os.replace
+
+    def refused(src, dst):
+        if ".tmp" in str(src):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(UserError, match="cannot write .*new"):
+        with atomic_dir(tmp_path / "new") as tmp:
+            (tmp / "f").write_text("new")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_write_never_puts_a_file_in_place_of_a_device_or_pipe(tmp_path):
+    """The write goes to a temporary file renamed over the target: over /dev/null or a FIFO that
+    rename would replace the device with a file (as root, /dev/full had become one)."""
+    from lmforge.utils.fs import atomic_write_text
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="not a regular file"):
+        atomic_write_text(fifo, "x")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    atomic_write_text(tmp_path / "plain.txt", "x")  # a plain file, new or existing, is written as before
+    atomic_write_text(tmp_path / "plain.txt", "y")
+    assert (tmp_path / "plain.txt").read_text() == "y"
