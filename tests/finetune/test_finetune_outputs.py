@@ -59,20 +59,6 @@ def test_finetune_resumed_with_other_lora_settings_names_the_flags(lora_run, tra
     assert "--model" not in message and "\n" not in message
 
 
-@pytest.mark.parametrize("where", ["checkpoint", "inside checkpoint", "data"])
-def test_finetune_out_in_a_checkpoint_or_data_directory_is_refused(where, trained_run, data_dir, tmp_path):
-    ckpt = tmp_path / "run" / trained_run.checkpoint.name
-    shutil.copytree(trained_run.checkpoint, ckpt)
-    data = tmp_path / "data"
-    shutil.copytree(data_dir, data)
-    out = {"checkpoint": ckpt, "inside checkpoint": ckpt / "ft", "data": data}[where]
-    before = {p: _files(p) for p in (ckpt, data)}
-    with pytest.raises(UserError, match="checkpoint|data directory") as err:
-        finetune(ckpt, "classify", YELP, out, train=_cfg(), **QUIET)
-    assert "\n" not in str(err.value) and "pass an --out outside it" in str(err.value)
-    assert {p: _files(p) for p in (ckpt, data)} == before
-
-
 @pytest.fixture(scope="module")
 def clf_run(trained_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("clf") / "clf"
