@@ -336,6 +336,16 @@ def test_text_stream_decodes_incrementally_to_the_whole_text(lm):
     decode = lambda ids: "".join(words[i] for i in ids).removeprefix(" ")
     stream = TextStream(decode)
     assert "".join(stream.push(t)[0] for t in [0, 1, 2, 3, 1]) == "the cats sat cat"
+    # After a prompt, the output's first space stays (vLLM's " Paris"): prompt text + output text is
+    # the text of the whole sequence, and the output's tokens' bytes (logprob offsets) spell it.
+    stream = TextStream(decode, stop=["zz"], context=[3, 1, 1, 1, 1])
+    out = [stream.push(t)[0] for t in [0, 1, 2]]
+    assert out == [" the", " cat", "s"] and stream.flush() == "" and decode([3, 1, 1, 1, 1]) + stream.text == decode([3, 1, 1, 1, 1, 0, 1, 2])
+    # A prompt that ends inside a character (token ids cut through an emoji) is no context: the output completes it.
+    utf8 = [b"\xf0\x9f", b"\x99\x82", b" ok"]
+    decode = lambda ids: b"".join(utf8[i] for i in ids).decode("utf-8", "replace")
+    stream = TextStream(decode, context=[0])
+    assert [stream.push(t)[0] for t in [1, 2]] == ["\U0001f642", " ok"]
 
 
 def test_cache_size_is_checked_and_max_seq_len_caps_requests(model):

@@ -40,27 +40,40 @@ from lmforge.utils.errors import UserError
 
 class TextStream:
     """Token ids in, finished text out: holds back an unfinished UTF-8 character and any text
-    that may be the start of a stop string; `push` says when a stop string has appeared."""
+    that may be the start of a stop string; `push` says when a stop string has appeared.
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
+    `context` is the end of the prompt (up to its last `CONTEXT_TOKENS`): the output is decoded
+    after it, as vLLM does, so a decoder that drops the leading space of a text (SentencePiece's
+    Strip, Llama 2's) keeps the space the output's first token carries: "is" -> " Paris", which
+    the prompt's text and `token_bytes` offsets agree with."""
+
+    CONTEXT_TOKENS = 4
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = (), context: Sequence[int] = ()) -> None:
         self.decode, self.stop = decode, tuple(stop)
-        self.ids: list[int] = []
+        context = list(context)[-self.CONTEXT_TOKENS:]
+        whole, lead = len(context), decode(context) if context else ""  # whole: where its text ends on a whole character
+        while lead.endswith("\ufffd"):  # the prompt ends inside a character: the output's text completes it
+            whole -= 1
+            lead = decode(context[:whole]) if whole else ""
+        self.ids: list[int] = context  # the context, then the output
+        self._context, self._lead = len(context), len(lead)  # left out of every text
         self.text = ""  # everything emitted so far
         self._hold = max((len(s) for s in self.stop), default=1) - 1
         # Incremental decoding (as vLLM does): `_done` is the text of ids[:_read], which ends on a
         # whole character; new tokens are decoded with the tokens from `_prefix` on as context
         # (some decoders drop a leading space at the start of a text), so each push decodes a few
         # tokens instead of the whole output.
-        self._done, self._prefix, self._read = "", 0, 0
+        self._done, self._prefix, self._read = lead, 0, whole
 
     def _full(self) -> str:
-        """decode(self.ids), decoding only the last few tokens."""
+        """The output's text: decode(self.ids) without the context's, decoding only the last few tokens."""
         head = self.decode(self.ids[self._prefix:self._read]) if self._read > self._prefix else ""
         both = self.decode(self.ids[self._prefix:])
         full = self._done + both[len(head):] if both.startswith(head) else self.decode(self.ids)
         if not full.endswith("\ufffd"):
             self._done, self._prefix, self._read = full, self._read, len(self.ids)
-        return full
+        return full[self._lead:]
 
     def push(self, token: int) -> tuple[str, bool]:
         """(new text, whether a stop string ended the text)."""
@@ -83,7 +96,7 @@ class TextStream:
 
     def flush(self) -> str:
         """The held-back text, once the sequence has ended without a stop string."""
-        return self._emit(self.decode(self.ids)) if self.ids else ""
+        return self._emit(self.decode(self.ids)[self._lead:]) if len(self.ids) > self._context else ""
 
     def _emit(self, upto: str) -> str:
         delta = upto[len(self.text):] if upto.startswith(self.text) else ""
@@ -286,7 +299,7 @@ class Engine:
             )
         req = Request(request_id if request_id is not None else f"req-{next(self._ids)}", prompt, params)
         if self.tokenizer is not None:
-            req.stream = TextStream(self.tokenizer.decode, params.stop)
+            req.stream = TextStream(self.tokenizer.decode, params.stop, context=prompt)
         if params.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         return req

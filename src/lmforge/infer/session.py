@@ -9,6 +9,7 @@ import torch
 
 from lmforge.checkpoint import load_model
 from lmforge.data.parallel import decoder_start_id
+from lmforge.infer.engine import TextStream
 from lmforge.infer.generate import SamplingConfig, generate_tokens
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
@@ -47,26 +48,21 @@ class LanguageModel:
             require_text(prompt, "the prompt")
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stops = (self.tokenizer.eot_id,) if stop_at_eot else ()
-        ids: list[int] = []
-        emitted = ""
         prompt_ids, memory = (self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)), {}
         if self.model.config.arch == "encoder-decoder":
             src = torch.tensor([prompt_ids[: self.model.config.context_length - 1] + [self.tokenizer.eot_id]], device=self.device)
             with torch.inference_mode():
                 memory = {"memory": self.model.encode_source(src)}
             prompt_ids = [decoder_start_id(self.tokenizer)]
+        # Decoded after the prompt's last tokens, so a SentencePiece output keeps its leading space.
+        text = TextStream(self.tokenizer.decode, context=prompt_ids)
         for tid in generate_tokens(self.model, prompt_ids, max_new_tokens, sampling, stops, **memory):
             if tid in stops:
                 break
-            ids.append(tid)
-            text = self.tokenizer.decode(ids)
-            # A byte-level token can end inside a multi-byte character: wait for the rest of it.
-            if not text.endswith("\ufffd") and len(text) > len(emitted):
-                yield text[len(emitted) :]
-                emitted = text
-        text = self.tokenizer.decode(ids)
-        if len(text) > len(emitted):
-            yield text[len(emitted) :]
+            if piece := text.push(tid)[0]:  # empty while a token ends inside a multi-byte character
+                yield piece
+        if piece := text.flush():
+            yield piece
 
     def generate(self, prompt: str, max_new_tokens: int = 100, **kwargs) -> str:
         """The continuation of `prompt` (not including it); keyword arguments as in `stream`."""
