@@ -277,3 +277,18 @@ def test_saving_to_an_empty_path_is_refused(tok, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="empty"):
         tok.save("")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{{ raise_exception('only user and assistant roles') }}", "the chat template failed: only user and assistant roles"),
+    ("{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}", "the chat template failed: TypeError"),
+    ("{{ 1 // (messages | length - 1) }}", "the chat template failed: ZeroDivisionError"),
+])
+def test_a_failing_chat_template_is_one_line(tok, template, message):
+    """The template is a file's code: whatever it raises while rendering is the template's failure."""
+    kept, tok.chat_template = tok.chat_template, template
+    try:
+        with pytest.raises(UserError, match=message):
+            tok.encode_chat([{"role": "user", "content": "hi"}])
+    finally:
+        tok.chat_template = kept

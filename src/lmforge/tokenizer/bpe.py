@@ -374,8 +374,10 @@ class Tokenizer:
                 eos_token=self.hf.id_to_token(self.eot_id),
                 bos_token=self.hf.id_to_token(self.bos_id) if self.bos_id is not None else "",
             )
-        except (TemplateError, TypeError) as e:  # TypeError: a message the template cannot use (content None, a list)
+        except TemplateError as e:
             raise UserError(f"the chat template failed: {e}") from None
+        except Exception as e:  # the template is a file's code: a message it cannot use (content None, a list), 1/0, deep recursion
+            raise UserError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """The ids of a conversation under the chat template, the messages' own text read as text.
