@@ -38,6 +38,10 @@ def main() -> None:
     args = p.parse_args()
     if args.steps < 10:  # windows of 5 steps, the first (compile, warm-up) left out of the median
         p.error(f"--steps must be at least 10 (two logged windows of 5 steps), got {args.steps}")
+    uneven = [n for n in args.nprocs if n < 1 or args.global_micro_batches % n]
+    if uneven:  # each process takes global / N micro-batches of every step
+        p.error(f"--nprocs {' '.join(map(str, uneven))} does not divide --global-micro-batches {args.global_micro_batches}; "
+                "pass process counts that divide it, or more micro-batches")
 
     # src first, then whatever PYTHONPATH already holds (the device image's wheels in /tmp/site, say)
     pythonpath = os.pathsep.join([str(ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
@@ -52,8 +56,6 @@ def main() -> None:
         prepare([corpus], tmp / "tok", tmp / "data", val_fraction=0.1, progress=False)
         for nproc in args.nprocs:
             for parallel in args.parallel if nproc > 1 else ["none"]:
-                if args.global_micro_batches % nproc:
-                    continue
                 out = tmp / f"run-{nproc}-{parallel}"
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                        "-m", "lmforge", "pretrain", "--data", str(tmp / "data"), "--out", str(out),
@@ -65,7 +67,11 @@ def main() -> None:
                 if nproc > 1:
                     cmd += ["--train.parallel", parallel]
                 t = time.perf_counter()
-                subprocess.run(cmd, env=env, check=True, capture_output=True)
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+                if proc.returncode:  # say why in lmforge's own words (a bad --batch-size, say), not torchrun's traceback
+                    own = next((line for line in proc.stderr.splitlines() if line.startswith("lmforge: error:")), None)
+                    sys.exit(f"distributed_train: the run on {nproc} process(es) failed: "
+                             + (own or f"exit {proc.returncode}\n{proc.stderr.rstrip()}"))
                 seconds = time.perf_counter() - t
                 rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
                 train = [r for r in rows if r["kind"] == "train"]

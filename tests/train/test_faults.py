@@ -27,11 +27,12 @@ from lmforge.utils.errors import UserError
 
 
 class Poisoned(Objective):
-    """The causal objective, whose loss turns nan (or inf) at the given 0-based steps (or (step, micro) pairs)."""
+    """The causal objective, whose loss turns nan (or inf) at the given 0-based steps (or (step, micro) pairs);
+    with `gradient_only`, the loss stays finite and only its gradient turns nan."""
 
-    def __init__(self, *args, bad_steps=(), value=math.nan, **kwargs):
+    def __init__(self, *args, bad_steps=(), value=math.nan, gradient_only=False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.bad_steps, self.value = set(bad_steps), value
+        self.bad_steps, self.value, self.gradient_only = set(bad_steps), value, gradient_only
 
     def batch(self, windows, batch_size, step, micro=0, seed=None):
         poison = step in self.bad_steps or (step, micro) in self.bad_steps
@@ -39,14 +40,17 @@ class Poisoned(Objective):
 
     def loss(self, model, batch):
         loss = super().loss(model, batch)
-        return loss * torch.where(batch["poison"], self.value, 1.0)  # not where(p, loss * nan, loss): its gradient is nan
+        poisoned = loss * torch.where(batch["poison"], self.value, 1.0)  # not where(p, loss * nan, loss): its gradient is nan
+        if self.gradient_only:  # the value of `loss`, the gradient of `poisoned` too (0 x nan: nan)
+            return torch.where(torch.tensor(True), loss, poisoned)
+        return poisoned
 
 
-def run(data_dir, out, bad_steps, value=math.nan, **train):
+def run(data_dir, out, bad_steps, value=math.nan, gradient_only=False, **train):
     tok = Tokenizer.load(data_dir)
     cfg = preset("tiny", vocab_size=load_meta(data_dir)["vocab_size"])
     torch.manual_seed(0)
-    task = Poisoned("causal", cfg, tok, 7, bad_steps=bad_steps, value=value)
+    task = Poisoned("causal", cfg, tok, 7, bad_steps=bad_steps, value=value, gradient_only=gradient_only)
     cfg_train = tiny_train_config(**{"max_steps": 8, "ckpt_interval": 2, "eval_interval": 0, "log_interval": 1, "keep_checkpoints": 5, **train})
     return fit(Transformer(cfg), task, tok, cfg_train, out, task.open(data_dir, "train", 64), tokens_per_sample=64,
                progress=False, log=lambda *a: None)
@@ -76,6 +80,25 @@ def test_deferred_check_stops_before_the_next_checkpoint(data_dir, tmp_path, mon
     with pytest.raises(UserError, match=r"^loss is not finite \(nan or inf\) at step 3; .* last good checkpoint is .*step-000002$"):
         run(data_dir, out, bad_steps={2}, log_interval=2)
     assert [p.name for p in find_checkpoints(out)] == ["step-000002"]
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_nan_gradient_under_a_finite_loss_is_caught_without_clipping(data_dir, tmp_path, skip):
+    """Seen in review: with --train.grad_clip 0 the norm was never taken, and nan weights reached a checkpoint."""
+    out = tmp_path / "run"
+    bad = {"bad_steps": {2}, "gradient_only": True, "grad_clip": 0.0, "ckpt_interval": 1}
+    if skip:
+        result = run(data_dir, out, **bad, skip_nonfinite=True)
+        assert result.step == 8 and result.skipped_steps == 1
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if r["kind"] == "skipped"] == [3]
+        assert all(math.isfinite(r["grad_norm"]) for r in rows if r["kind"] == "train")
+    else:
+        with pytest.raises(UserError, match=r"^loss is \d+\.\d+ but its gradient norm is not finite at step 3; .*step-000002$"):
+            run(data_dir, out, **bad)
+    for ckpt in find_checkpoints(out):
+        weights = load_file(str(ckpt / "model.safetensors"))
+        assert all(torch.isfinite(t).all() for t in weights.values()), ckpt.name
 
 
 def test_skip_nonfinite_drops_the_step_and_trains_on(data_dir, tmp_path):

@@ -29,3 +29,20 @@ def test_rows_are_kept_up_to_the_step_and_tensorboard_starts_with_the_first_row(
     log = MetricsLog(tmp_path, tensorboard=False)
     log.truncate_after(2)
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_tensorboard_drops_the_events_past_the_step_a_run_resumes_from(tmp_path):
+    """Seen in review: after a kill and a resume, TensorBoard showed the steps after the checkpoint twice."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for start, steps in ((0, (1, 2, 3)), (2, (3, 4))):  # killed after logging step 3; resumed from step 2
+        log = MetricsLog(tmp_path, tensorboard=True)
+        log.truncate_after(start)
+        for step in steps:
+            log.log({"step": step, "kind": "train", "loss": float(10 * start + step)})
+        log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 23.0), (4, 24.0)]
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(1, 1.0), (2, 2.0), (3, 23.0), (4, 24.0)]

@@ -1,6 +1,8 @@
 """What `--resume` refuses, in one line and without running anything from the checkpoint: pickles in a
 sharded `dcp/` directory, another tokenizer or optimizer than the run's, damaged trainer state or
-metrics; and what it still resumes (a real `dcp/` checkpoint, a metrics log cut mid-line)."""
+metrics; what it still resumes (a real `dcp/` checkpoint, a metrics log cut mid-line); and what a resumed
+run takes from its config (optimizer settings; a warning for other batches) and from the checkpoint
+(moments, token count, a finished run's end)."""
 
 import json
 import pickle
@@ -15,10 +17,12 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
 from conftest import tiny_train_config
-from lmforge.checkpoint import load_model
+from lmforge.checkpoint import load_checkpoint, load_model
 from lmforge.checkpoint.store import load_optimizer_state
+from lmforge.config import preset
 from lmforge.data import prepare, train_tokenizer
 from lmforge.train import pretrain
+from lmforge.train.checkpointing import Checkpointer
 from lmforge.train.metrics import read_metrics
 from lmforge.train.optim import build_optimizer
 from lmforge.utils.errors import UserError
@@ -186,3 +190,88 @@ def test_a_failure_that_is_not_the_checkpoints_is_not_called_damage(run4, data_d
     monkeypatch.setattr(_SafeReader, "read_data", fail)
     with pytest.raises(type(failure)):
         resume(data_dir, out)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_resumed_optimizer_trains_with_this_runs_settings_and_the_checkpoints_moments(run4, tmp_path, sharded):
+    """Seen in review: weight decay, betas and AdamW's fused flag came back from the checkpoint over the config."""
+    out, ckpt = from_step_2(run4, tmp_path)
+    if sharded:
+        write_dcp(ckpt)
+    net, loaded = load_model(ckpt)
+    saved = load_optimizer_state(loaded)
+    assert saved["param_groups"][0]["weight_decay"] == 0.1 and not saved["param_groups"][0]["fused"]
+    train = tiny_train_config(**{**TRAIN, "weight_decay": 0.5, "beta1": 0.8, "beta2": 0.99})
+    optimizer = build_optimizer(net, train, torch.device("cuda"))  # as on CUDA: fused (which runs on the CPU too)
+    Checkpointer(out, 5).restore(loaded, net, optimizer, torch.device("cpu"))
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.5, 0.0]
+    assert all(tuple(g["betas"]) == (0.8, 0.99) and g["fused"] for g in optimizer.param_groups)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(optimizer.state[p][key], saved["state"][i][key]), (i, key)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # the fused kernel takes the restored state
+
+
+def test_a_resumed_muon_takes_this_runs_learning_rates_momentum_and_decay(data_dir, tmp_path):
+    """Seen in review: a changed --train.lr changed Muon's learning rate, a changed muon_lr did not."""
+    untied = preset("tiny", tie_embeddings=False)  # an output head: a matrix that AdamW decays
+    run = pretrain(data_dir, tmp_path / "run", untied, tiny_train_config(**{**TRAIN, "max_steps": 2, "optim": "muon"}), **quiet)
+    net, loaded = load_model(run.checkpoint)
+    train = tiny_train_config(**{**TRAIN, "optim": "muon", "lr": 2e-2, "muon_lr": 0.05, "muon_momentum": 0.8,
+                                 "weight_decay": 0.3})
+    optimizer = build_optimizer(net, train, torch.device("cpu"))
+    Checkpointer(run.out, 5).restore(loaded, net, optimizer, torch.device("cpu"))
+    muon = [g for g in optimizer.param_groups if g["use_muon"]]
+    assert muon and all(g["lr_scale"] == 0.05 / 2e-2 and g["momentum"] == 0.8 for g in muon)
+    assert [g["weight_decay"] for g in optimizer.param_groups if not g["use_muon"]] == [0.3, 0.0]
+    saved = load_optimizer_state(loaded)["state"]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    buffers = [(p, i) for i, p in enumerate(params) if "momentum_buffer" in saved[i]]
+    assert buffers and all(torch.equal(optimizer.state[p]["momentum_buffer"], saved[i]["momentum_buffer"]) for p, i in buffers)
+
+
+def test_a_resume_on_other_batches_warns_and_keeps_counting_tokens(run4, data_dir, tmp_path):
+    """Seen in review: another seed or seq_len passed without a word, and `tokens` became step x this run's batch."""
+    out, ckpt = from_step_2(run4, tmp_path)
+    saved = load_checkpoint(ckpt).trainer_state["tokens"]
+    assert saved == 2 * 8 * 64
+    lines = []
+    train = tiny_train_config(**{**TRAIN, "batch_size": 4, "seq_len": 32, "seed": 8})
+    result = pretrain(data_dir, out, "tiny", train, resume=True, progress=False, log=lines.append)
+    assert [line.split(";")[0] for line in lines if line.startswith("warning:")] == [
+        "warning: the checkpoint took 8 sequences per step and this run takes 4",
+        "warning: the checkpoint was trained with --train.seed 7 and this run uses 8",
+        "warning: the checkpoint was trained with --train.seq_len 64 and this run uses 32",
+    ]
+    assert load_checkpoint(result.checkpoint).trainer_state["tokens"] == saved + 2 * 4 * 32
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["tokens"] for r in rows] == [8 * 64, 2 * 8 * 64, saved + 4 * 32, saved + 2 * 4 * 32]
+
+
+def test_a_resume_with_the_same_batches_says_nothing_and_an_old_checkpoint_counts_by_step(run4, data_dir, tmp_path):
+    """seq_len None is the context (64): the same windows. A checkpoint from before tokens were counted."""
+    out, ckpt = from_step_2(run4, tmp_path)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    del state["tokens"]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    lines = []
+    result = pretrain(data_dir, out, "tiny", tiny_train_config(**{**TRAIN, "seq_len": 64}), resume=True, progress=False,
+                      log=lines.append)
+    assert not [line for line in lines if line.startswith("warning:")]
+    assert load_checkpoint(result.checkpoint).trainer_state["tokens"] == 4 * 8 * 64
+
+
+def test_resuming_a_finished_run_reports_its_end_and_logs_nothing_again(trained_run, data_dir, tmp_path):
+    """Seen in review: every such resume added a second val row for the last step and said train loss nan."""
+    out = tmp_path / "run"
+    shutil.copytree(trained_run.out, out)
+    before = read_metrics(out / "metrics.jsonl")
+    assert any(r["kind"] == "val" and r["step"] == 60 for r in before)
+    for _ in range(2):
+        result = pretrain(data_dir, out, "tiny", tiny_train_config(), resume=True, **quiet)
+        assert read_metrics(out / "metrics.jsonl") == before
+        assert result.step == 60 and result.train_loss == trained_run.train_loss
+        assert result.val_loss == pytest.approx(trained_run.val_loss, rel=1e-5)

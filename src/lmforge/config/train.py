@@ -40,7 +40,7 @@ class TrainConfig:
         weight_decay: AdamW decay on matrices (never on norms, biases or embeddings).
         beta1: AdamW beta1.
         beta2: AdamW beta2.
-        grad_clip: clip the global gradient norm to this; 0 disables.
+        grad_clip: clip the global gradient norm to this; 0 disables clipping (the norm is still measured and checked).
         eval_interval: validate every this many steps (and at the end); 0 disables.
         eval_batches: micro-batches of validation data per evaluation.
         log_interval: write training metrics every this many steps.

@@ -118,19 +118,20 @@ class Checkpointer:
                                 "resume from another step (a complete step-* directory) or retrain") from None
             set_model_state_dict(net, state["model"])
             with _optimizer_fits(ckpt):
-                set_optimizer_state_dict(net, optimizer, state["optim"])
+                set_optimizer_state_dict(net, optimizer, _with_settings_of(optimizer, state["optim"]))
             return
         loaded, _ = load_model(ckpt.path, device if not self.world.distributed else "cpu")
         optim_state = load_optimizer_state(ckpt)
         if not self.world.distributed:
             net.load_state_dict(loaded.state_dict())
             with _optimizer_fits(ckpt):
-                optimizer.load_state_dict(optim_state)
+                optimizer.load_state_dict(_with_settings_of(optimizer, optim_state))
             return
         full = StateDictOptions(full_state_dict=True)
         set_model_state_dict(net, loaded.state_dict(), options=full)
         with _optimizer_fits(ckpt):
-            set_optimizer_state_dict(net, optimizer, _keyed_by_name(net, optimizer, optim_state), options=full)
+            optim_state = _keyed_by_name(net, optimizer, _with_settings_of(optimizer, optim_state))
+            set_optimizer_state_dict(net, optimizer, optim_state, options=full)
 
     def save(
         self,
@@ -226,6 +227,22 @@ def _settings_differ(ckpt: Checkpoint, given_config: ModelConfig) -> str:
         fixes.append(f"the base checkpoint {ckpt.trainer_state.get('base', 'it was fine-tuned from')}")
     return (f"the fine-tuning settings differ from those {ckpt.path} was trained with: {'; '.join(parts)}; "
             f"resume with the same settings ({', '.join(fixes)})")
+
+
+def _with_settings_of(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """A saved optimizer state_dict whose param groups carry `optimizer`'s settings (weight decay, betas,
+    eps, momentum, lr_scale, fused, ...) instead of the saved ones.
+
+    The optimizer was just built from this run's config, which is what a resumed run trains with (as
+    torchtitan and litgpt do): the checkpoint brings the moments and step counts, not the settings.
+    They go in before loading, not after it, because `load_state_dict` places each state's `step`
+    by its group's `fused` flag (on the parameter's device for the fused AdamW).
+    """
+    saved = state["param_groups"]
+    if len(saved) != len(optimizer.param_groups):  # another layout: torch's load refuses it, in its own words
+        return state
+    mine = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    return {**state, "param_groups": [{**old, **new} for old, new in zip(saved, mine)]}
 
 
 def _keyed_by_name(net: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:

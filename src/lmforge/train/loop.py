@@ -181,16 +181,25 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
     if world.distributed:
         log(f"parallel: {world.size} processes ({train.parallel}); {sequences_per_step} sequences per step = "
             f"{train.batch_size} per micro-batch x {train.grad_accum} micro-batches x {world.size} processes")
+    start_tokens = start_step * tokens_per_step
     if resume_from is not None:
-        _warn_if_batch_changed(resume_from.trainer_state, sequences_per_step, log)
+        _warn_if_run_changed(resume_from.trainer_state, train, sequences_per_step, c.context_length, log)
+        saved_tokens = resume_from.trainer_state.get("tokens")
+        if type(saved_tokens) is int and saved_tokens >= 0:  # else a checkpoint from before tokens were counted
+            start_tokens = saved_tokens
 
-    def validate(step: int) -> tuple[float, float | None] | None:
+    def tokens_at(step: int) -> int:
+        """Tokens in the batches of steps 1..`step` (skipped ones too), counted on over a resume with another batch."""
+        return start_tokens + (step - start_step) * tokens_per_step
+
+    def validate(step: int, log_it: bool = True) -> tuple[float, float | None] | None:
         if val_batches is None:
             return None
         with unsharded_root(step_loss):  # every rank evaluates (FSDP2 needs all of them); rank 0 logs
             loss = weighted_mean_loss(loss_fn, objective.weight, net, val_batches, device, amp)
         bpb = bits_per_byte(loss, *val_tokens_bytes) if val_tokens_bytes else None
-        metrics.log({"kind": "val", "step": step, "val_loss": loss, "val_bpb": bpb, "val_ppl": math.exp(min(loss, 700.0))})
+        if log_it:
+            metrics.log({"kind": "val", "step": step, "val_loss": loss, "val_bpb": bpb, "val_ppl": math.exp(min(loss, 700.0))})
         return loss, bpb
 
     saved: dict[int, Path] = {}
@@ -198,7 +207,7 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
     def checkpoint(step: int) -> Path:
         """RUN/step-N, written once: an interrupt right after a checkpoint step does not write it again."""
         if step not in saved:
-            run_state = {"tokens": step * tokens_per_step, "world_size": world.size, "train": train.to_dict(), **(state or {})}
+            run_state = {"tokens": tokens_at(step), "world_size": world.size, "train": train.to_dict(), **(state or {})}
             saved[step] = checkpoints.save(step, net, tokenizer, run_state, optimizer, metrics.path)
         return saved[step]
 
@@ -265,10 +274,13 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
                             loss = step_loss(batch) * shares[i]
                         loss.backward()
                     loss_sum += loss.detach()
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, train.grad_clip) if train.grad_clip else None
-                finite = torch.isfinite(loss_sum)
-                if grad_norm is not None:  # a finite loss can still give an overflowing gradient
-                    finite = finite & torch.isfinite(local_tensor(grad_norm))
+                # Measured whether or not it clips (one fused reduction): a finite loss can still give a
+                # nan or overflowing gradient, which must not reach the weights.
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable_params if p.grad is not None])
+                if train.grad_clip:
+                    torch.nn.utils.clip_grads_with_norm_(trainable_params, train.grad_clip, grad_norm)
+                grad_norm = local_tensor(grad_norm)  # the whole norm (FSDP2 gives a DTensor)
+                finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
                 first_bad = torch.where(finite | (first_bad < none_bad), first_bad, float(step + 1))
                 done = step + 1
                 logging = done % train.log_interval == 0 or done == train.max_steps
@@ -302,12 +314,10 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
                     last_loss = all_reduce(loss_sum, world).item() / world.size
                     now = time.perf_counter()
                     tokens_per_s = window_tokens / (now - window_t)
-                    row = {"kind": "train", "step": step, "tokens": step * tokens_per_step, "loss": last_loss, "lr": lr,
-                           "tokens_per_s": tokens_per_s, "data_wait": window_wait / max(window_busy, 1e-9),
-                           "elapsed_s": now - t0}
+                    row = {"kind": "train", "step": step, "tokens": tokens_at(step), "loss": last_loss, "lr": lr,
+                           "grad_norm": grad_norm.item(), "tokens_per_s": tokens_per_s,
+                           "data_wait": window_wait / max(window_busy, 1e-9), "elapsed_s": now - t0}
                     window_t, window_tokens, window_wait, window_busy = now, 0, 0.0, 0.0
-                    if grad_norm is not None:
-                        row["grad_norm"] = local_tensor(grad_norm).item()
                     metrics.log(row)
                     bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
                 if train.eval_interval and (step % train.eval_interval == 0 or step == train.max_steps):
@@ -324,8 +334,10 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
                 if bad is not None:
                     raise nonfinite_error(bad, None)
                 raise Interrupted(step, checkpoint(step) if step > start_step else None)
-        if start_step == train.max_steps:  # resumed a finished run: nothing to train, report it
-            last_val = validate(step)
+        if start_step == train.max_steps:  # resumed a finished run: nothing to train; report how it ended
+            last_val = validate(step, log_it=False)  # the run logged this step's validation when it trained it
+            last_train = metrics.last("train")
+            last_loss = last_train["loss"] if last_train else last_loss
     finally:
         bar.close()
         prefetch.close()
@@ -371,15 +383,24 @@ def _check_every_step(device: torch.device, train: TrainConfig) -> bool:
     return device.type != "cuda" or train.skip_nonfinite
 
 
-def _warn_if_batch_changed(trainer_state: dict[str, Any], sequences_per_step: int, log: Callable[[str], None]) -> None:
-    """Resuming with another global batch is allowed (a new world size), but it is not the same run: say so."""
-    prev = trainer_state.get("train") or {}
-    if "batch_size" not in prev:
+def _warn_if_run_changed(trainer_state: dict[str, Any], train: TrainConfig, sequences_per_step: int, context_length: int,
+                         log: Callable[[str], None]) -> None:
+    """Resuming with another global batch (a new world size, say), seed or sequence length is allowed, but
+    the batches from there on are not the ones the run would have trained on: say so."""
+    prev = trainer_state.get("train")
+    if not isinstance(prev, dict):
         return
-    before = prev["batch_size"] * prev.get("grad_accum", 1) * trainer_state.get("world_size", 1)
-    if before != sequences_per_step:
-        log(f"warning: the checkpoint took {before} sequences per step and this run takes {sequences_per_step}; "
-            "for the same run keep batch_size x grad_accum x processes equal")
+    if "batch_size" in prev:
+        before = prev["batch_size"] * prev.get("grad_accum", 1) * trainer_state.get("world_size", 1)
+        if before != sequences_per_step:
+            log(f"warning: the checkpoint took {before} sequences per step and this run takes {sequences_per_step}; "
+                "for the same run keep batch_size x grad_accum x processes equal")
+    # The seed chooses each step's batch and dropout masks; seq_len (None: the context) cuts the windows.
+    for key, before, now in (("seed", prev.get("seed"), train.seed),
+                             ("seq_len", prev.get("seq_len") or context_length, train.seq_len or context_length)):
+        if key in prev and before != now:
+            log(f"warning: the checkpoint was trained with --train.{key} {before} and this run uses {now}; "
+                f"for the same run resume with --train.{key} {before}")
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:

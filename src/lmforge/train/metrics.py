@@ -16,11 +16,18 @@ class MetricsLog:
         self.run_dir = run_dir
         self._tb = None
         self._tensorboard = tensorboard  # the writer starts with the first row: a refused resume leaves no event file
+        self._purge_step: int | None = None
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows past `step` (a resumed run rewrites what the interrupted one logged after it)."""
+        """Drop rows past `step` (a resumed run rewrites what the interrupted one logged after it), in
+        TensorBoard too: its events past `step` are dropped when it reads the directory."""
         rows = [r for r in read_metrics(self.path) if r["step"] <= step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        self._purge_step = step + 1
+
+    def last(self, kind: str) -> dict[str, Any] | None:
+        """The last row of `kind` ("train", "val") logged so far, or None."""
+        return next((r for r in reversed(read_metrics(self.path)) if r.get("kind") == kind), None)
 
     def log(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -28,7 +35,7 @@ class MetricsLog:
         if self._tensorboard and self._tb is None:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: it takes a second
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self._purge_step)
         if self._tb is not None:
             for key, value in row.items():
                 if key not in ("step", "kind") and isinstance(value, (int, float)):
@@ -100,6 +107,9 @@ class NoMetrics(MetricsLog):
 
     def truncate_after(self, step: int) -> None:
         pass
+
+    def last(self, kind: str) -> dict[str, Any] | None:
+        return None
 
     def log(self, row: dict[str, Any]) -> None:
         pass
