@@ -92,6 +92,26 @@ def test_bad_jsonl_names_file_and_line(tmp_path, line, message):
         list(iter_documents([tmp_path / "d.jsonl"]))
 
 
+def test_an_unpaired_surrogate_in_jsonl_names_file_and_line(tmp_path):
+    """JSON can spell half of a surrogate pair ("\\ud83d"); such text is no Unicode a tokenizer can
+    encode (it crashed deduplication with UnicodeEncodeError). A whole pair is one character."""
+    (tmp_path / "d.jsonl").write_text('{"text": "pair \\ud83d\\ude00"}\n{"text": "hello \\ud83d world"}\n')
+    docs = iter_documents([tmp_path / "d.jsonl"])
+    assert next(docs).text == "pair 😀"
+    with pytest.raises(UserError, match=r"d\.jsonl:2: \"text\" is not valid Unicode: an unpaired surrogate "
+                                        r"\(\\ud83d at character 6\)") as err:
+        next(docs)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("paths", [[""], ""])
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch, paths):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "private.txt").write_text("not the corpus")
+    with pytest.raises(UserError, match="an input path is empty"):
+        list(iter_documents(paths))
+
+
 def test_missing_path_fails_before_reading_anything(tmp_path):
     (tmp_path / "a.txt").write_text("a")
     docs = iter_documents([tmp_path / "a.txt", tmp_path / "typo.txt"])
@@ -158,3 +178,19 @@ def test_train_tokenizer_refuses_to_overwrite_the_tokenizer_of_data_or_a_checkpo
     assert (tmp_path / "out" / "tokenizer.json").read_text() == "the original"
     train_tokenizer([tmp_path / "a.txt"], vocab_size=300, out=tmp_path / "tok", progress=False)
     train_tokenizer([tmp_path / "a.txt"], vocab_size=300, out=tmp_path / "tok", progress=False)  # its own output: fine
+
+
+@pytest.mark.parametrize("out, message", [("", "output path is empty"), ("afile/sub", "afile is a file"),
+                                          ("afile", "afile is a file")])
+def test_train_tokenizer_checks_its_output_before_training(tmp_path, monkeypatch, out, message):
+    """Found after the training, an output that cannot be written costs the whole run."""
+    (tmp_path / "a.txt").write_text("the cat sat on the mat\n" * 50)
+    (tmp_path / "afile").write_text("")
+    monkeypatch.chdir(tmp_path)
+
+    def train(*args, **kwargs):
+        raise AssertionError("trained before the output was checked")
+
+    monkeypatch.setattr(Tokenizer, "train", train)
+    with pytest.raises(UserError, match=message):
+        train_tokenizer([tmp_path / "a.txt"], vocab_size=300, out=out, progress=False)

@@ -18,6 +18,14 @@ def test_pairs_from_plain_and_gzipped_files(tmp_path):
     assert read_parallel(tmp_path / "a.en", tmp_path / "a.de.gz") == [("one", "eins"), ("two", "zwei"), ("café", "drei")]
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    """As corpus files and the task readers drop it: else the first source starts with U+FEFF."""
+    (tmp_path / "a.en").write_bytes(b"\xef\xbb\xbfone\ntwo\n")
+    with gzip.open(tmp_path / "a.de.gz", "wb") as f:
+        f.write(b"\xef\xbb\xbfeins\nzwei\n")
+    assert read_parallel(tmp_path / "a.en", tmp_path / "a.de.gz") == [("one", "eins"), ("two", "zwei")]
+
+
 def test_misaligned_empty_and_missing(tmp_path):
     (tmp_path / "s").write_text("a\nb\nc\n")
     (tmp_path / "t").write_text("x\ny\n")

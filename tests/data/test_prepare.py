@@ -205,7 +205,7 @@ def test_interrupt_keeps_the_previous_data(tmp_path, tok_dir, monkeypatch):
     before = prepare([tmp_path / "a.txt"], tok_dir, tmp_path / "out", progress=False)
     files = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
 
-    def interrupt(self, texts):
+    def interrupt(self, texts, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Tokenizer, "encode_batch", interrupt)
@@ -341,8 +341,8 @@ def test_the_current_directory_or_an_empty_out_is_one_line(out, tmp_path, tok_di
     assert "\n" not in str(err.value) and list((tmp_path / "here").iterdir()) == []
 
 
-def test_an_out_that_cannot_be_renamed_is_one_line_and_keeps_the_old_data(tmp_path, tok_dir, monkeypatch):
-    """`chattr +i out`: renaming it aside fails with EPERM."""
+def test_an_out_that_cannot_be_renamed_is_one_line_and_keeps_the_old_data_and_the_new(tmp_path, tok_dir, monkeypatch):
+    """`chattr +i out`: renaming it aside fails with EPERM. The tokenized corpus is kept, and named."""
     import errno
     import os
 
@@ -362,7 +362,80 @@ def test_an_out_that_cannot_be_renamed_is_one_line_and_keeps_the_old_data(tmp_pa
         prepare([tmp_path / "a.txt"], tok_dir, out, progress=False)
     assert "\n" not in str(err.value)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "out"]
+    kept = [p for p in tmp_path.iterdir() if p.name not in ("a.txt", "out")]
+    assert len(kept) == 1 and f"kept in {kept[0]}" in str(err.value)
+    assert {p.name: p.read_bytes() for p in kept[0].iterdir()} == files  # the same corpus: the same shards
+
+
+def test_an_out_that_cannot_be_written_fails_before_the_corpus_is_read(tmp_path, tok_dir, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "a.txt").write_text("hello\nworld\n" * 50)
+
+    def read(*args):
+        raise AssertionError("the corpus was read before the output was checked")
+
+    monkeypatch.setattr(prepare_module, "_scan", read)
+    with pytest.raises(UserError, match="afile is a file"):
+        prepare([tmp_path / "a.txt"], tok_dir, tmp_path / "afile" / "data", progress=False)
+
+
+@pytest.mark.parametrize("change", ["grows", "shrinks", "is edited"])
+def test_a_corpus_that_changes_between_the_passes_is_one_line(tmp_path, tok_dir, monkeypatch, change):
+    """A writer still appending to a .jsonl: the split and the duplicates were counted on other text."""
+    corpus = write_docs(tmp_path, ["first document\n", "second document\n", "third document\n"])
+    scan = prepare_module._scan
+
+    def scan_then_change(paths, progress):
+        counted = scan(paths, progress)
+        lines = corpus.read_text().splitlines(keepends=True)
+        edited = {"grows": lines + ['{"text": "appended later"}\n'], "shrinks": lines[:-1],
+                  "is edited": lines[:-1] + ['{"text": "third document, longer now\\n"}\n']}[change]
+        corpus.write_text("".join(edited))
+        return counted
+
+    monkeypatch.setattr(prepare_module, "_scan", scan_then_change)
+    with pytest.raises(UserError, match="^the corpus changed while it was being prepared; run prepare again$"):
+        prepare([corpus], tok_dir, tmp_path / "out", val_fraction=0, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl"]
+
+
+@pytest.mark.parametrize("decoder", ["llama2", "metaspace"])
+def test_sentencepiece_style_documents_are_encoded_whole(tmp_path, monkeypatch, decoder):
+    """A SentencePiece-style tokenizer (Llama 2's normalizer, a Metaspace pre-tokenizer) puts '▁' before
+    every text it encodes: a long document cut into chunks had a spurious '▁' at every cut."""
+    monkeypatch.syspath_prepend(Path(__file__).parents[1] / "tokenizer")
+    from test_foreign import _save, _sentencepiece
+
+    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 100)
+    (tmp_path / "tok").mkdir()
+    tok = Tokenizer.load(_save(tmp_path / "tok", _sentencepiece(decoder, True), {"eos_token": "</s>"}))
+    doc = "\n".join(f"line number {i} of the text" for i in range(100))
+    (tmp_path / "doc.txt").write_text(doc)
+    meta = prepare([tmp_path / "doc.txt"], tmp_path / "tok", tmp_path / "out", val_fraction=0, progress=False)
+    assert read_split(tmp_path / "out", "train") == tok.encode(doc) + [tok.eot_id]
+    assert meta["splits"]["train"]["tokens"] == len(tok.encode(doc)) + 1
+    assert not prepare_module.chunks_encode_like_the_whole(tok)
+
+
+def test_lmforge_tokenizers_are_encoded_in_chunks(tok):
+    assert prepare_module.chunks_encode_like_the_whole(tok)
+
+
+def test_only_a_literal_end_of_text_is_a_special_token_in_a_corpus(tmp_path, tok, tok_dir):
+    """As nanoGPT's tiktoken `encode_ordinary`, but with TinyStories' "<|endoftext|>" separators matched:
+    a corpus that spells <|mask|> or <|pad|> must not hold the mask or pad token (an MLM target)."""
+    import tokenizers
+
+    text = "Once upon a time.\n<|endoftext|>\nThe end <|pad|> of <|mask|> all<|cls|><|sep|>\n"
+    (tmp_path / "a.txt").write_text(text)
+    prepare([tmp_path / "a.txt"], tok_dir, tmp_path / "out", val_fraction=0, progress=False)
+    got = read_split(tmp_path / "out", "train")
+    plain = tokenizers.Tokenizer.from_str(tok.to_str())
+    plain.encode_special_tokens = True  # HF's own switch: every special token's text read as text
+    first, rest = text.split("<|endoftext|>")
+    assert got == plain.encode(first).ids + [tok.eot_id] + plain.encode(rest).ids + [tok.eot_id]
+    assert {tok.pad_id, tok.mask_id, tok.cls_id, tok.sep_id}.isdisjoint(got)
+    assert tok.decode(got) == text + "<|endoftext|>"
 
 
 def test_a_damaged_tokenizer_in_the_data_directory_says_to_re_prepare(data_dir, tmp_path):

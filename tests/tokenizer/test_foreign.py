@@ -149,3 +149,17 @@ def test_a_prompt_gets_the_bos_the_tokenizer_adds_as_transformers_gives_it(tmp_p
     assert tok.prompt_prefix == (bos,) and tok.encode("abc") == tok.encode_prompt("abc")[1:]
     plain = Tokenizer.load(_save(tmp_path / "plain", _bpe("<|endoftext|>")) if (tmp_path / "plain").mkdir() is None else None)
     assert plain.prompt_prefix == () and plain.encode_prompt("ab") == plain.encode("ab")
+
+
+@pytest.mark.parametrize("decoder", ["llama2", "metaspace"])
+def test_a_corpus_matches_only_the_declared_end_of_text(tmp_path, decoder):
+    """Reading a corpus (`encode_batch(..., eot_only=True)`), Llama 2's "</s>" is still its end-of-text,
+    exactly as `encode` matches it (the normalizer's '▁' included), and its "<s>" is text."""
+    tok = Tokenizer.load(_save(tmp_path, _sentencepiece(decoder, True), {"eos_token": "</s>", "bos_token": "<s>"}))
+    text = "The quick fox</s>the lazy dog</s>"
+    assert tok.encode_batch([text], eot_only=True)[0] == tok.encode(text) and tok.encode(text).count(tok.eot_id) == 2
+    spelled = "The <s> fox"
+    plain = tokenizers.Tokenizer.from_str(tok.to_str())
+    plain.encode_special_tokens = True
+    assert tok.encode_batch([spelled], eot_only=True)[0] == plain.encode(spelled).ids
+    assert tok.bos_id in tok.encode(spelled) and tok.bos_id not in plain.encode(spelled).ids

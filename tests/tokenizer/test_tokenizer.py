@@ -280,9 +280,10 @@ def test_saving_to_an_empty_path_is_refused(tok, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("template, message", [
-    ("{{ raise_exception('only user and assistant roles') }}", "the chat template failed: only user and assistant roles"),
-    ("{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}", "the chat template failed: TypeError"),
-    ("{{ 1 // (messages | length - 1) }}", "the chat template failed: ZeroDivisionError"),
+    ("{{ raise_exception('only user and assistant roles') }}", r"\(TemplateError: only user and assistant roles\)"),
+    ("{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}", r"\(TypeError: can only concatenate str"),
+    ("{{ 1 // (messages | length - 1) }}", r"\(ZeroDivisionError: integer division or modulo by zero\); fix the chat template$"),
+    ("{% if %}", r"\(TemplateSyntaxError: Expected an expression"),
 ])
 def test_a_failing_chat_template_is_one_line(tok, template, message):
     """The template is a file's code: whatever it raises while rendering is the template's failure."""
@@ -292,3 +293,54 @@ def test_a_failing_chat_template_is_one_line(tok, template, message):
             tok.encode_chat([{"role": "user", "content": "hi"}])
     finally:
         tok.chat_template = kept
+
+
+def test_a_corpus_reads_only_end_of_text_as_a_special_token(tok):
+    """`encode_batch(..., eot_only=True)` is how `prepare` reads a corpus: a literal end-of-text separates
+    documents (TinyStories), the other special tokens' text is text (tiktoken's allowed_special). `encode`
+    keeps the HF default of matching them all."""
+    text = "story<|endoftext|>next <|pad|><|mask|>x<|cls|><|sep|><|endoftext|>"
+    plain = tokenizers.Tokenizer.from_str(tok.to_str())
+    plain.encode_special_tokens = True
+    pieces = text.split("<|endoftext|>")
+    expected = plain.encode(pieces[0]).ids + [0] + plain.encode(pieces[1]).ids + [0]
+    assert tok.encode_batch([text, "a<|pad|>"], eot_only=True) == [expected, plain.encode("a<|pad|>").ids]
+    assert not {1, 2, 3, 4} & set(expected)
+    assert tok.encode(text) == tok.encode_batch([text])[0] == tok.hf.encode(text, add_special_tokens=False).ids
+    assert {0, 1, 2, 3, 4} <= set(tok.encode(text))
+
+
+def test_saving_leaves_no_earlier_chat_template_file_behind(tok, tmp_path):
+    """`load` reads chat_template.jinja before tokenizer_config.json: one left by the tokenizer saved there
+    before (an imported Hugging Face folder) gave the new tokenizer the old template."""
+    out = tmp_path / "t"
+    out.mkdir()
+    (out / "chat_template.jinja").write_text("OLD {{ messages[0]['content'] }}")
+    assert Tokenizer.load(tok.save(out)).chat_template is None
+    (out / "chat_template.jinja").write_text("OLD {{ messages[0]['content'] }}")
+    with_template = Tokenizer(tok.hf, chat_template="NEW {{ messages[0]['content'] }}")
+    assert Tokenizer.load(with_template.save(out)).apply_chat_template([{"role": "user", "content": "hi"}]) == "NEW hi"
+
+
+CHAT_TEMPLATES = {  # what transformers' environment has beyond Jinja's defaults
+    "loop controls (Qwen)": "{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}"
+                            "{% if loop.index > 3 %}{% break %}{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
+    "tojson": "{{ messages | tojson }}\n{{ messages[1] | tojson(indent=2) }}\n"
+              "{{ {'b': 1, 'a': [1, 2]} | tojson(separators=(',', ':'), sort_keys=true) }}",
+    "strftime_now (Llama 3)": "Today Date: {{ strftime_now('%d %b %Y') }}\n{{ messages[-1]['content'] }}",
+    "generation mark": "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}"
+                       "{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("template", CHAT_TEMPLATES.values(), ids=CHAT_TEMPLATES.keys())
+def test_chat_templates_render_as_transformers_renders_them(tok, template):
+    from transformers import PreTrainedTokenizerFast
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Héllo <b> & 'q' ü 😀"},
+                {"role": "assistant", "content": "ok"}, {"role": "user", "content": "again"}]
+    theirs = PreTrainedTokenizerFast(tokenizer_object=tok.hf, eos_token="<|endoftext|>")
+    theirs.chat_template = template
+    ours = Tokenizer(tok.hf, chat_template=template)
+    assert ours.apply_chat_template(messages) == theirs.apply_chat_template(messages, tokenize=False,
+                                                                             add_generation_prompt=True)

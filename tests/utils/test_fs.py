@@ -4,11 +4,12 @@ import errno
 import json
 import os
 import stat
+import tempfile
 
 import pytest
 
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_dir, check_replaceable
+from lmforge.utils.fs import atomic_dir, check_replaceable, check_writable_dir
 
 
 def _checkpoint(path):
@@ -83,8 +84,9 @@ def test_a_relative_path_without_a_folder_part_works(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("fails", ["aside", "in"])
-def test_a_swap_the_filesystem_refuses_is_one_line_and_keeps_the_old_directory(fails, tmp_path, monkeypatch):
-    """`chattr +i out` makes renaming `out` aside fail with EPERM; a failure of the second rename puts it back."""
+def test_a_swap_the_filesystem_refuses_keeps_the_old_directory_and_the_new_output(fails, tmp_path, monkeypatch):
+    """`chattr +i out` makes renaming `out` aside fail with EPERM; a failure of the second rename puts it back.
+    The finished output may have taken hours: it is kept, and the one-line error names it."""
     target = tmp_path / "out"
     target.mkdir()
     (target / "f").write_text("old")
@@ -96,14 +98,15 @@ def test_a_swap_the_filesystem_refuses_is_one_line_and_keeps_the_old_directory(f
         replace(src, dst)
 
     monkeypatch.setattr(os, "replace", refused)
-    with pytest.raises(UserError, match=f"cannot replace {target} \\(Operation not permitted\\)") as err:
+    with pytest.raises(UserError, match=f"cannot replace {target} \\(Operation not permitted") as err:
         with atomic_dir(target) as tmp:
             (tmp / "f").write_text("new")
-    assert "\n" not in str(err.value)
-    assert (target / "f").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert "\n" not in str(err.value) and f"the new output is kept in {tmp}" in str(err.value)
+    assert (target / "f").read_text() == "old" and (tmp / "f").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([tmp.name, "out"])  # no backup folder left
 
 
-def test_a_new_directory_that_cannot_be_renamed_in_is_one_line(tmp_path, monkeypatch):
+def test_a_new_directory_that_cannot_be_renamed_in_is_one_line_naming_the_kept_output(tmp_path, monkeypatch):
     replace = os.replace
 
     def refused(src, dst):
@@ -112,10 +115,72 @@ def test_a_new_directory_that_cannot_be_renamed_in_is_one_line(tmp_path, monkeyp
         replace(src, dst)
 
     monkeypatch.setattr(os, "replace", refused)
-    with pytest.raises(UserError, match="cannot write .*new"):
+    with pytest.raises(UserError, match="cannot write .*new") as err:
         with atomic_dir(tmp_path / "new") as tmp:
             (tmp / "f").write_text("new")
-    assert list(tmp_path.iterdir()) == []
+    assert f"kept in {tmp}" in str(err.value) and (tmp / "f").read_text() == "new"
+    assert list(tmp_path.iterdir()) == [tmp]
+
+
+def test_an_interrupt_while_swapping_puts_the_old_directory_back_and_removes_the_new(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "f").write_text("old")
+    replace = os.replace
+
+    def interrupted(src, dst):
+        if str(dst) == str(target) and ".tmp" in str(src):
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_dir(target) as tmp:
+        (tmp / "f").write_text("new")
+    assert (target / "f").read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_folder_beside_the_output_is_never_taken_for_its_backup(tmp_path):
+    """The old output is renamed aside under a fresh name: a `.out.old` of the user's was deleted
+    without a word when that was the fixed name of the backup."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / ".out.old").mkdir()
+    (tmp_path / ".out.old" / "mine").write_text("keep me")
+    for content in ("first", "second"):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "f").write_text(content)
+    assert (tmp_path / "out" / "f").read_text() == "second"
+    assert (tmp_path / ".out.old" / "mine").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.old", "out"]
+
+
+def test_a_symlinked_output_is_replaced_and_its_target_kept(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "f").write_text("old")
+    (tmp_path / "out").symlink_to(tmp_path / "real")
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("new")
+    assert not (tmp_path / "out").is_symlink() and (tmp_path / "out" / "f").read_text() == "new"
+    assert (tmp_path / "real" / "f").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real"]
+
+
+def test_check_writable_dir_fails_in_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    for out, message in (("", "output path is empty"), (tmp_path / "afile" / "sub", "afile is a file"),
+                         (tmp_path / "afile", "afile is a file")):
+        with pytest.raises(UserError, match=message) as err:
+            check_writable_dir(out)
+        assert "\n" not in str(err.value)
+    check_writable_dir(tmp_path / "new" / "deeper")  # writable: the folders made to check it are gone again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+    def unwritable(*args, **kwargs):  # a folder without write permission (root writes anywhere, so simulated)
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", unwritable)
+    with pytest.raises(UserError, match=r"cannot write in .*new \(Permission denied\)"):
+        check_writable_dir(tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_a_file_write_never_puts_a_file_in_place_of_a_device_or_pipe(tmp_path):

@@ -7,14 +7,17 @@ line of stdout a JSON object with the verb's result.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from argparse import ArgumentError
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
@@ -384,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if stdout is not None:
         sys.stdout = _Stdout(stdout)
     try:
-        return _run(argv)
+        with _terminate_as_interrupt():
+            return _run(argv)
     except BrokenPipeError:
         return _reader_gone()
     except _OutputFailed as e:
@@ -402,6 +406,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     finally:
         sys.stdout = stdout
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill`, a scheduler, `timeout`) ends a verb as Ctrl-C does, as KeyboardInterrupt: what
+    it was writing cleans up (`atomic_dir` removes its temporary output) and the exit is one line,
+    where the default action ended the process on the spot, leaving a hidden half-written folder. A
+    verb that stops more gently sets its own handler over this one while it needs it (`pretrain`
+    stops after the current step and saves) and puts this one back. Only where SIGTERM has its
+    default action: a program that calls `main` and handles SIGTERM, or a parent that made it
+    ignored, keeps its choice."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run(argv: list[str]) -> int:

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import unicodedata
 import zlib
 from dataclasses import dataclass
@@ -20,9 +21,13 @@ from typing import BinaryIO, Iterator, Sequence
 
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
+from lmforge.utils.fs import check_writable_dir
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIX = ".jsonl"
+# JSON may spell half of a UTF-16 surrogate pair alone ("\ud83d"); json.loads gives it back as a lone
+# surrogate code point, which no UTF-8 text (and so no tokenizer) can hold.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +83,11 @@ def train_tokenizer(
 
 
 def check_tokenizer_out(out: str | Path) -> None:
-    """Refuse an `out` whose tokenizer.json belongs to shards (meta.json) or to weights (a checkpoint)."""
+    """Before training, refuse an `out` that could not take the tokenizer (an empty path, a file in the
+    way, a folder that cannot be written) or whose tokenizer.json belongs to shards (meta.json) or to
+    weights (a checkpoint): found after the training, the run would be lost."""
+    check_writable_dir(out)
     out = Path(out)
-    if not out.is_dir():
-        return
     if (out / "meta.json").exists():
         what = "prepared data (meta.json): its shards"
     elif (out / "config.json").exists() or any(out.glob("*.safetensors")) or (out / "pytorch_model.bin").exists():
@@ -101,7 +107,10 @@ def path_list(paths: Sequence[str | Path] | str | Path) -> list[Path]:
     """`paths` as a list; a lone str or Path is one path (not a sequence of one-letter paths, which
     would turn "/data/a.txt" into "/", "d", ... and walk the whole filesystem)."""
     if isinstance(paths, (str, os.PathLike)):
-        return [Path(paths)]
+        paths = [paths]
+    for p in paths:
+        if str(p) == "":  # an unset variable: Path("") is the current directory, which would be walked
+            raise UserError("an input path is empty (an unset variable?); pass the corpus files or directories")
     return [Path(p) for p in paths]
 
 
@@ -195,6 +204,10 @@ def _read_jsonl(file: Path, f: BinaryIO) -> Iterator[Document]:
             raise UserError(f'{file}:{lineno}: no "text" field; {hint}')
         if not isinstance(record["text"], str):
             raise UserError(f'{file}:{lineno}: "text" is {type(record["text"]).__name__}, not a string; {hint}')
+        if "\\u" in line and (lone := _SURROGATE.search(record["text"])):  # only a \u escape can spell one
+            raise UserError(f'{file}:{lineno}: "text" is not valid Unicode: an unpaired surrogate '
+                            f'(\\u{ord(lone.group()):04x} at character {lone.start()}); write the whole pair '
+                            '(an emoji is two \\u escapes) or remove it')
         text = _nfc(record["text"])
         if text:
             yield Document(f"{file}:{lineno}", text)

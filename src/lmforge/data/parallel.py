@@ -29,12 +29,12 @@ from lmforge.utils.fs import atomic_dir, atomic_write_json, read_jsonl
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """NFC-normalised lines of a UTF-8 text file, gzipped or not; a file that cannot be read is a
-    one-line UserError naming it."""
+    """NFC-normalised lines of a UTF-8 text file, gzipped or not, without the byte order mark that
+    Windows editors write before the first; a file that cannot be read is a one-line UserError naming it."""
     path = Path(path)
     with reading(path, "a line-aligned text file"), open_bytes(path) as f:
         raw = f.read()
-    lines = raw.split(b"\n")
+    lines = raw.removeprefix(b"\xef\xbb\xbf").split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
     out = []

@@ -8,6 +8,10 @@ A prepared data directory is self-describing:
       train-00000.bin     raw little-endian token ids, <|endoftext|> after every document
       val-00000.bin       ...
 
+The text is read as nanoGPT reads it with tiktoken: a literal end-of-text in it is the token (a
+document boundary: TinyStories' .txt separates its stories by "<|endoftext|>"), any other special
+token's text is plain text, so that a corpus that spells "<|mask|>" never holds the mask token.
+
 Raw arrays (as nanoGPT's `train.bin`) because a trainer memory-maps them and slices random windows
 without parsing anything; shards because one file per hundred million tokens is easy to copy.
 
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from tokenizers import pre_tokenizers
 from tqdm import tqdm
 
 from lmforge.data.corpus import iter_documents, path_list, text_key
@@ -50,7 +55,10 @@ BATCH_CHARS = 1 << 22
 # merge (GPT-2's id 628). Text with only "\r\n" line ends has no such position and is encoded in one
 # piece: slower, never different.
 # Python's \s is a superset of Unicode White_Space, so a doubtful character only costs a boundary.
+# All of this is about that regex on the raw text: see `chunks_encode_like_the_whole`.
 _SAFE_BOUNDARY = re.compile(r"(?<=\S)\n(?=\S)")
+# A file written to between the two passes: the cut and the duplicates were found in other text.
+_CHANGED = "the corpus changed while it was being prepared; run prepare again"
 # What `prepare` and `prepare_parallel` write into a data directory; it is replaced only when it
 # holds nothing else (a run written into it, a user's notes would vanish with it).
 _DATA_FILES = re.compile(r"meta\.json|tokenizer\.json|tokenizer_config\.json|(train|val)-\d{5,}\.bin|(train|val)\.pairs\.jsonl")
@@ -59,6 +67,16 @@ _DATA_FILES = re.compile(r"meta\.json|tokenizer\.json|tokenizer_config\.json|(tr
 def token_dtype(vocab_size: int) -> np.dtype:
     """The narrowest unsigned dtype that holds every id: uint16 up to 65536 tokens, else uint32."""
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def chunks_encode_like_the_whole(tok: Tokenizer) -> bool:
+    """Whether `safe_chunks` holds for `tok`: a byte-level pre-tokenizer with GPT-2's regex that puts no
+    space before a text, no normalizer, and no special token that takes the whitespace before it
+    (lmforge's tokenizers, GPT-2's). Not a SentencePiece-style one (Llama 2, Mistral): its normalizer
+    or Metaspace pre-tokenizer puts a '▁' before every text, so before every piece."""
+    pre = tok.hf.pre_tokenizer
+    return (tok.hf.normalizer is None and isinstance(pre, pre_tokenizers.ByteLevel) and pre.use_regex
+            and not pre.add_prefix_space and not any(t.lstrip for t in tok.hf.get_added_tokens_decoder().values()))
 
 
 def safe_chunks(text: str, chunk_chars: int) -> list[str]:
@@ -101,15 +119,13 @@ def prepare(
     out = Path(out)
     tok = Tokenizer.load(tokenizer)
     sources = [str(p) for p in path_list(paths)]
-
-    keep, total_chars, duplicates = _scan(paths, progress)
-    if total_chars == 0:
-        raise UserError(f"corpus {' '.join(sources) or '(no paths)'} is empty; pass files that contain text")
-    # As nanoGPT's `data[:int(n*0.9)]`; with val_fraction 0 the cut is the end and val stays empty.
-    cut = int(total_chars * (1.0 - val_fraction))
-
     dtype = token_dtype(tok.vocab_size)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:  # made now: a folder that cannot be written shows before the reading
+        keep, total_chars, duplicates = _scan(paths, progress)
+        if total_chars == 0:
+            raise UserError(f"corpus {' '.join(sources) or '(no paths)'} is empty; pass files that contain text")
+        # As nanoGPT's `data[:int(n*0.9)]`; with val_fraction 0 the cut is the end and val stays empty.
+        cut = int(total_chars * (1.0 - val_fraction))
         writers = {name: _SplitWriter(name, tmp, dtype, shard_tokens) for name in SPLITS}
         try:
             _tokenize(paths, keep, cut, total_chars, tok, writers, progress)
@@ -180,12 +196,16 @@ def _tokenize(
     pending: list[tuple[str, str]] = []  # (split, part) waiting for the next batch
     pending_chars = 0
     pos = 0
+    chunk_chars = CHUNK_CHARS if chunks_encode_like_the_whole(tok) else None
     bar = tqdm(
         total=total_chars, desc="tokenizing", unit="char", unit_scale=True, file=sys.stderr, disable=not progress
     )
     with bar:
-        for doc, kept in zip(iter_documents(paths), keep, strict=True):
-            if not kept:
+        n = 0
+        for n, doc in enumerate(iter_documents(paths), 1):
+            if n > len(keep):
+                raise UserError(_CHANGED)
+            if not keep[n - 1]:
                 continue
             text, start = doc.text, pos
             pos += len(text)
@@ -203,22 +223,25 @@ def _tokenize(
                     pending.append((split, part))
                     pending_chars += len(part)
             if pending_chars >= BATCH_CHARS:
-                _encode_and_write(pending, tok, writers, bar)
+                _encode_and_write(pending, tok, writers, bar, chunk_chars)
                 pending, pending_chars = [], 0
-        _encode_and_write(pending, tok, writers, bar)
+        if n != len(keep) or pos != total_chars:
+            raise UserError(_CHANGED)
+        _encode_and_write(pending, tok, writers, bar, chunk_chars)
 
 
 def _encode_and_write(
-    pending: list[tuple[str, str]], tok: Tokenizer, writers: dict[str, _SplitWriter], bar: tqdm
+    pending: list[tuple[str, str]], tok: Tokenizer, writers: dict[str, _SplitWriter], bar: tqdm, chunk_chars: int | None
 ) -> None:
-    """Encode all parts of a batch in one multi-threaded call, then append each part's ids + eot."""
+    """Encode all parts of a batch in one multi-threaded call, then append each part's ids + eot. A part
+    longer than `chunk_chars` is encoded in safe chunks; with None, whole."""
     chunks: list[str] = []
     counts: list[int] = []
     for _, part in pending:
-        pieces = safe_chunks(part, CHUNK_CHARS)
+        pieces = safe_chunks(part, chunk_chars) if chunk_chars else [part]
         chunks.extend(pieces)
         counts.append(len(pieces))
-    encoded = iter(tok.encode_batch(chunks))
+    encoded = iter(tok.encode_batch(chunks, eot_only=True))
     ids: dict[str, list[int]] = {name: [] for name in writers}
     for (split, part), count in zip(pending, counts):
         for _ in range(count):

@@ -129,7 +129,7 @@ def _tsv_rows(path: Path, text_field: str | None, label_field: str | None) -> Ro
     """Rows of a TSV. The first line is a header when it names a known column (GLUE's `sentence\\tlabel`);
     otherwise every line is `text<TAB>label` (the UCI sentiment files). Fields are split on tabs
     only, without quoting, as GLUE's own readers do: a `"` in a sentence is just a character."""
-    lines = _read_lines(path)
+    lines = read_lines(path)
     header_line = next((i for i, line in enumerate(lines, 1) if line.strip()), None)
     if header_line is None:
         raise UserError(f"{path} is empty; pass a file with one example per line")
@@ -160,7 +160,7 @@ def _tsv_rows(path: Path, text_field: str | None, label_field: str | None) -> Ro
 
 def _csv_rows(path: Path) -> Rows:
     """Rows of a CSV with a header; `where` is the line a row starts on (a quoted field may span lines)."""
-    lines = _read_lines(path)
+    lines = read_lines(path)
     reader = csv.reader(io.StringIO("\n".join(lines), newline=""))
     header, start = None, 1
     try:
@@ -235,7 +235,7 @@ def read_tagged(path: str | Path, labels: Sequence[str] | None = None, require_l
     """
     path = Path(path)
     allowed = None if labels is None else set(labels)
-    lines = _read_lines(path)
+    lines = read_lines(path)
     out: list[TaggedExample] = []
     tokens: list[str] = []
     tags: list[str] = []
@@ -495,7 +495,7 @@ def read_text2text(
     if kind == ".csv":
         rows = _csv_rows(path)
     else:
-        lines = _read_lines(path)
+        lines = read_lines(path)
         first = next((line for line in lines if line.strip()), None)
         if kind not in (".jsonl", ".json") and first is not None and not _json_object(first):
             return _plain_sources(path, lines, require_labels)
@@ -586,16 +586,8 @@ def read_chat(path: str | Path, require_labels: bool = True) -> list[ChatExample
 # --- shared reading -----------------------------------------------------------------------------
 
 
-def _read_lines(path: Path) -> list[str]:
-    """NFC lines of a UTF-8 file (gzip ok, a leading BOM dropped), through the parallel-text reader."""
-    lines = read_lines(path)
-    if lines:
-        lines[0] = lines[0].removeprefix("\ufeff")
-    return lines
-
-
 def _jsonl_records(path: Path, lines: list[str] | None = None) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(_read_lines(path) if lines is None else lines, 1):
+    for lineno, line in enumerate(read_lines(path) if lines is None else lines, 1):
         if not line.strip():
             continue
         try:

@@ -94,7 +94,7 @@ def _tokenize_files(paths: Sequence[str | Path], tokenizer: Tokenizer) -> tuple[
     ids: list[int] = []
     n_bytes = 0
     for doc in iter_documents(paths):
-        ids.extend(tokenizer.encode(doc.text))
+        ids.extend(tokenizer.encode_batch([doc.text], eot_only=True)[0])  # read as `prepare` reads a corpus
         ids.append(tokenizer.eot_id)
         n_bytes += len(doc.text.encode("utf-8"))
     if n_bytes == 0:

@@ -6,14 +6,14 @@ Templates are Jinja, as in Hugging Face's `tokenizer_config.json`; the tokenizer
 
 from __future__ import annotations
 
-import traceback
 from dataclasses import replace
 from typing import Callable, Iterator, TypeVar
 
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.session import LanguageModel
-from lmforge.utils.errors import UserError, first_line, require_text
+from lmforge.tokenizer import ChatTemplateError
+from lmforge.utils.errors import UserError, require_text
 
 T = TypeVar("T")
 
@@ -32,18 +32,12 @@ def encode_chat(lm: LanguageModel, messages: list[dict[str, str]], add_generatio
 
 
 def _templated(lm: LanguageModel, fn: Callable[[], T]) -> T:
-    """`fn()`, where an exception raised by the chat template's own code (`{{ 1/0 }}`, a filter on a
-    value it cannot take) is a one-line template error: the template comes with the checkpoint. The
-    tokenizer says so for jinja's TemplateError; an error in lmforge's code is not caught."""
+    """`fn()`, where a chat template's failure names the checkpoint it came with."""
     try:
         return fn()
-    except UserError:
-        raise
-    except Exception as e:
-        if not any(frame.f_code.co_filename == "<template>" for frame, _ in traceback.walk_tb(e.__traceback__)):
-            raise
-        raise UserError(f"the chat template of {lm.path} failed on this conversation ({type(e).__name__}: "
-                        f"{first_line(e)}); fix the chat template that came with it") from None
+    except ChatTemplateError as e:
+        raise UserError(f"the chat template of {lm.path} failed on this conversation ({e.reason}); "
+                        "fix the chat template that came with it") from None
 
 
 def _require_template(lm: LanguageModel) -> None:

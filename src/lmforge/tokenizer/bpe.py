@@ -9,8 +9,12 @@ The five special tokens take ids 0..4 in every tokenizer lmforge trains. A token
 from elsewhere keeps its own ids: each role is the token its tokenizer_config.json declares, else
 found by name (lmforge's, then BERT's [PAD]/[MASK]/[CLS]/[SEP]); only end-of-text is required, and
 a vocabulary without one (BERT's) ends a text with its separator [SEP]. The others may be None.
-`encode` never adds any of them by itself; a literal `<|endoftext|>` in the text is matched as the
-special token (the HF default), and `decode` writes special tokens back out.
+`encode` never adds any of them by itself; a literal special token in the text (`<|endoftext|>`) is
+matched as that token (the HF default), and `decode` writes special tokens back out. A corpus is read
+otherwise (`encode_batch(..., eot_only=True)`, as `lmforge prepare` reads one): only a literal
+end-of-text is the token, a document boundary as in TinyStories' text, and every other special
+token's text is plain text, as tiktoken's `encode(text, allowed_special={"<|endoftext|>"})`; a chat
+message's text never becomes a special token (`encode_chat`).
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ import json
 import re
 import sys
 import threading
-from functools import cached_property
+import traceback
+from datetime import datetime
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import tokenizers
-from jinja2 import TemplateError
+from jinja2 import TemplateError, nodes
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -164,6 +171,52 @@ def _space_mark(decoder: dict | None) -> str | None:
     if decoder.get("type") == "Replace" and decoder.get("content") == " ":
         return (decoder.get("pattern") or {}).get("String")
     return next((m for d in decoder.get("decoders") or () if (m := _space_mark(d))), None)
+
+
+class _Generation(Extension):
+    """`{% generation %}...{% endgeneration %}`, which transformers' templates may use to mark the
+    assistant's text (for its assistant-token mask): the text inside is rendered as it stands."""
+
+    tags = {"generation"}
+
+    def parse(self, parser) -> list[nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _tojson(x: object, ensure_ascii: bool = False, indent: int | None = None, separators: tuple[str, str] | None = None,
+            sort_keys: bool = False) -> str:
+    """transformers' `tojson`: Jinja's own escapes <, >, & and ' as HTML and sorts the keys, which
+    changes the tool schemas and arguments a template writes into the prompt."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+@cache
+def _chat_environment() -> ImmutableSandboxedEnvironment:
+    """The Jinja environment of transformers' `apply_chat_template`, so that a template renders the text
+    the model was trained on: {% break %}/{% continue %} (Qwen's templates), its `tojson`, the
+    `strftime_now` of Llama 3's templates, `raise_exception`. The sandbox is immutable: the template
+    is a file's code."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _Generation])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+    return env
+
+
+class ChatTemplateError(UserError):
+    """A chat template that failed on a conversation; `reason` is what it raised, in one line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the chat template failed on this conversation ({reason}); fix the chat template")
+        self.reason = reason
 
 
 class Tokenizer:
@@ -315,12 +368,21 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> Path:
         """Write `directory/tokenizer.json` (and `tokenizer_config.json` with the roles and chat
-        template, in Hugging Face's key names) atomically; return the tokenizer.json path."""
+        template, in Hugging Face's key names) atomically; return the tokenizer.json path.
+
+        A chat_template.jinja already there is removed: `load` reads it before the config's template,
+        so it would give this tokenizer the template of the one saved there before.
+        """
         if not str(directory).strip():  # an unset variable: not the current directory by accident
             raise UserError("the output directory is empty; pass the directory to write the tokenizer to, e.g. --out tok")
         path = Path(directory) / "tokenizer.json"
         atomic_write_text(path, self.hf.to_str(pretty=True))
         atomic_write_text(path.parent / CONFIG_FILE, json.dumps(self.roles(), indent=2) + "\n")
+        try:
+            (path.parent / TEMPLATE_FILE).unlink(missing_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot remove the earlier {path.parent / TEMPLATE_FILE} ({e.strerror}), which would "
+                            "override this tokenizer's chat template; delete it") from None
         return path
 
     def to_str(self) -> str:
@@ -344,9 +406,16 @@ class Tokenizer:
         ids, prefix = self.encode(text), list(self.prompt_prefix)
         return ids if ids[: len(prefix)] == prefix else prefix + ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts at once on all cores (HF runs the batch on Rust threads)."""
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], eot_only: bool = False) -> list[list[int]]:
+        """Encode many texts at once on all cores (HF runs the batch on Rust threads).
+
+        `eot_only` reads the texts as a pretraining corpus: a literal end-of-text is that token (the
+        separator of documents in TinyStories' .txt), every other special token's text is plain text,
+        so that a corpus spelling "<|mask|>" or "<|pad|>" gets no control token (tiktoken's
+        `allowed_special={"<|endoftext|>"}`).
+        """
+        hf = self._eot_only if eot_only else self.hf
+        return [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and each token's (start, end) character span in `text` (for aligning labels)."""
@@ -361,23 +430,19 @@ class Tokenizer:
         """
         if not self.chat_template:
             raise UserError("the tokenizer has no chat template; use an instruction-tuned checkpoint (e.g. an imported SmolLM2-Instruct)")
-
-        def raise_exception(message: str) -> None:
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
+        eos = self.hf.id_to_token(self.eot_id)
+        bos = self.hf.id_to_token(self.bos_id) if self.bos_id is not None else ""
         try:
-            return env.from_string(self.chat_template).render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                eos_token=self.hf.id_to_token(self.eot_id),
-                bos_token=self.hf.id_to_token(self.bos_id) if self.bos_id is not None else "",
-            )
-        except TemplateError as e:
-            raise UserError(f"the chat template failed: {e}") from None
-        except Exception as e:  # the template is a file's code: a message it cannot use (content None, a list), 1/0, deep recursion
-            raise UserError(f"the chat template failed: {type(e).__name__}: {e}") from None
+            return _chat_environment().from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, eos_token=eos, bos_token=bos)
+        except Exception as e:
+            # The template is a file's code: what it raises (a syntax error, raise_exception, 1/0, a
+            # filter on a message it cannot take, deep recursion) is its failure. An error that never
+            # passed through the template's code is a bug here, and keeps its traceback.
+            if not isinstance(e, TemplateError) and not any(
+                    frame.f_code.co_filename == "<template>" for frame, _ in traceback.walk_tb(e.__traceback__)):
+                raise
+            raise ChatTemplateError(f"{type(e).__name__}: {first_line(e)}") from None
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """The ids of a conversation under the chat template, the messages' own text read as text.
@@ -421,8 +486,23 @@ class Tokenizer:
 
     @cached_property
     def _literal(self) -> tokenizers.Tokenizer:
-        """A copy of the tokenizer that reads special tokens' text as text (built whole before it is cached)."""
-        literal = tokenizers.Tokenizer.from_str(self.hf.to_str())
+        """A copy of the tokenizer that reads special tokens' text as text."""
+        return self._specials_as_text()
+
+    @cached_property
+    def _eot_only(self) -> tokenizers.Tokenizer:
+        """A copy of the tokenizer that reads special tokens' text as text, all but end-of-text's."""
+        return self._specials_as_text(but=self.eot_id)
+
+    def _specials_as_text(self, but: int | None = None) -> tokenizers.Tokenizer:
+        """A copy of the tokenizer that reads the text of every special token but token `but` as text
+        (built whole before it is cached). HF's switch for it passes over added tokens not marked
+        special, so `but` is marked not special: matched as before, on the same text."""
+        spec = json.loads(self.hf.to_str())
+        for token in spec.get("added_tokens") or ():
+            if token["id"] == but:
+                token["special"] = False
+        literal = tokenizers.Tokenizer.from_str(json.dumps(spec))
         literal.encode_special_tokens = True
         return literal
 

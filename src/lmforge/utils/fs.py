@@ -38,6 +38,32 @@ def _unwritable(directory: Path, e: OSError) -> UserError:
     return UserError(f"cannot write in {directory} ({e.strerror}); pass an output path in a writable location")
 
 
+def _not_empty(path: str | os.PathLike) -> None:
+    if not str(path).strip():  # an unset variable: not the current directory by accident
+        raise UserError("the output path is empty; pass the directory to write, e.g. --out out")
+
+
+def check_writable_dir(path: str | os.PathLike) -> None:
+    """Check that files can be created in directory `path` before the long work that writes them:
+    an empty path, a file in the way or a folder that cannot be written is a one-line UserError now,
+    not after the work. The folders made to check it are removed again, so that a failure later
+    leaves nothing behind."""
+    _not_empty(path)
+    path = Path(path)
+    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    try:
+        ensure_dir(path)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".probe.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise _unwritable(path, e) from None
+    finally:
+        for p in made:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     if path.is_dir():
@@ -74,8 +100,7 @@ def out_dir(path: str | os.PathLike) -> Path:
     """`path`, an output directory about to be replaced as a whole, made absolute (so that its
     temporary sibling has a name); an empty path and the current directory or one holding it are a
     one-line UserError: replacing those would pull the folder out from under the shell."""
-    if not str(path).strip():
-        raise UserError("the output path is empty; pass the directory to write, e.g. --out out")
+    _not_empty(path)
     absolute = Path(os.path.abspath(path))  # not resolve(): a symlink named as `path` is what gets replaced
     try:
         here: Path | None = Path.cwd()
@@ -87,17 +112,15 @@ def out_dir(path: str | os.PathLike) -> Path:
     return absolute
 
 
-def _swap_failed(path: Path, e: OSError) -> UserError:
-    return UserError(f"cannot replace {path} ({e.strerror}); it was left as it was: make it writable (is it immutable, "
-                     "or on a read-only mount?) or pass another --out")
-
-
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path` in one rename.
 
-    On any exception the temporary directory is removed and `path` is left as it was; a rename the
-    filesystem refuses (an immutable or read-only `path`) is a one-line UserError.
+    The temporary directory is made first, so an unwritable parent shows before the work that fills
+    it. An exception inside the block removes it and leaves `path` as it was. A finished output is
+    never thrown away: a rename the filesystem refuses (an immutable or read-only `path`) leaves
+    `path` as it was and is a one-line UserError naming the kept output, which may have taken hours
+    to make. An interrupt while renaming puts `path` back and removes the output, as any interrupt.
     """
     path = out_dir(path)
     ensure_dir(path.parent)
@@ -108,33 +131,56 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the directory the usual mode
         yield tmp
-        if path.exists() or path.is_symlink():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            try:
-                os.replace(path, old)
-            except OSError as e:
-                raise _swap_failed(path, e) from None
-            try:
-                os.replace(tmp, path)
-            except BaseException as e:  # an interrupt or a refusal between the two renames: put the old one back
-                try:
-                    os.replace(old, path)
-                except OSError as again:
-                    raise UserError(f"cannot replace {path} ({again.strerror}); its previous content is in {old}: "
-                                    f"rename it back to {path.name}") from None
-                if isinstance(e, OSError):
-                    raise _swap_failed(path, e) from None
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                os.replace(tmp, path)
-            except OSError as e:
-                raise UserError(f"cannot write {path} ({e.strerror}); pass an output path in a writable location") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    try:
+        _swap_in(tmp, path)
+    except KeyboardInterrupt:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename the finished `tmp` to `path`. An existing `path` is first renamed into a new hidden
+    directory (a fresh name, so that no folder of the user's is ever taken for a backup) and
+    deleted after; when the new one cannot take its place, it is put back."""
+    kept = f"the new output is kept in {tmp}"
+    if not (path.exists() or path.is_symlink()):
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise UserError(f"cannot write {path} ({e.strerror}); {kept}: rename it to {path.name} once that is "
+                            "possible") from None
+        return
+
+    def refused(e: OSError) -> UserError:
+        return UserError(f"cannot replace {path} ({e.strerror}; is it immutable, or on a read-only mount?); it was left "
+                         f"as it was, and {kept}: put it in its place once {path.name} can be replaced")
+
+    try:
+        backup = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+    except OSError as e:
+        raise refused(e) from None
+    aside = backup / path.name
+    try:
+        os.replace(path, aside)
+    except OSError as e:
+        backup.rmdir()
+        raise refused(e) from None
+    try:
+        os.replace(tmp, path)
+    except BaseException as e:  # an interrupt or a refusal between the two renames: put the old one back
+        try:
+            os.replace(aside, path)
+        except OSError as again:
+            raise UserError(f"cannot replace {path} ({again.strerror}); its previous content is in {aside}: rename it "
+                            f"back to {path}; {kept}") from None
+        backup.rmdir()
+        if isinstance(e, OSError):
+            raise refused(e) from None
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 # What only training writes (see lmforge.checkpoint): a directory holding one of these is a checkpoint
