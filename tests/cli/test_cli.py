@@ -60,6 +60,24 @@ def test_config_keys_take_dashes_as_other_options_do():
     assert (ns.pretrain.train.skip_nonfinite, ns.pretrain.train.max_steps, ns.pretrain.model.n_kv_head) == (True, 9, 2)
 
 
+def test_a_dashed_key_in_a_config_file_is_one_line_naming_its_field(capsys, tmp_path):
+    """Seen in review: `train: {batch-size: 2}` said "does not accept option 'train.batch-size'", where the
+    same spelling works on the command line."""
+    (tmp_path / "c.yaml").write_text("train:\n  batch-size: 2\n")
+    fails_with(capsys, "writes `train.batch-size` with dashes; in a config file write the field's name with underscores, "
+               "`train.batch_size`", "pretrain", "--config", tmp_path / "c.yaml", "--data", "d", "--out", "o")
+    (tmp_path / "c.yaml").write_text("max-length: 64\n")
+    fails_with(capsys, "`max_length`", "finetune", "ck", "--task", "classify", "--config", tmp_path / "c.yaml", "--data", "d", "--out", "o")
+
+
+@pytest.mark.parametrize("verb", ["generate", "eval", "finetune"])
+def test_help_shows_choices_not_a_function(capsys, verb):
+    """Seen in review: options with fixed choices showed jsonargparse's wrapper, "<function <lambda> at 0x...>"."""
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    assert "lambda" not in capsys.readouterr().out
+
+
 def test_unknown_config_key(capsys, tmp_path):
     fails_with(capsys, "--model.n_layers", "pretrain", "--data", "d", "--out", "o", "--model.n_layers", 3)
     fails_with(capsys, "--train.max_step", "pretrain", "--data", "d", "--out", "o", "--train.max_step", 3)  # no prefixes

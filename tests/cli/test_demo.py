@@ -61,3 +61,36 @@ def test_demo_on_cuda_without_a_gpu_fails_first_and_names_its_own_option(capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--device cpu" in err[0] and "--train.device" not in err[0], err
     assert not (tmp_path / "demo").exists()
+
+
+def test_an_interrupted_demo_says_how_to_resume_it_and_resumes(capsys, tmp_path, monkeypatch):
+    """Seen in review: Ctrl-C advised `--resume`, which demo did not take; running it again threw the checkpoint away."""
+    import os
+    import signal
+
+    import lmforge.train.loop as loop
+
+    out = tmp_path / "demo"
+    lr_at = loop.lr_at
+
+    def interrupt_in_step_3(step, cfg):
+        if step == 2:  # Ctrl-C during the third step (lr_at counts from 0): the run stops when it is done
+            os.kill(os.getpid(), signal.SIGINT)
+        return lr_at(step, cfg)
+
+    monkeypatch.setattr(loop, "lr_at", interrupt_in_step_3)
+    assert main(["demo", "--out", str(out), "--max-steps", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"lmforge: error: demo interrupted at step 3; checkpoint saved to {out / 'run' / 'step-000003'}; "
+                       f"continue with `lmforge demo --resume --out {out}`")
+    monkeypatch.setattr(loop, "lr_at", lr_at)
+    assert main(["demo", "--out", str(out), "--max-steps", "5", "--resume", "--json"]) == 0
+    printed = capsys.readouterr()
+    assert "kept from the stopped demo" in printed.err + printed.out
+    assert json.loads(printed.out.strip().splitlines()[-1])["checkpoint"].endswith("step-000005")
+
+
+def test_resuming_a_demo_that_never_ran_is_one_line(capsys, tmp_path):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--resume"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("holds no stopped demo to resume "
+                                                                     f"(no checkpoint in {tmp_path / 'demo' / 'run'}); run `lmforge demo`")

@@ -15,7 +15,7 @@ def test_short_text_matches_direct_log_likelihood(trained_run, tmp_path):
     result = evaluate_lm(trained_run.out, [tmp_path / "t.txt"], device="cpu")
 
     model, ckpt = load_model(trained_run.out)
-    ids = ckpt.tokenizer.encode(text) + [ckpt.tokenizer.eot_id]
+    ids = ckpt.tokenizer.encode(text)  # one document: nothing after it, as transformers scores a text
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), dim=-1)
     nll = -sum(logp[i, ids[i + 1]].item() for i in range(len(ids) - 1))
@@ -24,6 +24,24 @@ def test_short_text_matches_direct_log_likelihood(trained_run, tmp_path):
     assert result["loss"] == pytest.approx(nll / (len(ids) - 1), rel=1e-5)
     assert result["bpb"] == pytest.approx(nll / (len(text.encode()) * math.log(2)), rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+
+
+def test_documents_of_raw_text_are_separated_by_end_of_text(trained_run, tmp_path):
+    """Between two documents their end-of-text is scored, after the last nothing; text spelling another
+    special token is text, as `prepare` reads it."""
+    a, b = "KING HENRY:\nWhat say you?\n", "<|pad|> my lord\n"
+    (tmp_path / "a.txt").write_text(a)
+    (tmp_path / "b.txt").write_text(b)
+    result = evaluate_lm(trained_run.out, [tmp_path / "a.txt", tmp_path / "b.txt"], device="cpu")
+    model, ckpt = load_model(trained_run.out)
+    tok = ckpt.tokenizer
+    b_ids = tok.encode_batch([b], eot_only=True)[0]
+    assert tok.pad_id not in b_ids
+    ids = tok.encode(a) + [tok.eot_id] + b_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), dim=-1)
+    nll = -sum(logp[i, ids[i + 1]].item() for i in range(len(ids) - 1))
+    assert result["tokens"] == len(ids) - 1 and result["loss"] == pytest.approx(nll / (len(ids) - 1), rel=1e-5)
 
 
 def test_prepared_val_split(trained_run, data_dir):

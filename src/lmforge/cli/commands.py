@@ -312,7 +312,7 @@ def export_hf_cmd(args: Namespace) -> dict[str, Any]:
 def demo_cmd(args: Namespace) -> dict[str, Any]:
     from lmforge.cli.demo import run_demo
 
-    return run_demo(args.out, max_steps=args.max_steps, device=args.device, say=_say(args))
+    return run_demo(args.out, max_steps=args.max_steps, device=args.device, say=_say(args), resume=args.resume)
 
 
 HANDLERS: dict[str, Callable[[Namespace], dict[str, Any] | None]] = {

@@ -22,6 +22,7 @@ from lmforge.data.prepare import check_data_out
 from lmforge.evaluate import evaluate_lm
 from lmforge.infer import load
 from lmforge.train import pretrain
+from lmforge.train.loop import Interrupted
 from lmforge.utils.device import resolve_device
 from lmforge.utils.errors import UserError
 
@@ -67,26 +68,41 @@ def run_demo(
     max_steps: int | None = None,
     device: str = "cpu",
     say: Callable[..., None] = print,
+    resume: bool = False,
 ) -> dict[str, Any]:
+    """The demo in `out`; `resume` goes on with the training of one stopped by Ctrl-C (its tokenizer and
+    data are kept), where a new demo starts its own earlier run again from scratch."""
     t0 = time.perf_counter()
     # max_steps 0 is an error TrainConfig reports, not the default recipe; checked before any work is done.
     train = TRAIN.replace(device=device, max_steps=TRAIN.max_steps if max_steps is None else max_steps)
     out = Path(out)
     corpus = corpus_path()
+    again = f"lmforge demo --resume{'' if out == Path('runs/demo') else f' --out {out}'}"
     # Every check before any work: a missing GPU or a folder in the way shows now, not after the tokenizer.
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} asked for but CUDA is not available here; run the demo with --device cpu")
     resolve_device(device)  # an unknown name: one line with the choices
-    check_tokenizer_out(out / "tokenizer")
-    check_data_out(out / "data")
-    if _earlier_run(out / "run"):
-        shutil.rmtree(out / "run")  # the demo's own previous run: start it again from scratch
-    say(f"[1/5] tokenizer: byte-level BPE, {VOCAB_SIZE} tokens, on {corpus.name}")
-    train_tokenizer([corpus], VOCAB_SIZE, out / "tokenizer")
-    say("[2/5] prepare: tokenize, last 10% of the text held out for validation")
-    prepare([corpus], out / "tokenizer", out / "data", val_fraction=0.1)
+    if resume:
+        if not find_checkpoints(out / "run") or not (out / "data" / "meta.json").is_file():
+            raise UserError(f"{out} holds no stopped demo to resume (no checkpoint in {out / 'run'}); run `lmforge demo`")
+        say(f"[1/5] tokenizer: kept from the stopped demo in {out / 'tokenizer'}")
+        say(f"[2/5] prepare: kept from the stopped demo in {out / 'data'}")
+    else:
+        check_tokenizer_out(out / "tokenizer")
+        check_data_out(out / "data")
+        if _earlier_run(out / "run"):
+            say(f"starting the demo again: removing the earlier demo's run {out / 'run'} (`{again}` would go on with it)")
+            shutil.rmtree(out / "run")
+        say(f"[1/5] tokenizer: byte-level BPE, {VOCAB_SIZE} tokens, on {corpus.name}")
+        train_tokenizer([corpus], VOCAB_SIZE, out / "tokenizer")
+        say("[2/5] prepare: tokenize, last 10% of the text held out for validation")
+        prepare([corpus], out / "tokenizer", out / "data", val_fraction=0.1)
     say("[3/5] pretrain")
-    run = pretrain(out / "data", out / "run", MODEL, train, log=say)
+    try:
+        run = pretrain(out / "data", out / "run", MODEL, train, resume=resume, log=say)
+    except Interrupted as e:  # pretrain's advice (`--resume`) is for its own verb: say the demo's
+        where = f"checkpoint saved to {e.checkpoint}" if e.checkpoint else "no new step to save"
+        raise UserError(f"demo interrupted at step {e.step}; {where}; continue with `{again}`") from None
     say("[4/5] evaluate on the whole validation split")
     ev = evaluate_lm(run.checkpoint, out / "data", split="val", device=device)
     say(f"validation: {ev['loss']:.4f} nats/token, {ev['bpb']:.4f} bits/byte, perplexity {ev['perplexity']:.2f}")

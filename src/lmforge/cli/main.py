@@ -47,8 +47,9 @@ def _option(p: ArgumentParser, name: str, **kwargs: Any) -> None:
     `data: 5` or `out: {x: 1}` is a one-line error, not a TypeError deep in the library."""
     dashed = "--" + name.replace("_", "-")
     flags = [dashed] if "-" not in name and "_" not in name else [dashed, "--" + name]
-    if "type" not in kwargs and "action" not in kwargs:
-        kwargs["type"] = str  # with a default of None too: `--api-key null` is that string, not None (no key)
+    if not {"type", "action", "choices"} & kwargs.keys():  # choices check a YAML value themselves; a type
+        kwargs["type"] = str  # would show in --help as jsonargparse's wrapper, "<function <lambda> at 0x...>"
+        # (with a default of None too: `--api-key null` is that string, not None (no key))
     p.add_argument(*flags, dest=name, **kwargs)
 
 
@@ -97,6 +98,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(demo, "out", default="runs/demo", help="directory for the tokenizer, data, run and plot")
     _option(demo, "max_steps", type=int, default=None, help="training steps (default: the demo recipe)")
     _option(demo, "device", default="cpu", help="cpu, cuda or auto")
+    _option(demo, "resume", action=_flag(), help="go on with the training of a demo stopped by Ctrl-C, keeping its tokenizer and data")
     _json_flag(demo)
     verbs.add_subcommand("demo", demo, help="the main job: tokenizer + tiny GPT on tinyshakespeare + sample")
 
@@ -306,6 +308,8 @@ def _check_config_files(argv: Sequence[str]) -> None:
     bare "Unexpected config: ..." (empty, only comments, a list, a group left empty): one line naming the
     file and the fix."""
     verb = argv[0] if argv else None
+    if verb not in _GROUPS:  # the verbs that take --config; another says "unrecognized arguments"
+        return
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
             path = Path(argv[i + 1])
@@ -332,6 +336,11 @@ def _check_config_files(argv: Sequence[str]) -> None:
         for key in _GROUPS.get(verb, ()):
             if key in config and not isinstance(config[key], dict):
                 raise UserError(_group_message(key, config[key]))
+        dashed = [f"{group}.{k}" if group else k for group, keys in [("", config), *((g, v) for g, v in config.items()
+                  if isinstance(v, dict))] for k in keys if isinstance(k, str) and "-" in k]
+        if dashed:  # jsonargparse matches a file's keys to the fields' names as they are
+            raise UserError(f"--config {path} writes `{dashed[0]}` with dashes; in a config file write the field's name "
+                            f"with underscores, `{dashed[0].replace('-', '_')}` (the command line takes either)")
         labels = config.get("labels") if verb == "finetune" else None
         if labels is not None and not isinstance(labels, list):
             raise UserError(f"`labels` in --config must be a list of label names, such as `labels: [pos, neg]`, "

@@ -91,11 +91,15 @@ def _prepared_split(data_dir: Path, split: str, tokenizer: Tokenizer) -> tuple[n
 
 
 def _tokenize_files(paths: Sequence[str | Path], tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
+    """The documents' tokens, read as `prepare` reads a corpus, with end-of-text between documents but
+    not after the last: its prediction is no part of the text (and an imported chat model's end-of-text
+    is its turn end, <|im_end|>), so one file scores as transformers scores its text."""
     ids: list[int] = []
     n_bytes = 0
     for doc in iter_documents(paths):
-        ids.extend(tokenizer.encode_batch([doc.text], eot_only=True)[0])  # read as `prepare` reads a corpus
-        ids.append(tokenizer.eot_id)
+        if ids:
+            ids.append(tokenizer.eot_id)
+        ids.extend(tokenizer.encode_batch([doc.text], eot_only=True)[0])
         n_bytes += len(doc.text.encode("utf-8"))
     if n_bytes == 0:
         raise UserError(f"no text found in {', '.join(map(str, paths))}; give non-empty text files")
