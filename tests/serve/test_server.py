@@ -302,6 +302,21 @@ def test_null_means_the_default(server):
         assert r.status_code == 400 and r.json()["error"]["param"].startswith(required)
 
 
+def test_non_text_parts_and_non_integer_token_ids_are_400s_naming_them(server):
+    """Seen in review: an image part was "content.str: Input should be a valid string", and [true] was token id 1."""
+    url = server[0]
+    image = [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": image}], "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content.0"
+    assert "only text content parts are supported, not 'image_url'" in r.json()["error"]["message"]
+    parts = [{"type": "text", "text": "RO"}, {"type": "text", "text": "MEO:"}]
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}], "max_tokens": 2})
+    assert r.status_code == 200
+    for prompt in ([True], [1.0], [[2, False]]):
+        r = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("prompt"), prompt
+
+
 def test_top_k_minus_one_is_vllms_disabled(client):
     plain = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=6, seed=3)
     r = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=6, seed=3, extra_body={"top_k": -1})

@@ -191,9 +191,9 @@ def _pick(
     if key is None and (required or field):
         have = ", ".join(map(str, row)) or "none"
         wanted = " or ".join(repr(k) for k in candidates)
-        hint = f"name the column with {flag or '--' + option.replace('_', '-')} NAME ({option}=NAME)"
+        hint = f"name the column with {flag or '--' + option.replace('_', '-')} NAME (in Python: {option}=NAME)"
         if what in ("label", "target"):
-            hint += "; unlabelled data is for `lmforge predict` (require_labels=False)"
+            hint += "; unlabelled data is for `lmforge predict` (in Python: require_labels=False)"
         raise UserError(f"{where}: no {what} column {wanted} (columns: {have}); {hint}")
     return key
 

@@ -250,7 +250,7 @@ def pipeline(
     trained = (ckpt.trainer_state or {}).get("task") or {}
     task = task or trained.get("kind")
     if task is None:
-        raise UserError(f"{ckpt.path} was not fine-tuned for a task; name one of {list(TASKS)}")
+        raise UserError(f"{ckpt.path} was not fine-tuned for a task; name the task with --task (in Python: task=), one of {list(TASKS)}")
     if task not in TASKS:
         raise UserError(f"task {task!r} is not supported; use one of {list(TASKS)}")
     head = TASK_HEAD[task]

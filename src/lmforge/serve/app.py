@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.infer import Engine, LanguageModel, QueueFull, SamplingParams, encode_chat
@@ -97,8 +97,12 @@ class _Sampling(_Body):
     ignore_eos: bool = Field(False, description="vLLM extension: do not stop at end-of-text")
 
 
+# How pydantic names the member of a union in an error's location ("content", "str", ...).
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]] = Field(
         description="text, texts, token ids, or lists of token ids (one completion per prompt)")
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -106,13 +110,21 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(BaseModel):
-    type: Literal["text"] = "text"
-    text: str
+    type: str = "text"
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> "TextPart":  # an image or audio part would otherwise read as a bad string
+        if self.type != "text":
+            raise ValueError(f"only text content parts are supported, not {self.type!r}")
+        if self.text is None:
+            raise ValueError("a text content part needs its `text`")
+        return self
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[TextPart], None] = Field(None, union_mode="left_to_right")
 
 
 class ChatRequest(_Sampling):
@@ -215,7 +227,11 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             at = first.get("loc", (None, None))[-1]
             reason = (first.get("ctx") or {}).get("error", first.get("msg", ""))
             return APIError(400, f"the request body is not valid JSON: {reason} (at character {at})").response()
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        # A value that fits no member of a union (content: a text or parts) fails once per member; the
+        # deepest failure is the telling one (a part that is an image, not the content that is no string).
+        first = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default=first)
+        loc = [p for p in first.get("loc", ())[1:] if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
+        where = ".".join(map(str, loc)) or None
         return APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where).response()
 
     @app.exception_handler(StarletteHTTPException)
