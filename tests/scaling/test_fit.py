@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -221,6 +222,12 @@ def test_bootstrap_bad_options():
         ('{"params": 1e8, "tokens": 2e9, "loss": 3.1, "curve": [[1e9]]}\n', r"results.jsonl:1: 'curve' must be a list of"),
         ('[1, 2]\n', r"results.jsonl:1: expected a JSON object per line, got list"),
         ("\n\n", r"results.jsonl holds no runs"),
+        # JSON reads an int past float range as an int: math.isfinite raised OverflowError on it.
+        ('{"params": 1' + "0" * 400 + ', "tokens": 2e9, "loss": 3.1}\n',
+         r"results.jsonl:1: 'params' must be a finite number, got 100000000000000\.\.\.; fix that line"),
+        ('{"params": 1e8, "tokens": 2e9, "loss": 3.1, "curve": [[1' + "0" * 400 + ', 3.2]]}\n',
+         r"results.jsonl:1: 'curve' must be a list of \[tokens_seen, val_loss\] pairs"),
+        ('{"params": 1e8, "tokens": 2e9, "loss": 3.1, "sweep": [1]}\n', r"results.jsonl:1: 'sweep' must be a JSON object"),
     ],
 )
 def test_read_runs_names_file_and_line(tmp_path, content, message):
@@ -310,3 +317,45 @@ def test_kaplan_compute_counts_non_embedding_parameters():
     out = kaplan(runs)
     assert out["exponents"]["alpha_C"] == pytest.approx(0.050, rel=1e-9)
     assert out["L(C)"]["scale"] == pytest.approx(2.68e28, rel=1e-6)
+
+
+def _row(loss, **sweep):
+    row = {"params": 1e6 * loss, "tokens": 1e8, "loss": loss}
+    return json.dumps({**row, "sweep": sweep} if sweep else row) + "\n"
+
+
+def test_fit_refuses_rows_of_sweeps_with_other_data_or_settings(tmp_path):
+    """Seen in review: a sweep into a copy of another study's directory, on other data, appended its rows
+    beside the first sweep's and `fit` fitted across both. Rows that record their sweep's settings must agree."""
+    data_a = {"tokenizer_sha256": "a" * 64, "train_tokens": 1000, "val_tokens": 100}
+    train = {"lr": 0.003, "batch_size": 8}
+    (tmp_path / "results.jsonl").write_text(
+        _row(3.0) + _row(2.9, data=data_a, train=train) + _row(2.8, data=data_a, train={**train, "new_setting": 1})
+        + _row(2.7, data={**data_a, "tokenizer_sha256": "b" * 64, "val_tokens": 90}, train=train)
+    )
+    message = (r"results.jsonl:4: this run was trained with other settings than \S+results.jsonl:2 \(data.tokenizer_sha256: "
+               r"'aaaaaaaaaaaaaa\.\.\. vs 'bbbbbbbbbbbbbb\.\.\., data.val_tokens: 100 vs 90\); .* fit each sweep's rows in a "
+               r"directory of its own")
+    with pytest.raises(UserError, match=message):
+        fit(tmp_path, plots=False, n_bootstrap=0)
+    # A row without settings (written by hand, or by a sweep before they were recorded) is checked against
+    # none, and a setting only one row records is no difference.
+    (tmp_path / "results.jsonl").write_text("".join(_row(3.0 - i / 10, data=data_a, train=train) for i in range(3))
+                                            + _row(2.5) + _row(2.4, data=data_a, train={**train, "new_setting": 1}))
+    assert len(read_runs(tmp_path)) == 5
+
+
+def test_approach2_on_a_size_by_budget_grid_says_why_in_a_short_line():
+    """Seen in review: one skip reason per run, ~3,000 characters, on a size x budget grid."""
+    runs = [Run(params=float(N), tokens=float(D), loss=3.0) for N in np.geomspace(1e6, 1e8, 7) for D in np.geomspace(1e8, 1e11, 9)]
+    with pytest.raises(UserError) as e:
+        approach2(runs)
+    message = str(e.value)
+    assert len(message) < 400 and message.count("C=") == 0
+    assert re.search(r"found 0 \((\d+) of \1 budgets have fewer than 3 model sizes: a size x budget grid gives every "
+                     r"run a budget of its own; isoFLOP profiles come from `flops:` in a sweep's grid\)$", message)
+    # Budgets skipped for other reasons are capped too: the first two, then how many more.
+    flat = [run for C in np.geomspace(1e19, 1e23, 9) for run in _flat_budget(float(C))]
+    with pytest.raises(UserError, match=r"found 0 \(skipped C=1e\+19: minimum at N = .*; C=3.16e\+19: minimum at N = "
+                                        r".*minimum\); 7 more like these\)$"):
+        approach2(flat)

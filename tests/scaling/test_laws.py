@@ -66,6 +66,10 @@ def test_load_law_bad_input(tmp_path):
         load_law(bad)
     with pytest.raises(UserError, match="alpha=-0.1 must be > 0"):
         ParametricLaw(E=1.0, A=1.0, B=1.0, alpha=-0.1, beta=0.3)
+    # An int past float range (JSON reads 10**400 as an int): math.isfinite raised OverflowError on it.
+    bad.write_text('{"approach3": {"law": {"E": 1' + "0" * 400 + ', "A": 400, "B": 410, "alpha": 0.3, "beta": 0.3}}}')
+    with pytest.raises(UserError, match=r"E=100000000000000\.\.\. is not a finite number; fix its E"):
+        load_law(bad)
 
 
 def test_a_negative_irreducible_loss_is_refused(tmp_path):

@@ -29,7 +29,7 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _check_scalar_types(cls: type, d: dict[str, Any], prefix: str) -> None:
+def check_scalar_types(cls: type, d: dict[str, Any], prefix: str) -> None:
     """JSON and YAML values arrive untyped (the CLI's are checked by its parser): one line per wrong type."""
     for f in dataclasses.fields(cls):
         kinds = _SCALAR_TYPES.get(str(f.type))
@@ -283,14 +283,14 @@ class ModelConfig:
             raise UserError(
                 f"unknown model config key(s) {unknown}; valid keys are {sorted(names)}"
             )
-        _check_scalar_types(cls, d, "model")
+        check_scalar_types(cls, d, "model")
         labels, lora = d.get("labels"), d.get("lora")
         if labels is not None and not (isinstance(labels, (list, tuple)) and all(isinstance(x, str) for x in labels)):
             raise UserError(f"model.labels is {labels!r}; it must be a list of label names or null")
         if lora is not None and not isinstance(lora, dict):
             raise UserError(f"model.lora is {lora!r}; it must be a mapping of r, alpha, dropout, targets or null")
         if lora is not None:
-            _check_scalar_types(LoraConfig, lora, "model.lora")
+            check_scalar_types(LoraConfig, lora, "model.lora")
         return cls(**d)
 
     def replace(self, **changes: Any) -> "ModelConfig":

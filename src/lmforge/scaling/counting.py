@@ -1,9 +1,10 @@
-"""Parameters and training FLOPs of a model config: Kaplan's 6·N·D and Chinchilla's exact count.
+"""Parameters and training FLOPs of a model config: 6·N·D (N with or without embeddings) and Chinchilla's exact count.
 
 Kaplan et al. 2020 (arXiv:2001.08361, section 2.1) estimate training compute as C = 6 N D with N the
-non-embedding parameters. Hoffmann et al. 2022 (arXiv:2203.15556, appendix F) count every matmul of the
-forward pass, embeddings and logits and attention over the sequence included, and take the backward
-pass as twice the forward. Their table A4 finds the two within a few percent for large models; for
+non-embedding parameters; the sweep's `flops` column and `plan` take N to be every parameter, the N of
+Hoffmann et al. 2022 (arXiv:2203.15556). Their appendix F counts every matmul of the forward pass,
+embeddings and logits and attention over the sequence included, and takes the backward pass as twice
+the forward. Their table A4 finds that count and 6 N D within a few percent for large models; for
 small ones the embedding, logits and attention terms make the exact count much larger.
 """
 
@@ -109,7 +110,9 @@ def flops(config: ModelConfig, tokens: float, seq_len: int | None = None) -> dic
             (the N of Hoffmann et al. 2022).
         params_no_embed: without the token embedding, learned position embedding and an untied output
             head: Kaplan et al.'s N ("excluding all vocabulary and positional embeddings").
-        flops_6nd: 6 * params_no_embed * tokens, Kaplan's C (section 2.1), with Kaplan's N.
+        flops_6nd: 6 * params * tokens, C = 6 N D with every parameter: the `flops` a sweep's rows
+            hold, the C of `plan` and of Chinchilla's fits.
+        flops_6nd_no_embed: 6 * params_no_embed * tokens, Kaplan's C (section 2.1), with Kaplan's N.
         flops_chinchilla: Hoffmann et al. 2022, appendix F: 3 x the forward pass (backward = 2 x forward),
             with grouped-query attention, SwiGLU, an encoder's MLM head and an encoder-decoder's encoder
             and cross-attention counted as built (see `chinchilla_forward_flops`).
@@ -125,7 +128,8 @@ def flops(config: ModelConfig, tokens: float, seq_len: int | None = None) -> dic
     return {
         "params": total,
         "params_no_embed": total - embed,
-        "flops_6nd": 6.0 * (total - embed) * tokens,
+        "flops_6nd": 6.0 * total * tokens,
+        "flops_6nd_no_embed": 6.0 * (total - embed) * tokens,
         "flops_chinchilla": per_token * tokens,
         "flops_per_token_chinchilla": per_token,
     }

@@ -155,11 +155,13 @@ def approach2(runs: Sequence[Run]) -> dict[str, Any]:
     sizes and upward curvature; a vertex outside the sizes tried is kept but flagged `extrapolated`, up to
     `VERTEX_REACH` beyond them.
     """
-    budgets, skipped = [], []
-    for C, members in isoflop_profiles(runs):
+    budgets, skipped, thin = [], [], []  # thin: the budgets with too few sizes, also in skipped
+    profiles = isoflop_profiles(runs)
+    for C, members in profiles:
         sizes = {r.params for r in members}
         if len(sizes) < 3:
             skipped.append(f"C={C:.3g}: {len(sizes)} model size(s)")
+            thin.append(skipped[-1])
             continue
         x = np.log([r.params for r in members])
         p2, p1, p0 = np.polyfit(x, [r.loss for r in members], 2)
@@ -180,7 +182,14 @@ def approach2(runs: Sequence[Run]) -> dict[str, Any]:
             "extrapolated": bool(not x.min() <= vertex <= x.max()),
         })
     if len(budgets) < 2:
-        detail = f" (skipped {'; '.join(skipped)})" if skipped else ""
+        # Summarised, not listed: a size x budget grid makes every run a budget of its own.
+        others = [why for why in skipped if why not in thin]
+        reasons = [f"skipped {'; '.join(others[:2])}" + (f"; {len(others) - 2} more like these" if len(others) > 2 else "")
+                   ] if others else []
+        if thin:
+            reasons.append(f"{len(thin)} of {len(profiles)} budgets have fewer than 3 model sizes: a size x budget grid "
+                           "gives every run a budget of its own; isoFLOP profiles come from `flops:` in a sweep's grid")
+        detail = f" ({'; '.join(reasons)})" if reasons else ""
         raise UserError(
             f"approach 2 needs isoFLOP profiles at >= 2 compute budgets with >= 3 model sizes each; "
             f"found {len(budgets)}{detail}"

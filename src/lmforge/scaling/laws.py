@@ -11,11 +11,11 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from numbers import Real
 from pathlib import Path
 
 import numpy as np
 
+from lmforge.scaling.runs import finite_number, short_repr
 from lmforge.utils.errors import UserError
 
 
@@ -37,8 +37,8 @@ class ParametricLaw:
     def __post_init__(self) -> None:
         for key in ("E", "A", "B", "alpha", "beta"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-                raise UserError(f"scaling law {self.name!r}: {key}={value!r} is not a finite number; fix its {key}")
+            if not finite_number(value):
+                raise UserError(f"scaling law {self.name!r}: {key}={short_repr(value)} is not a finite number; fix its {key}")
         if self.E < 0:
             raise UserError(
                 f"scaling law {self.name!r}: E={self.E:.4g} must be >= 0: it is the loss of an ideal model, the "

@@ -20,10 +20,15 @@ Each line describes one finished run:
     config           object                      no        the run's ModelConfig as a dict
     curve            [[tokens_seen, val_loss]]   no        the validation curve; approach 1 and the
                                                            compute frontier use it
+    sweep            object                      no        what every run of its study shares: `data`
+                                                           (tokenizer hash, split token counts), `train`
+                                                           and `model` settings; rows that hold it must
+                                                           agree on every setting both record
 
 Other keys (a run name, the learning rate, ...) are allowed and ignored; `sweep` also writes `name` and
 `flops_chinchilla` (the appendix F count of `flops()`, for comparison; the fits use `flops`). Rows
-written before a key existed still load: every optional key has its default. For example:
+written before a key existed still load: every optional key has its default, and a row without `sweep`
+is checked against no other. For example:
 
     {"params": 124475904, "params_no_embed": 85056000, "tokens": 2.5e9, "flops": 1.87e18,
      "loss": 3.31, "seconds": 5400, "curve": [[5e8, 3.9], [1e9, 3.6], [2.5e9, 3.31]]}
@@ -34,6 +39,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -75,14 +81,25 @@ class Run:
         return [(t, self.flops * t / self.tokens, loss) for t, loss in sorted(pts.items())]
 
 
+def finite_number(value: Any) -> bool:
+    """A number (not a bool) that is finite. An int past float range, which JSON and YAML read as they
+    do any other (10**400), is not: math.isfinite raises OverflowError on it."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _number(row: dict, key: str, where: str, required: bool, positive: bool = True) -> float | None:
     value = row.get(key)
     if value is None:
         if required:
             raise UserError(f"{where}: missing {key!r}; every run needs 'params', 'tokens' and 'loss'")
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"{where}: {key!r} must be a finite number, got {value!r}; fix that line")
+    if not finite_number(value):
+        raise UserError(f"{where}: {key!r} must be a finite number, got {short_repr(value)}; fix that line")
     if value < 0 or (positive and value == 0):
         raise UserError(f"{where}: {key!r} must be {'> 0' if positive else '>= 0'}, got {value!r}; fix that line")
     return value
@@ -91,7 +108,7 @@ def _number(row: dict, key: str, where: str, required: bool, positive: bool = Tr
 def _curve(value: Any, where: str) -> tuple[tuple[float, float], ...]:
     ok = isinstance(value, list) and all(
         isinstance(p, list) and len(p) == 2
-        and all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in p)
+        and all(finite_number(v) and v > 0 for v in p)
         for p in value
     )
     if not ok:
@@ -139,10 +156,59 @@ def read_runs(directory: str | os.PathLike) -> list[Run]:
         raise UserError(
             f"{path} does not exist; write one JSON object per training run there (schema: lmforge.scaling.runs)"
         )
-    runs = [parse_run(row, where) for where, row in read_rows(path)]
+    rows = read_rows(path)
+    runs = [parse_run(row, where) for where, row in rows]
     if not runs:
         raise UserError(f"{path} holds no runs; add one JSON object per finished training run")
+    first = None  # (where, settings) of the first row that records its sweep's settings
+    for where, row in rows:
+        settings = sweep_settings(row, where)
+        if settings is None:
+            continue
+        if first is None:
+            first = where, settings
+        elif differences := setting_differences(first[1], settings):
+            # Runs on other data or with other training settings do not lie on one scaling law: a fit
+            # across them would be silently wrong.
+            raise UserError(
+                f"{where}: this run was trained with other settings than {first[0]} ({differences}); the runs of "
+                "one study must share their data and training settings: fit each sweep's rows in a directory of its own"
+            )
     return runs
+
+
+def sweep_settings(row: dict, where: str) -> dict[str, Any] | None:
+    """The `sweep` settings a row records (None for a row without: written by hand or before they were)."""
+    settings = row.get("sweep")
+    if settings is not None and not isinstance(settings, dict):
+        raise UserError(f"{where}: 'sweep' must be a JSON object of the sweep's settings; fix that line")
+    return settings
+
+
+def setting_differences(recorded: dict[str, Any], current: dict[str, Any], limit: int = 3) -> str:
+    """'key: old vs new' for the first `limit` settings (nested keys dotted) that both record and that
+    differ, '' when none do. A key only one side records is no difference: a newer lmforge may record
+    more settings than the one that wrote a row."""
+    found: list[str] = []
+
+    def walk(a: dict, b: dict, prefix: str) -> None:
+        for key in a:
+            if key not in b:
+                continue
+            if isinstance(a[key], dict) and isinstance(b[key], dict):
+                walk(a[key], b[key], f"{prefix}{key}.")
+            elif a[key] != b[key]:
+                found.append(f"{prefix}{key}: {short_repr(a[key])} vs {short_repr(b[key])}")
+
+    walk(recorded, current, "")
+    more = f", and {len(found) - limit} more" if len(found) > limit else ""
+    return ", ".join(found[:limit]) + more
+
+
+def short_repr(value: Any) -> str:
+    """repr(value), cut after 15 characters: enough to tell two sha256 apart, or to show that an int is huge."""
+    text = repr(value)
+    return text if len(text) <= 16 else text[:15] + "..."
 
 
 def lower_envelope(x: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
