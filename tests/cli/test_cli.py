@@ -157,6 +157,8 @@ def test_scaling_plan_and_fit(capsys, tmp_path):
     fails_with(capsys, "too small for any model", "scaling", "plan", "--flops", "1e6")
     code, out, _ = run(capsys, "scaling", "plan", "--flops", "1e300")  # amounts past a trillion in powers of ten
     assert code == 0 and "GPU-hours" in out and max(len(w) for w in out.split()) < 20, out
+    code, out, _ = run(capsys, "scaling", "plan", "--tokens", "1e9")  # a small budget: its hours, not "0"
+    assert code == 0 and "\n0.22 h100 GPU-hours at MFU 0.45 (0.22 h on 1 GPU)" in out, out
 
     # A study generated from a known law: the fit finds its exponents again.
     import numpy as np

@@ -206,7 +206,10 @@ def scaling_plan_cmd(args: Namespace) -> dict[str, Any]:
 
 
 def _amount(x: float, decimals: int) -> str:
-    """`x` with thousands separators, or in powers of ten past a trillion (not hundreds of digits)."""
+    """`x` with thousands separators, in powers of ten past a trillion (not hundreds of digits), and to two
+    significant digits where `decimals` would show nothing of it (0.2 GPU-hours, not "0")."""
+    if 0 < abs(x) < 10 ** (1 - decimals):
+        return f"{x:.2g}"
     return f"{x:,.{decimals}f}" if x < 1e12 else f"{x:.3g}"
 
 
