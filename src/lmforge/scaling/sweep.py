@@ -52,7 +52,7 @@ from lmforge.scaling.runs import RESULTS, finite_number, parse_run, read_rows, s
 from lmforge.train import OBJECTIVE_ARCH, Interrupted, pretrain
 from lmforge.utils.device import resolve_device
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_write_json, atomic_write_text
+from lmforge.utils.fs import atomic_write_json, atomic_write_text, read_json
 
 
 @dataclass
@@ -385,10 +385,7 @@ def _check_settings(out: Path, settings: dict[str, Any], recorded: list[tuple[st
     (a sweep refused before its first run left it, and nothing depends on it)."""
     path = out / SETTINGS
     if trained and path.exists():
-        try:
-            kept = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{path} is unreadable ({e}); restore it, or sweep into another --out") from None
+        kept = read_json(path, "restore it, or sweep into another --out")
         if not isinstance(kept, dict):
             raise UserError(f"{path} holds no sweep settings; restore it, or sweep into another --out")
         recorded = [*recorded, (str(path), kept)]
