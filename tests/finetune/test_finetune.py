@@ -109,7 +109,9 @@ def test_lora_trains_only_adapters_and_head_and_merges_to_the_same_predictions(t
     x = torch.randint(0, cfg.vocab_size, (3, 12))
     torch.testing.assert_close(m.task_logits(x), tuned.task_logits(x), atol=1e-5, rtol=1e-5)
     texts = ["Great food!", "Terrible service.", "ok"]
-    assert pipeline(None, merged, device="cpu")(texts) == pipeline(None, run.checkpoint, device="cpu")(texts)
+    merged_out, adapter_out = pipeline(None, merged, device="cpu")(texts), pipeline(None, run.checkpoint, device="cpu")(texts)
+    assert [p["label"] for p in merged_out] == [p["label"] for p in adapter_out]
+    assert [p["score"] for p in merged_out] == pytest.approx([p["score"] for p in adapter_out], abs=1e-6)
 
 
 def test_freeze_layers_and_embeddings_keep_them_fixed(trained_run, tmp_path):

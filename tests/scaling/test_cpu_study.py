@@ -53,12 +53,14 @@ def test_held_out_prediction_error_is_what_readme_states(check):
 
 def test_the_fitted_law_is_what_readme_states(check):
     number = r"(\d+(?:\.\d+)?(?:e[+-]\d+)?)"
-    pattern = rf"E = {number}(?: \({number}\))?, A = {number}, B = {number}, α = {number}, β = {number}"
-    E, E_precise, A, B, alpha, beta = re.search(pattern, _readme_section()).groups()
+    pattern = rf"E = {number}(?: \(under {number}\))?, A = {number}, B = {number}, α = {number}, β = {number}"
+    E, E_bound, A, B, alpha, beta = re.search(pattern, _readme_section()).groups()
     law = check["law"]
     assert (E, A, B, alpha, beta) == (f"{law['E']:.3f}", f"{law['A']:.3g}", f"{law['B']:.3g}", f"{law['alpha']:.3f}",
                                       f"{law['beta']:.3f}")
-    assert E_precise is None or E_precise == f"{law['E']:.1e}"
+    # E at the fit's lower bound differs in its first digit between CPU kinds (4.3e-7 and 4.8e-7 seen;
+    # the second on an AVX2-only EPYC), so README gives a bound there.
+    assert E_bound is None or 0 <= law["E"] < float(E_bound)
     if law["E"] < 0.01:  # a degenerate fit: README must say so
         assert "degenerate" in _readme_section()
 

@@ -86,4 +86,6 @@ def test_fsdp_fp8_run_on_two_processes_equals_one_process(data_dir, tmp_path):
             "--train.parallel", "fsdp", "--train.fp8", "true"] + [a for k, v in train.items() for a in (f"--train.{k}", str(v))]
     proc = run_torchrun("-m", "lmforge", "pretrain", "--data", str(data_dir), "--out", str(tmp_path / "two"), *args)
     assert "weights all-gathered in float8" in proc.stdout
-    assert train_losses(tmp_path / "two") == pytest.approx(train_losses(one.out), abs=1e-5)
+    # Not the 1e-5 of the fp32 runs: the two processes sum gradients in another order, and a last-bit
+    # difference moves a weight across a float8 rounding step (6.8e-5 apart by step 4 on an AVX2 CPU).
+    assert train_losses(tmp_path / "two") == pytest.approx(train_losses(one.out), rel=1e-4)
