@@ -334,7 +334,7 @@ def test_full_queue_answers_429(strict):
             await client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=40, extra_body={"ignore_eos": True})
             return 200
         except openai.RateLimitError as e:
-            assert e.body["code"] == "rate_limit_exceeded"
+            assert e.body["code"] == "rate_limit_exceeded" and "sequences are waiting" in e.body["message"]
             return 429
 
     async def main():
@@ -463,3 +463,13 @@ def test_schemathesis_finds_no_server_error(server):
             case.call_and_validate(checks=[not_a_server_error])
 
         check()
+
+
+@pytest.mark.parametrize("template, says", [(None, "tiny has no chat template"),
+                                            ("{{ raise_exception('roles must alternate') }}", "roles must alternate")])
+def test_a_chat_template_problem_is_a_400_naming_the_model_not_the_servers_path(client, lm, monkeypatch, template, says):
+    monkeypatch.setattr(lm.tokenizer, "chat_template", template)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert says in e.value.body["message"] and str(lm.path) not in e.value.body["message"]
+    assert e.value.body["param"] == "messages"

@@ -24,26 +24,29 @@ def render_chat(lm: LanguageModel, messages: list[dict[str, str]], add_generatio
     return _templated(lm, lambda: lm.tokenizer.apply_chat_template(messages, add_generation_prompt))
 
 
-def encode_chat(lm: LanguageModel, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+def encode_chat(lm: LanguageModel, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                name: str | None = None) -> list[int]:
     """The prompt's token ids for `messages`, a message's text read as text even where it spells a
-    special token (`Tokenizer.encode_chat`): what chat, the server and predict feed the model."""
-    _require_template(lm)
-    return _templated(lm, lambda: lm.tokenizer.encode_chat(messages, add_generation_prompt))
+    special token (`Tokenizer.encode_chat`): what chat, the server and predict feed the model.
+    `name`: what an error calls the model (default its checkpoint path; the server gives its model
+    id, so that a client is not told the server's paths)."""
+    _require_template(lm, name)
+    return _templated(lm, lambda: lm.tokenizer.encode_chat(messages, add_generation_prompt), name)
 
 
-def _templated(lm: LanguageModel, fn: Callable[[], T]) -> T:
+def _templated(lm: LanguageModel, fn: Callable[[], T], name: str | None = None) -> T:
     """`fn()`, where a chat template's failure names the checkpoint it came with."""
     try:
         return fn()
     except ChatTemplateError as e:
-        raise UserError(f"the chat template of {lm.path} failed on this conversation ({e.reason}); "
+        raise UserError(f"the chat template of {name or lm.path} failed on this conversation ({e.reason}); "
                         "fix the chat template that came with it") from None
 
 
-def _require_template(lm: LanguageModel) -> None:
+def _require_template(lm: LanguageModel, name: str | None = None) -> None:
     if not lm.tokenizer.chat_template:
         raise UserError(
-            f"{lm.path} has no chat template; chat needs an instruction-tuned checkpoint "
+            f"{name or lm.path} has no chat template; chat needs an instruction-tuned checkpoint "
             "(e.g. `lmforge import gguf` of SmolLM2-135M-Instruct)"
         )
 

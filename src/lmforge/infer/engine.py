@@ -277,7 +277,7 @@ class Engine:
         """Queue a request; raises UserError when it cannot fit the context, `QueueFull` when the queue is full."""
         req = self.make_request(prompt, params, request_id)
         if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
-            raise QueueFull(f"{len(self.waiting)} requests are waiting already; try again later")
+            raise QueueFull(f"{len(self.waiting)} sequences are waiting already (the queue's bound); try again later")
         self.enqueue(req)
         return req
 

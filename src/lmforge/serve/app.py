@@ -446,7 +446,7 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
         try:
-            prompt = encode_chat(lm, messages)  # a message that spells a special token gets its text, not the token
+            prompt = encode_chat(lm, messages, name=model_name)  # a message that spells a special token gets its text, not the token
         except UserError as e:
             raise APIError(400, str(e), param="messages") from None
         except Exception:  # e.g. a lone surrogate that JSON allowed but UTF-8 cannot carry

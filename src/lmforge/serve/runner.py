@@ -158,7 +158,7 @@ class EngineRunner:
         bound = self.engine.max_waiting
         with self._adding_lock:
             if bound is not None and len(self.engine.waiting) + self._adding >= bound:
-                raise QueueFull(f"{bound} requests are waiting already; try again later")
+                raise QueueFull(f"{bound} sequences are waiting already (the queue's bound); try again later")
             self._adding += len(reqs)  # nothing below can fail before the inbox has them
         loop = asyncio.get_running_loop()
         client = _Client(time.perf_counter(), sum(len(p) for p, _, _ in requests) if prompt_tokens is None else prompt_tokens,
