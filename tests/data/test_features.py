@@ -1,6 +1,6 @@
 import pytest
 
-from lmforge.data.features import TaskFormat, collate, read_examples, sample_batch
+from lmforge.data.features import TaskFormat, collate, featurize, read_examples, sample_batch
 from lmforge.model.losses import IGNORE_INDEX
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
@@ -79,11 +79,57 @@ def test_chat_reads_a_spelled_special_token_as_text_as_serving_does(tok):
     tok.chat_template = CHATML
     msgs = [{"role": "user", "content": "Say <|endoftext|> please"}, {"role": "assistant", "content": "Fine<|endoftext|>done"}]
     f = TaskFormat(tok, "decoder", max_length=128).chat(msgs)
-    ids = f["input_ids"] + f["labels"][-1:]
-    assert ids == tok.encode_chat(msgs, add_generation_prompt=False) and tok.eot_id not in ids
+    ids = tok.encode_chat(msgs, add_generation_prompt=False)
+    assert f["input_ids"] == ids[:-1] and tok.eot_id not in ids
     assert tok.decode(ids) == tok.apply_chat_template(msgs, add_generation_prompt=False)
     trained = tok.decode([t for t in f["labels"] if t != IGNORE_INDEX])
     assert trained.startswith("Fine<|endoftext|>done") and "please" not in trained
+
+# SmolLM2-Instruct's template (a default system prompt on loop.first), its reply marked for
+# transformers' assistant mask as the templates that support it mark theirs.
+SMOL_GENERATION = (
+    "{% for m in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chat_trains_the_tokens_of_transformers_assistant_mask(tok):
+    """The reply and its <|im_end|>, not the newline the template puts after it; a conversation that
+    opens with the assistant's greeting too (its empty prefix renders no default system prompt)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok.hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    ours = Tokenizer(tok.hf, chat_template=SMOL_GENERATION)
+    theirs = PreTrainedTokenizerFast(tokenizer_object=tok.hf, eos_token="<|endoftext|>")
+    theirs.chat_template = SMOL_GENERATION
+    greeting, hi, yes = ({"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": "yes"})
+    for msgs in ([hi, yes], [greeting, hi, yes], [{"role": "system", "content": "Be brief."}, hi, greeting, hi, yes]):
+        want = theirs.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        f = TaskFormat(ours, "decoder", max_length=128).chat(msgs)
+        assert f["input_ids"] == want["input_ids"][:-1]
+        assert f["labels"] == [t if m else IGNORE_INDEX for t, m in zip(want["input_ids"][1:], want["assistant_masks"][1:])]
+
+
+def test_chat_finds_a_first_reply_under_a_template_that_reads_messages_0_and_names_the_line_it_cannot(tok, tmp_path):
+    """Llama 3's templates read messages[0], which an empty conversation does not have: the first
+    reply is found where the template puts its text. Where the template changes the text too, the
+    first reply cannot be found: the error names the line."""
+    tok.chat_template = ("{% if messages[0]['role'] != 'system' %}system: be kind\n{% endif %}{% for m in messages %}"
+                         "{{ m['role'] }}: {{ m['content'] }}<|endoftext|>\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    data = tmp_path / "chat.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ho"}]}\n'
+                    '{"messages": [{"role": "assistant", "content": "Welcome"}, {"role": "user", "content": "Hi"},'
+                    ' {"role": "assistant", "content": "Yes"}]}\n')
+    f = featurize(TaskFormat(tok, "decoder", max_length=64), "sft", read_examples("sft", data))[1]
+    assert tok.decode([t for t in f["labels"] if t != IGNORE_INDEX]) == "Welcome<|endoftext|>Yes<|endoftext|>"
+    tok.chat_template = tok.chat_template.replace("{{ m['content'] }}", "{{ m['content'] | upper }}")
+    with pytest.raises(UserError, match=rf"^{data}:2: the chat template neither renders"):
+        featurize(TaskFormat(tok, "decoder", max_length=64), "sft", read_examples("sft", data))
+
 
 def test_collate_pads_right_and_batches_are_a_function_of_the_step(tok):
     fmt = TaskFormat(tok, "decoder", max_length=32)

@@ -328,6 +328,31 @@ def test_chat_sft_lowers_the_loss_on_assistant_turns(trained_run, tmp_path):
     assert isinstance(reply, str)
 
 
+def test_sft_on_a_conversation_that_opens_with_the_assistant_and_a_template_it_cannot_use_names_the_line(
+        trained_run, tmp_path):
+    """SmolLM2's template adds its default system prompt on loop.first, so the empty conversation
+    before a greeting is no prefix of the one that opens with it; the greeting is still found. An
+    unusable template is refused naming the line, by finetune and by eval."""
+    base = tmp_path / "base"
+    shutil.copytree(trained_run.checkpoint, base)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    smol = ("{% for m in messages %}{% if loop.first and messages[0]['role'] != 'system' %}<|im_start|>system\nBe kind"
+            "<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (base / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": smol}))
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ho"}]}) + "\n"
+                    + json.dumps({"messages": [{"role": "assistant", "content": "Hello! How can I help?"},
+                                               {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]}) + "\n")
+    run = finetune(base, "sft", data, tmp_path / "sft", train=_cfg(max_steps=2), **QUIET)
+    assert math.isfinite(run.train_loss)
+    (base / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": smol.replace("m['content']", "m['content'] | upper")}))
+    with pytest.raises(UserError, match=rf"^{data}:2: the chat template neither renders"):
+        finetune(base, "sft", data, tmp_path / "x", train=_cfg(max_steps=2), **QUIET)
+    with pytest.raises(UserError, match=rf"^{data}:2: the chat template neither renders"):
+        evaluate_task(base, "sft", data, device="cpu")
+
+
 def test_bad_input_is_one_line(trained_run, encoder, yelp_run, tmp_path):
     other = tmp_path / "other.tsv"  # labels of another data set: the wrong file, not a score of 0
     other.write_text("good\tpos\nbad\tneg\n")

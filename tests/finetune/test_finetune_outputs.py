@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from conftest import SHARED_DATA, tiny_train_config
+from lmforge.checkpoint import find_checkpoints
 from lmforge.config import LoraConfig
 from lmforge.finetune import finetune, merge_lora
 from lmforge.infer import predict
@@ -57,6 +58,24 @@ def test_finetune_resumed_with_other_lora_settings_names_the_flags(lora_run, tra
     message = str(err.value)
     assert "--lora.r 8 (saved: 4)" in message and "--lora.alpha 32.0 (saved: 16.0)" in message, message
     assert "--model" not in message and "\n" not in message
+
+
+def test_finetune_resumed_with_another_input_layout_names_the_flags(trained_run, tmp_path):
+    """eval and predict lay inputs out as the checkpoint's trainer state says: a run resumed with
+    another layout would record it for weights that learned the saved one."""
+    data = tmp_path / "tags.conll"
+    data.write_text("Peter\tB-PER\nlives\tO\nin\tO\nBerlin\tB-LOC\n\nAnna\tB-PER\nsings\tO\n")
+    out = tmp_path / "tag"
+    finetune(trained_run.out, "tag", data, out, train=_cfg(), **QUIET)
+    with pytest.raises(UserError) as err:
+        finetune(trained_run.out, "tag", data, out, train=_cfg(max_steps=4), repeat_input=True, prompt="Tag: {source}",
+                 doc_stride=64, resume=True, **QUIET)
+    message = str(err.value)
+    assert "--repeat-input (saved: off)" in message and "--doc-stride 64 (saved: 128)" in message, message
+    assert "--prompt 'Tag: {source}' (saved: '{source}\\n\\n')" in message and "\n" not in message, message
+    assert message.endswith("(--prompt '{source}\\n\\n', without --repeat-input, --doc-stride 128)"), message
+    assert [p.name for p in find_checkpoints(out)] == ["step-000002"]
+    assert finetune(trained_run.out, "tag", data, out, train=_cfg(max_steps=4), resume=True, **QUIET).checkpoint.name == "step-000004"
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from lmforge.data.tasks import (
     read_chat, read_classification, read_parallel_text, read_squad, read_tagged, read_text2text, split_by_article,
 )
 from lmforge.model.losses import IGNORE_INDEX
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import ChatTemplateError, Tokenizer
 from lmforge.utils.errors import UserError
 
 Feature = dict[str, list[int] | int]
@@ -179,22 +179,46 @@ class TaskFormat:
     # -- chat supervised fine-tuning -----------------------------------------------------------
     def chat(self, messages: list[dict[str, str]]) -> Feature:
         """The conversation through the chat template; the loss only on the assistant turns'
-        tokens (the content and the template's end-of-turn marker after it). A message that spells
-        a special token trains on its text, as `encode_chat` reads it when the model is served."""
+        tokens: the content and the template's end-of-turn marker after it, not the whitespace the
+        template puts between turns (the tokens of transformers' assistant mask for a template that
+        marks them with `{% generation %}`). A message that spells a special token trains on its
+        text, as `encode_chat` reads it when the model is served.
+
+        A turn starts where the template's generation prompt after the conversation before it ends
+        (a growing prefix); where that does not hold, as for a first turn (a template may open an
+        empty conversation otherwise: SmolLM2's adds its default system prompt only on `loop.first`),
+        where the template puts the turn's content. It ends where the template's rendering of the
+        conversation through it ends, less trailing whitespace."""
         text, ids, offsets = self.tok.encode_chat_with_offsets(messages, add_generation_prompt=False)
-        spans = []
+        spans, placed = [], None
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self.tok.apply_chat_template(messages[:i], add_generation_prompt=True)
             through = self.tok.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
-            if not text.startswith(through) or not through.startswith(before):
-                raise UserError("the chat template does not render a conversation as a growing prefix; it cannot be used for SFT")
-            spans.append((len(before), len(through)))
+            start = self._reply_start(messages[:i], through)
+            if start is None:
+                placed = self.tok._message_spans(messages, False, text) if placed is None else placed
+                start = placed[i][0] if len(placed) == len(messages) else None
+            if start is None or not text.startswith(through) or start > len(through):
+                raise UserError(f"the chat template neither renders the conversation through message {i + 1} (an assistant "
+                                "turn) as the start of the whole one nor puts the messages in as given, so the reply's tokens "
+                                "cannot be found; it cannot be used for SFT")
+            spans.append((start, max(start, len(through.rstrip()))))
         ids, offsets = ids[: self.max_length + 1], offsets[: self.max_length + 1]
         trained = [any(s <= o0 < e for s, e in spans) for o0, _ in offsets]
         labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], trained[1:])]
         return {"input_ids": ids[:-1], "labels": labels}
+
+    def _reply_start(self, before: list[dict[str, str]], through: str) -> int | None:
+        """Where the reply after the conversation `before` starts in `through` (the rendering up to and
+        with it): after the generation prompt, when the template renders `before` as a prefix of it."""
+        if not before:  # no conversation yet: what a template makes of none need not begin a real one
+            return None
+        try:
+            prompt = self.tok.apply_chat_template(before, add_generation_prompt=True)
+        except ChatTemplateError:
+            return None
+        return len(prompt) if through.startswith(prompt) else None
 
 
 def collate(features: list[Feature], pad_id: int) -> dict[str, torch.Tensor]:
@@ -282,6 +306,12 @@ def featurize(fmt: TaskFormat, task: str, examples: list, labels: list[str] | No
             raise UserError(f"{where}: label {name!r} is not in the model's label set {list(index)}; fine-tune with it or fix the data")
         return index[name]
 
+    def chat(ex) -> Feature:
+        try:
+            return fmt.chat(ex.messages)
+        except UserError as e:  # a template that fails on this conversation: say which one
+            raise UserError(f"{ex.where}: {e}") from None
+
     if task == "classify":
         return [fmt.classify(ex.text, label_id(ex.label, ex.where)) for ex in examples]
     if task == "tag":
@@ -290,4 +320,4 @@ def featurize(fmt: TaskFormat, task: str, examples: list, labels: list[str] | No
         return [w.feature for ex in examples for w in fmt.qa(ex.question, ex.context, ex.answers[0], doc_stride)]
     if task == "seq2seq":
         return [fmt.seq2seq(ex.source, ex.target) for ex in examples]
-    return [fmt.chat(ex.messages) for ex in examples]
+    return [chat(ex) for ex in examples]

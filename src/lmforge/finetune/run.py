@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lmforge.checkpoint import check_checkpoint_out, check_run_out, load_model, save_checkpoint
+from lmforge.checkpoint import check_checkpoint_out, check_run_out, find_checkpoints, load_checkpoint, load_model, save_checkpoint
 from lmforge.config import FINETUNE_DEFAULTS, LoraConfig, ModelConfig, TrainConfig
 from lmforge.data.features import DEFAULT_PROMPT, TASK_HEAD, TASKS, TaskFormat, featurize, label_set, read_examples
 from lmforge.finetune.objective import TaskObjective
@@ -32,6 +32,9 @@ _ARCHS = {
     "seq2seq": ("decoder", "encoder-decoder"),
     "sft": ("decoder",),
 }
+# The task settings that lay a fine-tune's inputs out (trainer_state["task"]), as the flags that set
+# them. Its max_length follows --train.seq_len, which a resumed run may change (the trainer warns).
+_LAYOUT_FLAGS = {"kind": "--task", "prompt": "--prompt", "repeat": "--repeat-input", "doc_stride": "--doc-stride"}
 
 
 def finetune(
@@ -87,6 +90,10 @@ def finetune(
         raise UserError(f"--repeat-input helps a decoder see the right context in tag and qa; {task} does not use it")
     max_length = min(train.seq_len or cfg.context_length, cfg.context_length)
     fmt = TaskFormat(ckpt.tokenizer, cfg.arch, max_length, prompt, repeat_input)
+    task_state: dict[str, Any] = {"kind": task, "max_length": max_length, "prompt": prompt, "doc_stride": doc_stride,
+                                  "repeat": repeat_input}
+    if resume:
+        _check_same_layout(out, task_state)
 
     train_examples = read_examples(task, data, target, text_field=text_field, label_field=label_field,
                                    labels=labels, split_articles=split_articles, part=0)
@@ -115,8 +122,6 @@ def finetune(
     _freeze(net, freeze_embeddings, freeze_layers)
     objective = TaskObjective(task, cfg.arch, fmt.pad_id, train.seed, train.label_smoothing)
     mean_len = sum(len(f["input_ids"]) + len(f.get("src", ())) for f in train_features) / len(train_features)
-    task_state: dict[str, Any] = {"kind": task, "max_length": max_length, "prompt": prompt, "doc_stride": doc_stride,
-                                  "repeat": repeat_input}
     return fit(
         net, objective, ckpt.tokenizer, train, out, train_features, val_features,
         tokens_per_sample=max(round(mean_len), 1),
@@ -128,6 +133,32 @@ def finetune(
         log=log,
         t0=t0,
     )
+
+
+def _check_same_layout(out: str | Path, task_state: dict[str, Any]) -> None:
+    """Refuse to resume a run whose inputs were laid out otherwise: its weights learned the saved layout,
+    and its next checkpoints would record this one, which eval and predict would then feed them."""
+    found = find_checkpoints(out)
+    if not found:  # the trainer says there is nothing to resume
+        return
+    ckpt = load_checkpoint(found[-1])
+    saved = (ckpt.trainer_state or {}).get("task")
+    if not isinstance(saved, dict):
+        return
+
+    def value(k: str, v: Any) -> str:
+        return ("on" if v else "off") if k == "repeat" else repr(v) if k == "prompt" else str(v)
+
+    def typed(k: str, v: Any) -> str:  # as the command line spells it
+        if k == "repeat":
+            return _LAYOUT_FLAGS[k] if v else f"without {_LAYOUT_FLAGS[k]}"
+        return f"{_LAYOUT_FLAGS[k]} {value(k, v)}"
+
+    differ = [k for k in _LAYOUT_FLAGS if k in saved and saved[k] != task_state[k]]
+    if differ:  # as a changed --lora.* or --labels is refused (train.checkpointing)
+        parts = "; ".join(f"{typed(k, task_state[k])} (saved: {value(k, saved[k])})" for k in differ)
+        raise UserError(f"the fine-tuning settings differ from those {ckpt.path} was trained with: {parts}; resume with "
+                        f"the same settings ({', '.join(typed(k, saved[k]) for k in differ)})")
 
 
 def _from_base(base: Transformer, cfg: ModelConfig, seed: int) -> Transformer:

@@ -7,7 +7,10 @@
 Inputs are laid out by the same `TaskFormat` the fine-tune used (read from the checkpoint's
 trainer state), batched, and long ones handled: classification and tagging keep the first
 `max_length` tokens; QA slides windows over a long context and keeps the best span of any window;
-a decoder's seq2seq prompt keeps `max_length // 2` tokens, as its fine-tune laid prompts out. A
+a decoder's seq2seq prompt is cut (its source, never the template) to `max_length // 2` tokens
+(`TaskFormat.prompt_length`) and to what the context leaves after `max_new_tokens`. The fine-tune
+gave a prompt up to `max_length + 1` tokens less its target's (a target takes at most half), so
+half is the least room any prompt had there, not the room a given one had. A
 fine-tuned checkpoint runs only the task it was tuned for; a base model serves seq2seq and sft zero-shot.
 """
 
@@ -41,8 +44,8 @@ class Pipeline:
     def __init__(self, task: str, model: Transformer, tokenizer: Tokenizer, fmt: TaskFormat, batch_size: int,
                  max_new_tokens: int, max_answer_length: int, doc_stride: int, num_beams: int = 1,
                  length_penalty: float = 1.0, prompt_length: int | None = None) -> None:
-        """`prompt_length`: the tokens of a decoder's seq2seq prompt, as its fine-tune laid prompts out
-        (None, a model not fine-tuned for seq2seq: what the context leaves after `max_new_tokens`)."""
+        """`prompt_length`: the most tokens of a decoder's seq2seq prompt, the least room its fine-tune
+        gave one (None, a model not fine-tuned for seq2seq: what the context leaves after `max_new_tokens`)."""
         self.task, self.model, self.tokenizer, self.format = task, model, tokenizer, fmt
         self.prompt_length = prompt_length
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
