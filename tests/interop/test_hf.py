@@ -1,6 +1,7 @@
 """Faithfulness against `transformers`: random-weight GPT-2 and Llama models built from small configs."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -337,3 +338,64 @@ def test_dropout_is_carried_both_ways(model, keys, tmp_path, tokenizer_dir):
     assert info.model_config.dropout == 0.2
     exported = json.loads((export_hf(ckpt, tmp_path / "export") / "config.json").read_text())
     assert all(exported[k] == 0.2 for k in keys)
+
+
+@pytest.mark.parametrize("model,first,second,rows", [
+    (lambda: llama(), "model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight", (64, 128)),
+    (lambda: llama(), "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight", (80, 16)),
+    (lambda: bert(), "bert.encoder.layer.1.attention.self.query.bias", "bert.encoder.layer.1.attention.self.key.bias", (32, 96)),
+])
+def test_pieces_of_the_wrong_shape_are_refused_before_they_are_fused(model, first, second, rows, tmp_path, tokenizer_dir):
+    """q/k/v and gate/up pieces whose sizes were wrong but added up to the fused shape imported as garbage
+    (transformers refuses them)."""
+    from safetensors.torch import load_file, save_file
+
+    src = hf_dir(tmp_path, model(), tokenizer_dir)
+    tensors = load_file(src / "model.safetensors")
+    expected = tuple(tensors[first].shape)
+    for name, n in zip((first, second), rows):
+        tensors[name] = torch.randn(n, *tensors[name].shape[1:])
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    says = f"{src}: tensor {first} has shape {(rows[0], *expected[1:])} but config.json implies {expected}"
+    with pytest.raises(UserError, match=re.escape(says)) as err:
+        import_hf(src, tmp_path / "ckpt")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_shards_without_their_index_say_the_index_is_missing(tmp_path, tokenizer_dir):
+    """The error said model.safetensors was missing and that lmforge reads safetensors only."""
+    src = tmp_path / "hf"
+    llama().save_pretrained(src, max_shard_size="100KB")
+    shutil.copyfile(tokenizer_dir / "tokenizer.json", src / "tokenizer.json")
+    assert len(list(src.glob("model-*-of-*.safetensors"))) > 1
+    (src / "model.safetensors.index.json").unlink()
+    with pytest.raises(UserError, match=r"model\.safetensors\.index\.json is missing: the weights are in shards "
+                                        r"\(model-00001-of-") as err:
+        import_hf(src, tmp_path / "ckpt")
+    assert "\n" not in str(err.value)
+
+
+def test_generation_config_is_carried_both_ways(tmp_path, tokenizer_dir):
+    """Import and export dropped generation_config.json: transformers' `generate` on an export lost the
+    model's sampling settings and its second stop id."""
+    src = hf_dir(tmp_path, llama(), tokenizer_dir)
+    transformers.GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, bos_token_id=1,
+                                  eos_token_id=[2, 0]).save_pretrained(src)
+    ckpt = import_hf(src, tmp_path / "ckpt")
+    assert json.loads((ckpt / "generation_config.json").read_text()) == json.loads((src / "generation_config.json").read_text())
+    out = export_hf(ckpt, tmp_path / "export")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).generation_config
+    assert back.to_diff_dict() == transformers.GenerationConfig.from_pretrained(src).to_diff_dict()
+    assert (back.do_sample, back.temperature, back.eos_token_id) == (True, 0.6, [2, 0])
+
+
+@pytest.mark.parametrize("text,message", [("[1, 2]", "is not a JSON object of generation settings"),
+                                          ("{not json", "is corrupt")])
+def test_a_damaged_generation_config_is_one_line_and_writes_nothing(text, message, tmp_path, tokenizer_dir):
+    src = hf_dir(tmp_path, llama(), tokenizer_dir)
+    (src / "generation_config.json").write_text(text)
+    with pytest.raises(UserError, match=f"generation_config.json {message}") as err:
+        import_hf(src, tmp_path / "ckpt")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "ckpt").exists()

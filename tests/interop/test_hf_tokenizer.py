@@ -106,3 +106,24 @@ def test_exported_bert_tokenizer_frames_and_fills_masks_as_lmforge_does(tmp_path
         logits = ours(ids)[0, -2, : tok.vocab_size]
     assert best["token"] == logits.argmax().item()
     assert abs(best["score"] - logits.softmax(-1).max().item()) < 1e-4
+
+
+def test_export_declares_no_bos_for_a_tokenizer_without_one(tmp_path, tokenizer_dir):
+    """Export declared EOS as the BOS of an lmforge tokenizer, which has none: a round trip gave it a BOS,
+    which a chat template's {{ bos_token }} then wrote. config.json keeps GPT-2's bos_token_id = EOS."""
+    tok = Tokenizer.load(tokenizer_dir)
+    assert tok.bos_id is None
+    out = export_hf(save_checkpoint(tmp_path / "ckpt", Transformer(ModelConfig(**LLAMA)), tok), tmp_path / "hf")
+    assert "bos_token" not in json.loads((out / "tokenizer_config.json").read_text())
+    assert json.loads((out / "config.json").read_text())["bos_token_id"] == tok.eot_id
+    assert transformers.AutoTokenizer.from_pretrained(out).bos_token is None
+    back = load_checkpoint(import_hf(out, tmp_path / "back")).tokenizer
+    assert back.bos_id is None and back.roles() == tok.roles()
+
+
+def test_export_keeps_the_unknown_token(tmp_path):
+    """transformers loaded an exported BERT tokenizer with unk_token None where the original has [UNK]."""
+    _, hf_tok = _bert_wordpiece_dir(tmp_path / "hf", ["the", "king"])
+    out = export_hf(import_hf(tmp_path / "hf", tmp_path / "ckpt"), tmp_path / "export")
+    back = transformers.AutoTokenizer.from_pretrained(out)
+    assert (back.unk_token, back.unk_token_id) == (hf_tok.unk_token, hf_tok.unk_token_id) == ("[UNK]", 1)

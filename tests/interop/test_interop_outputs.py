@@ -56,6 +56,26 @@ def test_import_never_writes_over_a_run_or_a_model_of_another_kind(run, tmp_path
         import_hf(hf, hf)
 
 
+def test_export_never_replaces_another_model_even_one_transformers_saved_from_an_export(trained_run, tmp_path):
+    """Any directory whose config.json named a model_type counted as an earlier export: a downloaded
+    model's directory was replaced, and the user's other files in it deleted."""
+    transformers = pytest.importorskip("transformers")
+    other = tmp_path / "downloaded"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(other)
+    (other / "README.md").write_text("my notes")
+    before = _files(other)
+    with pytest.raises(UserError, match="downloaded holds another model .*; pass another --out") as err:
+        export_hf(trained_run.out, other)
+    assert "\n" not in str(err.value)
+    assert _files(other) == before
+    # transformers carries config.json's keys into what it saves: the mark of an export is a file of its own
+    out = export_hf(trained_run.out, tmp_path / "hf")
+    transformers.AutoModelForCausalLM.from_pretrained(out).save_pretrained(tmp_path / "tuned")
+    with pytest.raises(UserError, match="tuned holds another model"):
+        export_hf(trained_run.out, tmp_path / "tuned")
+    assert export_hf(trained_run.out, out) == out  # an earlier export is still replaced
+
+
 @pytest.mark.parametrize("out", ["", "."])
 def test_an_empty_out_or_the_current_directory_is_one_line(out, trained_run, tmp_path, monkeypatch):
     (tmp_path / "m.gguf").write_bytes(gguf_bytes(tiny_llama_tensors(2), TINY))

@@ -163,3 +163,15 @@ def test_a_corpus_matches_only_the_declared_end_of_text(tmp_path, decoder):
     plain.encode_special_tokens = True
     assert tok.encode_batch([spelled], eot_only=True)[0] == plain.encode(spelled).ids
     assert tok.bos_id in tok.encode(spelled) and tok.bos_id not in plain.encode(spelled).ids
+
+
+def test_roles_name_the_unknown_token_of_the_vocabulary(tmp_path):
+    """The unknown token was no role: an export's tokenizer_config.json lacked it, and transformers loaded
+    BERT's and SentencePiece's vocabularies with unk_token None. Byte-level BPE needs none."""
+    for name in ("wp", "sp"):
+        (tmp_path / name).mkdir()
+    wordpiece = Tokenizer.load(_save(tmp_path / "wp", _wordpiece()))
+    sentencepiece = Tokenizer.load(_save(tmp_path / "sp", _sentencepiece("llama2", True), {"eos_token": "</s>"}))
+    assert (wordpiece.roles()["unk_token"], sentencepiece.roles()["unk_token"]) == ("[UNK]", "<unk>")
+    assert (wordpiece.unk_id, sentencepiece.unk_id) == (1, 0)
+    assert "unk_token" not in Tokenizer(_bpe("<|endoftext|>")).roles()

@@ -7,6 +7,8 @@
       trainer_state.json   training runs only: step, configs, RNG-free data position, optimizer layout
       optimizer.safetensors  training runs only: optimizer tensors
       metrics.jsonl        training runs only: the metrics up to this step
+      generation_config.json  imported from Hugging Face only: transformers' generate defaults,
+                           kept for `export hf` (lmforge does not read them)
       dcp/                 multi-process training runs only: model and optimizer state, sharded
                            (torch.distributed.checkpoint; what --resume reads on any world size)
 
@@ -20,6 +22,7 @@ from lmforge.checkpoint.store import (
     check_checkpoint_out,
     check_run_out,
     find_checkpoints,
+    is_hf_config,
     load_checkpoint,
     load_model,
     resolve_checkpoint,
@@ -32,6 +35,7 @@ __all__ = [
     "check_checkpoint_out",
     "check_run_out",
     "find_checkpoints",
+    "is_hf_config",
     "load_checkpoint",
     "load_model",
     "resolve_checkpoint",

@@ -120,10 +120,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UserError(f"{path} holds no checkpoint (no config.json and no step-* directories); pass a checkpoint or run directory")
 
 
+def is_hf_config(config: Any) -> bool:
+    """Whether a config.json's content is a Hugging Face model's (it names a model_type or architectures),
+    which a checkpoint's never does."""
+    return isinstance(config, dict) and ("model_type" in config or "architectures" in config)
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint's config, tokenizer and trainer state (weights are loaded by `load_model`)."""
     path = resolve_checkpoint(path)
     config = read_json(path / "config.json", CKPT_FIX)
+    if is_hf_config(config):
+        raise UserError(f"{path} is a Hugging Face model directory, not an lmforge checkpoint; convert it first with "
+                        f"`lmforge import hf {path} --out CKPT` and use CKPT")
     if not isinstance(config, dict) or config.get("format") != FORMAT or "model" not in config:
         raise UserError(f"{path / 'config.json'} is not an lmforge checkpoint config (format {FORMAT}); re-export it")
     model_config = ModelConfig.from_dict(config["model"])

@@ -197,7 +197,7 @@ class TaskFormat:
             through = self.tok.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
             start = self._reply_start(messages[:i], through)
             if start is None:
-                placed = self.tok._message_spans(messages, False, text) if placed is None else placed
+                placed = self.tok.message_spans(messages, False, text) if placed is None else placed
                 start = placed[i][0] if len(placed) == len(messages) else None
             if start is None or not text.startswith(through) or start > len(through):
                 raise UserError(f"the chat template neither renders the conversation through message {i + 1} (an assistant "

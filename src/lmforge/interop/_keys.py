@@ -9,6 +9,8 @@ import reprlib
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
+
 from lmforge.config import ModelConfig
 from lmforge.utils.errors import UserError
 
@@ -56,3 +58,13 @@ def model_config(source: str | Path, **fields: Any) -> ModelConfig:
         return ModelConfig(**fields)
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
+
+
+def check_shape(tensor: torch.Tensor, name: str, shape: tuple[int, ...], says: str) -> torch.Tensor:
+    """`tensor` (the file's `name`), after checking it has the `shape` that `says` (its config, its
+    metadata) implies. Each q/k/v or gate/up piece is checked before it is fused: only the fused shape
+    is checked later, and pieces of the wrong sizes can add up to it and load as garbage."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise UserError(f"tensor {name} has shape {tuple(tensor.shape)} but {says} implies {tuple(shape)}; "
+                        "the config and the weights disagree")
+    return tensor

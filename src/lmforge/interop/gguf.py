@@ -26,7 +26,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, processors
 
 from lmforge.checkpoint import check_checkpoint_out, save_checkpoint
 from lmforge.config import ModelConfig
-from lmforge.interop._keys import REQUIRED, model_config, read_key, some_names
+from lmforge.interop._keys import REQUIRED, check_shape, model_config, read_key, some_names
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
@@ -269,20 +269,23 @@ def state_dict_from_gguf(g: GGUFFile, c: ModelConfig, used: set[str] | None = No
     """lmforge state dict from the file's tensors; `used`, when given, receives the names read."""
     used = set() if used is None else used
 
-    def t(name: str) -> torch.Tensor:
+    def t(name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Tensor `name`; one that is fused with others is checked first to have `shape`."""
         used.add(name)
-        return g.tensor(name)
+        return g.tensor(name) if shape is None else check_shape(g.tensor(name), name, shape, f"the metadata of {g.path}")
 
+    E, q_rows, kv_rows = c.n_embd, c.n_head * c.head_size, c.kv_heads * c.head_size
     sd = {"tok_embeddings.weight": t("token_embd.weight"), "norm.weight": t("output_norm.weight")}
     for i in range(c.n_layer):
         p, q = f"blk.{i}.", f"layers.{i}."
         sd[q + "attention_norm.weight"] = t(p + "attn_norm.weight")
         sd[q + "ffn_norm.weight"] = t(p + "ffn_norm.weight")
         sd[q + "attention.qkv.weight"] = torch.cat([
-            _unpermute(t(p + "attn_q.weight"), c.n_head), _unpermute(t(p + "attn_k.weight"), c.kv_heads), t(p + "attn_v.weight"),
+            _unpermute(t(p + "attn_q.weight", (q_rows, E)), c.n_head), _unpermute(t(p + "attn_k.weight", (kv_rows, E)), c.kv_heads),
+            t(p + "attn_v.weight", (kv_rows, E)),
         ])
         sd[q + "attention.proj.weight"] = t(p + "attn_output.weight")
-        sd[q + "feed_forward.fc.weight"] = torch.cat([t(p + "ffn_gate.weight"), t(p + "ffn_up.weight")])
+        sd[q + "feed_forward.fc.weight"] = torch.cat([t(p + f"ffn_{n}.weight", (c.hidden_size, E)) for n in ("gate", "up")])
         sd[q + "feed_forward.proj.weight"] = t(p + "ffn_down.weight")
     if not c.tie_embeddings:
         sd["output.weight"] = t("output.weight")

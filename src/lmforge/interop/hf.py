@@ -18,9 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import processors
 
-from lmforge.checkpoint import check_checkpoint_out, load_model, save_checkpoint
+from lmforge.checkpoint import check_checkpoint_out, is_hf_config, load_model, save_checkpoint
 from lmforge.config import ModelConfig
-from lmforge.interop._keys import REQUIRED, model_config, read_key, some_names
+from lmforge.interop._keys import REQUIRED, check_shape, model_config, read_key, some_names
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
@@ -29,11 +29,14 @@ from lmforge.utils.fs import (
     atomic_write_json,
     atomic_write_text,
     check_replaceable,
+    out_dir,
     read_json,
 )
 
 Tensors = dict[str, torch.Tensor]
 _HF_FIX = "pass a Hugging Face model directory (re-download it if it is damaged)"
+GENERATION_CONFIG = "generation_config.json"
+EXPORT_MARKER = "lmforge_export.json"  # written by export alone: the mark of a directory it may replace
 
 
 # ---------------------------------------------------------------------------------------- configs
@@ -268,14 +271,14 @@ _BERT_TOP = {
 }
 
 
-def _bert_from_hf(c: ModelConfig, hf: Tensors, get: Callable[[str], torch.Tensor]) -> Tensors:
+def _bert_from_hf(c: ModelConfig, hf: Tensors, get: Callable[..., torch.Tensor]) -> Tensors:
     """A head none of whose weights are in `hf` is left out (import_hf says it starts afresh)."""
     absent = {h for h in _BERT_HEADS if not any(theirs in hf for ours, theirs in _BERT_TOP.items() if ours.startswith(h + "."))}
     sd = {ours: get(theirs) for ours, theirs in _BERT_TOP.items() if ours.split(".")[0] not in absent}
     for i in range(c.n_layer):
         p, q = f"bert.encoder.layer.{i}.", f"layers.{i}."
-        for w in ("weight", "bias"):
-            sd[f"{q}attention.qkv.{w}"] = torch.cat([get(f"{p}attention.self.{n}.{w}") for n in ("query", "key", "value")])
+        for w, shape in (("weight", (c.n_embd, c.n_embd)), ("bias", (c.n_embd,))):
+            sd[f"{q}attention.qkv.{w}"] = torch.cat([get(f"{p}attention.self.{n}.{w}", shape) for n in ("query", "key", "value")])
             for ours, theirs in _BERT_LAYER.items():
                 sd[f"{q}{ours}.{w}"] = get(f"{p}{theirs}.{w}")
     if c.task_head != "none":
@@ -334,7 +337,7 @@ def state_dict_from_hf(c: ModelConfig, hf: Tensors, used: set[str] | None = None
 _HF_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq", "embeddings.position_ids")
 
 
-def _decoder_from_hf(c: ModelConfig, family: str, get: Callable[[str], torch.Tensor]) -> Tensors:
+def _decoder_from_hf(c: ModelConfig, family: str, get: Callable[..., torch.Tensor]) -> Tensors:
     sd: Tensors = {}
     if family == "gpt2":
         sd["tok_embeddings.weight"] = get("wte.weight")
@@ -350,14 +353,16 @@ def _decoder_from_hf(c: ModelConfig, family: str, get: Callable[[str], torch.Ten
                 sd[q + ours + ".bias"] = get(p + theirs + ".bias")
         sd["norm.weight"], sd["norm.bias"] = get("ln_f.weight"), get("ln_f.bias")
     else:
+        E, kv_rows = c.n_embd, c.kv_heads * c.head_size
+        qkv_rows = (("q", c.n_head * c.head_size), ("k", kv_rows), ("v", kv_rows))
         sd["tok_embeddings.weight"] = get("model.embed_tokens.weight")
         for i in range(c.n_layer):
             p, q = f"model.layers.{i}.", f"layers.{i}."
             sd[q + "attention_norm.weight"] = get(p + "input_layernorm.weight")
             sd[q + "ffn_norm.weight"] = get(p + "post_attention_layernorm.weight")
-            sd[q + "attention.qkv.weight"] = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            sd[q + "attention.qkv.weight"] = torch.cat([get(p + f"self_attn.{n}_proj.weight", (rows, E)) for n, rows in qkv_rows])
             sd[q + "attention.proj.weight"] = get(p + "self_attn.o_proj.weight")
-            sd[q + "feed_forward.fc.weight"] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+            sd[q + "feed_forward.fc.weight"] = torch.cat([get(p + f"mlp.{n}_proj.weight", (c.hidden_size, E)) for n in ("gate", "up")])
             sd[q + "feed_forward.proj.weight"] = get(p + "mlp.down_proj.weight")
         sd["norm.weight"] = get("model.norm.weight")
     if not c.tie_embeddings:
@@ -403,13 +408,14 @@ def state_dict_to_hf(c: ModelConfig, sd: Tensors) -> Tensors:
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def _getter(tensors: Tensors, read: set[str] | None = None) -> Callable[[str], torch.Tensor]:
-    def get(name: str) -> torch.Tensor:
+def _getter(tensors: Tensors, read: set[str] | None = None) -> Callable[..., torch.Tensor]:
+    def get(name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Tensor `name`; one that is fused with others is checked first to have `shape`."""
         if name not in tensors:
             raise UserError(f"weight {name!r} is missing from the checkpoint; it does not match its config.json")
         if read is not None:
             read.add(name)
-        return tensors[name]
+        return tensors[name] if shape is None else check_shape(tensors[name], name, shape, "config.json")
 
     return get
 
@@ -423,6 +429,7 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
         raise UserError(f"{src} is not a directory; pass a Hugging Face model directory{hint}")
     check_checkpoint_out(out, src)  # before the work: never over the model being imported, a run, or another kind
     config = config_from_hf(read_json(src / "config.json", _HF_FIX), src / "config.json")
+    generation = _generation_config(src, _HF_FIX)
     tensors = _read_safetensors(src)
     model = Transformer(config)
     used: set[str] = set()
@@ -451,7 +458,8 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
         raise UserError(f"{src}: weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
     tokenizer = Tokenizer.load(src, fix=f"the tokenizer is part of the model: re-download {src} with its tokenizer.json "
                                         "(a newly trained tokenizer would not match the weights)")
-    path = save_checkpoint(out, model, tokenizer)
+    path = save_checkpoint(out, model, tokenizer, extra=None if generation is None else
+                           lambda tmp: atomic_write_json(tmp / GENERATION_CONFIG, generation))
     if fresh:  # as transformers warns of "newly initialized" weights
         print(f"lmforge: {src} has no weights for BERT's {', '.join(_BERT_HEADS[h] for h in fresh)}; "
               "they are initialised afresh (train them before use)", file=sys.stderr)
@@ -462,8 +470,14 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     """Write a checkpoint as a Hugging Face directory that `AutoModelForCausalLM`/`AutoTokenizer` load
     (BERT: `AutoModelForPreTraining`/`AutoModelForMaskedLM`), with the tokenizer's roles and chat template."""
     model, ckpt = load_model(checkpoint)
-    # `out` is replaced wholesale: only an earlier export, never the checkpoint itself, its run or another run.
-    check_replaceable(out, "config.json", "a model directory", key="model_type", sources=(ckpt.path, checkpoint))
+    # `out` is replaced wholesale: only an earlier export, never the checkpoint itself, its run, another run or
+    # another model. A downloaded model's directory has a config.json as an export has, and transformers copies
+    # config.json's keys into the models it saves: only the marker file that export alone writes tells an export.
+    if _another_model(out_dir(out)):
+        raise UserError(f"{out} holds another model (its config.json was not written by `lmforge export hf`), which "
+                        "the export would replace with all the files there; pass another --out")
+    check_replaceable(out, EXPORT_MARKER, "a model directory", key="exported_by", sources=(ckpt.path, checkpoint))
+    generation = _generation_config(ckpt.path, "delete it (only `lmforge export hf` reads it) or import the model again")
     config = ckpt.model_config
     if config.lora is not None:
         raise UserError(f"{ckpt.path} holds LoRA adapters; fold them in with `lmforge merge-lora`, then export the result")
@@ -474,18 +488,42 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     out = Path(out)
     with atomic_dir(out) as tmp:
         atomic_write_json(tmp / "config.json", hf_config)
+        if generation is not None:
+            atomic_write_json(tmp / GENERATION_CONFIG, generation)
+        atomic_write_json(tmp / EXPORT_MARKER, {"exported_by": "lmforge"})
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok, bert = ckpt.tokenizer, hf_config["model_type"] == "bert"
         roles: dict[str, Any] = tok.roles()
         atomic_write_text(tmp / "tokenizer.json", _hf_tokenizer(tok, bert).to_str(pretty=True))
         if bert:  # a pair's segments, as lmforge's encoder reads them
             roles["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
-        else:
-            roles["bos_token"] = tok.hf.id_to_token(_bos_id(tok))
         atomic_write_json(tmp / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.context_length, **roles,
         })
     return out
+
+
+def _another_model(out: Path) -> bool:
+    """Whether `out` holds a Hugging Face model that no export wrote (one downloaded, or saved by transformers)."""
+    if (out / EXPORT_MARKER).is_file() or not (out / "config.json").is_file():
+        return False
+    try:
+        return is_hf_config(read_json(out / "config.json", ""))
+    except UserError:  # an unreadable config.json: no export's either, which check_replaceable refuses
+        return False
+
+
+def _generation_config(directory: Path, fix: str) -> dict[str, Any] | None:
+    """The generation_config.json in `directory`, or None where there is none. lmforge does not read these
+    defaults of transformers' `generate` (sampling settings, stop ids): import keeps them in the checkpoint
+    and export writes them back. Read as JSON data, never run; `fix` ends the error of a damaged one."""
+    path = directory / GENERATION_CONFIG
+    if not path.exists():
+        return None
+    settings = read_json(path, fix)
+    if not isinstance(settings, dict):
+        raise UserError(f"{path} is not a JSON object of generation settings; {fix}")
+    return settings
 
 
 def _hf_tokenizer(tok: Tokenizer, encoder: bool) -> tokenizers.Tokenizer:
@@ -513,6 +551,10 @@ def _read_safetensors(src: Path) -> Tensors:
     for name in files:
         path = src / name
         if not path.exists():
+            shards = {p.name for p in src.glob("model-*.safetensors")}
+            if shards and not index.exists():
+                raise UserError(f"{index} is missing: the weights are in shards ({some_names(shards, 2)}) and it lists "
+                                f"which tensor each holds; {_HF_FIX}")
             bins = list(src.glob("*.bin"))
             hint = " (only PyTorch .bin files found: convert them to safetensors first)" if bins else ""
             raise UserError(f"{path} is missing{hint}; lmforge reads weights from safetensors only")

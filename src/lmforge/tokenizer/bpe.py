@@ -254,6 +254,9 @@ class Tokenizer:
                 raise UserError(f"{origin} has no end-of-text token (looked for {[*EOT_NAMES, *ROLE_NAMES['sep']]}); "
                                 f"name it as eos_token in tokenizer_config.json, or {_TRAIN_HINT}")
         self.bos_id = find(bos_token)
+        # The vocabulary's unknown token (BERT's [UNK], SentencePiece's <unk>) is its model's, in tokenizer.json;
+        # byte-level BPE has none. transformers reads it from tokenizer_config.json, so `roles` carries it there.
+        self.unk_id = find(getattr(hf.model, "unk_token", None))
         # A Jinja template that turns a list of {"role", "content"} messages into a prompt (HF's convention).
         self.chat_template = chat_template
         self.hf = hf
@@ -362,7 +365,7 @@ class Tokenizer:
     def roles(self) -> dict[str, str]:
         """The special tokens by role and the chat template, in tokenizer_config.json's key names."""
         ids = {"eos": self.eot_id, "bos": self.bos_id, "pad": self.pad_id, "mask": self.mask_id, "cls": self.cls_id,
-               "sep": self.sep_id}
+               "sep": self.sep_id, "unk": self.unk_id}
         out = {f"{role}_token": self.hf.id_to_token(i) for role, i in ids.items() if i is not None}
         return {**out, "chat_template": self.chat_template} if self.chat_template else out
 
@@ -468,7 +471,7 @@ class Tokenizer:
                    if any(isinstance(m.get("content"), str) and t.content in m["content"] for m in messages)]
         if not spelled:  # the usual case: the template is rendered once
             return text, enc.ids, enc.offsets
-        spans = self._message_spans(messages, add_generation_prompt, text)
+        spans = self.message_spans(messages, add_generation_prompt, text)
         if not spans:  # fail closed: a message's special-token text cannot be told from the template's
             raise UserError(f"a message spells the special token {spelled[0]!r}, and this chat template changes the "
                             "messages, so it cannot be kept as text; remove it from the message")
@@ -506,7 +509,7 @@ class Tokenizer:
         literal.encode_special_tokens = True
         return literal
 
-    def _message_spans(self, messages: list[dict[str, str]], add_generation_prompt: bool, text: str) -> list[tuple[int, int]]:
+    def message_spans(self, messages: list[dict[str, str]], add_generation_prompt: bool, text: str) -> list[tuple[int, int]]:
         """The (start, end) of each message's text in `text` (the rendered conversation), in order;
         [] when the template does not insert the messages verbatim (or trimmed)."""
         marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
