@@ -162,7 +162,10 @@ def profile_engine(model, prompts, steps: int, compile_: bool, device, max_seq_l
         prof.export_chrome_trace(trace)
     on_device = device.type == "cuda"
     if on_device:  # kernels: their own time on the GPU
-        events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        # record_function ranges also appear on the GPU's timeline, spanning kernels counted already;
+        # torch's own table (`_build_table`) leaves them out too (getattr: older torch has no such flag).
+        events = [e for e in prof.events()
+                  if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
         us = lambda e: e.time_range.elapsed_us()
     else:  # operators at the top level of the host side (not their children, counted twice otherwise)
         events = [e for e in prof.events() if e.device_type == DeviceType.CPU and e.cpu_parent is None]

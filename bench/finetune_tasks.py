@@ -16,7 +16,6 @@ stopped in training keeps the checkpoint of its finished steps (its "interrupted
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from lmforge.evaluate import evaluate_task
 from lmforge.finetune import finetune
 from lmforge.train import Interrupted, pretrain
 from lmforge.utils.device import resolve_device
-from _data import shared_data  # bench/_data.py
+from _data import log, print_row, shared_data  # bench/_data.py
 from _stop import Stopped, stop_on_sigterm  # bench/_stop.py
 
 DATA = shared_data()
@@ -86,7 +85,8 @@ def _run_finetune(name: str, row: dict, base: Path, out: Path, device: str, smok
         train |= dict(max_steps=3, warmup_steps=1, eval_interval=0, batch_size=2, seq_len=min(train["seq_len"], 128))
     kwargs = {k: row[k] for k in ("val", "split_articles", "doc_stride", "prompt", "repeat_input") if k in row}
     lora = LoraConfig(**row["lora"]) if "lora" in row else None
-    result = finetune(base, row["task"], row["data"], out / name, train=TrainConfig(**train), lora=lora, progress=False, **kwargs)
+    result = finetune(base, row["task"], row["data"], out / name, train=TrainConfig(**train), lora=lora, progress=False, log=log,
+                      **kwargs)
     flags = [f"--train.{k} {v}" for k, v in row["train"].items()] + [f"--lora.{k} {v}" for k, v in row.get("lora", {}).items()]
     flags += [f"--{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}") for k, v in kwargs.items()]
     command = f"lmforge finetune {base} --task {row['task']} --data {row['data']} --out {out / name} " + " ".join(flags)
@@ -105,7 +105,7 @@ def _run_translation(row: dict, out: Path, device: str, smoke: bool) -> dict:
     train = {**row["train"], "device": device, "eval_interval": 500, "eval_batches": 5, "tensorboard": False}
     if smoke:
         train |= dict(max_steps=3, warmup_steps=1, eval_interval=0, batch_size=4)
-    result = pretrain(data, out / "multi30k", model, TrainConfig(**train), objective="seq2seq", progress=False)
+    result = pretrain(data, out / "multi30k", model, TrainConfig(**train), objective="seq2seq", progress=False, log=log)
     return {"checkpoint": result.checkpoint, "trainable_params": result.params, "train_seconds": time.perf_counter() - t0,
             "commands": [
                 f"lmforge tokenizer train {M30K}/train.en.gz {M30K}/train.de.gz --vocab-size 10000 --out {tok_dir}",
@@ -133,12 +133,11 @@ def main() -> None:
     try:  # SIGTERM (`timeout`): outside training it raises Stopped; in training the loop stops after a step (Interrupted)
         with stop_on_sigterm():
             for name in names:
-                print(json.dumps(_row(name, args, device)), flush=True)
+                print_row(_row(name, args, device))
                 finished.append(name)
     except (Stopped, Interrupted) as e:
-        print(json.dumps({"what": "stopped", "bench": "finetune_tasks", "stopped_early": True, "during": name,
-                          "finished": finished, "device": device,
-                          **({"interrupted": str(e)} if isinstance(e, Interrupted) else {})}), flush=True)
+        print_row({"what": "stopped", "bench": "finetune_tasks", "stopped_early": True, "during": name,
+                   "finished": finished, "device": device, **({"interrupted": str(e)} if isinstance(e, Interrupted) else {})})
 
 
 def _row(name: str, args, device: str) -> dict:

@@ -28,7 +28,7 @@ from lmforge.data import prepare, train_tokenizer  # noqa: E402
 from lmforge.scaling import fit, held_out, read_runs, sweep  # noqa: E402
 from lmforge.scaling.runs import RESULTS  # noqa: E402
 from lmforge.utils.errors import UserError  # noqa: E402
-from _data import shared_data  # noqa: E402  (bench/_data.py)
+from _data import data_files, log, shared_data  # noqa: E402  (bench/_data.py)
 from _stop import Stopped, stop_on_sigterm  # noqa: E402  (bench/_stop.py)
 
 DATA = shared_data() / "lm"
@@ -59,13 +59,13 @@ def main() -> None:
 
 def study(args, out: Path, stage: list[str]) -> None:
     """The study; stage[0] says what it is doing (for the stopped line)."""
-    files = sorted((DATA / "tinystories").glob("*.txt")) + [DATA / "gutenberg" / f"{b}.txt" for b in BOOKS]
+    files = data_files(DATA / "tinystories") + [DATA / "gutenberg" / f"{b}.txt" for b in BOOKS]
     if not (out / "data" / "meta.json").exists():
         train_tokenizer(files, 2048, out / "tokenizer")
         prepare(files, out / "tokenizer", out / "data", val_fraction=0.05)
     stage[0] = "sweep"
     t0 = time.perf_counter()
-    rows = sweep(args.grid, out / "data", out / "study", progress=False)
+    rows = sweep(args.grid, out / "data", out / "study", progress=False, log=log)  # stdout: JSON lines only
     sweep_seconds = time.perf_counter() - t0
     stage[0] = "fit"
     fit(out / "study", n_bootstrap=100, progress=False)  # every approach on every run: fit.json + plots

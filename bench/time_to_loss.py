@@ -4,7 +4,7 @@
     python bench/time_to_loss.py --preset tiny --target-loss 5.0 --vocab-size 2048 \\
         --batch-size 16 --max-steps 300 --lr 1e-2 --device cpu --threads 2                  # CPU
 
-Data: ../shared/data/lm/gutenberg (10 books, two of them Latin-1, decoded as such) then
+Data: the books of ../shared/data/lm/gutenberg (10 in this copy, two of them Latin-1, decoded as such) then
 ../shared/data/lm/tinystories, tokenized once with an lmforge BPE tokenizer into --cache; validation is the last --val-fraction of the
 characters (the tail of TinyStories' valid file). Recipes, on the shape of --preset:
 
@@ -30,7 +30,7 @@ they start to overfit (the `curve` of a run with --target-loss 0 shows where tha
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import time
 from pathlib import Path
 
@@ -44,14 +44,14 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train.objectives import Objective, weighted_mean_loss
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.utils.device import autocast, autocast_dtype, compile_module, resolve_device
-from _data import shared_data  # bench/_data.py
+from _data import data_files, print_row, shared_data  # bench/_data.py
 from _stop import Stopped, stop_on_sigterm  # bench/_stop.py
 
 DATA = shared_data() / "lm"
 
 
 def corpus_files() -> list[Path]:
-    return sorted((DATA / "gutenberg").glob("*.txt")) + [
+    return data_files(DATA / "gutenberg") + [  # the books, not the folder's SOURCE.txt
         DATA / "tinystories" / "tinystories_train_head.txt", DATA / "tinystories" / "tinystories_valid_head.txt",
     ]
 
@@ -194,27 +194,32 @@ def main() -> None:
                 if name in args.recipes.split(","):
                     current = name
                     results[name] = run(name, model_cfg, train, data, args, device)
-                    print(json.dumps(results[name]), flush=True)
+                    print_row(results[name])
                     if results[name].get("stopped_early"):
                         stopped = True
                         break
         except Stopped:  # outside a training loop: preparing the data, building a model
             stopped = True
-            print(json.dumps({"what": "time_to_loss", "recipe": current, "preset": args.preset, "device": str(device),
-                              "stopped_early": True, "failed": "stopped before its first training step"}), flush=True)
-    if len(results) == 2 and all(r["curve"] for r in results.values()):
+            print_row({"what": "time_to_loss", "recipe": current, "preset": args.preset, "device": str(device),
+                       "stopped_early": True, "failed": "stopped before its first training step"})
+    if len(results) == 2 and all(lowest(r) is not None for r in results.values()):
         line = {"what": "time_to_loss_ratio", "preset": args.preset, "device": str(device), **ratio(results, args.target_loss)}
-        print(json.dumps({**line, "stopped_early": True} if stopped else line), flush=True)
+        print_row({**line, "stopped_early": True} if stopped else line)
 
 
 def ratio(results: dict, target: float) -> dict:
     """fastest / gpt2 wall time to `target`; if a recipe stopped short of it, to the lowest
     validation loss that both reached (read off their curves), so that one run still compares them."""
     if not all(r["reached"] for r in results.values()):
-        target = max(min(loss for _, _, loss in r["curve"]) for r in results.values())
+        target = max(lowest(r) for r in results.values())
     seconds = {name: next(t for _, t, loss in r["curve"] if loss <= target) for name, r in results.items()}
     return {"target_loss": target, "requested_target_reached": target == results["gpt2"]["target_loss"],
             "fastest_over_gpt2": round(seconds["fastest"] / seconds["gpt2"], 3), "seconds": seconds}
+
+
+def lowest(result: dict) -> float | None:
+    """The lowest validation loss on a run's curve; None before its first one, or if all were nan (diverged)."""
+    return min((loss for _, _, loss in result["curve"] if math.isfinite(loss)), default=None)
 
 
 if __name__ == "__main__":

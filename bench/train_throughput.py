@@ -39,7 +39,6 @@ SIGTERM (what `timeout` sends) stops the measuring and reports the rounds finish
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Callable
 
@@ -55,6 +54,7 @@ from lmforge.train.optim import build_optimizer
 from lmforge.utils.device import autocast, autocast_dtype, compile_module, replays_cuda_graphs, resolve_device
 from lmforge.utils.errors import UserError
 
+from _data import print_row  # bench/_data.py
 from _stop import Stopped, stop_on_sigterm  # bench/_stop.py
 
 
@@ -126,7 +126,7 @@ def main() -> None:
         try:
             runners["transformers"] = hf_runner(cfg, args, device, amp, T)
         except UserError as e:
-            print(json.dumps({"what": "train_throughput_ratio", "preset": args.preset, "skipped": str(e)}))
+            print_row({"what": "train_throughput_ratio", "preset": args.preset, "skipped": str(e)})
     def each(action: Callable[[Runner], None]) -> None:
         """`action` on every runner. A comparison that fails (transformers' compile on another
         version, say) is reported and dropped, so that lmforge's own row still comes out."""
@@ -137,8 +137,7 @@ def main() -> None:
                 if name == "lmforge":
                     raise
                 del runners[name]
-                print(json.dumps({"what": "train_throughput", "impl": name, **common, "failed": f"{type(e).__name__}: {e}"[:1000]}),
-                      flush=True)
+                print_row({"what": "train_throughput", "impl": name, **common, "failed": f"{type(e).__name__}: {e}"[:1000]})
 
     # Rounds of args.steps / rounds steps, each implementation in turn: on a shared or throttling
     # machine, slow spells hit every implementation alike, and the median round is reported.
@@ -159,7 +158,7 @@ def main() -> None:
     if stopped:
         common["stopped_early"] = True
         for name in [n for n, r in runners.items() if not r.round_ms]:
-            print(json.dumps({"what": "train_throughput", "impl": name, **common, "failed": "stopped before a timed round"}), flush=True)
+            print_row({"what": "train_throughput", "impl": name, **common, "failed": "stopped before a timed round"})
             del runners[name]
         if "lmforge" not in runners:
             return
@@ -172,17 +171,17 @@ def main() -> None:
         fast, eager = (sum(runners[k].losses[:n]) / n for k in ("lmforge", "eager"))
         line["loss_vs_eager"] = {"steps": n, "mean_loss": round(fast, 5),
                                  "eager_mean_loss": round(eager, 5), "rel_diff": round(abs(fast - eager) / eager, 6)}
-    print(json.dumps(line), flush=True)
+    print_row(line)
     if "eager" in runners:
-        print(json.dumps({"what": "train_throughput", "impl": "lmforge-eager-plain", **common, "compile": False, "compile_mode": None,
-                          "optim": args.optim, "chunked_loss": 0, "params": line["params"], **runners["eager"].summary(args, T)}))
+        print_row({"what": "train_throughput", "impl": "lmforge-eager-plain", **common, "compile": False, "compile_mode": None,
+                   "optim": args.optim, "chunked_loss": 0, "params": line["params"], **runners["eager"].summary(args, T)})
     if "transformers" in runners:
         hf = runners["transformers"]
         theirs = hf.summary(args, T)
-        print(json.dumps({"what": "train_throughput", "impl": "transformers", "model": hf.name, **common,
-                          "optim": "adamw", "chunked_loss": 0, "params": _params(hf.model), **theirs}))
-        print(json.dumps({"what": "train_throughput_ratio", "preset": args.preset, "device": str(device),
-                          "lmforge_over_transformers": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)}))
+        print_row({"what": "train_throughput", "impl": "transformers", "model": hf.name, **common,
+                   "optim": "adamw", "chunked_loss": 0, "params": _params(hf.model), **theirs})
+        print_row({"what": "train_throughput_ratio", "preset": args.preset, "device": str(device),
+                   "lmforge_over_transformers": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)})
 
 
 def lmforge_runner(cfg, train: TrainConfig, args, device, amp, T: int, fast: bool) -> "Runner":

@@ -43,6 +43,56 @@ def test_decode_ttft_is_the_prefill_alone_and_ms_per_step_divides_by_the_steps_t
     assert all(len(t) == 6 for t in out["tokens"])
 
 
+def test_decode_profile_counts_kernels_not_the_annotated_ranges_on_the_gpu_timeline(monkeypatch):
+    """record_function ranges show up as CUDA events too, spanning kernels already counted: counted
+    as kernels, they inflated kernels_per_step and device time (torch's own table leaves them out)."""
+    from torch.autograd import DeviceType
+
+    decode = bench_module("decode", monkeypatch)
+
+    class Engine:
+        steps_left = 0
+
+        def generate(self, prompts, params):
+            pass
+
+        def add(self, prompt, params):
+            self.steps_left = 3
+
+        def step(self):
+            self.steps_left -= 1
+
+        @property
+        def has_work(self):
+            return self.steps_left > 0
+
+    def event(name, device_type, us, annotation=False):
+        return types.SimpleNamespace(name=name, device_type=device_type, is_user_annotation=annotation, cpu_parent=None,
+                                     time_range=types.SimpleNamespace(elapsed_us=lambda: us), cpu_time_total=us)
+
+    events = [event("gemm", DeviceType.CUDA, 300.0), event("softmax", DeviceType.CUDA, 100.0),
+              event("## decode step ##", DeviceType.CUDA, 500.0, annotation=True), event("aten::mm", DeviceType.CPU, 50.0)]
+
+    class Profile:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def events(self):
+            return events
+    monkeypatch.setattr(decode, "build_engine", lambda *a: Engine())
+    monkeypatch.setattr(decode, "sync", lambda device: None)
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    out = decode.profile_engine(None, torch.zeros(2, 4, dtype=torch.long), 2, False, torch.device("cuda"), 16, None, "off")
+    assert out["steps"] == 2 and out["kernels_per_step"] == 1.0  # gemm and softmax over 2 steps
+    assert out["device_ms_per_step"] == pytest.approx(0.2) and [t["name"] for t in out["top"]] == ["gemm", "softmax"]
+
+
 def test_prefix_cache_stopped_reports_the_whole_turns_and_a_stopped_line(monkeypatch, capsys):
     prefix = bench_module("prefix_cache", monkeypatch)
     monkeypatch.setattr(prefix, "load", lambda *a, **k: object())

@@ -13,11 +13,19 @@ from conftest import ROOT, bench_module, bench_rows
 pytestmark = pytest.mark.slow
 
 
+def json_lines(stdout: str) -> list[dict]:
+    """Every line of a bench's stdout, as strict JSON: bench/gpu/run.sh keeps stdout as NAME.jsonl, so
+    a progress line there, or a NaN (which json.dumps writes and JSON readers refuse), breaks it."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return [json.loads(line, parse_constant=refuse) for line in stdout.splitlines()]
+
+
 def run_bench(*args: str) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return json_lines(out.stdout)
 
 
 def test_train_throughput_compares_with_transformers_and_the_eager_path(data_dir):
@@ -52,6 +60,29 @@ def test_time_to_loss_compares_at_the_loss_both_reached_when_the_target_is_too_l
     assert ratio["target_loss"] == common
     first = {r["recipe"]: next(t for _, t, loss in r["curve"] if loss <= common) for r in (gpt2, fastest)}
     assert ratio["seconds"] == first and ratio["fastest_over_gpt2"] == pytest.approx(first["fastest"] / first["gpt2"], rel=1e-2)
+
+
+def test_time_to_loss_reads_the_books_not_the_folders_provenance_file(monkeypatch):
+    ttl = bench_module("time_to_loss", monkeypatch)
+    if not (ttl.DATA / "gutenberg" / "SOURCE.txt").is_file():
+        pytest.skip("../shared/data is not present")
+    books = sorted(p.name for p in (ttl.DATA / "gutenberg").glob("*.txt") if p.name != "SOURCE.txt")
+    assert [p.name for p in ttl.corpus_files()] == books + ["tinystories_train_head.txt", "tinystories_valid_head.txt"]
+
+
+def test_a_diverged_loss_is_written_null_and_the_ratio_compares_the_finite_losses(monkeypatch, capsys):
+    """json.dumps writes a nan loss as NaN, which is not JSON; the time ratio's lowest common loss
+    (min over the curve) took the nan or ran out of validations at it."""
+    ttl, data = bench_module("time_to_loss", monkeypatch), bench_module("_data", monkeypatch)
+    nan, inf = float("nan"), float("inf")
+    data.print_row({"what": "x", "loss_first": nan, "loss_vs_eager": {"rel_diff": inf}, "curve": [[1, 0.5, nan], [2, 1.0, 4.0]], "ok": 1.5})
+    assert json_lines(capsys.readouterr().out) == [
+        {"what": "x", "loss_first": None, "loss_vs_eager": {"rel_diff": None}, "curve": [[1, 0.5, None], [2, 1.0, 4.0]], "ok": 1.5}]
+    runs = {"gpt2": {"reached": False, "target_loss": 3.0, "curve": [[10, 1.0, nan], [20, 2.0, 5.0], [30, 3.0, nan]]},
+            "fastest": {"reached": False, "target_loss": 3.0, "curve": [[10, 0.5, 6.0], [20, 1.0, 4.5]]}}
+    assert ttl.ratio(runs, 3.0) == {"target_loss": 5.0, "requested_target_reached": False, "fastest_over_gpt2": 0.5,
+                                    "seconds": {"gpt2": 2.0, "fastest": 1.0}}
+    assert ttl.lowest({"curve": [[10, 1.0, nan]]}) is None  # diverged from the first validation on: no ratio
 
 
 def test_decode_compares_with_transformers_on_the_same_weights_and_profiles_its_steps(tmp_path):

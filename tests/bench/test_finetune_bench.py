@@ -21,7 +21,7 @@ def test_finetune_tasks_smoke_row_writes_under_out_and_prints_its_commands(train
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    [row] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    [row] = [json.loads(line) for line in proc.stdout.splitlines()]  # stdout is JSON lines only (the loop's log: stderr)
     assert (row["what"], row["row"], row["device"], row["smoke"]) == ("finetune_tasks", "sst2-lora", "cpu", True)
     assert 0 <= row["accuracy"] <= 100 and row["examples"] == 8  # --smoke scores 8 examples
     assert 0 < row["trainable_params"] and row["train_seconds"] > 0

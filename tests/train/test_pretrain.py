@@ -126,6 +126,78 @@ def test_ctrl_c_during_a_checkpoint_step_writes_that_checkpoint_once(data_dir, t
     assert saves == [4] and [p.name for p in find_checkpoints(tmp_path / "run")] == ["step-000004"]
 
 
+def _signal_at(monkeypatch, sig, when, step=4):
+    """The process sends itself `sig` as the run's step `step` (its last) trains, or as its checkpoint is written."""
+    import lmforge.train.loop as loop
+    from lmforge.train.checkpointing import Checkpointer
+    from lmforge.train.optim import lr_at  # the original, under any earlier patch
+
+    if when == "last step":
+        monkeypatch.setattr(loop, "lr_at", lambda s, cfg: (s == step - 1 and os.kill(os.getpid(), sig)) or lr_at(s, cfg))
+    else:
+        save = Checkpointer.save
+        monkeypatch.setattr(Checkpointer, "save", lambda self, s, *a: (s == step and os.kill(os.getpid(), sig)) or save(self, s, *a))
+
+
+class _Terminated(Exception):
+    pass
+
+
+@pytest.mark.parametrize("when", ["last step", "final checkpoint"])
+def test_a_sigterm_too_late_to_stop_the_run_reaches_the_callers_handler_once_the_run_is_saved(data_dir, tmp_path, monkeypatch, when):
+    """Stopping after the last step is finishing: the signal was dropped, and a bench under `timeout`
+    went on to its next row. Now the caller's own handler gets it, as if it came just after the run."""
+    def terminated(signum, frame):
+        raise _Terminated
+
+    _signal_at(monkeypatch, signal.SIGTERM, when)
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        with pytest.raises(_Terminated):
+            pretrain(data_dir, tmp_path / "run", "tiny", tiny_train_config(max_steps=4, eval_interval=4), **quiet)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [p.name for p in find_checkpoints(tmp_path / "run")] == ["step-000004"]
+    assert (tmp_path / "run" / "loss.png").is_file()  # the run had ended
+
+
+def test_ctrl_c_in_the_last_step_is_an_interrupt_naming_the_final_checkpoint_and_an_ignored_sigterm_stays_ignored(
+        data_dir, tmp_path, monkeypatch):
+    from lmforge.train import Interrupted
+
+    _signal_at(monkeypatch, signal.SIGINT, "last step")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own: KeyboardInterrupt
+    try:
+        with pytest.raises(Interrupted, match="interrupted at step 4; checkpoint saved to") as e:
+            pretrain(data_dir, tmp_path / "a", "tiny", tiny_train_config(max_steps=4), **quiet)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert e.value.checkpoint == tmp_path / "a" / "step-000004" and e.value.checkpoint.is_dir()
+
+    _signal_at(monkeypatch, signal.SIGTERM, "last step")
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        assert pretrain(data_dir, tmp_path / "b", "tiny", tiny_train_config(max_steps=4), **quiet).step == 4
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_in_the_last_step_ends_the_cli_in_one_line_naming_the_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    from lmforge.cli.main import main
+
+    _signal_at(monkeypatch, signal.SIGTERM, "last step")
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the CLI's own handler goes in over the default only
+    try:
+        code = main(["pretrain", "--data", str(data_dir), "--out", str(tmp_path / "run"), "--model.preset", "tiny",
+                     "--train.max_steps", "4", "--train.batch_size", "2", "--train.eval_interval", "0",
+                     "--train.device", "cpu", "--train.tensorboard", "false", "--train.threads", "1"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"lmforge: error: interrupted at step 4; checkpoint saved to {tmp_path / 'run' / 'step-000004'}; continue with --resume"
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_the_finished_steps(data_dir, tmp_path):
     """SIGINT stops at a step boundary, writes a checkpoint there and says how to resume."""

@@ -58,7 +58,12 @@ class TrainingObjective(Protocol):
 
 
 class Interrupted(UserError):
-    """Training stopped by Ctrl-C or SIGTERM between two steps, after saving what it had (`checkpoint`)."""
+    """Training stopped by Ctrl-C or SIGTERM between two steps, after saving what it had (`checkpoint`).
+
+    Also raised when the signal came in the run's last step, its final validation or checkpoint and
+    the caller's handler, which `fit` passes it on to, raises KeyboardInterrupt (Python's for
+    Ctrl-C, the CLI's for SIGTERM): the run is complete then, and `checkpoint` its last one.
+    """
 
     def __init__(self, step: int, checkpoint: Path | None) -> None:
         where = f"checkpoint saved to {checkpoint}" if checkpoint else "no new step to save"
@@ -344,7 +349,7 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
         metrics.close()
     plot = plot_loss(metrics.path, out / "loss.png") if world.main else out / "loss.png"
     barrier(world)
-    return RunResult(
+    result = RunResult(
         out=out,
         checkpoint=checkpoints.latest(),
         step=step,
@@ -359,6 +364,15 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
         data_wait_share=total_wait / total_busy if total_busy else None,
         skipped_steps=skipped,
     )
+    if stop.signum is not None:
+        # The signal came too late to stop the run (in its last step, final validation or checkpoint),
+        # which is complete and saved: the caller's handler, back in place, gets it now, as if it had
+        # come just after the run, so that it is not lost (`timeout` around a bench must still end it).
+        try:
+            signal.raise_signal(stop.signum)
+        except KeyboardInterrupt:  # an interrupt (Python's Ctrl-C, the CLI's SIGTERM): say what was saved
+            raise Interrupted(step, result.checkpoint) from None
+    return result
 
 
 def _shares(weights: list[int], world: World, device: torch.device) -> list[float] | list[torch.Tensor]:
@@ -407,14 +421,24 @@ def _silent(*args: Any, **kwargs: Any) -> None:
     pass
 
 
+class _StopRequest:
+    """The first Ctrl-C or SIGTERM that came while training (`signum`), or none."""
+
+    signum: int | None = None
+
+    def is_set(self) -> bool:
+        return self.signum is not None
+
+
 @contextlib.contextmanager
-def _stop_on_interrupt() -> Iterator[threading.Event]:
+def _stop_on_interrupt() -> Iterator[_StopRequest]:
     """Turn the first Ctrl-C or SIGTERM into a request to stop after the current step.
 
     Stopping between steps, never inside one, is what lets the interrupted run save a checkpoint
-    whose weights, optimizer state and step number agree. A second Ctrl-C interrupts at once.
+    whose weights, optimizer state and step number agree. A second Ctrl-C interrupts at once. A
+    request that comes too late to stop the run (in its last step) is passed on as `fit` returns.
     """
-    stop = threading.Event()
+    stop = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
@@ -422,7 +446,7 @@ def _stop_on_interrupt() -> Iterator[threading.Event]:
     def request_stop(signum, frame):
         if stop.is_set():
             raise KeyboardInterrupt
-        stop.set()
+        stop.signum = signum
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
