@@ -344,3 +344,43 @@ def test_chat_templates_render_as_transformers_renders_them(tok, template):
     ours = Tokenizer(tok.hf, chat_template=template)
     assert ours.apply_chat_template(messages) == theirs.apply_chat_template(messages, tokenize=False,
                                                                              add_generation_prompt=True)
+
+
+def test_training_a_tokenizer_replaces_its_output_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A disk filling up between tokenizer.json and tokenizer_config.json left the new tokenizer beside
+    the old one's special tokens; the earlier tokenizer must stay complete instead."""
+    import errno
+    import os
+
+    from lmforge.data import train_tokenizer
+
+    (tmp_path / "a.txt").write_text("the cat sat on the mat\n" * 50)
+    out = tmp_path / "tok"
+    train_tokenizer([tmp_path / "a.txt"], vocab_size=300, out=out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "a.txt").write_text("a different corpus, other merges\n" * 50)
+    fsync = os.fsync
+    calls = []
+
+    def full(fd):  # the first file fits, the second does not
+        calls.append(fd)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        train_tokenizer([tmp_path / "a.txt"], vocab_size=300, out=out, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "tok"]  # no half-written sibling
+
+
+def test_training_a_tokenizer_will_not_replace_a_folder_of_other_files(tmp_path):
+    from lmforge.data import train_tokenizer
+
+    (tmp_path / "a.txt").write_text("the cat sat on the mat\n" * 50)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes exists and is not a tokenizer directory"):
+        train_tokenizer([tmp_path / "a.txt"], vocab_size=300, out=tmp_path / "notes", progress=False)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"

@@ -1,6 +1,7 @@
 """Faults: a non-finite loss stops the run (or skips the step) without losing work, and a process
 killed while it writes a checkpoint resumes from the last complete one."""
 
+import errno
 import json
 import math
 import os
@@ -248,3 +249,22 @@ def test_killing_a_two_process_run_during_a_sharded_write_resumes_on_one(data_di
     a, b = load_file(str(full.checkpoint / "model.safetensors")), load_file(str(resumed.checkpoint / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_an_old_checkpoint_that_cannot_be_removed_is_one_warning_and_training_goes_on(data_dir, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """Seen in review: a permission error deleting step-2 ended a healthy run with a traceback after the
+    new checkpoint was saved. It costs disk, not the run: one warning (not one each save), and on."""
+    replace = os.replace
+
+    def refused(src, dst):
+        if Path(src).name == "step-000002" and str(dst).endswith(".deleted.tmp"):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refused)
+    run(data_dir, tmp_path / "run", bad_steps=(), keep_checkpoints=1)
+    assert [p.name for p in find_checkpoints(tmp_path / "run")] == ["step-000002", "step-000008"]
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1
+    assert f"cannot remove the old checkpoint {tmp_path / 'run' / 'step-000002'} (Operation not permitted)" in err

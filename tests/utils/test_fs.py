@@ -196,3 +196,38 @@ def test_a_file_write_never_puts_a_file_in_place_of_a_device_or_pipe(tmp_path):
     atomic_write_text(tmp_path / "plain.txt", "x")  # a plain file, new or existing, is written as before
     atomic_write_text(tmp_path / "plain.txt", "y")
     assert (tmp_path / "plain.txt").read_text() == "y"
+
+
+def test_a_file_that_cannot_be_replaced_is_one_line_naming_the_kept_output(tmp_path, monkeypatch):
+    """An immutable target (chattr +i) refuses the rename: the finished output (predictions, metrics)
+    stays in its temporary file, named, and the target keeps its old content."""
+    from lmforge.utils.fs import atomic_write_text
+
+    target = tmp_path / "preds.jsonl"
+    target.write_text("old")
+    replace = os.replace
+
+    def refused(src, dst):
+        if str(dst) == str(target):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(UserError, match=f"cannot replace {target} \\(Operation not permitted") as err:
+        atomic_write_text(target, "new")
+    (kept,) = [p for p in tmp_path.iterdir() if p != target]
+    assert "\n" not in str(err.value) and f"the new output is kept in {kept}" in str(err.value)
+    assert target.read_text() == "old" and kept.read_text() == "new"
+
+
+def test_a_file_that_cannot_be_written_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A disk filling up mid-write is no finished output: nothing is kept, the error is the disk's."""
+    from lmforge.utils.fs import atomic_write_text
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_text(tmp_path / "f.txt", "new")
+    assert list(tmp_path.iterdir()) == []

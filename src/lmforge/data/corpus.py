@@ -21,7 +21,7 @@ from typing import BinaryIO, Iterator, Sequence
 
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import check_writable_dir
+from lmforge.utils.fs import atomic_dir, check_replaceable, check_writable_dir
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIX = ".jsonl"
@@ -59,8 +59,9 @@ def train_tokenizer(
     """Train a byte-level BPE tokenizer on the deduplicated documents of `paths`; save `out/tokenizer.json`.
 
     Duplicates are dropped because a document repeated a thousand times would otherwise buy
-    merges for its own phrases. `out` may not be a prepared data or checkpoint directory: its
-    shards or weights were made with the tokenizer.json there.
+    merges for its own phrases. `out` is replaced as a whole, so that a failure leaves the earlier
+    tokenizer there complete; it may not be a prepared data or checkpoint directory (its shards or
+    weights were made with the tokenizer.json there) nor a folder of other files.
     """
     check_tokenizer_out(out)
     n_docs = 0
@@ -75,17 +76,21 @@ def train_tokenizer(
                 n_docs += 1
                 yield doc.text
 
-    tokenizer = Tokenizer.train(texts(), vocab_size, min_frequency=min_frequency, show_progress=progress)
-    if n_docs == 0:
-        raise UserError(f"corpus {_names(paths)} is empty; pass files that contain text")
-    tokenizer.save(out)
+    # tokenizer.json and tokenizer_config.json go together: a disk filling up or a config that cannot be
+    # replaced between the two would leave a new tokenizer beside the old one's special tokens.
+    with atomic_dir(out) as tmp:  # made now: a parent that cannot be written shows before the training
+        tokenizer = Tokenizer.train(texts(), vocab_size, min_frequency=min_frequency, show_progress=progress)
+        if n_docs == 0:
+            raise UserError(f"corpus {_names(paths)} is empty; pass files that contain text")
+        tokenizer.save(tmp)
     return tokenizer
 
 
 def check_tokenizer_out(out: str | Path) -> None:
     """Before training, refuse an `out` that could not take the tokenizer (an empty path, a file in the
     way, a folder that cannot be written) or whose tokenizer.json belongs to shards (meta.json) or to
-    weights (a checkpoint): found after the training, the run would be lost."""
+    weights (a checkpoint), or any other folder that replacing it as a whole would lose: found after the
+    training, the run would be lost."""
     check_writable_dir(out)
     out = Path(out)
     if (out / "meta.json").exists():
@@ -93,6 +98,7 @@ def check_tokenizer_out(out: str | Path) -> None:
     elif (out / "config.json").exists() or any(out.glob("*.safetensors")) or (out / "pytorch_model.bin").exists():
         what = "a checkpoint (config.json or weights): its weights"
     else:
+        check_replaceable(out, "tokenizer.json", "a tokenizer directory")
         return
     raise UserError(f"{out} holds {what} were made with the tokenizer.json there, which a new "
                     "tokenizer would replace; pass another --out")

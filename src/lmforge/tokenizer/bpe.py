@@ -371,7 +371,9 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> Path:
         """Write `directory/tokenizer.json` (and `tokenizer_config.json` with the roles and chat
-        template, in Hugging Face's key names) atomically; return the tokenizer.json path.
+        template, in Hugging Face's key names); return the tokenizer.json path. Each file is written
+        atomically, the pair is not: an output that must arrive whole saves into `atomic_dir`'s
+        temporary directory (as `train_tokenizer` and checkpoints do).
 
         A chat_template.jinja already there is removed: `load` reads it before the config's template,
         so it would give this tokenizer the template of the one saved there before.

@@ -25,6 +25,7 @@ import io
 import os
 import pickle
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -43,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from tqdm.auto import tqdm
 
 from lmforge.checkpoint import CKPT_FIX, Checkpoint, find_checkpoints, load_checkpoint, load_model, save_checkpoint
 from lmforge.checkpoint.store import load_optimizer_state
@@ -58,6 +60,7 @@ SHARDED_DIR = "dcp"
 class Checkpointer:
     def __init__(self, run_dir: Path, keep: int, world: World = World()) -> None:
         self.run_dir, self.keep, self.world = run_dir, keep, world
+        self._kept: set[Path] = set()  # old checkpoints that could not be removed: warned of once, not every save
         self._gathered: Transformer | None = None  # rank 0's full copy for model.safetensors
 
     def resume_point(self, resume: bool, model_config: ModelConfig, tokenizer: Tokenizer, train: TrainConfig) -> Checkpoint | None:
@@ -157,7 +160,14 @@ class Checkpointer:
             for old in find_checkpoints(self.run_dir)[: -self.keep]:
                 # Renamed out of sight first: a kill during the delete leaves no half checkpoint behind.
                 trash = old.with_name(f".{old.name}.deleted.tmp")
-                os.replace(old, trash)
+                try:
+                    os.replace(old, trash)
+                except OSError as e:  # the new checkpoint is saved: a leftover old one costs disk, not the run
+                    if old not in self._kept:
+                        self._kept.add(old)
+                        tqdm.write(f"lmforge: warning: cannot remove the old checkpoint {old} ({e.strerror}); "
+                                   "training goes on, delete it yourself", file=sys.stderr)  # above the progress bar
+                    continue
                 shutil.rmtree(trash, ignore_errors=True)
         barrier(self.world)
         return path

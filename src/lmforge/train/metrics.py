@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_write_text, read_jsonl
+from lmforge.utils.fs import atomic_write_bytes, atomic_write_text, read_jsonl
 
 
 class MetricsLog:
@@ -32,18 +38,53 @@ class MetricsLog:
     def log(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tensorboard and self._tb is None:
-            from torch.utils.tensorboard import SummaryWriter  # imported lazily: it takes a second
+        try:
+            if self._tensorboard and self._tb is None:
+                from torch.utils.tensorboard import SummaryWriter  # imported lazily: it takes a second
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self._purge_step)
-        if self._tb is not None:
-            for key, value in row.items():
-                if key not in ("step", "kind") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"{row['kind']}/{key}", value, row["step"])
+                _quiet_tensorboard_thread()
+                self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self._purge_step)
+            if self._tb is not None:
+                for key, value in row.items():
+                    if key not in ("step", "kind") and isinstance(value, (int, float)):
+                        self._tb.add_scalar(f"{row['kind']}/{key}", value, row["step"])
+        except OSError as e:
+            self._tensorboard_failed(e)
+
+    def _tensorboard_failed(self, e: OSError) -> None:
+        """TensorBoard only mirrors metrics.jsonl: a failed event write (a full disk, raised here from
+        its writer thread) turns it off with one warning, and the run goes on; a disk that is full
+        indeed fails the next checkpoint or metrics row, which says so in one line."""
+        self._tensorboard, tb, self._tb = False, self._tb, None
+        # tqdm.write: a line of its own above the progress bar, not glued to its end
+        tqdm.write(f"lmforge: warning: TensorBoard logging stopped: cannot write {self.run_dir / 'tensorboard'} "
+                   f"({e.strerror or e}); metrics.jsonl keeps the record", file=sys.stderr)
+        if tb is not None:
+            with contextlib.suppress(OSError):  # the same failure again, on the events still buffered
+                tb.close()
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except OSError as e:
+                self._tensorboard_failed(e)
+
+
+def _quiet_tensorboard_thread() -> None:
+    """TensorBoard writes events on a thread, which prints a traceback when a write fails (a full disk)
+    before the next `add_scalar` raises the same error where MetricsLog reports it in one line: leave
+    that thread's OSErrors to MetricsLog. Every other thread, and every other error, is printed."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):  # installed already
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (issubclass(args.exc_type, OSError) and type(args.thread).__module__.startswith("tensorboard.")):
+            previous(args)
+
+    hook.quiets_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -92,10 +133,19 @@ def plot_loss(metrics_path: Path, out_png: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp)
+    png = io.BytesIO()  # drawn in memory, written as any output: no temporary file left on a full disk
+    fig.savefig(png, format="png")
     plt.close(fig)
-    tmp.replace(out_png)
+    # The plot comes after the final checkpoint: its error says that the run is not lost. An error,
+    # not a warning: the summary's "loss curve: PATH" would name a missing or an earlier run's plot.
+    saved = "the run finished and its checkpoints are saved, but"
+    try:
+        atomic_write_bytes(out_png, png.getvalue())
+    except OSError as e:
+        raise UserError(f"{saved} {out_png} cannot be written ({e.strerror}); free space and run the same command "
+                        "with --resume to draw the loss curve") from None
+    except UserError as e:
+        raise UserError(f"{saved} {e}") from None
     return out_png
 
 

@@ -75,14 +75,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise _unwritable(path.parent, e) from None
+    written = False
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        written = True
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        if written and isinstance(e, OSError):  # a refused rename (an immutable `path`): the output is kept
+            raise _refused(path, Path(tmp), e) from None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
@@ -141,33 +145,37 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def _refused(path: Path, tmp: Path, e: OSError) -> UserError:
+    """The one line for a finished output (`tmp`) that the filesystem would not rename to `path`: it
+    is kept, and named, since it may have taken hours to make."""
+    kept = f"the new output is kept in {tmp}"
+    if not (path.exists() or path.is_symlink()):
+        return UserError(f"cannot write {path} ({e.strerror}); {kept}: rename it to {path.name} once that is possible")
+    return UserError(f"cannot replace {path} ({e.strerror}; is it immutable, or on a read-only mount?); it was left "
+                     f"as it was, and {kept}: put it in its place once {path.name} can be replaced")
+
+
 def _swap_in(tmp: Path, path: Path) -> None:
     """Rename the finished `tmp` to `path`. An existing `path` is first renamed into a new hidden
     directory (a fresh name, so that no folder of the user's is ever taken for a backup) and
     deleted after; when the new one cannot take its place, it is put back."""
-    kept = f"the new output is kept in {tmp}"
     if not (path.exists() or path.is_symlink()):
         try:
             os.replace(tmp, path)
         except OSError as e:
-            raise UserError(f"cannot write {path} ({e.strerror}); {kept}: rename it to {path.name} once that is "
-                            "possible") from None
+            raise _refused(path, tmp, e) from None
         return
-
-    def refused(e: OSError) -> UserError:
-        return UserError(f"cannot replace {path} ({e.strerror}; is it immutable, or on a read-only mount?); it was left "
-                         f"as it was, and {kept}: put it in its place once {path.name} can be replaced")
 
     try:
         backup = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
     except OSError as e:
-        raise refused(e) from None
+        raise _refused(path, tmp, e) from None
     aside = backup / path.name
     try:
         os.replace(path, aside)
     except OSError as e:
         backup.rmdir()
-        raise refused(e) from None
+        raise _refused(path, tmp, e) from None
     try:
         os.replace(tmp, path)
     except BaseException as e:  # an interrupt or a refusal between the two renames: put the old one back
@@ -175,10 +183,10 @@ def _swap_in(tmp: Path, path: Path) -> None:
             os.replace(aside, path)
         except OSError as again:
             raise UserError(f"cannot replace {path} ({again.strerror}); its previous content is in {aside}: rename it "
-                            f"back to {path}; {kept}") from None
+                            f"back to {path}; the new output is kept in {tmp}") from None
         backup.rmdir()
         if isinstance(e, OSError):
-            raise refused(e) from None
+            raise _refused(path, tmp, e) from None
         raise
     shutil.rmtree(backup, ignore_errors=True)
 
