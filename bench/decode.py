@@ -41,7 +41,6 @@ most of it; on CPU the operators instead. `--trace FILE` also writes the Chrome 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
@@ -55,6 +54,7 @@ from lmforge.model import Transformer
 from lmforge.utils.device import resolve_device
 
 from _stop import Stopped, stop_on_sigterm  # bench/_stop.py
+from _data import print_row  # bench/_data.py
 
 VOCAB = {"smollm2-135m": 49152, "llama-3.2-1b": 128256}
 
@@ -309,7 +309,7 @@ def main() -> None:
     except Stopped:
         base["stopped_early"] = True
         if not runs:
-            print(json.dumps({"what": "lmforge engine", **base, "failed": "stopped before a run finished"}), flush=True)
+            print_row({"what": "lmforge engine", **base, "failed": "stopped before a run finished"})
             return
         if hf is not None and not hf_runs:
             hf_error, hf = "stopped before a run finished", None
@@ -322,27 +322,27 @@ def main() -> None:
     assert all(r["tokens"] == tokens for r in runs)
     ours = median(runs) | {"first_step_ms": statistics.median(r["first_step_ms"] for r in runs)}
     memory = "own_weights_plus_peak_allocated_above_start" if device.type == "cuda" else "process_peak_rss"
-    print(json.dumps({"what": "lmforge engine", **base, "repeat": args.repeat, **ours,
-                      "peak_memory_gb": round(runs[0]["peak_memory_gb"], 3) if device.type == "cpu" else peak(runs),
-                      "memory": memory}), flush=True)
+    print_row({"what": "lmforge engine", **base, "repeat": args.repeat, **ours,
+               "peak_memory_gb": round(runs[0]["peak_memory_gb"], 3) if device.type == "cpu" else peak(runs),
+               "memory": memory})
     if hf_error is not None:
-        print(json.dumps({"what": "transformers generate", **base, "failed": hf_error}), flush=True)
+        print_row({"what": "transformers generate", **base, "failed": hf_error})
     elif hf is not None:
         theirs = median(hf_runs)
         # Greedy on the same weights: identical tokens in fp32 (bf16 may part ways at a near-tie).
         same = sum(a == b for a, b in zip(tokens, hf_runs[0]["tokens"]))
-        print(json.dumps({"what": "transformers generate", **base, "transformers": transformers.__version__, "repeat": args.repeat,
-                          **theirs, "compile": hf_compile, "cache": "static" if hf_compile else "dynamic",
-                          "compiled": hf_compile_how(hf, device) if hf_compile else None,
-                          "peak_memory_gb": peak(hf_runs), "memory": memory}), flush=True)
-        print(json.dumps({"what": "ratio lmforge / transformers", **base,
-                          "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
-                          "ratios": [round(a["tokens_per_s"] / b["tokens_per_s"], 2) for a, b in zip(runs, hf_runs)],
-                          "sequences_identical_to_transformers": f"{same}/{args.batch}"}), flush=True)
+        print_row({"what": "transformers generate", **base, "transformers": transformers.__version__, "repeat": args.repeat,
+                   **theirs, "compile": hf_compile, "cache": "static" if hf_compile else "dynamic",
+                   "compiled": hf_compile_how(hf, device) if hf_compile else None,
+                   "peak_memory_gb": peak(hf_runs), "memory": memory})
+        print_row({"what": "ratio lmforge / transformers", **base,
+                   "ratio": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2),
+                   "ratios": [round(a["tokens_per_s"] / b["tokens_per_s"], 2) for a, b in zip(runs, hf_runs)],
+                   "sequences_identical_to_transformers": f"{same}/{args.batch}"})
     if args.profile:
         steps = min(args.profile, args.new_tokens - 2)
-        print(json.dumps({"what": "lmforge engine profile", **base,
-                          **profile_engine(model, prompts, steps, args.compile, device, base["max_seq_len"], args.trace, args.graphs)}), flush=True)
+        print_row({"what": "lmforge engine profile", **base,
+                   **profile_engine(model, prompts, steps, args.compile, device, base["max_seq_len"], args.trace, args.graphs)})
 
 if __name__ == "__main__":
     main()

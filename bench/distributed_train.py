@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _data import print_row  # bench/_data.py
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -75,13 +77,13 @@ def main() -> None:
                 seconds = time.perf_counter() - t
                 rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
                 train = [r for r in rows if r["kind"] == "train"]
-                print(json.dumps({
+                print_row({
                     "what": "distributed_train", "nproc": nproc, "parallel": parallel, "preset": args.preset,
                     "device": args.device, "sequences_per_step": args.batch_size * args.global_micro_batches,
                     "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in train[1:]), 1),
                     "data_wait": round(statistics.median(r["data_wait"] for r in train[1:]), 4),
                     "final_loss": round(train[-1]["loss"], 5), "seconds": round(seconds, 1),
-                }), flush=True)
+                })
 
 
 if __name__ == "__main__":

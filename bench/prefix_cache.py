@@ -35,7 +35,6 @@ one in progress with its whole turns of both settings (marked "stopped_early"), 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -48,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _stop import Stopped, stop_on_sigterm  # noqa: E402  (bench/_stop.py)
+from _data import print_row  # noqa: E402  (bench/_data.py)
 from lmforge.infer import Engine, SamplingParams, load, render_chat  # noqa: E402
 
 PLAY = Path(__file__).resolve().parents[1] / "src" / "lmforge" / "assets" / "tinyshakespeare.txt"
@@ -134,13 +134,13 @@ def report(name: str, runs: dict[bool, list[dict]], env: dict, stopped: bool = F
     median = {on: sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2] for on, rs in runs.items()}
     for on in (False, True):
         row = {k: v for k, v in median[on].items() if k != "outputs"}
-        print(json.dumps({**row, **env, "repeat": n, **extra}), flush=True)
+        print_row({**row, **env, "repeat": n, **extra})
     ratio = lambda k: round(median[False][k] / median[True][k], 2) if median[True][k] > 0 else None
-    print(json.dumps({
+    print_row({
         "what": f"{name} ratio", "ttft_ratio": ratio("ttft_ms"), "ttft_less_decode_ratio": ratio("ttft_less_decode_ms"),
         "seconds_ratio": ratio("seconds"),
         "identical_outputs": all(a["outputs"] == b["outputs"] for a in runs[False] for b in runs[True]), **extra,
-    }), flush=True)
+    })
 
 
 def main() -> None:
@@ -175,7 +175,7 @@ def main() -> None:
     except Stopped:
         if during in scenarios and runs[False] and runs[True]:
             report(during, runs, env, stopped=True)
-        print(json.dumps({"what": "stopped", "bench": "prefix_cache", "stopped_early": True, "during": during, **env}), flush=True)
+        print_row({"what": "stopped", "bench": "prefix_cache", "stopped_early": True, "during": during, **env})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ at the start). One JSON line per setting: {"what", "setting", "batch", "vocab", 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from lmforge.infer.sampling import SamplingParams, _filter_sorted, _top_k, filter_logits, sample_rows
 from lmforge.utils.device import resolve_device
+from _data import print_row  # bench/_data.py
 
 SETTINGS = {
     "temperature 0.7": SamplingParams(temperature=0.7),
@@ -99,10 +99,9 @@ def main() -> None:
         ours = timed(lambda: sample_rows(logits, [sp] * B, [None] * B).tokens, device, args.repeat)
         theirs = timed(lambda: reference(logits, sp), device, args.repeat)
         same = bool(torch.equal(kept(logits, sp, True), kept(logits, sp, False))) if sp.filtered else None
-        print(json.dumps({"what": "sampling", "setting": name, "batch": B, "vocab": V, "device": str(device),
-                          "logits": "checkpoint" if args.checkpoint else "random", "ms": round(ours, 3),
-                          "reference_ms": round(theirs, 3), "speedup": round(theirs / ours, 2), "same_kept_tokens": same}),
-              flush=True)
+        print_row({"what": "sampling", "setting": name, "batch": B, "vocab": V, "device": str(device),
+                   "logits": "checkpoint" if args.checkpoint else "random", "ms": round(ours, 3),
+                   "reference_ms": round(theirs, 3), "speedup": round(theirs / ours, 2), "same_kept_tokens": same})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -28,7 +27,7 @@ from lmforge.data import prepare, train_tokenizer  # noqa: E402
 from lmforge.scaling import fit, held_out, read_runs, sweep  # noqa: E402
 from lmforge.scaling.runs import RESULTS  # noqa: E402
 from lmforge.utils.errors import UserError  # noqa: E402
-from _data import data_files, log, shared_data  # noqa: E402  (bench/_data.py)
+from _data import data_files, log, print_row, shared_data  # noqa: E402  (bench/_data.py)
 from _stop import Stopped, stop_on_sigterm  # noqa: E402  (bench/_stop.py)
 
 DATA = shared_data() / "lm"
@@ -52,9 +51,9 @@ def main() -> None:
             raise
         results = out / "study" / RESULTS
         done = sum(1 for line in results.read_text().splitlines() if line.strip()) if results.exists() else 0
-        print(json.dumps({"what": "stopped", "bench": "scaling_study", "stopped_early": True, "during": stage[0],
-                          "runs_done": done, "seconds": round(time.perf_counter() - t0, 1),
-                          **({"interrupted": str(e)} if isinstance(e, UserError) else {})}), flush=True)
+        print_row({"what": "stopped", "bench": "scaling_study", "stopped_early": True, "during": stage[0],
+                   "runs_done": done, "seconds": round(time.perf_counter() - t0, 1),
+                   **({"interrupted": str(e)} if isinstance(e, UserError) else {})})
 
 
 def study(args, out: Path, stage: list[str]) -> None:
@@ -72,13 +71,13 @@ def study(args, out: Path, stage: list[str]) -> None:
 
     check = held_out(read_runs(out / "study"))  # approach 3 on all but the largest model, predicting it
     for pred in check["predictions"]:
-        print(json.dumps({"what": "scaling_holdout", "params": check["params"], "tokens": pred["tokens"],
-                          "observed": round(pred["observed"], 4), "predicted": round(pred["predicted"], 4),
-                          "rel_error": round(pred["rel_error"], 4)}), flush=True)
-    print(json.dumps({"what": "scaling_study", "runs": len(rows), "sweep_seconds": round(sweep_seconds, 1),
-                      "run_seconds": round(sum(r["seconds"] for r in rows), 1), "fit_on": check["fit_on"],
-                      "law": check["law"], "max_rel_error": round(check["max_rel_error"], 4),
-                      "mean_rel_error": round(check["mean_rel_error"], 4)}), flush=True)
+        print_row({"what": "scaling_holdout", "params": check["params"], "tokens": pred["tokens"],
+                   "observed": round(pred["observed"], 4), "predicted": round(pred["predicted"], 4),
+                   "rel_error": round(pred["rel_error"], 4)})
+    print_row({"what": "scaling_study", "runs": len(rows), "sweep_seconds": round(sweep_seconds, 1),
+               "run_seconds": round(sum(r["seconds"] for r in rows), 1), "fit_on": check["fit_on"],
+               "law": check["law"], "max_rel_error": round(check["max_rel_error"], 4),
+               "mean_rel_error": round(check["mean_rel_error"], 4)})
 
 
 if __name__ == "__main__":

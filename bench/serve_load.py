@@ -28,6 +28,8 @@ import time
 
 import httpx
 
+from _data import print_row  # bench/_data.py
+
 WORDS = ["ROMEO:", "JULIET:", "First Citizen:", "KING", "MENENIUS:", "What say you", "Nay, my lord", "O, "]
 
 
@@ -131,12 +133,12 @@ def main() -> None:
             rounds.append((alone, seq, together, con))
         median = lambda stats: sorted(stats, key=lambda d: d["tokens_per_s"])[len(stats) // 2]
         seq, con = median([r[1] for r in rounds]), median([r[3] for r in rounds])
-        print(json.dumps({"what": "one at a time", **base, "repeat": args.repeat, **seq}), flush=True)
-        print(json.dumps({"what": "all at once", **base, "repeat": args.repeat, **con}), flush=True)
+        print_row({"what": "one at a time", **base, "repeat": args.repeat, **seq})
+        print_row({"what": "all at once", **base, "repeat": args.repeat, **con})
         same = sum(all(r[0][i] == r[2][i] == rounds[0][0][i] for r in rounds) for i in range(len(prompts)))
-        print(json.dumps({"what": "speedup", **base, "ratio": round(con["tokens_per_s"] / seq["tokens_per_s"], 2),
-                          "ratios": [round(r[3]["tokens_per_s"] / r[1]["tokens_per_s"], 2) for r in rounds],
-                          "identical_outputs": f"{same}/{len(prompts)}"}), flush=True)
+        print_row({"what": "speedup", **base, "ratio": round(con["tokens_per_s"] / seq["tokens_per_s"], 2),
+                   "ratios": [round(r[3]["tokens_per_s"] / r[1]["tokens_per_s"], 2) for r in rounds],
+                   "identical_outputs": f"{same}/{len(prompts)}"})
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from _data import shared_data  # noqa: E402
+from _data import print_row, shared_data  # noqa: E402
 from _stop import Stopped, stop_on_sigterm  # noqa: E402
 from decode import build_hf, sync  # noqa: E402
 
@@ -160,8 +160,8 @@ def main() -> None:
         report({name: rs[:turns] for name, rs in runs.items()}, {**env, "repeat": turns}, hf_too, args.temperature,
                stopped=during is not None)
     if during is not None:
-        print(json.dumps({"what": "stopped", "bench": "speculative", "stopped_early": True, "during": during,
-                          "turns_done": turns, **env}), flush=True)
+        print_row({"what": "stopped", "bench": "speculative", "stopped_early": True, "during": during,
+                   "turns_done": turns, **env})
 
 
 def report(runs: dict[str, list[dict]], env: dict, hf_too: bool, temperature: float, stopped: bool = False) -> None:
@@ -171,7 +171,7 @@ def report(runs: dict[str, list[dict]], env: dict, hf_too: bool, temperature: fl
         row = {"what": name, **env, **{k: v for k, v in r.items() if k != "outputs"}, **extra}
         if "drafted" in r:
             row["accepted_per_step"] = round(r["accepted"] / max(r["steps"], 1), 2)
-        print(json.dumps(row), flush=True)
+        print_row(row)
     reference = median["lmforge"]["outputs"]
     ratio = {"what": "ratio", **env, **extra,
              "speculative_over_plain": round(median["lmforge speculative"]["tokens_per_s"] / median["lmforge"]["tokens_per_s"], 2)}
@@ -182,7 +182,7 @@ def report(runs: dict[str, list[dict]], env: dict, hf_too: bool, temperature: fl
             median["transformers prompt lookup"]["tokens_per_s"] / median["transformers"]["tokens_per_s"], 2)
         ratio["lmforge_over_transformers_prompt_lookup"] = round(
             median["lmforge speculative"]["tokens_per_s"] / median["transformers prompt lookup"]["tokens_per_s"], 2)
-    print(json.dumps(ratio), flush=True)
+    print_row(ratio)
 
 if __name__ == "__main__":
     main()
