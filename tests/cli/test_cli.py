@@ -634,8 +634,18 @@ def test_ctrl_c_in_a_chat_reply_stops_the_reply_not_the_session(trained_run, tmp
         proc.stdin.write(b"/reset\n")  # after a whole reply: the user turn and the reply
         proc.stdin.flush()
         assert wait_for("err", "(conversation cleared)").split("(conversation cleared)")[0].strip().endswith("2")
-        proc.send_signal(signal.SIGINT)  # at the prompt: the session ends as before
-        assert proc.wait(timeout=60) == 130
+        # At the prompt: the session ends as before. A signal that lands after "(conversation cleared)" but
+        # before input() has entered its read() is only noted (CPython's race, seen once in CI under load):
+        # read() then waits for the next line, as a person would press Ctrl-C again; so press it again.
+        for _ in range(12):
+            proc.send_signal(signal.SIGINT)
+            try:
+                assert proc.wait(timeout=5) == 130
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            raise AssertionError("Ctrl-C at the prompt did not end the session")
     finally:
         proc.kill()
         proc.wait()
