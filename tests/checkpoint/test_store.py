@@ -1,9 +1,13 @@
 import json
+import os
+import shutil
+import stat
 
 import pytest
 import torch
 
-from lmforge.checkpoint import load_model, resolve_checkpoint, save_checkpoint
+from lmforge.checkpoint import find_checkpoints, load_model, resolve_checkpoint, save_checkpoint
+from lmforge.checkpoint.store import incomplete_steps
 from lmforge.config import preset
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
@@ -127,3 +131,95 @@ def test_a_hugging_face_directory_says_to_import_it_first(tmp_path):
                                         r"`lmforge import hf .*hf --out CKPT`") as err:
         load_model(tmp_path / "hf")
     assert "\n" not in str(err.value) and "re-export" not in str(err.value)
+
+
+# ------------------------------------------------------------- what a checkpoint must hold to be read
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_naming_both_sizes(tokenizer_dir, tmp_path):
+    """Seen in review: the wrong tokenizer.json copied into a checkpoint (as the missing-tokenizer error
+    advises copying one) gave an IndexError traceback in generate, eval and lmforge.load."""
+    tok = Tokenizer.load(tokenizer_dir)
+    path = save_checkpoint(tmp_path / "ckpt", Transformer(preset("tiny", vocab_size=300)), tok)
+    with pytest.raises(UserError, match=r"ckpt/tokenizer.json has 512 tokens but the model's vocab_size is 300 "
+                                        r"\(.*config.json\); .*the tokenizer the weights were trained with") as err:
+        load_model(path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_config_without_vocab_size_names_the_file_not_a_flag(saved):
+    """Seen in review: generate said `pass --model.vocab_size`, a flag it does not have."""
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["model"]["vocab_size"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"ckpt/config.json sets no model.vocab_size") as err:
+        load_model(path)
+    assert "--model" not in str(err.value)
+
+
+def test_an_unknown_config_key_names_the_file_and_a_newer_lmforge(saved):
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model"]["sliding_window"] = 4096
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"ckpt/config.json: unknown model config key\(s\) \['sliding_window'\] "
+                                        r"\(written by a newer lmforge\?"):
+        load_model(path)
+
+
+def test_inference_does_not_read_a_damaged_trainer_state(saved):
+    """Seen in review: a damaged trainer_state.json blocked generate, export and serve, which never use it."""
+    model, path = saved
+    (path / "trainer_state.json").write_text("{not json")
+    loaded, ckpt = load_model(path)
+    assert loaded.config == model.config
+    with pytest.raises(UserError, match=r"trainer_state.json is corrupt"):  # what needs it still refuses it
+        ckpt.trainer_state
+
+
+def test_weights_and_optimizer_state_get_the_usual_file_mode(tokenizer_dir, tmp_path):
+    """Seen in review: safetensors 0.8 writes 0600, so another account (a server) could not read the weights."""
+    tok = Tokenizer.load(tokenizer_dir)
+    model = Transformer(preset("tiny", vocab_size=tok.vocab_size))
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "ckpt", model, tok, trainer_state={"step": 1},
+                               optimizer_state={"state": {0: {"exp_avg": torch.zeros(2)}}, "param_groups": []})
+    finally:
+        os.umask(old)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()}
+    assert modes["model.safetensors"] == modes["optimizer.safetensors"] == modes["config.json"] == 0o644, modes
+
+
+# ------------------------------------------------------------- the latest complete step of a run
+def _run_with(saved, tmp_path, *steps):
+    """A run directory holding the saved checkpoint as step-000006 and, for each (name, files) in
+    `steps`, a step directory holding only those files of it (a copy in progress)."""
+    _, path = saved
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(path, run / "step-000006")
+    for name, files in steps:
+        (run / name).mkdir()
+        for f in files:
+            shutil.copyfile(path / f, run / name / f)
+    return run
+
+
+@pytest.mark.parametrize("files", [["config.json"], ["config.json", "model.safetensors"], ["model.safetensors", "tokenizer.json"]])
+def test_a_step_directory_that_is_being_copied_is_not_the_latest_checkpoint(saved, tmp_path, files):
+    """Seen in review: a step-000010 holding only config.json (rsync and cp write it first) was taken for
+    the latest checkpoint, and generate failed on its missing tokenizer.json instead of using step 6."""
+    run = _run_with(saved, tmp_path, ("step-000010", files))
+    assert find_checkpoints(run) == [run / "step-000006"]
+    assert resolve_checkpoint(run) == run / "step-000006"
+    assert incomplete_steps(run) == [run / "step-000010"]
+
+
+def test_a_run_holding_only_a_partial_step_says_so(saved, tmp_path):
+    """Seen in review: it said `no config.json and no step-* directories`, which was false."""
+    run = _run_with(saved, tmp_path, ("step-000002", ["config.json"]))
+    shutil.rmtree(run / "step-000006")
+    with pytest.raises(UserError, match=r"run holds no complete checkpoint: step-000002 lacks model.safetensors, "
+                                        r"tokenizer.json") as err:
+        load_model(run)
+    assert "no step-* directories" not in str(err.value)

@@ -5,6 +5,8 @@ import json
 import pytest
 
 from lmforge.cli.main import main, parse
+from lmforge.config import PRESETS
+from lmforge.utils.errors import UserError
 
 
 def run(capsys, *argv):
@@ -713,3 +715,119 @@ def test_a_device_lmforge_cannot_use_is_named_not_blamed_on_the_checkpoint(capsy
 def test_eval_on_a_run_directory_says_what_it_is(capsys, trained_run):
     fails_with(capsys, f"{trained_run.out} is a checkpoint or run directory, not text to evaluate on", "eval", trained_run.out,
                "--data", trained_run.out)
+
+
+def test_print_config_shows_the_presets_values_and_reads_back_as_the_same_model(capsys, tmp_path):
+    """Seen in review: `--model.preset tiny --print_config` printed `preset: tiny` with GPT-2 124M's shape
+    (n_layer 12, n_embd 768), and `--config` of that file trained a GPT-2-sized model labelled tiny."""
+    import yaml
+
+    argv = ["pretrain", "--data", "d", "--out", "o", "--model.preset", "tiny", "--model.n_head", 8]
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv] + ["--print_config"])
+    printed = capsys.readouterr().out
+    assert e.value.code == 0
+    (tmp_path / "p.yaml").write_text(printed)
+    model = yaml.safe_load(printed)["model"]
+    tiny = PRESETS["tiny"]
+    assert (model["preset"], model["n_layer"], model["n_embd"], model["context_length"], model["n_head"]) == (
+        "tiny", tiny["n_layer"], tiny["n_embd"], tiny["context_length"], 8)
+    assert parse(["pretrain", "--config", str(tmp_path / "p.yaml")]).pretrain.model == parse([str(a) for a in argv]).pretrain.model
+    with pytest.raises(SystemExit):  # as before: printing needs no --data or --out
+        main(["pretrain", "--model.preset", "tiny", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["n_layer"] == tiny["n_layer"]
+
+
+def test_model_train_and_lora_groups_read_from_files(capsys, monkeypatch, data_dir, tmp_path):
+    """Seen in review: `--model m.yaml` (the `[--model CONFIG]` of --help) ended in a TypeError on jsonargparse's
+    `__path__` key."""
+    (tmp_path / "m.yaml").write_text("{preset: tiny, n_layer: 1}\n")
+    (tmp_path / "t.yaml").write_text("{max_steps: 2, batch_size: 2, device: cpu, eval_interval: 0, tensorboard: false}\n")
+    code, out, err = run(capsys, "pretrain", "--data", data_dir, "--out", tmp_path / "r", "--model", tmp_path / "m.yaml",
+                         "--train", tmp_path / "t.yaml", "--json")
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1])["step"] == 2
+    config = json.loads((tmp_path / "r" / "step-000002" / "config.json").read_text())["model"]
+    assert (config["preset"], config["n_layer"], config["n_embd"]) == ("tiny", 1, PRESETS["tiny"]["n_embd"])
+
+    import lmforge.cli.commands as commands
+
+    seen = {}
+
+    def finetune(*args, lora, **kwargs):
+        seen["lora"] = lora
+        raise UserError("stop here")
+
+    monkeypatch.setattr(commands, "finetune", finetune)
+    (tmp_path / "l.yaml").write_text("{r: 4, alpha: 8}\n")
+    fails_with(capsys, "stop here", "finetune", "ck", "--task", "classify", "--data", "d", "--out", tmp_path / "ft",
+               "--lora", tmp_path / "l.yaml")
+    assert (seen["lora"].r, seen["lora"].alpha) == (4, 8.0)
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["scaling", "plan", "--tokens", "1e9", "--mfu", "nan"], "lmforge scaling plan --help"),
+    (["scaling", "fit"], "lmforge scaling fit --help"),
+    (["scaling", "sweep", "--grid", "g"], "lmforge scaling sweep --help"),
+    (["tokenizer", "train", "--vocab-size", "x"], "lmforge tokenizer train --help"),
+    (["import", "hf", "src"], "lmforge import hf --help"),
+    (["import", "gguf", "src"], "lmforge import gguf --help"),
+    (["export", "hf", "ck"], "lmforge export hf --help"),
+    (["scaling", "nope"], "lmforge scaling --help"),  # no such action: the verb's help lists them
+    (["pretrain", "--data"], "lmforge pretrain --help"),
+])
+def test_the_help_hint_of_an_error_names_the_action_whose_options_are_wrong(capsys, argv, hint):
+    """Seen in review: `scaling plan --mfu nan` said "see `lmforge scaling --help`", which lists only the actions."""
+    line = fails_with(capsys, "", *argv)
+    assert line.endswith(f"(see `{hint}`)"), line
+    with pytest.raises(SystemExit) as e:  # and that help is there
+        main(hint.split()[1:])
+    assert e.value.code == 0
+
+
+def test_every_action_of_a_nested_verb_is_known_to_the_help_hint(capsys):
+    from lmforge.cli.main import ACTIONS
+
+    for verb, actions in ACTIONS.items():
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        listed = capsys.readouterr().out
+        usage = listed[listed.index("{"):listed.index("}") + 1]
+        assert usage == "{" + ",".join(actions) + "}", (verb, usage)
+
+
+@pytest.mark.parametrize("option", [
+    ["--model.task_head", "classify", "--model.labels", "[a, b]"], ["--model.task_head", "span"],
+    ["--model.labels", "[a, b]"], ["--model.lora.r", 4],
+])
+def test_pretrain_refuses_fine_tuning_fields(capsys, data_dir, tmp_path, option):
+    """Seen in review: pretrain trained a language model and saved a random, never-trained head or adapters beside it."""
+    line = fails_with(capsys, "belongs to fine-tuning, not pretraining", "pretrain", "--data", data_dir,
+                      "--out", tmp_path / "r", "--model.preset", "tiny", *option)
+    assert "`lmforge finetune`" in line
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--model.context_length", "99999999999999999999"], "model.context_length must be <= 16,777,216"),
+    (["--model.vocab_size", 2**63 - 1], "model.vocab_size must be <= 4,294,967,296"),
+    (["--model.n_embd", 2**63], "model.n_embd must be <= 1,048,576"),
+    (["--model.mlp_hidden", 2**63 - 1], "model.mlp_hidden must be <= 1,048,576"),
+    (["--model.pad_vocab_multiple", 2**63 - 1], "model.pad_vocab_multiple must be <= 65,536"),
+    (["--model.type_vocab_size", 2**63 - 1], "model.type_vocab_size must be <= 65,536"),
+    (["--train.batch_size", 2**63 - 1], "train.batch_size must be <= 1,048,576"),
+    (["--model.position", "rotary", "--model.rope_scaling", "ntk", "--model.rope_factor", "1e300"], "model.rope_factor must be <= 1e+06"),
+])
+def test_sizes_too_large_for_any_model_are_one_line_naming_the_bound(capsys, data_dir, tmp_path, option, message):
+    """Seen in review: TypeErrors (Overflow when unpacking long long), "Storage size calculation overflowed",
+    a numpy ValueError and an OverflowError in the rotary tables."""
+    fails_with(capsys, message, "pretrain", "--data", data_dir, "--out", tmp_path / "r", "--model.preset", "tiny",
+               "--train.device", "cpu", *option)
+    assert not (tmp_path / "r").exists()
+
+
+def test_lora_alpha_zero_is_refused(capsys, trained_run, tmp_path):
+    """Seen in review: `--lora.alpha 0` scaled the adapters by 0: only the head learnt."""
+    fails_with(capsys, "lora.alpha must be > 0", "finetune", trained_run.out, "--task", "classify",
+               "--data", tmp_path / "x.tsv", "--out", tmp_path / "ft", "--lora.r", 2, "--lora.alpha", 0)
+    assert not (tmp_path / "ft").exists()

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from lmforge.checkpoint.store import CKPT_FILES
 from lmforge.cli.main import main
 
 
@@ -32,7 +33,7 @@ def test_demo_refuses_to_delete_a_run_folder_it_did_not_write(capsys, tmp_path):
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["run"]  # no tokenizer trained first
 
 
-@pytest.mark.parametrize("earlier", ["metrics.jsonl", "step-000003/config.json", "tensorboard/events.out"])
+@pytest.mark.parametrize("earlier", [["metrics.jsonl"], [f"step-000003/{name}" for name in CKPT_FILES], ["tensorboard/events.out"]])
 def test_demo_starts_an_earlier_demo_run_again(capsys, tmp_path, monkeypatch, earlier):
     import lmforge.cli.demo as demo
     from lmforge.utils.errors import UserError
@@ -41,8 +42,9 @@ def test_demo_starts_an_earlier_demo_run_again(capsys, tmp_path, monkeypatch, ea
         raise UserError("stopped after the cleanup")
 
     monkeypatch.setattr(demo, "train_tokenizer", stop)
-    (tmp_path / "demo" / "run" / earlier).parent.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "demo" / "run" / earlier).write_text("{}")
+    for name in earlier:
+        (tmp_path / "demo" / "run" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "demo" / "run" / name).write_text("{}")
     assert main(["demo", "--out", str(tmp_path / "demo"), "--max-steps", "3"]) == 2
     assert "stopped after the cleanup" in capsys.readouterr().err and not (tmp_path / "demo" / "run").exists()
 

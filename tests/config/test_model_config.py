@@ -98,3 +98,63 @@ def test_every_float_field_refuses_nan_and_inf_in_one_line_naming_it(value):
         TrainConfig(max_steps=float("nan"))
     with pytest.raises(UserError, match=r"model\.lora\.alpha|lora\.alpha"):
         ModelConfig.from_dict({**BASE, "lora": {"r": 4, "alpha": float("inf")}})
+
+
+@pytest.mark.parametrize("field, limit, base", [
+    ("context_length", 2**24, BASE), ("rope_original_context", 2**24, BASE), ("n_layer", 2**16, BASE),
+    ("n_encoder_layer", 2**16, dict(BASE, arch="encoder-decoder")), ("mlp_hidden", 2**20, BASE),
+    ("vocab_size", 2**32, BASE), ("type_vocab_size", 2**16, BASE), ("pad_vocab_multiple", 2**16, BASE),
+])
+def test_sizes_above_their_bound_are_one_line_and_the_bound_itself_is_taken(field, limit, base):
+    """Seen in review: 2**63 - 1 in these fields ended in torch's "Storage size calculation overflowed" or a
+    TypeError (Overflow when unpacking long long); such a model could never be built anyway."""
+    for value in (limit + 1, 2**63 - 1, 10**20):
+        with pytest.raises(UserError, match=rf"^model\.{field} must be <= {limit:,}, got {value:,}$"):
+            ModelConfig(**{**base, field: value})
+    assert getattr(ModelConfig(**{**base, field: limit}), field) == limit  # a config only: nothing is allocated
+
+
+def test_n_embd_above_its_bound_is_one_line():
+    with pytest.raises(UserError, match=r"^model\.n_embd must be <= 1,048,576, got 9,223,372,036,854,775,808$"):
+        ModelConfig(**{**BASE, "n_embd": 2**63})
+    assert ModelConfig(**{**BASE, "n_embd": 2**20}).n_embd == 2**20
+
+
+@pytest.mark.parametrize("scaling", ["ntk", "linear", "llama3"])
+def test_rope_theta_and_factor_are_bounded_so_the_rotary_tables_stay_finite(scaling):
+    """Seen in review: `--model.rope_scaling ntk --model.rope_factor 1e300` was an OverflowError in the rotary tables."""
+    rotary = dict(ROTARY, n_head=4, rope_scaling=scaling)  # head size 4: ntk raises the base to factor^2
+    with pytest.raises(UserError, match=r"^model\.rope_factor must be <= 1e\+06, got 1e\+300$"):
+        ModelConfig(**rotary, rope_factor=1e300)
+    with pytest.raises(UserError, match=r"^model\.rope_theta must be <= 1e\+15, got 1e\+300$"):
+        ModelConfig(**rotary, rope_theta=1e300)
+    from lmforge.model.blocks import rope_inv_freq
+
+    import torch
+
+    widest = ModelConfig(**rotary, rope_theta=1e15, rope_factor=1e6)
+    assert torch.isfinite(rope_inv_freq(widest)).all()
+
+
+@pytest.mark.parametrize("field, limit", [("max_steps", 2**53), ("batch_size", 2**20), ("grad_accum", 2**20),
+                                          ("eval_batches", 2**20), ("seq_len", 2**24), ("threads", 4096)])
+def test_train_sizes_above_their_bound_are_one_line(field, limit):
+    """Seen in review: `--train.batch_size 9223372036854775807` was a numpy ValueError."""
+    from lmforge.config import TrainConfig
+
+    for value in (limit + 1, 2**63 - 1):
+        with pytest.raises(UserError, match=rf"^train\.{field} must be <= {limit:,}, got {value:,}$"):
+            TrainConfig(**{field: value})
+    assert getattr(TrainConfig(**{field: limit}), field) == limit
+
+
+@pytest.mark.parametrize("alpha", [0.0, -16.0])
+def test_lora_alpha_must_be_positive(alpha):
+    """Seen in review: `--lora.r 2 --lora.alpha 0` scaled the adapters by 0, so only the head learnt."""
+    from lmforge.config import LoraConfig
+
+    with pytest.raises(UserError, match=rf"^lora\.alpha must be > 0 .*got {alpha}$"):
+        LoraConfig(r=2, alpha=alpha)
+    with pytest.raises(UserError, match=r"lora\.alpha must be > 0"):  # and in a checkpoint's config.json
+        ModelConfig.from_dict({**BASE, "lora": {"r": 2, "alpha": alpha}})
+    assert LoraConfig(r=2, alpha=1e-3).scale == 5e-4

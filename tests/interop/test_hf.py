@@ -399,3 +399,47 @@ def test_a_damaged_generation_config_is_one_line_and_writes_nothing(text, messag
         import_hf(src, tmp_path / "ckpt")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_export_refuses_a_tokenizer_larger_than_the_models_vocabulary(tmp_path, tokenizer_dir):
+    """Seen in review: export wrote the mismatched pair, whose transformers model fails on the extra ids."""
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.config import preset
+    from lmforge.model import Transformer
+    from lmforge.tokenizer import Tokenizer
+
+    ckpt = save_checkpoint(tmp_path / "ckpt", Transformer(preset("tiny", vocab_size=300)), Tokenizer.load(tokenizer_dir))
+    with pytest.raises(UserError, match=r"tokenizer.json has 512 tokens but the model's vocab_size is 300"):
+        export_hf(ckpt, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_import_refuses_a_tokenizer_larger_than_the_models_vocabulary(tmp_path, tokenizer_dir):
+    """Else it writes a checkpoint that nothing can load."""
+    src = hf_dir(tmp_path, llama(), tokenizer_dir)
+    _edit_config(src, vocab_size=300)
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v[:300] if v.shape[0] == VOCAB else v for k, v in load_file(src / "model.safetensors").items()}
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"hf/tokenizer.json has 512 tokens but the model's vocab_size is 300 "
+                                        r"\(.*hf/config.json\)"):
+        import_hf(src, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_export_ignores_a_damaged_trainer_state_and_writes_readable_weights(tmp_path, trained_run):
+    """Seen in review: a damaged trainer_state.json (which export never needs) blocked the export, and
+    model.safetensors came out mode 0600 (safetensors 0.8's temporary file), unreadable to other accounts."""
+    import os
+    import stat
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_run.checkpoint, ckpt)
+    (ckpt / "trainer_state.json").write_text("{not json")
+    old = os.umask(0o022)
+    try:
+        out = export_hf(ckpt, tmp_path / "export")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644

@@ -270,3 +270,174 @@ def test_parameter_counts_agree_with_each_other(trained_run):
     """A full pretrain trains every parameter it counts: the trainable count is of the same total
     (learned positions left out of both, as num_params leaves them out; they had been in one only)."""
     assert trained_run.trainable_params == trained_run.params == load_model(trained_run.checkpoint)[0].num_params()
+
+
+# ------------------------------------------------------------- what --resume refuses before training
+@pytest.fixture(scope="module")
+def run2(data_dir, tmp_path_factory):
+    """A finished 2-step run with its checkpoint at step 2."""
+    out = tmp_path_factory.mktemp("run2") / "run"
+    return pretrain(data_dir, out, "tiny", tiny_train_config(max_steps=2, ckpt_interval=2, eval_interval=0, log_interval=1), **quiet)
+
+
+def copy_of(run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run.out, out)
+    return out
+
+
+def train2(data_dir, out, max_steps=4, model="tiny", **kwargs):
+    cfg = tiny_train_config(max_steps=max_steps, ckpt_interval=2, eval_interval=0, log_interval=1)
+    return pretrain(data_dir, out, model, cfg, **kwargs, **quiet)
+
+
+@pytest.mark.parametrize("files", [["config.json"], ["model.safetensors"]])
+def test_resume_refuses_a_partial_step_directory_before_training(run2, data_dir, tmp_path, files):
+    """Seen in review: with a partial step-000004 (a copy in progress), --resume either failed on its missing
+    tokenizer.json or, without its config.json, trained steps 3-4 and then died saving step 4: work lost."""
+    out = copy_of(run2, tmp_path)
+    (out / "step-000004").mkdir()
+    for f in files:
+        shutil.copyfile(out / "step-000002" / f, out / "step-000004" / f)
+    metrics = (out / "metrics.jsonl").read_text()
+    with pytest.raises(UserError, match=r"step-000004 is not a complete checkpoint \(it lacks .*tokenizer.json\); "
+                                        r"move it out of .*run .*then run again"):
+        train2(data_dir, out, resume=True)
+    assert (out / "metrics.jsonl").read_text() == metrics  # refused before any step trained
+
+
+def test_a_new_run_refuses_a_partial_step_directory_before_training(run2, data_dir, tmp_path):
+    """Seen in review: a run folder holding only a partial step-000002 trained, then died saving step 2."""
+    out = tmp_path / "run"
+    (out / "step-000002").mkdir(parents=True)
+    shutil.copyfile(run2.checkpoint / "config.json", out / "step-000002" / "config.json")
+    with pytest.raises(UserError, match=r"step-000002 is not a complete checkpoint .*move it out"):
+        train2(data_dir, out, max_steps=2)
+    assert sorted(p.name for p in out.iterdir()) == ["step-000002"]
+
+
+@pytest.mark.parametrize("damage", ["optimizer", "trainer_state", "weights"])
+def test_a_damaged_latest_step_says_to_move_it_aside(run2, data_dir, tmp_path, damage):
+    """--resume takes the latest step and no other: `resume from another step` told the user nothing to do."""
+    out = copy_of(run2, tmp_path)
+    name = {"optimizer": "optimizer.safetensors", "trainer_state": "trainer_state.json", "weights": "model.safetensors"}[damage]
+    file = out / "step-000002" / name
+    file.write_bytes(file.read_bytes()[:50])
+    with pytest.raises(UserError, match=rf"step-000002/{name} .*move .*step-000002 out of the run directory") as err:
+        train2(data_dir, out, resume=True)
+    assert "\n" not in str(err.value)
+
+
+def test_resume_with_max_steps_below_the_saved_step_is_refused(run2, data_dir, tmp_path):
+    """Seen in review: it printed `done: step 2, train loss nan` (and NaN in --json)."""
+    out = copy_of(run2, tmp_path)
+    with pytest.raises(UserError, match=r"step-000002 is already at step 2; --train.max_steps 1 is below it"):
+        train2(data_dir, out, max_steps=1, resume=True)
+    done = train2(data_dir, out, max_steps=2, resume=True)  # at the saved step: how the run ended
+    assert done.step == 2 and done.train_loss == run2.train_loss
+
+
+def test_resume_refuses_a_damaged_trainer_state_that_inference_ignores(run2, data_dir, tmp_path):
+    out = copy_of(run2, tmp_path)
+    (out / "step-000002" / "trainer_state.json").write_text("[1, 2")
+    load_model(out)  # inference never reads it
+    with pytest.raises(UserError, match=r"trainer_state.json is corrupt .*move .*step-000002 out of the run directory"):
+        train2(data_dir, out, resume=True)
+
+
+def test_resume_with_the_presets_shape_spelled_out_is_the_same_model(run2, data_dir, tmp_path):
+    """Seen in review: `model config differs: preset None (saved: 'tiny')` for the identical shape."""
+    out = copy_of(run2, tmp_path)
+    spelled = preset("tiny").replace(preset=None)
+    assert train2(data_dir, out, model=spelled, resume=True).step == 4
+    with pytest.raises(UserError, match=r"differs from the one in .*: n_layer 3 \(saved: 2\); resume") as err:
+        train2(data_dir, out, model=spelled.replace(n_layer=3), max_steps=6, resume=True)
+    assert "preset None" not in str(err.value)
+
+
+def test_run_result_json_has_no_nan():
+    """A run whose last step was skipped (--train.skip_nonfinite) has no train loss: null, not NaN, in --json."""
+    from lmforge.train.loop import RunResult
+
+    result = RunResult(out=ROOT, checkpoint=ROOT, step=1, train_loss=math.nan, val_loss=None, val_bpb=None,
+                       seconds=1.0, tokens_per_s=math.inf, params=1, plot=ROOT)
+    d = result.to_dict()
+    assert d["train_loss"] is None and d["tokens_per_s"] is None
+    json.dumps(d, allow_nan=False)
+
+
+@pytest.mark.parametrize("shape", [
+    dict(n_layer=3),
+    dict(n_layer=3, position="rotary", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False),
+    dict(n_layer=2, arch="encoder", norm_position="post", embed_norm=True, type_vocab_size=2, position="sinusoidal"),
+    dict(n_layer=3, n_encoder_layer=2, arch="encoder-decoder", position="sinusoidal"),
+    dict(n_layer=1, arch="encoder-decoder"),
+])
+def test_the_memory_checks_parameter_count_is_the_built_models(shape):
+    """The count extrapolates from models of one and two blocks; it must be the real model's count."""
+    from lmforge.model import Transformer
+    from lmforge.train.pretrain import count_params
+
+    cfg = preset("tiny", vocab_size=300, **shape)
+    net = Transformer(cfg)
+    assert count_params(cfg) == (net.num_params(exclude_positions=False), sum(b.numel() for b in net.buffers()))
+
+
+def test_a_model_too_large_for_memory_is_one_line_before_any_weight_exists(data_dir, tmp_path, monkeypatch):
+    """Seen in review: `--model.n_layer 100000000` grew to 22 GB and was killed by the OOM killer, no message."""
+    pretrain_module = sys.modules["lmforge.train.pretrain"]  # lmforge.train.pretrain is the function
+
+    real = pretrain_module.Transformer
+
+    def only_on_meta(cfg):  # the check may build shapes on the meta device; a real weight is a failure
+        assert torch.get_default_device().type == "meta", "a model was built before the memory check"
+        return real(cfg)
+
+    monkeypatch.setattr(pretrain_module, "Transformer", only_on_meta)
+    huge = preset("tiny", n_layer=1000, n_embd=2**16)  # 5e13 parameters: 800 TB to train
+    with pytest.raises(UserError, match=r"^this model \(51,5\d\d,\d{3},\d{3},\d{3} parameters\) needs at least "
+                                        r"[\d,.]+ GB of CPU memory to train \(weights, gradients and adamw state\), "
+                                        r"but [\d,.]+ GB is available; choose a smaller model") as e:
+        pretrain(data_dir, tmp_path / "r", huge, tiny_train_config(), **quiet)
+    assert "\n" not in str(e.value) and not (tmp_path / "r").exists()
+
+
+def test_the_memory_check_refuses_only_what_exceeds_the_available_memory(data_dir, tmp_path, monkeypatch):
+    pretrain_module = sys.modules["lmforge.train.pretrain"]  # lmforge.train.pretrain is the function
+
+    cfg, train = preset("tiny", vocab_size=512), tiny_train_config(max_steps=1, eval_interval=0, ckpt_interval=0)
+    params, buffers = pretrain_module.count_params(cfg)
+    needed = params * 16 + buffers * 4  # fp32 weights, gradients, AdamW's two moments; fp32 position tables
+    monkeypatch.setattr(pretrain_module, "free_memory", lambda device: needed - 1)
+    with pytest.raises(UserError, match=rf"needs at least {needed / 1e9:.1f} GB of CPU memory"):
+        pretrain(data_dir, tmp_path / "r", cfg, train, **quiet)
+    monkeypatch.setattr(pretrain_module, "free_memory", lambda device: needed)  # fits: trains
+    assert pretrain(data_dir, tmp_path / "r", cfg, train, **quiet).step == 1
+    # Without /proc/meminfo, the free pages the OS reports.
+    monkeypatch.setattr(pretrain_module, "free_memory", lambda device: None)
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 1, "SC_PAGE_SIZE": 4096}[name])
+    with pytest.raises(UserError, match=r"but 0\.0 GB is available"):
+        pretrain_module.check_memory(cfg, train)
+
+
+def test_the_memory_check_on_a_gpu_counts_fsdp_shards(monkeypatch):
+    """On CUDA the GPU holds weights, gradients and optimizer state (FSDP: a shard of them per process) and
+    the CPU the weights it builds first."""
+    pretrain_module = sys.modules["lmforge.train.pretrain"]  # lmforge.train.pretrain is the function
+    from lmforge.config import TrainConfig
+
+    cfg = preset("tiny", vocab_size=512)
+    params, buffers = pretrain_module.count_params(cfg)
+    gpu_free = params * 16 // 2  # half of what one unsharded process needs
+    monkeypatch.setattr(pretrain_module, "resolve_device", lambda name: torch.device("cuda", 0))
+    monkeypatch.setattr(pretrain_module, "free_memory", lambda d: gpu_free if d.type == "cuda" else 10**12)
+    with pytest.raises(UserError, match=r"of GPU memory to train \(weights, gradients and adamw state\)"):
+        pretrain_module.check_memory(cfg, TrainConfig(device="cuda"))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    pretrain_module.check_memory(cfg, TrainConfig(device="cuda", parallel="fsdp"))  # a quarter each: fits
+    with pytest.raises(UserError, match="GPU memory"):
+        pretrain_module.check_memory(cfg, TrainConfig(device="cuda", parallel="ddp"))
+    monkeypatch.setattr(pretrain_module, "free_memory", lambda d: 10**12 if d.type == "cuda" else (params + buffers) * 4 * 3)
+    with pytest.raises(UserError, match=r"of CPU memory to train \(weights, built there before they move to the GPU\)"):
+        pretrain_module.check_memory(cfg, TrainConfig(device="cuda", parallel="fsdp"))  # 4 processes build it here

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,21 +18,38 @@ from lmforge.config import ModelConfig
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError, first_line
-from lmforge.utils.fs import atomic_dir, atomic_write_json, check_replaceable, read_json
+from lmforge.utils.fs import atomic_dir, atomic_write_json, check_replaceable, read_json, usual_mode
 
 FORMAT = 1
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 CKPT_FIX = "use another checkpoint (a complete step-* directory) or retrain"
+# What every checkpoint holds: `save_checkpoint` writes them into a temporary directory renamed into
+# place, so a step-* directory lacking one is a copy still in progress (rsync and cp write config.json
+# first) or a damaged one, never the latest checkpoint of its run.
+CKPT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def resume_fix(path: Path) -> str:
+    """What to do about a damaged latest step: --resume takes the latest complete step and no other."""
+    return (f"use another checkpoint: move {path} out of the run directory to resume from another step "
+            "(--resume takes the latest one left), or retrain")
 
 
 @dataclass
 class Checkpoint:
-    """What a checkpoint directory holds, loaded; trainer fields are None for a bare model."""
+    """What a checkpoint directory holds, loaded; `fix` ends the error of a damaged file read later."""
 
     path: Path
     model_config: ModelConfig
     tokenizer: Tokenizer
-    trainer_state: dict[str, Any] | None
+    fix: str = field(default=CKPT_FIX, repr=False)
+
+    @cached_property
+    def trainer_state(self) -> dict[str, Any] | None:
+        """trainer_state.json (None for a bare model), read when first asked for: inference never needs
+        it, so a damaged one stops only what does (a resume, a task's pipeline, merge-lora)."""
+        state_file = self.path / "trainer_state.json"
+        return read_json(state_file, self.fix) if state_file.exists() else None
 
 
 def save_checkpoint(
@@ -54,6 +72,7 @@ def save_checkpoint(
     with atomic_dir(path) as tmp:
         atomic_write_json(tmp / "config.json", {"format": FORMAT, "model": model.config.to_dict()})
         st_save_model(model, str(tmp / "model.safetensors"))
+        usual_mode(tmp / "model.safetensors")  # safetensors 0.8 writes 0600
         tokenizer.save(tmp)
         if trainer_state is not None:
             state = dict(trainer_state)
@@ -61,6 +80,7 @@ def save_checkpoint(
                 tensors: dict[str, torch.Tensor] = {}
                 state["optimizer"] = _split_tensors(optimizer_state, "optimizer", tensors)
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "optimizer.safetensors"))
+                usual_mode(tmp / "optimizer.safetensors")
             atomic_write_json(tmp / "trainer_state.json", state)
         if metrics_file is not None and Path(metrics_file).exists():
             shutil.copyfile(metrics_file, tmp / "metrics.jsonl")
@@ -98,13 +118,27 @@ def check_run_out(out: str | Path) -> None:
                         "metrics.jsonl); pass an --out outside it")
 
 
-def find_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete step checkpoints under a run directory, oldest first."""
-    run_dir = Path(run_dir)
+def _steps(run_dir: Path) -> list[Path]:
+    """The step-* entries of a run directory, oldest first."""
     if not run_dir.is_dir():
         return []
-    steps = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(steps) if (p / "config.json").exists()]
+    steps = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(steps)]
+
+
+def lacks(step: Path) -> list[str]:
+    """The files of `CKPT_FILES` that a step-* entry lacks (all of them for a file)."""
+    return [f for f in CKPT_FILES if not (step / f).is_file()]
+
+
+def find_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete step checkpoints under a run directory, oldest first."""
+    return [p for p in _steps(Path(run_dir)) if not lacks(p)]
+
+
+def incomplete_steps(run_dir: str | Path) -> list[Path]:
+    """The step-* entries of a run directory that are not complete checkpoints, oldest first."""
+    return [p for p in _steps(Path(run_dir)) if lacks(p)]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -117,6 +151,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return found[-1]
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; pass a directory written by `lmforge pretrain`")
+    partial = incomplete_steps(path)
+    if partial:
+        raise UserError(f"{path} holds no complete checkpoint: {partial[-1].name} lacks {', '.join(lacks(partial[-1]))}; "
+                        "let a copy in progress finish, or pass another checkpoint or run directory")
     raise UserError(f"{path} holds no checkpoint (no config.json and no step-* directories); pass a checkpoint or run directory")
 
 
@@ -126,31 +164,45 @@ def is_hf_config(config: Any) -> bool:
     return isinstance(config, dict) and ("model_type" in config or "architectures" in config)
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint's config, tokenizer and trainer state (weights are loaded by `load_model`)."""
+def check_tokenizer_fits(tokenizer: Tokenizer, tokenizer_file: Path, config: ModelConfig, config_file: Path, fix: str) -> None:
+    """Refuse a tokenizer with more tokens than the model has embeddings: its extra ids would index
+    past the embedding table (an IndexError deep in the model, or garbage from an exported one)."""
+    if config.vocab_size is not None and tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"{tokenizer_file} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                        f"{config.vocab_size} ({config_file}); {fix}")
+
+
+def load_checkpoint(path: str | Path, fix: str = CKPT_FIX) -> Checkpoint:
+    """Read a checkpoint's config and tokenizer (weights are loaded by `load_model`, trainer state when
+    first asked for); `fix` ends the error of a damaged config.json or trainer_state.json."""
     path = resolve_checkpoint(path)
-    config = read_json(path / "config.json", CKPT_FIX)
+    config = read_json(path / "config.json", fix)
     if is_hf_config(config):
         raise UserError(f"{path} is a Hugging Face model directory, not an lmforge checkpoint; convert it first with "
                         f"`lmforge import hf {path} --out CKPT` and use CKPT")
     if not isinstance(config, dict) or config.get("format") != FORMAT or "model" not in config:
         raise UserError(f"{path / 'config.json'} is not an lmforge checkpoint config (format {FORMAT}); re-export it")
-    model_config = ModelConfig.from_dict(config["model"])
+    model_config = ModelConfig.from_dict(config["model"], origin=str(path / "config.json"))
+    if model_config.vocab_size is None:  # every checkpoint's has one: the size its embeddings were made for
+        raise UserError(f"{path / 'config.json'} sets no model.vocab_size; add the vocab_size the model was trained "
+                        f"with (its data directory's meta.json has it), or {fix}")
     if not (path / "tokenizer.json").is_file():
         raise UserError(f"{path / 'tokenizer.json'} is missing; the checkpoint is incomplete: copy in the tokenizer.json "
                         "it was trained with (its data directory has one), or use another checkpoint")
-    tokenizer = Tokenizer.load(path, fix=f"the checkpoint {path} needs the tokenizer its weights were trained with: restore "
-                                         "tokenizer.json from another step of its run (or the run's data directory), or "
-                                         "re-import or re-export the checkpoint; a newly trained tokenizer would not match")
-    state_file = path / "trainer_state.json"
-    trainer_state = read_json(state_file, CKPT_FIX) if state_file.exists() else None
-    return Checkpoint(path, model_config, tokenizer, trainer_state)
+    restore = ("restore tokenizer.json from another step of its run (or the run's data directory), or re-import or "
+               "re-export the checkpoint")
+    tokenizer = Tokenizer.load(path, fix=f"the checkpoint {path} needs the tokenizer its weights were trained with: "
+                                         f"{restore}; a newly trained tokenizer would not match")
+    check_tokenizer_fits(tokenizer, path / "tokenizer.json", model_config, path / "config.json",
+                         f"it is not the tokenizer the weights were trained with: {restore}")
+    return Checkpoint(path, model_config, tokenizer, fix)
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, Checkpoint]:
+def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+               fix: str = CKPT_FIX) -> tuple[Transformer, Checkpoint]:
     """The model of a checkpoint in eval mode on `device` (its floating-point tensors cast to `dtype`
-    if given), and the checkpoint's other contents."""
-    ckpt = load_checkpoint(path)
+    if given), and the checkpoint's other contents; `fix` ends the error of a damaged file."""
+    ckpt = load_checkpoint(path, fix)
     model = Transformer(ckpt.model_config)
     weights = ckpt.path / "model.safetensors"
     if not weights.exists():
@@ -160,14 +212,14 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     except RuntimeError as e:
         mismatch = [line.strip() for line in str(e).splitlines() if line.strip().startswith("size mismatch")]
         if not mismatch:
-            raise UserError(f"{weights} is corrupt ({first_line(e)}); use another checkpoint or retrain") from None
+            raise UserError(f"{weights} is corrupt ({first_line(e)}); {fix}") from None
         more = f", and {len(mismatch) - 1} more" if len(mismatch) > 1 else ""
         raise UserError(
             f"{weights} does not match config.json ({mismatch[0].rstrip('.')}{more}); "
             "the checkpoint is inconsistent: restore its config.json or re-save it"
         ) from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{weights} is corrupt ({first_line(e)}); use another checkpoint or retrain") from None
+        raise UserError(f"{weights} is corrupt ({first_line(e)}); {fix}") from None
     if missing or unexpected:
         raise UserError(
             f"{weights} does not match config.json (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); "
@@ -177,24 +229,26 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
 
 
 def load_optimizer_state(ckpt: Checkpoint) -> dict[str, Any]:
-    """The optimizer state_dict saved with a training checkpoint."""
+    """The optimizer state_dict saved with a training checkpoint, read to resume it (so a damaged one
+    is to be moved aside: --resume takes no other step)."""
     if ckpt.trainer_state is None or "optimizer" not in ckpt.trainer_state:
         raise UserError(f"{ckpt.path} holds no optimizer state; it cannot be resumed, start a new run from it")
+    fix = resume_fix(ckpt.path)
     try:
         tensors = load_file(str(ckpt.path / "optimizer.safetensors"))
     except (SafetensorError, OSError) as e:
-        raise UserError(f"{ckpt.path / 'optimizer.safetensors'} is unreadable ({first_line(e)}); resume from another step") from None
+        raise UserError(f"{ckpt.path / 'optimizer.safetensors'} is unreadable ({first_line(e)}); {fix}") from None
     try:
         state = _join_tensors(ckpt.trainer_state["optimizer"], tensors)
     except KeyError as e:
         raise UserError(f"{ckpt.path / 'optimizer.safetensors'} lacks the tensor {e.args[0]!r} that trainer_state.json "
-                        f"names; {CKPT_FIX}") from None
+                        f"names; {fix}") from None
     except (TypeError, ValueError) as e:  # a "__dict__" entry that is not a list of [key, value] pairs
-        raise UserError(f"{ckpt.path / 'trainer_state.json'} has a damaged optimizer entry ({first_line(e)}); {CKPT_FIX}") from None
+        raise UserError(f"{ckpt.path / 'trainer_state.json'} has a damaged optimizer entry ({first_line(e)}); {fix}") from None
     # What torch's load_state_dict indexes without checking: the rest it checks itself.
     for key, kind in (("state", dict), ("param_groups", list)):
         if not isinstance(state, dict) or not isinstance(state.get(key), kind):
-            raise UserError(f"{ckpt.path / 'trainer_state.json'} has a damaged optimizer entry (no {key}); {CKPT_FIX}")
+            raise UserError(f"{ckpt.path / 'trainer_state.json'} has a damaged optimizer entry (no {key}); {fix}")
     return state
 
 

@@ -54,9 +54,15 @@ def prepare_cmd(args: Namespace) -> dict[str, Any]:
     return meta
 
 
+def _fields(group: Namespace) -> dict[str, Any]:
+    """The values of a dataclass group (`model`, `train`, `lora`). A group read from a file (`--model m.yaml`)
+    also carries jsonargparse's `__path__`, the file's name, which is no field of the dataclass."""
+    return {k: v for k, v in group.as_dict().items() if k != "__path__"}
+
+
 def pretrain_cmd(args: Namespace) -> dict[str, Any]:
-    model = ModelConfig(**args.model.as_dict())
-    train = TrainConfig(**args.train.as_dict())
+    model = ModelConfig(**_fields(args.model))
+    train = TrainConfig(**_fields(args.train))
     result = pretrain(args.data, args.out, model, train, resume=args.resume, objective=args.objective, log=_say(args))
     _report_run(result, _say(args))
     return result.to_dict()
@@ -66,7 +72,7 @@ def finetune_cmd(args: Namespace) -> dict[str, Any]:
     result = finetune(
         args.checkpoint, args.task, args.data, args.out,
         target=args.target, val=args.val, val_target=args.val_target, split_articles=args.split_articles,
-        train=TrainConfig(**args.train.as_dict()), lora=LoraConfig(**args.lora.as_dict()),
+        train=TrainConfig(**_fields(args.train)), lora=LoraConfig(**_fields(args.lora)),
         freeze_embeddings=args.freeze_embeddings, freeze_layers=args.freeze_layers, labels=args.labels,
         text_field=args.text_field, label_field=args.label_field, prompt=args.prompt, doc_stride=args.doc_stride,
         repeat_input=args.repeat_input, dropout=args.dropout, resume=args.resume, log=_say(args),

@@ -28,6 +28,7 @@ from lmforge.utils.errors import UserError, first_line
 VERBS = ("demo", "tokenizer", "prepare", "pretrain", "finetune", "merge-lora", "predict", "generate", "chat", "serve", "eval",
          "scaling", "import", "export")
 TASKS = ["classify", "tag", "qa", "seq2seq", "sft"]
+ACTIONS = {"tokenizer": ("train",), "scaling": ("sweep", "fit", "plan"), "import": ("hf", "gguf"), "export": ("hf",)}
 
 
 def _flag() -> ActionYesNo:
@@ -377,13 +378,19 @@ def parse(argv: Sequence[str]) -> Namespace:
     that explicit `--model.*` values override."""
     argv = [_config_key(a) for a in argv]
     _check_config_files(argv)
-    ns = build_parser().parse_args(list(argv))
+    # --print_config prints and exits inside parse_args: the first pass, which only finds the preset, must
+    # not see it (it would print the defaults under the preset's name), nor check required options, as
+    # --print_config does not; the last pass, with the preset's values as defaults, prints.
+    printing = [a for a in argv if a == "--print_config" or a.startswith("--print_config=")]
+    ns = build_parser().parse_args([a for a in argv if a not in printing], _skip_validation=bool(printing))
     _check_groups(ns)
+    defaults = None
     if ns.verb == "pretrain" and ns.pretrain.model.preset:
         name = ns.pretrain.model.preset
         if name not in PRESETS:
             raise UserError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         defaults = {f"model.{k}": v for k, v in PRESETS[name].items()}
+    if defaults or printing:
         ns = build_parser(defaults).parse_args(list(argv))
     return ns
 
@@ -464,7 +471,9 @@ def _run(argv: list[str]) -> int:
         return UserError.exit_code
     except ArgumentError as e:
         message = " ".join(str(e).split())
-        hint = f"lmforge {argv[0]} --help" if argv and argv[0] in VERBS else "lmforge --help"
+        # A verb with actions (scaling plan, import hf) lists only them: the options are in the action's help.
+        words = argv[:2] if len(argv) > 1 and argv[1] in ACTIONS.get(argv[0], ()) else argv[:1]
+        hint = f"lmforge {' '.join(words)} --help" if argv and argv[0] in VERBS else "lmforge --help"
         print(f"lmforge: error: {message} (see `{hint}`)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

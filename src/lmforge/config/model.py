@@ -68,6 +68,8 @@ class LoraConfig:
         check_finite(self, "lora")
         if self.r < 0:
             raise UserError(f"lora.r must be >= 0, got {self.r}")
+        if self.alpha <= 0:  # the update is scaled by alpha / r: 0 would train only the head, < 0 flips the update
+            raise UserError(f"lora.alpha must be > 0 (the adapters' update is scaled by alpha / r), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         bad = [t for t in self.target_list if t not in LORA_TARGETS]
@@ -199,6 +201,14 @@ class ModelConfig:
         for name in ("n_kv_head", "n_encoder_layer", "mlp_hidden"):  # None means the default; 0 is not "default"
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"model.{name} must be >= 1 (or null for the default), got {getattr(self, name)}")
+        # Far above any real model, and low enough that no tensor's size overflows int64 (a TypeError or
+        # "Storage size calculation overflowed" deep in torch); what fits in memory pretrain checks.
+        limits = {"context_length": 2**24, "rope_original_context": 2**24, "n_layer": 2**16, "n_encoder_layer": 2**16,
+                  "n_embd": 2**20, "mlp_hidden": 2**20, "vocab_size": 2**32, "type_vocab_size": 2**16,
+                  "pad_vocab_multiple": 2**16}
+        for name, limit in limits.items():
+            if getattr(self, name) is not None and getattr(self, name) > limit:
+                raise UserError(f"model.{name} must be <= {limit:,}, got {getattr(self, name):,}")
         if self.type_vocab_size < 0:
             raise UserError(f"model.type_vocab_size must be >= 0 (0 for no token types), got {self.type_vocab_size}")
         if self.norm_eps <= 0:  # x / sqrt(mean(x^2) + eps): a negative eps is NaN, 0 is inf on a zero row
@@ -211,9 +221,12 @@ class ModelConfig:
             if self.head_size % 2:
                 raise UserError(f"rotary positions need an even head size, got {self.head_size}; change n_embd or n_head")
             # theta^x and 1/factor: the rotary tables are NaN otherwise.
-            for name in ("rope_theta", "rope_factor"):
+            # Upper bounds keep ntk's theta * factor^(d/(d-2)) (d >= 4: at most factor^2) a finite float.
+            for name, limit in (("rope_theta", 1e15), ("rope_factor", 1e6)):
                 if getattr(self, name) <= 0:
                     raise UserError(f"model.{name} must be > 0, got {getattr(self, name)}")
+                if getattr(self, name) > limit:
+                    raise UserError(f"model.{name} must be <= {limit:g}, got {getattr(self, name):g}")
             if self.rope_scaling == "ntk" and self.head_size <= 2:  # the base grows by factor^(d/(d-2))
                 raise UserError(f"rope_scaling ntk needs a head size > 2, got {self.head_size}; change n_embd or n_head")
             # Llama 3.1 interpolates between the two bands; low >= high reverses which band is scaled.
@@ -274,11 +287,16 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any], origin: str | None = None) -> "ModelConfig":
+        """The config of `d`; `origin`, the file it was read from (a checkpoint's config.json), is named
+        in the error of a key this version does not know."""
         if not isinstance(d, dict):
             raise UserError(f"a model config must map field names to values, got a {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
+        if unknown and origin is not None:  # a file: most likely written by a newer lmforge, else edited by hand
+            raise UserError(f"{origin}: unknown model config key(s) {unknown} (written by a newer lmforge? upgrade "
+                            f"lmforge to load it; a typo? the valid keys are {sorted(names)})")
         if unknown:
             raise UserError(
                 f"unknown model config key(s) {unknown}; valid keys are {sorted(names)}"

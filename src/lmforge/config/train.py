@@ -104,6 +104,13 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "keep_checkpoints", "eval_batches"):
             if getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        # Far above any real run, and below where numpy and torch overflow on a batch's size (a traceback);
+        # max_steps: the loop tracks the first non-finite step in float64, exact up to 2**53.
+        limits = {"max_steps": 2**53, "batch_size": 2**20, "grad_accum": 2**20, "eval_batches": 2**20, "seq_len": 2**24,
+                  "threads": 4096}
+        for name, limit in limits.items():
+            if getattr(self, name) is not None and getattr(self, name) > limit:
+                raise UserError(f"train.{name} must be <= {limit:,}, got {getattr(self, name):,}")
         for name in ("warmup_steps", "eval_interval", "ckpt_interval", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import processors
 
 from lmforge.checkpoint import check_checkpoint_out, is_hf_config, load_model, save_checkpoint
+from lmforge.checkpoint.store import check_tokenizer_fits
 from lmforge.config import ModelConfig
 from lmforge.interop._keys import REQUIRED, check_shape, model_config, read_key, some_names
 from lmforge.model import Transformer
@@ -31,6 +32,7 @@ from lmforge.utils.fs import (
     check_replaceable,
     out_dir,
     read_json,
+    usual_mode,
 )
 
 Tensors = dict[str, torch.Tensor]
@@ -458,6 +460,9 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
         raise UserError(f"{src}: weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
     tokenizer = Tokenizer.load(src, fix=f"the tokenizer is part of the model: re-download {src} with its tokenizer.json "
                                         "(a newly trained tokenizer would not match the weights)")
+    # Checked as every checkpoint load checks it: the checkpoint written would not load.
+    check_tokenizer_fits(tokenizer, src / "tokenizer.json", config, src / "config.json",
+                         f"the tokenizer is not the model's: re-download {src} with its own tokenizer.json")
     path = save_checkpoint(out, model, tokenizer, extra=None if generation is None else
                            lambda tmp: atomic_write_json(tmp / GENERATION_CONFIG, generation))
     if fresh:  # as transformers warns of "newly initialized" weights
@@ -492,6 +497,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
             atomic_write_json(tmp / GENERATION_CONFIG, generation)
         atomic_write_json(tmp / EXPORT_MARKER, {"exported_by": "lmforge"})
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        usual_mode(tmp / "model.safetensors")  # safetensors 0.8 writes 0600
         tok, bert = ckpt.tokenizer, hf_config["model_type"] == "bert"
         roles: dict[str, Any] = tok.roles()
         atomic_write_text(tmp / "tokenizer.json", _hf_tokenizer(tok, bert).to_str(pretty=True))

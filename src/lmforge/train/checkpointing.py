@@ -46,8 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm.auto import tqdm
 
-from lmforge.checkpoint import CKPT_FIX, Checkpoint, find_checkpoints, load_checkpoint, load_model, save_checkpoint
-from lmforge.checkpoint.store import load_optimizer_state
+from lmforge.checkpoint import Checkpoint, find_checkpoints, load_checkpoint, load_model, save_checkpoint
+from lmforge.checkpoint.store import incomplete_steps, lacks, load_optimizer_state, resume_fix
 from lmforge.config import LoraConfig, ModelConfig, TrainConfig
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
@@ -65,7 +65,14 @@ class Checkpointer:
 
     def resume_point(self, resume: bool, model_config: ModelConfig, tokenizer: Tokenizer, train: TrainConfig) -> Checkpoint | None:
         """The checkpoint to continue from (None for a new run); refuses to mix two runs in one directory,
-        or to continue a run on another model, tokenizer or optimizer than the one it was trained with."""
+        or to continue a run on another model, tokenizer or optimizer than the one it was trained with, or
+        into a directory holding step-* entries that are not checkpoints (a copy in progress), which the
+        run would neither resume from nor be able to save over: refused before any step trains."""
+        partial = incomplete_steps(self.run_dir)
+        if partial:
+            more = f" (and {len(partial) - 1} more step-* entries)" if len(partial) > 1 else ""
+            raise UserError(f"{partial[0]} is not a complete checkpoint (it lacks {', '.join(lacks(partial[0]))}){more}; "
+                            f"move it out of {self.run_dir} (or let a copy in progress finish), then run again")
         existing = find_checkpoints(self.run_dir)
         if not resume:
             if existing:
@@ -75,14 +82,18 @@ class Checkpointer:
             return None
         if not existing:
             raise UserError(f"--resume given but {self.run_dir} holds no checkpoint; drop --resume to start a new run")
-        ckpt = load_checkpoint(existing[-1])
+        fix = resume_fix(existing[-1])
+        ckpt = load_checkpoint(existing[-1], fix)
         if not isinstance(ckpt.trainer_state, dict) or "step" not in ckpt.trainer_state:
             raise UserError(f"{ckpt.path} has no trainer state (trainer_state.json), so a run cannot resume from it; "
                             "drop --resume and choose another --out")
         step = ckpt.trainer_state["step"]
         if type(step) is not int or step < 0:  # bool is an int subclass, and no step is True
-            raise UserError(f"{ckpt.path / 'trainer_state.json'} holds step {step!r}, not a step number; {CKPT_FIX}")
-        if ckpt.model_config != model_config:
+            raise UserError(f"{ckpt.path / 'trainer_state.json'} holds step {step!r}, not a step number; {fix}")
+        if step > train.max_steps:  # training on would train nothing, and end at another step than asked for
+            raise UserError(f"{ckpt.path} is already at step {step}; --train.max_steps {train.max_steps} is below it: "
+                            f"pass --train.max_steps {step} or more to continue it, or choose another --out for a new run")
+        if _compared(ckpt.model_config) != _compared(model_config):
             raise UserError(_settings_differ(ckpt, model_config))
         if ckpt.tokenizer.sha256 != tokenizer.sha256:  # the same ids would mean other text: a silent mix of two runs
             data = ckpt.trainer_state.get("data")
@@ -117,13 +128,12 @@ class Checkpointer:
                     raise KeyboardInterrupt from None
                 if not isinstance(cause, _UNREADABLE) or isinstance(cause, torch.cuda.OutOfMemoryError):
                     raise cause from None  # not the checkpoint's fault (out of memory, a bug): the error itself
-                raise UserError(f"{sharded} is unreadable ({first_line(cause)}); "
-                                "resume from another step (a complete step-* directory) or retrain") from None
+                raise UserError(f"{sharded} is unreadable ({first_line(cause)}); {resume_fix(ckpt.path)}") from None
             set_model_state_dict(net, state["model"])
             with _optimizer_fits(ckpt):
                 set_optimizer_state_dict(net, optimizer, _with_settings_of(optimizer, state["optim"]))
             return
-        loaded, _ = load_model(ckpt.path, device if not self.world.distributed else "cpu")
+        loaded, _ = load_model(ckpt.path, device if not self.world.distributed else "cpu", fix=resume_fix(ckpt.path))
         optim_state = load_optimizer_state(ckpt)
         if not self.world.distributed:
             net.load_state_dict(loaded.state_dict())
@@ -210,10 +220,17 @@ class Checkpointer:
 _FINETUNE_FLAGS = {"dropout": "--dropout", "labels": "--labels", "task_head": "the task head (--task)"}
 
 
+def _compared(config: ModelConfig) -> ModelConfig:
+    """What must match for a run to resume on `config`: all of it but `preset`, the name its values came
+    from, which says nothing once they are resolved (`--model.preset tiny` and tiny's shape spelled out
+    build the same model)."""
+    return config.replace(preset=None)
+
+
 def _settings_differ(ckpt: Checkpoint, given_config: ModelConfig) -> str:
     """Why a run cannot resume on `given_config`, naming the options that differ from `ckpt`'s, as the
     verb that trained it spells them (pretrain: --model.*; finetune: --lora.*, --dropout, ...)."""
-    saved, given = ckpt.model_config.to_dict(), given_config.to_dict()
+    saved, given = _compared(ckpt.model_config).to_dict(), _compared(given_config).to_dict()
     differ = [k for k in saved if saved[k] != given.get(k)]
     if not isinstance(ckpt.trainer_state, dict) or "task" not in ckpt.trainer_state:  # a pretraining run
         diff = ", ".join(f"{k} {given[k]!r} (saved: {saved[k]!r})" for k in differ)
@@ -276,7 +293,7 @@ def _optimizer_fits(ckpt: Checkpoint) -> Iterator[None]:
         yield
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise UserError(f"the optimizer state in {ckpt.path} does not fit this run's optimizer ({first_line(e)}); "
-                        "resume with the --train settings the run was trained with, or from another step") from None
+                        f"resume with the --train settings the run was trained with, or {resume_fix(ckpt.path)}") from None
 
 
 # Every global a `dcp/.metadata` that torch.distributed.checkpoint writes for lmforge refers to (found by

@@ -88,7 +88,14 @@ class RunResult:
     skipped_steps: int = 0  # steps dropped by --train.skip_nonfinite
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+        """The result as JSON values: paths as strings, and no loss at all (a last step skipped by
+        --train.skip_nonfinite) or a rate that is not finite as null, which JSON has; NaN it has not."""
+        def plain(v: Any) -> Any:
+            if isinstance(v, Path):
+                return str(v)
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+
+        return {k: plain(v) for k, v in self.__dict__.items()}
 
 
 def fit(

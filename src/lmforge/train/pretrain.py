@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.loop import RunResult, fit
 from lmforge.train.objectives import Objective
+from lmforge.utils.device import free_memory, resolve_device
 from lmforge.utils.errors import UserError
 
 
@@ -53,6 +55,8 @@ def pretrain(
     if seq_len > model_cfg.context_length:
         raise UserError(f"train.seq_len {seq_len} exceeds model.context_length {model_cfg.context_length}; lower one or raise the other")
 
+    check_memory(model_cfg, train)  # before the weights exist: the kernel's OOM killer would end the run unexplained
+
     torch.manual_seed(train.seed)
     net = Transformer(model_cfg)
     train_source = task.open(data, "train", seq_len)
@@ -77,6 +81,11 @@ def pretrain(
 
 def _resolve_model_config(model: ModelConfig | str | None, meta: dict) -> ModelConfig:
     cfg = preset(model) if isinstance(model, str) else (model or ModelConfig())
+    # A head or adapters would be saved untrained (random) beside the language model that was trained.
+    for name, given in (("task_head", cfg.task_head != "none"), ("labels", cfg.labels), ("lora", cfg.lora)):
+        if given:
+            raise UserError(f"model.{name} belongs to fine-tuning, not pretraining; drop it here and pass it to "
+                            f"`lmforge finetune` on the pretrained checkpoint")
     if cfg.vocab_size is None:
         return cfg.replace(vocab_size=meta["vocab_size"])
     if cfg.vocab_size < meta["vocab_size"]:
@@ -85,3 +94,53 @@ def _resolve_model_config(model: ModelConfig | str | None, meta: dict) -> ModelC
             "drop --model.vocab_size to take it from the data"
         )
     return cfg
+
+
+def count_params(model: ModelConfig) -> tuple[int, int]:
+    """(parameters, elements of the buffers: position tables) of the model `model` describes, without
+    building it: one model of one block per stack and one of two, on the meta device (shapes, no storage),
+    give the fixed part and each block's, so that a model of any size is counted in milliseconds."""
+    def count(n_layer: int, n_encoder_layer: int) -> tuple[int, int]:
+        with torch.device("meta"):
+            net = Transformer(model.replace(n_layer=n_layer, n_encoder_layer=n_encoder_layer))
+        return net.num_params(exclude_positions=False), sum(b.numel() for b in net.buffers())
+
+    base, decoder_block = count(1, 1), count(2, 1)
+    total = [b + (model.n_layer - 1) * (d - b) for b, d in zip(base, decoder_block)]
+    if model.arch == "encoder-decoder":
+        encoder_block = count(1, 2)
+        total = [t + ((model.n_encoder_layer or model.n_layer) - 1) * (e - b) for t, b, e in zip(total, base, encoder_block)]
+    return total[0], total[1]
+
+
+def check_memory(model: ModelConfig, train: TrainConfig) -> None:
+    """Refuse, in one line, a model whose weights, gradients and optimizer state alone exceed the memory
+    available where it trains: the kernel's OOM killer would end the run with no message. Only a model
+    that cannot fit is refused: the estimate is a lower bound (activations come on top)."""
+    params, buffers = count_params(model)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    shards = world if world > 1 and train.parallel == "fsdp" else 1
+    # fp32 weights and gradients (autocast keeps the weights fp32), AdamW's two moments (Muon's matrices: one).
+    per_param = 4 + 4 + (8 if train.optim == "adamw" else 4)
+    training = -(-params // shards) * per_param + buffers * 4
+    built = (params + buffers) * 4  # every process first builds the whole model on the CPU
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the processes of this machine share its memory
+    device = resolve_device(train.device)
+    if device.type == "cuda" and device.index is None:  # each torchrun process takes cuda:LOCAL_RANK
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    what = f"weights, gradients and {train.optim} state"
+    checks = [(device, max(training, built) * processes, what)] if device.type == "cpu" else [
+        (torch.device("cpu"), built * processes, "weights, built there before they move to the GPU"), (device, training, what)]
+    for where, needed, what in checks:
+        available = free_memory(where)
+        if available is None:  # no /proc/meminfo: not Linux
+            try:
+                available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError, AttributeError):
+                continue
+        if needed > available:
+            kind = "GPU" if where.type == "cuda" else "CPU"
+            raise UserError(
+                f"this model ({params:,} parameters) needs at least {needed / 1e9:,.1f} GB of {kind} memory to train "
+                f"({what}), but {available / 1e9:,.1f} GB is available; choose a smaller model (fewer or narrower layers)"
+            )

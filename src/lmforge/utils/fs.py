@@ -20,6 +20,13 @@ def _umask() -> int:
     return mask
 
 
+def usual_mode(path: str | os.PathLike) -> None:
+    """Give a file written through a private temporary file (mkstemp's, or safetensors' own since
+    0.8) the mode an ordinary open() would have: 0o666 less the umask, so that another account (a
+    server, a colleague) reads it as it reads the JSON beside it."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def ensure_dir(path: str | os.PathLike) -> Path:
     """Create directory `path` (and its parents) if missing; a path that cannot be a directory there
     (a file is in the way, a read-only location) is a one-line UserError."""
@@ -77,7 +84,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise _unwritable(path.parent, e) from None
     written = False
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+        usual_mode(tmp)  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
