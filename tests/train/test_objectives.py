@@ -134,3 +134,17 @@ def test_which_objectives_share_their_micro_batches_equally(tokenizer_dir, data_
     counts = [causal.weight(causal.batch(windows, 4, step=0, micro=m)) for m in range(3)]
     assert not causal.token_weighted and counts == [4 * 32] * 3
     assert _shares(counts, World(), torch.device("cpu")) == [1 / 3] * 3
+
+
+def test_resume_with_another_objective_is_refused_before_training(data_dir, tmp_path):
+    """Seen in review: an `mlm` run resumed with `--objective mlm+nsp` trained on silently, and its
+    metrics.jsonl joined two losses that do not compare."""
+    train = tiny_train_config(max_steps=2, eval_interval=0, log_interval=1)
+    pretrain(data_dir, tmp_path / "run", TINY_BERT, train, objective="mlm", **quiet)
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(UserError, match=r"step-000002 was trained with --objective mlm, this run asks for mlm\+nsp; "
+                                        r"resume with --objective mlm"):
+        pretrain(data_dir, tmp_path / "run", TINY_BERT, train.replace(max_steps=4), objective="mlm+nsp", resume=True, **quiet)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == rows  # nothing trained
+    assert pretrain(data_dir, tmp_path / "run", TINY_BERT, train.replace(max_steps=4), objective="mlm", resume=True,
+                    **quiet).step == 4

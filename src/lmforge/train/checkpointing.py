@@ -63,7 +63,8 @@ class Checkpointer:
         self._kept: set[Path] = set()  # old checkpoints that could not be removed: warned of once, not every save
         self._gathered: Transformer | None = None  # rank 0's full copy for model.safetensors
 
-    def resume_point(self, resume: bool, model_config: ModelConfig, tokenizer: Tokenizer, train: TrainConfig) -> Checkpoint | None:
+    def resume_point(self, resume: bool, model_config: ModelConfig, tokenizer: Tokenizer, train: TrainConfig,
+                     objective: str | None = None) -> Checkpoint | None:
         """The checkpoint to continue from (None for a new run); refuses to mix two runs in one directory,
         or to continue a run on another model, tokenizer or optimizer than the one it was trained with, or
         into a directory holding step-* entries that are not checkpoints (a copy in progress), which the
@@ -100,6 +101,11 @@ class Checkpointer:
             raise UserError(f"{ckpt.path} was trained with another tokenizer (sha256 {ckpt.tokenizer.sha256[:12]}) than "
                             f"this run's data (sha256 {tokenizer.sha256[:12]}); resume on the data it was trained on"
                             + (f" ({data})" if isinstance(data, str) else "") + ", or start a new run in another --out")
+        saved_objective = ckpt.trainer_state.get("objective")
+        if objective is not None and saved_objective is not None and saved_objective != objective:
+            # Another loss on the same weights: metrics.jsonl would join two curves that do not compare.
+            raise UserError(f"{ckpt.path} was trained with --objective {saved_objective}, this run asks for {objective}; "
+                            f"resume with --objective {saved_objective}, or start a new run in another --out")
         saved_train = ckpt.trainer_state.get("train")
         saved_optim = saved_train.get("optim", "adamw") if isinstance(saved_train, dict) else train.optim
         if saved_optim != train.optim:  # another optimizer's state cannot be loaded into this one

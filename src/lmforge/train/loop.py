@@ -138,7 +138,7 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
          state: dict[str, Any] | None, val_tokens_bytes: tuple[int, int] | None, describe: str, progress: bool,
          log: Callable[[str], None], t0: float) -> RunResult:
     checkpoints = Checkpointer(out, train.keep_checkpoints, world)
-    resume_from = checkpoints.resume_point(resume, net.config, tokenizer, train)
+    resume_from = checkpoints.resume_point(resume, net.config, tokenizer, train, (state or {}).get("objective"))
     start_step = resume_from.trainer_state["step"] if resume_from else 0  # checked to be an int
 
     amp = autocast_dtype(device, train.dtype)
