@@ -31,9 +31,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/lmforge demo
 
-# Two workers: most tests run one thread, so a 2-core machine runs the suite in about half the time.
+# Two workers: most tests run one thread, so a 2-core machine runs the suite in about half the time;
+# worksteal hands a finished worker the other's queued tests, so neither waits out the slow ones alone.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 # The CPU benchmarks README reports, with its settings. Two scripts need a checkpoint and are run by
 # hand: bench/serve_load.py CKPT and bench/finetune_tasks.py --base CKPT.
