@@ -194,3 +194,22 @@ def test_train_tokenizer_checks_its_output_before_training(tmp_path, monkeypatch
     monkeypatch.setattr(Tokenizer, "train", train)
     with pytest.raises(UserError, match=message):
         train_tokenizer([tmp_path / "a.txt"], vocab_size=300, out=out, progress=False)
+
+
+@pytest.mark.parametrize("extra", ["corpus.txt", "README.md", "vocab.json"])
+def test_train_tokenizer_keeps_files_of_the_user_in_an_earlier_tokenizer_folder(tmp_path, monkeypatch, extra):
+    """Seen in review: retraining into a tokenizer folder deleted everything but the two files it wrote
+    there, the corpus it was training on (inside that folder) included."""
+    (tmp_path / "a.txt").write_text("the cat sat on the mat\n" * 50)
+    train_tokenizer([tmp_path / "a.txt"], vocab_size=300, out=tmp_path / "tok", progress=False)
+    (tmp_path / "tok" / extra).write_text("the cat sat on the mat\n" * 50)
+
+    def train(*args, **kwargs):
+        raise AssertionError("trained before the output was checked")
+
+    monkeypatch.setattr(Tokenizer, "train", train)
+    source = tmp_path / "tok" / extra if extra == "corpus.txt" else tmp_path / "a.txt"
+    message = "the source" if extra == "corpus.txt" else f"holds {extra}, which `lmforge tokenizer train` did not write"
+    with pytest.raises(UserError, match=message):
+        train_tokenizer([source], vocab_size=400, out=tmp_path / "tok", progress=False)
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == sorted([extra, "tokenizer.json", "tokenizer_config.json"])

@@ -63,7 +63,7 @@ def train_tokenizer(
     tokenizer there complete; it may not be a prepared data or checkpoint directory (its shards or
     weights were made with the tokenizer.json there) nor a folder of other files.
     """
-    check_tokenizer_out(out)
+    check_tokenizer_out(out, sources=paths)
     n_docs = 0
 
     def texts() -> Iterator[str]:
@@ -86,11 +86,16 @@ def train_tokenizer(
     return tokenizer
 
 
-def check_tokenizer_out(out: str | Path) -> None:
+# What `Tokenizer.save` writes: an earlier tokenizer folder holding anything else (the corpus, notes,
+# a downloaded tokenizer's vocab.json) is the user's, which replacing the folder would delete.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_tokenizer_out(out: str | Path, sources: Sequence[str | Path] = ()) -> None:
     """Before training, refuse an `out` that could not take the tokenizer (an empty path, a file in the
-    way, a folder that cannot be written) or whose tokenizer.json belongs to shards (meta.json) or to
-    weights (a checkpoint), or any other folder that replacing it as a whole would lose: found after the
-    training, the run would be lost."""
+    way, a folder that cannot be written), that is or holds one of the `sources` (the corpus), whose
+    tokenizer.json belongs to shards (meta.json) or to weights (a checkpoint), or that holds anything
+    but an earlier tokenizer's files: found after the training, the run would be lost."""
     check_writable_dir(out)
     out = Path(out)
     if (out / "meta.json").exists():
@@ -98,7 +103,12 @@ def check_tokenizer_out(out: str | Path) -> None:
     elif (out / "config.json").exists() or any(out.glob("*.safetensors")) or (out / "pytorch_model.bin").exists():
         what = "a checkpoint (config.json or weights): its weights"
     else:
-        check_replaceable(out, "tokenizer.json", "a tokenizer directory")
+        check_replaceable(out, "tokenizer.json", "a tokenizer directory", sources=sources)
+        if out.is_dir():
+            for entry in sorted(out.iterdir()):
+                if not (entry.name in _TOKENIZER_FILES and entry.is_file()):
+                    raise UserError(f"{out} holds {entry.name}, which `lmforge tokenizer train` did not write and which "
+                                    "replacing the tokenizer folder would delete; move it out, or pass a new --out")
         return
     raise UserError(f"{out} holds {what} were made with the tokenizer.json there, which a new "
                     "tokenizer would replace; pass another --out")
