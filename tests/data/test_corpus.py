@@ -213,3 +213,10 @@ def test_train_tokenizer_keeps_files_of_the_user_in_an_earlier_tokenizer_folder(
     with pytest.raises(UserError, match=message):
         train_tokenizer([source], vocab_size=400, out=tmp_path / "tok", progress=False)
     assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == sorted([extra, "tokenizer.json", "tokenizer_config.json"])
+
+
+def test_a_gzip_file_that_is_not_utf8_is_converted_between_zcat_and_gzip(tmp_path):
+    """Seen in review: the hint ran iconv over the compressed bytes."""
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress(b"caf\xe9"))
+    with pytest.raises(UserError, match=r"`zcat .*c\.txt\.gz \| iconv -f latin1 -t utf-8 \| gzip > .*c\.txt\.utf8\.gz`"):
+        list(iter_documents([tmp_path / "c.txt.gz"]))

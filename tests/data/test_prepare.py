@@ -192,8 +192,10 @@ def test_failures_leave_nothing_behind(tmp_path, tok_dir):
         prepare([tmp_path / "empty.txt"], tok_dir, tmp_path / "out", progress=False)
     # One long line: no line break after the cut, so val would be empty; fails after tokenizing.
     (tmp_path / "line.txt").write_text("no line break anywhere " * 20)
-    with pytest.raises(UserError, match="val split is empty.*val_fraction=0"):
+    with pytest.raises(UserError, match="val split is empty: the last 10% of the text.*val_fraction=0"):
         prepare([tmp_path / "line.txt"], tok_dir, tmp_path / "out", progress=False)
+    with pytest.raises(UserError, match=r"the last 1e-07% of the text"):  # not "0%"
+        prepare([tmp_path / "line.txt"], tok_dir, tmp_path / "out", val_fraction=1e-9, progress=False)
     with pytest.raises(UserError, match="train split is empty"):
         prepare([tmp_path / "line.txt"], tok_dir, tmp_path / "out", val_fraction=0.999, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "line.txt"]  # no out, no temp dirs

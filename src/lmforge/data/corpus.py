@@ -233,11 +233,15 @@ def _decode(data: bytes, file: Path, offset: int) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        where = "of the decompressed text " if file.suffix.lower() == ".gz" else ""
+        gz = file.suffix.lower() == ".gz"
+        where = "of the decompressed text " if gz else ""
         bad = data[e.start : e.start + 4]
+        # The conversion is of the text: a compressed file is converted between zcat and gzip.
+        convert = (f"zcat {file} | iconv -f latin1 -t utf-8 | gzip > {file.with_suffix('')}.utf8.gz" if gz
+                   else f"iconv -f latin1 -t utf-8 {file} > {file}.utf8")
         raise UserError(
             f"{file} is not valid UTF-8 (byte offset {offset + e.start} {where}is {bad!r}); convert it, "
-            f"e.g. `iconv -f latin1 -t utf-8 {file} > {file}.utf8` if it is Latin-1"
+            f"e.g. `{convert}` if it is Latin-1"
         ) from None
 
 

@@ -136,7 +136,7 @@ def prepare(
             raise UserError(f"train split is empty: val_fraction {val_fraction} leaves no text for it; lower it")
         if val_fraction > 0 and writers["val"].tokens == 0:
             raise UserError(
-                f"val split is empty: the last {val_fraction:.0%} of the text has no line start to split at; "
+                f"val split is empty: the last {val_fraction * 100:.3g}% of the text has no line start to split at; "
                 "add more documents or lines, or pass --val-fraction 0 (val_fraction=0 in Python)"
             )
         meta = {
