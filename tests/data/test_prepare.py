@@ -451,3 +451,51 @@ def test_a_damaged_tokenizer_in_the_data_directory_says_to_re_prepare(data_dir, 
     with pytest.raises(UserError, match="tokenizer.json is corrupt") as err:
         pretrain(data, tmp_path / "run", "tiny", progress=False, log=lambda *a: None)
     assert "tokenizer train" not in str(err.value) and "prepare" in str(err.value)
+
+
+def test_an_empty_val_split_is_known_before_the_tokenizing(tmp_path, tok_dir, monkeypatch):
+    """Seen in review: one long line (a text8-style corpus) was tokenized whole before the empty val split showed."""
+    prep = importlib.import_module("lmforge.data.prepare")  # the package's `prepare` is the function
+
+    (tmp_path / "line.txt").write_text("no line break anywhere " * 20)
+
+    def tokenize(*args, **kwargs):
+        raise AssertionError("tokenized before the empty val split was found")
+
+    monkeypatch.setattr(prep, "_tokenize", tokenize)
+    with pytest.raises(UserError, match="val split is empty"):
+        prepare([tmp_path / "line.txt"], tok_dir, tmp_path / "out", progress=False)
+
+
+def test_the_early_val_check_agrees_with_the_split_it_predicts(tmp_path, tok_dir, monkeypatch):
+    """The first pass's verdict (a line start at or after the cut) against what the second pass writes,
+    on random corpora of short lines, trailing newlines and duplicate documents, at random fractions."""
+    prep = importlib.import_module("lmforge.data.prepare")  # the package's `prepare` is the function
+
+    rng = random.Random(0)
+    verdicts = []
+    for case in range(150):
+        docs = ["".join(rng.choice("ab\n") for _ in range(rng.randint(1, 12))) for _ in range(rng.randint(1, 4))]
+        docs = [d for d in docs if d.strip()] or ["ab"]
+        files = []
+        for i, doc in enumerate(docs):
+            (tmp_path / f"c{case}-{i}.txt").write_text(doc, encoding="utf-8")
+            files.append(tmp_path / f"c{case}-{i}.txt")
+        fraction = rng.choice([0.05, 0.1, 0.3, 0.5, 0.9])
+        keep, total, _, last_line_start = prep._scan(files, progress=False)
+        if total == 0:
+            continue
+        early_empty = last_line_start < int(total * (1.0 - fraction))
+        with monkeypatch.context() as m:  # the late check alone: what the split really holds
+            m.setattr(prep, "_scan", lambda paths, progress: (keep, total, 0, total))
+            try:
+                meta = prepare(files, tok_dir, tmp_path / f"out{case}", val_fraction=fraction, progress=False)
+                late_empty = meta["splits"]["val"]["tokens"] == 0
+            except UserError as e:
+                late_empty = "val split is empty" in str(e)
+                assert late_empty or "train split is empty" in str(e), e
+                if not late_empty:
+                    continue
+        verdicts.append(early_empty)
+        assert early_empty == late_empty, (docs, fraction)
+    assert 10 < sum(verdicts) < len(verdicts) - 10  # both verdicts were exercised

@@ -121,11 +121,13 @@ def prepare(
     sources = [str(p) for p in path_list(paths)]
     dtype = token_dtype(tok.vocab_size)
     with atomic_dir(out) as tmp:  # made now: a folder that cannot be written shows before the reading
-        keep, total_chars, duplicates = _scan(paths, progress)
+        keep, total_chars, duplicates, last_line_start = _scan(paths, progress)
         if total_chars == 0:
             raise UserError(f"corpus {' '.join(sources) or '(no paths)'} is empty; pass files that contain text")
         # As nanoGPT's `data[:int(n*0.9)]`; with val_fraction 0 the cut is the end and val stays empty.
         cut = int(total_chars * (1.0 - val_fraction))
+        if val_fraction > 0 and last_line_start < cut:
+            raise UserError(_no_val(val_fraction))
         writers = {name: _SplitWriter(name, tmp, dtype, shard_tokens) for name in SPLITS}
         try:
             _tokenize(paths, keep, cut, total_chars, tok, writers, progress)
@@ -135,10 +137,7 @@ def prepare(
         if writers["train"].tokens == 0:
             raise UserError(f"train split is empty: val_fraction {val_fraction} leaves no text for it; lower it")
         if val_fraction > 0 and writers["val"].tokens == 0:
-            raise UserError(
-                f"val split is empty: the last {val_fraction * 100:.3g}% of the text has no line start to split at; "
-                "add more documents or lines, or pass --val-fraction 0 (val_fraction=0 in Python)"
-            )
+            raise UserError(_no_val(val_fraction))
         meta = {
             "format": FORMAT,
             "tokenizer_sha256": tok.sha256,
@@ -169,18 +168,27 @@ def check_data_out(out: str | Path) -> None:
     check_replaceable(out, "meta.json", "a prepared data directory")
 
 
-def _scan(paths: Sequence[str | Path], progress: bool) -> tuple[bytearray, int, int]:
-    """First pass: which documents to keep (first copies), their total characters, and duplicates."""
+def _no_val(val_fraction: float) -> str:
+    return (f"val split is empty: the last {val_fraction * 100:.3g}% of the text has no line start to split at; "
+            "add more documents or lines, or pass --val-fraction 0 (val_fraction=0 in Python)")
+
+
+def _scan(paths: Sequence[str | Path], progress: bool) -> tuple[bytearray, int, int, int]:
+    """First pass: which documents to keep (first copies), their total characters, duplicates, and the
+    last line start: the offset of the last kept document's start or of a position after one of its
+    newlines with text after it. `_tokenize` puts text in val exactly when a line start lies at or
+    after the cut, so an empty val split shows here, before the tokenizing."""
     seen: set[bytes] = set()
     keep = bytearray()  # one byte per document, not a list's eight
-    total_chars = 0
+    total_chars = last_line_start = 0
     for doc in tqdm(iter_documents(paths), desc="reading", unit=" docs", file=sys.stderr, disable=not progress):
         key = text_key(doc.text)
         keep.append(key not in seen)
         if keep[-1]:
             seen.add(key)
+            last_line_start = total_chars + doc.text.rfind("\n", 0, len(doc.text) - 1) + 1  # rfind -1: the start
             total_chars += len(doc.text)
-    return keep, total_chars, keep.count(0)
+    return keep, total_chars, keep.count(0), last_line_start
 
 
 def _tokenize(
