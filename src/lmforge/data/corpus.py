@@ -21,7 +21,7 @@ from typing import BinaryIO, Iterator, Sequence
 
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_dir, check_replaceable, check_writable_dir
+from lmforge.utils.fs import atomic_dir, check_only_outputs, check_replaceable, check_writable_dir
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIX = ".jsonl"
@@ -105,10 +105,8 @@ def check_tokenizer_out(out: str | Path, sources: Sequence[str | Path] = ()) -> 
     else:
         check_replaceable(out, "tokenizer.json", "a tokenizer directory", sources=sources)
         if out.is_dir():
-            for entry in sorted(out.iterdir()):
-                if not (entry.name in _TOKENIZER_FILES and entry.is_file()):
-                    raise UserError(f"{out} holds {entry.name}, which `lmforge tokenizer train` did not write and which "
-                                    "replacing the tokenizer folder would delete; move it out, or pass a new --out")
+            check_only_outputs(out, lambda entry: entry.name in _TOKENIZER_FILES and entry.is_file(),
+                               "lmforge tokenizer train", "the tokenizer folder")
         return
     raise UserError(f"{out} holds {what} were made with the tokenizer.json there, which a new "
                     "tokenizer would replace; pass another --out")

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from lmforge.data.corpus import iter_documents, path_list, text_key
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_dir, atomic_write_json, check_replaceable, out_dir
+from lmforge.utils.fs import atomic_dir, atomic_write_json, check_only_outputs, check_replaceable, out_dir
 
 FORMAT = 1
 SPLITS = ("train", "val")
@@ -161,10 +161,8 @@ def check_data_out(out: str | Path) -> None:
     out_dir(out)  # '' and the current directory are refused, by the name given
     out = Path(out)
     if (out / "meta.json").is_file():
-        for entry in sorted(out.iterdir()):
-            if not (_DATA_FILES.fullmatch(entry.name) and entry.is_file()):
-                raise UserError(f"{out} holds {entry.name}, which `lmforge prepare` did not write and which replacing the "
-                                "data directory would delete; move it out, or pass a new --out")
+        check_only_outputs(out, lambda entry: bool(_DATA_FILES.fullmatch(entry.name)) and entry.is_file(), "lmforge prepare",
+                           "the data directory")
     check_replaceable(out, "meta.json", "a prepared data directory")
 
 

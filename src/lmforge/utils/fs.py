@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from lmforge.utils.errors import UserError
 
@@ -263,6 +263,15 @@ def check_replaceable(path: str | os.PathLike, marker: str, what: str, *, key: s
                         "would lose; pass a new --out")
     if not (path / marker).is_file() or (key is not None and not _holds_key(path / marker, key)):
         raise UserError(f"{shown} exists and is not {what}; pass a new --out or remove it")
+
+
+def check_only_outputs(path: Path, ours: Callable[[Path], bool], verb: str, what: str) -> None:
+    """`path`, an earlier output about to be replaced whole, may hold only entries `verb` writes (those
+    `ours` accepts): any other (the user's notes, a corpus) is named, as replacing `what` would delete it."""
+    for entry in sorted(path.iterdir()):
+        if not ours(entry):
+            raise UserError(f"{path} holds {entry.name}, which `{verb}` did not write and which replacing {what} "
+                            "would delete; move it out, or pass a new --out")
 
 
 def read_json(path: str | os.PathLike, fix: str) -> Any:
