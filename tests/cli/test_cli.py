@@ -831,3 +831,19 @@ def test_lora_alpha_zero_is_refused(capsys, trained_run, tmp_path):
     fails_with(capsys, "lora.alpha must be > 0", "finetune", trained_run.out, "--task", "classify",
                "--data", tmp_path / "x.tsv", "--out", tmp_path / "ft", "--lora.r", 2, "--lora.alpha", 0)
     assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_torchrun_rank_0_alone_reports_an_interrupt_and_every_rank_its_own_error(capsys, monkeypatch, rank):
+    """torchrun passes Ctrl-C to every process: one line for the run, not one per process (seen in review).
+    An error of one process's own (its data unreadable, say) is still said by that process."""
+    from lmforge.train import Interrupted
+
+    monkeypatch.setenv("RANK", rank)
+    for error, says in ((Interrupted(3, None), "interrupted at step 3"), (KeyboardInterrupt(), "lmforge: interrupted")):
+        _failing(monkeypatch, "prepare", error)
+        code, _, err = run(capsys, "prepare", "x", "--tokenizer", "t", "--out", "o")
+        assert code != 0 and (says in err) == (rank == "0"), err
+    _failing(monkeypatch, "prepare", UserError("this process's own trouble"))
+    code, _, err = run(capsys, "prepare", "x", "--tokenizer", "t", "--out", "o")
+    assert code == 2 and "lmforge: error: this process's own trouble" in err

@@ -71,6 +71,10 @@ def test_parameter_count_and_flops():
     assert model.num_params() == expected
     assert model.num_params(exclude_positions=False) == expected + T * C
     assert model.flops_per_token() == 6 * expected + 12 * L * C * T
+    # An encoder-decoder attends in its 3 encoder blocks and twice (self, cross) in its 2 decoder blocks.
+    seq2seq = Transformer(preset("transformer-base", vocab_size=128, n_layer=2, n_encoder_layer=3, n_embd=32, n_head=4,
+                                 mlp_hidden=64, context_length=16))
+    assert seq2seq.flops_per_token() == 6 * seq2seq.num_params() + 12 * (3 + 2 * 2) * 32 * 16
 
 
 def test_tied_embeddings_share_storage():

@@ -216,3 +216,38 @@ def test_cuda_graph_compile_modes_refuse_gradient_accumulation(data_dir, tmp_pat
     with pytest.raises(UserError, match="cannot accumulate gradients over 2 micro-batches; use --train.grad_accum 1"):
         pretrain(data_dir, tmp_path / "run", "tiny", cfg, progress=False, log=lambda *a: None)
     assert not (tmp_path / "run" / "step-000002").exists()
+
+
+def test_muon_state_loads_through_the_full_state_dict_path(tmp_path):
+    """A one-process Muon checkpoint resumes under torchrun through `set_optimizer_state_dict(full_state_dict=True)`,
+    whose flattening drops empty lists: the whole-matrix group's `rows: []` came back without its key (KeyError)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    from lmforge.train.optim import build_optimizer
+
+    def built():
+        torch.manual_seed(0)
+        model = Transformer(preset("tiny", vocab_size=64))
+        return model, build_optimizer(model, tiny_train_config(optim="muon"), torch.device("cpu"))
+
+    model, optimizer = built()
+    model(torch.randint(0, 64, (2, 8))).sum().backward()
+    optimizer.step()
+    names = {id(p): n for n, p in model.named_parameters()}
+    saved = optimizer.state_dict()
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    by_name = {"state": {names[id(order[i])]: s for i, s in saved["state"].items()},
+               "param_groups": [{**g, "params": [names[id(order[i])] for i in g["params"]]} for g in saved["param_groups"]]}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model2, optimizer2 = built()
+        set_optimizer_state_dict(model2, optimizer2, by_name, options=StateDictOptions(full_state_dict=True))
+        params2 = dict(model2.named_parameters())
+        for name, p in model.named_parameters():  # the moments came back, each on its parameter
+            for key, value in optimizer.state[p].items():
+                torch.testing.assert_close(optimizer2.state[params2[name]][key], value, rtol=0, atol=0)
+        model2(torch.randint(0, 64, (2, 8))).sum().backward()
+        optimizer2.step()  # KeyError: 'rows' before the fix
+    finally:
+        dist.destroy_process_group()

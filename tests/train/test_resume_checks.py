@@ -251,6 +251,18 @@ def test_a_resume_on_other_batches_warns_and_keeps_counting_tokens(run4, data_di
     assert [r["tokens"] for r in rows] == [8 * 64, 2 * 8 * 64, saved + 4 * 32, saved + 2 * 4 * 32]
 
 
+def test_a_resume_that_splits_the_step_into_other_micro_batches_warns(run4, data_dir, tmp_path):
+    """Seen in review: 8 sequences per step as 4 x 2 are other sequences than 8 x 1 (each micro-batch is drawn
+    by its index), and the resume said nothing. Processes and accumulation trade freely; batch_size does not."""
+    out, _ = from_step_2(run4, tmp_path)
+    lines = []
+    pretrain(data_dir, out, "tiny", tiny_train_config(**{**TRAIN, "batch_size": 4, "grad_accum": 2}), resume=True,
+             progress=False, log=lines.append)
+    assert [line.split(";")[0] for line in lines if line.startswith("warning:")] == [
+        "warning: the checkpoint drew micro-batches of 8 sequences and this run draws 4, other sequences for the "
+        "same 8 per step"]
+
+
 def test_a_resume_with_the_same_batches_says_nothing_and_an_old_checkpoint_counts_by_step(run4, data_dir, tmp_path):
     """seq_len None is the context (64): the same windows. A checkpoint from before tokens were counted."""
     out, ckpt = from_step_2(run4, tmp_path)

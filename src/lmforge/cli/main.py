@@ -467,7 +467,8 @@ def _run(argv: list[str]) -> int:
             print(json.dumps(result, ensure_ascii=False))
         sys.stdout.flush()  # a stdout that cannot take the output fails here, not in the flush at exit
     except UserError as e:
-        print(f"lmforge: error: {e}", file=sys.stderr)
+        if not (e.every_process and int(os.environ.get("RANK", "0")) > 0):
+            print(f"lmforge: error: {e}", file=sys.stderr)
         return UserError.exit_code
     except ArgumentError as e:
         message = " ".join(str(e).split())
@@ -477,7 +478,8 @@ def _run(argv: list[str]) -> int:
         print(f"lmforge: error: {message} (see `{hint}`)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lmforge: interrupted", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # torchrun's processes were all interrupted: one line
+            print("lmforge: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -216,6 +216,11 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters() if p is not positions and (p.requires_grad or not trainable_only))
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token: 6N + 12 * n_layer * n_head * head_size * seq_len (Kaplan et al. 2020; PaLM app. B)."""
+        """Training FLOPs per token: 6N + 12 * attention layers * n_head * head_size * seq_len (Kaplan et al.
+        2020; PaLM app. B). An encoder-decoder's attention layers are the encoder's, the decoder's and its
+        cross-attention, with source and target both taken as seq_len long."""
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_size * (seq_len or c.context_length)
+        attention = c.n_layer  # the blocks' self-attention
+        if c.arch == "encoder-decoder":
+            attention += c.n_layer + (c.n_encoder_layer or c.n_layer)  # cross-attention; the encoder's
+        return 6 * self.num_params() + 12 * attention * c.n_head * c.head_size * (seq_len or c.context_length)

@@ -65,6 +65,8 @@ class Interrupted(UserError):
     Ctrl-C, the CLI's for SIGTERM): the run is complete then, and `checkpoint` its last one.
     """
 
+    every_process = True  # torchrun passes the signal to every process
+
     def __init__(self, step: int, checkpoint: Path | None) -> None:
         where = f"checkpoint saved to {checkpoint}" if checkpoint else "no new step to save"
         super().__init__(f"interrupted at step {step}; {where}; continue with --resume")
@@ -406,8 +408,8 @@ def _check_every_step(device: torch.device, train: TrainConfig) -> bool:
 
 def _warn_if_run_changed(trainer_state: dict[str, Any], train: TrainConfig, sequences_per_step: int, context_length: int,
                          log: Callable[[str], None]) -> None:
-    """Resuming with another global batch (a new world size, say), seed or sequence length is allowed, but
-    the batches from there on are not the ones the run would have trained on: say so."""
+    """Resuming with another global batch (a new world size, say), micro-batch, seed or sequence length is
+    allowed, but the batches from there on are not the ones the run would have trained on: say so."""
     prev = trainer_state.get("train")
     if not isinstance(prev, dict):
         return
@@ -416,6 +418,10 @@ def _warn_if_run_changed(trainer_state: dict[str, Any], train: TrainConfig, sequ
         if before != sequences_per_step:
             log(f"warning: the checkpoint took {before} sequences per step and this run takes {sequences_per_step}; "
                 "for the same run keep batch_size x grad_accum x processes equal")
+        elif prev["batch_size"] != train.batch_size:  # a micro-batch's sequences are drawn by its index
+            log(f"warning: the checkpoint drew micro-batches of {prev['batch_size']} sequences and this run draws "
+                f"{train.batch_size}, other sequences for the same {before} per step; for the same run keep "
+                f"--train.batch_size {prev['batch_size']} and trade processes for --train.grad_accum")
     # The seed chooses each step's batch and dropout masks; seq_len (None: the context) cuts the windows.
     for key, before, now in (("seed", prev.get("seed"), train.seed),
                              ("seq_len", prev.get("seq_len") or context_length, train.seq_len or context_length)):

@@ -164,6 +164,15 @@ class Muon(torch.optim.Optimizer):
             if group["use_muon"] and group["rows"] and any(sum(group["rows"]) != p.size(0) for p in group["params"]):
                 raise ValueError(f"a Muon group's rows {group['rows']} must add up to each matrix's row count")
 
+    def __setstate__(self, state: dict) -> None:
+        """Groups loaded from a state_dict get the defaults of keys they lack, as torch's own optimizers do:
+        `set_optimizer_state_dict(full_state_dict=True)` (a resume under torchrun) drops a group's
+        empty `rows` list, the whole-matrix group's."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

@@ -9,6 +9,9 @@ class UserError(Exception):
     """A bad input the user can fix: missing file, empty corpus, bad config key, corrupt checkpoint."""
 
     exit_code = 2
+    # True where every process of a torchrun job raises the same error (an interrupt reaches them all):
+    # rank 0 says it for the run.
+    every_process = False
 
 
 def require(condition: bool, message: str) -> None:
