@@ -148,3 +148,24 @@ def test_resume_with_another_objective_is_refused_before_training(data_dir, tmp_
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == rows  # nothing trained
     assert pretrain(data_dir, tmp_path / "run", TINY_BERT, train.replace(max_steps=4), objective="mlm", resume=True,
                     **quiet).step == 4
+
+
+@pytest.mark.parametrize("chunked", [0, 50])
+def test_validation_scores_over_the_real_vocabulary_and_a_plain_step_over_the_padded_head(data_dir, chunked):
+    """Validation gives the loss `lmforge eval` and transformers give an exported model (the padding ids take no
+    probability); an unsmoothed training step keeps the whole head, whose gradient pushes the padding down."""
+    tokenizer = Tokenizer.load(data_dir)
+    cfg = preset("tiny", vocab_size=tokenizer.vocab_size - 100, pad_vocab_multiple=256, dropout=0.0)  # 412 -> 512
+    torch.manual_seed(0)
+    net = Transformer(cfg)
+    with torch.no_grad():
+        net.output.weight[cfg.vocab_size:].normal_(0.0, 1.0)  # padding rows that take probability mass
+    task = Objective("causal", cfg, tokenizer, seed=0, chunked_loss=chunked)
+    batch = task.batch(task.open(str(data_dir), "train", 32), 4, step=0)
+    batch = {k: v.clamp(max=cfg.vocab_size - 1) for k, v in batch.items()}  # this smaller vocabulary's ids
+    with torch.no_grad():
+        logits = net(batch["input_ids"])
+        trained, validated = task.loss(net.train(), batch), task.loss(net.eval(), batch)
+    torch.testing.assert_close(trained, lm_loss(logits, batch["labels"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(validated, lm_loss(logits[..., :cfg.vocab_size], batch["labels"]), rtol=1e-5, atol=1e-5)
+    assert trained - validated > 0.01

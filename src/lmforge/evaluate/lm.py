@@ -24,7 +24,6 @@ def evaluate_lm(
     split: str = "val",
     batch_size: int = 8,
     device: str = "auto",
-    max_tokens: int | None = None,
     dtype: str = "auto",
 ) -> dict:
     """Loss, perplexity and bits per byte of a checkpoint on a prepared data dir's split or on raw files.
@@ -35,9 +34,6 @@ def evaluate_lm(
     """
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}; pass e.g. --batch-size 8")
-    if max_tokens is not None and max_tokens < 2:  # else a negative count slices off the end: bytes < 0
-        raise UserError(f"max_tokens must be >= 2 (one token to predict and one before it), got {max_tokens}; "
-                        "leave it unset to evaluate the whole text")
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     for path in map(Path, paths):
         # Read as text, a run's metrics.jsonl and a checkpoint's JSON would fail on a line of their own.
@@ -56,9 +52,6 @@ def evaluate_lm(
         tokens, n_bytes = _prepared_split(Path(paths[0]), split, ckpt.tokenizer)
     else:
         tokens, n_bytes = _tokenize_files(paths, ckpt.tokenizer)
-    if max_tokens is not None and len(tokens) > max_tokens:
-        n_bytes = int(n_bytes * max_tokens / len(tokens))  # proportional share of the bytes
-        tokens = tokens[:max_tokens]
     if len(tokens) < 2:
         raise UserError("the evaluation text has fewer than 2 tokens; give more text")
     total_nats, predicted = _sum_nll(model, tokens, batch_size, dev, amp)
@@ -123,6 +116,6 @@ def _sum_nll(
         with autocast(device, amp):
             logits = model(chunk[:, :-1])
         n = chunk[:, 1:].numel()
-        total += lm_loss(logits, chunk[:, 1:]).item() * n
+        total += lm_loss(logits, chunk[:, 1:], vocab_size=model.config.vocab_size).item() * n
         count += n
     return total, count

@@ -109,4 +109,4 @@ def _assistant_loss(model, fmt: TaskFormat, examples: list, batch_size: int) -> 
     if sum(map(n_predicted, batches)) == 0:
         raise UserError("the conversations have no assistant tokens within the model's context; nothing to score")
     device = model.tok_embeddings.weight.device
-    return weighted_mean_loss(lambda m, b: lm_loss(m(b["input_ids"]), b["labels"]), n_predicted, model, batches, device, None)
+    return weighted_mean_loss(lambda m, b: lm_loss(m(b["input_ids"]), b["labels"], vocab_size=m.config.vocab_size), n_predicted, model, batches, device, None)

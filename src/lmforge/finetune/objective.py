@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.data.features import Feature, collate, sample_batch
-from lmforge.model.losses import IGNORE_INDEX, lm_loss
+from lmforge.model.losses import IGNORE_INDEX, lm_loss, scored_vocab
 
 Batch = dict[str, torch.Tensor]
 
@@ -41,8 +41,7 @@ class TaskObjective:
             start, end = logits.unbind(dim=-1)  # (B, T) each
             return (F.cross_entropy(start, batch["start_positions"], label_smoothing=eps)
                     + F.cross_entropy(end, batch["end_positions"], label_smoothing=eps)) / 2
-        # Smoothing spreads e over the real vocabulary, not the LM head's padding ids (see `lm_loss`).
-        V = model.config.vocab_size if self.label_smoothing else None
+        V = scored_vocab(model, self.label_smoothing)
         if self.arch == "encoder-decoder":
             memory = model.encode_source(batch["src"], batch["src_mask"])
             logits = model(batch["input_ids"], memory=memory, memory_mask=batch["src_mask"])

@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 # Label of positions that carry no loss (padding, unmasked MLM tokens): cross_entropy's ignore_index.
@@ -29,6 +30,14 @@ def lm_loss(
         reduction="sum",
     )
     return total / (targets != ignore_index).sum().clamp(min=1)
+
+
+def scored_vocab(model: nn.Module, label_smoothing: float) -> int | None:
+    """The `vocab_size` to give `lm_loss`: the real vocabulary where smoothing (it would train probability
+    onto the head's padding ids, which no text holds) and in validation (scored as `lmforge eval` and an
+    exported model score it); None in a plain training step, where the gradient pushes the padding's
+    logits down and slicing would copy the logits."""
+    return model.config.vocab_size if label_smoothing or not model.training else None
 
 
 def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:

@@ -19,7 +19,7 @@ from lmforge.data.loader import TokenWindows
 from lmforge.data.mlm import MaskingSpec, mlm_batch
 from lmforge.data.parallel import ParallelPairs
 from lmforge.model import Transformer
-from lmforge.model.losses import IGNORE_INDEX, chunked_lm_loss, lm_loss
+from lmforge.model.losses import IGNORE_INDEX, chunked_lm_loss, lm_loss, scored_vocab
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.device import autocast
 from lmforge.utils.errors import UserError
@@ -107,9 +107,7 @@ class Objective:
 
     def loss(self, model: Transformer, batch: Batch) -> torch.Tensor:
         eps = self.label_smoothing if model.training else 0.0
-        # Smoothing spreads e over the real vocabulary, not the padding ids no text holds, which it
-        # would train probability onto; a smoothed run validates over the same classes.
-        V = model.config.vocab_size if self.label_smoothing else None
+        V = scored_vocab(model, self.label_smoothing)
         if self.name == "causal" and self.chunked_loss:
             hidden = model(batch["input_ids"], return_hidden=True)
             return chunked_lm_loss(hidden, model.output.weight, batch["labels"], self.chunked_loss, label_smoothing=eps,
