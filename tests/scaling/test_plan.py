@@ -101,3 +101,13 @@ def test_the_optimum_is_computed_in_log_space():
     log_g = (math.log(2.0) + math.log(1e308) - math.log(0.3) - math.log(410.0)) / 2.3
     assert out["params"] == pytest.approx(math.exp(log_g + 0.3 / 2.3 * math.log(1e21 / 6)), rel=1e-12)
     assert out["flops"] == pytest.approx(1e21, rel=1e-12) and math.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("what, value", [("flops", 1e20), ("tokens", 1e9)])
+def test_a_law_whose_smallest_model_needs_a_budget_past_floats_is_one_line(what, value):
+    """Seen in review: alpha 2, beta 0.01 (within the range `scaling fit` searches) puts the optimum under
+    1000 parameters at any budget, and the hint's budget, inf, raised OverflowError."""
+    law = ParametricLaw(E=1.0, A=400.0, B=400.0, alpha=2.0, beta=0.01, name="steep")
+    with pytest.raises(UserError, match=re.escape(f"--{what} {value:.3g} is too small for any model: ") + ".* and no budget "
+                       "within floating-point range gives steep a model of 1000 parameters; check its constants$"):
+        plan(**{what: value}, law=law)

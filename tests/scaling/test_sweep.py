@@ -2,6 +2,7 @@ import json
 import os
 import re
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -284,6 +285,36 @@ def test_a_run_refused_before_it_starts_leaves_no_run_directory(tmp_path, data_d
     with pytest.raises(UserError, match="not a prepared data directory"):
         sweep(tmp_path / "g.yaml", tmp_path / "no-data", tmp_path / "other", log=lambda *a: None, progress=False)
     assert not (tmp_path / "other").exists()
+
+
+def test_a_sweep_whose_runs_failed_before_any_checkpoint_takes_new_settings(tmp_path, data_dir, monkeypatch):
+    """Seen in review: a first run that diverged (a run directory holding metrics.jsonl, no checkpoint, no row)
+    bound the study to its settings, so the retry with the lower lr that the error advised was refused."""
+    import importlib
+
+    sweep_module = importlib.import_module("lmforge.scaling.sweep")
+
+    def diverge(data, out, *args, **kwargs):
+        (Path(out)).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 9.0}\n')
+        raise UserError("loss is nan at step 2; lower --train.lr or pass --train.skip_nonfinite true to skip such steps")
+
+    monkeypatch.setattr(sweep_module, "pretrain", diverge)
+    one = GRID.replace("sizes: [2.0e4, 5.0e4]", "sizes: [2.0e4]").replace("tokens: [4096, 8192]", "tokens: [4096]")
+    (tmp_path / "g.yaml").write_text(one)
+    with pytest.raises(UserError, match=r"^run L\d+-d\d+-D[\d.e+]+: loss is nan at step 2; lower the grid's train: \{lr\} "
+                                        r"or pass the grid's train: \{skip_nonfinite\} true to skip such steps$"):
+        sweep(tmp_path / "g.yaml", data_dir, tmp_path / "study", log=lambda *a: None, progress=False)
+    (tmp_path / "g.yaml").write_text(one.replace("lr: 3.0e-3", "lr: 1.0e-3"))
+    with pytest.raises(UserError, match="loss is nan"):  # the run is tried again, under the new lr
+        sweep(tmp_path / "g.yaml", data_dir, tmp_path / "study", log=lambda *a: None, progress=False)
+    assert json.loads((tmp_path / "study" / "sweep.json").read_text())["train"]["lr"] == 1e-3
+    # The failed attempts' time is not the time of the run that trains next from scratch.
+    [run_dir] = (tmp_path / "study" / "runs").iterdir()
+    (run_dir / SECONDS_FILE).write_text('{"seconds": 1000.0}\n')
+    monkeypatch.undo()
+    [row] = sweep(tmp_path / "g.yaml", data_dir, tmp_path / "study", log=lambda *a: None, progress=False)
+    assert row["seconds"] < 1000
 
 
 @pytest.mark.parametrize(

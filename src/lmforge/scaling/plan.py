@@ -91,12 +91,14 @@ def plan(
             "flops": 6 * MIN_PARAMS * law.tokens_for(MIN_PARAMS), "params": MIN_PARAMS,
             "tokens": law.tokens_for(MIN_PARAMS),
         }[what]
+        why = f"--{what} {value:.3g} is too small for any model: the compute-optimal model under {law.name} would " \
+              f"have {N:.3g} parameters (< {MIN_PARAMS})"
+        if not math.isfinite(smallest):  # a steep law from a fit (beta / (alpha + beta) near 0)
+            raise UserError(f"{why}, and no budget within floating-point range gives {law.name} a model of "
+                            f"{MIN_PARAMS} parameters; check its constants")
         step = 10 ** (math.floor(math.log10(smallest)) - 2)
         enough = math.ceil(smallest / step) * step  # rounded up to 3 digits, so the number shown suffices
-        raise UserError(
-            f"--{what} {value:.3g} is too small for any model: the compute-optimal model under {law.name} would "
-            f"have {N:.3g} parameters (< {MIN_PARAMS}); use --{what} of at least {enough:.3g}"
-        )
+        raise UserError(f"{why}; use --{what} of at least {enough:.3g}")
     C = 6.0 * N * D
     gpu_hours = C / (mfu * peak) / 3600.0
     loss = float(law.loss(N, D))

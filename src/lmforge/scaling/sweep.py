@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import re
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -292,7 +293,10 @@ def sweep(
     for device in devices or [base.device]:  # e.g. cuda on a machine without it: before any run starts
         resolve_device(device)
     settings = _settings(grid, planned[0].model, base, meta)
-    _check_settings(out, settings, recorded, trained=bool(rows) or any((out / "runs").glob("*")))
+    # A run binds the study to its settings once it has a row or a checkpoint to resume from; one that
+    # failed before its first checkpoint (diverged, say) left nothing that a retry under new settings would mix with.
+    trained = bool(rows) or any(find_checkpoints(run) for run in (out / "runs").glob("*"))
+    _check_settings(out, settings, recorded, trained)
     todo = [(i, run) for i, run in enumerate(planned, 1) if run.name not in done]
     if todo:  # before the first run trains: an interrupted run resumes only under these settings
         atomic_write_json(out / SETTINGS, settings)
@@ -381,8 +385,9 @@ def _settings(grid: Grid, model: ModelConfig, train: TrainConfig, meta: dict[str
 def _check_settings(out: Path, settings: dict[str, Any], recorded: list[tuple[str, dict | None]], trained: bool) -> None:
     """Refuse to sweep into an OUT whose runs were trained with other settings than `settings`: its
     rows would mix with the new ones in one results.jsonl, and an interrupted run would resume under
-    the new settings. `recorded` holds each row's settings; OUT/sweep.json counts once a run has trained
-    (a sweep refused before its first run left it, and nothing depends on it)."""
+    the new settings. `recorded` holds each row's settings; OUT/sweep.json counts once a run has `trained`
+    (a sweep refused before its first run, or whose runs failed before a checkpoint, left it, and nothing
+    depends on it)."""
     path = out / SETTINGS
     if trained and path.exists():
         kept = read_json(path, "restore it, or sweep into another --out")
@@ -413,16 +418,17 @@ SECONDS_FILE = "sweep-seconds.json"  # in a run's directory: wall time of all it
 _HEARTBEAT_S = 5.0
 
 
-def _stopwatch(run_dir: Path, fn: Callable[[], Any]) -> tuple[Any, float]:
-    """(fn(), wall seconds of this run over every attempt), keeping the total in run_dir/SECONDS_FILE.
+def _stopwatch(run_dir: Path, fn: Callable[[], Any], resume: bool) -> tuple[Any, float]:
+    """(fn(), wall seconds of this run over every attempt since it last started from scratch), keeping the
+    total in run_dir/SECONDS_FILE; `resume`: fn goes on from an earlier attempt's checkpoint.
 
     The file is rewritten every few seconds by a thread and once more when fn returns or raises, so an
     interrupted attempt's time survives into the next one, a SIGKILLed one's up to the last write.
     fn must make run_dir before it trains: until then the stopwatch writes nothing.
     """
     path = run_dir / SECONDS_FILE
-    try:
-        before = float(json.loads(path.read_text())["seconds"])
+    try:  # an attempt that left no checkpoint (failed before one) trained nothing this one builds on
+        before = float(json.loads(path.read_text())["seconds"]) if resume else 0.0
     except (OSError, ValueError, KeyError, TypeError):
         before = 0.0
     t0 = time.perf_counter()
@@ -466,9 +472,12 @@ def _train_one(run: PlannedRun, evals: int, base: TrainConfig, data: str, out: s
     resume = bool(find_checkpoints(run_dir))  # an interrupted attempt left a checkpoint: continue from it
     try:
         result, seconds = _stopwatch(run_dir, lambda: pretrain(data, run_dir, run.model, train, resume=resume,
-                                                               objective=objective, progress=progress, log=lambda *a: None))
+                                                               objective=objective, progress=progress, log=lambda *a: None),
+                                     resume)
     except Interrupted as e:  # its message names `pretrain --resume`; a sweep resumes by running again
         raise UserError(f"run {run.name} interrupted at step {e.step}; start the same sweep again to resume it") from None
+    except UserError as e:  # pretrain's advice names its flags, where a sweep's runs take their settings from the grid
+        raise UserError(f"run {run.name}: " + re.sub(r"--(train|model)\.(\w+)", r"the grid's \1: {\2}", str(e))) from None
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     model = ModelConfig.from_dict(json.loads((result.checkpoint / "config.json").read_text())["model"])
     tokens = steps * tokens_per_step
