@@ -96,3 +96,23 @@ def test_encode_source_longer_than_the_context_is_refused_like_encode():
     with pytest.raises(ValueError, match="source of 17 tokens exceeds the context of 16"):
         model.encode_source(torch.randint(0, 50, (1, 17)))
     assert model.encode_source(torch.randint(0, 50, (1, 16))).shape == (1, 16, 32)
+
+
+@pytest.mark.parametrize("position", ["rotary", "sinusoidal"])
+def test_an_unfilled_model_loads_to_the_same_model_and_leaves_torch_init_as_it_was(position):
+    """`Transformer.unfilled` (what load_model builds) skips the random fills, not the tables computed in
+    __init__ (rotary, sinusoidal), and puts torch.nn.init back."""
+    from torch import nn
+
+    fills = dict(vars(nn.init))
+    cfg = preset("tiny", vocab_size=128, position=position, norm="rmsnorm")
+    torch.manual_seed(0)
+    ref = Transformer(cfg).eval()
+    empty = Transformer.unfilled(cfg)
+    assert dict(vars(nn.init)) == fills
+    assert {k: v.shape for k, v in empty.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    for (name, a), (_, b) in zip(ref.named_buffers(), empty.named_buffers()):
+        assert torch.equal(a, b), name
+    empty.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 128, (2, 16))
+    assert torch.equal(empty.eval()(idx), ref(idx))

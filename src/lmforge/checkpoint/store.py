@@ -203,7 +203,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     """The model of a checkpoint in eval mode on `device` (its floating-point tensors cast to `dtype`
     if given), and the checkpoint's other contents; `fix` ends the error of a damaged file."""
     ckpt = load_checkpoint(path, fix)
-    model = Transformer(ckpt.model_config)
+    model = Transformer.unfilled(ckpt.model_config)  # every weight is read below, or the load is refused
     weights = ckpt.path / "model.safetensors"
     if not weights.exists():
         raise UserError(f"{weights} is missing; the checkpoint is incomplete, use another step or retrain")
