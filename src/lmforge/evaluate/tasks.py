@@ -106,7 +106,10 @@ def _assistant_loss(model, fmt: TaskFormat, examples: list, batch_size: int) -> 
     def n_predicted(batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
+    def loss(m, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # over the real vocabulary, as validation scores
+        return lm_loss(m(batch["input_ids"]), batch["labels"], vocab_size=m.config.vocab_size)
+
     if sum(map(n_predicted, batches)) == 0:
         raise UserError("the conversations have no assistant tokens within the model's context; nothing to score")
     device = model.tok_embeddings.weight.device
-    return weighted_mean_loss(lambda m, b: lm_loss(m(b["input_ids"]), b["labels"], vocab_size=m.config.vocab_size), n_predicted, model, batches, device, None)
+    return weighted_mean_loss(loss, n_predicted, model, batches, device, None)
