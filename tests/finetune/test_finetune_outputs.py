@@ -107,3 +107,20 @@ def test_predict_never_writes_over_its_input_or_a_file_that_is_not_predictions(c
     empty = tmp_path / "empty.jsonl"
     empty.touch()
     assert predict(clf_run.checkpoint, dev, empty, device="cpu") == 2
+
+
+def test_finetune_resumed_with_other_frozen_parameters_names_the_flags(trained_run, tmp_path):
+    """Seen in review: a run resumed without its --freeze-* flags was refused for its optimizer state,
+    with advice to keep the --train settings, which were the same."""
+    data = tmp_path / "tags.conll"
+    data.write_text("Peter\tB-PER\nlives\tO\nin\tO\nBerlin\tB-LOC\n\nAnna\tB-PER\nsings\tO\n")
+    out = tmp_path / "tag"
+    finetune(trained_run.out, "tag", data, out, train=_cfg(), freeze_embeddings=True, freeze_layers=1, **QUIET)
+    with pytest.raises(UserError) as err:
+        finetune(trained_run.out, "tag", data, out, train=_cfg(max_steps=4), resume=True, **QUIET)
+    message = str(err.value)
+    assert "without --freeze-embeddings (saved: on); --freeze-layers 0 (saved: 1)" in message, message
+    assert message.endswith("(--freeze-embeddings, --freeze-layers 1)") and "--train" not in message, message
+    resumed = finetune(trained_run.out, "tag", data, out, train=_cfg(max_steps=4), freeze_embeddings=True, freeze_layers=1,
+                       resume=True, **QUIET)
+    assert resumed.checkpoint.name == "step-000004"

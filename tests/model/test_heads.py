@@ -17,6 +17,15 @@ def test_decoder_classify_reads_the_last_real_token_whatever_the_padding():
     torch.testing.assert_close(out[1], m.task_logits(b[None])[0], atol=1e-5, rtol=1e-5)
     # The reference by hand: the head on the final hidden state of the last real token.
     torch.testing.assert_close(out[1], m.head(m.encode(b[None])[0, -1]), atol=1e-5, rtol=1e-5)
+    # Left padding, as decoders are often batched (seen in review: the head read the first real token).
+    # Rotary positions are relative, so the padded row equals the row alone.
+    rotary = Transformer(preset("tiny").replace(vocab_size=50, task_head="classify", labels=["neg", "pos"],
+                                                position="rotary")).eval()
+    left = torch.zeros(2, 5, dtype=torch.long)
+    left[0], left[1, 2:] = a, b
+    out = rotary.task_logits(left, torch.tensor([[1] * 5, [0, 0, 1, 1, 1]]))
+    torch.testing.assert_close(out[1], rotary.task_logits(b[None])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0], rotary.task_logits(a[None])[0], atol=1e-5, rtol=1e-5)
 
 
 def test_encoder_classify_uses_the_pooled_cls_state_and_tag_span_heads_are_per_token():

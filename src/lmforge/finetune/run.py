@@ -32,9 +32,11 @@ _ARCHS = {
     "seq2seq": ("decoder", "encoder-decoder"),
     "sft": ("decoder",),
 }
-# The task settings that lay a fine-tune's inputs out (trainer_state["task"]), as the flags that set
-# them. Its max_length follows --train.seq_len, which a resumed run may change (the trainer warns).
-_LAYOUT_FLAGS = {"kind": "--task", "prompt": "--prompt", "repeat": "--repeat-input", "doc_stride": "--doc-stride"}
+# The fine-tuning settings a resume must keep (trainer_state["task"]), as the flags that set them: those
+# that lay the inputs out, and what is frozen (the optimizer's saved state is for the parameters that
+# trained). Its max_length follows --train.seq_len, which a resumed run may change (the trainer warns).
+_KEPT_FLAGS = {"kind": "--task", "prompt": "--prompt", "repeat": "--repeat-input", "doc_stride": "--doc-stride",
+               "freeze_embeddings": "--freeze-embeddings", "freeze_layers": "--freeze-layers"}
 
 
 def finetune(
@@ -91,9 +93,10 @@ def finetune(
     max_length = min(train.seq_len or cfg.context_length, cfg.context_length)
     fmt = TaskFormat(ckpt.tokenizer, cfg.arch, max_length, prompt, repeat_input)
     task_state: dict[str, Any] = {"kind": task, "max_length": max_length, "prompt": prompt, "doc_stride": doc_stride,
-                                  "repeat": repeat_input}
+                                  "repeat": repeat_input, "freeze_embeddings": freeze_embeddings,
+                                  "freeze_layers": freeze_layers}
     if resume:
-        _check_same_layout(out, task_state)
+        _check_same_settings(out, task_state)
 
     train_examples = read_examples(task, data, target, text_field=text_field, label_field=label_field,
                                    labels=labels, split_articles=split_articles, part=0)
@@ -135,9 +138,10 @@ def finetune(
     )
 
 
-def _check_same_layout(out: str | Path, task_state: dict[str, Any]) -> None:
-    """Refuse to resume a run whose inputs were laid out otherwise: its weights learned the saved layout,
-    and its next checkpoints would record this one, which eval and predict would then feed them."""
+def _check_same_settings(out: str | Path, task_state: dict[str, Any]) -> None:
+    """Refuse to resume a run whose inputs were laid out otherwise (its weights learned the saved layout,
+    and its next checkpoints would record this one, which eval and predict would then feed them) or
+    that froze other parameters (its optimizer state would not fit, and the error would blame --train)."""
     found = find_checkpoints(out)
     if not found:  # the trainer says there is nothing to resume
         return
@@ -147,14 +151,14 @@ def _check_same_layout(out: str | Path, task_state: dict[str, Any]) -> None:
         return
 
     def value(k: str, v: Any) -> str:
-        return ("on" if v else "off") if k == "repeat" else repr(v) if k == "prompt" else str(v)
+        return ("on" if v else "off") if isinstance(v, bool) else repr(v) if k == "prompt" else str(v)
 
     def typed(k: str, v: Any) -> str:  # as the command line spells it
-        if k == "repeat":
-            return _LAYOUT_FLAGS[k] if v else f"without {_LAYOUT_FLAGS[k]}"
-        return f"{_LAYOUT_FLAGS[k]} {value(k, v)}"
+        if isinstance(v, bool):
+            return _KEPT_FLAGS[k] if v else f"without {_KEPT_FLAGS[k]}"
+        return f"{_KEPT_FLAGS[k]} {value(k, v)}"
 
-    differ = [k for k in _LAYOUT_FLAGS if k in saved and saved[k] != task_state[k]]
+    differ = [k for k in _KEPT_FLAGS if k in saved and saved[k] != task_state[k]]
     if differ:  # as a changed --lora.* or --labels is refused (train.checkpointing)
         parts = "; ".join(f"{typed(k, task_state[k])} (saved: {value(k, saved[k])})" for k in differ)
         raise UserError(f"the fine-tuning settings differ from those {ckpt.path} was trained with: {parts}; resume with "

@@ -189,8 +189,10 @@ class Transformer(nn.Module):
     def task_logits(
         self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The task head's logits for right-padded tokens `idx` (B, T) with `attention_mask` (B, T):
-        classify (B, n_labels); tag (B, T, n_labels); span (B, T, 2), start and end logits."""
+        """The task head's logits for tokens `idx` (B, T) with `attention_mask` (B, T), 1 on real tokens:
+        classify (B, n_labels); tag (B, T, n_labels); span (B, T, 2), start and end logits. lmforge pads on
+        the right; left padding works as well where positions are rotary (learned or sinusoidal ones would
+        count the padding, as in transformers without position_ids)."""
         if self.head is None:
             raise ValueError("this model has no task head (config.task_head is none)")
         h = self.encode(idx, attention_mask=attention_mask, token_type_ids=token_type_ids)
@@ -198,7 +200,10 @@ class Transformer(nn.Module):
             if self.config.arch == "encoder":
                 h = self.pooler(h)  # BERT: tanh(dense([CLS]))
             else:  # a causal model has seen the whole text only at its last real token
-                last = attention_mask.sum(dim=1) - 1 if attention_mask is not None else torch.full_like(idx[:, 0], idx.size(1) - 1)
+                T = idx.size(1)
+                # The last position the mask holds, with the padding on either side (as transformers does).
+                last = ((attention_mask != 0) * torch.arange(1, T + 1, device=idx.device)).argmax(dim=1) \
+                    if attention_mask is not None else torch.full_like(idx[:, 0], T - 1)
                 h = h[torch.arange(idx.size(0), device=idx.device), last]  # (B, C)
         return self.head(self.dropout(h))
 
