@@ -53,12 +53,15 @@ def test_serve_missing_checkpoint_is_one_line(capsys, tmp_path):
     assert err[-1].startswith("lmforge: error: ") and "Traceback" not in "\n".join(err)
 
 
-@pytest.mark.parametrize("n", ["0", "-3"])
-def test_serve_refuses_a_queue_that_holds_nothing(capsys, tmp_path, n):
-    """--max-queue 0 would answer every request 429: refused in one line, before anything loads."""
-    assert main(["serve", str(tmp_path / "nope"), "--port", "0", "--max-queue", n]) == 2
+@pytest.mark.parametrize("flag, n, says", [("--max-queue", "0", "--max-queue must be >= 1"),
+                                           ("--max-queue", "-3", "--max-queue must be >= 1"),
+                                           ("--writes-per-step", "-1", "--writes-per-step must be >= 0")])
+def test_serve_refuses_a_queue_that_holds_nothing_and_negative_writes(capsys, tmp_path, flag, n, says):
+    """--max-queue 0 would answer every request 429: refused in one line, before anything loads; a negative
+    --writes-per-step was taken (seen in review)."""
+    assert main(["serve", str(tmp_path / "nope"), "--port", "0", flag, n]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--max-queue must be >= 1" in err[0]
+    assert len(err) == 1 and says in err[0]
 
 
 def test_the_model_id_is_the_run_or_the_checkpoint_folder(trained_run, tmp_path):

@@ -50,10 +50,27 @@ def test_the_queue_bound_counts_requests_not_aborts(varied_model):
 
     async def main():
         queue: asyncio.Queue = asyncio.Queue()
-        [first] = runner.submit([([1, 2], SamplingParams(max_tokens=4), 0)], queue)
+        [first] = runner.submit([([1, 2], SamplingParams(max_tokens=4), 0)], queue)  # the free slot's
         for _ in range(5):
             runner.abort(first)
         runner.submit([([3], SamplingParams(max_tokens=4), 0)], queue)
+        runner.submit([([4], SamplingParams(max_tokens=4), 0)], queue)
+        with pytest.raises(QueueFull):
+            runner.submit([([5], SamplingParams(max_tokens=4), 0)], queue)
+
+    asyncio.run(main())
+
+
+def test_an_idle_server_takes_a_request_for_each_free_slot_and_then_its_queue(varied_model):
+    """Seen in review: two requests at once on an idle server with 2 slots and a queue of 1 got a 429, since
+    sequences on their way to free slots counted as waiting. Now: 2 seated, 1 waiting, then refused."""
+    runner = EngineRunner(Engine(varied_model, max_batch=2, max_waiting=1))
+    runner.close()  # nothing reaches the engine between the submits: as when they arrive at the same moment
+
+    async def main():
+        queue: asyncio.Queue = asyncio.Queue()
+        for prompt in ([1], [2], [3]):
+            runner.submit([(prompt, SamplingParams(max_tokens=4), 0)], queue)
         with pytest.raises(QueueFull):
             runner.submit([([4], SamplingParams(max_tokens=4), 0)], queue)
 

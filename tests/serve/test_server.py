@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -258,6 +259,13 @@ def test_errors_have_openai_bodies(client, strict):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="word " * 40, max_tokens=50)
     assert e.value.status_code == 400 and "context" in e.value.body["message"]
+    # Without max_tokens (the rest of the context), a prompt that fills the context is named alone: the
+    # message had blamed a max_tokens of 1 that the client never sent (seen in review).
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 80}])
+    assert e.value.body["code"] == "context_length_exceeded" and "max_tokens" not in e.value.body["message"]
+    assert re.fullmatch(r"the prompt is \d+ tokens, which leaves none of the context of 64 to reply in; shorten the prompt",
+                        e.value.body["message"]), e.value.body["message"]
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="x", max_tokens=5, temperature=-1)
     with pytest.raises(openai.NotFoundError):
@@ -409,6 +417,10 @@ def test_metrics_count_client_requests_and_prompts_as_usage_does(lm):
         for path, body in bodies:
             r = httpx.post(url + path, json=body, timeout=60)
             usage = r.json()["usage"] if not body.get("stream") else json.loads(r.text.split("data: ")[-2])["usage"]
+            if body.get("stream"):  # with include_usage every chunk has "usage", null but in the last (the role's too)
+                events = [json.loads(e) for e in r.text.split("data: ")[1:-1]]
+                assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+                assert all(e["usage"] is None for e in events[:-1]) and events[-1]["usage"] == usage
             prompt, completion = prompt + usage["prompt_tokens"], completion + usage["completion_tokens"]
         assert httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 999}).status_code == 400
         metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in httpx.get(url + "/metrics").text.splitlines()

@@ -276,10 +276,16 @@ class Engine:
     def add(self, prompt: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None) -> Request:
         """Queue a request; raises UserError when it cannot fit the context, `QueueFull` when the queue is full."""
         req = self.make_request(prompt, params, request_id)
-        if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
-            raise QueueFull(f"{len(self.waiting)} sequences are waiting already (the queue's bound); try again later")
+        if self.max_waiting is not None and (waiting := self.unseated()) >= self.max_waiting:
+            raise QueueFull(f"{waiting} sequences are waiting already (the queue's bound); try again later")
         self.enqueue(req)
         return req
+
+    def unseated(self, arriving: int = 0) -> int:
+        """The queued sequences (with `arriving` more on their way) that the next step has no free slot
+        for: what `max_waiting` bounds, so that an idle engine takes max_batch requests at once. Reads
+        two counts: safe from another thread."""
+        return max(0, len(self.waiting) + arriving - (self.max_batch - self.running))
 
     def make_request(self, prompt: Sequence[int], params: SamplingParams | None = None, request_id: str | None = None) -> Request:
         """A checked request, not queued yet (reads only the configuration: safe from another thread)."""

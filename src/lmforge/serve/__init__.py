@@ -34,7 +34,7 @@ def create_app(
     weights' `dtype` (auto: bf16 on CUDA, fp32 on CPU)."""
     from lmforge.infer import Engine, load
 
-    _check_max_queue(max_queue)
+    _check_options(max_queue, writes_per_step)
     lm = load(checkpoint, device=device, dtype=dtype)
     engine = Engine(lm.model, lm.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
                     max_waiting=max_queue, compile=compile, prefix_cache=prefix_cache, speculate=speculate)
@@ -42,9 +42,11 @@ def create_app(
     return build_app(lm, engine, model_name=name, api_key=api_key, writes_per_step=writes_per_step)
 
 
-def _check_max_queue(max_queue: int) -> None:
+def _check_options(max_queue: int, writes_per_step: int) -> None:
     if max_queue < 1:
         raise UserError(f"--max-queue must be >= 1, got {max_queue}; with no room to wait every request would get 429")
+    if writes_per_step < 0:
+        raise UserError(f"--writes-per-step must be >= 0 (0: every token at once), got {writes_per_step}")
 
 
 def default_model_name(path: str | Path | None) -> str:
@@ -78,7 +80,7 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, log
 
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}; leave it out for torch's choice")
-    _check_max_queue(kwargs.get("max_queue", 1))  # bad options first, before the checkpoint is read
+    _check_options(kwargs.get("max_queue", 1), kwargs.get("writes_per_step", 0))  # first, before the checkpoint is read
     resolve_checkpoint(checkpoint)  # a wrong path is reported first, as every verb does
     check_listen(host, port)  # then a busy port, before the model loads
     if threads:

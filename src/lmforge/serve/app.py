@@ -262,8 +262,11 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         if len(stop) > 4:
             raise APIError(400, "stop takes at most 4 strings", param="stop")
-        if max_tokens is None:
-            max_tokens = max(engine.max_seq_len - n_prompt, 1)
+        if max_tokens is None:  # the rest of the context, which a prompt that fills it leaves none of
+            if n_prompt >= engine.max_seq_len:
+                raise APIError(400, f"the prompt is {n_prompt} tokens, which leaves none of the context of "
+                               f"{engine.max_seq_len} to reply in; shorten the prompt", code="context_length_exceeded")
+            max_tokens = engine.max_seq_len - n_prompt
         try:
             bias = {int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None
         except ValueError:
@@ -377,8 +380,8 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             try:
                 if chat:
                     for i in range(n_choices):
-                        yield sent({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                         "logprobs": None, "finish_reason": None}]})
+                        yield chunk_head + _dumps({"index": i, "delta": {"role": "assistant", "content": ""},
+                                                   "logprobs": None, "finish_reason": None}) + chunk_tail
                 elif echo:
                     for i in range(n_choices):
                         yield chunk_head + _dumps({"index": i, "logprobs": None, "finish_reason": None,
