@@ -798,6 +798,7 @@ def test_every_action_of_a_nested_verb_is_known_to_the_help_hint(capsys):
 
 @pytest.mark.parametrize("option", [
     ["--model.task_head", "classify", "--model.labels", "[a, b]"], ["--model.task_head", "span"],
+    ["--model.task_head", "classify"],  # seen in review: "a classify head needs labels", which led nowhere
     ["--model.labels", "[a, b]"], ["--model.lora.r", 4],
 ])
 def test_pretrain_refuses_fine_tuning_fields(capsys, data_dir, tmp_path, option):

@@ -2,6 +2,8 @@
 
 import gzip
 import json
+import shutil
+import subprocess
 
 import pytest
 
@@ -218,5 +220,23 @@ def test_train_tokenizer_keeps_files_of_the_user_in_an_earlier_tokenizer_folder(
 def test_a_gzip_file_that_is_not_utf8_is_converted_between_zcat_and_gzip(tmp_path):
     """Seen in review: the hint ran iconv over the compressed bytes."""
     (tmp_path / "c.txt.gz").write_bytes(gzip.compress(b"caf\xe9"))
-    with pytest.raises(UserError, match=r"`zcat .*c\.txt\.gz \| iconv -f latin1 -t utf-8 \| gzip > .*c\.txt\.utf8\.gz`"):
+    with pytest.raises(UserError, match=r"`zcat .*c\.txt\.gz \| iconv -f latin1 -t utf-8 \| gzip > .*c\.utf8\.txt\.gz`"):
         list(iter_documents([tmp_path / "c.txt.gz"]))
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in ("bash", "iconv", "zcat", "gzip")), reason="needs iconv, zcat, gzip")
+@pytest.mark.parametrize("name", ["bad.jsonl", "bad.jsonl.gz", "bad.txt"])
+def test_the_conversion_the_hint_gives_makes_a_file_read_as_the_original_would_be(tmp_path, name):
+    """Seen in review: `x.jsonl > x.jsonl.utf8` gave a file read as plain text (the raw JSON one document),
+    and one a directory's reading skipped. The command in the hint, run, gives the records."""
+    raw = '{"text": "café"}\n{"text": "naïve"}\n'.encode("latin-1")
+    (tmp_path / name).write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    with pytest.raises(UserError) as e:
+        list(iter_documents([tmp_path / name]))
+    command = str(e.value).split("`")[1]
+    subprocess.run(["bash", "-c", command], check=True)
+    converted = tmp_path / command.rsplit("> ", 1)[1].split("/")[-1]
+    want = ["café", "naïve"] if "jsonl" in name else ['{"text": "café"}\n{"text": "naïve"}\n']
+    assert texts([converted]) == want
+    (tmp_path / name).unlink()  # the folder now holds the converted file alone: read, not skipped
+    assert texts([tmp_path]) == want

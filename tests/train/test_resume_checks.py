@@ -122,6 +122,11 @@ def test_resume_on_data_of_another_tokenizer_is_refused(run4, data_dir, corpus_f
     with pytest.raises(UserError, match=r"step-000002 was trained with another tokenizer \(sha256 \w{12}\) than this run's "
                                         rf"data \(sha256 \w{{12}}\); resume on the data it was trained on \({data_dir}\)"):
         resume(tmp_path / "data", out)
+    # Another size too (seen in review: the vocab_size difference was named, with advice about --model).
+    train_tokenizer([other_text], 300, tmp_path / "tok300")
+    prepare([other_text], tmp_path / "tok300", tmp_path / "data300", val_fraction=0.1, progress=False)
+    with pytest.raises(UserError, match=r"step-000002 was trained with another tokenizer"):
+        resume(tmp_path / "data300", out)
 
 
 def test_resume_with_another_optimizer_names_the_flag(run4, data_dir, tmp_path):

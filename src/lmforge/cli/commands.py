@@ -22,6 +22,7 @@ from lmforge.infer import ChatSession, load, predict, render_chat
 from lmforge.interop import export_hf, import_gguf, import_hf
 from lmforge.scaling import fit, plan, sweep
 from lmforge.train import RunResult, pretrain
+from lmforge.train.pretrain import refuse_finetuning_fields
 from lmforge.utils.errors import UserError, require_text
 
 
@@ -61,7 +62,9 @@ def _fields(group: Namespace) -> dict[str, Any]:
 
 
 def pretrain_cmd(args: Namespace) -> dict[str, Any]:
-    model = ModelConfig(**_fields(args.model))
+    fields = _fields(args.model)
+    refuse_finetuning_fields(fields.get("task_head"), fields.get("labels"), fields.get("lora"))
+    model = ModelConfig(**fields)
     train = TrainConfig(**_fields(args.train))
     result = pretrain(args.data, args.out, model, train, resume=args.resume, objective=args.objective, log=_say(args))
     _report_run(result, _say(args))

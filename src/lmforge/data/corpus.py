@@ -234,9 +234,12 @@ def _decode(data: bytes, file: Path, offset: int) -> str:
         gz = file.suffix.lower() == ".gz"
         where = "of the decompressed text " if gz else ""
         bad = data[e.start : e.start + 4]
-        # The conversion is of the text: a compressed file is converted between zcat and gzip.
-        convert = (f"zcat {file} | iconv -f latin1 -t utf-8 | gzip > {file.with_suffix('')}.utf8.gz" if gz
-                   else f"iconv -f latin1 -t utf-8 {file} > {file}.utf8")
+        # The conversion is of the text: a compressed file is converted between zcat and gzip. The new
+        # name keeps the suffixes that say how to read it (x.jsonl.gz -> x.utf8.jsonl.gz).
+        inner = file.with_suffix("") if gz else file
+        to = inner.with_name(f"{inner.stem}.utf8{inner.suffix}")
+        convert = (f"zcat {file} | iconv -f latin1 -t utf-8 | gzip > {to}.gz" if gz
+                   else f"iconv -f latin1 -t utf-8 {file} > {to}")
         raise UserError(
             f"{file} is not valid UTF-8 (byte offset {offset + e.start} {where}is {bad!r}); convert it, "
             f"e.g. `{convert}` if it is Latin-1"

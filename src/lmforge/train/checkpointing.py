@@ -94,13 +94,15 @@ class Checkpointer:
         if step > train.max_steps:  # training on would train nothing, and end at another step than asked for
             raise UserError(f"{ckpt.path} is already at step {step}; --train.max_steps {train.max_steps} is below it: "
                             f"pass --train.max_steps {step} or more to continue it, or choose another --out for a new run")
-        if _compared(ckpt.model_config) != _compared(model_config):
-            raise UserError(_settings_differ(ckpt, model_config))
+        # The tokenizer first: another one's size would also show as another model.vocab_size, whose
+        # advice (the same --model settings) would miss the cause.
         if ckpt.tokenizer.sha256 != tokenizer.sha256:  # the same ids would mean other text: a silent mix of two runs
             data = ckpt.trainer_state.get("data")
             raise UserError(f"{ckpt.path} was trained with another tokenizer (sha256 {ckpt.tokenizer.sha256[:12]}) than "
                             f"this run's data (sha256 {tokenizer.sha256[:12]}); resume on the data it was trained on"
                             + (f" ({data})" if isinstance(data, str) else "") + ", or start a new run in another --out")
+        if _compared(ckpt.model_config) != _compared(model_config):
+            raise UserError(_settings_differ(ckpt, model_config))
         saved_objective = ckpt.trainer_state.get("objective")
         if objective is not None and saved_objective is not None and saved_objective != objective:
             # Another loss on the same weights: metrics.jsonl would join two curves that do not compare.

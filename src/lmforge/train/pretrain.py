@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -79,13 +80,18 @@ def pretrain(
     )
 
 
-def _resolve_model_config(model: ModelConfig | str | None, meta: dict) -> ModelConfig:
-    cfg = preset(model) if isinstance(model, str) else (model or ModelConfig())
-    # A head or adapters would be saved untrained (random) beside the language model that was trained.
-    for name, given in (("task_head", cfg.task_head != "none"), ("labels", cfg.labels), ("lora", cfg.lora)):
+def refuse_finetuning_fields(task_head: str | None, labels: Any, lora: Any) -> None:
+    """A head or adapters would be saved untrained (random) beside the language model that was trained. The
+    CLI asks before it builds the config, whose own check (a head needs labels) would point the other way."""
+    for name, given in (("task_head", task_head not in (None, "none")), ("labels", labels), ("lora", lora)):
         if given:
             raise UserError(f"model.{name} belongs to fine-tuning, not pretraining; drop it here and pass it to "
                             f"`lmforge finetune` on the pretrained checkpoint")
+
+
+def _resolve_model_config(model: ModelConfig | str | None, meta: dict) -> ModelConfig:
+    cfg = preset(model) if isinstance(model, str) else (model or ModelConfig())
+    refuse_finetuning_fields(cfg.task_head, cfg.labels, cfg.lora)
     if cfg.vocab_size is None:
         return cfg.replace(vocab_size=meta["vocab_size"])
     if cfg.vocab_size < meta["vocab_size"]:
