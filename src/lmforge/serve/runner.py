@@ -151,8 +151,9 @@ class EngineRunner:
         """Queue one client request's sequences, (prompt, params, tag) each (its prompts x n), all or
         none: UserError / QueueFull raise here before any is queued. Their events arrive on `queue`
         as (tag, Event). The queue bound refuses a client request when `max_waiting` sequences are
-        waiting already beyond the free slots (`Engine.unseated`); one that is let in brings all its sequences (else `n` above the bound could
-        never be served, and its first sequence would count against its second). `prompt_tokens`:
+        waiting already beyond the free slots (`Engine.unseated`); one that is let in brings all its
+        sequences (else `n` above the bound could never be served, and its first sequence would count
+        against its second). `prompt_tokens`:
         what the metrics count for the request's prompts (default: every sequence's prompt)."""
         reqs = [self.engine.make_request(prompt, params, request_id=uuid.uuid4().hex) for prompt, params, _ in requests]
         bound = self.engine.max_waiting
