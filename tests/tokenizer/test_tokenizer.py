@@ -381,6 +381,6 @@ def test_training_a_tokenizer_will_not_replace_a_folder_of_other_files(tmp_path)
     (tmp_path / "a.txt").write_text("the cat sat on the mat\n" * 50)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
-    with pytest.raises(UserError, match="notes exists and is not a tokenizer directory"):
+    with pytest.raises(UserError, match=r"notes exists and is not a tokenizer directory \(it holds todo.txt\); pass"):
         train_tokenizer([tmp_path / "a.txt"], vocab_size=300, out=tmp_path / "notes", progress=False)
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"

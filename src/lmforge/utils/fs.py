@@ -262,7 +262,9 @@ def check_replaceable(path: str | os.PathLike, marker: str, what: str, *, key: s
         raise UserError(f"{shown} is a training checkpoint or run (it holds {state}), which replacing it with {what} "
                         "would lose; pass a new --out")
     if not (path / marker).is_file() or (key is not None and not _holds_key(path / marker, key)):
-        raise UserError(f"{shown} exists and is not {what}; pass a new --out or remove it")
+        names = sorted(entry.name for entry in path.iterdir())
+        held = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise UserError(f"{shown} exists and is not {what} (it holds {held}); pass a new --out or remove it")
 
 
 def check_only_outputs(path: Path, ours: Callable[[Path], bool], verb: str, what: str) -> None:
