@@ -395,9 +395,14 @@ def parse(argv: Sequence[str]) -> Namespace:
     return ns
 
 
+def _other_rank() -> bool:
+    """Whether this is a torchrun process other than rank 0, which speaks for the run."""
+    return int(os.environ.get("RANK", "0")) > 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for the run; errors still show
+    if _other_rank():  # rank 0 speaks for the run; errors still show
         sys.stdout = open(os.devnull, "w")
     stdout = sys.stdout
     if stdout is not None:
@@ -467,7 +472,7 @@ def _run(argv: list[str]) -> int:
             print(json.dumps(result, ensure_ascii=False))
         sys.stdout.flush()  # a stdout that cannot take the output fails here, not in the flush at exit
     except UserError as e:
-        if not (e.every_process and int(os.environ.get("RANK", "0")) > 0):
+        if not (e.every_process and _other_rank()):
             print(f"lmforge: error: {e}", file=sys.stderr)
         return UserError.exit_code
     except ArgumentError as e:
@@ -478,7 +483,7 @@ def _run(argv: list[str]) -> int:
         print(f"lmforge: error: {message} (see `{hint}`)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if int(os.environ.get("RANK", "0")) == 0:  # torchrun's processes were all interrupted: one line
+        if not _other_rank():  # torchrun's processes were all interrupted: one line
             print("lmforge: interrupted", file=sys.stderr)
         return 130
     return 0
