@@ -201,9 +201,10 @@ class Transformer(nn.Module):
                 h = self.pooler(h)  # BERT: tanh(dense([CLS]))
             else:  # a causal model has seen the whole text only at its last real token
                 T = idx.size(1)
-                # The last position the mask holds, with the padding on either side (as transformers does).
-                last = ((attention_mask != 0) * torch.arange(1, T + 1, device=idx.device)).argmax(dim=1) \
-                    if attention_mask is not None else torch.full_like(idx[:, 0], T - 1)
+                if attention_mask is None:
+                    last = torch.full_like(idx[:, 0], T - 1)
+                else:  # the last position the mask holds, with the padding on either side (as transformers does)
+                    last = ((attention_mask != 0) * torch.arange(1, T + 1, device=idx.device)).argmax(dim=1)
                 h = h[torch.arange(idx.size(0), device=idx.device), last]  # (B, C)
         return self.head(self.dropout(h))
 
