@@ -848,3 +848,15 @@ def test_under_torchrun_rank_0_alone_reports_an_interrupt_and_every_rank_its_own
     _failing(monkeypatch, "prepare", UserError("this process's own trouble"))
     code, _, err = run(capsys, "prepare", "x", "--tokenizer", "t", "--out", "o")
     assert code == 2 and "lmforge: error: this process's own trouble" in err
+
+
+def test_the_cli_leaves_distributed_checkpointing_unimported():
+    """torch.distributed.checkpoint and DTensor take about two seconds to import: only runs of several
+    processes (or a resume of theirs) need them, so `lmforge generate`, `eval`, `serve` ... never wait for them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lmforge.cli.commands, lmforge.train\n"
+            "print(sorted(m for m in ('torch.distributed.checkpoint', 'torch.distributed.tensor') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

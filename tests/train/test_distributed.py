@@ -145,7 +145,7 @@ def test_a_checkpoint_that_rank_0_cannot_write_stops_every_rank(data_dir, tmp_pa
     script = tmp_path / "failing_save.py"
     script.write_text(
         "import os, sys\n"
-        "import lmforge.train.checkpointing as c\n"
+        "import lmforge.train.sharded as c\n"
         "from lmforge.cli.main import main\n"
         "def full(*a, **k):\n"
         "    raise OSError(28, 'No space left on device')\n"

@@ -184,7 +184,7 @@ def test_a_bad_metrics_line_before_the_last_is_one_line(tmp_path):
 @pytest.mark.parametrize("failure", [torch.cuda.OutOfMemoryError("CUDA out of memory"), KeyboardInterrupt()])
 def test_a_failure_that_is_not_the_checkpoints_is_not_called_damage(run4, data_dir, tmp_path, monkeypatch, failure):
     """Out of memory or Ctrl-C while reading dcp/ stays what it is; only a read error is 'unreadable'."""
-    from lmforge.train.checkpointing import _SafeReader
+    from lmforge.train.sharded import _SafeReader
 
     out, ckpt = from_step_2(run4, tmp_path)
     write_dcp(ckpt)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -27,6 +28,7 @@ CKPT_FIX = "use another checkpoint (a complete step-* directory) or retrain"
 # place, so a step-* directory lacking one is a copy still in progress (rsync and cp write config.json
 # first) or a damaged one, never the latest checkpoint of its run.
 CKPT_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+SHARDED_DIR = "dcp"  # a multi-process run's step: model and optimizer state, written by torch.distributed.checkpoint
 
 
 def resume_fix(path: Path) -> str:
@@ -250,6 +252,32 @@ def load_optimizer_state(ckpt: Checkpoint) -> dict[str, Any]:
         if not isinstance(state, dict) or not isinstance(state.get(key), kind):
             raise UserError(f"{ckpt.path / 'trainer_state.json'} has a damaged optimizer entry (no {key}); {fix}")
     return state
+
+
+def with_settings_of(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """A saved optimizer state_dict whose param groups carry `optimizer`'s settings (weight decay, betas,
+    eps, momentum, lr_scale, fused, ...) instead of the saved ones.
+
+    The optimizer was just built from this run's config, which is what a resumed run trains with (as
+    torchtitan and litgpt do): the checkpoint brings the moments and step counts, not the settings.
+    They go in before loading, not after it, because `load_state_dict` places each state's `step`
+    by its group's `fused` flag (on the parameter's device for the fused AdamW).
+    """
+    saved = state["param_groups"]
+    if len(saved) != len(optimizer.param_groups):  # another layout: torch's load refuses it, in its own words
+        return state
+    mine = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    return {**state, "param_groups": [{**old, **new} for old, new in zip(saved, mine)]}
+
+
+@contextlib.contextmanager
+def optimizer_fits(ckpt: Checkpoint) -> Iterator[None]:
+    """Turn torch's refusal of a saved optimizer state (another group layout, a damaged entry) into one line."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"the optimizer state in {ckpt.path} does not fit this run's optimizer ({first_line(e)}); "
+                        f"resume with the --train settings the run was trained with, or {resume_fix(ckpt.path)}") from None
 
 
 def _split_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:

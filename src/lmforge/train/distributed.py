@@ -35,12 +35,6 @@ from torch import nn
 from lmforge.utils.device import resolve_device
 from lmforge.utils.errors import UserError
 
-try:  # torch >= 2.6 exports FSDP2 here; 2.4-2.5 only under _composable
-    from torch.distributed.fsdp import fully_shard
-except ImportError:  # pragma: no cover - depends on the torch version
-    from torch.distributed._composable.fsdp import fully_shard
-
-
 @dataclass(frozen=True)
 class World:
     """This process's place in the run: rank 0 of 1 for a plain `python -m lmforge pretrain`."""
@@ -125,6 +119,10 @@ def wrap(net: nn.Module, loss: Callable, parallel: str, world: World, device: to
         find_unused = probe is not None and bool(unused_parameters(net, eager_loss or loss, probe))
         return nn.parallel.DistributedDataParallel(LossOf(net, loss), device_ids=ids, find_unused_parameters=find_unused)
     if parallel == "fsdp":
+        try:  # here, not at the top: FSDP2 imports DTensor (about a second), which only its runs need
+            from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+        except ImportError:  # pragma: no cover - torch 2.4-2.5 export it only under _composable
+            from torch.distributed._composable.fsdp import fully_shard
         for name in ("encoder_layers", "layers"):
             for block in getattr(net, name, None) or ():
                 fully_shard(block)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -10,10 +11,12 @@ from torch import nn
 from lmforge.config import TrainConfig
 from lmforge.model.blocks import MLP, CrossAttention, SelfAttention
 
-try:  # FSDP2's sharded parameters (torch builds without distributed support have none)
-    from torch.distributed.tensor import DTensor, Replicate
-except ImportError:  # pragma: no cover
-    DTensor = Replicate = None
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """Whether `t` is one of FSDP2's sharded tensors. Asked without importing torch.distributed.tensor
+    (about a second): a process that holds a DTensor has already imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def param_groups(model: nn.Module, weight_decay: float, exclude: set[int] = frozenset()) -> list[dict]:
@@ -198,7 +201,7 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - beta)
             nesterov = torch.lerp(p.grad, buf, beta)  # look ahead along M
-            if DTensor is not None and isinstance(nesterov, DTensor):
+            if _is_dtensor(nesterov):
                 # FSDP2 holds a shard of rows; Newton-Schulz needs the whole matrix. Every rank
                 # gathers it and orthogonalises the same thing, then keeps its own rows below.
                 nesterov = nesterov.full_tensor()
@@ -216,7 +219,9 @@ class Muon(torch.optim.Optimizer):
                 updates[i][j] = ortho[k]
         for p, ups in zip(params, updates):
             update = (torch.cat(ups) if len(ups) > 1 else ups[0]).to(p.dtype)
-            if DTensor is not None and isinstance(p, DTensor):  # the whole update, cut to this rank's shard (no communication)
+            if _is_dtensor(p):  # the whole update, cut to this rank's shard (no communication)
+                from torch.distributed.tensor import DTensor, Replicate
+
                 mesh = p.device_mesh
                 update = DTensor.from_local(update, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(mesh, p.placements)
             if group["weight_decay"]:
