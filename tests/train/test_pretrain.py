@@ -413,11 +413,8 @@ def test_the_memory_check_refuses_only_what_exceeds_the_available_memory(data_di
         pretrain(data_dir, tmp_path / "r", cfg, train, **quiet)
     monkeypatch.setattr(pretrain_module, "free_memory", lambda device: needed)  # fits: trains
     assert pretrain(data_dir, tmp_path / "r", cfg, train, **quiet).step == 1
-    # Without /proc/meminfo, the free pages the OS reports.
-    monkeypatch.setattr(pretrain_module, "free_memory", lambda device: None)
-    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 1, "SC_PAGE_SIZE": 4096}[name])
-    with pytest.raises(UserError, match=r"but 0\.0 GB is available"):
-        pretrain_module.check_memory(cfg, train)
+    monkeypatch.setattr(pretrain_module, "free_memory", lambda device: None)  # cannot be told: nothing refused
+    pretrain_module.check_memory(cfg, train)
 
 
 def test_the_memory_check_on_a_gpu_counts_fsdp_shards(monkeypatch):

@@ -139,12 +139,7 @@ def check_memory(model: ModelConfig, train: TrainConfig) -> None:
         (torch.device("cpu"), built * processes, "weights, built there before they move to the GPU"), (device, training, what)]
     for where, needed, what in checks:
         available = free_memory(where)
-        if available is None:  # no /proc/meminfo: not Linux
-            try:
-                available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            except (ValueError, OSError, AttributeError):
-                continue
-        if needed > available:
+        if available is not None and needed > available:
             kind = "GPU" if where.type == "cuda" else "CPU"
             raise UserError(
                 f"this model ({params:,} parameters) needs at least {needed / 1e9:,.1f} GB of {kind} memory to train "

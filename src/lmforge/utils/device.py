@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import TypeVar
 
 import torch
@@ -74,8 +75,8 @@ def replays_cuda_graphs(mode: str, device: torch.device) -> bool:
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes that an allocation on `device` can still take (CUDA: free device memory; CPU: the
-    kernel's MemAvailable), or None where it cannot be told."""
+    """Bytes that an allocation on `device` can still take (CUDA: free device memory; CPU: Linux's
+    MemAvailable, elsewhere the free pages POSIX reports), or None where it cannot be told."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -85,4 +86,7 @@ def free_memory(device: torch.device) -> int | None:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return None
+    try:  # no /proc/meminfo: not Linux (macOS has no SC_AVPHYS_PAGES either, hence None)
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
