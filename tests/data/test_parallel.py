@@ -84,6 +84,18 @@ def test_prepare_parallel_replaces_only_its_own_earlier_output(tmp_path, tokeniz
     assert (tmp_path / "data" / "run" / "metrics.jsonl").exists()
 
 
+def test_prepare_parallel_never_replaces_a_folder_holding_its_input(tmp_path, tokenizer_dir):
+    (tmp_path / "s").write_text("to be\nor not to be\n")
+    (tmp_path / "t").write_text("sein\noder nicht sein\n")
+    prepare_parallel(tmp_path / "s", tmp_path / "t", tokenizer_dir, tmp_path / "data", val_fraction=0)
+    pairs = tmp_path / "data" / "train.pairs.jsonl"  # an earlier output fed back in as the target
+    before = pairs.read_bytes()
+    with pytest.raises(UserError, match=rf"^--out {tmp_path / 'data'} holds the input {pairs}, which replacing the folder "
+                                        "would delete; pass an --out outside it$"):
+        prepare_parallel(tmp_path / "s", pairs, tokenizer_dir, tmp_path / "data", val_fraction=0)
+    assert pairs.read_bytes() == before
+
+
 def test_damaged_parallel_data_is_one_line_naming_the_file(tmp_path, tokenizer_dir):
     """A pairs file cut short (a full disk, a partial copy), or a meta.json that is not a JSON object."""
     (tmp_path / "s").write_text("to be\nor not to be\nthat is\n")

@@ -170,6 +170,18 @@ def test_rerun_replaces_a_data_directory(tmp_path, tok_dir):
     assert len(meta["splits"]["train"]["shards"]) == 1
 
 
+def test_never_replaces_a_folder_holding_its_corpus_but_may_write_inside_one(tmp_path, tok_dir):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("hello\nworld\n" * 50)
+    prepare([tmp_path / "corpus"], tok_dir, tmp_path / "corpus" / "prepared", progress=False)  # beside its corpus: fine
+    text = tmp_path / "corpus" / "prepared" / "notes.txt"
+    meta = tmp_path / "corpus" / "prepared" / "meta.json"
+    for source, out in ((meta, meta.parent), (tmp_path / "corpus", tmp_path / "corpus")):
+        with pytest.raises(UserError, match=rf"^--out {out} (holds|is) the input {source}, which replacing the folder"):
+            prepare([source], tok_dir, out, progress=False)
+    assert meta.is_file() and not text.exists()
+
+
 def test_refuses_to_replace_a_directory_that_is_not_data(tmp_path, tok_dir):
     (tmp_path / "a.txt").write_text("hello\nworld\n")
     (tmp_path / "home").mkdir()

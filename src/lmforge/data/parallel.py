@@ -77,7 +77,7 @@ def prepare_parallel(
     """Tokenize aligned source/target files into OUT; the last `val_fraction` of the pairs is validation."""
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction {val_fraction} is out of range; pass a value in [0, 1), e.g. 0.05")
-    check_data_out(out)  # `out` is replaced wholesale: only an earlier data directory holding nothing else
+    check_data_out(out, source, target)  # replaced wholesale: only an earlier data directory, never an input
     tok = Tokenizer.load(tokenizer)
     pairs = read_parallel(source, target)
     cut = len(pairs) - int(len(pairs) * val_fraction)

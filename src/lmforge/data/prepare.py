@@ -36,7 +36,7 @@ from tqdm import tqdm
 from lmforge.data.corpus import iter_documents, path_list, text_key
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
-from lmforge.utils.fs import atomic_dir, atomic_write_json, check_only_outputs, check_replaceable, out_dir
+from lmforge.utils.fs import atomic_dir, atomic_write_json, check_only_outputs, check_replaceable, out_dir, relation
 
 FORMAT = 1
 SPLITS = ("train", "val")
@@ -115,10 +115,10 @@ def prepare(
         raise UserError(f"val_fraction {val_fraction} is out of range; pass a value in [0, 1), e.g. 0.1")
     if shard_tokens < 1:
         raise UserError(f"shard_tokens {shard_tokens} must be positive; pass e.g. 100000000")
-    check_data_out(out)
+    sources = [str(p) for p in path_list(paths)]
+    check_data_out(out, *sources)
     out = Path(out)
     tok = Tokenizer.load(tokenizer)
-    sources = [str(p) for p in path_list(paths)]
     dtype = token_dtype(tok.vocab_size)
     with atomic_dir(out) as tmp:  # made now: a folder that cannot be written shows before the reading
         keep, total_chars, duplicates, last_line_start = _scan(paths, progress)
@@ -155,11 +155,17 @@ def prepare(
     return meta
 
 
-def check_data_out(out: str | Path) -> None:
+def check_data_out(out: str | Path, *sources: str | Path) -> None:
     """`out` is about to be replaced wholesale: refuse unless it is absent, empty, or an earlier
-    data directory that holds only what prepare writes (no checkpoints, no files of the user's)."""
+    data directory that holds only what prepare writes (no checkpoints, no files of the user's),
+    and none of `sources`, the text being prepared (an earlier output fed back in, as a corpus)."""
     out_dir(out)  # '' and the current directory are refused, by the name given
     out = Path(out)
+    for source in sources:  # a corpus folder may hold --out (corpus/prepared); an --out holding an input would delete it
+        how = relation(out, Path(source))
+        if how in ("is", "holds"):
+            raise UserError(f"--out {out} {how} the input {source}, which replacing the folder would delete; "
+                            "pass an --out outside it")
     if (out / "meta.json").is_file():
         check_only_outputs(out, lambda entry: bool(_DATA_FILES.fullmatch(entry.name)) and entry.is_file(), "lmforge prepare",
                            "the data directory")

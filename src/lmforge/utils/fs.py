@@ -226,7 +226,7 @@ def _holds_key(marker: Path, key: str) -> bool:
     return isinstance(value, dict) and key in value
 
 
-def _relation(out: Path, source: Path) -> str | None:
+def relation(out: Path, source: Path) -> str | None:
     """How `out` lies to `source` ("is", "is inside", "holds"), symlinks followed; None if apart."""
     out, source = Path(os.path.realpath(out)), Path(os.path.realpath(source))
     if out == source:
@@ -247,9 +247,9 @@ def check_replaceable(path: str | os.PathLike, marker: str, what: str, *, key: s
     shown = path
     path = out_dir(path)
     for source in sources:
-        relation = _relation(path, Path(source))
-        if relation:
-            raise UserError(f"--out {shown} {relation} the source {source}, which writing {what} there would destroy; "
+        how = relation(path, Path(source))
+        if how:
+            raise UserError(f"--out {shown} {how} the source {source}, which writing {what} there would destroy; "
                             "pass an --out outside it")
     if not path.exists():
         return
