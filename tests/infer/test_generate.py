@@ -60,6 +60,7 @@ def test_top_k_and_top_p_restrict_the_support():
     assert draws(SamplingConfig(top_p=0.45)) == {0}
     assert draws(SamplingConfig(top_k=1)) == {0}
     assert draws(SamplingConfig()) == {0, 1, 2, 3}
+    assert draws(SamplingConfig(top_k=10**20)) == {0, 1, 2, 3}  # past int64: keeps all, as any k past the vocabulary
 
 
 def test_prompt_longer_than_context_is_a_user_error(model):
@@ -70,8 +71,9 @@ def test_prompt_longer_than_context_is_a_user_error(model):
 def test_bad_sampling_values():
     with pytest.raises(UserError, match="top_p"):
         SamplingConfig(top_p=0)
-    with pytest.raises(UserError, match="temperature"):
-        SamplingConfig(temperature=-1)
+    for temperature in (-1, float("nan")):
+        with pytest.raises(UserError, match="temperature must be >= 0"):
+            SamplingConfig(temperature=temperature)
 
 
 def test_load_and_generate_text(trained_run):

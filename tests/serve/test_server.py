@@ -195,6 +195,11 @@ def test_logprobs(client):
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
     assert all(len(top) <= 3 and max(top.values()) == pytest.approx(v) for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+    sampled = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=8, temperature=2, seed=1, logprobs=1,
+                                        extra_body={"ignore_eos": True}).choices[0].logprobs
+    # Up to logprobs + 1 entries: the sampled token's logprob is always among them, as OpenAI's documentation says.
+    assert all(top[t] == v and len(top) <= 2 for t, v, top in zip(sampled.tokens, sampled.token_logprobs, sampled.top_logprobs))
+    assert any(len(top) == 2 for top in sampled.top_logprobs)  # at temperature 2, some draws are not the likeliest
     c = openai.OpenAI(base_url=client.base_url, api_key="none").chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
     assert c.choices[0].logprobs.content and len(c.choices[0].logprobs.content[0].top_logprobs) == 2
@@ -208,7 +213,8 @@ def test_logprobs_of_part_of_a_character_are_its_bytes(client, lm):
     force = {"logit_bias": {str(first): 100}, "extra_body": {"ignore_eos": True}, "max_tokens": 3, "temperature": 0}
     r = client.completions.create(model="tiny", prompt="ROMEO:", logprobs=1, **force)
     lp = r.choices[0].logprobs
-    assert lp.tokens == ["bytes:\\xf0"] * 3 and all(len(top) == 1 for top in lp.top_logprobs)  # the raw model's top
+    # The raw model's likeliest token, and the sampled one (forced by the bias), as OpenAI's top_logprobs hold.
+    assert lp.tokens == ["bytes:\\xf0"] * 3 and all(len(top) == 2 and "bytes:\\xf0" in top for top in lp.top_logprobs)
     assert all(0 <= o <= len(r.choices[0].text) for o in lp.text_offset)
     stream = client.completions.create(model="tiny", prompt="ROMEO:", logprobs=1, stream=True, **force)
     assert [o for c in stream if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == lp.text_offset

@@ -26,7 +26,7 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN too
             raise UserError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0, got {self.top_k}")
@@ -34,6 +34,7 @@ class SamplingConfig:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise UserError(f"seed must be in [0, 2**64), got {self.seed}")
+        self.top_k = min(self.top_k, 2**31 - 1)  # any k past the vocabulary keeps all; a huge one must fit int64
 
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:

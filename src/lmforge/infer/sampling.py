@@ -1,6 +1,7 @@
 """Next-token choice for a batch whose rows each carry their own options.
 
-Per row, in this order (vLLM's and transformers' order):
+Per row, in this order (transformers' order; vLLM's current sampler applies min-p before top-k and top-p,
+which keeps fewer tokens when min-p and top-p are both set):
 
     raw logits ─> logit bias ─> repetition penalty (prompt + output tokens) ─> presence / frequency
       penalties (output tokens, OpenAI's formula) ─> greedy: argmax

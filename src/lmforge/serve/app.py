@@ -299,7 +299,10 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
     def completion_logprobs(entries: list[dict], text_offset: list[int]) -> dict[str, Any]:
         return {
             "tokens": [token_text(tok, e["token"]) for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{token_text(tok, t): lp for t, lp in e["top"]} for e in entries], "text_offset": text_offset,
+            # As OpenAI's and vLLM's: the `logprobs` likeliest tokens and always the sampled one (up to logprobs + 1).
+            "top_logprobs": [{**{token_text(tok, t): lp for t, lp in e["top"]}, token_text(tok, e["token"]): e["logprob"]}
+                             for e in entries],
+            "text_offset": text_offset,
         }
 
     def chat_logprobs(entries: list[dict]) -> dict[str, Any]:
