@@ -206,3 +206,21 @@ def test_unlabelled_seq2seq_and_chat_for_predicting(tmp_path):
     assert read_examples("sft", tmp_path / "c.jsonl", require_labels=False)[0].messages == [{"role": "user", "content": "Hi"}]
     with pytest.raises(UserError, match="no assistant"):
         read_examples("sft", tmp_path / "c.jsonl")
+
+
+@pytest.mark.parametrize(
+    "task, options, complaint",
+    [
+        ("classify", {"labels": ["0", "0", "1"]}, "--labels names '0' more than once"),
+        ("tag", {"labels": ["O", "B-PER", "O"]}, "--labels names 'O' more than once"),
+        ("qa", {"labels": ["0", "1"]}, "--labels .* not qa"),
+        ("seq2seq", {"labels": ["0", "1"]}, "--labels .* not seq2seq"),
+        ("tag", {"text_field": "words"}, "--text-field .* tag data has none"),
+        ("tag", {"label_field": "ner"}, "--label-field .* tag data has none"),
+        ("qa", {"text_field": "context"}, "--text-field .* qa data has none"),
+        ("sft", {"label_field": "reply"}, "--label-field .* sft data has none"),
+    ],
+)
+def test_options_a_task_would_ignore_are_refused(tmp_path, task, options, complaint):
+    with pytest.raises(UserError, match=complaint):
+        read_examples(task, tmp_path / "data", **options)

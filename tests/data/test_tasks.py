@@ -126,6 +126,65 @@ def test_classification_errors(tmp_path):
     assert [e.label for e in read_classification(tags_as_labels)] == ["O", "B-x"]
 
 
+def test_a_headerless_tsv_whose_first_line_is_a_header_of_other_names_is_refused(tmp_path):
+    numbers = write(tmp_path / "h.tsv", "review\tsentiment\ngreat film\t1\nbad film\t0\n")
+    user_error(read_classification, numbers, names=[f"{numbers}:1", "header", "--text-field review --label-field sentiment"])
+    named = read_classification(numbers, text_field="review", label_field="sentiment")
+    assert [(e.text, e.label, e.where) for e in named] == [("great film", "1", f"{numbers}:2"), ("bad film", "0", f"{numbers}:3")]
+    words = write(tmp_path / "w.tsv", "review\tsentiment\ngood film\tpos\nfine film\tpos\nbad film\tneg\nawful film\tneg\n")
+    user_error(read_classification, words, require_labels=False, names=[f"{words}:1", "header"])
+    # Less than sure: the text is a sentence, or the label occurs again, or nothing shows what labels look like.
+    for text in ("what a film\tvery good\ngood film\tpos\nfine film\tpos\nbad film\tneg\nawful film\tneg\n",
+                 "good\tpos\nfine\tpos\nbad\tneg\nawful\tneg\n", "a fine day\tO\nwell\tB-x\n"):
+        first = read_classification(write(tmp_path / "e.tsv", text))[0]
+        assert (first.text, first.where) == (text.split("\t")[0], f"{tmp_path / 'e.tsv'}:1")
+
+
+def test_unlabelled_data_may_leave_its_label_empty_or_null(tmp_path):
+    files = {
+        "t.tsv": "sentence\tlabel\nhello there\t\n",
+        "c.csv": "text,label\nhello there,\n",
+        "j.jsonl": '{"text": "hello there", "label": null}\n',
+    }
+    for name, text in files.items():
+        path = write(tmp_path / name, text)
+        user_error(read_classification, path, names=[f"{path}:2" if name != "j.jsonl" else f"{path}:1", "label"])
+        assert [(e.text, e.label) for e in read_classification(path, require_labels=False)] == [("hello there", None)]
+
+
+def test_a_csv_field_may_be_longer_than_the_csv_modules_default_limit(tmp_path):
+    text = "word " * 40_000  # 200,000 characters, over csv's 131,072
+    [example] = read_classification(write(tmp_path / "long.csv", f'text,label\n"{text}",1\n'))
+    assert (example.text, example.label) == (text.strip(), "1")
+
+
+@pytest.mark.parametrize("name", ["a.txt", "a.ndjson", "a.ndjson.gz"])
+def test_jsonl_classification_data_is_told_by_its_first_line_whatever_its_name(tmp_path, name):
+    path = write(tmp_path / name, '{"text": "hi there", "label": 1}\n\n{"text": "bye", "label": 0}\n')
+    assert [(e.text, e.label, e.where) for e in read_classification(path)] == [
+        ("hi there", "1", f"{path}:1"), ("bye", "0", f"{path}:3"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "reader, text, key",
+    [
+        (read_classification, '{"text": "hi \\ud83d there", "label": 1}', "text"),
+        (read_classification, '{"text": "hi", "label": "\\udc00"}', "label"),
+        (read_text2text, '{"source": "a \\udc00 b", "target": "x"}', "source"),
+        (read_text2text, '{"source": "a", "target": ["x", "y \\ud83d"]}', "target"),
+        (read_chat, '{"messages": [{"role": "user", "content": "a \\udc00"}, {"role": "assistant", "content": "x"}]}', "content"),
+    ],
+)
+def test_a_lone_surrogate_escape_in_json_is_one_line(tmp_path, reader, text, key):
+    # "\ud83d" without the low half after it decodes to a str that no tokenizer takes.
+    path = write(tmp_path / "s.jsonl", text + "\n")
+    for require_labels in (True, False):
+        user_error(reader, path, require_labels=require_labels, names=[f"{path}:1: {key!r}", "unpaired surrogate", "\\u"])
+    paired = write(tmp_path / "p.jsonl", '{"text": "hi \\ud83d\\ude00", "label": 1}\n')  # a pair is one character
+    assert read_classification(paired)[0].text == "hi \U0001f600"
+
+
 # --- tagging ------------------------------------------------------------------------------------
 
 
@@ -170,6 +229,27 @@ def test_conll2003_layout_docstart_and_gzip(tmp_path):
         ]
     # An I- after O is accepted (seqeval starts an entity there).
     assert read_tagged(write(tmp_path / "i.tsv", "a\tO\nb\tI-PER\n"))[0].tags == ["O", "I-PER"]
+
+
+def test_docstart_lines_are_skipped_whatever_their_columns(tmp_path):
+    conll = "-DOCSTART- -X- -X- O\n\nEU B-ORG\nrejects O\n\n-DOCSTART- -X- -X- O\n\nPeter B-PER\n"
+    examples = read_tagged(write(tmp_path / "d.conll", conll))
+    assert [(e.tokens, e.tags, e.where.rsplit(":", 1)[1]) for e in examples] == [
+        (["EU", "rejects"], ["B-ORG", "O"], "3"), (["Peter"], ["B-PER"], "8"),
+    ]
+    bare = write(tmp_path / "b.conll", "-DOCSTART-\nParis\tB-LOC\n")
+    assert [(e.tokens, e.tags) for e in read_tagged(bare)] == [(["Paris"], ["B-LOC"])]
+
+
+@pytest.mark.parametrize("sep", ["\t", " "])
+def test_an_index_column_is_told_by_counting_the_words_of_every_sentence(tmp_path, sep):
+    three = write(tmp_path / "i.iob2", "1 Paris B-LOC\n2 is O\n\n1 London B-LOC\n".replace(" ", sep))
+    assert [(e.tokens, e.tags) for e in read_tagged(three)] == [(["Paris", "is"], ["B-LOC", "O"]), (["London"], ["B-LOC"])]
+    four = write(tmp_path / "p.iob2", "# a comment\n" + "1 Paris NNP B-LOC\n2 is VBZ O\n".replace(" ", sep))
+    assert [(e.tokens, e.tags) for e in read_tagged(four)] == [(["Paris", "is"], ["B-LOC", "O"])]
+    # Numbers that are words: the first column stops counting, so it holds the tokens.
+    numbers = write(tmp_path / "n.conll", "1 CD O\n2 CD O\n\nEU NNP B-ORG\n".replace(" ", sep))
+    assert [e.tokens for e in read_tagged(numbers)] == [["1", "2"], ["EU"]]
 
 
 def test_tagged_errors(tmp_path):
@@ -331,6 +411,18 @@ def test_squad_values_of_the_wrong_kind_are_one_line(tmp_path, change, complaint
     path = write(tmp_path / "bad.json", json.dumps(doc, indent=1))
     for require_labels in (True, False):
         user_error(read_squad, path, require_labels=require_labels, names=[path, repr(complaint)])
+
+
+@pytest.mark.parametrize("key", ["title", "context", "id", "question"])
+def test_a_lone_surrogate_escape_in_squad_is_one_line(tmp_path, key):
+    doc = json.loads(squad_json())
+    article = doc["data"][0]
+    paragraph = article["paragraphs"][0]
+    owner = {"title": article, "context": paragraph}.get(key, paragraph["qas"][0])
+    owner[key] = owner[key][:3] + "\ud83d" + owner[key][3:]  # the context keeps its answer at 12
+    path = write(tmp_path / "s.json", json.dumps(doc))
+    for require_labels in (True, False):
+        user_error(read_squad, path, require_labels=require_labels, names=[path, f"{key!r} holds an unpaired surrogate (\\ud83d)"])
 
 
 # --- text to text -------------------------------------------------------------------------------

@@ -360,6 +360,8 @@ def test_bad_input_is_one_line(trained_run, encoder, yelp_run, tmp_path):
         evaluate_task(yelp_run.checkpoint, "classify", other, device="cpu")
     with pytest.raises(UserError, match="fine-tunes decoder or encoder-decoder models"):
         finetune(encoder, "seq2seq", YELP, tmp_path / "x", **QUIET)
+    with pytest.raises(UserError, match="--val-target is the target file line-aligned with --val"):
+        finetune(trained_run.out, "seq2seq", YELP, tmp_path / "v", target=YELP, val_target=YELP, **QUIET)
     with pytest.raises(UserError, match="no LoRA adapters"):
         merge_lora(yelp_run.checkpoint, tmp_path / "m")
     with pytest.raises(UserError, match="has no span head"):

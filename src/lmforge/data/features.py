@@ -277,6 +277,14 @@ def read_examples(
     if split_articles is not None and not 0 < split_articles < 1:
         raise UserError(f"--split-articles {split_articles} is out of range; pass the fraction of the articles to train on, "
                         "in (0, 1), e.g. 0.8, or drop it to use every article")
+    if labels is not None and task not in ("classify", "tag"):
+        raise UserError(f"--labels (the label set) belongs to --task classify or tag, not {task}")
+    names = [str(label) for label in labels or ()]
+    if twice := [name for i, name in enumerate(names) if name in names[:i]]:  # the head would hold it twice
+        raise UserError(f"--labels names {twice[0]!r} more than once; give each label once")
+    for flag, field in (("--text-field", text_field), ("--label-field", label_field)):
+        if field is not None and task not in ("classify", "seq2seq"):
+            raise UserError(f"{flag} names a column of classify or seq2seq data (TSV, CSV, JSONL); {task} data has none, drop it")
     if task == "classify":
         return read_classification(data, text_field, label_field, labels, require_labels=require_labels)
     if task == "tag":

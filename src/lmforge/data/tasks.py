@@ -23,7 +23,9 @@ import hashlib
 import io
 import json
 import re
+import sys
 import unicodedata
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,9 @@ SOURCE_FIELDS = ("source", "src", "input")
 TARGET_FIELDS = ("target", "tgt", "output")
 ROLES = ("system", "user", "assistant")
 _IOB2 = re.compile(r"(O|[BI]-.+)")
+# A JSON escape such as "\ud83d" without its pair decodes to a lone surrogate: a str that no
+# tokenizer takes and that cannot be written out as UTF-8.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # (where the row is, where its column names are: the header line or the row itself, the row)
 Rows = Iterator[tuple[str, str, dict]]
@@ -93,26 +98,27 @@ def read_classification(
     require_labels: bool = True,
 ) -> list[ClassifyExample]:
     """Text/label pairs from a TSV (with a header, or headerless `text<TAB>label`), a CSV with a header,
-    or a JSONL file. Columns default to `text` or `sentence`, and `label`; labels are strings.
+    or a JSONL file (by its name, .jsonl or .json, or by its first line, as read_text2text tells it).
+    Columns default to `text` or `sentence`, and `label`; labels are strings.
 
     `labels`, when given, is the closed label set: any other label is an error naming file:line.
-    `require_labels=False` reads unlabelled data (GLUE test.tsv) with label None.
+    `require_labels=False` reads unlabelled data (GLUE test.tsv) with label None, and also reads an
+    empty or null label as None.
     """
     path = Path(path)
-    kind = _inner_suffix(path)
-    if kind in (".jsonl", ".json"):
-        rows = _jsonl_rows(path)
-    elif kind == ".csv":
+    if _inner_suffix(path) == ".csv":
         rows = _csv_rows(path)
     else:
-        rows = _tsv_rows(path, text_field, label_field)
+        lines = read_lines(path)
+        rows = _jsonl_rows(path, lines) if _is_jsonl(path, lines) else _tsv_rows(path, lines, text_field, label_field)
     allowed = None if labels is None else [str(label) for label in labels]
     out = []
     for where, columns_at, row in rows:
         text_key = _pick(row, text_field, TEXT_FIELDS, columns_at, "text", "text_field")
         text = _string(row[text_key], where, text_key)
         label_key = _pick(row, label_field, LABEL_FIELDS, columns_at, "label", "label_field", required=require_labels)
-        label = None if label_key is None else _label(row[label_key], where, label_key)
+        unlabelled = label_key is None or (not require_labels and _blank(row[label_key]))
+        label = None if unlabelled else _label(row[label_key], where, label_key)
         if allowed is not None and label is not None and label not in allowed:
             raise UserError(
                 f"{where}: label {label!r} is not one of {', '.join(allowed)}; fix the line or add it to `labels`"
@@ -125,11 +131,11 @@ def read_classification(
     return _nonempty(out, path)
 
 
-def _tsv_rows(path: Path, text_field: str | None, label_field: str | None) -> Rows:
+def _tsv_rows(path: Path, lines: list[str], text_field: str | None, label_field: str | None) -> Rows:
     """Rows of a TSV. The first line is a header when it names a known column (GLUE's `sentence\\tlabel`);
-    otherwise every line is `text<TAB>label` (the UCI sentiment files). Fields are split on tabs
-    only, without quoting, as GLUE's own readers do: a `"` in a sentence is just a character."""
-    lines = read_lines(path)
+    otherwise every line is `text<TAB>label` (the UCI sentiment files), and a first line that looks
+    like a header of other names is refused (see _unnamed_header). Fields are split on tabs only,
+    without quoting, as GLUE's own readers do: a `"` in a sentence is just a character."""
     header_line = next((i for i, line in enumerate(lines, 1) if line.strip()), None)
     if header_line is None:
         raise UserError(f"{path} is empty; pass a file with one example per line")
@@ -143,6 +149,7 @@ def _tsv_rows(path: Path, text_field: str | None, label_field: str | None) -> Ro
                 "or leave text_field/label_field unset for headerless TEXT<TAB>LABEL lines"
             )
         header = []
+    headerless = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip() or (header and lineno == header_line):
             continue
@@ -151,16 +158,46 @@ def _tsv_rows(path: Path, text_field: str | None, label_field: str | None) -> Ro
         if not header:
             if len(fields) != 2:
                 raise UserError(f"{where} has {len(fields)} tab-separated fields; expected TEXT<TAB>LABEL")
-            yield where, where, {"text": fields[0], "label": fields[1]}
+            headerless.append((where, where, {"text": fields[0], "label": fields[1]}))
         elif len(fields) != len(header):
             raise UserError(f"{where} has {len(fields)} tab-separated fields but the header has {len(header)}; fix the line")
         else:
             yield where, f"{path}:{header_line}", dict(zip(header, fields))
+    if headerless:
+        text, label = (f.strip() for f in first.split("\t"))
+        if problem := _unnamed_header(text, [row["label"].strip() for *_, row in headerless]):
+            raise UserError(
+                f"{path}:{header_line} looks like a header ({problem}); name its columns with --text-field {text} "
+                f"--label-field {label} (in Python: text_field={text!r}, label_field={label!r})"
+            )
+    yield from headerless
+
+
+def _unnamed_header(text: str, labels: list[str]) -> str | None:
+    """Why the first line of a headerless TSV, whose text is `text`, is a header of unknown names
+    (`review<TAB>sentiment`) rather than an example, or None. Its label must occur on no other line,
+    and the other lines must show what labels look like: all integers while it is not (0/1
+    sentiment), or, its text being one word as column names are, each on two lines or more (it alone
+    would be a class of one example). Anything less certain is read as an example: a headerless file
+    has no option to say so."""
+    first, rest = labels[0], Counter(labels[1:])
+    if not first or not rest or first in rest:
+        return None
+    if all(_integer(label) for label in rest) and not _integer(first):
+        return f"its label {first!r} is a word, every other label a number"
+    if " " not in text and min(rest.values()) > 1:
+        return f"its label {first!r} is on no other line, every other label on two or more"
+    return None
+
+
+def _integer(text: str) -> bool:
+    return text.removeprefix("-").isdigit()
 
 
 def _csv_rows(path: Path) -> Rows:
     """Rows of a CSV with a header; `where` is the line a row starts on (a quoted field may span lines)."""
     lines = read_lines(path)
+    _lift_csv_field_limit()
     reader = csv.reader(io.StringIO("\n".join(lines), newline=""))
     header, start = None, 1
     try:
@@ -178,6 +215,15 @@ def _csv_rows(path: Path) -> Rows:
         raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e}); fix the quoting of that line") from None
     if header is None:
         raise UserError(f"{path} is empty; pass a CSV file with a header row and one example per line")
+
+
+def _lift_csv_field_limit() -> None:
+    """A CSV field may be a whole document (a summarisation source), longer than the csv module's
+    default limit of 131,072 characters; the file is in memory already, so no limit guards anything."""
+    try:
+        csv.field_size_limit(sys.maxsize)
+    except OverflowError:  # sys.maxsize does not fit the C long of some platforms (64-bit Windows)
+        csv.field_size_limit(2**31 - 1)
 
 
 def _pick(
@@ -201,7 +247,7 @@ def _pick(
 def _string(value: Any, where: str, key: str) -> str:
     if not isinstance(value, str):
         raise UserError(f"{where}: {key!r} is {type(value).__name__}, not a string; fix the line")
-    text = _nfc(value.strip())
+    text = _nfc(_paired(value, where, key).strip())
     if not text:
         raise UserError(f"{where}: {key!r} is empty; every example needs text")
     return text
@@ -213,7 +259,19 @@ def _label(value: Any, where: str, key: str) -> str:
         return str(value)
     if not isinstance(value, str) or not value.strip():
         raise UserError(f"{where}: {key!r} is {value!r}; a label must be a non-empty string or an integer")
-    return value.strip()
+    return _paired(value, where, key).strip()
+
+
+def _blank(value: Any) -> bool:
+    """Whether a label or target that is there holds nothing: an empty cell, JSON null or []."""
+    return value is None or value == [] or (isinstance(value, str) and not value.strip())
+
+
+def _paired(text: str, where: str, key: str) -> str:
+    """`text`, refused in one line when it holds a lone surrogate (see _LONE_SURROGATE)."""
+    if found := _LONE_SURROGATE.search(text):
+        raise UserError(f"{where}: {key!r} holds an unpaired surrogate (\\u{ord(found.group()):04x}); fix the line")
+    return text
 
 
 # --- token tagging ------------------------------------------------------------------------------
@@ -223,12 +281,13 @@ def read_tagged(path: str | Path, labels: Sequence[str] | None = None, require_l
     """Sentences of a CoNLL-style IOB2 file: one token per line, a blank line between sentences.
 
     The column layout is read from the first token line: `token tag` (WNUT-17), `index token tag ...`
-    (Universal NER), otherwise token first and tag last (CoNLL-2003's `token POS chunk tag`). Columns
+    where the first column numbers the words of every sentence of the file 1, 2, 3, ... (Universal
+    NER), otherwise token first and tag last (CoNLL-2003's `token POS chunk tag`). Columns
     are tab-separated when the first token line has a tab, else whitespace-separated. A line starting
     with `#` is a comment only where it cannot be a token line: in a tab-separated file when it holds
     no tab (UNER's `# sent_id = ...`; `#hashtag<TAB>O` is a token), in a whitespace-separated one when
     its fields do not fit the columns (`# text = ...`; `#FollowFriday O` is a token). `-DOCSTART-`
-    lines are skipped. Tags must be O, B-TYPE or
+    lines are skipped, whatever their columns (`-DOCSTART- -X- -X- O`, or alone). Tags must be O, B-TYPE or
     I-TYPE; an I-TYPE after O is accepted (conlleval and seqeval read it as the start of an entity).
     `labels`, when given, is the closed tag set. A file with one column holds tokens only: it is read,
     with tags None, only with `require_labels=False` (predicting on unlabelled text).
@@ -240,11 +299,12 @@ def read_tagged(path: str | Path, labels: Sequence[str] | None = None, require_l
     tokens: list[str] = []
     tags: list[str] = []
     # The layout comes from the first line that is surely a token line: one not starting with `#`, or
-    # holding a tab (comments have none).
+    # holding a tab (comments have none), and no `-DOCSTART-` line (CoNLL-2003 gives it 4 columns
+    # whatever the file's).
     nonblank = [i for i, line in enumerate(lines) if line.strip()]
-    sure = (i for i in nonblank if not lines[i].startswith("#") or "\t" in lines[i].strip())
+    sure = (i for i in nonblank if (not lines[i].startswith("#") or "\t" in lines[i].strip()) and not _docstart(lines[i]))
     layout_line = next(sure, nonblank[0] if nonblank else -1) + 1
-    layout = _tag_layout(lines[layout_line - 1]) if layout_line else None  # (tabs, n_columns, token column, tag column)
+    layout = _tag_layout(lines, layout_line) if layout_line else None  # (tabs, n_columns, token column, tag column)
     start = 0
 
     for lineno, line in enumerate([*lines, ""], 1):
@@ -254,18 +314,16 @@ def read_tagged(path: str | Path, labels: Sequence[str] | None = None, require_l
                 tokens, tags = [], []
             continue
         assert layout is not None  # the file has a non-blank line
-        if line.startswith("#") and _is_comment(line, layout):
+        if (line.startswith("#") and _is_comment(line, layout)) or _docstart(line):
             continue
         tabs, n_columns, token_col, tag_col = layout
-        fields = [f.strip() for f in line.split("\t")] if tabs else line.split()
+        fields = _columns(line, tabs)
         where = f"{path}:{lineno}"
         if len(fields) != n_columns:
             raise UserError(
                 f"{where} has {len(fields)} columns but line {layout_line} has {n_columns}; "
                 "every token line needs the same columns"
             )
-        if fields[0] == "-DOCSTART-":
-            continue
         token = fields[token_col]
         if not token:
             raise UserError(f"{where}: the token is empty; fix the line")
@@ -296,16 +354,44 @@ def _is_comment(line: str, layout: tuple[bool, int, int, int | None]) -> bool:
     return len(fields) != n_columns or (tag_col is not None and not _IOB2.fullmatch(fields[tag_col]))
 
 
-def _tag_layout(line: str) -> tuple[bool, int, int, int | None]:
-    """(tabs, n_columns, token column, tag column) from a file's first token line; one column is tokens only."""
+def _tag_layout(lines: list[str], layout_line: int) -> tuple[bool, int, int, int | None]:
+    """(tabs, n_columns, token column, tag column) from a file's first token line (1-based), and its
+    other lines to tell an index column; one column is tokens only."""
+    line = lines[layout_line - 1]
     tabs = "\t" in line
-    fields = [f.strip() for f in line.split("\t")] if tabs else line.split()
+    fields = _columns(line, tabs)
     n = len(fields)
     if n == 1:
         return tabs, 1, 0, None
-    if n >= 3 and not _IOB2.fullmatch(fields[-1]) and fields[0].isdigit() and _IOB2.fullmatch(fields[2]):
-        return tabs, n, 1, 2  # UNER: index, token, tag, then annotation columns
+    if n >= 3 and _numbers_words(lines, tabs, n):
+        # index, token, then the tag: last (`1<TAB>Paris<TAB>B-LOC`), or third when annotation columns follow (UNER)
+        return tabs, n, 1, n - 1 if _IOB2.fullmatch(fields[-1]) else 2
     return tabs, n, 0, n - 1  # token first, tag last: WNUT's two columns, CoNLL-2003's four
+
+
+def _numbers_words(lines: list[str], tabs: bool, n_columns: int) -> bool:
+    """Whether the first column of every token line is the word's number in its sentence, 1, 2, 3, ...
+    (an index column). A token column never counts so through a whole file. Lines starting with `#`
+    are left out: a token line of an indexed file starts with a digit."""
+    number = 1
+    for line in lines:
+        if not line.strip():
+            number = 1
+        elif not line.startswith("#") and not _docstart(line):
+            fields = _columns(line, tabs)
+            if len(fields) != n_columns or fields[0] != str(number):
+                return False
+            number += 1
+    return True
+
+
+def _columns(line: str, tabs: bool) -> list[str]:
+    return [f.strip() for f in line.split("\t")] if tabs else line.split()
+
+
+def _docstart(line: str) -> bool:
+    """Whether a line is CoNLL-2003's document separator, `-DOCSTART- -X- -X- O` or just `-DOCSTART-`."""
+    return line.split(maxsplit=1)[:1] == ["-DOCSTART-"]
 
 
 def entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
@@ -364,6 +450,7 @@ def read_squad(path: str | Path, require_labels: bool = True) -> list[QAExample]
     for a, article in enumerate(articles):
         _require_keys(article, ("title", "paragraphs"), f"{path}: article {a}", hint)
         _require_list(article, "paragraphs", f"{path}: article {a}", hint)
+        title = _paired(str(article["title"]), f"{path}: article {a}", "title")
         for p, paragraph in enumerate(article["paragraphs"]):
             place = f"{path}: article {a} paragraph {p}"
             _require_keys(paragraph, ("context", "qas"), place, hint)
@@ -371,6 +458,7 @@ def read_squad(path: str | Path, require_labels: bool = True) -> list[QAExample]
             context = paragraph["context"]
             if not isinstance(context, str):
                 raise UserError(f"{place}: the context is not a string; {hint}")
+            _paired(context, place, "context")
             for qa in paragraph["qas"]:
                 keys = ("id", "question", "answers") if require_labels else ("id", "question")
                 valid_id = isinstance(qa, dict) and "id" in qa and _valid_id(qa["id"])
@@ -379,7 +467,7 @@ def read_squad(path: str | Path, require_labels: bool = True) -> list[QAExample]
                 if not valid_id:
                     kind = "empty" if isinstance(qa["id"], str) else _json_kind(qa["id"])
                     raise UserError(f"{place}: 'id' is {kind}; each question needs a string id")
-                qid = str(qa["id"])
+                qid = _paired(str(qa["id"]), place, "id")
                 where = f"{path}: question {qid}"
                 if qid in seen:
                     raise UserError(f"{_question_line(path, text, qa['id'], 1)} appears twice; question ids must be unique")
@@ -388,6 +476,8 @@ def read_squad(path: str | Path, require_labels: bool = True) -> list[QAExample]
                 if not isinstance(question, str) or not question.strip():
                     kind = "empty" if isinstance(question, str) else _json_kind(question)
                     raise UserError(f"{_question_line(path, text, qa['id'])}: 'question' is {kind}; give the question's text")
+                if _LONE_SURROGATE.search(question):  # its line is looked up on the error path only
+                    _paired(question, _question_line(path, text, qa["id"]), "question")
                 if qa.get("answers") is not None and not isinstance(qa["answers"], list):
                     raise UserError(f"{_question_line(path, text, qa['id'])}: 'answers' is {_json_kind(qa['answers'])}, "
                                     'not a list; give [{"text": ..., "answer_start": ...}, ...]')
@@ -400,7 +490,7 @@ def read_squad(path: str | Path, require_labels: bool = True) -> list[QAExample]
                     if problem := _answer_problem(ans, context):
                         raise UserError(f"{_question_line(path, text, qa['id'])}: {problem}")
                 answers = [(ans["text"], ans["answer_start"]) for ans in answers]
-                out.append(QAExample(qid, str(article["title"]), context, question, answers, where))
+                out.append(QAExample(qid, title, context, question, answers, where))
     return _nonempty(out, path)
 
 
@@ -488,16 +578,15 @@ def read_text2text(
     `--text-field` and `--label-field` name them). A list-valued source is a list of sentences and is
     joined with spaces; a list-valued target is a list of references (SciTLDR: `target` is the first,
     `references` all). SciTLDR's own JSONL needs no options. A file is JSONL when its name ends in
-    .jsonl or .json (gzip ok) or its first line is a JSON object; otherwise it is plain text.
+    .jsonl or .json (gzip ok) or its first line is a JSON object; otherwise it is plain text. With
+    `require_labels=False` an empty or null target is read as none.
     """
     path = Path(path)
-    kind = _inner_suffix(path)
-    if kind == ".csv":
+    if _inner_suffix(path) == ".csv":
         rows = _csv_rows(path)
     else:
         lines = read_lines(path)
-        first = next((line for line in lines if line.strip()), None)
-        if kind not in (".jsonl", ".json") and first is not None and not _json_object(first):
+        if any(line.strip() for line in lines) and not _is_jsonl(path, lines):
             return _plain_sources(path, lines, require_labels)
         rows = _jsonl_rows(path, lines)
     out = []
@@ -506,9 +595,17 @@ def read_text2text(
         target_key = _pick(row, target_field, TARGET_FIELDS, columns_at, "target", "target_field", required=require_labels,
                            flag="--label-field")
         source = " ".join(_strings(row[source_key], where, source_key))
-        references = [] if target_key is None else _strings(row[target_key], where, target_key)
+        untargeted = target_key is None or (not require_labels and _blank(row[target_key]))
+        references = [] if untargeted else _strings(row[target_key], where, target_key)
         out.append(Text2TextExample(source, references[0] if references else None, references, where))
     return _nonempty(out, path)
+
+
+def _is_jsonl(path: Path, lines: list[str]) -> bool:
+    """Whether a file is JSONL: its name ends in .jsonl or .json (gzip ok), or its first non-blank line
+    is a JSON object (JSONL saved as .txt or .ndjson)."""
+    first = next((line for line in lines if line.strip()), None)
+    return _inner_suffix(path) in (".jsonl", ".json") or (first is not None and _json_object(first))
 
 
 def _json_object(line: str) -> bool:
@@ -534,7 +631,7 @@ def _strings(value: Any, where: str, key: str) -> list[str]:
     items = value if isinstance(value, list) else [value]
     if not all(isinstance(v, str) for v in items):
         raise UserError(f"{where}: {key!r} must be a string or a list of strings; fix the line")
-    out = [_nfc(v.strip()) for v in items if v.strip()]
+    out = [_nfc(_paired(v, where, key).strip()) for v in items if v.strip()]
     if not out:
         raise UserError(f"{where}: {key!r} is empty; every example needs a source and a target")
     return out
@@ -576,7 +673,7 @@ def read_chat(path: str | Path, require_labels: bool = True) -> list[ChatExample
                 raise UserError(
                     f"{where}: message {i} ({got!r}) needs a role of {', '.join(ROLES)} and a string content; fix the line"
                 )
-            clean.append({"role": message["role"], "content": _nfc(message["content"])})
+            clean.append({"role": message["role"], "content": _nfc(_paired(message["content"], where, "content"))})
         if require_labels and not any(m["role"] == "assistant" for m in clean):
             raise UserError(f"{where}: the conversation has no assistant message; add the reply to learn from")
         out.append(ChatExample(clean, where))

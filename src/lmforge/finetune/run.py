@@ -88,6 +88,8 @@ def finetune(
         raise UserError(f"{ckpt.path} holds LoRA adapters; fold them in first with `lmforge merge-lora {ckpt.path} --out DIR`")
     if doc_stride < 0:
         raise UserError(f"--doc-stride must be >= 0 (tokens of overlap between QA windows), got {doc_stride}")
+    if val_target is not None and val is None:
+        raise UserError("--val-target is the target file line-aligned with --val; pass --val SOURCES too, or drop it")
     if repeat_input and task not in ("tag", "qa"):
         raise UserError(f"--repeat-input helps a decoder see the right context in tag and qa; {task} does not use it")
     max_length = min(train.seq_len or cfg.context_length, cfg.context_length)
