@@ -566,6 +566,43 @@ def test_a_template_that_fails_on_a_later_turn_is_one_line_and_the_chat_goes_on(
         "fix the chat template that came with it"]
 
 
+
+def test_a_template_that_refuses_the_system_message_fails_once_before_the_first_turn(capsys, monkeypatch, trained_run,
+                                                                                   tmp_path):
+    import io
+
+    ckpt = _chat_checkpoint(trained_run, tmp_path / "chat", "{% if messages[0].role == 'system' %}{{ 1/0 }}{% endif %}"
+                            "{% for m in messages %}{{ m.content }}\n{% endfor %}")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nhello\n"))
+    fails_with(capsys, f"the chat template of {ckpt} failed on this conversation (ZeroDivisionError", "chat", ckpt,
+               "--system", "Be nice", "--max-new-tokens", 3, "--device", "cpu")
+
+
+def test_a_reply_that_fills_the_context_says_so_on_a_line_of_its_own(capsys, monkeypatch, trained_run, tmp_path):
+    import io
+
+    ckpt = _chat_checkpoint(trained_run, tmp_path / "chat")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n" + "word " * 200 + "\n"))
+    code, out, err = run(capsys, "chat", ckpt, "--max-new-tokens", 500, "--seed", 1, "--device", "cpu")
+    assert code == 0 and "Traceback" not in err, err
+    notes = [l for l in err.splitlines() if l.startswith(("(", "lmforge:"))]
+    # The first reply (500 tokens asked) runs to the end of the context (64 tokens) and says so; the next turn cannot fit.
+    assert notes[-1].startswith("lmforge: the conversation (") and notes[-1].endswith("/reset to start over")
+    assert notes[:-1] == ["(the reply stopped at the end of the model's context of 64 tokens; /reset to start over)"], err
+    assert out.endswith("\n\n")  # one line per turn on stdout, the refused one empty
+
+
+def test_a_closed_stdout_or_stdin_is_one_line():
+    """Seen in review: `lmforge generate ... >&-` and `lmforge chat ... <&-` ended in tracebacks."""
+    import subprocess
+    import sys
+
+    for verb, closed, line in (("--help", ">&-", "stdout is closed; redirect it"),
+                               ("chat /nonexistent", "<&-", "stdin is closed; chat reads the messages from it")):
+        proc = subprocess.run(["bash", "-c", f'"{sys.executable}" -m lmforge {verb} {closed}'], capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"lmforge: error: {line}") and "Traceback" not in proc.stderr
+
+
 _SLOW_CHAT = """
 import sys, time
 from lmforge.infer import chat

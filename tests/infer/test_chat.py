@@ -46,10 +46,20 @@ def test_a_turn_prefills_only_what_is_new_and_answers_as_generating_alone(lm):
 
 
 def test_full_context_is_a_user_error_that_keeps_the_session(lm):
-    chat = ChatSession(lm, temperature=0)
-    with pytest.raises(UserError, match="no longer fits"):
+    ctx = lm.model.config.context_length
+    chat = ChatSession(lm, temperature=0, ignore_eos=True)
+    # A first message too long on its own: /reset could not help, shortening it does.
+    with pytest.raises(UserError, match=rf"^this message is \d+ tokens in the chat template, leaving no room for a reply "
+                                        rf"in the model's context of {ctx}; shorten it$"):
         list(chat.send("word " * 200))
-    assert chat.messages == []
+    assert chat.messages == [] and not chat.context_full
+    prompt = len(lm.tokenizer.encode(render_chat(lm, [{"role": "user", "content": "ROMEO:"}])))
+    reply = "".join(chat.send("ROMEO:", max_new_tokens=ctx))  # more than the context leaves: stops at its end
+    assert chat.context_full and len(lm.tokenizer.encode(reply)) <= ctx - prompt
+    with pytest.raises(UserError, match=rf"^the conversation \(\d+ tokens\) no longer fits in the model's context of "
+                                        rf"{ctx}; /reset to start over$"):  # with turns before it: /reset helps
+        list(chat.send("word " * 200))
+    assert len(chat.messages) == 2 and not chat.context_full
 
 
 @pytest.mark.parametrize("option", [{"top_p": 0.0}, {"temperature": -1.0}, {"seed": -5}, {"top_k": -1}])

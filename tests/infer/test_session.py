@@ -35,3 +35,27 @@ def test_a_cuda_index_past_the_machines_gpus_is_one_line(trained_run):
     with pytest.raises(UserError, match=rf"'cuda:{count}' asked for but this machine has {count} CUDA device"):
         load(trained_run.out, device=f"cuda:{count}")
     assert load(trained_run.out, device=f"cuda:{count - 1}").device.type == "cuda"
+
+
+def test_prompt_ids_outside_the_vocabulary_are_one_line(trained_run):
+    """Seen in review: `lm.stream([99999])` raised a bare IndexError from the embedding."""
+    lm = load(trained_run.out, device="cpu")
+    for bad in (lm.model.config.vocab_size, -1):
+        with pytest.raises(UserError, match=rf"^the prompt holds token id {bad}, outside the model's vocabulary of "
+                                            rf"{lm.model.config.vocab_size}$"):
+            lm.generate([1, bad], 2)
+
+
+def test_an_encoder_decoder_source_longer_than_the_context_is_one_line(trained_run):
+    """Seen in review: the source was cut to the context without a word, as no decoder prompt is."""
+    from lmforge.config import preset
+    from lmforge.infer.session import LanguageModel
+    from lmforge.model import Transformer
+
+    tok = load(trained_run.out, device="cpu").tokenizer
+    lm = LanguageModel(Transformer(preset("tiny", arch="encoder-decoder", vocab_size=tok.vocab_size, context_length=16)),
+                       tok, trained_run.out)
+    assert isinstance(lm.generate(list(range(5, 20)), 2, temperature=0), str)  # 15 tokens and the end of text: fits
+    with pytest.raises(UserError, match=r"^the source is 16 tokens, longer than the 15 the model's context of 16 leaves; "
+                                        r"shorten it$"):
+        lm.generate(list(range(5, 21)), 2)

@@ -236,12 +236,15 @@ def chat_cmd(args: Namespace) -> None:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.system is not None:
         require_text(args.system, "--system")
-    lm = load(args.checkpoint, device=args.device, dtype=args.dtype)
     if args.speculate < 0:
         raise UserError(f"--speculate must be >= 0, got {args.speculate}")
+    if sys.stdin is None:  # closed (<&-): there is nothing to read the messages from
+        raise UserError("stdin is closed; chat reads the messages from it: type them, or pipe them in")
+    lm = load(args.checkpoint, device=args.device, dtype=args.dtype)
     session = ChatSession(lm, system=args.system, speculate=args.speculate, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed)
-    render_chat(lm, [{"role": "user", "content": "hi"}])  # a checkpoint without a template fails here, once
+    # A checkpoint without a template, or one whose template refuses a system message, fails here, once.
+    render_chat(lm, [*session.messages, {"role": "user", "content": "hi"}])
     if hasattr(sys.stdin, "reconfigure"):
         # A line that is not UTF-8 arrives with its bad bytes as lone surrogates, which the turn refuses;
         # strict decoding would fail on the whole buffered chunk, losing the lines around it.
@@ -252,6 +255,8 @@ def chat_cmd(args: Namespace) -> None:
         try:
             line = input("you> " if interactive else "")
         except EOFError:
+            if interactive:  # Ctrl-D at the prompt: the shell's prompt starts on a line of its own
+                sys.stdout.write("\n")
             break
         text = line.strip()
         if text == "/exit":
@@ -262,13 +267,19 @@ def chat_cmd(args: Namespace) -> None:
             continue
         if not text:
             continue
+        note = None
         try:
             if not _reply(session, text, args.max_new_tokens):
-                print("\n(reply stopped; that turn is dropped from the conversation)", file=sys.stderr, end="")
+                note = "(reply stopped; that turn is dropped from the conversation)"
+            elif session.context_full:
+                note = (f"(the reply stopped at the end of the model's context of {lm.model.config.context_length} "
+                        "tokens; /reset to start over)")
         except UserError as e:  # a full context, a line that is not UTF-8: that turn ends, not the session
-            print(f"lmforge: {e}", file=sys.stderr)
-        sys.stdout.write("\n")
+            note = f"lmforge: {e}"
+        sys.stdout.write("\n")  # the reply's line ends first, so that a note is a line of its own on any terminal
         sys.stdout.flush()
+        if note:
+            print(note, file=sys.stderr)
     return None
 
 

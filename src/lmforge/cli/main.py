@@ -405,8 +405,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if _other_rank():  # rank 0 speaks for the run; errors still show
         sys.stdout = open(os.devnull, "w")
     stdout = sys.stdout
-    if stdout is not None:
-        sys.stdout = _Stdout(stdout)
+    if stdout is None:  # started with stdout closed (>&-): every verb's output or result would be lost
+        if sys.stderr is not None:
+            print("lmforge: error: stdout is closed; redirect it (> FILE, or > /dev/null to discard the output) "
+                  "instead of closing it", file=sys.stderr)
+        return 2
+    sys.stdout = _Stdout(stdout)
     try:
         with _terminate_as_interrupt():
             return _run(argv)

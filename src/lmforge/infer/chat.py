@@ -67,6 +67,8 @@ class ChatSession:
             require_text(system, "the system message")
         self.lm, self.system, self.sampling = lm, system, sampling
         self.messages: list[dict[str, str]] = []
+        self.context_full = False  # whether the last reply ended because the context had no room left
+        self._finish: str | None = None
         decoder = lm.model.config.arch == "decoder"
         self.engine = Engine(lm.model, lm.tokenizer, max_batch=1, speculate=speculate) if decoder else None
         self.reset()
@@ -78,22 +80,34 @@ class ChatSession:
         """Add a user turn and yield the reply piece by piece; the reply joins the history. A turn
         that fails or is cut off leaves the history as it was (no unanswered user message)."""
         require_text(text, "the message")
+        self.context_full = False
+        earlier = len(self.messages) > bool(self.system)  # turns before this one
         self.messages.append({"role": "user", "content": text})
         try:
             ids = encode_chat(self.lm, self.messages)
-            room = self.lm.model.config.context_length - len(ids)
-            if room <= 0:
-                raise UserError("the conversation no longer fits in the model's context; /reset to start over")
+            ctx = self.lm.model.config.context_length
+            room = ctx - len(ids)
+            if room <= 0:  # not one token of reply fits
+                if earlier:
+                    raise UserError(f"the conversation ({len(ids)} tokens) no longer fits in the model's context of {ctx}; "
+                                    "/reset to start over")
+                what = "the system message and this message are" if self.system else "this message is"
+                raise UserError(f"{what} {len(ids)} tokens in the chat template, leaving no room for a reply in the model's "
+                                f"context of {ctx}; shorten it")
             reply = []
-            for piece in self._stream(ids, min(max_new_tokens, room)):
+            cap = min(max_new_tokens, room)
+            for piece in self._stream(ids, cap):
                 reply.append(piece)
                 yield piece
+            self.context_full = cap < max_new_tokens and self._finish == "length"
         except BaseException:  # GeneratorExit and Ctrl-C too: the turn got no reply
             self.messages.pop()
             raise
         self.messages.append({"role": "assistant", "content": "".join(reply).strip()})
 
     def _stream(self, ids: list[int], max_new_tokens: int) -> Iterator[str]:
+        """The reply's pieces; `_finish` is then why it ended ("stop", "length"; None where not told)."""
+        self._finish = None
         if self.engine is None:
             yield from self.lm.stream(ids, max_new_tokens, **self.sampling)
             return
@@ -103,6 +117,7 @@ class ChatSession:
                 for event in self.engine.step():
                     if event.text:
                         yield event.text
+            self._finish = req.finish_reason
         finally:  # a reader that stops early (Ctrl-C) frees the slot
             if not req.finished:
                 self.engine.abort(req.id)

@@ -78,7 +78,7 @@ def generate_tokens(
     `context_length` tokens. An encoder-decoder also takes the encoded source as `memory`.
     """
     if model.config.arch == "encoder":
-        raise UserError(f"a {model.config.arch} model cannot generate text; use a decoder (GPT, Llama) checkpoint")
+        raise UserError("an encoder model cannot generate text; use a decoder (GPT, Llama) checkpoint")
     sampling = sampling or SamplingConfig()
     idx = torch.as_tensor(prompt, dtype=torch.long, device=model.tok_embeddings.weight.device).view(1, -1)
     T, ctx = idx.size(1), model.config.context_length

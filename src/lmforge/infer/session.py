@@ -14,7 +14,7 @@ from lmforge.infer.generate import SamplingConfig, generate_tokens
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.device import inference_dtype, resolve_device
-from lmforge.utils.errors import require_text
+from lmforge.utils.errors import UserError, require_text
 
 
 class LanguageModel:
@@ -49,8 +49,14 @@ class LanguageModel:
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stops = (self.tokenizer.eot_id,) if stop_at_eot else ()
         prompt_ids, memory = (self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)), {}
+        vocab, ctx = self.model.config.vocab_size, self.model.config.context_length
+        if (bad := next((t for t in prompt_ids if not 0 <= t < vocab), None)) is not None:
+            raise UserError(f"the prompt holds token id {bad}, outside the model's vocabulary of {vocab}")
         if self.model.config.arch == "encoder-decoder":
-            src = torch.tensor([prompt_ids[: self.model.config.context_length - 1] + [self.tokenizer.eot_id]], device=self.device)
+            if len(prompt_ids) > ctx - 1:  # the source and its end-of-text token, which the encoder takes whole
+                raise UserError(f"the source is {len(prompt_ids)} tokens, longer than the {ctx - 1} the model's context "
+                                f"of {ctx} leaves; shorten it")
+            src = torch.tensor([prompt_ids + [self.tokenizer.eot_id]], device=self.device)
             with torch.inference_mode():
                 memory = {"memory": self.model.encode_source(src)}
             prompt_ids = [decoder_start_id(self.tokenizer)]
