@@ -10,7 +10,11 @@ set -uo pipefail
 OUT=${OUT:-/tmp/lmforge-out}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@"; }
+    if ! install .whl/*.whl; then  # one bad wheel must not cost the rows that do not need it (only fp8 needs torchao)
+        echo "run.sh: warning: installing .whl/*.whl failed; installing them one at a time" >&2
+        for w in .whl/*.whl; do install "$w" || echo "run.sh: warning: $w did not install" >&2; done
+    fi
     export PYTHONPATH=/tmp/site:$PWD/src
 else
     export PYTHONPATH=$PWD/src
