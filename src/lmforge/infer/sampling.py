@@ -134,8 +134,9 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     top-k, the top `CANDIDATES`) are ranked (`Ranked`). Sampling 32 rows of SmolLM2's logits with
     top_k 50 and top_p 0.9 took 4.4 ms so, against 175.6 through a full sort (`bench/sampling.py`,
     this project's CPU). A row whose prefix may reach past the ranked tokens (a flat
-    distribution under top-p, ties at the k-th) is filtered through a full sort instead, so the
-    result is always the same.
+    distribution under top-p, ties at the k-th) is filtered through a full sort instead. The two
+    normalise in float32 in other orders, so a token whose cumulative mass is within rounding of
+    top_p may be kept by one and not the other (README, Serving, has the counts).
     """
     k = _top_k(top_k, logits.size(-1))
     return _kept(logits, k, top_p, min_p, Ranked.of(logits, k, top_p, min_p))
