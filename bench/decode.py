@@ -52,8 +52,9 @@ from lmforge.config import preset
 from lmforge.infer import Engine, SamplingParams
 from lmforge.model import Transformer
 from lmforge.utils.device import resolve_device
+from lmforge.utils.errors import UserError
 
-from _stop import Stopped, stop_on_sigterm  # bench/_stop.py
+from _stop import Stopped, entry_point, stop_on_sigterm  # bench/_stop.py
 from _data import print_row  # bench/_data.py
 
 VOCAB = {"smollm2-135m": 49152, "llama-3.2-1b": 128256}
@@ -243,6 +244,7 @@ def run_hf(hf, prompts, new_tokens, compile_: bool, device) -> dict:
             "ttft_ms": 1e3 * ttft, "peak_memory_gb": peak_memory_gb(device, hf, start)}
 
 
+@entry_point
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="gpt2-124m")
@@ -275,10 +277,18 @@ def main() -> None:
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16}[args.dtype]
     vocab = args.vocab_size or VOCAB.get(args.preset, 50257)
-    ctx = max(args.prompt_len + args.new_tokens, args.max_seq_len or 0)
+    need = args.prompt_len + args.new_tokens
+    if args.max_seq_len is not None and args.max_seq_len < need:
+        raise UserError(f"--max-seq-len {args.max_seq_len} is shorter than --prompt-len + --new-tokens = {need}; "
+                        "raise it or leave it out")
+    ctx = max(need, args.max_seq_len or 0)
     cfg = preset(args.preset, vocab_size=vocab)
-    if cfg.context_length > ctx and cfg.position == "rotary":
-        cfg = preset(args.preset, vocab_size=vocab, context_length=max(ctx, 1024))  # no 128k-position tables for a short run
+    if cfg.position == "rotary":  # rotary positions take any length: no 128k-position tables for a short run
+        cfg = preset(args.preset, vocab_size=vocab, context_length=max(ctx, 1024))
+    elif ctx > cfg.context_length:  # refused now, not after the engine's compile and warm-up
+        raise UserError(f"preset {args.preset} has a context of {cfg.context_length} tokens ({cfg.position} positions "
+                        f"cannot grow) and this run needs {ctx} (--prompt-len {args.prompt_len} + --new-tokens "
+                        f"{args.new_tokens}{f', --max-seq-len {args.max_seq_len}' if args.max_seq_len else ''}); lower them")
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(cfg)
@@ -322,7 +332,7 @@ def main() -> None:
     assert all(r["tokens"] == tokens for r in runs)
     ours = median(runs) | {"first_step_ms": statistics.median(r["first_step_ms"] for r in runs)}
     memory = "own_weights_plus_peak_allocated_above_start" if device.type == "cuda" else "process_peak_rss"
-    print_row({"what": "lmforge engine", **base, "repeat": args.repeat, **ours,
+    print_row({"what": "lmforge engine", **base, "repeat": len(runs), **ours,  # the turns done (fewer when stopped early)
                "peak_memory_gb": round(runs[0]["peak_memory_gb"], 3) if device.type == "cpu" else peak(runs),
                "memory": memory})
     if hf_error is not None:
@@ -331,7 +341,7 @@ def main() -> None:
         theirs = median(hf_runs)
         # Greedy on the same weights: identical tokens in fp32 (bf16 may part ways at a near-tie).
         same = sum(a == b for a, b in zip(tokens, hf_runs[0]["tokens"]))
-        print_row({"what": "transformers generate", **base, "transformers": transformers.__version__, "repeat": args.repeat,
+        print_row({"what": "transformers generate", **base, "transformers": transformers.__version__, "repeat": len(hf_runs),
                    **theirs, "compile": hf_compile, "cache": "static" if hf_compile else "dynamic",
                    "compiled": hf_compile_how(hf, device) if hf_compile else None,
                    "peak_memory_gb": peak(hf_runs), "memory": memory})

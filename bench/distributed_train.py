@@ -23,10 +23,12 @@ import time
 from pathlib import Path
 
 from _data import print_row  # bench/_data.py
+from _stop import entry_point  # bench/_stop.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@entry_point
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])

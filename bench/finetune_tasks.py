@@ -29,7 +29,7 @@ from lmforge.finetune import finetune
 from lmforge.train import Interrupted, pretrain
 from lmforge.utils.device import resolve_device
 from _data import log, print_row, shared_data  # bench/_data.py
-from _stop import Stopped, stop_on_sigterm  # bench/_stop.py
+from _stop import Stopped, entry_point, stop_on_sigterm  # bench/_stop.py
 
 DATA = shared_data()
 M30K = DATA / "translation" / "multi30k-en-de"
@@ -116,6 +116,7 @@ def _run_translation(row: dict, out: Path, device: str, smoke: bool) -> dict:
             ]}
 
 
+@entry_point
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", type=Path, help="SmolLM2-135M-Instruct as an lmforge checkpoint (lmforge import gguf)")

@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _stop import Stopped, stop_on_sigterm  # noqa: E402  (bench/_stop.py)
+from _stop import Stopped, entry_point, stop_on_sigterm  # noqa: E402  (bench/_stop.py)
 from _data import print_row  # noqa: E402  (bench/_data.py)
 from lmforge.infer import Engine, SamplingParams, load, render_chat  # noqa: E402
 
@@ -143,6 +143,7 @@ def report(name: str, runs: dict[bool, list[dict]], env: dict, stopped: bool = F
     })
 
 
+@entry_point
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint")

@@ -21,6 +21,7 @@ import torch
 from lmforge.infer.sampling import SamplingParams, _filter_sorted, _top_k, filter_logits, sample_rows
 from lmforge.utils.device import resolve_device
 from _data import print_row  # bench/_data.py
+from _stop import entry_point  # bench/_stop.py
 
 SETTINGS = {
     "temperature 0.7": SamplingParams(temperature=0.7),
@@ -71,6 +72,7 @@ def timed(fn, device: torch.device, repeat: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+@entry_point
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=32)

@@ -24,22 +24,24 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from lmforge.data import prepare, train_tokenizer  # noqa: E402
-from lmforge.scaling import fit, held_out, read_runs, sweep  # noqa: E402
+from lmforge.scaling import fit, held_out, load_grid, read_runs, sweep  # noqa: E402
 from lmforge.scaling.runs import RESULTS  # noqa: E402
 from lmforge.utils.errors import UserError  # noqa: E402
 from _data import data_files, log, print_row, shared_data  # noqa: E402  (bench/_data.py)
-from _stop import Stopped, stop_on_sigterm  # noqa: E402  (bench/_stop.py)
+from _stop import Stopped, entry_point, stop_on_sigterm  # noqa: E402  (bench/_stop.py)
 
 DATA = shared_data() / "lm"
 BOOKS = ["austen-emma", "austen-persuasion", "blake-poems", "chesterton-brown", "milton-paradise",
          "shakespeare-hamlet", "whitman-leaves"]
 
 
+@entry_point
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grid", default=str(Path(__file__).parent / "grids" / "cpu-study.yaml"))
     p.add_argument("--out", default="runs/scaling-study")
     args = p.parse_args()
+    load_grid(args.grid)  # a bad grid is refused now, not after the tokenizer and the shards are built
     out = Path(args.out)
     t0, stage = time.perf_counter(), ["prepare"]
     try:  # SIGTERM (`timeout`): outside training it raises Stopped; in training the run stops after a step
@@ -48,7 +50,7 @@ def main() -> None:
     except (Stopped, UserError) as e:
         # A run stopped in training: the sweep turns the loop's Interrupted into a UserError saying so.
         if isinstance(e, UserError) and "interrupted at step" not in str(e):
-            raise
+            raise  # entry_point: one line on stderr, exit 2
         results = out / "study" / RESULTS
         done = sum(1 for line in results.read_text().splitlines() if line.strip()) if results.exists() else 0
         print_row({"what": "stopped", "bench": "scaling_study", "stopped_early": True, "during": stage[0],

@@ -29,6 +29,7 @@ import time
 import httpx
 
 from _data import print_row  # bench/_data.py
+from _stop import entry_point  # bench/_stop.py
 
 WORDS = ["ROMEO:", "JULIET:", "First Citizen:", "KING", "MENENIUS:", "What say you", "Nay, my lord", "O, "]
 
@@ -81,6 +82,7 @@ async def run(url: str, prompts: list[str], max_tokens: int, concurrent: bool, s
     }
 
 
+@entry_point
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")

@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
 from _data import print_row, shared_data  # noqa: E402
-from _stop import Stopped, stop_on_sigterm  # noqa: E402
+from _stop import Stopped, entry_point, stop_on_sigterm  # noqa: E402
 from decode import build_hf, sync  # noqa: E402
 
 from lmforge.infer import Engine, SamplingParams, load, render_chat  # noqa: E402
@@ -104,6 +104,7 @@ def run_hf(hf, lm, prompts: list[list[int]], max_new_tokens: int, lookup: int, d
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "outputs": outputs}
 
 
+@entry_point
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint")

@@ -45,7 +45,7 @@ from lmforge.train.objectives import Objective, weighted_mean_loss
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.utils.device import autocast, autocast_dtype, compile_module, resolve_device
 from _data import data_files, print_row, shared_data  # bench/_data.py
-from _stop import Stopped, stop_on_sigterm  # bench/_stop.py
+from _stop import Stopped, entry_point, stop_on_sigterm  # bench/_stop.py
 
 DATA = shared_data() / "lm"
 
@@ -154,6 +154,7 @@ def run(name: str, model_cfg, train: TrainConfig, data: Path, args, device: torc
     return out
 
 
+@entry_point
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="gpt2-124m", help="the shape both recipes take (layers, width, heads, context)")
@@ -186,18 +187,22 @@ def main() -> None:
     device = resolve_device(args.device)
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     args.warmup_steps = max(1, args.max_steps // 20) if args.warmup_steps is None else args.warmup_steps
+    chosen = args.recipes.split(",")
+    # Checked before the tokenizer and shards are built (minutes): the recipes, the preset, the settings.
+    runs = {name: recipe for name, recipe in recipes(args.preset, args, device).items() if name in chosen}
+    if unknown := [n for n in chosen if n not in runs]:
+        p.error(f"unknown --recipes {unknown}; choose from gpt2, fastest")
     results, current, stopped = {}, None, False
     with stop_on_sigterm():  # SIGTERM (`timeout`): the run in progress reports what it has, the rest do not start
         try:
             data = args.data or prepared(args.cache, args.vocab_size, args.val_fraction)
-            for name, (model_cfg, train) in recipes(args.preset, args, device).items():
-                if name in args.recipes.split(","):
-                    current = name
-                    results[name] = run(name, model_cfg, train, data, args, device)
-                    print_row(results[name])
-                    if results[name].get("stopped_early"):
-                        stopped = True
-                        break
+            for name, (model_cfg, train) in runs.items():
+                current = name
+                results[name] = run(name, model_cfg, train, data, args, device)
+                print_row(results[name])
+                if results[name].get("stopped_early"):
+                    stopped = True
+                    break
         except Stopped:  # outside a training loop: preparing the data, building a model
             stopped = True
             print_row({"what": "time_to_loss", "recipe": current, "preset": args.preset, "device": str(device),

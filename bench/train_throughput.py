@@ -55,9 +55,10 @@ from lmforge.utils.device import autocast, autocast_dtype, compile_module, repla
 from lmforge.utils.errors import UserError
 
 from _data import print_row  # bench/_data.py
-from _stop import Stopped, stop_on_sigterm  # bench/_stop.py
+from _stop import Stopped, entry_point, stop_on_sigterm  # bench/_stop.py
 
 
+@entry_point
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="demo")
@@ -119,6 +120,12 @@ def main() -> None:
                   compile=args.compile, compile_mode=args.compile_mode if args.compile else None,
                   threads=torch.get_num_threads(), batch_size=args.batch_size, seq_len=T)
 
+    def head(name: str) -> dict:
+        """The start of a runner's row. The "eager" runner is lmforge's plain path: never compiled."""
+        if name == "eager":
+            return {"what": "train_throughput", "impl": "lmforge-eager-plain", **common, "compile": False, "compile_mode": None}
+        return {"what": "train_throughput", "impl": name, **common}
+
     runners = {"lmforge": lmforge_runner(cfg, train, args, device, amp, T, fast=True)}
     if args.loss_check:
         runners["eager"] = lmforge_runner(cfg, train, args, device, amp, T, fast=False)
@@ -137,7 +144,7 @@ def main() -> None:
                 if name == "lmforge":
                     raise
                 del runners[name]
-                print_row({"what": "train_throughput", "impl": name, **common, "failed": f"{type(e).__name__}: {e}"[:1000]})
+                print_row({**head(name), "failed": f"{type(e).__name__}: {e}"[:1000]})
 
     # Rounds of args.steps / rounds steps, each implementation in turn: on a shared or throttling
     # machine, slow spells hit every implementation alike, and the median round is reported.
@@ -158,13 +165,13 @@ def main() -> None:
     if stopped:
         common["stopped_early"] = True
         for name in [n for n, r in runners.items() if not r.round_ms]:
-            print_row({"what": "train_throughput", "impl": name, **common, "failed": "stopped before a timed round"})
+            print_row({**head(name), "failed": "stopped before a timed round"})
             del runners[name]
         if "lmforge" not in runners:
             return
 
     ours = runners["lmforge"].summary(args, T)
-    line = {"what": "train_throughput", "impl": "lmforge", **common, "optim": args.optim, "chunked_loss": args.chunked_loss, "fp8": args.fp8,
+    line = {**head("lmforge"), "optim": args.optim, "chunked_loss": args.chunked_loss, "fp8": args.fp8,
             "params": _params(runners["lmforge"].model), **ours}
     if "eager" in runners:
         n = min(len(runners["lmforge"].losses), len(runners["eager"].losses))  # the steps both took
@@ -173,15 +180,15 @@ def main() -> None:
                                  "eager_mean_loss": round(eager, 5), "rel_diff": round(abs(fast - eager) / eager, 6)}
     print_row(line)
     if "eager" in runners:
-        print_row({"what": "train_throughput", "impl": "lmforge-eager-plain", **common, "compile": False, "compile_mode": None,
-                   "optim": args.optim, "chunked_loss": 0, "params": line["params"], **runners["eager"].summary(args, T)})
+        print_row({**head("eager"), "optim": args.optim, "chunked_loss": 0, "params": line["params"], **runners["eager"].summary(args, T)})
     if "transformers" in runners:
         hf = runners["transformers"]
         theirs = hf.summary(args, T)
-        print_row({"what": "train_throughput", "impl": "transformers", "model": hf.name, **common,
+        print_row({**head("transformers"), "model": hf.name,
                    "optim": "adamw", "chunked_loss": 0, "params": _params(hf.model), **theirs})
         print_row({"what": "train_throughput_ratio", "preset": args.preset, "device": str(device),
-                   "lmforge_over_transformers": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)})
+                   "lmforge_over_transformers": round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
+                   **({"stopped_early": True} if stopped else {})})  # from the rounds done, as the rows above
 
 
 def lmforge_runner(cfg, train: TrainConfig, args, device, amp, T: int, fast: bool) -> "Runner":

@@ -160,7 +160,7 @@ def test_finetune_tasks_stopped_prints_the_finished_rows_and_a_stopped_line(monk
     assert "interrupted" not in stopped
 
 
-def test_scaling_study_stopped_prints_a_stopped_line_and_other_errors_still_raise(monkeypatch, capsys, tmp_path):
+def test_scaling_study_stopped_prints_a_stopped_line_and_other_errors_end_in_one_line(monkeypatch, capsys, tmp_path):
     from lmforge.utils.errors import UserError
 
     study = bench_module("scaling_study", monkeypatch)
@@ -177,8 +177,78 @@ def test_scaling_study_stopped_prints_a_stopped_line_and_other_errors_still_rais
     def broken(args, out, stage):
         raise UserError("something else")
     monkeypatch.setattr(study, "study", broken)
-    with pytest.raises(UserError, match="something else"):
+    with pytest.raises(SystemExit) as e:  # after the stopped line's handling: one line, exit 2, no traceback
         bench_rows(study, monkeypatch, capsys, "--out", str(tmp_path))
+    assert e.value.code == 2 and capsys.readouterr().err == "scaling_study.py: error: something else\n"
+
+
+def bench_error(module, monkeypatch, capsys, *argv: str) -> str:
+    """The one line that bench `module` ends with on bad input `argv` (exit status 2, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        bench_rows(module, monkeypatch, capsys, *argv)
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and captured.out == "" and len(captured.err.splitlines()) == 1, captured.err
+    return captured.err
+
+
+def test_bad_input_ends_every_bench_in_one_error_line_before_the_slow_work(monkeypatch, capsys, tmp_path):
+    """Seen in review: lmforge's UserError was a traceback in every bench, some after minutes of work
+    (scaling_study trained the tokenizer and built the shards before it read --grid; time_to_loss
+    before it looked up --preset; decode compiled and warmed the engine before a context too short)."""
+    def never(*a, **k):
+        raise AssertionError("the slow work started before the input was checked")
+
+    train = bench_module("train_throughput", monkeypatch)
+    monkeypatch.setattr(train, "Transformer", never)
+    assert bench_error(train, monkeypatch, capsys, "--preset", "nope").startswith(
+        "train_throughput.py: error: unknown model preset 'nope'")
+    assert bench_error(train, monkeypatch, capsys, "--data", str(tmp_path / "none")).startswith(
+        f"train_throughput.py: error: {tmp_path / 'none'} is not a prepared data directory")
+
+    ttl = bench_module("time_to_loss", monkeypatch)
+    monkeypatch.setattr(ttl, "prepared", never)
+    assert bench_error(ttl, monkeypatch, capsys, "--target-loss", "3", "--preset", "nope").startswith(
+        "time_to_loss.py: error: unknown model preset 'nope'")
+    assert bench_error(ttl, monkeypatch, capsys, "--target-loss", "3", "--data", str(tmp_path / "none"), "--device", "cpu").startswith(
+        f"time_to_loss.py: error: no tokenizer.json in {tmp_path / 'none'}")
+
+    spec = bench_module("speculative", monkeypatch)
+    assert bench_error(spec, monkeypatch, capsys, str(tmp_path / "none")).startswith(
+        f"speculative.py: error: checkpoint {tmp_path / 'none'} does not exist")
+
+    study = bench_module("scaling_study", monkeypatch)
+    monkeypatch.setattr(study, "study", never)
+    assert bench_error(study, monkeypatch, capsys, "--grid", str(tmp_path / "none.yaml"), "--out", str(tmp_path)).startswith(
+        f"scaling_study.py: error: grid file {tmp_path / 'none.yaml'} does not exist")
+
+    decode = bench_module("decode", monkeypatch)
+    monkeypatch.setattr(decode, "Transformer", never)
+    assert bench_error(decode, monkeypatch, capsys, "--preset", "tiny", "--prompt-len", "60", "--new-tokens", "10",
+                       "--device", "cpu") == ("decode.py: error: preset tiny has a context of 64 tokens (learned positions "
+                                              "cannot grow) and this run needs 70 (--prompt-len 60 + --new-tokens 10); lower them\n")
+    assert "--max-seq-len 8 is shorter" in bench_error(decode, monkeypatch, capsys, "--preset", "tiny", "--prompt-len", "8",
+                                                         "--new-tokens", "4", "--max-seq-len", "8", "--device", "cpu")
+
+
+def test_train_throughput_labels_the_eager_runner_as_it_ran_even_when_stopped(monkeypatch, capsys):
+    """Seen in review: stopped before the eager runner's first round, its row read "impl": "eager",
+    "compile": true (the --compile of the fast path); elsewhere it is lmforge-eager-plain, uncompiled."""
+    train = bench_module("train_throughput", monkeypatch)
+    monkeypatch.setattr(train, "compile_module", lambda fn, mode="default": fn)  # --compile's rows, without compiling
+    timed, calls = train.Runner.timed, []
+
+    def stopped_in_the_eager_runners_first_round(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # lmforge's first round is done, the eager runner's is next
+            raise train.Stopped
+        return timed(self, *a, **k)
+    monkeypatch.setattr(train.Runner, "timed", stopped_in_the_eager_runners_first_round)
+    eager, ours = bench_rows(train, monkeypatch, capsys, "--preset", "tiny", "--vocab-size", "64", "--batch-size", "1",
+                             "--seq-len", "8", "--steps", "2", "--warmup", "0", "--rounds", "2", "--device", "cpu",
+                             "--threads", "1", "--compile", "--loss-check")
+    assert (eager["impl"], eager["compile"], eager["compile_mode"]) == ("lmforge-eager-plain", False, None)
+    assert eager["failed"] == "stopped before a timed round" and eager["stopped_early"]
+    assert (ours["impl"], ours["compile"], ours["stopped_early"]) == ("lmforge", True, True)
 
 
 def test_distributed_train_keeps_the_pythonpath_it_was_given(monkeypatch, tmp_path):

@@ -164,6 +164,7 @@ def test_train_throughput_stopped_by_sigterm_reports_the_rounds_it_finished(monk
     assert ours["stopped_early"] and len(ours["ms_per_step_rounds"]) == 1 and ours["breakdown_ms"] is None
     assert ours["loss_vs_eager"]["steps"] == 3 and ours["loss_vs_eager"]["rel_diff"] < 1e-5  # 1 warm-up + 2 timed steps
     assert eager["impl"] == "lmforge-eager-plain" and hf["impl"] == "transformers" and ratio["lmforge_over_transformers"] > 0
+    assert ratio["stopped_early"]  # a ratio of 1 of 2 rounds, marked as the rows it compares
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
     # decode.py: stopped in transformers' second turn, it reports the one whole turn of each side.
@@ -179,6 +180,7 @@ def test_train_throughput_stopped_by_sigterm_reports_the_rounds_it_finished(monk
     ours, theirs, ratio = bench_rows(decode, monkeypatch, capsys, "--preset", "tiny", "--vocab-size", "256", "--prompt-len", "8",
                                      "--new-tokens", "4", "--device", "cpu", "--threads", "1", "--compare-hf", "--repeat", "3")
     assert ours["stopped_early"] and theirs["what"] == "transformers generate" and len(ratio["ratios"]) == 1
+    assert ours["repeat"] == theirs["repeat"] == 1  # the turns done, not --repeat's 3
 
 
 def test_prefix_cache_bench_reuses_prefixes_and_keeps_the_outputs(trained_run, tmp_path):
