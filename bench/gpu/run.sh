@@ -34,8 +34,16 @@ GRACE=5  # seconds between a step's SIGTERM (the benches then print what they me
 row() {  # row CAP NAME CMD...: `to NAME CMD` with CMD under `timeout`: TERM at CAP-GRACE s, KILL at CAP s.
     # Returns CMD's status: 124 (TERM) or 137 (KILL) when the cap stopped it. `GRACE=N row ...` for
     # a step that needs longer to stop (a training run saves a checkpoint when it is stopped).
+    # A step the cap stopped before it printed a line (still importing, compiling) leaves a JSON line saying so.
     local cap=$1 name=$2; shift 2
+    local before rc
+    before=$(cat "$OUT/$name.jsonl" 2>/dev/null | wc -l)
     to "$name" timeout -k "$GRACE" "$((cap - GRACE))" "$@"
+    rc=$?
+    if { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && [ "$(cat "$OUT/$name.jsonl" 2>/dev/null | wc -l)" -eq "$before" ]; then
+        echo "{\"what\": \"stopped\", \"row\": \"$name\", \"cap\": $cap, \"status\": $rc, \"printed\": false}" | tee -a "$OUT/$name.jsonl"
+    fi
+    return $rc
 }
 SKIPPED=125  # row_if's status for a row it did not start
 row_if() {  # row_if MIN CAP NAME CMD...: `row CAP NAME CMD` if CAP >= MIN s, else a JSON line saying it was skipped
