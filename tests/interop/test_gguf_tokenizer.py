@@ -7,6 +7,7 @@ ByteLevel without its regex, BPE with ignore_merges; SmolLM2: Digits(individual)
 or the pieces llama.cpp gives, by hand.
 """
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,22 @@ def test_unknown_pre_tokenizer_is_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match="'qwen2'"):
         import_gguf(path, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+
+@pytest.mark.parametrize("merges, types, says", [
+    (["ab"], None, "merge 0 of 'tokenizer.ggml.merges' is 'ab', not two tokens separated by a space"),
+    (["a b", "zz q"], None, "'tokenizer.ggml.tokens' and 'tokenizer.ggml.merges' do not make a BPE tokenizer"),
+    ([], [3] * 300, "'tokenizer.ggml.token_type' has 300 entries but 'tokenizer.ggml.tokens' 258"),
+])
+def test_a_damaged_tokenizer_is_one_line(merges, types, says, tmp_path):
+    """Seen in review: tracebacks from the tokenizers library (a merge without its space, a merge of
+    tokens not in the vocabulary) and an IndexError (more token types than tokens)."""
+    tokens = ["<|endoftext|>", *ALPHABET, "ab"]
+    path = write_gguf(tmp_path / "bad.gguf", tokens, merges, types=types)
+    with pytest.raises(UserError, match=re.escape(says)) as err:
+        import_gguf(path, tmp_path / "ckpt")
+    assert "\n" not in str(err.value) and not (tmp_path / "ckpt").exists()
 
 
 # ------------------------------------------------------------------------------------------ special tokens

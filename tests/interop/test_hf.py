@@ -376,6 +376,24 @@ def test_shards_without_their_index_say_the_index_is_missing(tmp_path, tokenizer
     assert "\n" not in str(err.value)
 
 
+
+@pytest.mark.parametrize("name", ["../elsewhere.safetensors", "/etc/passwd", "", "."])
+def test_an_index_naming_a_shard_outside_the_folder_is_refused(name, tmp_path, tokenizer_dir):
+    """Seen in review: `"../elsewhere/w.safetensors"` in the weight_map was read, and the import succeeded."""
+    src = tmp_path / "hf"
+    llama().save_pretrained(src, max_shard_size="100KB")
+    shutil.copyfile(tokenizer_dir / "tokenizer.json", src / "tokenizer.json")
+    index = src / "model.safetensors.index.json"
+    listing = json.loads(index.read_text())
+    last = sorted(set(listing["weight_map"].values()))[-1]
+    shutil.move(src / last, tmp_path / "elsewhere.safetensors")
+    listing["weight_map"] = {k: (name if v == last else v) for k, v in listing["weight_map"].items()}
+    index.write_text(json.dumps(listing))
+    with pytest.raises(UserError, match=re.escape(f"{index}: weight_map names the shard {name!r}, not a file in {src}")):
+        import_hf(src, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_generation_config_is_carried_both_ways(tmp_path, tokenizer_dir):
     """Import and export dropped generation_config.json: transformers' `generate` on an export lost the
     model's sampling settings and its second stop id."""

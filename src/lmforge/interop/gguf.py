@@ -29,7 +29,7 @@ from lmforge.config import ModelConfig
 from lmforge.interop._keys import REQUIRED, check_shape, model_config, read_key, some_names
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
-from lmforge.utils.errors import UserError
+from lmforge.utils.errors import UserError, first_line
 
 # ggml tensor types lmforge can dequantize: name, bytes per block, values per block.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
@@ -346,11 +346,21 @@ def tokenizer_from_gguf(g: GGUFFile) -> Tokenizer:
     pre_tokenizer, pre_kind = _pre_tokenizer(g)
     tokens = _tokens(g)
     merges = [tuple(m.split(" ", 1)) for m in _strings(g, "tokenizer.ggml.merges", [])]
-    hf = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                                         ignore_merges=pre_kind == "llama3"))
+    if (bad := next((i for i, m in enumerate(merges) if len(m) != 2), None)) is not None:
+        raise UserError(f"{g.path}: merge {bad} of 'tokenizer.ggml.merges' is {merges[bad][0]!r}, not two tokens separated "
+                        f"by a space; {_GGUF_FIX}")
+    try:
+        hf = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                             ignore_merges=pre_kind == "llama3"))
+    except Exception as e:  # the tokenizers library's check (a merge of tokens not in the vocabulary) raises a bare Exception
+        raise UserError(f"{g.path}: 'tokenizer.ggml.tokens' and 'tokenizer.ggml.merges' do not make a BPE tokenizer "
+                        f"({first_line(e)}); {_GGUF_FIX}") from None
     hf.pre_tokenizer = pre_tokenizer
     hf.decoder = decoders.ByteLevel()
     types = read_key(md, "tokenizer.ggml.token_type", list, g.path, _GGUF_FIX, [])
+    if len(types) > len(tokens):  # a type per token: more would mark tokens that are not there
+        raise UserError(f"{g.path}: 'tokenizer.ggml.token_type' has {len(types)} entries but 'tokenizer.ggml.tokens' "
+                        f"{len(tokens)}; {_GGUF_FIX}")
     hf.add_special_tokens([tokenizers.AddedToken(tokens[i], special=True, normalized=False)
                            for i, t in enumerate(types) if t in _SPECIAL_TYPES])
     hf.add_tokens([tokenizers.AddedToken(tokens[i], special=False, normalized=False)

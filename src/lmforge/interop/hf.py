@@ -553,6 +553,9 @@ def _read_safetensors(src: Path) -> Tensors:
         listing = read_json(index, _HF_FIX)
         weight_map = read_key(listing if isinstance(listing, dict) else {}, "weight_map", dict, index, _HF_FIX)
         files = sorted({read_key(weight_map, k, str, index, _HF_FIX, prefix="weight_map.") for k in weight_map})
+        for name in files:  # shards lie in the model's folder: a path (../x, /etc/x) would read a file from elsewhere
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise UserError(f"{index}: weight_map names the shard {name!r}, not a file in {src}; {_HF_FIX}")
     tensors: Tensors = {}
     for name in files:
         path = src / name
@@ -564,6 +567,8 @@ def _read_safetensors(src: Path) -> Tensors:
             bins = list(src.glob("*.bin"))
             hint = " (only PyTorch .bin files found: convert them to safetensors first)" if bins else ""
             raise UserError(f"{path} is missing{hint}; lmforge reads weights from safetensors only")
+        if path.is_dir():
+            raise UserError(f"{path} is a folder, not a safetensors file; {_HF_FIX}")
         try:
             tensors.update(load_file(str(path)))
         except (SafetensorError, OSError) as e:
