@@ -98,9 +98,42 @@ def test_a_pickle_in_a_dcp_value_is_refused_without_running_it(run4, data_dir, t
     """Non-tensor values (the optimizer's param-group settings) are pickles too: weights_only refuses one that calls."""
     out, ckpt = from_step_2(run4, tmp_path)
     write_dcp(ckpt, tamper=lambda state: state["optim"]["param_groups"][0].update(lr=Marker(tmp_path / "ran")))
-    with pytest.raises(UserError, match=r"step-000002/dcp is unreadable \(.*resume from another step"):
+    with pytest.raises(UserError, match=r"step-000002/dcp is unreadable \(optim\.param_groups\.0\.lr holds what a safe load "
+                                        r"refuses \(.*\): nothing was run\); .*resume from another step") as e:
         resume(data_dir, out)
     assert not (tmp_path / "ran").exists()
+    assert "weights_only` set to `False`" not in str(e.value)  # torch's advice is the unsafe way: not passed on
+
+
+@pytest.mark.parametrize("field, value", [("state_dict_metadata", [1, 2]), ("storage_data", None)])
+def test_dcp_metadata_of_the_right_classes_but_the_wrong_shape_is_one_line(run4, data_dir, tmp_path, field, value):
+    """Seen in review: a list for the state's metadata, or no storage data, gave tracebacks from inside DCP."""
+    out, ckpt = from_step_2(run4, tmp_path)
+    write_dcp(ckpt)
+    meta = ckpt / "dcp" / ".metadata"
+    metadata = pickle.loads(meta.read_bytes())
+    setattr(metadata, field, value)
+    meta.write_bytes(pickle.dumps(metadata))
+    with pytest.raises(UserError, match=rf"step-000002/dcp is unreadable \(.metadata's {field} is a "
+                                        rf"{type(value).__name__}, not a dict\)"):
+        resume(data_dir, out)
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_shard_write_raises_the_ranks_own_error(failure, monkeypatch, tmp_path):
+    """Seen in review: a full disk (or Ctrl-C) on one rank during the dcp/ write gave every rank a
+    CheckpointException of all their tracebacks, which the CLI could not turn into its one line."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from lmforge.train import sharded
+
+    def fail(*args, **kwargs):
+        raise CheckpointException("failed to write", {1: (failure, None)})
+
+    monkeypatch.setattr(sharded.dcp, "save", fail)
+    with pytest.raises(type(failure)) as e:
+        sharded._write({}, tmp_path / "dcp")
+    assert e.value is failure
 
 
 def test_a_truncated_dcp_metadata_is_one_line(run4, data_dir, tmp_path):

@@ -119,7 +119,7 @@ def wrap(net: nn.Module, loss: Callable, parallel: str, world: World, device: to
         find_unused = probe is not None and bool(unused_parameters(net, eager_loss or loss, probe))
         return nn.parallel.DistributedDataParallel(LossOf(net, loss), device_ids=ids, find_unused_parameters=find_unused)
     if parallel == "fsdp":
-        try:  # here, not at the top: FSDP2 imports DTensor (about a second), which only its runs need
+        try:  # here, not at the top: FSDP2 imports DTensor (about a second), which verbs that never train need not
             from torch.distributed.fsdp import fully_shard  # torch >= 2.6
         except ImportError:  # pragma: no cover - torch 2.4-2.5 export it only under _composable
             from torch.distributed._composable.fsdp import fully_shard

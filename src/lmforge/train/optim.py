@@ -14,7 +14,8 @@ from lmforge.model.blocks import MLP, CrossAttention, SelfAttention
 
 def _is_dtensor(t: torch.Tensor) -> bool:
     """Whether `t` is one of FSDP2's sharded tensors. Asked without importing torch.distributed.tensor
-    (about a second): a process that holds a DTensor has already imported it."""
+    (about a second, which `generate`, `eval` and `serve` need not pay; a training run loads it anyway,
+    through torch._dynamo): a process that holds a DTensor has already imported it."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(t, module.DTensor)
 

@@ -94,7 +94,7 @@ def save(path: Path, net: nn.Module, tokenizer: Tokenizer, trainer_state: dict[s
         nonlocal told
         broadcast_object(str(tmp), world)
         told = True
-        dcp.save(shards, checkpoint_id=str(tmp / SHARDED_DIR))
+        _write(shards, tmp / SHARDED_DIR)
 
     if world.main:
         try:
@@ -111,8 +111,17 @@ def save(path: Path, net: nn.Module, tokenizer: Tokenizer, trainer_state: dict[s
     tmp = broadcast_object(None, world)
     if tmp is None:
         raise UserError(f"rank 0 could not write {path.name} (its error says why); this rank stops too")
-    dcp.save(shards, checkpoint_id=str(Path(tmp) / SHARDED_DIR))
+    _write(shards, Path(tmp) / SHARDED_DIR)
     return gathered
+
+
+def _write(shards: dict[str, Any], directory: Path) -> None:
+    """`dcp.save`, failing with the first failing rank's own error (a full disk, Ctrl-C), which the CLI
+    turns into one line, rather than a CheckpointException holding every rank's traceback."""
+    try:
+        dcp.save(shards, checkpoint_id=str(directory))
+    except CheckpointException as e:
+        raise _root_cause(e) from None
 
 
 def _keyed_by_name(net: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +170,10 @@ class _SafeReader(dcp.FileSystemReader):
             metadata = _MetadataUnpickler(f).load()
         if not isinstance(metadata, Metadata):
             raise ValueError(f".metadata holds a {type(metadata).__name__}, not checkpoint metadata")
-        for info in (metadata.storage_data or {}).values():
+        for field in ("state_dict_metadata", "storage_data"):  # what DCP indexes without checking
+            if not isinstance(getattr(metadata, field, None), dict):
+                raise ValueError(f".metadata's {field} is a {type(getattr(metadata, field, None)).__name__}, not a dict")
+        for info in metadata.storage_data.values():
             name = getattr(info, "relative_path", None)  # the shard files, which must lie in dcp/ itself
             if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
                 raise ValueError(f".metadata names a shard file {name!r} outside its directory")
@@ -176,7 +188,12 @@ class _SafePlanner(dcp.DefaultLoadPlanner):
     `torch.load(weights_only=True)` instead of `weights_only=False`."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        obj = torch.load(value, weights_only=True)
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:  # torch's text goes on to advise weights_only=False: the unsafe way
+            why = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error" in line), "")
+            raise pickle.UnpicklingError(f"{read_item.dest_index.fqn} holds what a safe load refuses ({why or 'a pickle'}): "
+                                         "nothing was run") from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
