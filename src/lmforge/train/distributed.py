@@ -35,6 +35,7 @@ from torch import nn
 from lmforge.utils.device import resolve_device
 from lmforge.utils.errors import UserError
 
+
 @dataclass(frozen=True)
 class World:
     """This process's place in the run: rank 0 of 1 for a plain `python -m lmforge pretrain`."""
