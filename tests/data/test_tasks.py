@@ -131,11 +131,14 @@ def test_a_headerless_tsv_whose_first_line_is_a_header_of_other_names_is_refused
     user_error(read_classification, numbers, names=[f"{numbers}:1", "header", "--text-field review --label-field sentiment"])
     named = read_classification(numbers, text_field="review", label_field="sentiment")
     assert [(e.text, e.label, e.where) for e in named] == [("great film", "1", f"{numbers}:2"), ("bad film", "0", f"{numbers}:3")]
-    words = write(tmp_path / "w.tsv", "review\tsentiment\ngood film\tpos\nfine film\tpos\nbad film\tneg\nawful film\tneg\n")
-    user_error(read_classification, words, require_labels=False, names=[f"{words}:1", "header"])
-    # Less than sure: the text is a sentence, or the label occurs again, or nothing shows what labels look like.
-    for text in ("what a film\tvery good\ngood film\tpos\nfine film\tpos\nbad film\tneg\nawful film\tneg\n",
-                 "good\tpos\nfine\tpos\nbad\tneg\nawful\tneg\n", "a fine day\tO\nwell\tB-x\n"):
+    spaced = write(tmp_path / "s.tsv", "review text\tsentiment\ngreat film\t1\n")
+    user_error(read_classification, spaced, names=["--text-field 'review text' --label-field sentiment"])  # pastes as is
+    assert read_classification(spaced, labels=["sentiment", "0", "1"])[0].label == "sentiment"  # a known label: an example
+    # Less than sure, read as an example: word labels (a 3-class file whose first example's class is rare, an
+    # intent), a number as the first label, a sentence's label.
+    for text in ("Meh\tneutral\ngood\tpositive\nfine\tpositive\nbad\tnegative\nawful\tnegative\n",
+                 "hello\tgreeting\nbye\tfarewell\nsee you\tfarewell\n", "Excellent!\t4\nok\t3\nbad\t1\n",
+                 "a fine day\tO\nwell\tB-x\n"):
         first = read_classification(write(tmp_path / "e.tsv", text))[0]
         assert (first.text, first.where) == (text.split("\t")[0], f"{tmp_path / 'e.tsv'}:1")
 
@@ -239,6 +242,9 @@ def test_docstart_lines_are_skipped_whatever_their_columns(tmp_path):
     ]
     bare = write(tmp_path / "b.conll", "-DOCSTART-\nParis\tB-LOC\n")
     assert [(e.tokens, e.tags) for e in read_tagged(bare)] == [(["Paris"], ["B-LOC"])]
+    # Without blank lines around it, a document's start still ends the sentence before it.
+    joined = write(tmp_path / "j.conll", "1\tEU\tB-ORG\n2\trejects\tO\n-DOCSTART-\n1\tPeter\tB-PER\n")
+    assert [e.tokens for e in read_tagged(joined)] == [["EU", "rejects"], ["Peter"]]
 
 
 @pytest.mark.parametrize("sep", ["\t", " "])
@@ -250,6 +256,11 @@ def test_an_index_column_is_told_by_counting_the_words_of_every_sentence(tmp_pat
     # Numbers that are words: the first column stops counting, so it holds the tokens.
     numbers = write(tmp_path / "n.conll", "1 CD O\n2 CD O\n\nEU NNP B-ORG\n".replace(" ", sep))
     assert [e.tokens for e in read_tagged(numbers)] == [["1", "2"], ["EU"]]
+    # An index that breaks off (a gap, a line short of a column) is named, not read as the words.
+    gap = write(tmp_path / "g.iob2", "1 Paris B-LOC\n2 is O\n\n1 I O\n2 love O\n4 Berlin B-LOC\n".replace(" ", sep))
+    user_error(read_tagged, gap, names=[f"{gap}:6", "the index column says '4' for word 3"])
+    short = write(tmp_path / "s.iob2", "1 Paris B-LOC x -\n2 is O x\n".replace(" ", sep))
+    user_error(read_tagged, short, names=[f"{short}:2", "4 columns but line 1 has 5"])
 
 
 def test_tagged_errors(tmp_path):

@@ -514,3 +514,18 @@ def test_sft_batches_without_assistant_tokens_weigh_nothing(trained_run, tmp_pat
         finetune(base, "sft", data, tmp_path / "y", val=unreachable, train=_cfg(max_steps=2), **QUIET)
     with pytest.raises(UserError, match="no assistant tokens"):
         evaluate_task(run.checkpoint, None, unreachable, device="cpu")
+
+
+def test_freezing_every_weight_is_refused_before_training():
+    """Seen in review: a post-norm encoder-decoder with a tied head (Transformer-base) frozen whole
+    started training and died at the first backward with a RuntimeError."""
+    from lmforge.config import preset
+    from lmforge.finetune.run import _freeze
+    from lmforge.model import Transformer
+
+    net = Transformer(preset("transformer-base", n_layer=1, n_encoder_layer=1, n_embd=32, n_head=2, mlp_hidden=64,
+                             vocab_size=64, context_length=16))
+    _freeze(net, embeddings=True, layers=0)  # the blocks still train
+    with pytest.raises(UserError, match=r"^--freeze-layers 1 and --freeze-embeddings leave no weight of this model to "
+                                        r"train; freeze fewer layers, or keep the embeddings trainable$"):
+        _freeze(net, embeddings=True, layers=1)

@@ -23,9 +23,9 @@ import hashlib
 import io
 import json
 import re
+import shlex
 import sys
 import unicodedata
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,12 +106,12 @@ def read_classification(
     empty or null label as None.
     """
     path = Path(path)
+    allowed = None if labels is None else [str(label) for label in labels]
     if _inner_suffix(path) == ".csv":
         rows = _csv_rows(path)
     else:
         lines = read_lines(path)
-        rows = _jsonl_rows(path, lines) if _is_jsonl(path, lines) else _tsv_rows(path, lines, text_field, label_field)
-    allowed = None if labels is None else [str(label) for label in labels]
+        rows = _jsonl_rows(path, lines) if _is_jsonl(path, lines) else _tsv_rows(path, lines, text_field, label_field, allowed)
     out = []
     for where, columns_at, row in rows:
         text_key = _pick(row, text_field, TEXT_FIELDS, columns_at, "text", "text_field")
@@ -131,7 +131,8 @@ def read_classification(
     return _nonempty(out, path)
 
 
-def _tsv_rows(path: Path, lines: list[str], text_field: str | None, label_field: str | None) -> Rows:
+def _tsv_rows(path: Path, lines: list[str], text_field: str | None, label_field: str | None,
+              known: Sequence[str] | None = None) -> Rows:
     """Rows of a TSV. The first line is a header when it names a known column (GLUE's `sentence\\tlabel`);
     otherwise every line is `text<TAB>label` (the UCI sentiment files), and a first line that looks
     like a header of other names is refused (see _unnamed_header). Fields are split on tabs only,
@@ -165,29 +166,23 @@ def _tsv_rows(path: Path, lines: list[str], text_field: str | None, label_field:
             yield where, f"{path}:{header_line}", dict(zip(header, fields))
     if headerless:
         text, label = (f.strip() for f in first.split("\t"))
-        if problem := _unnamed_header(text, [row["label"].strip() for *_, row in headerless]):
+        labels = [row["label"].strip() for *_, row in headerless]
+        if label not in (known or ()) and _unnamed_header(labels):
             raise UserError(
-                f"{path}:{header_line} looks like a header ({problem}); name its columns with --text-field {text} "
-                f"--label-field {label} (in Python: text_field={text!r}, label_field={label!r})"
+                f"{path}:{header_line} looks like a header (its label {label!r} is a word, every other label a number); "
+                f"name its columns with --text-field {shlex.quote(text)} --label-field {shlex.quote(label)} "
+                f"(in Python: text_field={text!r}, label_field={label!r})"
             )
     yield from headerless
 
 
-def _unnamed_header(text: str, labels: list[str]) -> str | None:
-    """Why the first line of a headerless TSV, whose text is `text`, is a header of unknown names
-    (`review<TAB>sentiment`) rather than an example, or None. Its label must occur on no other line,
-    and the other lines must show what labels look like: all integers while it is not (0/1
-    sentiment), or, its text being one word as column names are, each on two lines or more (it alone
-    would be a class of one example). Anything less certain is read as an example: a headerless file
-    has no option to say so."""
-    first, rest = labels[0], Counter(labels[1:])
-    if not first or not rest or first in rest:
-        return None
-    if all(_integer(label) for label in rest) and not _integer(first):
-        return f"its label {first!r} is a word, every other label a number"
-    if " " not in text and min(rest.values()) > 1:
-        return f"its label {first!r} is on no other line, every other label on two or more"
-    return None
+def _unnamed_header(labels: list[str]) -> bool:
+    """Whether the first line of a headerless TSV, whose labels are `labels`, is surely a header of
+    unknown names (`review<TAB>sentiment` over 0/1): its label a word that occurs on no other line,
+    every other label an integer. Anything less certain is read as an example, since a headerless
+    file has no way to say that its first line is one."""
+    first, rest = labels[0], labels[1:]
+    return bool(first) and bool(rest) and not _integer(first) and all(_integer(label) for label in rest)
 
 
 def _integer(text: str) -> bool:
@@ -308,13 +303,13 @@ def read_tagged(path: str | Path, labels: Sequence[str] | None = None, require_l
     start = 0
 
     for lineno, line in enumerate([*lines, ""], 1):
-        if not line.strip():
+        if not line.strip() or _docstart(line):  # a blank line, or a document's start, ends a sentence
             if tokens:
                 out.append(TaggedExample(tokens, tags or None, f"{path}:{start}"))  # no tags: a tokens-only file
                 tokens, tags = [], []
             continue
         assert layout is not None  # the file has a non-blank line
-        if (line.startswith("#") and _is_comment(line, layout)) or _docstart(line):
+        if line.startswith("#") and _is_comment(line, layout):
             continue
         tabs, n_columns, token_col, tag_col = layout
         fields = _columns(line, tabs)
@@ -324,6 +319,9 @@ def read_tagged(path: str | Path, labels: Sequence[str] | None = None, require_l
                 f"{where} has {len(fields)} columns but line {layout_line} has {n_columns}; "
                 "every token line needs the same columns"
             )
+        if token_col == 1 and fields[0] != str(len(tokens) + 1):  # an index column: a gap would shift the words
+            raise UserError(f"{where}: the index column says {fields[0]!r} for word {len(tokens) + 1} of its sentence; "
+                            "number each sentence's words 1, 2, 3, ... (a blank line between sentences)")
         token = fields[token_col]
         if not token:
             raise UserError(f"{where}: the token is empty; fix the line")
@@ -363,26 +361,23 @@ def _tag_layout(lines: list[str], layout_line: int) -> tuple[bool, int, int, int
     n = len(fields)
     if n == 1:
         return tabs, 1, 0, None
-    if n >= 3 and _numbers_words(lines, tabs, n):
+    if n >= 3 and _numbers_words(lines, tabs):
         # index, token, then the tag: last (`1<TAB>Paris<TAB>B-LOC`), or third when annotation columns follow (UNER)
         return tabs, n, 1, n - 1 if _IOB2.fullmatch(fields[-1]) else 2
     return tabs, n, 0, n - 1  # token first, tag last: WNUT's two columns, CoNLL-2003's four
 
 
-def _numbers_words(lines: list[str], tabs: bool, n_columns: int) -> bool:
-    """Whether the first column of every token line is the word's number in its sentence, 1, 2, 3, ...
-    (an index column). A token column never counts so through a whole file. Lines starting with `#`
-    are left out: a token line of an indexed file starts with a digit."""
-    number = 1
-    for line in lines:
-        if not line.strip():
-            number = 1
-        elif not line.startswith("#") and not _docstart(line):
-            fields = _columns(line, tabs)
-            if len(fields) != n_columns or fields[0] != str(number):
-                return False
-            number += 1
-    return True
+def _numbers_words(lines: list[str], tabs: bool) -> bool:
+    """Whether the first column is an index: every token line's first field a number, and the first
+    sentence's numbered 1, 2, 3, ... A token column never looks so; where an index breaks off later
+    (a gap, a line short of a column), the reader names that line instead of reading the numbers as
+    words. Lines starting with `#` are left out: a token line of an indexed file starts with a digit."""
+    firsts = [_columns(line, tabs)[0] if line.strip() and not line.startswith("#") and not _docstart(line) else ""
+              for line in lines]
+    if not all(f.isdigit() for f in firsts if f):
+        return False
+    sentence = next((run for run in "\n".join(firsts).split("\n\n") if run.strip()), "").split()
+    return sentence == [str(i) for i in range(1, len(sentence) + 1)]
 
 
 def _columns(line: str, tabs: bool) -> list[str]:

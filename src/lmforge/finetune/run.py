@@ -24,6 +24,8 @@ from lmforge.model.losses import IGNORE_INDEX
 from lmforge.train import RunResult, fit
 from lmforge.utils.errors import UserError
 
+DEFAULT_DOC_STRIDE = 128  # tokens, as transformers' question-answering examples
+
 # The architectures each task is defined on.
 _ARCHS = {
     "classify": ("encoder", "decoder"),
@@ -57,7 +59,7 @@ def finetune(
     text_field: str | None = None,
     label_field: str | None = None,
     prompt: str = DEFAULT_PROMPT,
-    doc_stride: int = 128,
+    doc_stride: int = DEFAULT_DOC_STRIDE,
     repeat_input: bool = False,
     dropout: float | None = None,
     resume: bool = False,
@@ -92,6 +94,11 @@ def finetune(
         raise UserError("--val-target is the target file line-aligned with --val; pass --val SOURCES too, or drop it")
     if repeat_input and task not in ("tag", "qa"):
         raise UserError(f"--repeat-input helps a decoder see the right context in tag and qa; {task} does not use it")
+    # Options the task would ignore, and still record (a resume would then be refused for them).
+    if prompt != DEFAULT_PROMPT and (task != "seq2seq" or cfg.arch != "decoder"):
+        raise UserError(f"--prompt formats a decoder's seq2seq input; --task {task} on this {cfg.arch} does not use it: drop it")
+    if doc_stride != DEFAULT_DOC_STRIDE and task != "qa":
+        raise UserError(f"--doc-stride is the overlap of qa's windows over a long context; {task} does not use it: drop it")
     max_length = min(train.seq_len or cfg.context_length, cfg.context_length)
     fmt = TaskFormat(ckpt.tokenizer, cfg.arch, max_length, prompt, repeat_input)
     task_state: dict[str, Any] = {"kind": task, "max_length": max_length, "prompt": prompt, "doc_stride": doc_stride,
@@ -205,6 +212,10 @@ def _freeze(net: Transformer, embeddings: bool, layers: int) -> None:
         for module in frozen:
             for p in module.parameters():
                 p.requires_grad_(False)
+        if not any(p.requires_grad for p in net.parameters()):  # backward would fail at the first step
+            flags = f"--freeze-layers {layers}" + (" and --freeze-embeddings" if embeddings else "")
+            raise UserError(f"{flags} leave no weight of this model to train; "
+                            "freeze fewer layers, or keep the embeddings trainable")
 
 
 def merge_lora(checkpoint: str | Path, out: str | Path) -> Path:
