@@ -65,6 +65,16 @@ def test_classify_learns_and_eval_scores_what_the_pipeline_predicts(yelp_run):
     assert result["examples"] == 1000 and 0 <= result["macro_f1"] <= 100
 
 
+
+def test_the_pipeline_refuses_an_input_of_the_wrong_shape_or_with_a_lone_surrogate(yelp_run):
+    """Seen in review: both reached the tokenizer, which raised a bare TypeError."""
+    pipe = pipeline("classify", yelp_run.checkpoint, device="cpu")
+    with pytest.raises(UserError, match=r"^the input is not valid UTF-8 text \(character U\+D83D at character 4\)"):
+        pipe("hi \ud83d there")
+    with pytest.raises(UserError, match=r"^input 1 is list '\[3\]'; classify takes a text$"):
+        pipe(["fine", [3]])
+
+
 def test_an_encoder_classifies_from_its_cls_token(encoder, tmp_path):
     data = tmp_path / "yelp-slice.txt"
     data.write_text("".join(YELP.read_text(encoding="utf-8").splitlines(keepends=True)[:300]), encoding="utf-8")

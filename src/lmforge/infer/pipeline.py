@@ -34,7 +34,7 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.device import inference_dtype, resolve_device
-from lmforge.utils.errors import UserError
+from lmforge.utils.errors import UserError, require_text
 from lmforge.utils.fs import atomic_write_text, ensure_dir
 
 
@@ -72,6 +72,8 @@ class Pipeline:
         batch = [inputs] if single else list(inputs)
         if not batch:
             return []
+        for i, item in enumerate(batch):
+            _check_input(self.task, item, "the input" if single else f"input {i}")
         run = {"classify": self._classify, "tag": self._tag, "qa": self._qa, "seq2seq": self._generate, "sft": self._generate}
         results = run[self.task](batch)
         return results[0] if single else results
@@ -203,6 +205,29 @@ def _best_span(logits: torch.Tensor, offsets: Sequence[tuple[int, int] | None], 
 # Words as the tagging corpora write them (Penn Treebank style, with WNUT-17's Twitter tokens): a
 # URL, an @mention or #hashtag, a number with separators ("30,000"), a clitic split off ("do" "n't",
 # "John" "'s"), letters and digits with inner hyphens ("state-of-the-art"), or one other character.
+# What one input of each task is.
+_SHAPES = {"classify": "a text", "seq2seq": "a text", "tag": "a text or a list of words",
+           "qa": 'a {"question": ..., "context": ...} dict of texts', "sft": 'a text or a list of {"role", "content"} messages'}
+
+
+def _check_input(task: str, item: Any, what: str) -> None:
+    """Refuse, in one line, an input of the wrong shape or holding text that is not valid Unicode (a
+    lone surrogate), which would otherwise reach the tokenizer and fail there with a TypeError."""
+    if task in ("classify", "seq2seq"):
+        texts = [item] if isinstance(item, str) else None
+    elif task == "tag":
+        texts = [item] if isinstance(item, str) else item if isinstance(item, list) else None
+    elif task == "qa":
+        texts = [item.get("question"), item.get("context")] if isinstance(item, dict) else None
+    else:  # sft
+        texts = ([item] if isinstance(item, str) else
+                 [m.get("content") if isinstance(m, dict) else None for m in item] if isinstance(item, list) else None)
+    if texts is None or not all(isinstance(t, str) for t in texts):
+        raise UserError(f"{what} is {type(item).__name__} {str(item)[:40]!r}; {task} takes {_SHAPES[task]}")
+    for text in texts:
+        require_text(text, what)
+
+
 _WORD = re.compile(
     r"https?://\S+|[@#]\w+|\d+(?:[.,]\d+)+|\w+?(?=n['’]t\b)|n['’]t\b|['’](?:s|m|d|ll|re|ve)\b|\w+(?:-\w+)*|[^\w\s]",
     re.IGNORECASE,
