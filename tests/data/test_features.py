@@ -219,6 +219,7 @@ def test_unlabelled_seq2seq_and_chat_for_predicting(tmp_path):
         ("tag", {"label_field": "ner"}, "--label-field .* tag data has none"),
         ("qa", {"text_field": "context"}, "--text-field .* qa data has none"),
         ("sft", {"label_field": "reply"}, "--label-field .* sft data has none"),
+        ("seq2seq", {"target": "t.txt", "text_field": "en"}, "line-aligned --data SOURCES --target TARGETS files have none"),
     ],
 )
 def test_options_a_task_would_ignore_are_refused(tmp_path, task, options, complaint):

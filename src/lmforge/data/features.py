@@ -294,6 +294,9 @@ def read_examples(
         return split_by_article(examples, split_articles, seed=0)[part] if split_articles is not None else examples
     if task == "seq2seq":
         if target is not None:
+            if text_field is not None or label_field is not None:  # line-aligned files have no columns to name
+                raise UserError("--text-field and --label-field name columns of JSONL or CSV data; line-aligned "
+                                "--data SOURCES --target TARGETS files have none: drop them")
             return read_parallel_text(data, target)
         return read_text2text(data, text_field, label_field, require_labels=require_labels)
     return read_chat(data, require_labels=require_labels)
