@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
-from lmforge.config import FINETUNE_DEFAULTS, PRESETS, LoraConfig, ModelConfig, TrainConfig
+from lmforge.config import DEFAULT_DOC_STRIDE, DEFAULT_PROMPT, FINETUNE_DEFAULTS, PRESETS, LoraConfig, ModelConfig, TrainConfig
 from lmforge.utils.errors import UserError, first_line
 
 VERBS = ("demo", "tokenizer", "prepare", "pretrain", "finetune", "merge-lora", "predict", "generate", "chat", "serve", "eval",
@@ -153,8 +153,8 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
     _option(ft, "freeze_embeddings", action=_flag(), help="full fine-tune: keep the embeddings fixed")
     _option(ft, "freeze_layers", type=int, default=0, help="full fine-tune: keep the first K blocks fixed (of both stacks in an encoder-decoder)")
     _option(ft, "labels", nargs="+", default=None, help="classify/tag: the label set (default: the labels in --data)")
-    _option(ft, "prompt", default="{source}\n\n", help="seq2seq on a decoder: how a source becomes a prompt")
-    _option(ft, "doc_stride", type=int, default=128, help="qa: overlap in tokens of the windows over a long context")
+    _option(ft, "prompt", default=DEFAULT_PROMPT, help="seq2seq on a decoder: how a source becomes a prompt")
+    _option(ft, "doc_stride", type=int, default=DEFAULT_DOC_STRIDE, help="qa: overlap in tokens of the windows over a long context")
     _option(ft, "repeat_input", action=_flag(),
             help="tag/qa on a decoder: lay the input out twice and read the second copy, so every token sees the whole text")
     _option(ft, "dropout", type=float | None, default=None, help="dropout while fine-tuning (default: the model's)")

@@ -2,6 +2,7 @@
 
 from lmforge.config.model import LoraConfig, ModelConfig
 from lmforge.config.presets import PRESETS, preset
-from lmforge.config.train import FINETUNE_DEFAULTS, TrainConfig
+from lmforge.config.train import DEFAULT_DOC_STRIDE, DEFAULT_PROMPT, FINETUNE_DEFAULTS, TrainConfig
 
-__all__ = ["LoraConfig", "ModelConfig", "TrainConfig", "FINETUNE_DEFAULTS", "PRESETS", "preset"]
+__all__ = ["LoraConfig", "ModelConfig", "TrainConfig", "FINETUNE_DEFAULTS", "DEFAULT_PROMPT", "DEFAULT_DOC_STRIDE", "PRESETS",
+           "preset"]

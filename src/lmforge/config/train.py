@@ -152,3 +152,7 @@ FINETUNE_DEFAULTS: dict[str, Any] = dict(
     max_steps=500, batch_size=16, lr=5e-5, min_lr=0.0, warmup_steps=50, weight_decay=0.01,
     eval_interval=100, eval_batches=20, ckpt_interval=0, keep_checkpoints=1, compile=False,
 )
+# How a fine-tune lays its inputs out, unless told otherwise: a decoder's seq2seq prompt, and the
+# overlap in tokens of QA's windows over a long context (as transformers' question-answering examples).
+DEFAULT_PROMPT = "{source}\n\n"
+DEFAULT_DOC_STRIDE = 128

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.config import DEFAULT_DOC_STRIDE, DEFAULT_PROMPT
 from lmforge.data.parallel import decoder_start_id, pair_layout
 from lmforge.data.tasks import (
     read_chat, read_classification, read_parallel_text, read_squad, read_tagged, read_text2text, split_by_article,
@@ -38,7 +39,6 @@ from lmforge.tokenizer import ChatTemplateError, Tokenizer
 from lmforge.utils.errors import UserError
 
 Feature = dict[str, list[int] | int]
-DEFAULT_PROMPT = "{source}\n\n"
 
 
 @dataclass
@@ -308,7 +308,7 @@ def label_set(task: str, examples: list) -> list[str]:
     return sorted(found, key=lambda t: (t != "O", t.split("-", 1)[-1], t))
 
 
-def featurize(fmt: TaskFormat, task: str, examples: list, labels: list[str] | None = None, doc_stride: int = 128) -> list[Feature]:
+def featurize(fmt: TaskFormat, task: str, examples: list, labels: list[str] | None = None, doc_stride: int = DEFAULT_DOC_STRIDE) -> list[Feature]:
     """Training features of `examples` (a QA example may give several windows)."""
     index = {name: i for i, name in enumerate(labels or ())}
 

@@ -15,16 +15,14 @@ from typing import Any
 import torch
 
 from lmforge.checkpoint import check_checkpoint_out, check_run_out, find_checkpoints, load_checkpoint, load_model, save_checkpoint
-from lmforge.config import FINETUNE_DEFAULTS, LoraConfig, ModelConfig, TrainConfig
-from lmforge.data.features import DEFAULT_PROMPT, TASK_HEAD, TASKS, TaskFormat, featurize, label_set, read_examples
+from lmforge.config import DEFAULT_DOC_STRIDE, DEFAULT_PROMPT, FINETUNE_DEFAULTS, LoraConfig, ModelConfig, TrainConfig
+from lmforge.data.features import TASK_HEAD, TASKS, TaskFormat, featurize, label_set, read_examples
 from lmforge.finetune.objective import TaskObjective
 from lmforge.model import Transformer
 from lmforge.model.lora import lora_parameters, merge_lora as merge_modules
 from lmforge.model.losses import IGNORE_INDEX
 from lmforge.train import RunResult, fit
 from lmforge.utils.errors import UserError
-
-DEFAULT_DOC_STRIDE = 128  # tokens, as transformers' question-answering examples
 
 # The architectures each task is defined on.
 _ARCHS = {

@@ -193,6 +193,12 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     return lo
 
 
+def check_prompt_ids(prompt: Sequence[int], vocab_size: int) -> None:
+    """Refuse a prompt holding a token id the model has no embedding for (the embedding would raise an IndexError)."""
+    if (bad := next((t for t in prompt if not 0 <= t < vocab_size), None)) is not None:
+        raise UserError(f"the prompt holds token id {bad}, outside the model's vocabulary of {vocab_size}")
+
+
 class Engine:
     """Runs requests to completion `max_batch` at a time; call `step()` until `has_work` is False.
 
@@ -294,8 +300,7 @@ class Engine:
         if not prompt:
             raise UserError("the prompt is empty; give at least one token of text")
         V = self.model.config.vocab_size
-        if any(not 0 <= t < V for t in prompt):
-            raise UserError(f"prompt token ids must be in [0, {V})")
+        check_prompt_ids(prompt, V)
         if any(t >= V for t in params.logit_bias or ()):
             raise UserError(f"logit_bias token ids must be in [0, {V})")
         if len(prompt) + params.max_tokens > self.max_seq_len:

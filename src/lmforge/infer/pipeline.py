@@ -24,8 +24,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from lmforge.config import DEFAULT_DOC_STRIDE, DEFAULT_PROMPT
 from lmforge.checkpoint import load_model
-from lmforge.data.features import DEFAULT_PROMPT, TASK_HEAD, TASKS, Feature, TaskFormat, collate, read_examples
+from lmforge.data.features import TASK_HEAD, TASKS, Feature, TaskFormat, collate, read_examples
 from lmforge.data.parallel import decoder_start_id
 from lmforge.data.tasks import entities
 from lmforge.infer.beam import beam_search, beam_search_batch
@@ -296,7 +297,7 @@ def pipeline(
                      trained.get("repeat", False))
     # A decoder's seq2seq fine-tune saw prompts of the length `TaskFormat.seq2seq` gives a source without a target.
     prompt_length = fmt.prompt_length if "max_length" in trained else None
-    return Pipeline(task, model, ckpt.tokenizer, fmt, batch_size, max_new_tokens, max_answer_length, trained.get("doc_stride", 128),
+    return Pipeline(task, model, ckpt.tokenizer, fmt, batch_size, max_new_tokens, max_answer_length, trained.get("doc_stride", DEFAULT_DOC_STRIDE),
                     num_beams, length_penalty, prompt_length)
 
 

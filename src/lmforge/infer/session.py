@@ -9,7 +9,7 @@ import torch
 
 from lmforge.checkpoint import load_model
 from lmforge.data.parallel import decoder_start_id
-from lmforge.infer.engine import TextStream
+from lmforge.infer.engine import TextStream, check_prompt_ids
 from lmforge.infer.generate import SamplingConfig, generate_tokens
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
@@ -49,9 +49,8 @@ class LanguageModel:
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stops = (self.tokenizer.eot_id,) if stop_at_eot else ()
         prompt_ids, memory = (self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)), {}
-        vocab, ctx = self.model.config.vocab_size, self.model.config.context_length
-        if (bad := next((t for t in prompt_ids if not 0 <= t < vocab), None)) is not None:
-            raise UserError(f"the prompt holds token id {bad}, outside the model's vocabulary of {vocab}")
+        ctx = self.model.config.context_length
+        check_prompt_ids(prompt_ids, self.model.config.vocab_size)
         if self.model.config.arch == "encoder-decoder":
             if len(prompt_ids) > ctx - 1:  # the source and its end-of-text token, which the encoder takes whole
                 raise UserError(f"the source is {len(prompt_ids)} tokens, longer than the {ctx - 1} the model's context "
