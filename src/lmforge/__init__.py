@@ -38,5 +38,8 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        module = importlib.import_module(_EXPORTS[name])
+        # `finetune` is also a subpackage: its import bound lmforge.finetune to that (callable) package,
+        # which stays the answer to every later access, so the first one gets it too.
+        return globals().get(name) or getattr(module, name)
     raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
