@@ -26,15 +26,15 @@ def fails_with(capsys, match, *argv):
 
 def test_whole_path_through_the_cli(capsys, tmp_path, corpus_file):
     code, out, _ = run(capsys, "tokenizer", "train", corpus_file, "--vocab-size", 400, "--out", tmp_path / "tok", "--json")
-    assert code == 0 and json.loads(out.splitlines()[-1])["vocab_size"] == 400
+    assert code == 0 and json.loads(out)["vocab_size"] == 400
     code, out, _ = run(capsys, "prepare", corpus_file, "--tokenizer", tmp_path / "tok", "--out", tmp_path / "data", "--json")
-    assert code == 0 and json.loads(out.splitlines()[-1])["splits"]["val"]["tokens"] > 1000
+    assert code == 0 and json.loads(out)["splits"]["val"]["tokens"] > 1000
     code, out, _ = run(
         capsys, "pretrain", "--data", tmp_path / "data", "--out", tmp_path / "run", "--model.preset", "tiny",
         "--model.n_layer", 1, "--train.max_steps", 6, "--train.batch_size", 4, "--train.eval_interval", 3,
         "--train.device", "cpu", "--json",
     )
-    result = json.loads(out.splitlines()[-1])
+    result = json.loads(out)
     assert code == 0 and result["step"] == 6 and result["val_bpb"] > 0
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     config = json.loads((tmp_path / "run" / "step-000006" / "config.json").read_text())["model"]
@@ -43,9 +43,9 @@ def test_whole_path_through_the_cli(capsys, tmp_path, corpus_file):
     code, out, _ = run(capsys, "generate", tmp_path / "run", "--prompt", "ROMEO:", "--max-new-tokens", 20, "--seed", 1)
     assert code == 0 and len(out) > 1
     code, out2, _ = run(capsys, "generate", tmp_path / "run", "--prompt", "ROMEO:", "--max_new_tokens", 20, "--seed", 1, "--json")
-    assert code == 0 and json.loads(out2.splitlines()[-1])["text"] + "\n" == out
+    assert code == 0 and json.loads(out2)["text"] + "\n" == out
     code, out, _ = run(capsys, "eval", tmp_path / "run", "--data", tmp_path / "data", "--json")
-    assert code == 0 and set(json.loads(out.splitlines()[-1])) >= {"loss", "perplexity", "bpb"}
+    assert code == 0 and set(json.loads(out)) >= {"loss", "perplexity", "bpb"}
 
 
 def test_yaml_config_with_preset_and_overrides(tmp_path):
@@ -146,7 +146,7 @@ def test_every_verb_has_help(capsys, verb):
 
 def test_export_and_import_hf(capsys, trained_run, tmp_path):
     code, out, _ = run(capsys, "export", "hf", trained_run.out, "--out", tmp_path / "hf", "--json")
-    assert code == 0 and json.loads(out.splitlines()[-1])["out"] == str(tmp_path / "hf")
+    assert code == 0 and json.loads(out)["out"] == str(tmp_path / "hf")
     code, out, _ = run(capsys, "import", "hf", tmp_path / "hf", "--out", tmp_path / "back")
     assert code == 0 and (tmp_path / "back" / "model.safetensors").exists()
     fails_with(capsys, "config.json is missing", "import", "hf", tmp_path / "nothing", "--out", tmp_path / "x")
@@ -154,7 +154,7 @@ def test_export_and_import_hf(capsys, trained_run, tmp_path):
 
 def test_scaling_plan_and_fit(capsys, tmp_path):
     code, out, _ = run(capsys, "scaling", "plan", "--flops", "5.76e23", "--json")
-    result = json.loads(out.splitlines()[-1])
+    result = json.loads(out)
     assert code == 0 and {"params", "tokens", "flops", "loss", "tokens_per_param", "gpu_hours"} <= set(result)
     fails_with(capsys, "too small for any model", "scaling", "plan", "--flops", "1e6")
     code, out, _ = run(capsys, "scaling", "plan", "--flops", "1e300")  # amounts past a trillion in powers of ten
@@ -175,11 +175,11 @@ def test_scaling_plan_and_fit(capsys, tmp_path):
     ]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     code, out, _ = run(capsys, "scaling", "fit", tmp_path, "--approaches", "approach3", "--bootstrap", "20", "--json")
-    fitted = json.loads(out.splitlines()[-1])["approach3"]["exponents"]
+    fitted = json.loads(out)["approach3"]["exponents"]
     assert code == 0 and abs(fitted["alpha"] - 0.34) < 0.34 * 0.05 and abs(fitted["beta"] - 0.28) < 0.28 * 0.05
     assert (tmp_path / "fit.json").exists() and (tmp_path / "fitted_vs_observed.png").exists()
     code, out, _ = run(capsys, "scaling", "plan", "--params", "1e8", "--law", tmp_path / "fit.json", "--json")
-    assert code == 0 and json.loads(out.splitlines()[-1])["params"] == 1e8
+    assert code == 0 and json.loads(out)["params"] == 1e8
     (tmp_path / "few").mkdir()
     (tmp_path / "few" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
     fails_with(capsys, "needs >= 6 runs", "scaling", "fit", tmp_path / "few", "--approaches", "approach3")
@@ -191,13 +191,13 @@ def test_finetune_predict_eval_and_merge_through_the_cli(capsys, trained_run, tm
     code, out, _ = run(capsys, "finetune", trained_run.out, "--task", "classify", "--data", data, "--out", tmp_path / "ft",
                        "--lora.r", 4, "--lora.targets", "all-linear", "--train.max_steps", 30, "--train.lr", 1e-2,
                        "--train.device", "cpu", "--train.tensorboard", "false", "--json")
-    result = json.loads(out.splitlines()[-1])
+    result = json.loads(out)
     assert code == 0 and result["step"] == 30 and result["trainable_params"] < result["params"] / 2
     code, out, _ = run(capsys, "eval", result["checkpoint"], "--task", "classify", "--data", data, "--json")
-    scores = json.loads(out.splitlines()[-1])
+    scores = json.loads(out)
     assert code == 0 and scores["examples"] == 40 and scores["accuracy"] == 100.0  # "good" vs "bad" is learnt
     code, out, _ = run(capsys, "eval", result["checkpoint"], "--task", "classify", "--data", data, "--dtype", "bfloat16", "--json")
-    assert code == 0 and json.loads(out.splitlines()[-1])["accuracy"] == 100.0
+    assert code == 0 and json.loads(out)["accuracy"] == 100.0
     code, _, _ = run(capsys, "merge-lora", result["checkpoint"], "--out", tmp_path / "merged")
     assert code == 0
     code, _, _ = run(capsys, "predict", tmp_path / "merged", "--data", data, "--out", tmp_path / "pred.jsonl")
@@ -783,7 +783,7 @@ def test_model_train_and_lora_groups_read_from_files(capsys, monkeypatch, data_d
     code, out, err = run(capsys, "pretrain", "--data", data_dir, "--out", tmp_path / "r", "--model", tmp_path / "m.yaml",
                          "--train", tmp_path / "t.yaml", "--json")
     assert code == 0, err
-    assert json.loads(out.splitlines()[-1])["step"] == 2
+    assert json.loads(out)["step"] == 2
     config = json.loads((tmp_path / "r" / "step-000002" / "config.json").read_text())["model"]
     assert (config["preset"], config["n_layer"], config["n_embd"]) == ("tiny", 1, PRESETS["tiny"]["n_embd"])
 

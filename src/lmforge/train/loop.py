@@ -261,6 +261,11 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
     equal = [1 / len(micros)] * len(micros)
     step, last_loss, last_val, skipped = start_step, float("nan"), None, 0
     bar = tqdm(total=train.max_steps, initial=start_step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+
+    def say(line: str) -> None:  # a line between the bar's redraws, written by `log` (to stderr under --json)
+        with tqdm.external_write_mode():
+            log(line)
+
     window_t, window_tokens, window_wait, window_busy = time.perf_counter(), 0, 0.0, 0.0
     total_wait, total_busy = 0.0, 0.0
     tokens_per_s = 0.0
@@ -312,7 +317,7 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
                     first_bad.fill_(none_bad)
                     skip, skipped = True, skipped + 1
                     metrics.log({"kind": "skipped", "step": done, "loss": str(loss_now)})
-                    bar.write(f"step {done}: loss is {loss_now}; step skipped (--train.skip_nonfinite)")
+                    say(f"step {done}: loss is {loss_now}; step skipped (--train.skip_nonfinite)")
                 if not skip:
                     optimizer.step()
                     if fp8_sharded:
@@ -338,7 +343,7 @@ def _fit(world: World, device: torch.device, net: Transformer, objective: Traini
                     last_val = validate(step)
                     if last_val:
                         bpb = f", {last_val[1]:.4f} bits/byte" if last_val[1] is not None else ""
-                        bar.write(f"step {step}: val loss {last_val[0]:.4f}{' nats/token' if val_tokens_bytes else ''}{bpb}")
+                        say(f"step {step}: val loss {last_val[0]:.4f}{' nats/token' if val_tokens_bytes else ''}{bpb}")
                 if saving:
                     checkpoint(step)
                 bar.update(1)
