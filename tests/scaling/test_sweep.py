@@ -63,6 +63,18 @@ def test_sweep_writes_rows_and_resumes(tmp_path, data_dir):
     trained = [line for line in logs if line.startswith("[")]
     assert len(rows) == 6 and len(trained) == 2 and all("D1.2e04" in line for line in trained)
     assert json.loads((tmp_path / "study" / "results.jsonl").read_text().splitlines()[-1])["tokens"] == 12288
+    # A grid edited under the same run names (names keep 2 significant digits and no head count) is
+    # refused, not taken as done: another head size, or 4,100 tokens (two more steps) for D4.1e03.
+    for edit in (("head_size: 16", "head_size: 8"), ("tokens: [4096, 8192]", "tokens: [4100, 8192]")):
+        (tmp_path / "g.yaml").write_text(GRID.replace(*edit))
+        with pytest.raises(UserError, match=r"results.jsonl:\d: run L\d-d32-D4.1e03 was swept with (n_head 2 where the "
+                                            r"grid now plans 4|tokens 4096 where the grid now plans 4224); the grid changed"):
+            sweep(tmp_path / "g.yaml", data_dir, tmp_path / "study", log=logs.append, progress=False)
+    # An interrupted run (a checkpoint, no row yet) would resume under the new schedule: refused, naming it.
+    results = tmp_path / "study" / "results.jsonl"
+    results.write_text("".join(results.read_text().splitlines(keepends=True)[1:]))
+    with pytest.raises(UserError, match=r"runs/L2-d32-D4.1e03/step-\d+: run L2-d32-D4.1e03 was swept with tokens 4096"):
+        sweep(tmp_path / "g.yaml", data_dir, tmp_path / "study", log=logs.append, progress=False)
 
 
 
@@ -98,6 +110,9 @@ def test_an_encoder_grid_trains_with_the_masked_lm_objective(tmp_path, data_dir)
         ("sizes: [1e5]\ntokens: [1e6]\nobjective: mlm\nmodel: {arch: encoder-decoder}\n", "a sweep trains decoder (causal) and encoder (mlm, mlm+nsp) models"),
         # An int past float range: math.isfinite raised OverflowError on it.
         ("sizes: [1" + "0" * 400 + "]\ntokens: [1e6]\n", "`sizes` must be a non-empty list of positive finite numbers"),
+        # A number where a list belongs was a TypeError traceback.
+        ("sizes: 2.0e+4\ntokens: [1e6]\n", "`sizes` must be a non-empty list of positive finite numbers, got 20000.0"),
+        ("sizes: [1e5]\nflops: 1e12\n", "`flops` must be a non-empty list of positive finite numbers"),
         # Budgets that print alike at 2 digits, or a repeat, named one run: the second "resumed" the first.
         ("sizes: [1e5]\ntokens: [2.0e+4, 2.049e+4]\n", "`tokens` values 20000 and 20490 both give run name L2-d64-D2e04 "
          "(names keep 2 significant digits); remove the repeat or space the values further apart"),

@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from lmforge.checkpoint import check_run_out, find_checkpoints
+from lmforge.checkpoint import check_run_out, find_checkpoints, load_checkpoint
 from lmforge.config import PRESETS, ModelConfig, TrainConfig
 from lmforge.config.model import check_scalar_types
 from lmforge.data import load_meta
@@ -110,7 +110,7 @@ def load_grid(path: str | Path) -> Grid:
         if isinstance(values, list):  # YAML 1.1 reads 1e6 (no dot, no sign) as a string
             values = [_number(v) for v in values]
             setattr(grid, key, values)
-        if values is not None and (not values or not all(_positive(v) for v in values)):
+        if values is not None and (not isinstance(values, list) or not values or not all(_positive(v) for v in values)):
             raise UserError(f"{path}: `{key}` must be a non-empty list of positive finite numbers, got {values!r}")
     grid.aspect_ratio = _number(grid.aspect_ratio)
     for key, kinds in (("aspect_ratio", (int, float)), ("head_size", (int,)), ("evals", (int,))):
@@ -297,6 +297,7 @@ def sweep(
     # failed before its first checkpoint (diverged, say) left nothing that a retry under new settings would mix with.
     trained = bool(rows) or any(find_checkpoints(run) for run in (out / "runs").glob("*"))
     _check_settings(out, settings, recorded, trained)
+    _check_same_runs(planned, {row["name"]: (where, row) for (where, _), row in zip(recorded, rows)}, out, grid.evals, base)
     todo = [(i, run) for i, run in enumerate(planned, 1) if run.name not in done]
     if todo:  # before the first run trains: an interrupted run resumes only under these settings
         atomic_write_json(out / SETTINGS, settings)
@@ -399,6 +400,32 @@ def _check_settings(out: Path, settings: dict[str, Any], recorded: list[tuple[st
         if differences:
             raise UserError(f"{out} holds runs swept with other data or settings ({where}: {differences}); "
                             "sweep into another --out, or restore those settings to continue that sweep")
+
+
+def _check_same_runs(planned: list[PlannedRun], rows: dict[str, tuple[str, dict[str, Any]]], out: Path, evals: int,
+                     train: TrainConfig) -> None:
+    """Refuse a planned run whose name OUT already holds, as a row or an interrupted run's checkpoint, for
+    another shape or budget (a grid edited between sweeps: names keep 2 significant digits and no head
+    count), which the sweep would otherwise take as done or resume under a schedule it was not begun with."""
+    for run in planned:
+        steps, per_step = _steps(run, evals, train)
+        want = {**{k: getattr(run.model, k) for k in SHAPE_KEYS}, "tokens": steps * per_step}
+        if run.name in rows:
+            where, row = rows[run.name]
+            found = {**{k: (row.get("config") or {}).get(k) for k in SHAPE_KEYS}, "tokens": row.get("tokens")}
+        elif saved := find_checkpoints(out / "runs" / run.name):
+            where, ckpt = str(saved[-1]), load_checkpoint(saved[-1])
+            state = ckpt.trainer_state if isinstance(ckpt.trainer_state, dict) else {}
+            max_steps = state["train"].get("max_steps") if isinstance(state.get("train"), dict) else None
+            if not isinstance(max_steps, int):  # a damaged trainer state: the resume refuses it in its own words
+                continue
+            found = {**{k: getattr(ckpt.model_config, k) for k in SHAPE_KEYS}, "tokens": max_steps * per_step}
+        else:
+            continue
+        differences = [f"{k} {found[k]} where the grid now plans {v}" for k, v in want.items() if found[k] != v]
+        if differences:
+            raise UserError(f"{where}: run {run.name} was swept with {', '.join(differences)}; the grid changed under the "
+                            "same run name: sweep into another --out, or restore the grid to continue that sweep")
 
 
 def _steps(run: PlannedRun, evals: int, train: TrainConfig) -> tuple[int, int]:
