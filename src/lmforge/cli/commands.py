@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from jsonargparse import Namespace
@@ -33,7 +34,7 @@ def _say(args: Namespace) -> Callable[..., None]:
 
 def tokenizer_train(args: Namespace) -> dict[str, Any]:
     tok = train_tokenizer(args.files, args.vocab_size, args.out, min_frequency=args.min_frequency)
-    _say(args)(f"tokenizer: {tok.vocab_size} tokens -> {args.out}/tokenizer.json")
+    _say(args)(f"tokenizer: {tok.vocab_size} tokens -> {Path(args.out) / 'tokenizer.json'}")
     return {"out": args.out, "vocab_size": tok.vocab_size, "sha256": tok.sha256}
 
 
@@ -50,7 +51,7 @@ def prepare_cmd(args: Namespace) -> dict[str, Any]:
     meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction)
     for split, s in meta["splits"].items():
         per_token = f", {s['bytes_per_token']:.2f} bytes/token" if s["bytes_per_token"] else ""
-        say(f"{split}: {s['tokens']:,} tokens from {s['documents']} documents{per_token}")
+        say(f"{split}: {s['tokens']:,} tokens from {s['documents']} document{'' if s['documents'] == 1 else 's'}{per_token}")
     say(f"dropped {meta['duplicates_dropped']} duplicate documents; wrote {args.out}")
     return meta
 
