@@ -250,7 +250,16 @@ def test_tiny_llama_imports(tmp_path):
     (tmp_path / "m.gguf").write_bytes(gguf_bytes(tiny_llama_tensors(2), TINY))
     model, ckpt = load_model(import_gguf(tmp_path / "m.gguf", tmp_path / "ckpt"))
     assert (model.config.n_layer, model.config.kv_heads, model.config.tie_embeddings) == (2, 1, True)
-    assert ckpt.tokenizer.eot_id == 0
+    assert ckpt.tokenizer.eot_id == 0 and ckpt.tokenizer.end_ids == (0,)
+
+
+def test_end_of_turn_and_message_ids_end_generation_as_in_llama_cpp(tmp_path):
+    """llama.cpp stops at eot and eom as at eos (Llama 3's <|eot_id|>, <|eom_id|>); the checkpoint keeps them."""
+    from lmforge.checkpoint import load_checkpoint
+
+    metadata = {**TINY, "tokenizer.ggml.eot_token_id": 3, "tokenizer.ggml.eom_token_id": 4}
+    (tmp_path / "m.gguf").write_bytes(gguf_bytes(tiny_llama_tensors(2), metadata))
+    assert load_checkpoint(import_gguf(tmp_path / "m.gguf", tmp_path / "ckpt")).tokenizer.end_ids == (0, 3, 4)
 
 
 def test_import_refuses_blocks_the_metadata_does_not_name(tmp_path):
@@ -268,6 +277,7 @@ def test_import_refuses_blocks_the_metadata_does_not_name(tmp_path):
     ({"llama.embedding_length": "8"}, "'llama.embedding_length' is '8'.*positive integer"),
     ({"llama.attention.head_count_kv": [1, 1]}, "'llama.attention.head_count_kv' is a per-layer array"),
     ({"tokenizer.ggml.eos_token_id": 99}, "'tokenizer.ggml.eos_token_id' is 99.*token id"),
+    ({"tokenizer.ggml.eot_token_id": 8}, "'tokenizer.ggml.eot_token_id' is 8.*token id"),
 ])
 def test_malformed_metadata_is_one_line(change, message, tmp_path):
     metadata = {k: v for k, v in {**TINY, **change}.items() if v is not None}

@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lmforge.checkpoint import load_model  # noqa: E402
+from lmforge.checkpoint import load_checkpoint, load_model  # noqa: E402
 from lmforge.interop import export_hf, import_hf  # noqa: E402
 from lmforge.utils.errors import UserError  # noqa: E402
 
@@ -402,6 +402,8 @@ def test_generation_config_is_carried_both_ways(tmp_path, tokenizer_dir):
                                   eos_token_id=[2, 0]).save_pretrained(src)
     ckpt = import_hf(src, tmp_path / "ckpt")
     assert json.loads((ckpt / "generation_config.json").read_text()) == json.loads((src / "generation_config.json").read_text())
+    tok = load_checkpoint(ckpt).tokenizer  # generation stops at each of its end ids (see tests/infer/test_end_ids.py)
+    assert tok.end_ids == tuple(dict.fromkeys((tok.eot_id, 2, 0)))
     out = export_hf(ckpt, tmp_path / "export")
     back = transformers.AutoModelForCausalLM.from_pretrained(out).generation_config
     assert back.to_diff_dict() == transformers.GenerationConfig.from_pretrained(src).to_diff_dict()

@@ -1,7 +1,7 @@
 """Beam search with a length penalty, for decoder-only and encoder-decoder models.
 
 The beams are the rows of one KV cache; after each step `KVCache.reorder` moves every beam's
-keys and values to the row of the beam that continues it. A hypothesis ends at `eos_id`; its
+keys and values to the row of the beam that continues it. A hypothesis ends at `eos_id` (an id, or several); its
 score is its summed log-probability divided by length ** length_penalty (Wu et al. 2016, as
 transformers does it): above 0 favours longer outputs, 0 ranks by plain log-probability.
 """
@@ -9,6 +9,7 @@ transformers does it): above 0 favours longer outputs, 0 ranks by plain log-prob
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ def beam_search(
     beam_size: int = 4,
     max_new_tokens: int = 32,
     length_penalty: float = 1.0,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
     memory: torch.Tensor | None = None,
     memory_mask: torch.Tensor | None = None,
 ) -> list[Hypothesis]:
@@ -50,7 +51,7 @@ def beam_search_batch(
     beam_size: int = 4,
     max_new_tokens: int = 32,
     length_penalty: float = 1.0,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
     memory: torch.Tensor | None = None,
     memory_mask: torch.Tensor | None = None,
 ) -> list[list[Hypothesis]]:
@@ -72,6 +73,8 @@ def beam_search_batch(
         raise UserError(f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) must fit the context of {ctx}")
     device = model.tok_embeddings.weight.device
     V, K, B = model.config.vocab_size, beam_size, len(prompts)
+    ends = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())  # several, as transformers takes a list
+    idle = min(ends, default=0)  # the token fed to rows with nothing left to search
     enc = {}
     if memory is not None:
         enc = {"memory": memory.repeat_interleave(K, dim=0)}
@@ -90,7 +93,7 @@ def beam_search_batch(
         cand = (scores.view(-1, 1) + torch.log_softmax(logits.float(), dim=-1)).view(B, K * V)
         top_scores, top_idx = (t.tolist() for t in cand.topk(min(2 * K, K * V), dim=-1))
         index = torch.arange(B * K).view(B, K).tolist()  # rows keep their keys unless reordered
-        tokens = [[eos_id or 0] * K for _ in range(B)]
+        tokens = [[idle] * K for _ in range(B)]
         next_scores = [[-math.inf] * K for _ in range(B)]
         for b in range(B):
             if not live[b]:
@@ -101,7 +104,7 @@ def beam_search_batch(
                     break
                 j, tok = divmod(i, V)
                 hyp = beams[b][j] + [tok]
-                if tok == eos_id:
+                if tok in ends:
                     # Only an end ranked within the top K finishes a hypothesis; the K after it are
                     # there to refill the live beams (transformers' `top_num_beam_mask`).
                     if rank < K:

@@ -202,7 +202,7 @@ def check_prompt_ids(prompt: Sequence[int], vocab_size: int) -> None:
 class Engine:
     """Runs requests to completion `max_batch` at a time; call `step()` until `has_work` is False.
 
-    `tokenizer` (with `decode` and `eot_id`) gives text, stop strings and the end-of-text stop;
+    `tokenizer` (with `decode` and `end_ids`) gives text, stop strings and the end-of-text stops;
     without one the engine works on token ids only. `max_waiting` bounds the queue (`add` raises
     `QueueFull` beyond it). A step prefills chunks until `prefill_budget` prompt tokens (default
     one chunk's worth), so long prompts do not stall the running sequences. `compile` compiles
@@ -658,9 +658,9 @@ class Engine:
 
     def _advance(self, req: Request, token: int, logprob: dict | None) -> Event:
         p = req.params
-        eot = self.tokenizer.eot_id if self.tokenizer is not None and not p.ignore_eos else None
+        ends = self.tokenizer.end_ids if self.tokenizer is not None and not p.ignore_eos else ()
         text, reason = "", None
-        if token in p.stop_token_ids or token == eot:
+        if token in p.stop_token_ids or token in ends:
             reason = "stop"  # the stop token counts as generated but adds no text
             text = req.stream.flush() if req.stream is not None else ""
         elif req.stream is not None:

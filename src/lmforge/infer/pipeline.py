@@ -146,7 +146,7 @@ class Pipeline:
         an encoder-decoder searches `batch_size` sources at a time (greedy is a beam of one)."""
         tok = self.tokenizer
         outputs = self._translate(items) if self.model.config.arch == "encoder-decoder" else self._complete(items)
-        return [tok.decode([t for t in ids if t != tok.eot_id]).strip() for ids in outputs]
+        return [tok.decode([t for t in ids if t not in tok.end_ids]).strip() for ids in outputs]
 
     def _complete(self, items: list[Any]) -> list[list[int]]:
         """A decoder's generated tokens per prompt (the seq2seq prompt format, or a chat's next turn)."""
@@ -164,7 +164,7 @@ class Pipeline:
                 prompts.append(self.format.prompt_ids(item, min(self.prompt_length or room, room)))
         if self.num_beams > 1:
             return [beam_search(self.model, prompt, self.num_beams, self.max_new_tokens, self.length_penalty,
-                                eos_id=tok.eot_id)[0].tokens for prompt in prompts]
+                                eos_id=tok.end_ids)[0].tokens for prompt in prompts]
         longest = max(len(p) for p in prompts) + self.max_new_tokens
         engine = Engine(self.model, tok, max_batch=min(self.batch_size, len(prompts)), max_seq_len=longest)
         params = SamplingParams(max_tokens=self.max_new_tokens, temperature=0.0)
@@ -181,7 +181,7 @@ class Pipeline:
             with torch.inference_mode():
                 memory = self.model.encode_source(batch["src"], batch["src_mask"])
             found = beam_search_batch(self.model, [[start]] * memory.size(0), self.num_beams, max_new, self.length_penalty,
-                                      eos_id=self.tokenizer.eot_id, memory=memory, memory_mask=batch["src_mask"])
+                                      eos_id=self.tokenizer.end_ids, memory=memory, memory_mask=batch["src_mask"])
             outputs += [hyps[0].tokens for hyps in found]
         return outputs
 

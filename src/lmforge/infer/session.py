@@ -47,7 +47,7 @@ class LanguageModel:
         if isinstance(prompt, str):
             require_text(prompt, "the prompt")
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        stops = (self.tokenizer.eot_id,) if stop_at_eot else ()
+        stops = self.tokenizer.end_ids if stop_at_eot else ()
         prompt_ids, memory = (self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)), {}
         ctx = self.model.config.context_length
         check_prompt_ids(prompt_ids, self.model.config.vocab_size)

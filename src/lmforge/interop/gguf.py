@@ -366,7 +366,8 @@ def tokenizer_from_gguf(g: GGUFFile) -> Tokenizer:
     hf.add_tokens([tokenizers.AddedToken(tokens[i], special=False, normalized=False)
                    for i, t in enumerate(types) if t == _USER_DEFINED])
     ids = {}
-    for role in ("bos", "eos", "padding"):
+    # eot and eom: llama.cpp ends a generation at these as at eos (Llama 3's <|eot_id|> and <|eom_id|>)
+    for role in ("bos", "eos", "padding", "eot", "eom"):
         key = f"tokenizer.ggml.{role}_token_id"
         if key in md:
             i = md[key]
@@ -391,6 +392,7 @@ def tokenizer_from_gguf(g: GGUFFile) -> Tokenizer:
     return Tokenizer(
         hf, origin=str(g.path), eos_token=roles.get("eos"), bos_token=roles.get("bos"), pad_token=roles.get("padding"),
         chat_template=read_key(md, "tokenizer.chat_template", str, g.path, _GGUF_FIX, None),
+        end_ids=[ids[role] for role in ("eot", "eom") if role in ids],
     )
 
 

@@ -23,7 +23,7 @@ from lmforge.checkpoint.store import check_tokenizer_fits
 from lmforge.config import ModelConfig
 from lmforge.interop._keys import REQUIRED, check_shape, model_config, read_key, some_names
 from lmforge.model import Transformer
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import GENERATION_FILE, Tokenizer
 from lmforge.utils.errors import UserError
 from lmforge.utils.fs import (
     atomic_dir,
@@ -37,7 +37,6 @@ from lmforge.utils.fs import (
 
 Tensors = dict[str, torch.Tensor]
 _HF_FIX = "pass a Hugging Face model directory (re-download it if it is damaged)"
-GENERATION_CONFIG = "generation_config.json"
 EXPORT_MARKER = "lmforge_export.json"  # written by export alone: the mark of a directory it may replace
 
 
@@ -464,7 +463,7 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     check_tokenizer_fits(tokenizer, src / "tokenizer.json", config, src / "config.json",
                          f"the tokenizer is not the model's: re-download {src} with its own tokenizer.json")
     path = save_checkpoint(out, model, tokenizer, extra=None if generation is None else
-                           lambda tmp: atomic_write_json(tmp / GENERATION_CONFIG, generation))
+                           lambda tmp: atomic_write_json(tmp / GENERATION_FILE, generation))
     if fresh:  # as transformers warns of "newly initialized" weights
         print(f"lmforge: {src} has no weights for BERT's {', '.join(_BERT_HEADS[h] for h in fresh)}; "
               "they are initialised afresh (train them before use)", file=sys.stderr)
@@ -494,7 +493,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     with atomic_dir(out) as tmp:
         atomic_write_json(tmp / "config.json", hf_config)
         if generation is not None:
-            atomic_write_json(tmp / GENERATION_CONFIG, generation)
+            atomic_write_json(tmp / GENERATION_FILE, generation)
         atomic_write_json(tmp / EXPORT_MARKER, {"exported_by": "lmforge"})
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         usual_mode(tmp / "model.safetensors")  # safetensors 0.8 writes 0600
@@ -523,7 +522,7 @@ def _generation_config(directory: Path, fix: str) -> dict[str, Any] | None:
     """The generation_config.json in `directory`, or None where there is none. lmforge does not read these
     defaults of transformers' `generate` (sampling settings, stop ids): import keeps them in the checkpoint
     and export writes them back. Read as JSON data, never run; `fix` ends the error of a damaged one."""
-    path = directory / GENERATION_CONFIG
+    path = directory / GENERATION_FILE
     if not path.exists():
         return None
     settings = read_json(path, fix)

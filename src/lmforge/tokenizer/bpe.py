@@ -56,6 +56,9 @@ MAX_VOCAB_SIZE = 1 << 24
 _SPECIALS = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.43 saves the chat template
+# Where Hugging Face keeps the ids that end a generated text (`eos_token_id`, an id or a list: Llama 3's
+# end of text, end of turn and end of message); `load` reads them beside tokenizer.json.
+GENERATION_FILE = "generation_config.json"
 _TRAIN_HINT = "train one with `lmforge tokenizer train FILES... --vocab-size N --out DIR`"
 
 
@@ -141,6 +144,25 @@ def _token_name(roles: dict, key: str, file: Path) -> str | None:
     elif value is not None and not isinstance(value, str):
         raise UserError(f"{file}: {key} is {value!r}, not a token string; fix the file or delete it")
     return value
+
+
+def _end_ids(file: Path) -> list[int]:
+    """The end-of-text ids of a generation_config.json (`eos_token_id`: an id, a list of ids, or null), if
+    there is one; read as JSON data, never run."""
+    if not file.is_file():
+        return []
+    fix = "fix it, or delete it (its other generation settings are not used)"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{file} is corrupt ({first_line(e)}); {fix}") from None
+    ids = config.get("eos_token_id") if isinstance(config, dict) else None
+    ids = [ids] if isinstance(ids, int) else ids if ids is not None else []
+    if not isinstance(config, dict) or not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        what = "not a JSON object" if not isinstance(config, dict) else f"eos_token_id {config['eos_token_id']!r} is not an id or a list of ids"
+        raise UserError(f"{file}: {what}; {fix}")
+    return ids
 
 
 def _chat_template(value: object, file: Path) -> str | None:
@@ -233,6 +255,7 @@ class Tokenizer:
         mask_token: str | None = None,
         cls_token: str | None = None,
         sep_token: str | None = None,
+        end_ids: Iterable[int] = (),
     ):
         # Tokenizers trained here hold SPECIAL_TOKENS at ids 0..4. Imported ones (GPT-2, Llama,
         # SmolLM2, BERT) keep their own ids: a role is the token declared for it, or found by name.
@@ -261,6 +284,10 @@ class Tokenizer:
         self.chat_template = chat_template
         self.hf = hf
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        # Every id that ends a generated text, the end-of-text token first: more where the model's generation
+        # config names more (Llama 3 Instruct ends a turn at <|eot_id|>, a text at <|end_of_text|>). An id past
+        # the vocabulary names no token of it (transformers saves GPT-2's 50256 for any tokenizer): left out.
+        self.end_ids = tuple(dict.fromkeys(i for i in (self.eot_id, *end_ids) if 0 <= i < self.vocab_size))
         # Hash of the canonical serialisation: data shards and checkpoints record it, so a
         # mismatch between the tokenizer a model was trained with and the one used later shows.
         self.sha256 = hashlib.sha256(self.to_str().encode("utf-8")).hexdigest()
@@ -360,7 +387,7 @@ class Tokenizer:
                 roles["chat_template"] = template.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise UserError(f"cannot read {template} ({e}); fix or delete it") from None
-        return cls.from_str(text, origin=str(file), fix=fix, **roles)
+        return cls.from_str(text, origin=str(file), fix=fix, end_ids=_end_ids(file.parent / GENERATION_FILE), **roles)
 
     def roles(self) -> dict[str, str]:
         """The special tokens by role and the chat template, in tokenizer_config.json's key names."""
@@ -383,6 +410,14 @@ class Tokenizer:
         path = Path(directory) / "tokenizer.json"
         atomic_write_text(path, self.hf.to_str(pretty=True))
         atomic_write_text(path.parent / CONFIG_FILE, json.dumps(self.roles(), indent=2) + "\n")
+        if len(self.end_ids) > 1:  # `load` reads them back from there; other settings already in the file stay
+            generation = path.parent / GENERATION_FILE
+            try:
+                kept = json.loads(generation.read_text(encoding="utf-8")) if generation.is_file() else {}
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                kept = {}  # a damaged one: replaced by the ids
+            kept = kept if isinstance(kept, dict) else {}
+            atomic_write_text(generation, json.dumps({**kept, "eos_token_id": list(self.end_ids)}, indent=2) + "\n")
         try:
             (path.parent / TEMPLATE_FILE).unlink(missing_ok=True)
         except OSError as e:
