@@ -11,7 +11,7 @@ import torch
 from conftest import SHARED_DATA, tiny_train_config
 from lmforge.checkpoint import load_model, save_checkpoint
 from lmforge.config import LoraConfig, preset
-from lmforge.evaluate import evaluate_task
+from lmforge.evaluate import evaluate_lm, evaluate_task
 from lmforge.evaluate.metrics import accuracy, entity_f1, macro_f1
 from lmforge.finetune import finetune, merge_lora
 from lmforge.infer import load, pipeline, predict
@@ -380,6 +380,52 @@ def test_bad_input_is_one_line(trained_run, encoder, yelp_run, tmp_path):
     empty.write_text("")
     with pytest.raises(UserError, match="empty.tsv"):
         finetune(trained_run.out, "classify", empty, tmp_path / "y", **QUIET)
+
+
+def test_options_a_task_does_not_use_are_refused_not_ignored(yelp_run, trained_run, tmp_path_factory, tokenizer_dir, tmp_path):
+    """Seen in review: --num-beams on a classifier, --length-penalty with greedy decoding, generation options
+    on eval --task sft (a loss), --split with text files all ran and changed nothing."""
+    for options, flag in (({"num_beams": 4}, "--num-beams applies to --task seq2seq and sft, not classify"),
+                          ({"max_new_tokens": 9}, "--max-new-tokens applies to --task seq2seq and sft, not classify"),
+                          ({"max_answer_length": 9}, "--max-answer-length applies to --task qa, not classify")):
+        with pytest.raises(UserError, match=flag):
+            evaluate_task(yelp_run.checkpoint, None, YELP, limit=2, device="cpu", **options)
+        with pytest.raises(UserError, match=flag):
+            predict(yelp_run.checkpoint, YELP, tmp_path / "p.jsonl", device="cpu", **options)
+    with pytest.raises(UserError, match="--length-penalty ranks the hypotheses of beam search; add --num-beams"):
+        pipeline("seq2seq", trained_run.out, device="cpu", length_penalty=0.6)
+    pipeline("seq2seq", trained_run.out, device="cpu", length_penalty=0.6, num_beams=2)  # with beams it applies
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+    with pytest.raises(UserError, match="--num-beams does not apply: eval --task sft scores the loss"):
+        evaluate_task(trained_run.out, "sft", chat, num_beams=2, device="cpu")
+    # An encoder-decoder has no chat format: sft was a traceback deep in the model (finetune refused it already).
+    encdec = _base(tmp_path_factory, tokenizer_dir, "chat-encdec", arch="encoder-decoder", position="sinusoidal")
+    with pytest.raises(UserError, match="--task sft runs on decoder models, but .* is an encoder-decoder"):
+        predict(encdec, chat, tmp_path / "p.jsonl", task="sft", device="cpu")
+    # A classifier's LM head is its base's: a plain LM eval of it is refused, pointing to --task.
+    with pytest.raises(UserError, match="has a classify head, fine-tuned for --task classify; score it with"):
+        evaluate_lm(yelp_run.checkpoint, YELP, device="cpu")
+    with pytest.raises(UserError, match="--split val selects a split of a prepared data directory"):
+        evaluate_lm(trained_run.out, YELP, split="val", device="cpu")
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_predict_checks_its_output_before_the_predictions(yelp_run, tmp_path):
+    """Seen in review: an unwritable --out folder was found after every prediction was made, and an early
+    failure left the folders made for --out behind."""
+    locked = tmp_path / "locked"
+    locked.write_text("a file where the --out folder would be")
+    with pytest.raises(UserError, match="cannot create directory .*locked is a file"):
+        predict(yelp_run.checkpoint, tmp_path / "missing.tsv", locked / "p.jsonl", device="cpu")
+    with pytest.raises(UserError, match="missing.tsv"):  # the data is checked after the output
+        predict(yelp_run.checkpoint, tmp_path / "missing.tsv", tmp_path / "new" / "deeper" / "p.jsonl", device="cpu")
+    assert not (tmp_path / "new").exists()
+    for out, message in ((tmp_path / "p.jsonl.gz", "predict writes plain JSON lines, not .gz"),
+                         (f"{tmp_path}/newdir/", "is a directory")):
+        with pytest.raises(UserError, match=message):
+            predict(yelp_run.checkpoint, YELP, out, device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked"]
 
 
 def test_eval_scores_a_gold_label_the_model_never_saw_as_a_miss(tmp_path_factory, tokenizer_dir, tmp_path):

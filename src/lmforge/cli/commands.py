@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from jsonargparse import Namespace
 
-from lmforge.config import LoraConfig, ModelConfig, TrainConfig
+from lmforge.config import INFERENCE_DEFAULTS, LoraConfig, ModelConfig, TrainConfig
 from lmforge.data import prepare, prepare_parallel, train_tokenizer
 from lmforge.evaluate import evaluate_lm, evaluate_task
 from lmforge.finetune import finetune, merge_lora
@@ -137,7 +137,7 @@ def generate_cmd(args: Namespace) -> dict[str, Any]:
 def eval_cmd(args: Namespace) -> dict[str, Any]:
     if args.task is not None:
         return _eval_task(args)
-    for name in ("target", "split_articles", "text_field", "label_field", "limit"):
+    for name in ("target", "split_articles", "text_field", "label_field", "limit", *INFERENCE_DEFAULTS):
         if args[name] is not None:
             raise UserError(f"--{name.replace('_', '-')} belongs to task evaluation; add --task")
     result = evaluate_lm(args.checkpoint, args.data, split=args.split, device=args.device, dtype=args.dtype,
@@ -159,6 +159,8 @@ def _inference_kwargs(args: Namespace) -> dict[str, Any]:
 
 
 def _eval_task(args: Namespace) -> dict[str, Any]:
+    if args.split is not None:
+        raise UserError("--split selects a split of a prepared data directory; --task scores the task file --data names")
     if len(args.data) != 1:
         raise UserError(f"--task scores one data file, got {len(args.data)}")
     result = evaluate_task(

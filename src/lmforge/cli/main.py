@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
-from lmforge.config import DEFAULT_DOC_STRIDE, DEFAULT_PROMPT, FINETUNE_DEFAULTS, PRESETS, LoraConfig, ModelConfig, TrainConfig
+from lmforge.config import DEFAULT_DOC_STRIDE, DEFAULT_PROMPT, FINETUNE_DEFAULTS, INFERENCE_DEFAULTS, PRESETS, LoraConfig, ModelConfig, TrainConfig
 from lmforge.utils.errors import UserError, first_line
 
 VERBS = ("demo", "tokenizer", "prepare", "pretrain", "finetune", "merge-lora", "predict", "generate", "chat", "serve", "eval",
@@ -85,10 +85,13 @@ def _task_data_options(p: ArgumentParser) -> None:
 
 def _inference_options(p: ArgumentParser) -> None:
     """How a fine-tuned checkpoint predicts: the options predict and eval --task share."""
-    _option(p, "max_new_tokens", type=int, default=64, help="seq2seq/sft: longest generated output")
-    _option(p, "num_beams", type=int, default=1, help="seq2seq/sft: beam search with this many beams (1: greedy)")
-    _option(p, "length_penalty", type=float, default=1.0, help="beam search: score = logprob / length^this")
-    _option(p, "max_answer_length", type=int, default=30, help="qa: longest answer in tokens")
+    d = INFERENCE_DEFAULTS  # None: not given (a task that does not use an option refuses it), then these
+    _option(p, "max_new_tokens", type=int | None, default=None, help=f"seq2seq/sft: longest generated output (default {d['max_new_tokens']})")
+    _option(p, "num_beams", type=int | None, default=None,
+            help=f"seq2seq/sft: beam search with this many beams (default {d['num_beams']}: greedy)")
+    _option(p, "length_penalty", type=float | None, default=None,
+            help=f"beam search: score = logprob / length^this (default {d['length_penalty']})")
+    _option(p, "max_answer_length", type=int | None, default=None, help=f"qa: longest answer in tokens (default {d['max_answer_length']})")
 
 
 def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentParser:
@@ -193,7 +196,7 @@ def build_parser(pretrain_defaults: dict[str, Any] | None = None) -> ArgumentPar
                  "(accuracy/macro-F1, entity F1, SQuAD EM/F1, BLEU/chrF/ROUGE).")
     ev.add_argument("checkpoint", type=str, help="checkpoint or run directory")
     _option(ev, "data", nargs="+", required=True, help="a prepared data directory, or text files/directories; with --task, one task file")
-    _option(ev, "split", default="val", help="split of a prepared data directory")
+    _option(ev, "split", default=None, help="split of a prepared data directory (default val)")
     _option(ev, "task", default=None, choices=TASKS, help="score a fine-tuned checkpoint on labelled task data")
     _task_data_options(ev)
     _option(ev, "limit", type=int | None, default=None, help="--task: score only the first N examples")

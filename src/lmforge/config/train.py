@@ -156,3 +156,8 @@ FINETUNE_DEFAULTS: dict[str, Any] = dict(
 # overlap in tokens of QA's windows over a long context (as transformers' question-answering examples).
 DEFAULT_PROMPT = "{source}\n\n"
 DEFAULT_DOC_STRIDE = 128
+# How a fine-tuned checkpoint predicts, unless told otherwise (predict, eval --task, lmforge.pipeline), and the
+# tasks each option applies to: generation to seq2seq and sft, the longest answer span to qa.
+INFERENCE_DEFAULTS: dict[str, Any] = dict(max_new_tokens=64, num_beams=1, length_penalty=1.0, max_answer_length=30)
+INFERENCE_TASKS = {"max_new_tokens": ("seq2seq", "sft"), "num_beams": ("seq2seq", "sft"),
+                   "length_penalty": ("seq2seq", "sft"), "max_answer_length": ("qa",)}

@@ -249,6 +249,9 @@ def sample_batch(features: list[Feature], batch_size: int, seed: int, step: int,
 TASKS = ("classify", "tag", "qa", "seq2seq", "sft")
 # The model head each task trains and predicts with (`ModelConfig.task_head`); "none" is the LM head.
 TASK_HEAD = {"classify": "classify", "tag": "tag", "qa": "span", "seq2seq": "none", "sft": "none"}
+# The architectures each task fine-tunes and predicts with (a chat template frames a decoder's input only).
+TASK_ARCHS = {"classify": ("encoder", "decoder"), "tag": ("encoder", "decoder"), "qa": ("encoder", "decoder"),
+              "seq2seq": ("decoder", "encoder-decoder"), "sft": ("decoder",)}
 
 
 def read_examples(

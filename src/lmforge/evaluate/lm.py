@@ -11,6 +11,7 @@ import torch
 
 from lmforge.checkpoint import find_checkpoints, load_model
 from lmforge.data import iter_documents, load_meta, open_split
+from lmforge.data.features import TASK_HEAD
 from lmforge.model.losses import lm_loss
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
@@ -21,12 +22,13 @@ from lmforge.utils.errors import UserError
 def evaluate_lm(
     checkpoint: str | Path,
     data: Sequence[str | Path] | str | Path,
-    split: str = "val",
+    split: str | None = None,
     batch_size: int = 8,
     device: str = "auto",
     dtype: str = "auto",
 ) -> dict:
-    """Loss, perplexity and bits per byte of a checkpoint on a prepared data dir's split or on raw files.
+    """Loss, perplexity and bits per byte of a checkpoint on a prepared data dir's split (val unless
+    `split` says) or on raw files.
 
     Every token after the first is predicted once, from the tokens before it in its window of
     context_length (non-overlapping windows). `dtype` is the autocast precision (auto: bf16 on
@@ -48,8 +50,15 @@ def evaluate_lm(
             f"{ckpt.path} is an {model.config.arch} model; eval measures next-token language models "
             "(for encoders and encoder-decoders the training run reports validation loss)"
         )
+    if model.config.task_head != "none":  # its language-model head is the base's, not what was fine-tuned
+        task = {head: task for task, head in TASK_HEAD.items()}[model.config.task_head]
+        raise UserError(f"{ckpt.path} has a {model.config.task_head} head, fine-tuned for --task {task}; score it with "
+                        f"`lmforge eval {ckpt.path} --task {task} --data FILE`")
     if len(paths) == 1 and (Path(paths[0]) / "meta.json").exists():
-        tokens, n_bytes = _prepared_split(Path(paths[0]), split, ckpt.tokenizer)
+        tokens, n_bytes = _prepared_split(Path(paths[0]), split or "val", ckpt.tokenizer)
+    elif split is not None:
+        raise UserError(f"--split {split} selects a split of a prepared data directory, and --data names text files; "
+                        "leave --split out")
     else:
         tokens, n_bytes = _tokenize_files(paths, ckpt.tokenizer)
     if len(tokens) < 2:

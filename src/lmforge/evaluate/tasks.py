@@ -33,10 +33,10 @@ def evaluate_task(
     label_field: str | None = None,
     limit: int | None = None,
     batch_size: int = 32,
-    max_new_tokens: int = 64,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
-    max_answer_length: int = 30,
+    max_new_tokens: int | None = None,
+    num_beams: int | None = None,
+    length_penalty: float | None = None,
+    max_answer_length: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
 ) -> dict[str, Any]:
@@ -53,6 +53,10 @@ def evaluate_task(
     pipe = pipeline(task, checkpoint, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens,
                     max_answer_length=max_answer_length, num_beams=num_beams, length_penalty=length_penalty, dtype=dtype)
     task = pipe.task
+    generation = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty}
+    if task == "sft" and (unused := [name for name, value in generation.items() if value is not None]):
+        raise UserError(f"--{unused[0].replace('_', '-')} does not apply: eval --task sft scores the loss of the reference "
+                        "replies and generates nothing (predict --task sft generates replies); leave it out")
     examples = read_examples(task, data, target, text_field=text_field, label_field=label_field,
                              split_articles=split_articles, part=1)
     if limit is not None:

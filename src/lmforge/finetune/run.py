@@ -16,7 +16,7 @@ import torch
 
 from lmforge.checkpoint import check_checkpoint_out, check_run_out, find_checkpoints, load_checkpoint, load_model, save_checkpoint
 from lmforge.config import DEFAULT_DOC_STRIDE, DEFAULT_PROMPT, FINETUNE_DEFAULTS, LoraConfig, ModelConfig, TrainConfig
-from lmforge.data.features import TASK_HEAD, TASKS, TaskFormat, featurize, label_set, read_examples
+from lmforge.data.features import TASK_ARCHS, TASK_HEAD, TASKS, TaskFormat, featurize, label_set, read_examples
 from lmforge.finetune.objective import TaskObjective
 from lmforge.model import Transformer
 from lmforge.model.lora import lora_parameters, merge_lora as merge_modules
@@ -25,13 +25,6 @@ from lmforge.train import RunResult, fit
 from lmforge.utils.errors import UserError
 
 # The architectures each task is defined on.
-_ARCHS = {
-    "classify": ("encoder", "decoder"),
-    "tag": ("encoder", "decoder"),
-    "qa": ("encoder", "decoder"),
-    "seq2seq": ("decoder", "encoder-decoder"),
-    "sft": ("decoder",),
-}
 # The fine-tuning settings a resume must keep (trainer_state["task"]), as the flags that set them: those
 # that lay the inputs out, and what is frozen (the optimizer's saved state is for the parameters that
 # trained). Its max_length follows --train.seq_len, which a resumed run may change (the trainer warns).
@@ -82,8 +75,8 @@ def finetune(
     cfg = base.config
     if task not in TASKS:
         raise UserError(f"task {task!r} is not supported; use one of {list(TASKS)}")
-    if cfg.arch not in _ARCHS[task]:
-        raise UserError(f"--task {task} fine-tunes {' or '.join(_ARCHS[task])} models, but {ckpt.path} is an {cfg.arch}")
+    if cfg.arch not in TASK_ARCHS[task]:
+        raise UserError(f"--task {task} fine-tunes {' or '.join(TASK_ARCHS[task])} models, but {ckpt.path} is an {cfg.arch}")
     if cfg.lora is not None:
         raise UserError(f"{ckpt.path} holds LoRA adapters; fold them in first with `lmforge merge-lora {ckpt.path} --out DIR`")
     if doc_stride < 0:

@@ -24,9 +24,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from lmforge.config import DEFAULT_DOC_STRIDE, DEFAULT_PROMPT
+from lmforge.config import DEFAULT_DOC_STRIDE, DEFAULT_PROMPT, INFERENCE_DEFAULTS, INFERENCE_TASKS
 from lmforge.checkpoint import load_model
-from lmforge.data.features import TASK_HEAD, TASKS, Feature, TaskFormat, collate, read_examples
+from lmforge.data.features import TASK_ARCHS, TASK_HEAD, TASKS, Feature, TaskFormat, collate, read_examples
 from lmforge.data.parallel import decoder_start_id
 from lmforge.data.tasks import entities
 from lmforge.infer.beam import beam_search, beam_search_batch
@@ -36,7 +36,7 @@ from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.device import inference_dtype, resolve_device
 from lmforge.utils.errors import UserError, require_text
-from lmforge.utils.fs import atomic_write_text, ensure_dir
+from lmforge.utils.fs import atomic_write_text, check_writable_dir
 
 
 class Pipeline:
@@ -256,10 +256,10 @@ def pipeline(
     checkpoint: str | Path,
     device: str = "auto",
     batch_size: int = 32,
-    max_new_tokens: int = 64,
-    max_answer_length: int = 30,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
+    max_new_tokens: int | None = None,
+    max_answer_length: int | None = None,
+    num_beams: int | None = None,
+    length_penalty: float | None = None,
     dtype: str = "auto",
 ) -> Pipeline:
     """A callable for `task` on `checkpoint`; task None takes the one the checkpoint was fine-tuned for.
@@ -267,13 +267,20 @@ def pipeline(
     Generation (seq2seq, sft) is greedy; `num_beams` > 1 runs beam search with `length_penalty`.
     Decoders decode greedily `batch_size` prompts at a time and run beams one prompt at a time;
     encoder-decoders search `batch_size` sources at a time either way. QA answers are at most
-    `max_answer_length` tokens. `dtype` (auto, float32, bfloat16) is the weights' (auto: bf16 on
-    CUDA, fp32 on CPU).
+    `max_answer_length` tokens. Options left None take `INFERENCE_DEFAULTS`; one given to a task
+    that does not use it (`num_beams` for classify, `length_penalty` without beams) is refused.
+    `dtype` (auto, float32, bfloat16) is the weights' (auto: bf16 on CUDA, fp32 on CPU).
     """
-    if num_beams < 1 or batch_size < 1 or max_answer_length < 1:
-        raise UserError(f"num_beams, batch_size and max_answer_length must be >= 1, got {num_beams}, {batch_size}, {max_answer_length}")
-    if max_new_tokens < 1:  # checked here, by the option's name, not deep in the engine or the beam search
-        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}; it is the length of the longest generated output")
+    given = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty,
+             "max_answer_length": max_answer_length}
+    opts = {k: INFERENCE_DEFAULTS[k] if v is None else v for k, v in given.items()}
+    if opts["num_beams"] < 1 or batch_size < 1 or opts["max_answer_length"] < 1:
+        raise UserError(f"num_beams, batch_size and max_answer_length must be >= 1, got {opts['num_beams']}, {batch_size}, "
+                        f"{opts['max_answer_length']}")
+    if opts["max_new_tokens"] < 1:  # checked here, by the option's name, not deep in the engine or the beam search
+        raise UserError(f"--max-new-tokens must be >= 1, got {opts['max_new_tokens']}; it is the length of the longest generated output")
+    if length_penalty is not None and opts["num_beams"] == 1:
+        raise UserError("--length-penalty ranks the hypotheses of beam search; add --num-beams N (N > 1), or leave it out")
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, dev, inference_dtype(dev, dtype))
     trained = (ckpt.trainer_state or {}).get("task") or {}
@@ -285,20 +292,30 @@ def pipeline(
     head = TASK_HEAD[task]
     if head != "none" and model.config.task_head != head:
         raise UserError(f"{ckpt.path} has no {head} head; fine-tune it first with `lmforge finetune {ckpt.path} --task {task} ...`")
-    if head == "none" and model.config.arch == "encoder":
-        raise UserError(f"an encoder cannot generate text for --task {task}; use a decoder or encoder-decoder checkpoint")
+    if model.config.arch not in TASK_ARCHS[task]:  # an encoder-decoder with a chat template: sft frames a decoder's input
+        raise UserError(f"--task {task} runs on {' or '.join(TASK_ARCHS[task])} models, but {ckpt.path} is an "
+                        f"{model.config.arch}; use a {TASK_ARCHS[task][0]} checkpoint")
     # A base model serves seq2seq and sft as it is (zero-shot); a fine-tune only the task it was tuned for.
     kind = trained.get("kind") or {h: t for t, h in TASK_HEAD.items() if h != "none"}.get(model.config.task_head)
     if kind not in (None, task):
         raise UserError(f"{ckpt.path} was fine-tuned for --task {kind}, not {task}; use --task {kind}, or fine-tune "
                         f"its base model with `lmforge finetune BASE --task {task} ...`")
+    refuse_unused_options(task, given)
     cfg = model.config
     fmt = TaskFormat(ckpt.tokenizer, cfg.arch, trained.get("max_length", cfg.context_length), trained.get("prompt", DEFAULT_PROMPT),
                      trained.get("repeat", False))
     # A decoder's seq2seq fine-tune saw prompts of the length `TaskFormat.seq2seq` gives a source without a target.
     prompt_length = fmt.prompt_length if "max_length" in trained else None
-    return Pipeline(task, model, ckpt.tokenizer, fmt, batch_size, max_new_tokens, max_answer_length, trained.get("doc_stride", DEFAULT_DOC_STRIDE),
-                    num_beams, length_penalty, prompt_length)
+    return Pipeline(task, model, ckpt.tokenizer, fmt, batch_size, opts["max_new_tokens"], opts["max_answer_length"],
+                    trained.get("doc_stride", DEFAULT_DOC_STRIDE), opts["num_beams"], opts["length_penalty"], prompt_length)
+
+
+def refuse_unused_options(task: str, given: dict[str, Any]) -> None:
+    """Refuse an option of `given` (name: value, None where not given) that `task` does not use, by its flag."""
+    for name, value in given.items():
+        if value is not None and task not in INFERENCE_TASKS[name]:
+            raise UserError(f"--{name.replace('_', '-')} applies to --task {' and '.join(INFERENCE_TASKS[name])}, not {task}; "
+                            "leave it out")
 
 
 # Every row `predict` writes starts with this, as json.dumps spells it: how an earlier predictions file is known.
@@ -312,8 +329,11 @@ def check_predictions_out(out: str | Path, **inputs: str | Path | None) -> None:
     path = Path(out)
     if not str(out).strip():
         raise UserError("--out is empty; pass the path of the JSONL file to write, e.g. --out predictions.jsonl")
-    if path.is_dir():
+    if path.is_dir() or str(out).endswith(("/", os.sep)):
         raise UserError(f"--out {out} is a directory; pass the path of the JSONL file to write, e.g. {path / 'predictions.jsonl'}")
+    if path.suffix in (".gz", ".bz2", ".xz", ".zst"):
+        raise UserError(f"--out {out}: predict writes plain JSON lines, not {path.suffix}; pass a path ending in .jsonl "
+                        "and compress it afterwards")
     if not path.exists():
         return
     for flag, given in inputs.items():
@@ -344,10 +364,10 @@ def predict(
     label_field: str | None = None,
     device: str = "auto",
     batch_size: int = 32,
-    max_new_tokens: int = 64,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
-    max_answer_length: int = 30,
+    max_new_tokens: int | None = None,
+    num_beams: int | None = None,
+    length_penalty: float | None = None,
+    max_answer_length: int | None = None,
     dtype: str = "auto",
 ) -> int:
     """Run `checkpoint` over the examples of `data` and write one JSON object per example to `out`
@@ -355,7 +375,7 @@ def predict(
     a plain-text file of sources, conversations without a reply). A conversation's reply is to all of
     it but a final assistant turn (the reference reply, when the data has one)."""
     check_predictions_out(out, data=data, target=target)  # found now, not after every prediction is made
-    ensure_dir(Path(out).parent)
+    check_writable_dir(Path(out).parent)  # likewise; the folders it makes to check are removed again
     pipe = pipeline(task, checkpoint, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens,
                     max_answer_length=max_answer_length, num_beams=num_beams, length_penalty=length_penalty, dtype=dtype)
     examples = read_examples(pipe.task, data, target, text_field=text_field, label_field=label_field,
