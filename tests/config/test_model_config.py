@@ -2,7 +2,7 @@
 
 import pytest
 
-from lmforge.config import PRESETS, ModelConfig, preset
+from lmforge.config import FINETUNE_DEFAULTS, PRESETS, LoraConfig, ModelConfig, TrainConfig, preset
 from lmforge.utils.errors import UserError
 
 BASE = dict(vocab_size=50, context_length=16, n_layer=1, n_head=2, n_embd=16)
@@ -94,7 +94,7 @@ def test_every_float_field_refuses_nan_and_inf_in_one_line_naming_it(value):
                 cls(**{**base, name: value})
             assert "\n" not in str(e.value)
     # An int field given a float from a YAML file (a sweep grid's train) is caught too.
-    with pytest.raises(UserError, match=r"train\.max_steps must be a finite number, got nan"):
+    with pytest.raises(UserError, match=r"train\.max_steps is nan; it must be int"):
         TrainConfig(max_steps=float("nan"))
     with pytest.raises(UserError, match=r"model\.lora\.alpha|lora\.alpha"):
         ModelConfig.from_dict({**BASE, "lora": {"r": 4, "alpha": float("inf")}})
@@ -158,3 +158,28 @@ def test_lora_alpha_must_be_positive(alpha):
     with pytest.raises(UserError, match=r"lora\.alpha must be > 0"):  # and in a checkpoint's config.json
         ModelConfig.from_dict({**BASE, "lora": {"r": 2, "alpha": alpha}})
     assert LoraConfig(r=2, alpha=1e-3).scale == 5e-4
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: ModelConfig(n_layer="2"), "model.n_layer is '2'; it must be int"),
+    (lambda: preset("tiny", dropout="0.1"), "model.dropout is '0.1'; it must be float"),
+    (lambda: preset("tiny", task_head="classify", labels="0,1"), "model.labels is '0,1'; it must be a list of label names"),
+    (lambda: TrainConfig(max_steps="3"), "train.max_steps is '3'; it must be int"),
+    (lambda: TrainConfig(max_steps=3.5), "train.max_steps is 3.5; it must be int"),
+    (lambda: TrainConfig(lr="1e-3"), "train.lr is '1e-3'; it must be float"),
+    (lambda: LoraConfig(r="4"), "lora.r is '4'; it must be int"),
+    (lambda: TrainConfig.of({"max_step": 3}), r"unknown train field\(s\) \['max_step'\]"),
+    (lambda: TrainConfig.of(3), "train must be a TrainConfig or a dict of its fields, got int"),
+])
+def test_configs_built_in_python_check_their_types_in_one_line(build, message):
+    """Seen in review: from Python these were TypeErrors deep in training, or (labels="0,1") a head of the
+    characters '0', ',' and '1' whose checkpoint no verb could open."""
+    with pytest.raises(UserError, match=message):
+        build()
+
+
+def test_a_train_dict_sets_fields_over_the_defaults_it_is_given():
+    assert TrainConfig.of({"max_steps": 7}) == TrainConfig(max_steps=7)
+    assert TrainConfig.of({"max_steps": 7}, FINETUNE_DEFAULTS) == TrainConfig(**{**FINETUNE_DEFAULTS, "max_steps": 7})
+    given = TrainConfig(lr=1e-3)
+    assert TrainConfig.of(given, FINETUNE_DEFAULTS) is given and TrainConfig.of(None) == TrainConfig()

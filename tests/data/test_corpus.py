@@ -240,3 +240,12 @@ def test_the_conversion_the_hint_gives_makes_a_file_read_as_the_original_would_b
     assert texts([converted]) == want
     (tmp_path / name).unlink()  # the folder now holds the converted file alone: read, not skipped
     assert texts([tmp_path]) == want
+
+
+def test_train_tokenizer_takes_one_path_as_prepare_does(tmp_path, monkeypatch):
+    """Seen in review: one str was read as its characters (so "small.txt" put --out "inside the source ."),
+    and one Path was a TypeError."""
+    (tmp_path / "small.txt").write_text("the cat sat on the mat. " * 50)
+    monkeypatch.chdir(tmp_path)
+    assert train_tokenizer("small.txt", 300, "tok_str", progress=False).vocab_size > 256
+    assert train_tokenizer(tmp_path / "small.txt", 300, tmp_path / "tok_path", progress=False).vocab_size > 256

@@ -10,7 +10,7 @@ import torch
 
 from conftest import SHARED_DATA, tiny_train_config
 from lmforge.checkpoint import load_model, save_checkpoint
-from lmforge.config import LoraConfig, preset
+from lmforge.config import FINETUNE_DEFAULTS, LoraConfig, preset
 from lmforge.evaluate import evaluate_lm, evaluate_task
 from lmforge.evaluate.metrics import accuracy, entity_f1, macro_f1
 from lmforge.finetune import finetune, merge_lora
@@ -73,6 +73,10 @@ def test_the_pipeline_refuses_an_input_of_the_wrong_shape_or_with_a_lone_surroga
         pipe("hi \ud83d there")
     with pytest.raises(UserError, match=r"^input 1 is list '\[3\]'; classify takes a text$"):
         pipe(["fine", [3]])
+    # A dict was read as its keys (`{"text": ...}` classified the word "text"); None and 5 failed in list().
+    for wrong, kind in (({"text": "a gripping film"}, "dict"), (None, "NoneType"), (5, "int")):
+        with pytest.raises(UserError, match=f"^a classify pipeline takes a text or a list of them, not {kind}$"):
+            pipe(wrong)
 
 
 def test_an_encoder_classifies_from_its_cls_token(encoder, tmp_path):
@@ -409,6 +413,24 @@ def test_options_a_task_does_not_use_are_refused_not_ignored(yelp_run, trained_r
     with pytest.raises(UserError, match="--split val selects a split of a prepared data directory"):
         evaluate_lm(trained_run.out, YELP, split="val", device="cpu")
     assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_python_callers_get_the_cli_defaults_and_their_labels_checked(trained_run, tmp_path):
+    """Seen in review: labels="0,1" trained a head of the labels '0', ',' and '1', whose checkpoint nothing
+    could open; train=TrainConfig(max_steps=N) silently ran at pretraining's lr, 12x the CLI's."""
+    with pytest.raises(UserError, match=r"labels is '0,1'; pass a list of label names"):
+        finetune(trained_run.out, "classify", YELP, tmp_path / "bad", labels="0,1", **QUIET)
+    assert not (tmp_path / "bad").exists()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run = finetune(trained_run.out, "classify", YELP, tmp_path / "ft",
+                       train={"max_steps": 2, "device": "cpu", "threads": 1, "tensorboard": False}, **QUIET)
+        assert torch.get_num_threads() == 2  # train.threads held for the run only
+    finally:
+        torch.set_num_threads(threads)
+    state = json.loads((run.checkpoint / "trainer_state.json").read_text())["train"]
+    assert state["max_steps"] == 2 and state["lr"] == FINETUNE_DEFAULTS["lr"] and state["warmup_steps"] == FINETUNE_DEFAULTS["warmup_steps"]
 
 
 def test_predict_checks_its_output_before_the_predictions(yelp_run, tmp_path):

@@ -59,3 +59,19 @@ def test_an_encoder_decoder_source_longer_than_the_context_is_one_line(trained_r
     with pytest.raises(UserError, match=r"^the source is 16 tokens, longer than the 15 the model's context of 16 leaves; "
                                         r"shorten it$"):
         lm.generate(list(range(5, 21)), 2)
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    ((["a", "b"],), {}, "the prompt must be a text or a list of token ids, not list"),
+    ((None,), {}, "the prompt must be a text or a list of token ids, not NoneType"),
+    (("hi", 5.0), {}, "max_new_tokens must be a whole number >= 0, got 5.0"),
+    (("hi", 5), {"temperature": None}, "sampling.temperature is None; it must be float"),
+    (("hi", 5), {"top_k": 5.5}, "sampling.top_k is 5.5; it must be int"),
+    (("hi", 5), {"seed": True}, "sampling.seed is True; it must be int | None"),
+])
+def test_arguments_of_the_wrong_type_are_one_line(trained_run, args, kwargs, message):
+    """Seen in review: TypeErrors from deep inside, a torch RuntimeError for seed=True, top_k=5.5 taken."""
+    lm = load(trained_run.out, device="cpu")
+    with pytest.raises(UserError, match=message):
+        lm.generate(*args, **kwargs)
+    assert lm.generate([1, 2], 2, temperature=0) == lm.generate((1, 2), 2, temperature=0)  # ids as a list or tuple

@@ -116,3 +116,34 @@ def test_an_unfilled_model_loads_to_the_same_model_and_leaves_torch_init_as_it_w
     empty.load_state_dict(ref.state_dict())
     idx = torch.randint(0, 128, (2, 16))
     assert torch.equal(empty.eval()(idx), ref(idx))
+
+
+def test_unfilled_models_built_on_several_threads_leave_torch_init_as_it_was():
+    """Seen in review: two threads loading at once, each restoring the fills it found, could restore the
+    other's no-ops, and every model built afterwards in the process started from uninitialised memory."""
+    import threading
+    import time
+
+    from torch import nn
+
+    class Slow(Transformer):  # a build long enough for the threads' builds to overlap
+        def __init__(self, config):
+            time.sleep(0.02)
+            super().__init__(config)
+
+    fills = dict(vars(nn.init))
+    cfg = preset("tiny", vocab_size=128)
+
+    def build(delay: float) -> None:
+        time.sleep(delay)
+        for _ in range(3):
+            Slow.unfilled(cfg)
+
+    threads = [threading.Thread(target=build, args=(i * 0.01,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert dict(vars(nn.init)) == fills
+    torch.manual_seed(0)
+    assert 0.01 < Transformer(cfg).tok_embeddings.weight.std().item() < 0.1

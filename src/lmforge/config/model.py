@@ -65,6 +65,7 @@ class LoraConfig:
     targets: str = "q,v"
 
     def __post_init__(self) -> None:
+        check_scalar_types(type(self), vars(self), "lora")
         check_finite(self, "lora")
         if self.r < 0:
             raise UserError(f"lora.r must be >= 0, got {self.r}")
@@ -189,7 +190,11 @@ class ModelConfig:
     lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
+        check_scalar_types(type(self), vars(self), "model")  # ModelConfig(n_layer="2") in Python: not a TypeError later
         check_finite(self, "model")
+        if self.labels is not None and (not isinstance(self.labels, (list, tuple))
+                                        or not all(isinstance(label, str) for label in self.labels)):
+            raise UserError(f"model.labels is {self.labels!r}; it must be a list of label names or null")
         for name in ("context_length", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
             if getattr(self, name) < 1:
                 raise UserError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -301,10 +306,7 @@ class ModelConfig:
             raise UserError(
                 f"unknown model config key(s) {unknown}; valid keys are {sorted(names)}"
             )
-        check_scalar_types(cls, d, "model")
-        labels, lora = d.get("labels"), d.get("lora")
-        if labels is not None and not (isinstance(labels, (list, tuple)) and all(isinstance(x, str) for x in labels)):
-            raise UserError(f"model.labels is {labels!r}; it must be a list of label names or null")
+        lora = d.get("lora")  # the scalar fields and labels are checked by __post_init__
         if lora is not None and not isinstance(lora, dict):
             raise UserError(f"model.lora is {lora!r}; it must be a mapping of r, alpha, dropout, targets or null")
         if lora is not None:

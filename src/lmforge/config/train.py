@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from lmforge.config.model import check_finite
+from lmforge.config.model import check_finite, check_scalar_types
 from lmforge.utils.errors import UserError
 
 
@@ -100,6 +100,7 @@ class TrainConfig:
     skip_nonfinite: bool = False
 
     def __post_init__(self) -> None:
+        check_scalar_types(type(self), vars(self), "train")  # TrainConfig(max_steps="3") in Python: not a TypeError later
         check_finite(self, "train")
         for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "keep_checkpoints", "eval_batches"):
             if getattr(self, name) < 1:
@@ -142,6 +143,19 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def of(cls, value: TrainConfig | dict[str, Any] | None, defaults: dict[str, Any] | None = None) -> TrainConfig:
+        """The config a Python caller means by `train=`: a TrainConfig as it is; a dict of fields over
+        `defaults` (a fine-tune's are FINETUNE_DEFAULTS); None, the defaults alone."""
+        if isinstance(value, cls):
+            return value
+        if value is not None and not isinstance(value, dict):
+            raise UserError(f"train must be a TrainConfig or a dict of its fields, got {type(value).__name__}")
+        unknown = sorted(set(value or {}) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise UserError(f"unknown train field(s) {unknown}; valid fields are {sorted(f.name for f in dataclasses.fields(cls))}")
+        return cls(**{**(defaults or {}), **(value or {})})
 
 
 # Fine-tuning starts from trained weights: a small learning rate decayed to zero, a short warmup,

@@ -50,7 +50,7 @@ def iter_documents(paths: Sequence[str | Path]) -> Iterator[Document]:
 
 
 def train_tokenizer(
-    paths: Sequence[str | Path],
+    paths: Sequence[str | Path] | str | Path,
     vocab_size: int,
     out: str | Path,
     min_frequency: int = 2,
@@ -63,6 +63,7 @@ def train_tokenizer(
     tokenizer there complete; it may not be a prepared data or checkpoint directory (its shards or
     weights were made with the tokenizer.json there) nor a folder of other files.
     """
+    paths = path_list(paths)  # one str or Path is one path, as `prepare` takes it
     check_tokenizer_out(out, sources=paths)
     n_docs = 0
 

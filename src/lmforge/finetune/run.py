@@ -42,7 +42,7 @@ def finetune(
     val: str | Path | None = None,
     val_target: str | Path | None = None,
     split_articles: float | None = None,
-    train: TrainConfig | None = None,
+    train: TrainConfig | dict[str, Any] | None = None,
     lora: LoraConfig | None = None,
     freeze_embeddings: bool = False,
     freeze_layers: int = 0,
@@ -67,9 +67,14 @@ def finetune(
     of a full fine-tune; with LoRA they are refused.
     `repeat_input` (decoders; tag and qa) lays each input out twice and reads the second copy,
     so that every token has seen the whole text (see `lmforge.data.features`).
+    `train` None takes FINETUNE_DEFAULTS (`lmforge finetune`'s: lr 5e-5 decayed to 0, 500 steps, ...);
+    a dict sets some fields over those; a TrainConfig is taken whole, and its own defaults are
+    pretraining's (lr 6e-4): build one as `TrainConfig(**FINETUNE_DEFAULTS, max_steps=...)`.
     """
     t0 = time.perf_counter()
-    train = train or TrainConfig(**FINETUNE_DEFAULTS)
+    train = TrainConfig.of(train, FINETUNE_DEFAULTS)
+    if labels is not None and (not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels)):
+        raise UserError(f"labels is {labels!r}; pass a list of label names, e.g. ['neg', 'pos']")
     check_run_out(out)
     base, ckpt = load_model(checkpoint, "cpu")
     cfg = base.config

@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from lmforge.config.model import check_scalar_types
 from lmforge.infer.sampling import draw, filter_logits, is_greedy
 from lmforge.model import KVCache, Transformer
 from lmforge.utils.errors import UserError
@@ -26,6 +27,7 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        check_scalar_types(type(self), vars(self), "sampling")  # temperature=None or top_k=5.5 from Python
         if not self.temperature >= 0:  # NaN too
             raise UserError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -84,8 +86,8 @@ def generate_tokens(
     T, ctx = idx.size(1), model.config.context_length
     if T == 0:
         raise UserError("the prompt is empty; give at least one token of text")
-    if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
     if T > ctx:
         raise UserError(f"the prompt is {T} tokens, longer than the model's context of {ctx}; shorten the prompt")
     generator = None

@@ -70,6 +70,9 @@ class Pipeline:
             single = isinstance(inputs, str) or (isinstance(inputs, list) and bool(inputs) and isinstance(inputs[0], dict))
         else:
             single = isinstance(inputs, str)
+        if not single and not isinstance(inputs, (list, tuple)):  # a dict would be read as its keys, None or 5 fail in list()
+            one = {"qa": 'a {"question": ..., "context": ...} dict', "sft": "a list of messages"}.get(self.task, "a text")
+            raise UserError(f"a {self.task} pipeline takes {one} or a list of them, not {type(inputs).__name__}")
         batch = [inputs] if single else list(inputs)
         if not batch:
             return []

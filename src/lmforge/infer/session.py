@@ -46,6 +46,8 @@ class LanguageModel:
         """
         if isinstance(prompt, str):
             require_text(prompt, "the prompt")
+        elif not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise UserError(f"the prompt must be a text or a list of token ids, not {type(prompt).__name__}")
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stops = self.tokenizer.end_ids if stop_at_eot else ()
         prompt_ids, memory = (self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)), {}

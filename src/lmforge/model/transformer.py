@@ -10,6 +10,10 @@ encoder-decoder (the original Transformer).
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -22,6 +26,31 @@ from lmforge.model.lora import add_lora
 # torch.nn.init's fills, which `Transformer.unfilled` skips.
 _FILLS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
           "trunc_normal_", "zeros_", "ones_", "constant_")
+_skipping = threading.Lock()
+_skippers = 0  # threads inside `_no_fills`
+_kept_fills: dict[str, object] = {}
+
+
+@contextlib.contextmanager
+def _no_fills() -> Iterator[None]:
+    """torch.nn.init's fills are no-ops inside, process-wide. The first thread in keeps the real ones and
+    the last one out puts them back: a thread that saved and restored what it found could keep another
+    thread's no-ops, and every model built afterwards would start from uninitialised memory."""
+    global _skippers
+    with _skipping:
+        if _skippers == 0:
+            _kept_fills.update({name: getattr(nn.init, name) for name in _FILLS})
+            for name in _FILLS:
+                setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        _skippers += 1
+    try:
+        yield
+    finally:
+        with _skipping:
+            _skippers -= 1
+            if _skippers == 0:
+                for name, fill in _kept_fills.items():
+                    setattr(nn.init, name, fill)
 
 
 class MLMHead(nn.Module):
@@ -225,14 +254,8 @@ class Transformer(nn.Module):
         """A model whose weights are allocated but not initialised, to load every one of them from a file:
         the random fills are most of a load (3 of 4 s for a 135M model on a CPU). As transformers'
         `no_init_weights` does, torch.nn.init's fills are no-ops while it builds, for other threads too."""
-        fills = {name: getattr(nn.init, name) for name in _FILLS}
-        for name in fills:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        try:
+        with _no_fills():
             return cls(config)
-        finally:
-            for name, fill in fills.items():
-                setattr(nn.init, name, fill)
 
     def num_params(self, exclude_positions: bool = True, trainable_only: bool = False) -> int:
         """Parameters (those that train, with `trainable_only`), counting tied weights once; learned

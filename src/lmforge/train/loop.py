@@ -128,11 +128,15 @@ def fit(
     rank 0 logs and writes files.
     """
     t0 = time.perf_counter() if t0 is None else t0
-    with init_world(train.device) as (world, device):
-        if not world.main:
-            progress, log = False, _silent
-        return _fit(world, device, net, objective, tokenizer, train, Path(out), train_source, val_source,
-                    tokens_per_sample, resume, state, val_tokens_bytes, describe, progress, log, t0)
+    threads = torch.get_num_threads()  # `train.threads` holds for this run only, not the rest of a Python session
+    try:
+        with init_world(train.device) as (world, device):
+            if not world.main:
+                progress, log = False, _silent
+            return _fit(world, device, net, objective, tokenizer, train, Path(out), train_source, val_source,
+                        tokens_per_sample, resume, state, val_tokens_bytes, describe, progress, log, t0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _fit(world: World, device: torch.device, net: Transformer, objective: TrainingObjective, tokenizer: Tokenizer,

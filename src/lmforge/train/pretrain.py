@@ -24,7 +24,7 @@ def pretrain(
     data: str | Path,
     out: str | Path,
     model: ModelConfig | str | None = None,
-    train: TrainConfig | None = None,
+    train: TrainConfig | dict[str, Any] | None = None,
     resume: bool = False,
     objective: str = "causal",
     progress: bool = True,
@@ -38,7 +38,7 @@ def pretrain(
     data from `prepare_parallel`). With `resume`, continue from the latest checkpoint in `out`.
     """
     t0 = time.perf_counter()
-    train = train or TrainConfig()
+    train = TrainConfig.of(train)  # a dict sets some fields over the defaults
     meta = load_meta(data)  # token shards or parallel pairs (kind "parallel"), checked either way
     check_run_out(out)  # not in the data (which `prepare` replaces as a whole), nor in a checkpoint
     tokenizer = Tokenizer.load(data, fix=f"the shards in {data} were made with it: restore it, or re-run "
