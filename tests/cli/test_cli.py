@@ -897,3 +897,10 @@ def test_the_cli_leaves_distributed_checkpointing_unimported():
             "print(sorted(m for m in ('torch.distributed.checkpoint', 'torch.distributed.tensor') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_tokenizer_smaller_than_asked_says_why(capsys, tmp_path):
+    """Seen in review: --vocab-size 300 on a small corpus gave 262 tokens without a word."""
+    (tmp_path / "s.txt").write_text("the cat sat on the mat and the dog sat on the log\n")
+    code, out, _ = run(capsys, "tokenizer", "train", tmp_path / "s.txt", "--vocab-size", 300, "--out", tmp_path / "tok")
+    assert code == 0 and "(not the 300 asked: the corpus has no more pairs of tokens seen at least 2 times)" in out

@@ -34,7 +34,10 @@ def _say(args: Namespace) -> Callable[..., None]:
 
 def tokenizer_train(args: Namespace) -> dict[str, Any]:
     tok = train_tokenizer(args.files, args.vocab_size, args.out, min_frequency=args.min_frequency)
-    _say(args)(f"tokenizer: {tok.vocab_size} tokens -> {Path(args.out) / 'tokenizer.json'}")
+    m = args.min_frequency
+    short = (f" (not the {args.vocab_size} asked: the corpus has no more pairs of tokens seen at least {m} "
+             f"time{'' if m == 1 else 's'})" if tok.vocab_size < args.vocab_size else "")
+    _say(args)(f"tokenizer: {tok.vocab_size} tokens -> {Path(args.out) / 'tokenizer.json'}{short}")
     return {"out": args.out, "vocab_size": tok.vocab_size, "sha256": tok.sha256}
 
 
