@@ -88,7 +88,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], max_new_tokens: int, de
 
 
 def run_hf(hf, lm, prompts: list[list[int]], max_new_tokens: int, lookup: int, device) -> dict:
-    kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=lm.tokenizer.eot_id,
+    kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(lm.tokenizer.end_ids),
                   pad_token_id=lm.tokenizer.eot_id)
     if lookup:
         kwargs["prompt_lookup_num_tokens"] = lookup

@@ -170,6 +170,24 @@ def test_rerun_replaces_a_data_directory(tmp_path, tok_dir):
     assert len(meta["splits"]["train"]["shards"]) == 1
 
 
+def test_rerun_replaces_data_made_with_a_tokenizer_of_several_end_ids(tmp_path, tok_dir):
+    """Seen in review: the tokenizer's generation_config.json (an imported Llama 3 Instruct's end ids),
+    saved into the data, made the next prepare refuse the directory as not its own."""
+    import shutil
+
+    tok = shutil.copytree(tok_dir, tmp_path / "tok")
+    (tok / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 5]}))
+    (tmp_path / "a.txt").write_text("hello\nworld\n" * 50)
+    for _ in range(2):
+        prepare([tmp_path / "a.txt"], tok, tmp_path / "out", progress=False)
+    assert Tokenizer.load(tmp_path / "out").end_ids == (Tokenizer.load(tok).eot_id, 5)
+    from lmforge.data import train_tokenizer
+
+    (tmp_path / "tok2").mkdir()  # a tokenizer folder holds it too (Tokenizer.save writes it): replaced as well
+    Tokenizer.load(tok).save(tmp_path / "tok2")
+    train_tokenizer([tmp_path / "a.txt"], 300, tmp_path / "tok2", progress=False)
+
+
 def test_never_replaces_a_folder_holding_its_corpus_but_may_write_inside_one(tmp_path, tok_dir):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text("hello\nworld\n" * 50)

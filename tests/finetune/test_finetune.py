@@ -77,6 +77,8 @@ def test_the_pipeline_refuses_an_input_of_the_wrong_shape_or_with_a_lone_surroga
     for wrong, kind in (({"text": "a gripping film"}, "dict"), (None, "NoneType"), (5, "int")):
         with pytest.raises(UserError, match=f"^a classify pipeline takes a text or a list of them, not {kind}$"):
             pipe(wrong)
+    texts = ["a gripping film", "dull"]  # any other iterable is a batch, as in transformers' pipelines
+    assert pipe(t for t in texts) == pipe(tuple(texts)) == pipe(__import__("numpy").array(texts)) == pipe(texts)
 
 
 def test_an_encoder_classifies_from_its_cls_token(encoder, tmp_path):
@@ -391,7 +393,8 @@ def test_options_a_task_does_not_use_are_refused_not_ignored(yelp_run, trained_r
     on eval --task sft (a loss), --split with text files all ran and changed nothing."""
     for options, flag in (({"num_beams": 4}, "--num-beams applies to --task seq2seq and sft, not classify"),
                           ({"max_new_tokens": 9}, "--max-new-tokens applies to --task seq2seq and sft, not classify"),
-                          ({"max_answer_length": 9}, "--max-answer-length applies to --task qa, not classify")):
+                          ({"max_answer_length": 9}, "--max-answer-length applies to --task qa, not classify"),
+                          ({"length_penalty": 0.5}, "--length-penalty applies to --task seq2seq and sft, not classify")):
         with pytest.raises(UserError, match=flag):
             evaluate_task(yelp_run.checkpoint, None, YELP, limit=2, device="cpu", **options)
         with pytest.raises(UserError, match=flag):
@@ -401,8 +404,9 @@ def test_options_a_task_does_not_use_are_refused_not_ignored(yelp_run, trained_r
     pipeline("seq2seq", trained_run.out, device="cpu", length_penalty=0.6, num_beams=2)  # with beams it applies
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
-    with pytest.raises(UserError, match="--num-beams does not apply: eval --task sft scores the loss"):
-        evaluate_task(trained_run.out, "sft", chat, num_beams=2, device="cpu")
+    for options in ({"num_beams": 2}, {"length_penalty": 0.5}):
+        with pytest.raises(UserError, match="does not apply: eval --task sft scores the loss"):
+            evaluate_task(trained_run.out, "sft", chat, device="cpu", **options)
     # An encoder-decoder has no chat format: sft was a traceback deep in the model (finetune refused it already).
     encdec = _base(tmp_path_factory, tokenizer_dir, "chat-encdec", arch="encoder-decoder", position="sinusoidal")
     with pytest.raises(UserError, match="--task sft runs on decoder models, but .* is an encoder-decoder"):

@@ -1,6 +1,8 @@
 """`load(CKPT)` and `LanguageModel.stream`: text in, text out."""
 
+import numpy as np
 import pytest
+import torch
 
 from lmforge.infer import load
 from lmforge.utils.errors import UserError
@@ -62,8 +64,8 @@ def test_an_encoder_decoder_source_longer_than_the_context_is_one_line(trained_r
 
 
 @pytest.mark.parametrize("args, kwargs, message", [
-    ((["a", "b"],), {}, "the prompt must be a text or a list of token ids, not list"),
-    ((None,), {}, "the prompt must be a text or a list of token ids, not NoneType"),
+    ((["a", "b"],), {}, "the prompt must be a text or a sequence of token ids, not list holding str"),
+    ((None,), {}, "the prompt must be a text or a sequence of token ids, not NoneType"),
     (("hi", 5.0), {}, "max_new_tokens must be a whole number >= 0, got 5.0"),
     (("hi", 5), {"temperature": None}, "sampling.temperature is None; it must be float"),
     (("hi", 5), {"top_k": 5.5}, "sampling.top_k is 5.5; it must be int"),
@@ -74,4 +76,6 @@ def test_arguments_of_the_wrong_type_are_one_line(trained_run, args, kwargs, mes
     lm = load(trained_run.out, device="cpu")
     with pytest.raises(UserError, match=message):
         lm.generate(*args, **kwargs)
-    assert lm.generate([1, 2], 2, temperature=0) == lm.generate((1, 2), 2, temperature=0)  # ids as a list or tuple
+    ids = lm.generate([1, 2], 2, temperature=0)  # ids as a list, tuple, numpy array or tensor, of any integer type
+    assert ids == lm.generate((1, 2), 2, temperature=0) == lm.generate(np.array([1, 2]), 2, temperature=0)
+    assert ids == lm.generate(torch.tensor([1, 2]), 2, temperature=0) == lm.generate([np.int64(1), 2], 2, temperature=0)

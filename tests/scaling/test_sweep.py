@@ -17,7 +17,7 @@ from lmforge.scaling import (
     shape_for,
     sweep,
 )
-from lmforge.scaling.sweep import SECONDS_FILE
+from lmforge.scaling.sweep import SECONDS_FILE, _train_config
 from lmforge.train import checkpointing
 from lmforge.utils.errors import UserError
 
@@ -76,6 +76,13 @@ def test_sweep_writes_rows_and_resumes(tmp_path, data_dir):
     with pytest.raises(UserError, match=r"runs/L2-d32-D4.1e03/step-\d+: run L2-d32-D4.1e03 was swept with tokens 4096"):
         sweep(tmp_path / "g.yaml", data_dir, tmp_path / "study", log=logs.append, progress=False)
 
+
+
+def test_yaml_numbers_without_a_dot_are_numbers_in_train_and_model(tmp_path):
+    """YAML 1.1 reads `lr: 3e-3` as a string: refused as "train.lr is '3e-3'", where --train.lr 3e-3 is a number."""
+    (tmp_path / "g.yaml").write_text(GRID.replace("lr: 3.0e-3", "lr: 3e-3").replace("context_length: 32}", "context_length: 32, norm_eps: 1e-6}"))
+    [run, *_] = plan_runs(load_grid(tmp_path / "g.yaml"))
+    assert _train_config(load_grid(tmp_path / "g.yaml")).lr == 3e-3 and run.model.norm_eps == 1e-6
 
 
 def test_an_encoder_grid_trains_with_the_masked_lm_objective(tmp_path, data_dir):

@@ -24,8 +24,8 @@ TaskHead = Literal["none", "classify", "tag", "span"]
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # The Python types a JSON/YAML value may have for each scalar field annotation (an int is a valid float).
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
-    "int": (int,), "int | None": (int, type(None)), "float": (int, float), "bool": (bool,), "str": (str,),
-    "str | None": (str, type(None)),
+    "int": (int,), "int | None": (int, type(None)), "float": (int, float), "bool": (bool,), "bool | None": (bool, type(None)),
+    "str": (str,), "str | None": (str, type(None)),
 }
 
 

@@ -89,7 +89,7 @@ def train_tokenizer(
 
 # What `Tokenizer.save` writes: an earlier tokenizer folder holding anything else (the corpus, notes,
 # a downloaded tokenizer's vocab.json) is the user's, which replacing the folder would delete.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")  # what Tokenizer.save writes
 
 
 def check_tokenizer_out(out: str | Path, sources: Sequence[str | Path] = ()) -> None:

@@ -61,7 +61,8 @@ _SAFE_BOUNDARY = re.compile(r"(?<=\S)\n(?=\S)")
 _CHANGED = "the corpus changed while it was being prepared; run prepare again"
 # What `prepare` and `prepare_parallel` write into a data directory; it is replaced only when it
 # holds nothing else (a run written into it, a user's notes would vanish with it).
-_DATA_FILES = re.compile(r"meta\.json|tokenizer\.json|tokenizer_config\.json|(train|val)-\d{5,}\.bin|(train|val)\.pairs\.jsonl")
+_DATA_FILES = re.compile(r"meta\.json|tokenizer\.json|tokenizer_config\.json|generation_config\.json|(train|val)-\d{5,}\.bin"
+                         r"|(train|val)\.pairs\.jsonl")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

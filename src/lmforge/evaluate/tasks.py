@@ -22,6 +22,13 @@ from lmforge.train import weighted_mean_loss
 from lmforge.utils.errors import UserError
 
 
+def _refuse_generation(options: dict[str, Any]) -> None:
+    """eval --task sft scores the loss of the reference replies: the options of generation do not apply."""
+    if unused := [name for name, value in options.items() if value is not None]:
+        raise UserError(f"--{unused[0].replace('_', '-')} does not apply: eval --task sft scores the loss of the reference "
+                        "replies and generates nothing (predict --task sft generates replies); leave it out")
+
+
 def evaluate_task(
     checkpoint: str | Path,
     task: str | None,
@@ -50,13 +57,14 @@ def evaluate_task(
     pipeline's (`lmforge.pipeline`), and so is `dtype`.
     """
     t0 = time.perf_counter()
+    generation = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty}
+    if task == "sft":  # before the pipeline's own checks of these options, which would ask for more of them
+        _refuse_generation(generation)
     pipe = pipeline(task, checkpoint, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens,
                     max_answer_length=max_answer_length, num_beams=num_beams, length_penalty=length_penalty, dtype=dtype)
     task = pipe.task
-    generation = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty}
-    if task == "sft" and (unused := [name for name, value in generation.items() if value is not None]):
-        raise UserError(f"--{unused[0].replace('_', '-')} does not apply: eval --task sft scores the loss of the reference "
-                        "replies and generates nothing (predict --task sft generates replies); leave it out")
+    if task == "sft":  # the checkpoint's own task
+        _refuse_generation(generation)
     examples = read_examples(task, data, target, text_field=text_field, label_field=label_field,
                              split_articles=split_articles, part=1)
     if limit is not None:

@@ -20,6 +20,7 @@ import json
 import os
 import re
 from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -70,7 +71,8 @@ class Pipeline:
             single = isinstance(inputs, str) or (isinstance(inputs, list) and bool(inputs) and isinstance(inputs[0], dict))
         else:
             single = isinstance(inputs, str)
-        if not single and not isinstance(inputs, (list, tuple)):  # a dict would be read as its keys, None or 5 fail in list()
+        if not single and (isinstance(inputs, Mapping) or not isinstance(inputs, Iterable)):
+            # a dict would be read as its keys; None or 5 fail in list(). Lists, generators, arrays are batches.
             one = {"qa": 'a {"question": ..., "context": ...} dict', "sft": "a list of messages"}.get(self.task, "a text")
             raise UserError(f"a {self.task} pipeline takes {one} or a list of them, not {type(inputs).__name__}")
         batch = [inputs] if single else list(inputs)
@@ -282,8 +284,6 @@ def pipeline(
                         f"{opts['max_answer_length']}")
     if opts["max_new_tokens"] < 1:  # checked here, by the option's name, not deep in the engine or the beam search
         raise UserError(f"--max-new-tokens must be >= 1, got {opts['max_new_tokens']}; it is the length of the longest generated output")
-    if length_penalty is not None and opts["num_beams"] == 1:
-        raise UserError("--length-penalty ranks the hypotheses of beam search; add --num-beams N (N > 1), or leave it out")
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, dev, inference_dtype(dev, dtype))
     trained = (ckpt.trainer_state or {}).get("task") or {}
@@ -304,6 +304,8 @@ def pipeline(
         raise UserError(f"{ckpt.path} was fine-tuned for --task {kind}, not {task}; use --task {kind}, or fine-tune "
                         f"its base model with `lmforge finetune BASE --task {task} ...`")
     refuse_unused_options(task, given)
+    if length_penalty is not None and opts["num_beams"] == 1:  # after the task's own refusals: one that applies
+        raise UserError("--length-penalty ranks the hypotheses of beam search; add --num-beams N (N > 1), or leave it out")
     cfg = model.config
     fmt = TaskFormat(ckpt.tokenizer, cfg.arch, trained.get("max_length", cfg.context_length), trained.get("prompt", DEFAULT_PROMPT),
                      trained.get("repeat", False))

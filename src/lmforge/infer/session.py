@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Iterator
 
@@ -46,8 +47,13 @@ class LanguageModel:
         """
         if isinstance(prompt, str):
             require_text(prompt, "the prompt")
-        elif not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise UserError(f"the prompt must be a text or a list of token ids, not {type(prompt).__name__}")
+        else:
+            prompt = prompt.tolist() if hasattr(prompt, "tolist") else prompt  # a numpy array or torch tensor of ids
+            ids = isinstance(prompt, (list, tuple))
+            if not ids or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+                held = f" holding {next(type(t).__name__ for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool))}" if ids else ""
+                raise UserError(f"the prompt must be a text or a sequence of token ids, not {type(prompt).__name__}{held}")
+            prompt = [int(t) for t in prompt]
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stops = self.tokenizer.end_ids if stop_at_eot else ()
         prompt_ids, memory = (self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)), {}

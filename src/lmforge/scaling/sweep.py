@@ -136,6 +136,13 @@ def _number(v: Any) -> Any:
         return v
 
 
+def _floats(cls: type, settings: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with the numeric strings of `cls`'s float fields as numbers: YAML 1.1 reads `lr: 3e-3`
+    (no dot) as a string, which `--train.lr 3e-3` and `pretrain --config` take as the number."""
+    floats = {f.name for f in dataclasses.fields(cls) if str(f.type) == "float"}
+    return {k: _number(v) if k in floats else v for k, v in settings.items()}
+
+
 # A shape the aspect ratio gives (the width rounded to whole heads, then the depth) that lands within this
 # factor of its target is kept: that was the whole rule before the search below, so sweeps begun under it
 # keep their shapes, hence their run names, and resume.
@@ -193,6 +200,7 @@ def _model_settings(grid: Grid) -> dict[str, Any]:
     if fixed:
         raise UserError(f"grid `model` sets {', '.join(fixed)}, which the sweep chooses for each size; remove "
                         f"{'it' if len(fixed) == 1 else 'them'} and set the grid's head_size or aspect_ratio instead")
+    model = _floats(ModelConfig, model)
     name = model.get("preset")
     if name is None:
         return model
@@ -356,9 +364,10 @@ def _train_config(grid: Grid) -> TrainConfig:
     """The grid's `train` as a TrainConfig (max_steps comes from each run's budget), checked up front."""
     if not isinstance(grid.train, dict):
         raise UserError(f"grid `train` must map TrainConfig fields to values, got {grid.train!r}")
-    check_scalar_types(TrainConfig, grid.train, "train")  # "8" for an int: the field and its type, not a bare '<'
+    train = _floats(TrainConfig, grid.train)
+    check_scalar_types(TrainConfig, train, "train")  # "8" for an int: the field and its type, not a bare '<'
     try:
-        return TrainConfig(**{**grid.train, "max_steps": 1})
+        return TrainConfig(**{**train, "max_steps": 1})
     except TypeError as e:
         raise UserError(f"grid `train`: {e}") from None
 
