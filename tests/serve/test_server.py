@@ -10,7 +10,7 @@ import time
 import pytest
 import uvicorn
 
-from lmforge.infer import Engine, load
+from lmforge.infer import Engine, SamplingParams, load
 from lmforge.serve import build_app
 
 # The official client is a test extra that the GPU image lacks: skip the module there, not fail collection.
@@ -187,6 +187,32 @@ def test_logit_bias(client, lm):
     for bad in ({"e": 1}, {str(10**6): 1}, {"-1": 1}, {"1": 101}):
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="tiny", prompt="x", max_tokens=2, logit_bias=bad)
+
+
+def test_vllms_stop_token_ids_and_skip_special_tokens(client, lm):
+    """Seen in review: stop_token_ids was ignored (the text ran on to max_tokens), and special tokens were
+    written into the text, where vLLM leaves them out by default."""
+    prompt = "First Citizen:\nWe are"  # the tiny model's greedy reply starts with two different tokens
+    kw = dict(model="tiny", prompt=prompt, temperature=0)
+    [req] = Engine(lm.model, lm.tokenizer).generate([lm.tokenizer.encode(prompt)],
+                                                    SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    first, second = req.output[:2]
+    assert first != second
+    stopped = client.completions.create(max_tokens=6, extra_body={"ignore_eos": True, "stop_token_ids": [second]}, **kw)
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 2
+    assert stopped.choices[0].text == lm.tokenizer.decode([first])
+    with pytest.raises(openai.BadRequestError, match="stop_token_ids must be token ids"):
+        client.completions.create(max_tokens=2, extra_body={"stop_token_ids": [10**6]}, **kw)
+    cls = lm.tokenizer.cls_id  # a special token, forced
+    forced = dict(max_tokens=3, logit_bias={str(cls): 100}, logprobs=0)
+    hidden = client.completions.create(**forced, **kw)
+    shown = client.completions.create(**forced, extra_body={"skip_special_tokens": False}, **kw)
+    assert hidden.choices[0].text == "" and shown.choices[0].text == "<|cls|>" * 3
+    assert hidden.choices[0].logprobs.tokens == ["<|cls|>"] * 3 and hidden.usage.completion_tokens == 3
+    parts = [{"type": "text", "text": "Translate:"}, {"type": "text", "text": "good day"}]  # joined as vLLM joins them
+    usage = [client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": c}], max_tokens=1).usage
+             for c in (parts, "Translate:\ngood day")]
+    assert usage[0].prompt_tokens == usage[1].prompt_tokens
 
 
 def test_logprobs(client):

@@ -23,6 +23,7 @@ one thread.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import types
 from collections import deque
@@ -303,6 +304,8 @@ class Engine:
         check_prompt_ids(prompt, V)
         if any(t >= V for t in params.logit_bias or ()):
             raise UserError(f"logit_bias token ids must be in [0, {V})")
+        if any(not 0 <= t < V for t in params.stop_token_ids):
+            raise UserError(f"stop_token_ids must be token ids in [0, {V})")
         if len(prompt) + params.max_tokens > self.max_seq_len:
             raise UserError(
                 f"the prompt is {len(prompt)} tokens and max_tokens is {params.max_tokens}: {len(prompt) + params.max_tokens} "
@@ -310,7 +313,10 @@ class Engine:
             )
         req = Request(request_id if request_id is not None else f"req-{next(self._ids)}", prompt, params)
         if self.tokenizer is not None:
-            req.stream = TextStream(self.tokenizer.decode, params.stop, context=prompt)
+            decode = self.tokenizer.decode
+            if params.skip_special_tokens:
+                decode = functools.partial(decode, skip_special_tokens=True)
+            req.stream = TextStream(decode, params.stop, context=prompt)
         if params.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         return req

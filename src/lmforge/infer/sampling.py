@@ -42,7 +42,8 @@ class SamplingParams:
     vLLM. `logprobs` k >= 0 reports the chosen token's log-probability and the k most likely ones;
     None reports none. `logit_bias` maps token
     ids to a number in [-100, 100] added to their logits (OpenAI's: -100 bans a token, 100 all but
-    forces it).
+    forces it). `skip_special_tokens` leaves special tokens (`<|im_start|>`) out of the text, as vLLM does
+    by default; their ids stay in the output and the logprobs.
     """
 
     max_tokens: int = 16
@@ -59,6 +60,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         checks = [

@@ -95,6 +95,8 @@ class _Sampling(_Body):
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM extension; 0 disables")
     repetition_penalty: float = Field(1.0, ge=0.01, le=100.0, description="vLLM extension; 1 disables")
     ignore_eos: bool = Field(False, description="vLLM extension: do not stop at end-of-text")
+    stop_token_ids: list[StrictInt] | None = Field(None, description="vLLM extension: token ids that end the text")
+    skip_special_tokens: bool = Field(True, description="vLLM extension: leave special tokens out of the text")
 
 
 # How pydantic names the member of a union in an error's location ("content", "str", ...).
@@ -276,6 +278,7 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, stop=tuple(stop), ignore_eos=body.ignore_eos,
             seed=None if body.seed is None else body.seed + index, logprobs=logprobs, logit_bias=bias,
+            stop_token_ids=tuple(body.stop_token_ids or ()), skip_special_tokens=body.skip_special_tokens,
         )
 
     async def start(body: _Sampling, prompts: list[list[int]], logprobs: int | None, max_tokens: int | None):
@@ -449,7 +452,8 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         messages = []
         for m in body.messages:
-            content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+            # text parts are joined by a newline, as vLLM joins them
+            content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content or [])
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
         try:
             prompt = encode_chat(lm, messages, name=model_name)  # a message that spells a special token gets its text, not the token

@@ -569,8 +569,9 @@ class Tokenizer:
                 return spans
         return []
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=False)
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """The text of `ids`; special tokens as their text unless `skip_special_tokens` (vLLM's default for replies)."""
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes token `token_id` stands for. A byte-level token may hold part of a
