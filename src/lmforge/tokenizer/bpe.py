@@ -156,12 +156,12 @@ def _end_ids(file: Path) -> list[int]:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{file} is corrupt ({first_line(e)}); {fix}") from None
-    ids = config.get("eos_token_id") if isinstance(config, dict) else None
-    ids = [ids] if isinstance(ids, int) else ids if ids is not None else []
-    if not isinstance(config, dict) or not isinstance(ids, list) or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        what = "not a JSON object" if not isinstance(config, dict) else f"eos_token_id {config['eos_token_id']!r} is not an id or a list of ids"
-        raise UserError(f"{file}: {what}; {fix}")
+    if not isinstance(config, dict):
+        raise UserError(f"{file}: not a JSON object; {fix}")
+    value = config.get("eos_token_id")
+    ids = [] if value is None else [value] if isinstance(value, int) else value
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise UserError(f"{file}: eos_token_id {value!r} is not an id or a list of ids; {fix}")
     return ids
 
 
