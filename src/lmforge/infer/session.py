@@ -49,10 +49,11 @@ class LanguageModel:
             require_text(prompt, "the prompt")
         else:
             prompt = prompt.tolist() if hasattr(prompt, "tolist") else prompt  # a numpy array or torch tensor of ids
-            ids = isinstance(prompt, (list, tuple))
-            if not ids or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
-                held = f" holding {next(type(t).__name__ for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool))}" if ids else ""
-                raise UserError(f"the prompt must be a text or a sequence of token ids, not {type(prompt).__name__}{held}")
+            what = "the prompt must be a text or a sequence of token ids, not"
+            if not isinstance(prompt, (list, tuple)):
+                raise UserError(f"{what} {type(prompt).__name__}")
+            if bad := [t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool)]:
+                raise UserError(f"{what} {type(prompt).__name__} holding {type(bad[0]).__name__}")
             prompt = [int(t) for t in prompt]
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stops = self.tokenizer.end_ids if stop_at_eot else ()
