@@ -428,8 +428,8 @@ def test_python_callers_get_the_cli_defaults_and_their_labels_checked(trained_ru
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        run = finetune(trained_run.out, "classify", YELP, tmp_path / "ft",
-                       train={"max_steps": 2, "device": "cpu", "threads": 1, "tensorboard": False}, **QUIET)
+        run = finetune(trained_run.out, "classify", YELP, tmp_path / "ft", progress=False, log=None,  # None: silent
+                       train={"max_steps": 2, "device": "cpu", "threads": 1, "tensorboard": False})
         assert torch.get_num_threads() == 2  # train.threads held for the run only
     finally:
         torch.set_num_threads(threads)

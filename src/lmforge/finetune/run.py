@@ -72,6 +72,7 @@ def finetune(
     pretraining's (lr 6e-4): build one as `TrainConfig(**FINETUNE_DEFAULTS, max_steps=...)`.
     """
     t0 = time.perf_counter()
+    log = log or (lambda *args: None)  # None: silent
     train = TrainConfig.of(train, FINETUNE_DEFAULTS)
     if labels is not None and (not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels)):
         raise UserError(f"labels is {labels!r}; pass a list of label names, e.g. ['neg', 'pos']")

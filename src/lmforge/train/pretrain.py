@@ -36,8 +36,10 @@ def pretrain(
     vocab_size, when unset, is the data's tokenizer's. `objective` is `causal` (decoders),
     `mlm` / `mlm+nsp` (encoders, e.g. `bert-base`) or `seq2seq` (encoder-decoders, on parallel
     data from `prepare_parallel`). With `resume`, continue from the latest checkpoint in `out`.
+    `log` takes the progress lines (None: silent).
     """
     t0 = time.perf_counter()
+    log = log or (lambda *args: None)
     train = TrainConfig.of(train)  # a dict sets some fields over the defaults
     meta = load_meta(data)  # token shards or parallel pairs (kind "parallel"), checked either way
     check_run_out(out)  # not in the data (which `prepare` replaces as a whole), nor in a checkpoint
