@@ -318,6 +318,9 @@ def test_top_logprobs_needs_logprobs_and_bad_json_says_so(client, server):
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] is None
     assert error["message"].startswith("the request body is not valid JSON: ") and "character 15" in error["message"]
+    # `curl -d '{...}'` sends a form: the answer says which header to send (seen in review).
+    r = httpx.post(server[0] + "/v1/completions", content=b'{"prompt": "x"}', headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and r.json()["error"]["message"].endswith("send the JSON with the header Content-Type: application/json")
 
 
 def test_null_means_the_default(server):

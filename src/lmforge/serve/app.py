@@ -234,7 +234,10 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
         first = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default=first)
         loc = [p for p in first.get("loc", ())[1:] if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p))]
         where = ".".join(map(str, loc)) or None
-        return APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where).response()
+        hint = ""
+        if where is None and "json" not in request.headers.get("content-type", ""):  # `curl -d` sends a form
+            hint = "; send the JSON with the header Content-Type: application/json"
+        return APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}{hint}", param=where).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException) -> JSONResponse:
