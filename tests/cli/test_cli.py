@@ -904,3 +904,12 @@ def test_a_tokenizer_smaller_than_asked_says_why(capsys, tmp_path):
     (tmp_path / "s.txt").write_text("the cat sat on the mat and the dog sat on the log\n")
     code, out, _ = run(capsys, "tokenizer", "train", tmp_path / "s.txt", "--vocab-size", 300, "--out", tmp_path / "tok")
     assert code == 0 and "(not the 300 asked: the corpus has no more pairs of tokens seen at least 2 times)" in out
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_torchrun_rank_0_alone_says_the_runs_lines_also_with_json(capsys, monkeypatch, corpus_file, tmp_path, rank):
+    """Seen in review: with --json the lines go to stderr, which ranks past 0 keep, so the run's summary
+    came once per process."""
+    monkeypatch.setenv("RANK", rank)
+    code, out, err = run(capsys, "tokenizer", "train", corpus_file, "--vocab-size", 300, "--out", tmp_path / "tok", "--json")
+    assert code == 0 and ("tokenizer: " in err) == (rank == "0")

@@ -6,6 +6,7 @@ dict that `--json` prints.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -28,7 +29,10 @@ from lmforge.utils.errors import UserError, require_text
 
 
 def _say(args: Namespace) -> Callable[..., None]:
-    """print, or print to stderr when stdout is reserved for --json."""
+    """print, or print to stderr when stdout is reserved for --json; nothing on a torchrun rank other
+    than 0, which speaks for the run (its stdout is closed by `main`, but --json says on stderr)."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        return lambda *a: None
     return (lambda *a: print(*a, file=sys.stderr)) if args.json else print
 
 
