@@ -121,7 +121,7 @@ def read_classification(
         label = None if unlabelled else _label(row[label_key], where, label_key)
         if allowed is not None and label is not None and label not in allowed:
             raise UserError(
-                f"{where}: label {label!r} is not one of {', '.join(allowed)}; fix the line or add it to `labels`"
+                f"{where}: label {label!r} is not one of {', '.join(allowed)}; fix the line or add it to --labels"
             )
         out.append(ClassifyExample(text, label, where))
     if out and all(e.label is not None and _IOB2.fullmatch(e.label) for e in out) and any(e.label != "O" for e in out) \
@@ -330,7 +330,7 @@ def read_tagged(path: str | Path, labels: Sequence[str] | None = None, require_l
             if not _IOB2.fullmatch(tag):
                 raise UserError(f"{where}: tag {tag!r} is not IOB2 (O, B-TYPE or I-TYPE); convert the file to IOB2")
             if allowed is not None and tag not in allowed:
-                raise UserError(f"{where}: tag {tag!r} is not one of {', '.join(sorted(allowed))}; fix the line or add it to `labels`")
+                raise UserError(f"{where}: tag {tag!r} is not one of {', '.join(sorted(allowed))}; fix the line or add it to --labels")
             tags.append(tag)
         elif require_labels:
             raise UserError(

@@ -157,7 +157,8 @@ class Pipeline:
         """A decoder's generated tokens per prompt (the seq2seq prompt format, or a chat's next turn)."""
         cfg, tok = self.model.config, self.tokenizer
         if self.max_new_tokens >= cfg.context_length:
-            raise UserError(f"max_new_tokens {self.max_new_tokens} leaves no room for the input in a context of {cfg.context_length}")
+            raise UserError(f"--max-new-tokens {self.max_new_tokens} leaves no room for the input in the model's context of "
+                            f"{cfg.context_length}; lower it (it is {INFERENCE_DEFAULTS['max_new_tokens']} unless given)")
         room = cfg.context_length - self.max_new_tokens
         prompts = []
         for item in items:
