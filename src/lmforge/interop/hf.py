@@ -32,6 +32,7 @@ from lmforge.utils.fs import (
     check_replaceable,
     out_dir,
     read_json,
+    read_json_object,
     usual_mode,
 )
 
@@ -519,16 +520,12 @@ def _another_model(out: Path) -> bool:
 
 
 def _generation_config(directory: Path, fix: str) -> dict[str, Any] | None:
-    """The generation_config.json in `directory`, or None where there is none. lmforge does not read these
-    defaults of transformers' `generate` (sampling settings, stop ids): import keeps them in the checkpoint
-    and export writes them back. Read as JSON data, never run; `fix` ends the error of a damaged one."""
+    """The generation_config.json in `directory`, or None where there is none: the defaults of transformers'
+    `generate`, which import keeps in the checkpoint and export writes back. Of them lmforge reads only the
+    end ids (`eos_token_id`, which `Tokenizer.load` takes). Read as JSON data, never run; `fix` ends the
+    error of a damaged one."""
     path = directory / GENERATION_FILE
-    if not path.exists():
-        return None
-    settings = read_json(path, fix)
-    if not isinstance(settings, dict):
-        raise UserError(f"{path} is not a JSON object of generation settings; {fix}")
-    return settings
+    return read_json_object(path, "generation settings", fix) if path.exists() else None
 
 
 def _hf_tokenizer(tok: Tokenizer, encoder: bool) -> tokenizers.Tokenizer:

@@ -37,7 +37,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.utils.errors import UserError, first_line
-from lmforge.utils.fs import atomic_write_text
+from lmforge.utils.fs import atomic_write_text, read_json_object
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|mask|>", "<|cls|>", "<|sep|>")
 # End-of-text by the names lmforge/GPT-2, Llama 3, Llama 2 and ChatML tokenizers give it.
@@ -146,24 +146,13 @@ def _token_name(roles: dict, key: str, file: Path) -> str | None:
     return value
 
 
-def _json_object(file: Path, what: str, fix: str) -> dict:
-    """The JSON object of `what` in `file`; a damaged file, or another kind of value, is one line ending in `fix`."""
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{file} is corrupt ({first_line(e)}); {fix}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{file} is not a JSON object of {what}; {fix}")
-    return config
-
-
 def _end_ids(file: Path) -> list[int]:
     """The end-of-text ids of a generation_config.json (`eos_token_id`: an id, a list of ids, or null), if
     there is one; read as JSON data, never run."""
     if not file.is_file():
         return []
     fix = "fix it, or delete it (its other generation settings are not used)"
-    config = _json_object(file, "generation settings", fix)
+    config = read_json_object(file, "generation settings", fix)
     value = config.get("eos_token_id")
     ids = [] if value is None else [value] if isinstance(value, int) else value
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
@@ -378,7 +367,7 @@ class Tokenizer:
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read {file} ({first_line(e)}); {fix}") from None
         extra, template = file.parent / CONFIG_FILE, file.parent / TEMPLATE_FILE
-        config = _json_object(extra, "tokenizer settings", "delete it or re-save the tokenizer") if extra.is_file() else {}
+        config = read_json_object(extra, "tokenizer settings", "delete it or re-save the tokenizer") if extra.is_file() else {}
         roles = {f"{role}_token": _token_name(config, f"{role}_token", extra) for role in ROLES}
         roles["chat_template"] = _chat_template(config.get("chat_template"), extra)
         if template.is_file():

@@ -289,6 +289,15 @@ def read_json(path: str | os.PathLike, fix: str) -> Any:
         raise UserError(f"{path} cannot be read ({e.strerror}); {fix}") from None
 
 
+def read_json_object(path: str | os.PathLike, what: str, fix: str) -> dict[str, Any]:
+    """The JSON object of `what` (settings of some kind) in `path`; a missing or malformed file, or
+    another kind of JSON value, is a one-line UserError ending in `fix`."""
+    value = read_json(path, fix)
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a JSON object of {what}; {fix}")
+    return value
+
+
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any, str | None]]:
     """(line number, value, None) for each non-blank line of a JSON-lines file, or (line number, None,
     why) for a line that is not JSON; what a bad line means is the caller's to say."""
