@@ -6,7 +6,6 @@ dict that `--json` prints.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -16,6 +15,7 @@ from typing import Any, Callable
 
 from jsonargparse import Namespace
 
+from lmforge.cli import other_rank
 from lmforge.config import INFERENCE_DEFAULTS, LoraConfig, ModelConfig, TrainConfig
 from lmforge.data import prepare, prepare_parallel, train_tokenizer
 from lmforge.evaluate import evaluate_lm, evaluate_task
@@ -31,7 +31,7 @@ from lmforge.utils.errors import UserError, require_text
 def _say(args: Namespace) -> Callable[..., None]:
     """print, or print to stderr when stdout is reserved for --json; nothing on a torchrun rank other
     than 0, which speaks for the run (its stdout is closed by `main`, but --json says on stderr)."""
-    if int(os.environ.get("RANK", "0")) > 0:
+    if other_rank():
         return lambda *a: None
     return (lambda *a: print(*a, file=sys.stderr)) if args.json else print
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
+from lmforge.cli import other_rank
 from lmforge.config import DEFAULT_DOC_STRIDE, DEFAULT_PROMPT, FINETUNE_DEFAULTS, INFERENCE_DEFAULTS, PRESETS, LoraConfig, ModelConfig, TrainConfig
 from lmforge.utils.errors import UserError, first_line
 
@@ -398,14 +399,9 @@ def parse(argv: Sequence[str]) -> Namespace:
     return ns
 
 
-def _other_rank() -> bool:
-    """Whether this is a torchrun process other than rank 0, which speaks for the run."""
-    return int(os.environ.get("RANK", "0")) > 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if _other_rank():  # rank 0 speaks for the run; errors still show
+    if other_rank():  # rank 0 speaks for the run; errors still show
         sys.stdout = open(os.devnull, "w")
     stdout = sys.stdout
     if stdout is None:  # started with stdout closed (>&-): every verb's output or result would be lost
@@ -479,7 +475,7 @@ def _run(argv: list[str]) -> int:
             print(json.dumps(result, ensure_ascii=False))
         sys.stdout.flush()  # a stdout that cannot take the output fails here, not in the flush at exit
     except UserError as e:
-        if not (e.every_process and _other_rank()):
+        if not (e.every_process and other_rank()):
             print(f"lmforge: error: {e}", file=sys.stderr)
         return UserError.exit_code
     except ArgumentError as e:
@@ -490,7 +486,7 @@ def _run(argv: list[str]) -> int:
         print(f"lmforge: error: {message} (see `{hint}`)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if not _other_rank():  # torchrun's processes were all interrupted: one line
+        if not other_rank():  # torchrun's processes were all interrupted: one line
             print("lmforge: interrupted", file=sys.stderr)
         return 130
     return 0
