@@ -38,6 +38,11 @@ def check_scalar_types(cls: type, d: dict[str, Any], prefix: str) -> None:
             raise UserError(f"{prefix}.{f.name} is {value!r}; it must be {f.type}")
 
 
+def is_label_list(value: Any) -> bool:
+    """Whether `value` is a list (or tuple) of label names: not a string, whose characters would be the labels."""
+    return isinstance(value, (list, tuple)) and all(isinstance(label, str) for label in value)
+
+
 def check_finite(config: Any, prefix: str) -> None:
     """Refuse nan and inf in any field of a config dataclass: every range check after this one is a
     comparison, and a comparison with nan is False, so nan would pass them all."""
@@ -192,8 +197,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_scalar_types(type(self), vars(self), "model")  # ModelConfig(n_layer="2") in Python: not a TypeError later
         check_finite(self, "model")
-        if self.labels is not None and (not isinstance(self.labels, (list, tuple))
-                                        or not all(isinstance(label, str) for label in self.labels)):
+        if self.labels is not None and not is_label_list(self.labels):
             raise UserError(f"model.labels is {self.labels!r}; it must be a list of label names or null")
         for name in ("context_length", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
             if getattr(self, name) < 1:

@@ -62,9 +62,9 @@ def evaluate_task(
         _refuse_generation(generation)
     pipe = pipeline(task, checkpoint, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens,
                     max_answer_length=max_answer_length, num_beams=num_beams, length_penalty=length_penalty, dtype=dtype)
-    task = pipe.task
-    if task == "sft":  # the checkpoint's own task
+    if task is None and pipe.task == "sft":  # the checkpoint's own task
         _refuse_generation(generation)
+    task = pipe.task
     examples = read_examples(task, data, target, text_field=text_field, label_field=label_field,
                              split_articles=split_articles, part=1)
     if limit is not None:

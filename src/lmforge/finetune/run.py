@@ -16,6 +16,7 @@ import torch
 
 from lmforge.checkpoint import check_checkpoint_out, check_run_out, find_checkpoints, load_checkpoint, load_model, save_checkpoint
 from lmforge.config import DEFAULT_DOC_STRIDE, DEFAULT_PROMPT, FINETUNE_DEFAULTS, LoraConfig, ModelConfig, TrainConfig
+from lmforge.config.model import is_label_list
 from lmforge.data.features import TASK_ARCHS, TASK_HEAD, TASKS, TaskFormat, featurize, label_set, read_examples
 from lmforge.finetune.objective import TaskObjective
 from lmforge.model import Transformer
@@ -24,7 +25,6 @@ from lmforge.model.losses import IGNORE_INDEX
 from lmforge.train import RunResult, fit
 from lmforge.utils.errors import UserError
 
-# The architectures each task is defined on.
 # The fine-tuning settings a resume must keep (trainer_state["task"]), as the flags that set them: those
 # that lay the inputs out, and what is frozen (the optimizer's saved state is for the parameters that
 # trained). Its max_length follows --train.seq_len, which a resumed run may change (the trainer warns).
@@ -74,7 +74,7 @@ def finetune(
     t0 = time.perf_counter()
     log = log or (lambda *args: None)  # None: silent
     train = TrainConfig.of(train, FINETUNE_DEFAULTS)
-    if labels is not None and (not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels)):
+    if labels is not None and not is_label_list(labels):  # before the data is read with them
         raise UserError(f"labels is {labels!r}; pass a list of label names, e.g. ['neg', 'pos']")
     check_run_out(out)
     base, ckpt = load_model(checkpoint, "cpu")

@@ -73,8 +73,7 @@ class Pipeline:
             single = isinstance(inputs, str)
         if not single and (isinstance(inputs, Mapping) or not isinstance(inputs, Iterable)):
             # a dict would be read as its keys; None or 5 fail in list(). Lists, generators, arrays are batches.
-            one = {"qa": 'a {"question": ..., "context": ...} dict', "sft": "a list of messages"}.get(self.task, "a text")
-            raise UserError(f"a {self.task} pipeline takes {one} or a list of them, not {type(inputs).__name__}")
+            raise UserError(f"a {self.task} pipeline takes {_SHAPES[self.task]} or a list of them, not {type(inputs).__name__}")
         batch = [inputs] if single else list(inputs)
         if not batch:
             return []
@@ -304,7 +303,7 @@ def pipeline(
     if kind not in (None, task):
         raise UserError(f"{ckpt.path} was fine-tuned for --task {kind}, not {task}; use --task {kind}, or fine-tune "
                         f"its base model with `lmforge finetune BASE --task {task} ...`")
-    refuse_unused_options(task, given)
+    _refuse_unused_options(task, given)
     if length_penalty is not None and opts["num_beams"] == 1:  # after the task's own refusals: one that applies
         raise UserError("--length-penalty ranks the hypotheses of beam search; add --num-beams N (N > 1), or leave it out")
     cfg = model.config
@@ -316,7 +315,7 @@ def pipeline(
                     trained.get("doc_stride", DEFAULT_DOC_STRIDE), opts["num_beams"], opts["length_penalty"], prompt_length)
 
 
-def refuse_unused_options(task: str, given: dict[str, Any]) -> None:
+def _refuse_unused_options(task: str, given: dict[str, Any]) -> None:
     """Refuse an option of `given` (name: value, None where not given) that `task` does not use, by its flag."""
     for name, value in given.items():
         if value is not None and task not in INFERENCE_TASKS[name]:

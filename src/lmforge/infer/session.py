@@ -57,7 +57,7 @@ class LanguageModel:
             prompt = [int(t) for t in prompt]
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         stops = self.tokenizer.end_ids if stop_at_eot else ()
-        prompt_ids, memory = (self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)), {}
+        prompt_ids, memory = (self.tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else prompt), {}
         ctx = self.model.config.context_length
         check_prompt_ids(prompt_ids, self.model.config.vocab_size)
         if self.model.config.arch == "encoder-decoder":
