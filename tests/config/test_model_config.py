@@ -1,5 +1,8 @@
 """ModelConfig refuses settings that would build a different model than asked, or NaNs, in one line."""
 
+import json
+
+import numpy as np
 import pytest
 
 from lmforge.config import FINETUNE_DEFAULTS, PRESETS, LoraConfig, ModelConfig, TrainConfig, preset
@@ -166,6 +169,7 @@ def test_lora_alpha_must_be_positive(alpha):
     (lambda: preset("tiny", task_head="classify", labels="0,1"), "model.labels is '0,1'; it must be a list of label names"),
     (lambda: TrainConfig(max_steps="3"), "train.max_steps is '3'; it must be int"),
     (lambda: TrainConfig(max_steps=3.5), "train.max_steps is 3.5; it must be int"),
+    (lambda: TrainConfig(max_steps=np.float32(3.5)), "train.max_steps is 3.5; it must be int"),
     (lambda: TrainConfig(lr="1e-3"), "train.lr is '1e-3'; it must be float"),
     (lambda: LoraConfig(r="4"), "lora.r is '4'; it must be int"),
     (lambda: TrainConfig.of({"max_step": 3}), r"unknown train field\(s\) \['max_step'\]"),
@@ -176,6 +180,16 @@ def test_configs_built_in_python_check_their_types_in_one_line(build, message):
     characters '0', ',' and '1' whose checkpoint no verb could open."""
     with pytest.raises(UserError, match=message):
         build()
+
+
+def test_numpy_scalars_are_taken_as_the_python_values_they_hold():
+    """Seen in review: `lr=np.float32(3e-4)` or a step count from a numpy grid was refused as the wrong
+    type (and an np.int64 that got through would have broken config.json)."""
+    train = TrainConfig(max_steps=np.int64(3), lr=np.float32(0.5), compile=np.bool_(False))
+    model = ModelConfig(**{**BASE, "n_layer": np.int32(2)})
+    assert (train.max_steps, train.lr, train.compile, model.n_layer) == (3, 0.5, False, 2)
+    assert [type(v) for v in (train.max_steps, train.lr, train.compile, model.n_layer)] == [int, float, bool, int]
+    json.dumps(train.to_dict()) and json.dumps(model.to_dict())
 
 
 def test_a_train_dict_sets_fields_over_the_defaults_it_is_given():

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
 from lmforge.utils.errors import UserError
 
 Position = Literal["learned", "sinusoidal", "rotary"]
@@ -30,10 +32,15 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
 
 
 def check_scalar_types(cls: type, d: dict[str, Any], prefix: str) -> None:
-    """JSON and YAML values arrive untyped (the CLI's are checked by its parser): one line per wrong type."""
+    """JSON and YAML values arrive untyped (the CLI's are checked by its parser): one line per wrong type.
+
+    A numpy scalar (an `np.int64` from a grid, an `np.float32` learning rate) becomes the Python value
+    it holds, in `d`, so that config.json can write it."""
     for f in dataclasses.fields(cls):
         kinds = _SCALAR_TYPES.get(str(f.type))
         value = d.get(f.name, f.default)
+        if kinds and isinstance(value, np.generic):
+            value = d[f.name] = value.item()
         if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
             raise UserError(f"{prefix}.{f.name} is {value!r}; it must be {f.type}")
 
