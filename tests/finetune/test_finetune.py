@@ -550,6 +550,16 @@ def test_a_fine_tune_is_refused_for_another_task_and_a_base_model_serves_every_g
         assert pipeline(task, trained_run.checkpoint, device="cpu").task == task
 
 
+def test_generated_text_leaves_special_tokens_out(trained_run, monkeypatch):
+    """As transformers' text2text pipelines (skip_special_tokens=True): a translation or summary a model
+    wrote with a `<pad>` or `<|im_start|>` in it scores and reads as its words alone."""
+    pipe = pipeline("seq2seq", trained_run.checkpoint, device="cpu")
+    tok = pipe.tokenizer
+    words, specials = tok.encode(" a man"), [tok.pad_id, tok.sep_id]
+    monkeypatch.setattr(type(pipe), "_complete", lambda self, items: [words[:1] + specials + words[1:] + [tok.eot_id]])
+    assert pipe(["ein Mann"]) == [tok.decode(words).strip()] != [tok.decode(words[:1] + specials + words[1:]).strip()]
+
+
 def test_decoder_seq2seq_generation_keeps_the_prompt_length_it_was_fine_tuned_on(tmp_path_factory, tokenizer_dir, tmp_path,
                                                                                   monkeypatch):
     """A decoder with a context of 256 fine-tuned with seq_len 64 saw prompts of at most 64 tokens;

@@ -147,10 +147,12 @@ class Pipeline:
 
     def _generate(self, items: list[Any]) -> list[str]:
         """Greedy decoding, batched through the engine for decoders; beam search with num_beams > 1;
-        an encoder-decoder searches `batch_size` sources at a time (greedy is a beam of one)."""
+        an encoder-decoder searches `batch_size` sources at a time (greedy is a beam of one). The text
+        leaves special tokens out, as transformers' text2text pipelines and vLLM do: a `<pad>` or a
+        chat marker a model emits is not a word of its translation or summary."""
         tok = self.tokenizer
         outputs = self._translate(items) if self.model.config.arch == "encoder-decoder" else self._complete(items)
-        return [tok.decode([t for t in ids if t not in tok.end_ids]).strip() for ids in outputs]
+        return [tok.decode([t for t in ids if t not in tok.end_ids], skip_special_tokens=True).strip() for ids in outputs]
 
     def _complete(self, items: list[Any]) -> list[list[int]]:
         """A decoder's generated tokens per prompt (the seq2seq prompt format, or a chat's next turn)."""
