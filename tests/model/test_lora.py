@@ -35,6 +35,23 @@ def test_starts_as_the_base_model_then_adds_scale_BA_on_the_targeted_rows():
     torch.testing.assert_close(layer(h), h @ (layer.weight + delta).T + layer.bias)
 
 
+def test_each_adapted_slice_of_a_fused_layer_draws_its_own_dropout_mask():
+    """PEFT adapts q_proj and v_proj as two layers with a dropout each; lmforge's q and v are slices of
+    one fused qkv, which must not share one mask (that would correlate the two adapters' noise)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 24), [(0, 8), (16, 24)], LoraConfig(r=8, alpha=8, dropout=0.5))
+    with torch.no_grad():
+        layer.lora_A[1].copy_(layer.lora_A[0])
+        for b in layer.lora_B:
+            b.copy_(torch.eye(8))
+    x = torch.randn(4, 8)
+    update = layer(x) - nn.functional.linear(x, layer.weight, layer.bias)  # train mode: dropout on
+    assert not torch.allclose(update[:, :8], update[:, 16:])  # one shared mask made these equal
+    layer.eval()
+    update = layer(x) - nn.functional.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(update[:, :8], update[:, 16:])
+
+
 @pytest.mark.parametrize("targets", ["q,v", "all-linear", "down,o,up"])
 def test_merge_folds_the_adapters_into_plain_linears(targets):
     _, lora = _pair(targets, mlp="swiglu")

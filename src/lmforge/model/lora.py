@@ -5,7 +5,7 @@ change) plus low-rank adapters on slices of its output. Slices are how PEFT's pe
 names map onto lmforge's fused layers: `q`, `k`, `v` are row ranges of `attention.qkv`, and
 `gate`, `up` the halves of a SwiGLU `feed_forward.fc`.
 
-    y = W x + b + scale * concat_over_slices(B_i A_i dropout(x))     (zero outside the slices)
+    y = W x + b + scale * concat_over_slices(B_i A_i dropout_i(x))   (zero outside the slices)
 
 A starts Kaiming-uniform and B at zero (the paper's init: the model is unchanged at step 0);
 `merge_lora` folds W[slice_i] += scale * B_i A_i and puts plain `nn.Linear`s back.
@@ -39,12 +39,12 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        h = self.lora_dropout(x)
         pieces, at = [], 0
         for (s, e), a, b in zip(self.slices, self.lora_A, self.lora_B):
             if s > at:
                 pieces.append(y.new_zeros(*y.shape[:-1], s - at))
-            pieces.append(F.linear(F.linear(h, a), b) * self.scale)
+            # A mask per slice: in PEFT q_proj and v_proj are separate layers with a dropout each.
+            pieces.append(F.linear(F.linear(self.lora_dropout(x), a), b) * self.scale)
             at = e
         if at < self.out_features:
             pieces.append(y.new_zeros(*y.shape[:-1], self.out_features - at))
