@@ -62,23 +62,39 @@ def test_seeded_sampling_is_independent_of_the_batch(model):
     assert Engine(model, max_batch=1).generate([PROMPTS[2]], SamplingParams(temperature=1.0, seed=124, max_tokens=15))[0].output != alone
 
 
+def _penalised_naive(model, prompt, n, repetition, presence, frequency):
+    """Greedy decoding with vLLM's penalties, one token at a time: repetition over prompt and output,
+    presence and frequency over the output."""
+    seq, gen = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq]))[0, -1, :100].tolist()
+            for t in range(100):
+                if t in prompt or t in gen:
+                    logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
+                c = gen.count(t)
+                logits[t] -= frequency * c + (presence if c else 0.0)
+            nxt = max(range(100), key=lambda t: logits[t])
+            gen.append(nxt)
+            seq.append(nxt)
+    return gen
+
+
 def test_penalised_greedy_equals_a_naive_loop(model):
     p = SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.5, presence_penalty=0.7, frequency_penalty=0.4)
     prompt = [3, 3, 4, 5]
     out = Engine(model, max_batch=2).generate([prompt, [1, 2]], [p, SamplingParams(temperature=0, max_tokens=3)])[0].output
-    seq, gen = list(prompt), []
-    with torch.no_grad():
-        for _ in range(12):
-            logits = model(torch.tensor([seq]))[0, -1, :100].tolist()
-            for t in range(100):
-                if t in prompt or t in gen:
-                    logits[t] = logits[t] / 1.5 if logits[t] > 0 else logits[t] * 1.5
-                c = gen.count(t)
-                logits[t] -= 0.4 * c + (0.7 if c else 0.0)
-            nxt = max(range(100), key=lambda t: logits[t])
-            gen.append(nxt)
-            seq.append(nxt)
-    assert out == gen
+    assert out == _penalised_naive(model, prompt, 12, 1.5, 0.7, 0.4)
+
+
+def test_the_repetition_penalty_counts_the_prompts_tokens(model):
+    """This prompt (PROMPTS[4]) holds the model's unpenalised greedy choice; a strong repetition
+    penalty must move the first token off it (counting only the output would leave it there)."""
+    prompt = PROMPTS[4]
+    plain = greedy_alone(model, prompt, 1)[0]
+    assert plain in prompt
+    out = Engine(model, max_batch=1).generate([prompt], SamplingParams(temperature=0, max_tokens=6, repetition_penalty=100.0))[0].output
+    assert out == _penalised_naive(model, prompt, 6, 100.0, 0.0, 0.0) and out[0] != plain
 
 
 def test_stop_tokens_logprobs_and_finish_reasons(model):

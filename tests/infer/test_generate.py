@@ -63,6 +63,15 @@ def test_top_k_and_top_p_restrict_the_support():
     assert draws(SamplingConfig(top_k=10**20)) == {0, 1, 2, 3}  # past int64: keeps all, as any k past the vocabulary
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_samples_follow_the_tempered_softmax(temperature):
+    """Independent reference: the frequencies of 4,000 draws against softmax(logits / T)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    draws = sample(logits.expand(4000, 3), SamplingConfig(temperature=temperature), torch.Generator().manual_seed(0))
+    shares = torch.bincount(draws, minlength=3).float() / 4000
+    torch.testing.assert_close(shares, torch.softmax(logits[0] / temperature, -1), atol=0.03, rtol=0)
+
+
 def test_prompt_longer_than_context_is_a_user_error(model):
     with pytest.raises(UserError, match="longer than the model's context of 32"):
         list(generate_tokens(model, list(range(40)), 1))

@@ -132,6 +132,18 @@ def test_greedy_rows_take_the_argmax_and_logprobs_are_raw():
     assert choice.top_ids[0].tolist() == logp[0].topk(3).indices.tolist()
 
 
+def test_sampled_rows_report_raw_logprobs_not_the_tempered_filtered_ones():
+    """vLLM reports log-probabilities of the model's own distribution, before temperature and top-k;
+    a batch of sampled rows only (no greedy row) takes its own path through `sample_rows`."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 30)
+    params = [SamplingParams(temperature=0.5, top_k=3, logprobs=2, seed=1), SamplingParams(temperature=2.0, logprobs=0, seed=2)]
+    choice = sample_rows(logits, params, [torch.Generator().manual_seed(p.seed) for p in params])
+    logp = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(choice.logprobs, logp.gather(1, choice.tokens[:, None])[:, 0])
+    torch.testing.assert_close(choice.top_logprobs[0], logp[0].topk(2).values)
+
+
 def test_seeded_row_is_independent_of_its_batch():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)

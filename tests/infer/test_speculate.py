@@ -51,6 +51,16 @@ def test_speculative_greedy_equals_plain_decoding_and_accepts_drafts(model):
     assert 0 < engine.accepted <= engine.drafted
 
 
+def test_a_penalised_request_whose_drafts_would_be_taken_decodes_as_without_speculation(model):
+    """A frequency penalty changes with every token, so drafts checked with the counts of the step they
+    start in would be scored with stale counts. Here the bias makes 9 the greedy choice until its
+    penalty outweighs it: drafts of 9s would be accepted past that point."""
+    params = SamplingParams(temperature=0, max_tokens=30, frequency_penalty=2.0, logit_bias={9: 30.0})
+    plain = Engine(model, max_batch=1).generate([[9] * 11], params)[0].output
+    fast = Engine(model, max_batch=1, speculate=4).generate([[9] * 11], params)[0].output
+    assert fast == plain and 1 < plain.count(9) < 30
+
+
 def test_a_seeded_request_drafts_alike_beside_a_request_at_the_end_of_the_cache(model):
     """A neighbour a few positions from the end of the cache cannot shorten another request's
     drafts (that would change how a sampled one draws): rows whose padding would run past the
