@@ -6,7 +6,7 @@ import torch
 from lmforge.config import preset
 from lmforge.config.presets import SPEEDRUN
 from lmforge.model import Transformer
-from lmforge.model.blocks import SelfAttention, sinusoidal_table
+from lmforge.model.blocks import MLP, SelfAttention, rope_inv_freq, sinusoidal_table
 
 
 def naive_attention(x: torch.Tensor, attn: SelfAttention) -> torch.Tensor:
@@ -75,6 +75,57 @@ def test_parameter_count_and_flops():
     seq2seq = Transformer(preset("transformer-base", vocab_size=128, n_layer=2, n_encoder_layer=3, n_embd=32, n_head=4,
                                  mlp_hidden=64, context_length=16))
     assert seq2seq.flops_per_token() == 6 * seq2seq.num_params() + 12 * (3 + 2 * 2) * 32 * 16
+
+
+def test_rope_scalings_keep_or_divide_the_frequencies_they_should():
+    """Linear (Chen et al. 2023) divides every frequency by the factor; NTK-aware (bloc97) keeps the
+    highest (theta^0 = 1) and divides the lowest by exactly the factor, from theta * f^(d / (d - 2))."""
+    plain = rope_inv_freq(preset("tiny", position="rotary"))
+    linear = rope_inv_freq(preset("tiny", position="rotary", rope_scaling="linear", rope_factor=4.0))
+    ntk = rope_inv_freq(preset("tiny", position="rotary", rope_scaling="ntk", rope_factor=4.0))
+    torch.testing.assert_close(linear, plain / 4)
+    assert ntk[0] == 1.0 and ntk[-1].item() == pytest.approx(plain[-1].item() / 4, rel=1e-12)
+    assert (ntk[1:-1] < plain[1:-1]).all() and (ntk[1:-1] > plain[1:-1] / 4).all()
+
+
+def test_gelu_tanh_is_gpt2s_approximation_not_the_erf_gelu():
+    """GPT-2's `gelu_new` is the tanh approximation; the two differ by ~1e-3 where |x| is around 2."""
+    torch.manual_seed(0)
+    mlp = MLP(preset("tiny", mlp="gelu_tanh")).double().eval()
+    x = 5 * torch.randn(4, 64, dtype=torch.float64)
+    h = mlp.fc(x)
+    tanh = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))  # Hendrycks & Gimpel, eq. 2
+    torch.testing.assert_close(mlp(x), mlp.proj(tanh))
+    assert not torch.allclose(mlp(x), mlp.proj(torch.nn.functional.gelu(h)), atol=1e-5)
+
+
+def test_embed_scale_multiplies_token_embeddings_by_sqrt_n_embd():
+    """"Attention Is All You Need", 3.4: token embeddings times sqrt(d_model), then the positions."""
+    cfg = preset("tiny", vocab_size=100, position="sinusoidal", embed_scale=True)
+    model = Transformer(cfg)
+    idx, pos = torch.tensor([[5, 9, 2]]), torch.arange(3)
+    expected = model.tok_embeddings.weight[idx] * math.sqrt(cfg.n_embd) + sinusoidal_table(cfg.context_length, cfg.n_embd)[pos]
+    torch.testing.assert_close(model._embed(idx, pos), expected)
+
+
+def test_gpt2_init_scales_the_residual_projections_by_one_over_sqrt_2_n_layer():
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=100, n_layer=8, n_embd=128, n_head=4)
+    block = Transformer(cfg).layers[0]
+    assert block.attention.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert block.feed_forward.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert block.feed_forward.fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_a_pre_norm_encoder_ends_in_its_final_norm():
+    """Pre-norm blocks leave the residual stream unnormalised; the encoder's memory goes through a
+    final LayerNorm (zero mean, unit variance per token at init), as the decoder's output does."""
+    torch.manual_seed(0)
+    model = Transformer(preset("transformer-base", vocab_size=100, n_layer=1, n_encoder_layer=2, n_embd=32, n_head=4,
+                               mlp_hidden=64, context_length=16, norm_position="pre", dropout=0.0)).eval()
+    memory = model.encode_source(torch.randint(0, 100, (2, 9)))
+    torch.testing.assert_close(memory.mean(-1), torch.zeros(2, 9), atol=1e-5, rtol=0)
+    torch.testing.assert_close(memory.var(-1, unbiased=False), torch.ones(2, 9), atol=1e-3, rtol=0)
 
 
 def test_tied_embeddings_share_storage():

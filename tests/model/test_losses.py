@@ -1,9 +1,11 @@
-"""The chunked cross-entropy against the plain one (logits for the whole batch)."""
+"""The chunked cross-entropy against the plain one (logits for the whole batch), and bits per byte."""
+
+import math
 
 import pytest
 import torch
 
-from lmforge.model.losses import IGNORE_INDEX, chunked_lm_loss, lm_loss
+from lmforge.model.losses import IGNORE_INDEX, bits_per_byte, chunked_lm_loss, lm_loss
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 24, 1000])
@@ -142,3 +144,8 @@ def test_a_batch_without_targets_has_loss_zero_and_no_gradient(smoothing):
         assert not gh.any() and not gw.any()
     with torch.no_grad():
         assert chunked_lm_loss(h, w, y, 3).item() == 0.0
+
+
+def test_bits_per_byte_is_the_texts_total_bits_over_its_bytes():
+    assert bits_per_byte(math.log(2), 10, 10) == pytest.approx(1.0)  # one bit per token, a byte per token
+    assert bits_per_byte(2.0, 6, 4) == pytest.approx(12 / math.log(2) / 4)  # 12 nats over 4 bytes
