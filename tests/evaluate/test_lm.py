@@ -1,17 +1,19 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from lmforge.checkpoint import load_model
 from lmforge.data import load_meta
 from lmforge.evaluate import evaluate_lm
+from lmforge.evaluate.lm import _sum_nll
 from lmforge.utils.errors import UserError
 
 
 def test_short_text_matches_direct_log_likelihood(trained_run, tmp_path):
-    text = "KING HENRY:\nWhat say you, my lord?\n"
-    (tmp_path / "t.txt").write_text(text)
+    text = "KING HENRY:\nWhat say you, my lord? — Ay, très bien.\n"  # bits per byte: UTF-8 bytes, not characters
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
     result = evaluate_lm(trained_run.out, [tmp_path / "t.txt"], device="cpu")
 
     model, ckpt = load_model(trained_run.out)
@@ -24,6 +26,20 @@ def test_short_text_matches_direct_log_likelihood(trained_run, tmp_path):
     assert result["loss"] == pytest.approx(nll / (len(ids) - 1), rel=1e-5)
     assert result["bpb"] == pytest.approx(nll / (len(text.encode()) * math.log(2)), rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+
+
+@pytest.mark.parametrize("extra", [1, 2, 3])
+def test_every_token_after_the_first_is_scored_once_whatever_the_last_window_holds(trained_run, extra):
+    """Full context windows, then what is left: a last window of two tokens still predicts one."""
+    model, _ = load_model(trained_run.out)
+    T, V = model.config.context_length, model.config.vocab_size
+    tokens = (np.arange(2 * T + extra) * 7) % V
+    total, count = _sum_nll(model, tokens, 4, torch.device("cpu"), None)
+    with torch.no_grad():
+        pieces = [tokens[s : s + T + 1] for s in range(0, len(tokens) - 1, T)]
+        nll = sum(-torch.log_softmax(model(torch.tensor(p[None, :-1]))[0].double(), -1)[range(len(p) - 1), p[1:]].sum().item()
+                  for p in pieces)
+    assert count == len(tokens) - 1 and total == pytest.approx(nll, rel=1e-5)
 
 
 def test_documents_of_raw_text_are_separated_by_end_of_text(trained_run, tmp_path):

@@ -253,6 +253,21 @@ def test_tiny_llama_imports(tmp_path):
     assert ckpt.tokenizer.eot_id == 0 and ckpt.tokenizer.end_ids == (0,)
 
 
+@pytest.mark.parametrize("change,expected", [
+    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}, ("linear", 4.0, 10000.0)),
+    ({"llama.rope.freq_base": None}, ("none", 1.0, 10000.0)),  # llama.cpp's default base
+    ({"llama.rope.freq_base": 500000.0}, ("none", 1.0, 500000.0)),
+])
+def test_rope_settings_are_read_as_llama_cpp_reads_them(change, expected, tmp_path):
+    """A linear-scaled file read unscaled would rotate every position 4x too fast, silently."""
+    from lmforge.checkpoint import load_checkpoint
+
+    metadata = {k: v for k, v in {**TINY, **change}.items() if v is not None}
+    (tmp_path / "m.gguf").write_bytes(gguf_bytes(tiny_llama_tensors(2), metadata))
+    c = load_checkpoint(import_gguf(tmp_path / "m.gguf", tmp_path / "ckpt")).model_config
+    assert (c.rope_scaling, c.rope_factor, c.rope_theta) == expected
+
+
 def test_end_of_turn_and_message_ids_end_generation_as_in_llama_cpp(tmp_path):
     """llama.cpp stops at eot and eom as at eos (Llama 3's <|eot_id|>, <|eom_id|>); the checkpoint keeps them."""
     from lmforge.checkpoint import load_checkpoint

@@ -463,3 +463,43 @@ def test_export_ignores_a_damaged_trainer_state_and_writes_readable_weights(tmp_
     finally:
         os.umask(old)
     assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
+
+
+# ------------------------------------------------------------------ defaults and padded vocabularies
+def test_a_llama_config_json_without_optional_keys_takes_transformers_defaults(tmp_path, tokenizer_dir):
+    """LlamaConfig's defaults: untied embeddings and rope_theta 10000. Reading a missing
+    tie_word_embeddings as tied would replace lm_head by the embedding, silently."""
+    hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, vocab_size=VOCAB, rms_norm_eps=1e-5, tie_word_embeddings=False)).eval()
+    src = hf_dir(tmp_path, hf_model, tokenizer_dir)
+    cfg = json.loads((src / "config.json").read_text())
+    assert cfg.pop("tie_word_embeddings") is False
+    cfg.pop("rope_theta", None)
+    assert cfg.pop("rope_parameters", {"rope_theta": 10000.0}).get("rope_theta", 10000.0) == 10000.0
+    (src / "config.json").write_text(json.dumps(cfg))
+    idx = torch.randint(0, VOCAB, (2, 100))
+    with torch.no_grad():
+        reference = hf_model(idx).logits
+        ours = load_model(import_hf(src, tmp_path / "ckpt"))[0](idx)[..., :VOCAB]
+    assert (ours - reference).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("shape", [GPT2_SHAPE, LLAMA_SHAPE], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_export_of_a_padded_vocabulary_writes_the_real_rows_only(shape, tie, tmp_path, tokenizer_dir):
+    """lmforge pads embedding rows for speed; transformers' vocab_size is the tokenizer's, and a
+    model with more rows than that does not load (or loads rows no token has)."""
+    import lmforge.checkpoint.store as store
+    from lmforge.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    config = ModelConfig(**{**shape, "pad_vocab_multiple": 384, "tie_embeddings": tie})
+    assert config.padded_vocab_size == 768
+    model = Transformer(config).eval()
+    path = store.save_checkpoint(tmp_path / "ckpt", model, Tokenizer.load(tokenizer_dir))
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(export_hf(path, tmp_path / "export"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    idx = torch.randint(0, VOCAB, (2, 50))
+    with torch.no_grad():
+        assert (back.eval()(idx).logits - model(idx)[..., :VOCAB]).abs().max().item() < 1e-4
