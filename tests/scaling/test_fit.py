@@ -3,6 +3,7 @@
 import json
 import math
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -99,9 +100,60 @@ def test_approach2_recovers_the_exponent_of_n_opt():
         N, D = TRUE.optimum(b["flops"])
         assert b["params_opt"] == pytest.approx(N, rel=0.25)
         assert 6 * b["params_opt"] * b["tokens_opt"] == pytest.approx(b["flops"], rel=1e-6)
+        # The parabola's minimum, p0 - p1^2 / (4 p2), is the law's loss at its optimum; sizes centred on it.
+        assert b["loss_opt"] == pytest.approx(TRUE.loss(N, D), rel=0.01)
+        assert b["extrapolated"] is False
     strata = [members for _, members in isoflop_profiles(runs)]
     lo, hi = bootstrap(runs, approach2, n=50, seed=0, strata=strata)["intervals"]["a"]
     assert lo < TRUE.a < hi
+
+
+def test_approach2_flags_a_budget_whose_sizes_all_lie_on_one_side_of_its_minimum():
+    """Its vertex lies outside the sizes tried (kept, as within a decade, but `extrapolated`); the
+    centred budgets of isoflop_runs are not."""
+    for lo, hi in ((-2.5, -0.5), (0.5, 2.5)):  # every size below the true optimum, then every size above
+        C = 1e23
+        N_opt = TRUE.optimum(C)[0]
+        one_sided = [Run(params=float(N), tokens=C / (6 * N), loss=float(TRUE.loss(N, C / (6 * N))), budget=C)
+                     for N in N_opt * 4.0 ** np.linspace(lo, hi, 6)]
+        out = approach2(isoflop_runs() + one_sided)
+        assert [b["flops"] for b in out["budgets"]][-1] == C and not out["skipped_budgets"]
+        assert [b["extrapolated"] for b in out["budgets"]] == [False] * 5 + [True], (lo, hi)
+
+
+def test_bootstrap_intervals_are_the_percentiles_of_the_refits():
+    """A 95% interval is the 2.5th to 97.5th percentile of the resampled estimates (80%: 10th to 90th,
+    Hoffmann et al. 2022's table 2), taken here from what a stub fit returned on each resample."""
+    runs = [Run(params=1e6, tokens=1e9, loss=float(x)) for x in np.random.default_rng(1).uniform(2.0, 4.0, 20)]
+    for level, q in ((0.95, [2.5, 97.5]), (0.8, [10.0, 90.0])):
+        seen = []
+
+        def mean_loss(resample):
+            seen.append(float(np.mean([r.loss for r in resample])))
+            return {"exponents": {"m": seen[-1]}}
+
+        boot = bootstrap(runs, mean_loss, n=200, seed=0, level=level)
+        assert (boot["resamples"], boot["failed"], len(seen)) == (200, 0, 200)
+        assert boot["intervals"]["m"] == pytest.approx(np.percentile(seen, q).tolist(), rel=1e-12)
+
+
+def test_fit_bootstraps_approach2_within_each_budget(tmp_path, monkeypatch):
+    """Every resample approach 2 is refitted on keeps each isoFLOP budget's run count (6 runs at each
+    of 5 budgets): runs are drawn within budgets, not across them, which could leave a budget empty."""
+    from lmforge.scaling import fitting
+
+    write_results(tmp_path, isoflop_runs())
+    counts = []
+
+    def recording(runs):
+        counts.append(sorted(Counter(round(math.log10(r.flops)) for r in runs).items()))
+        return approach2(runs)
+
+    monkeypatch.setitem(fitting._FITS, "approach2", recording)
+    result = fit(tmp_path, approaches=["approach2"], plots=False, n_bootstrap=20, progress=False)
+    assert result["approach2"]["bootstrap"]["resamples"] + result["approach2"]["bootstrap"]["failed"] == 20
+    assert len(counts) == 21  # the fit, then 20 resamples
+    assert all(c == [(e, 6) for e in range(17, 22)] for c in counts)
 
 
 def test_isoflop_profiles_use_an_explicit_budget():
@@ -317,6 +369,9 @@ def test_kaplan_compute_counts_non_embedding_parameters():
     out = kaplan(runs)
     assert out["exponents"]["alpha_C"] == pytest.approx(0.050, rel=1e-9)
     assert out["L(C)"]["scale"] == pytest.approx(2.68e28, rel=1e-6)
+    # L(N) too (eq. 1.1): each size's best loss, at 1e11 tokens, is (2.68e28 / 6e11 / n)^0.050, a power
+    # law in the non-embedding n exactly; in n + 6.4e6 it would bend and give another exponent.
+    assert out["exponents"]["alpha_N"] == pytest.approx(0.050, rel=1e-3)
 
 
 def _row(loss, **sweep):

@@ -170,3 +170,28 @@ def test_encoder_decoder_by_hand():
     assert out["params"] == 128 * 64 + 64 * 64 + 3 * block + 64 * 2 + 2 * (block + cross_params) + 64 * 2 == 296_000
     assert out["params"] == Transformer(cfg).num_params(exclude_positions=False)
     assert out["params_no_embed"] == 296_000 - 128 * 64 - 64 * 64 == 283_712
+
+
+def test_encoder_decoder_with_grouped_query_attention_by_hand():
+    """Grouped-query self-attention (2 key/value heads of 4) in both stacks, but cross-attention keys and
+    values at all 4 heads: CrossAttention projects the memory to 2 x d_model whatever n_kv_head is."""
+    cfg = preset("tiny", vocab_size=100, arch="encoder-decoder", n_encoder_layer=3, n_kv_head=2)
+    assert Transformer(cfg).layers[0].cross_attention.kv.weight.shape == (2 * 64, 64)  # K and V, 4 heads of 16
+    S, T, d, V, H, f = 32, 64, 64, 128, 4, 256
+
+    def self_attention(n):  # Q at 4 heads, K and V at 2, logits, softmax, softmax @ V, final linear
+        return 2 * n * d * d + 2 * 2 * n * d * (2 * 16) + 2 * n * n * d + 3 * H * n * n + 2 * n * n * d + 2 * n * d * d
+
+    assert (self_attention(S), self_attention(T)) == (1_060_864, 2_670_592)
+    cross = (
+        2 * T * d * d  # query projection of the target            524_288
+        + 2 * 2 * S * d * (4 * 16)  # K and V of the source, all 4 heads 524_288 (2 heads would be 262_144)
+        + 2 * T * S * d + 3 * H * T * S + 2 * T * S * d  # logits, softmax, softmax @ value
+        + 2 * T * d * d  # final linear                            524_288
+    )
+    assert cross == 2_121_728  # as with multi-head attention in test_encoder_decoder_by_hand
+    encoder_block = self_attention(S) + 2 * S * 2 * d * f
+    decoder_block = self_attention(T) + cross + 2 * T * 2 * d * f
+    forward = 2 * S * V * d + 2 * T * V * d + 3 * encoder_block + 2 * decoder_block + 2 * T * d * V
+    assert forward == 30_068_736
+    assert chinchilla_forward_flops(cfg, T, src_len=S) == forward
