@@ -37,6 +37,12 @@ def live(app):
     return server, thread, f"http://127.0.0.1:{port}"
 
 
+def metric(url: str, name: str, headers: dict | None = None) -> float:
+    """One sample of /metrics, e.g. 'lmforge_requests_total{finish_reason="length"}'; 0 before it is first counted."""
+    lines = httpx.get(url + "/metrics", headers=headers).text.splitlines()
+    return next((float(line.rsplit(" ", 1)[1]) for line in lines if line.rsplit(" ", 1)[0] == name), 0.0)
+
+
 @pytest.fixture(scope="module")
 def lm(trained_run):
     lm = load(trained_run.out, device="cpu")
@@ -229,6 +235,11 @@ def test_logprobs(client):
     c = openai.OpenAI(base_url=client.base_url, api_key="none").chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
     assert c.choices[0].logprobs.content and len(c.choices[0].logprobs.content[0].top_logprobs) == 2
+    # As OpenAI: logprobs without top_logprobs gives each token's logprob, and no alternatives.
+    c = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
+                                       logprobs=True, extra_body={"ignore_eos": True})
+    content = c.choices[0].logprobs.content
+    assert len(content) == 4 and all(x.top_logprobs == [] and x.logprob <= 0 for x in content)
 
 
 def test_logprobs_of_part_of_a_character_are_its_bytes(client, lm):
@@ -300,6 +311,11 @@ def test_errors_have_openai_bodies(client, strict):
                         e.value.body["message"]), e.value.body["message"]
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="x", max_tokens=5, temperature=-1)
+    # OpenAI takes up to 4 stop strings.
+    client.completions.create(model="tiny", prompt="x", max_tokens=1, stop=["a", "b", "c", "d"])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", max_tokens=1, stop=["a", "b", "c", "d", "e"])
+    assert e.value.body["param"] == "stop"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=5)
     with pytest.raises(openai.AuthenticationError) as e:
@@ -307,6 +323,25 @@ def test_errors_have_openai_bodies(client, strict):
     assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
     assert httpx.get(strict + "/v1/models").status_code == 401
     assert httpx.get(strict + "/health").status_code == 200
+
+
+def test_no_max_tokens_is_the_rest_of_the_context(client):
+    """Without max_tokens a chat may fill the context (64 tokens), not ask for 64 more than its prompt."""
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Who is there?"}], temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert r.usage.prompt_tokens + r.usage.completion_tokens == 64 and r.choices[0].finish_reason == "length"
+
+
+def test_a_developer_message_is_a_system_message(client):
+    """OpenAI's newer models take "developer" for "system": the same prompt, so the same log-probabilities."""
+    ask = lambda role: client.chat.completions.create(
+        model="tiny", messages=[{"role": role, "content": "Be brief."}, {"role": "user", "content": "Who is there?"}],
+        max_tokens=4, temperature=0, logprobs=True, extra_body={"ignore_eos": True})
+    developer, system = ask("developer"), ask("system")
+    assert developer.usage.prompt_tokens == system.usage.prompt_tokens
+    assert developer.choices[0].message.content == system.choices[0].message.content
+    logprobs = lambda r: [x.logprob for x in r.choices[0].logprobs.content]
+    assert logprobs(developer) == pytest.approx(logprobs(system), abs=1e-4)  # prefix reuse may round differently
 
 
 def test_top_logprobs_needs_logprobs_and_bad_json_says_so(client, server):
@@ -383,8 +418,25 @@ def test_full_queue_answers_429(strict):
     async def main():
         return await asyncio.gather(*(one() for _ in range(6)))
 
+    auth = {"Authorization": "Bearer sekrit"}
+    before = metric(strict, 'lmforge_rejected_requests_total{status="429"}', auth)
     codes = asyncio.run(main())
     assert 429 in codes and 200 in codes
+    assert metric(strict, 'lmforge_rejected_requests_total{status="429"}', auth) == before + codes.count(429)
+
+
+def test_a_request_counts_as_the_worst_end_of_its_sequences(strict):
+    """Two prompts, one request (as n > 1 is): the first ends by length, the second by a stop string.
+    The request counts as "length" (worse than "stop"), though the one slot finishes the "stop" one last."""
+    auth = {"Authorization": "Bearer sekrit"}
+    ask = lambda **kw: httpx.post(strict + "/v1/completions", headers=auth, timeout=60, json={
+        "prompt": PROMPTS[3:5], "max_tokens": 10, "temperature": 0, "ignore_eos": True, **kw}).json()["choices"]
+    first, second = (c["text"] for c in ask())
+    stop = next(ch for ch in second if ch not in first)  # "KING" goes on "\n\n...", "What say" ",\n..."
+    length, stopped = (metric(strict, f'lmforge_requests_total{{finish_reason="{r}"}}', auth) for r in ("length", "stop"))
+    assert [c["finish_reason"] for c in ask(stop=stop)] == ["length", "stop"]
+    assert metric(strict, 'lmforge_requests_total{finish_reason="length"}', auth) == length + 1
+    assert metric(strict, 'lmforge_requests_total{finish_reason="stop"}', auth) == stopped
 
 
 def test_disconnect_frees_the_slot(client, server):
