@@ -130,6 +130,20 @@ def test_lora_trains_only_adapters_and_head_and_merges_to_the_same_predictions(t
     assert [p["score"] for p in merged_out] == pytest.approx([p["score"] for p in adapter_out], abs=1e-6)
 
 
+def test_a_head_for_other_labels_starts_anew_and_one_for_the_same_labels_is_kept():
+    """Re-fine-tuning a sentiment classifier for two other labels must not start from the old head, whose
+    rows meant other classes; for the same labels (a second round of training) it is the head to keep."""
+    from lmforge.finetune.run import _from_base
+
+    torch.manual_seed(0)
+    base = Transformer(preset("tiny", vocab_size=100, task_head="classify", labels=["neg", "pos"]))
+    same = _from_base(base, base.config, seed=1)
+    other = _from_base(base, base.config.replace(labels=["spam", "ham"]), seed=1)
+    assert torch.equal(same.head.weight, base.head.weight)
+    assert not torch.equal(other.head.weight, base.head.weight)
+    assert torch.equal(other.layers[0].attention.qkv.weight, base.layers[0].attention.qkv.weight)
+
+
 def test_freeze_layers_and_embeddings_keep_them_fixed(trained_run, tmp_path):
     base, _ = load_model(trained_run.out)
     run = finetune(trained_run.out, "classify", YELP, tmp_path / "frozen", train=_cfg(max_steps=5),

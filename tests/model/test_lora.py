@@ -35,6 +35,16 @@ def test_starts_as_the_base_model_then_adds_scale_BA_on_the_targeted_rows():
     torch.testing.assert_close(layer(h), h @ (layer.weight + delta).T + layer.bias)
 
 
+@pytest.mark.parametrize("targets,cross_q,cross_kv", [("v", None, [(64, 128)]), ("k", None, [(0, 64)]), ("q,v", [(0, 64)], [(64, 128)])])
+def test_cross_attention_adapters_sit_on_the_named_projection(targets, cross_q, cross_kv):
+    """An encoder-decoder's cross-attention fuses keys then values of the memory in `kv`: `v` must adapt
+    the value rows (64..128 at n_embd 64), not the keys."""
+    cfg = preset("transformer-base", vocab_size=97, n_layer=1, n_encoder_layer=1, n_embd=64, n_head=4, mlp_hidden=128,
+                 context_length=16, lora=LoraConfig(r=2, targets=targets))
+    cross = Transformer(cfg).layers[0].cross_attention
+    assert (getattr(cross.q, "slices", None), getattr(cross.kv, "slices", None)) == (cross_q, cross_kv)
+
+
 def test_each_adapted_slice_of_a_fused_layer_draws_its_own_dropout_mask():
     """PEFT adapts q_proj and v_proj as two layers with a dropout each; lmforge's q and v are slices of
     one fused qkv, which must not share one mask (that would correlate the two adapters' noise)."""
