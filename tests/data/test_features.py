@@ -51,6 +51,9 @@ def test_qa_windows_cover_a_long_context_and_mark_the_answer_where_it_lies(tok):
     assert not windows[0].feature["start_positions"]
     ids, offsets = tok.encode_with_offsets(context)
     assert seen == set(offsets)  # every context token is in some window
+    for a, b in zip(windows, windows[1:]):  # each window starts `stride` context tokens before the last one ends
+        shared = {o for o in a.offsets if o is not None} & {o for o in b.offsets if o is not None}
+        assert len(shared) == 16
 
 
 def test_decoder_seq2seq_trains_only_on_the_target(tok):
@@ -139,6 +142,15 @@ def test_collate_pads_right_and_batches_are_a_function_of_the_step(tok):
     assert b["attention_mask"].sum(1).tolist() == [len(f["input_ids"]) for f in feats]
     one, two = sample_batch(feats, 4, 7, 3, 0, 1), sample_batch(feats, 4, 7, 3, 0, 1)
     assert all((one[k] == two[k]).all() for k in one)
+
+
+def test_collate_pads_labels_with_the_ignore_index_not_the_pad_token():
+    """Padded label positions must add nothing to the loss: IGNORE_INDEX, not a token id the model would learn."""
+    b = collate([{"input_ids": [5, 6, 7], "labels": [6, 7, 8], "token_type_ids": [0, 1, 1]},
+                 {"input_ids": [5], "labels": [6], "token_type_ids": [1]}], pad_id=3)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [5, 3, 3]] and b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["labels"].tolist() == [[6, 7, 8], [6, IGNORE_INDEX, IGNORE_INDEX]]
+    assert b["token_type_ids"].tolist() == [[0, 1, 1], [1, 0, 0]]
 
 
 def test_bad_prompt_is_one_line(tok):

@@ -9,6 +9,7 @@ import pytest
 from conftest import SHARED_DATA
 
 from lmforge.data import (
+    QAExample,
     read_chat,
     read_classification,
     read_parallel_text,
@@ -348,6 +349,16 @@ def test_split_by_article():
     assert {e.title for e in split_by_article(examples, 0.8, seed=1)[0]} != titles1
     user_error(split_by_article, examples, fraction=1.0, names=["fraction"])
     user_error(split_by_article, examples[:1], names=["article"])
+
+
+
+@pytest.mark.parametrize("n_articles,fraction,n_first", [(7, 0.8, 6), (7, 0.3, 2), (2, 0.9, 1), (5, 0.05, 1)])
+def test_split_by_article_rounds_the_share_of_articles(n_articles, fraction, n_first):
+    """fraction x articles is rounded to the nearest (0.8 x 7 = 5.6 -> 6, 0.3 x 7 = 2.1 -> 2), and each side keeps
+    at least one article."""
+    examples = [QAExample(f"q{i}", f"article {i % n_articles}", "c", "q", [], "w") for i in range(3 * n_articles)]
+    first, second = split_by_article(examples, fraction=fraction, seed=0)
+    assert len({e.title for e in first}) == n_first and len({e.title for e in second}) == n_articles - n_first
 
 
 def squad_json(answer_start=12, qid="q1", answers=None, extra_qas=(), indent=None):

@@ -98,3 +98,63 @@ def test_label_smoothing_spreads_over_the_real_vocabulary(name, chunked, tokeniz
         smoothed, plain = task.loss(net.train(), batch), task.loss(net.eval(), batch)
     torch.testing.assert_close(smoothed, _reference(logits, labels, 500, 0.1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(plain, _reference(logits, labels, 500, 0.0), atol=1e-5, rtol=1e-5)
+
+
+class _SameBatch:
+    """Every micro-batch of every step is the same 4 x 16 batch, every token a target."""
+
+    def __init__(self):
+        ids = torch.randint(5, 100, (4, 17), generator=torch.Generator().manual_seed(0))
+        self.ids, self.labels = ids[:, :-1], ids[:, 1:]
+
+    def batch(self, source, batch_size, step, micro=0):
+        return {"input_ids": self.ids, "labels": self.labels}
+
+    def val_batches(self, source, batch_size, n_batches):
+        return []
+
+    def loss(self, model, batch):
+        return lm_loss(model(batch["input_ids"]), batch["labels"])
+
+    def weight(self, batch):
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def _first_step(tokenizer_dir, out, dropout=0.0, **train):
+    """(logged loss, logged grad_norm, norm of the gradient the optimizer stepped with) of a one-step run."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    torch.manual_seed(0)
+    net = Transformer(preset("tiny", vocab_size=100, context_length=32, dropout=dropout))
+    stepped = []
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: stepped.append(torch.linalg.vector_norm(
+        torch.cat([p.grad.flatten() for g in opt.param_groups for p in g["params"] if p.grad is not None])).item()))
+    try:
+        cfg = tiny_train_config(max_steps=1, batch_size=4, log_interval=1, eval_interval=0, warmup_steps=0, **train)
+        fit(net, _SameBatch(), Tokenizer.load(tokenizer_dir), cfg, out, None, None, tokens_per_sample=16, **quiet)
+    finally:
+        hook.remove()
+    row = next(r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train")
+    assert len(stepped) == 1
+    return row["loss"], row["grad_norm"], stepped[0]
+
+
+def test_grad_clip_caps_the_norm_the_optimizer_steps_with_and_the_log_keeps_the_unclipped_one(tokenizer_dir, tmp_path):
+    """A random tiny model's first gradient has norm > 0.1: --train.grad_clip 0.01 scales it to norm
+    0.01 exactly (not to twice that), and grad_norm in metrics.jsonl is still the norm before clipping."""
+    _, free_logged, free_stepped = _first_step(tokenizer_dir, tmp_path / "free", grad_clip=1e9)
+    _, logged, stepped = _first_step(tokenizer_dir, tmp_path / "clipped", grad_clip=0.01)
+    assert free_stepped == pytest.approx(free_logged, rel=1e-5) and free_logged > 0.1
+    assert stepped == pytest.approx(0.01, rel=1e-4)
+    assert logged == pytest.approx(free_logged, rel=1e-5)
+
+
+def test_each_micro_batch_of_a_step_draws_its_own_dropout_masks(tokenizer_dir, tmp_path):
+    """Accumulating the same batch twice: without dropout the step's loss is that batch's loss; with
+    dropout the two micro-batches draw different masks (seeded by (seed, step, micro)), so the step's
+    loss is not the one micro-batch 0 gets alone."""
+    runs = {(p, accum): _first_step(tokenizer_dir, tmp_path / f"{p}-{accum}", dropout=p, grad_accum=accum, grad_clip=1e9)[0]
+            for p in (0.0, 0.2) for accum in (1, 2)}
+    assert runs[0.0, 2] == pytest.approx(runs[0.0, 1], rel=1e-6)
+    assert runs[0.2, 1] != pytest.approx(runs[0.0, 1], rel=1e-3)  # dropout changes the loss at all
+    assert runs[0.2, 2] != pytest.approx(runs[0.2, 1], rel=1e-4)

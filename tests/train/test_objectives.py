@@ -136,6 +136,19 @@ def test_which_objectives_share_their_micro_batches_equally(tokenizer_dir, data_
     assert _shares(counts, World(), torch.device("cpu")) == [1 / 3] * 3
 
 
+@pytest.mark.parametrize("name", ["mlm", "mlm+nsp"])
+def test_mlm_validation_batches_are_the_same_whatever_the_training_seed(name, data_dir):
+    """Runs with different --train.seed score the same masked positions, so their validation losses compare;
+    their training batches do differ."""
+    tok = Tokenizer.load(data_dir)
+    bert = TINY_BERT.replace(vocab_size=tok.vocab_size, type_vocab_size=2)
+    one, other = (Objective(name, bert, tok, seed=s) for s in (7, 8))
+    windows = one.open(str(data_dir), "val", 64)
+    a, b = one.val_batches(windows, 4, 3), other.val_batches(windows, 4, 3)
+    assert len(a) == len(b) == 3 and all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+    assert not torch.equal(one.batch(windows, 4, 0)["labels"], other.batch(windows, 4, 0)["labels"])
+
+
 def test_resume_with_another_objective_is_refused_before_training(data_dir, tmp_path):
     """Seen in review: an `mlm` run resumed with `--objective mlm+nsp` trained on silently, and its
     metrics.jsonl joined two losses that do not compare."""

@@ -251,3 +251,27 @@ def test_muon_state_loads_through_the_full_state_dict_path(tmp_path):
         optimizer2.step()  # KeyError: 'rows' before the fix
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("arch,fused", [
+    (dict(name="tiny", mlp="swiglu", bias=False), "layers.1.feed_forward.fc.weight"),  # [gate; up], each 256 x 64
+    (dict(name="transformer-base", n_layer=1, n_encoder_layer=1, n_embd=64, n_head=4, mlp_hidden=128, context_length=64),
+     "layers.0.cross_attention.kv.weight"),  # [k; v], each 64 x 64
+])
+def test_muon_steps_the_halves_of_a_fused_weight_as_two_matrices(arch, fused):
+    """SwiGLU's fc = [gate; up] and a cross-attention's kv = [k; v] are two matrices each: a model's
+    first Muon step moves each half by muon_lr times its own orthogonalised gradient (scaled by its
+    own max(1, rows / cols)^0.5), not by one orthogonalisation of the whole fused weight."""
+    arch = dict(arch)
+    torch.manual_seed(0)
+    model = Transformer(preset(arch.pop("name"), vocab_size=100, **arch))
+    cfg = TrainConfig(optim="muon", lr=1e-3, muon_lr=0.02, muon_momentum=0.9)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    p = dict(model.named_parameters())[fused]
+    before, g = p.detach().clone(), p.grad.clone()
+    opt.step()
+    half = g.size(0) // 2
+    halves = [naive_muon_updates([part], 0.9)[0] for part in (g[:half], g[half:])]
+    torch.testing.assert_close((before - p.detach()).double() / 0.02, torch.cat(halves), atol=1e-4, rtol=0)
