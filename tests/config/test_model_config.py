@@ -20,6 +20,7 @@ ROTARY = dict(BASE, position="rotary")
         (dict(arch="encoder-decoder", n_encoder_layer=0), "n_encoder_layer"),  # was silently n_layer
         (dict(arch="encoder-decoder", n_encoder_layer=-1), "n_encoder_layer"),  # was an encoder of no layers
         (dict(type_vocab_size=-1), "type_vocab_size"),
+        (dict(n_kv_head=0), "n_kv_head"),  # would be read as "unset": multi-head where grouped-query was asked for
         (dict(norm_eps=0.0), "norm_eps"),
         (dict(norm_eps=-1.0), "norm_eps"),  # was non-finite logits
         (dict(ROTARY, rope_theta=0.0), "rope_theta"),  # were NaN rotary tables
@@ -180,6 +181,17 @@ def test_configs_built_in_python_check_their_types_in_one_line(build, message):
     characters '0', ',' and '1' whose checkpoint no verb could open."""
     with pytest.raises(UserError, match=message):
         build()
+
+
+def test_lora_and_schedule_ranges():
+    """lora.dropout 1.0 zeroes every adapter input (LoRA would learn nothing); r=0 is LoRA off, not a
+    division by zero at build; a min_lr above lr would make the cosine "decay" climb."""
+    with pytest.raises(UserError, match=r"lora\.dropout"):
+        LoraConfig(r=4, dropout=1.0)
+    assert ModelConfig(**BASE, lora=LoraConfig(r=0)).lora is None
+    with pytest.raises(UserError, match="min_lr"):
+        TrainConfig(lr=1e-4, min_lr=1e-3)
+    assert TrainConfig(lr=1e-4, min_lr=1e-4).min_lr == 1e-4
 
 
 def test_numpy_scalars_are_taken_as_the_python_values_they_hold():

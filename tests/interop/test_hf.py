@@ -159,7 +159,7 @@ def test_architecture_without_hf_equivalent(tmp_path, trained_run):
 
 
 # ------------------------------------------------------------------------- what HF cannot hold
-from lmforge.config import ModelConfig  # noqa: E402
+from lmforge.config import ModelConfig, preset  # noqa: E402
 from lmforge.interop.hf import config_from_hf, config_to_hf, state_dict_to_hf  # noqa: E402
 from lmforge.model import Transformer  # noqa: E402
 
@@ -503,3 +503,39 @@ def test_export_of_a_padded_vocabulary_writes_the_real_rows_only(shape, tie, tmp
     idx = torch.randint(0, VOCAB, (2, 50))
     with torch.no_grad():
         assert (back.eval()(idx).logits - model(idx)[..., :VOCAB]).abs().max().item() < 1e-4
+
+
+# ---------------------------------------------------------------- presets against the released shapes
+# The shapes of the released config.json files (gpt2, gpt2-medium/large/xl, Llama-2-7b, Meta-Llama-3-8B,
+# Llama-3.2-1B, SmolLM2-135M, bert-base-uncased) as released on the Hugging Face Hub.
+GPT2 = lambda L, H, C: {"model_type": "gpt2", "n_ctx": 1024, "n_positions": 1024, "n_embd": C, "n_head": H, "n_layer": L,
+                        "vocab_size": 50257, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}
+LLAMA = dict(model_type="llama", rms_norm_eps=1e-5, hidden_act="silu")
+PUBLISHED = {
+    "gpt2-124m": GPT2(12, 12, 768), "gpt2-350m": GPT2(24, 16, 1024), "gpt2-774m": GPT2(36, 20, 1280), "gpt2-1.5b": GPT2(48, 25, 1600),
+    "llama-2-7b": dict(LLAMA, hidden_size=4096, intermediate_size=11008, max_position_embeddings=4096, num_attention_heads=32,
+                       num_hidden_layers=32, num_key_value_heads=32, rope_theta=10000.0, tie_word_embeddings=False, vocab_size=32000),
+    "llama-3-8b": dict(LLAMA, hidden_size=4096, intermediate_size=14336, max_position_embeddings=8192, num_attention_heads=32,
+                       num_hidden_layers=32, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=False, vocab_size=128256),
+    "llama-3.2-1b": dict(LLAMA, hidden_size=2048, intermediate_size=8192, max_position_embeddings=131072, num_attention_heads=32,
+                         num_hidden_layers=16, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True, vocab_size=128256,
+                         rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                       "original_max_position_embeddings": 8192, "rope_type": "llama3"}),
+    "smollm2-135m": dict(LLAMA, hidden_size=576, intermediate_size=1536, max_position_embeddings=8192, num_attention_heads=9,
+                         num_hidden_layers=30, num_key_value_heads=3, rope_theta=100000.0, tie_word_embeddings=True, vocab_size=49152),
+    "bert-base": {"model_type": "bert", "architectures": ["BertForPreTraining"], "hidden_size": 768, "intermediate_size": 3072,
+                  "max_position_embeddings": 512, "num_attention_heads": 12, "num_hidden_layers": 12, "type_vocab_size": 2,
+                  "layer_norm_eps": 1e-12, "hidden_act": "gelu", "vocab_size": 30522},
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_presets_have_the_shapes_of_the_released_models(name):
+    """A preset that drifts from its model (a head count, the GELU variant, rope theta) would no longer
+    load the released weights or match their FLOPs. Dropout (0 for pretraining, as nanoGPT) and the
+    vocabulary padding are lmforge's own choices."""
+    hf = PUBLISHED[name]
+    ours, theirs = preset(name, vocab_size=hf["vocab_size"]), config_from_hf(hf)
+    assert ours.kv_heads == theirs.kv_heads
+    own = {"preset", "dropout", "pad_vocab_multiple", "n_kv_head"}
+    assert {k: v for k, v in ours.to_dict().items() if k not in own} == {k: v for k, v in theirs.to_dict().items() if k not in own}
