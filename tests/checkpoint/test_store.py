@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import stat
 
@@ -223,3 +224,92 @@ def test_a_run_holding_only_a_partial_step_says_so(saved, tmp_path):
                                         r"tokenizer.json") as err:
         load_model(run)
     assert "no step-* directories" not in str(err.value)
+
+
+def test_the_latest_step_is_the_highest_number_not_the_last_name(saved, tmp_path):
+    """step-1000000 sorts before step-999999 by name: the run resolves to step 1000000."""
+    _, path = saved
+    run = tmp_path / "run"
+    for name in ("step-1000000", "step-999999"):
+        shutil.copytree(path, run / name)
+    assert find_checkpoints(run) == [run / "step-999999", run / "step-1000000"]
+    assert resolve_checkpoint(run) == run / "step-1000000"
+    model, _ = saved
+    with pytest.raises(UserError, match=r"it holds step-1000000\)"):  # a save over the run names its latest step
+        save_checkpoint(run, model, None)
+
+
+# ------------------------------------------------------------- the tokenizer against the model's vocabulary
+@pytest.mark.parametrize("vocab_size", [512, 513, 640])
+def test_a_model_vocabulary_as_large_as_or_larger_than_the_tokenizer_loads(vocab_size, tokenizer_dir, tmp_path):
+    """The tokenizer has 512 tokens: a vocab_size of exactly 512, or one padded above it, has a row for each."""
+    tok = Tokenizer.load(tokenizer_dir)
+    assert tok.vocab_size == 512
+    model = Transformer(preset("tiny", vocab_size=vocab_size))
+    loaded, ckpt = load_model(save_checkpoint(tmp_path / "ckpt", model, tok))
+    assert ckpt.model_config.vocab_size == vocab_size and ckpt.tokenizer.vocab_size == 512
+
+
+def test_a_model_vocabulary_one_short_of_the_tokenizer_is_refused(tokenizer_dir, tmp_path):
+    """vocab_size 511 is padded to 512 embedding rows, but row 511 is padding, not a token's (export drops it)."""
+    tok = Tokenizer.load(tokenizer_dir)
+    model = Transformer(preset("tiny", vocab_size=511))
+    assert model.config.padded_vocab_size == 512
+    path = save_checkpoint(tmp_path / "ckpt", model, tok)
+    with pytest.raises(UserError, match=r"ckpt/tokenizer.json has 512 tokens but the model's vocab_size is 511 "):
+        load_model(path)
+
+
+# ------------------------------------------------------------- what a save may replace
+def test_a_save_without_a_step_never_replaces_a_training_checkpoint(saved, tmp_path):
+    """A trainer_state without a step (merge-lora's) is no run re-saving its own step: over a checkpoint
+    whose trainer_state.json has a step, the save is refused and the training checkpoint kept."""
+    model, earlier = saved
+    tok = Tokenizer.load(earlier)
+    path = save_checkpoint(tmp_path / "train", model, tok, trainer_state={"step": 3})
+    with pytest.raises(UserError, match=r"train is a training checkpoint or run \(it holds trainer_state.json\), "
+                                        r"which replacing it with a checkpoint directory would lose; pass a new --out"):
+        save_checkpoint(path, model, tok, trainer_state={"task": None, "merged_from": "x"})
+    assert json.loads((path / "trainer_state.json").read_text()) == {"step": 3}
+    save_checkpoint(path, model, tok, trainer_state={"step": 4})  # the run re-saving a step of its own
+    assert json.loads((path / "trainer_state.json").read_text()) == {"step": 4}
+
+
+# ------------------------------------------------------------- weights and config that do not match
+def test_weights_with_an_extra_or_a_missing_tensor_are_refused_naming_it(saved):
+    from safetensors.torch import load_file, save_file
+
+    _, path = saved
+    tensors = load_file(path / "model.safetensors")
+    save_file({**tensors, "layers.9.extra.weight": torch.zeros(2)}, str(path / "model.safetensors"))
+    with pytest.raises(UserError, match=re.escape("does not match config.json (missing [], unexpected "
+                                                  "['layers.9.extra.weight'])")) as err:
+        load_model(path)
+    assert "\n" not in str(err.value)
+    gone = "norm.weight"
+    assert gone in tensors
+    save_file({k: v for k, v in tensors.items() if k != gone}, str(path / "model.safetensors"))
+    with pytest.raises(UserError, match=re.escape(f"does not match config.json (missing ['{gone}'], unexpected [])")):
+        load_model(path)
+
+
+@pytest.mark.parametrize("config", [{"model_type": "llama"}, {"architectures": ["LlamaForCausalLM"]}])
+def test_a_hugging_face_config_naming_only_one_of_its_keys_says_to_import_it(config, tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "vocab_size": 512}))
+    with pytest.raises(UserError, match=r"hf is a Hugging Face model directory, not an lmforge checkpoint; .*"
+                                        r"`lmforge import hf .*hf --out CKPT`"):
+        load_model(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("fmt", [2, 0, "1", None])
+def test_a_config_of_another_format_is_refused(fmt, saved):
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    if fmt is None:
+        del cfg["format"]
+    else:
+        cfg["format"] = fmt
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"ckpt/config.json is not an lmforge checkpoint config \(format 1\); re-export it"):
+        load_model(path)

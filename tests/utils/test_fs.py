@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import re
 import stat
 import tempfile
 
@@ -231,3 +232,55 @@ def test_a_file_that_cannot_be_written_leaves_no_temporary_file(tmp_path, monkey
     with pytest.raises(OSError, match="No space left"):
         atomic_write_text(tmp_path / "f.txt", "new")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("up", [1, 2])
+def test_a_folder_holding_the_current_directory_is_refused_and_kept(up, tmp_path, monkeypatch):
+    """Replacing a parent of the current directory would pull the shell's folder out from under it."""
+    here = tmp_path / "a" / "b" / "c"
+    here.mkdir(parents=True)
+    (here / "f").write_text("keep me")
+    monkeypatch.chdir(here)
+    out = here.parents[up - 1]
+    for call in (lambda: check_replaceable(out, "meta.json", "a prepared data directory"),
+                 lambda: atomic_dir(out).__enter__()):
+        with pytest.raises(UserError, match=re.escape(f"--out {out} is {out}, which holds the current directory, and "
+                                                      "would be replaced as a whole")) as err:
+            call()
+        assert "\n" not in str(err.value)
+    assert (here / "f").read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    check_replaceable(here / "sub", "meta.json", "a prepared data directory")  # a folder inside it is fine
+
+
+@pytest.mark.parametrize("link_to,says", [("out", "is the source"), ("out/sub", "holds the source")])
+def test_a_source_reached_through_a_symlink_into_the_output_is_the_output(link_to, says, tmp_path):
+    out = _checkpoint(tmp_path / "out")
+    (out / "sub").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / link_to)
+    with pytest.raises(UserError, match=re.escape(f"--out {out} {says} {tmp_path / 'link'}, which writing")):
+        check_replaceable(out, "config.json", "a checkpoint directory", key="model", sources=[tmp_path / "link"])
+    (tmp_path / "outlink").symlink_to(tmp_path / link_to)  # the output named through a symlink to the source
+    with pytest.raises(UserError, match=re.escape(f"--out {tmp_path / 'outlink'} is the source {tmp_path / link_to},")):
+        check_replaceable(tmp_path / "outlink", "config.json", "a checkpoint directory", key="model",
+                          sources=[tmp_path / link_to])
+
+
+def test_a_hidden_file_of_the_users_in_an_earlier_output_is_named_and_kept(tmp_path):
+    """Hidden entries count as any other: `.notes` in an earlier tokenizer folder is not the tokenizer's."""
+    from lmforge.data import train_tokenizer
+    from lmforge.utils.fs import check_only_outputs
+
+    (tmp_path / "corpus.txt").write_text("to be or not to be\n" * 20)
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")
+    (out / ".notes").write_text("keep me")
+    says = (f"{out} holds .notes, which `lmforge tokenizer train` did not write and which replacing the tokenizer "
+            "folder would delete; move it out, or pass a new --out")
+    with pytest.raises(UserError, match=f"^{re.escape(says)}$"):
+        train_tokenizer([tmp_path / "corpus.txt"], 300, out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [".notes", "tokenizer.json"]
+    assert (out / ".notes").read_text() == "keep me" and (out / "tokenizer.json").read_text() == "{}"
+    with pytest.raises(UserError, match=r"holds \.notes, which `x` did not write"):
+        check_only_outputs(out, lambda entry: entry.name == "tokenizer.json", "x", "it")
+    check_only_outputs(out, lambda entry: entry.name in ("tokenizer.json", ".notes"), "x", "it")

@@ -208,9 +208,9 @@ def _run_state(path: Path) -> str | None:
     for name in _RUN_FILES:
         if (path / name).exists():
             return name
-    steps = sorted(p.name for p in path.glob("step-*") if p.is_dir())
-    if steps:
-        return steps[-1]
+    steps = [p.name for p in path.glob("step-*") if p.is_dir()]
+    if steps:  # the latest by number (step-1000000 after step-999999), as the message names it
+        return max(steps, key=lambda name: (name[5:].isdigit(), len(name), name))
     state = path / "trainer_state.json"  # merge-lora writes one without a step: that output is no run
     with contextlib.suppress(OSError, ValueError):
         if state.is_file() and "step" in json.loads(state.read_text(encoding="utf-8")):
