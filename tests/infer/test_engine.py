@@ -374,3 +374,32 @@ def test_cache_size_is_checked_and_max_seq_len_caps_requests(model):
     with pytest.raises(UserError, match="exceed the context of 16"):
         engine.add([1, 2, 3], SamplingParams(max_tokens=14))
     assert len(engine.generate([[1, 2, 3]], SamplingParams(max_tokens=13, temperature=0))[0].output) == 13
+
+
+def test_prompt_logprobs_equal_a_full_forward_and_max_tokens_0_only_scores(long_model):
+    """Prompt log-probabilities through chunked, batched prefill equal one forward of the whole
+    prompt; a scoring request computes every position even when a slot holds its prefix (the
+    second run), and with max_tokens 0 ends after its prefill with no output."""
+    system = [(5 * i) % 97 + 1 for i in range(32)]
+    prompts = [system + [40, 41, 42, 43], system + [60, 61], [3, 1, 4, 1, 5]]
+    engine = Engine(long_model, max_batch=3, prefill_chunk=16, prefill_budget=48)
+    for _ in range(2):
+        reqs = engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=0, prompt_logprobs=3),
+                                         SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0),
+                                         SamplingParams(temperature=0, max_tokens=0, prompt_logprobs=2)])
+        assert engine.reused_tokens == 0 and engine.running == 0
+        for req, prompt in zip(reqs, prompts):
+            with torch.no_grad():
+                logp = torch.log_softmax(long_model(torch.tensor([prompt]))[0, :-1, :100].float(), dim=-1)
+            want = logp.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+            assert [e["token"] for e in req.prompt_logprobs] == prompt[1:]
+            torch.testing.assert_close(torch.tensor([e["logprob"] for e in req.prompt_logprobs]), want, atol=1e-4, rtol=0)
+            k = req.params.prompt_logprobs
+            top = logp.topk(k, dim=-1) if k else None
+            for i, e in enumerate(req.prompt_logprobs):
+                assert [t for t, _ in e["top"]] == (top.indices[i].tolist() if k else [])
+        assert [r.output for r in reqs] == [[], greedy_alone(long_model, prompts[1], 2), []]
+        assert [r.finish_reason for r in reqs] == ["length"] * 3
+    # A request without prompt_logprobs still reuses the prefix the scoring ones left behind.
+    engine.generate([system + [70, 71]], SamplingParams(temperature=0, max_tokens=1))
+    assert engine.reused_tokens >= 16

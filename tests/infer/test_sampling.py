@@ -257,7 +257,7 @@ def test_logit_bias_per_row_before_the_penalties_and_not_in_the_logprobs():
     assert {int(sample_rows(logits[:1], [banned], [g]).tokens[0]) for _ in range(50)} == {1, 2}
 
 
-@pytest.mark.parametrize("bad", [dict(top_p=0), dict(min_p=1.5), dict(presence_penalty=3), dict(max_tokens=0),
+@pytest.mark.parametrize("bad", [dict(top_p=0), dict(min_p=1.5), dict(presence_penalty=3), dict(max_tokens=-1), dict(prompt_logprobs=21),
                                  dict(repetition_penalty=0), dict(logprobs=21), dict(temperature=-0.1),
                                  dict(logit_bias={1: 101.0}), dict(logit_bias={-1: 1.0}), dict(seed=-1), dict(seed=2**64)])
 def test_bad_values_are_user_errors(bad):

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 import uvicorn
 
 from lmforge.infer import Engine, SamplingParams, load
@@ -105,11 +106,49 @@ def test_echo_puts_the_prompt_first(client):
     assert [c.text for c in echoed.choices] == [PROMPTS[i // 2] + c.text for i, c in enumerate(plain.choices)]
     stream = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0, echo=True, stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices) == echoed.choices[0].text
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="tiny", prompt="x", max_tokens=2, echo=True, logprobs=1)
+    with pytest.raises(openai.BadRequestError, match="max_tokens 0 generates nothing"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=0)
     for bad in ([-(2**40)], [2**40]):  # checked before the echo decodes them (schemathesis found a 500 here)
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model="tiny", prompt=bad, max_tokens=2, echo=True)
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, lm):
+    """lm-evaluation-harness's loglikelihood request (echo, logprobs, max_tokens 0 or 1): the prompt's
+    tokens with the model's own log-probabilities (null for the first), then the completion's."""
+    prompt = "ROMEO:\nWhat light"
+    ids = lm.tokenizer.encode_prompt(prompt)
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(torch.tensor([ids]))[0, :-1, : lm.model.config.vocab_size].float(), dim=-1)
+    want = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    scored = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    c = scored.choices[0]
+    assert c.text == prompt and c.finish_reason == "length" and scored.usage.completion_tokens == 0
+    lp = c.logprobs
+    assert lp.tokens == [lm.tokenizer.token_bytes(t).decode() for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    for i, top in enumerate(lp.top_logprobs[1:]):  # the 2 likeliest and the prompt's own token
+        assert len(top) in (2, 3) and top[lp.tokens[i + 1]] == pytest.approx(want[i], abs=1e-4)
+        assert max(top.values()) == pytest.approx(logp[i].max().item(), abs=1e-4)
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(ids))]
+    # One more token: the prompt's entries, then the greedy token's, whose offset is the prompt's length.
+    plus = client.completions.create(model="tiny", prompt=prompt, max_tokens=1, echo=True, logprobs=2, temperature=0).choices[0]
+    alone = client.completions.create(model="tiny", prompt=prompt, max_tokens=1, logprobs=2, temperature=0).choices[0]
+    assert plus.text == prompt + alone.text
+    assert plus.logprobs.tokens == lp.tokens + alone.logprobs.tokens
+    assert plus.logprobs.token_logprobs[: len(ids)] == lp.token_logprobs
+    assert plus.logprobs.token_logprobs[-1] == pytest.approx(alone.logprobs.token_logprobs[0])
+    assert plus.logprobs.text_offset == lp.text_offset + [len(prompt)]
+    # Streamed: the echoed prompt with its entries first, then the completion's.
+    chunks = [ch.choices[0] for ch in client.completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=2,
+                                                                temperature=0, stream=True) if ch.choices]
+    whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=2, temperature=0).choices[0]
+    assert chunks[0].text == prompt and chunks[0].logprobs.tokens == lp.tokens
+    assert "".join(ch.text for ch in chunks) == whole.text
+    streamed = [x for ch in chunks if ch.logprobs for x in ch.logprobs.text_offset]
+    assert streamed == whole.logprobs.text_offset
+    assert [x for ch in chunks if ch.logprobs for x in ch.logprobs.token_logprobs] == whole.logprobs.token_logprobs
 
 
 def test_streaming_equals_the_whole_answer(client):

@@ -114,6 +114,7 @@ class Request:
     params: SamplingParams
     output: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list[dict] = field(default_factory=list)  # with params.prompt_logprobs: one per prompt token after the first
     text: str = ""
     finish_reason: str | None = None  # "stop", "length" or "abort" once finished
     slot: int | None = None
@@ -397,7 +398,7 @@ class Engine:
         req.slot = slot
         self.slots[slot] = req
         kept, self.kept[slot] = self.kept[slot], []
-        if self.prefix_cache:  # the slot's own keys and values for a prefix of the prompt stay where they are
+        if self._reuses(req):  # the slot's own keys and values for a prefix of the prompt stay where they are
             req.prefilled = _common_prefix(kept, req.prompt, len(req.prompt) - 1)
             self.reused_tokens += req.prefilled
         if req.params.penalised and self.counts is None:
@@ -417,7 +418,7 @@ class Engine:
             if req is not None and req.prefilled < len(req.prompt):
                 if budget <= 0:
                     break
-                if self.prefix_cache:
+                if self._reuses(req):
                     self._borrow(req)
                     if any(self._will_lend(self.slots[c], req) for c in chosen):
                         continue  # a request prefilling this step computes our next tokens: copy them next step
@@ -449,24 +450,49 @@ class Engine:
         if len(reqs) == 1:
             req = reqs[0]
             idx = torch.tensor(chunks, device=self.device)
-            h = self.model.encode(idx, cache=self.cache.rows(req.slot, req.slot + 1), start=req.prefilled)[:, -1]
+            h = self.model.encode(idx, cache=self.cache.rows(req.slot, req.slot + 1), start=req.prefilled)
         else:
             idx = torch.tensor([c + [0] * (L - len(c)) for c in chunks], device=self.device)
             start = torch.tensor([r.prefilled for r in reqs], device=self.device)
             n = -(-(max(r.prefilled for r in reqs) + L) // 16) * 16
             h = self.model.encode(idx, cache=self.cache.rows(slots[0], slots[-1] + 1, length=n, start=start, T=L), start=start)
-            h = h[torch.arange(len(reqs), device=self.device), torch.tensor([len(c) - 1 for c in chunks], device=self.device)]
+        for b, (req, chunk) in enumerate(zip(reqs, chunks)):
+            if req.params.prompt_logprobs is not None:
+                self._score_prompt(req, h[b, : len(chunk)])
+        h = h[torch.arange(len(reqs), device=self.device), torch.tensor([len(c) - 1 for c in chunks], device=self.device)]
         done = []
         for b, (req, chunk) in enumerate(zip(reqs, chunks)):
             req.prefilled += len(chunk)
             if req.prefilled == len(req.prompt):
-                done.append(b)
+                if req.params.max_tokens == 0:  # scored, nothing to generate
+                    req.finish_reason = "length"
+                    self._free(req)
+                    events.append(Event(req, None, "", finished=True))
+                else:
+                    done.append(b)
         if done:
             if len(done) < len(reqs):
                 h = h[torch.tensor(done, device=self.device)]
             # The head only at the last position of each finished prompt (B, V).
             logits = self.model.output(h)[:, : self.model.config.vocab_size]
             self._sample([reqs[b] for b in done], logits, events)
+
+    def _reuses(self, req: Request) -> bool:
+        """Whether `req` may take keys and values of its prompt from an earlier one: not when it
+        scores its prompt, whose every position it must compute."""
+        return self.prefix_cache and req.params.prompt_logprobs is None
+
+    def _score_prompt(self, req: Request, h: torch.Tensor) -> None:
+        """The log-probabilities of `req`'s prompt tokens that this chunk's hidden states `h` (T, D)
+        predict: position i's for token i + 1, from the model's raw logits (vLLM's prompt_logprobs)."""
+        targets = req.prompt[req.prefilled + 1: req.prefilled + 1 + len(h)]
+        if not targets:  # the prompt's last position predicts the first generated token
+            return
+        logp = torch.log_softmax(self.model.output(h[: len(targets)])[:, : self.model.config.vocab_size].float(), dim=-1)
+        chosen = logp.gather(1, torch.tensor(targets, device=self.device)[:, None])[:, 0].tolist()
+        top_lp, top_ids = logp.topk(req.params.prompt_logprobs, dim=-1)
+        for t, lp, ids, lps in zip(targets, chosen, top_ids.tolist(), top_lp.tolist()):
+            req.prompt_logprobs.append({"token": t, "logprob": lp, "top": list(zip(ids, lps))})
 
     def _held(self, s: int) -> list[int]:
         """The tokens whose keys and values slot `s` holds, from position 0."""

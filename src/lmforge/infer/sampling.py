@@ -40,7 +40,9 @@ class SamplingParams:
     `stop` strings end the text before they occur; `stop_token_ids` (and the tokenizer's
     end-of-text unless `ignore_eos`) end it after the token; a bare string or id is one stop, as in
     vLLM. `logprobs` k >= 0 reports the chosen token's log-probability and the k most likely ones;
-    None reports none. `logit_bias` maps token
+    None reports none. `prompt_logprobs` k >= 0 does the same for each prompt token after the first
+    (vLLM's: the model's own log-probabilities, what an evaluation harness scores a text by);
+    `max_tokens` 0 then scores the prompt without generating. `logit_bias` maps token
     ids to a number in [-100, 100] added to their logits (OpenAI's: -100 bans a token, 100 all but
     forces it). `skip_special_tokens` leaves special tokens (`<|im_start|>`) out of the text, as vLLM does
     by default; their ids stay in the output and the logprobs.
@@ -59,12 +61,13 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         checks = [
-            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.max_tokens >= 0, f"max_tokens must be >= 0, got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
@@ -73,6 +76,8 @@ class SamplingParams:
             (-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
             (self.seed is None or 0 <= self.seed < 2**64, f"seed must be in [0, 2**64), got {self.seed}"),
         ]
         for ok, message in checks:

@@ -5,7 +5,9 @@ template), server-sent-event streaming with `stream: true`, GET /health, GET /me
 (Prometheus). Errors have OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 for
 a bad request (a prompt plus max_tokens over the context included), 401 without the API key,
 404 for an unknown model, 429 when the queue is full. Besides OpenAI's fields, requests take
-vLLM's `top_k`, `min_p`, `repetition_penalty` and `ignore_eos`.
+vLLM's `top_k`, `min_p`, `repetition_penalty` and `ignore_eos`. A completion with `echo` and
+`logprobs` (and `max_tokens` 0 or 1) scores its prompt, as lm-evaluation-harness's
+`local-completions` model asks for a loglikelihood.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.infer import Engine, LanguageModel, QueueFull, SamplingParams, encode_chat
+from lmforge.infer import Request as EngineRequest
 from lmforge.serve.runner import EngineRunner
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
@@ -106,9 +109,10 @@ _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]] = Field(
         description="text, texts, token ids, or lists of token ids (one completion per prompt)")
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0, description="0 (with echo) scores the prompt without generating")
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = Field(False, description="put the prompt's text before each completion's")
+    echo: bool = Field(False, description="put the prompt's text (and with logprobs, its tokens' log-probabilities) "
+                                          "before each completion's")
 
 
 class TextPart(BaseModel):
@@ -263,7 +267,8 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
         except Exception:  # e.g. a lone surrogate that JSON allowed but UTF-8 cannot carry
             raise APIError(400, "the prompt is not valid Unicode text", param="prompt") from None
 
-    def params_for(body: _Sampling, n_prompt: int, index: int, logprobs: int | None, max_tokens: int | None) -> SamplingParams:
+    def params_for(body: _Sampling, n_prompt: int, index: int, logprobs: int | None, max_tokens: int | None,
+                   prompt_logprobs: int | None) -> SamplingParams:
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         if len(stop) > 4:
             raise APIError(400, "stop takes at most 4 strings", param="stop")
@@ -280,18 +285,19 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0), min_p=body.min_p,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty, stop=tuple(stop), ignore_eos=body.ignore_eos,
-            seed=None if body.seed is None else body.seed + index, logprobs=logprobs, logit_bias=bias,
+            seed=None if body.seed is None else body.seed + index, logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias,
             stop_token_ids=tuple(body.stop_token_ids or ()), skip_special_tokens=body.skip_special_tokens,
         )
 
-    async def start(body: _Sampling, prompts: list[list[int]], logprobs: int | None, max_tokens: int | None):
+    async def start(body: _Sampling, prompts: list[list[int]], logprobs: int | None, max_tokens: int | None,
+                    prompt_logprobs: int | None):
         """Submit n requests per prompt; returns the event queue and request ids (choice i = prompt i // n)."""
         if body.model is not None and body.model != model_name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
                            code="model_not_found", param="model")
         queue: asyncio.Queue = asyncio.Queue()
         try:
-            ids = runner.submit([(prompt, params_for(body, len(prompt), j, logprobs, max_tokens), p * body.n + j)
+            ids = runner.submit([(prompt, params_for(body, len(prompt), j, logprobs, max_tokens, prompt_logprobs), p * body.n + j)
                                  for p, prompt in enumerate(prompts) for j in range(body.n)], queue,
                                 prompt_tokens=sum(len(p) for p in prompts))  # as usage() counts them
         except QueueFull as e:
@@ -303,13 +309,20 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
         return queue, ids
 
     def completion_logprobs(entries: list[dict], text_offset: list[int]) -> dict[str, Any]:
+        """An entry with logprob None (an echoed prompt's first token: nothing predicts it) gets null, as OpenAI's."""
         return {
             "tokens": [token_text(tok, e["token"]) for e in entries], "token_logprobs": [e["logprob"] for e in entries],
             # As OpenAI's and vLLM's: the `logprobs` likeliest tokens and always the sampled one (up to logprobs + 1).
-            "top_logprobs": [{**{token_text(tok, t): lp for t, lp in e["top"]}, token_text(tok, e["token"]): e["logprob"]}
+            "top_logprobs": [None if e["logprob"] is None else
+                             {**{token_text(tok, t): lp for t, lp in e["top"]}, token_text(tok, e["token"]): e["logprob"]}
                              for e in entries],
             "text_offset": text_offset,
         }
+
+    def echoed_logprobs(req: EngineRequest, echo_text: str) -> tuple[list[dict], list[int]]:
+        """The entries of an echoed prompt's tokens and their offsets in `echo_text`."""
+        entries = [{"token": req.prompt[0], "logprob": None, "top": None}, *req.prompt_logprobs]
+        return entries, TextOffsets(tok)(req.prompt, within=len(echo_text))
 
     def chat_logprobs(entries: list[dict]) -> dict[str, Any]:
         item = lambda t, lp: {"token": token_text(tok, t), "logprob": lp, "bytes": list(tok.token_bytes(t))}
@@ -323,7 +336,9 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
     async def respond(request: Request, body: _Sampling, prompts: list[list[int]], chat: bool, logprobs: int | None,
                       max_tokens: int | None, echo: list[str | list[int]] | None = None):
         """`echo`: per prompt, its text or token ids, whose text goes before each of its completions."""
-        queue, ids = await start(body, prompts, logprobs, max_tokens)
+        # With echo and logprobs, each choice's logprobs begin with its prompt's (an evaluation harness's loglikelihood).
+        scored = echo is not None and logprobs is not None
+        queue, ids = await start(body, prompts, logprobs, max_tokens, logprobs if scored else None)
         if echo is not None:  # decoded only now that the engine has checked the ids
             echo = [p if isinstance(p, str) else tok.decode(p) for p in echo]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -339,6 +354,7 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
 
         if not body.stream:
             texts, reasons, lps, generated = [""] * n_choices, [None] * n_choices, [[] for _ in ids], 0
+            done: list[EngineRequest | None] = [None] * n_choices
             pending = n_choices
             # A client that gives up (a timeout: the openai client then sends it all again, twice)
             # must free its slots now, not after max_tokens: the watcher's None ends the wait.
@@ -354,6 +370,7 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
                         raise APIError(500, "the engine failed while generating; see the server log", type="server_error")
                     if ev.finished:
                         texts[tag], reasons[tag], pending = ev.request.text, ev.request.finish_reason, pending - 1
+                        done[tag] = ev.request
                         generated += len(ev.request.output)
             finally:
                 watcher.cancel()
@@ -361,8 +378,12 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
                     runner.abort(r)
             choices = []
             for i in range(n_choices):
-                offsets = TextOffsets(tok)([e["token"] for e in lps[i]], within=len(texts[i])) if logprobs is not None else []
-                c: dict[str, Any] = {"index": i, "finish_reason": reasons[i], "logprobs": lp_block(lps[i], offsets)}
+                entries = lps[i]
+                offsets = TextOffsets(tok)([e["token"] for e in entries], within=len(texts[i])) if logprobs is not None else []
+                if scored:
+                    echoed, at = echoed_logprobs(done[i], echo[i // body.n])
+                    entries, offsets = echoed + entries, at + [o + len(echo[i // body.n]) for o in offsets]
+                c: dict[str, Any] = {"index": i, "finish_reason": reasons[i], "logprobs": lp_block(entries, offsets)}
                 if chat:
                     c["message"] = {"role": "assistant", "content": texts[i]}
                 else:
@@ -386,12 +407,16 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             # so that the stream's offsets are the whole answer's.
             held: list[list[tuple[dict, int]]] = [[] for _ in range(n_choices)]
             generated, pending = 0, n_choices
+            # An echoed prompt scored with logprobs goes out with its first event (its prefill is done then);
+            # the completion's offsets then count from the end of the echoed text.
+            unechoed = set(range(n_choices)) if scored else set()
+            shift = [len(echo[i // body.n]) if scored else 0 for i in range(n_choices)]
             try:
                 if chat:
                     for i in range(n_choices):
                         yield chunk_head + _dumps({"index": i, "delta": {"role": "assistant", "content": ""},
                                                    "logprobs": None, "finish_reason": None}) + chunk_tail
-                elif echo:
+                elif echo and not scored:
                     for i in range(n_choices):
                         yield chunk_head + _dumps({"index": i, "logprobs": None, "finish_reason": None,
                                                    "text": echo[i // body.n]}) + chunk_tail
@@ -405,6 +430,11 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
                     for tag, ev in arrived:
                         merged.setdefault(tag, []).append(ev)
                     for tag, evs in merged.items():
+                        if tag in unechoed:
+                            unechoed.discard(tag)
+                            echoed, at = echoed_logprobs(evs[0].request, echo[tag // body.n])
+                            yield chunk_head + _dumps({"index": tag, "logprobs": lp_block(echoed, at), "finish_reason": None,
+                                                       "text": echo[tag // body.n]}) + chunk_tail
                         text = "".join(ev.text for ev in evs)
                         entries = [ev.logprob for ev in evs if ev.logprob is not None]
                         last = evs[-1]
@@ -414,7 +444,7 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
                             held[tag] += zip(entries, offsets[tag]([e["token"] for e in entries]))
                             ready = len(held[tag]) if last.finished else sum(o <= written[tag] for _, o in held[tag])
                             out, held[tag] = held[tag][:ready], held[tag][ready:]
-                            entries, text_offset = [e for e, _ in out], [min(o, written[tag]) for _, o in out]
+                            entries, text_offset = [e for e, _ in out], [min(o, written[tag]) + shift[tag] for _, o in out]
                         else:
                             text_offset = []
                         if not text and reason is None and not entries:
@@ -444,8 +474,9 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             prompt = [prompt]  # one prompt: a text or a list of token ids
         if not prompt or any(len(p) == 0 for p in prompt):
             raise APIError(400, "prompt is empty", param="prompt")
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs (the prompt's log-probabilities) is not supported", param="echo")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 generates nothing; it is for scoring a prompt with echo and logprobs",
+                           param="max_tokens")
         return await respond(request, body, [encode(p) if isinstance(p, str) else p for p in prompt], False, body.logprobs,
                              body.max_tokens, prompt if body.echo else None)
 

@@ -223,7 +223,8 @@ class EngineRunner:
             if stream is None:
                 continue
             client = stream.client
-            if client.first is None and ev.token is not None:  # its prompt is in: count it (usage counts it too)
+            # its prompt is in (a first token, or the end of one that only scores its prompt): count it (usage counts it too)
+            if client.first is None and (ev.token is not None or ev.request.finish_reason == "length"):
                 client.first = now
                 self.metrics.ttft.observe(now - client.arrived)
                 self.metrics.prompt.inc(client.prompt_tokens)
