@@ -529,3 +529,24 @@ def test_the_early_val_check_agrees_with_the_split_it_predicts(tmp_path, tok_dir
         verdicts.append(early_empty)
         assert early_empty == late_empty, (docs, fraction)
     assert 10 < sum(verdicts) < len(verdicts) - 10  # both verdicts were exercised
+
+
+def test_a_byte_level_tokenizer_that_adds_a_prefix_space_is_encoded_whole(tmp_path, tok, monkeypatch):
+    """ByteLevel(add_prefix_space=True) (RoBERTa's, some GPT-2 exports) puts a space before every text it
+    encodes: cut into chunks, every chunk after the first would start with a spurious 'Ġ'."""
+    import tokenizers
+    from tokenizers import pre_tokenizers
+
+    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 100)
+    hf = tokenizers.Tokenizer.from_str(tok.to_str())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    (tmp_path / "tok").mkdir()
+    hf.save(str(tmp_path / "tok" / "tokenizer.json"))
+    spaced = Tokenizer.load(tmp_path / "tok")
+    doc = "\n".join(f"line number {i} of the text" for i in range(100))
+    assert len(safe_chunks(doc, 100)) > 1
+    assert spaced.encode("line")[0] != tok.encode("line")[0]  # the space shows: "Ġline", not "line"
+    (tmp_path / "doc.txt").write_text(doc)
+    prepare([tmp_path / "doc.txt"], tmp_path / "tok", tmp_path / "out", val_fraction=0, progress=False)
+    assert read_split(tmp_path / "out", "train") == spaced.encode(doc) + [spaced.eot_id]
+    assert not prepare_module.chunks_encode_like_the_whole(spaced)

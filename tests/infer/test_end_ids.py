@@ -87,3 +87,16 @@ def test_a_null_single_or_foreign_eos_token_id_adds_nothing(trained_run, tmp_pat
         (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
         tok = load(ckpt).tokenizer
         assert tok.end_ids == tuple(dict.fromkeys((tok.eot_id, *([] if value in (None, [99999]) else [value]))))
+
+
+def test_end_ids_keep_the_last_id_of_the_vocabulary_and_drop_the_one_past_it(tmp_path):
+    """An id is in the vocabulary exactly when 0 <= id < vocab_size: vocab_size itself names no token."""
+    import tokenizers
+
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={"a": 0, "b": 1, "c": 2}, merges=[]))
+    hf.add_special_tokens(["<|endoftext|>", "<|eot_id|>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 4, -1]}))
+    tok = Tokenizer.load(tmp_path)
+    assert (tok.vocab_size, tok.eot_id) == (5, 3)
+    assert tok.end_ids == (3, 4)

@@ -175,3 +175,17 @@ def test_roles_name_the_unknown_token_of_the_vocabulary(tmp_path):
     assert (wordpiece.roles()["unk_token"], sentencepiece.roles()["unk_token"]) == ("[UNK]", "<unk>")
     assert (wordpiece.unk_id, sentencepiece.unk_id) == (1, 0)
     assert "unk_token" not in Tokenizer(_bpe("<|endoftext|>")).roles()
+
+
+def test_declared_role_tokens_win_over_tokens_with_a_known_name(tmp_path):
+    """A vocabulary may hold lmforge's <|pad|> and BERT's [PAD] beside the token its tokenizer_config.json
+    declares as the pad token: the declared one is the role, for every role found by name."""
+    known = ["<|pad|>", "[PAD]", "<|mask|>", "[MASK]", "<|cls|>", "[CLS]", "<|sep|>", "[SEP]"]
+    declared = {"pad_token": "<pad>", "mask_token": "<mask>", "cls_token": "<s>", "sep_token": "</s>"}
+    hf = _bpe("<|endoftext|>", *known, *declared.values())
+    tok = Tokenizer.load(_save(tmp_path, hf, declared))
+    assert [tok.pad_id, tok.mask_id, tok.cls_id, tok.sep_id] == [11, 12, 13, 14]
+    assert {k: tok.roles()[k] for k in declared} == declared
+    (tmp_path / "tokenizer_config.json").unlink()  # nothing declared: the known names, lmforge's first
+    tok = Tokenizer.load(tmp_path)
+    assert [tok.pad_id, tok.mask_id, tok.cls_id, tok.sep_id] == [3, 5, 7, 9]

@@ -384,3 +384,54 @@ def test_training_a_tokenizer_will_not_replace_a_folder_of_other_files(tmp_path)
     with pytest.raises(UserError, match=r"notes exists and is not a tokenizer directory \(it holds todo.txt\); pass"):
         train_tokenizer([tmp_path / "a.txt"], vocab_size=300, out=tmp_path / "notes", progress=False)
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def test_a_template_that_trims_the_messages_still_keeps_their_special_token_text_as_text(tok):
+    """`{{ m['content'] | trim }}` (as many templates write it) puts a message in without its surrounding
+    whitespace: its place is still found, so the <|endoftext|> it spells is text, the template's own the token."""
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}{{ eos_token }}\n{% endfor %}"
+    chat = Tokenizer(tok.hf, chat_template=template)
+    messages = [{"role": "user", "content": " \n say <|endoftext|> now\t "}]
+    text = chat.apply_chat_template(messages)
+    assert text == "user: say <|endoftext|> now<|endoftext|>\n"
+    assert chat.message_spans(messages, True, text) == [(6, 6 + len("say <|endoftext|> now"))]
+    plain = tokenizers.Tokenizer.from_str(tok.to_str())
+    plain.encode_special_tokens = True
+    expected = tok.encode("user: say ") + plain.encode("<|endoftext|>").ids + tok.encode(" now") + [tok.eot_id] + tok.encode("\n")
+    assert chat.encode_chat(messages) == expected
+    assert expected.count(tok.eot_id) == 1
+
+
+def test_token_bytes_of_an_id_outside_the_vocabulary_are_empty(tok):
+    """A model padded past its vocabulary may sample such an id; `decode` skips it, so it has no bytes
+    (-1 is no token either, not the last one as Python's indexing would read it)."""
+    last = tok.vocab_size - 1
+    assert tok.token_bytes(last) != b"" and tok.token_bytes(0) == b"<|endoftext|>"
+    assert [tok.token_bytes(i) for i in (-1, -tok.vocab_size, tok.vocab_size, tok.vocab_size + 100)] == [b""] * 4
+    assert tok.decode([tok.vocab_size]) == ""
+
+
+@pytest.mark.parametrize("min_frequency, merged", [
+    (5, ["el", "hel", "hello", "lo"]),  # "Ġh" is seen 4 times: not merged, nor "Ġhello"
+    (2, ["el", "hel", "hello", "lo", "Ġhello"]),
+    (1, ["el", "hel", "hello", "lo", "qz", "Ġhello", "Ġqz"]),
+])
+def test_training_merges_only_pairs_seen_min_frequency_times(tmp_path, min_frequency, merged):
+    from lmforge.data import train_tokenizer
+
+    (tmp_path / "a.txt").write_text("hello hello hello hello hello qz")
+    tok = train_tokenizer([tmp_path / "a.txt"], vocab_size=400, out=tmp_path / "tok", min_frequency=min_frequency,
+                          progress=False)
+    assert sorted(t for t, i in tok.hf.get_vocab().items() if i >= 261) == merged
+    assert tok.vocab_size == 261 + len(merged)
+    assert Tokenizer.load(tmp_path / "tok").sha256 == tok.sha256
+
+
+def test_a_chat_template_writes_the_tokenizers_bos_token(tok):
+    """`{{ bos_token }}` is the text of the declared begin-of-text token (Llama's <s>), "" where there is none."""
+    template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    messages = [{"role": "user", "content": "hi"}]
+    with_bos = Tokenizer(tok.hf, bos_token="<|cls|>", eos_token="<|sep|>", chat_template=template)
+    assert with_bos.apply_chat_template(messages) == "<|cls|>hi<|sep|>"
+    assert with_bos.encode_chat(messages) == [tok.cls_id, *tok.encode("hi"), tok.sep_id]
+    assert Tokenizer(tok.hf, chat_template=template).apply_chat_template(messages) == "hi<|endoftext|>"
