@@ -11,7 +11,7 @@ import pytest
 import torch
 import uvicorn
 
-from lmforge.infer import Engine, SamplingParams, load
+from lmforge.infer import Engine, SamplingParams, encode_chat, load
 from lmforge.serve import build_app
 
 # The official client is a test extra that the GPU image lacks: skip the module there, not fail collection.
@@ -364,6 +364,33 @@ def test_errors_have_openai_bodies(client, strict):
     assert httpx.get(strict + "/health").status_code == 200
 
 
+def test_tokenize_and_detokenize_as_vllm(client, server, strict, lm):
+    """vLLM's /tokenize gives the ids a completion (or chat completion) would feed the model, counted
+    as usage counts them; /detokenize gives their text back."""
+    url, tok = server[0], lm.tokenizer
+    r = httpx.post(url + "/tokenize", json={"model": "tiny", "prompt": "ROMEO: hi"}).json()
+    usage = client.completions.create(model="tiny", prompt="ROMEO: hi", max_tokens=1).usage
+    assert r == {"count": usage.prompt_tokens, "max_model_len": 64, "tokens": tok.encode_prompt("ROMEO: hi")}
+    assert httpx.post(url + "/tokenize", json={"prompt": "ROMEO: hi", "add_special_tokens": False}).json()["tokens"] == \
+        tok.encode("ROMEO: hi")
+    messages = [{"role": "user", "content": "Who is there?"}]
+    chat = httpx.post(url + "/tokenize", json={"messages": messages}).json()
+    usage = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1).usage
+    assert chat["tokens"] == encode_chat(lm, messages) and chat["count"] == usage.prompt_tokens
+    closed = httpx.post(url + "/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()["tokens"]
+    assert closed == encode_chat(lm, messages, add_generation_prompt=False) != chat["tokens"]
+    ids = tok.encode("O Romeo, Romeo!") + [tok.eot_id]
+    assert httpx.post(url + "/detokenize", json={"tokens": ids}).json() == {"prompt": "O Romeo, Romeo!<|endoftext|>"}
+    for path, body, says in [("/tokenize", {"prompt": "x", "messages": messages}, "either `prompt` or `messages`"),
+                             ("/tokenize", {}, "either `prompt` or `messages`"),
+                             ("/detokenize", {"tokens": [10**6]}, "tokens hold token id 1000000, outside"),
+                             ("/tokenize", {"model": "gpt-4", "prompt": "x"}, "does not exist")]:
+        r = httpx.post(url + path, json=body)
+        assert r.status_code == (404 if "gpt-4" in str(body) else 400) and says in r.json()["error"]["message"], r.json()
+    assert httpx.post(strict + "/tokenize", json={"prompt": "x"}).status_code == 401
+    assert httpx.post(strict + "/detokenize", json={"tokens": [1]}, headers={"Authorization": "Bearer sekrit"}).status_code == 200
+
+
 def test_no_max_tokens_is_the_rest_of_the_context(client):
     """Without max_tokens a chat may fill the context (64 tokens), not ask for 64 more than its prompt."""
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Who is there?"}], temperature=0,
@@ -592,7 +619,7 @@ def test_schemathesis_finds_no_server_error(server):
     """Every operation of /openapi.json, 25 generated requests each (streaming, n, stop, odd Unicode...)."""
     schema = schemathesis.openapi.from_url(server[0] + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models"}
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize"}
     for op in operations:
 
         @given(case=op.as_strategy())

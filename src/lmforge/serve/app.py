@@ -2,7 +2,7 @@
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (the checkpoint's chat
 template), server-sent-event streaming with `stream: true`, GET /health, GET /metrics
-(Prometheus). Errors have OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 for
+(Prometheus), and vLLM's POST /tokenize and /detokenize. Errors have OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 for
 a bad request (a prompt plus max_tokens over the context included), 401 without the API key,
 404 for an unknown model, 429 when the queue is full. Besides OpenAI's fields, requests take
 vLLM's `top_k`, `min_p`, `repetition_penalty` and `ignore_eos`. A completion with `echo` and
@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.infer import Engine, LanguageModel, QueueFull, SamplingParams, encode_chat
 from lmforge.infer import Request as EngineRequest
+from lmforge.infer.engine import check_prompt_ids
 from lmforge.serve.runner import EngineRunner
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
@@ -140,6 +141,27 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a text (with the prompt prefix completions give it, unless
+    add_special_tokens is false), or messages through the checkpoint's chat template."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either `prompt` or `messages`")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[StrictInt]
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
                  param: str | None = None) -> None:
@@ -160,14 +182,14 @@ async def _on_disconnect(request: Request, then) -> None:
 
 
 class _ApiKey:
-    """Pure ASGI middleware (streams and client disconnects pass straight through): /v1 and
-    /metrics need `Authorization: Bearer KEY`; /health stays open for probes."""
+    """Pure ASGI middleware (streams and client disconnects pass straight through): /v1, /metrics,
+    /tokenize and /detokenize need `Authorization: Bearer KEY`; /health stays open for probes."""
 
     def __init__(self, app, key: str) -> None:
         self.app, self.expected = app, f"Bearer {key}".encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(("/v1", "/metrics")):
+        if scope["type"] == "http" and scope["path"].startswith(("/v1", "/metrics", "/tokenize", "/detokenize")):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
                 error = APIError(401, "missing or wrong API key; send `Authorization: Bearer KEY`", code="invalid_api_key")
@@ -261,9 +283,10 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
                 "max_model_len": engine.max_seq_len}
         return {"object": "list", "data": [card]}
 
-    def encode(text: str) -> list[int]:
+    def encode(text: str, prefix: bool = True) -> list[int]:
+        """A text prompt's ids, after the prompt prefix (a BOS) unless `prefix` is false."""
         try:
-            return tok.encode_prompt(text)
+            return tok.encode_prompt(text) if prefix else tok.encode(text)
         except Exception:  # e.g. a lone surrogate that JSON allowed but UTF-8 cannot carry
             raise APIError(400, "the prompt is not valid Unicode text", param="prompt") from None
 
@@ -289,12 +312,28 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             stop_token_ids=tuple(body.stop_token_ids or ()), skip_special_tokens=body.skip_special_tokens,
         )
 
-    async def start(body: _Sampling, prompts: list[list[int]], logprobs: int | None, max_tokens: int | None,
-                    prompt_logprobs: int | None):
-        """Submit n requests per prompt; returns the event queue and request ids (choice i = prompt i // n)."""
+    def check_model(body: _Body) -> None:
         if body.model is not None and body.model != model_name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
                            code="model_not_found", param="model")
+
+    def encode_messages(messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        plain = []
+        for m in messages:
+            # text parts are joined by a newline, as vLLM joins them
+            content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content or [])
+            plain.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        try:  # a message that spells a special token gets its text, not the token
+            return encode_chat(lm, plain, add_generation_prompt, name=model_name)
+        except UserError as e:
+            raise APIError(400, str(e), param="messages") from None
+        except Exception:  # e.g. a lone surrogate that JSON allowed but UTF-8 cannot carry
+            raise APIError(400, "the messages are not valid Unicode text", param="messages") from None
+
+    async def start(body: _Sampling, prompts: list[list[int]], logprobs: int | None, max_tokens: int | None,
+                    prompt_logprobs: int | None):
+        """Submit n requests per prompt; returns the event queue and request ids (choice i = prompt i // n)."""
+        check_model(body)
         queue: asyncio.Queue = asyncio.Queue()
         try:
             ids = runner.submit([(prompt, params_for(body, len(prompt), j, logprobs, max_tokens, prompt_logprobs), p * body.n + j)
@@ -484,19 +523,29 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
     async def chat_completions(body: ChatRequest, request: Request):
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        messages = []
-        for m in body.messages:
-            # text parts are joined by a newline, as vLLM joins them
-            content = m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content or [])
-            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-        try:
-            prompt = encode_chat(lm, messages, name=model_name)  # a message that spells a special token gets its text, not the token
-        except UserError as e:
-            raise APIError(400, str(e), param="messages") from None
-        except Exception:  # e.g. a lone surrogate that JSON allowed but UTF-8 cannot carry
-            raise APIError(400, "the messages are not valid Unicode text", param="messages") from None
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await respond(request, body, [prompt], True, logprobs, body.max_completion_tokens or body.max_tokens)
+        return await respond(request, body, [encode_messages(body.messages)], True, logprobs,
+                             body.max_completion_tokens or body.max_tokens)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        """vLLM's: the token ids a completion (or chat completion) would give the model."""
+        check_model(body)
+        if body.messages is not None:
+            ids = encode_messages(body.messages, body.add_generation_prompt)
+        else:
+            ids = encode(body.prompt, body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": engine.max_seq_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        """vLLM's: the text of token ids, special tokens included."""
+        check_model(body)
+        try:
+            check_prompt_ids(body.tokens, lm.model.config.vocab_size)
+        except UserError as e:
+            raise APIError(400, str(e).replace("the prompt holds", "tokens hold"), param="tokens") from None
+        return {"prompt": tok.decode(body.tokens)}
 
     if api_key:
         app.add_middleware(_ApiKey, key=api_key)
