@@ -30,7 +30,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.infer import Engine, LanguageModel, QueueFull, SamplingParams, encode_chat
 from lmforge.infer import Request as EngineRequest
-from lmforge.infer.engine import check_prompt_ids
 from lmforge.serve.runner import EngineRunner
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils.errors import UserError
@@ -541,10 +540,9 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         """vLLM's: the text of token ids, special tokens included."""
         check_model(body)
-        try:
-            check_prompt_ids(body.tokens, lm.model.config.vocab_size)
-        except UserError as e:
-            raise APIError(400, str(e).replace("the prompt holds", "tokens hold"), param="tokens") from None
+        V = lm.model.config.vocab_size
+        if (bad := next((t for t in body.tokens if not 0 <= t < V), None)) is not None:
+            raise APIError(400, f"tokens hold token id {bad}, outside the model's vocabulary of {V}", param="tokens")
         return {"prompt": tok.decode(body.tokens)}
 
     if api_key:
