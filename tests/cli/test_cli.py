@@ -913,3 +913,134 @@ def test_under_torchrun_rank_0_alone_says_the_runs_lines_also_with_json(capsys, 
     monkeypatch.setenv("RANK", rank)
     code, out, err = run(capsys, "tokenizer", "train", corpus_file, "--vocab-size", 300, "--out", tmp_path / "tok", "--json")
     assert code == 0 and ("tokenizer: " in err) == (rank == "0")
+
+
+# ---------------------------------------------------------------- every flag reaches the function it configures
+
+def _record(monkeypatch, name, result):
+    """Replace `commands.NAME` by a stand-in returning `result`; the list of its calls, as (args, kwargs)."""
+    from lmforge.cli import commands
+
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append((args, kwargs))
+        return result
+
+    monkeypatch.setattr(commands, name, fake)
+    return calls
+
+
+def test_predict_flags_and_defaults_reach_predict(capsys, monkeypatch):
+    calls = _record(monkeypatch, "predict", 3)
+    code, out, _ = run(capsys, "predict", "ck", "--data", "d.tsv", "--out", "p.jsonl", "--json")
+    assert code == 0 and json.loads(out.splitlines()[-1]) == {"out": "p.jsonl", "predictions": 3}
+    unset = dict(max_new_tokens=None, num_beams=None, length_penalty=None, max_answer_length=None)
+    assert calls[-1] == (("ck", "d.tsv", "p.jsonl", None), dict(
+        target=None, split_articles=None, text_field=None, label_field=None, device="auto", dtype="auto", batch_size=32, **unset))
+    code, _, _ = run(capsys, "predict", "ck", "--data", "d.tsv", "--out", "p.jsonl", "--task", "seq2seq", "--target", "t.de",
+                     "--split-articles", 0.5, "--text-field", "src", "--label_field", "tgt", "--device", "cpu", "--dtype",
+                     "bfloat16", "--batch-size", 4, "--max-new-tokens", 9, "--num_beams", 3, "--length-penalty", 0.6,
+                     "--max-answer-length", 7)
+    assert code == 0 and calls[-1] == (("ck", "d.tsv", "p.jsonl", "seq2seq"), dict(
+        target="t.de", split_articles=0.5, text_field="src", label_field="tgt", device="cpu", dtype="bfloat16", batch_size=4,
+        max_new_tokens=9, num_beams=3, length_penalty=0.6, max_answer_length=7))
+
+
+def test_eval_flags_reach_the_task_or_language_model_evaluation(capsys, monkeypatch):
+    task = _record(monkeypatch, "evaluate_task", {"task": "qa", "examples": 2, "f1": 50.0, "seconds": 0.1})
+    lm = _record(monkeypatch, "evaluate_lm", {"loss": 1.0, "perplexity": 2.7, "bpb": 1.5, "tokens": 10})
+    code, out, _ = run(capsys, "eval", "ck", "--data", "d.json", "--task", "qa", "--limit", 2, "--batch-size", 4,
+                       "--split-articles", 0.5, "--text-field", "t", "--label-field", "l", "--target", "x", "--device", "cpu",
+                       "--dtype", "bfloat16", "--max-answer-length", 5, "--max-new-tokens", 6, "--num-beams", 2,
+                       "--length-penalty", 0.5)
+    assert code == 0 and "qa on 2 examples: f1 50.00" in out
+    assert task[-1] == (("ck", "qa", "d.json"), dict(
+        target="x", split_articles=0.5, text_field="t", label_field="l", limit=2, device="cpu", dtype="bfloat16", batch_size=4,
+        max_new_tokens=6, num_beams=2, length_penalty=0.5, max_answer_length=5))
+    assert run(capsys, "eval", "ck", "--data", "d.json", "--task", "qa")[0] == 0  # no --batch-size: the evaluation's own
+    assert task[-1][1] == dict(target=None, split_articles=None, text_field=None, label_field=None, limit=None, device="auto",
+                               dtype="auto", max_new_tokens=None, num_beams=None, length_penalty=None, max_answer_length=None)
+    assert run(capsys, "eval", "ck", "--data", "a", "b", "--split", "train", "--batch-size", 3, "--dtype", "float32")[0] == 0
+    assert lm[-1] == (("ck", ["a", "b"]), dict(split="train", device="auto", dtype="float32", batch_size=3))
+    assert run(capsys, "eval", "ck", "--data", "a")[0] == 0
+    assert lm[-1] == (("ck", ["a"]), dict(split=None, device="auto", dtype="auto"))
+    for flag, value in (("--max-new-tokens", 4), ("--num-beams", 2), ("--length-penalty", 0.5), ("--max-answer-length", 3)):
+        fails_with(capsys, f"{flag} belongs to task evaluation; add --task", "eval", "ck", "--data", "a", flag, value)
+    assert len(lm) == 2
+
+
+class _StreamingLM:
+    """A stand-in for `load`'s LanguageModel: records what `stream` is asked for."""
+
+    path = "ck"
+
+    def __init__(self):
+        self.calls = []
+
+    def stream(self, prompt, max_new_tokens, **kwargs):
+        self.calls.append((prompt, max_new_tokens, kwargs))
+        yield from ("a", "b")
+
+
+def test_generate_flags_and_defaults_reach_the_sampler(capsys, monkeypatch):
+    lm = _StreamingLM()
+    loads = _record(monkeypatch, "load", lm)
+    code, out, _ = run(capsys, "generate", "ck", "--json")
+    assert code == 0 and json.loads(out.splitlines()[-1])["text"] == "ab"
+    assert loads[-1] == (("ck",), dict(device="auto", dtype="auto"))
+    assert lm.calls[-1] == ("\n", 200, dict(temperature=0.8, top_k=200, top_p=1.0, seed=None))
+    code, out, _ = run(capsys, "generate", "ck", "--prompt", "hi", "--max-new-tokens", 5, "--temperature", 0, "--top-k", 7,
+                       "--top-p", 0.5, "--seed", 3, "--device", "cpu", "--dtype", "float32")
+    assert code == 0 and out == "ab\n"
+    assert loads[-1] == (("ck",), dict(device="cpu", dtype="float32"))
+    assert lm.calls[-1] == ("hi", 5, dict(temperature=0.0, top_k=7, top_p=0.5, seed=3))
+    fails_with(capsys, "--max-new-tokens must be >= 1, got 0", "generate", "ck", "--max-new-tokens", 0)
+    assert len(lm.calls) == 2
+
+
+def test_chat_flags_and_defaults_reach_the_session(capsys, monkeypatch):
+    import io
+    import types
+
+    from lmforge.cli import commands
+
+    sessions, replies = [], []
+
+    class Session:
+        def __init__(self, lm, **kwargs):
+            sessions.append(kwargs)
+            self.messages, self.context_full = [], False
+
+    monkeypatch.setattr(commands, "ChatSession", Session)
+    monkeypatch.setattr(commands, "render_chat", lambda lm, messages: "")
+    monkeypatch.setattr(commands, "_reply", lambda session, text, max_new_tokens: replies.append((text, max_new_tokens)) or True)
+    loads = _record(monkeypatch, "load", types.SimpleNamespace(path="ck"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert run(capsys, "chat", "ck")[0] == 0
+    assert loads[-1] == (("ck",), dict(device="auto", dtype="auto"))
+    assert sessions[-1] == dict(system=None, speculate=0, temperature=0.7, top_k=50, top_p=0.9, seed=None)
+    assert replies[-1] == ("hi", 256)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert run(capsys, "chat", "ck", "--system", "Be brief.", "--speculate", 3, "--temperature", 0, "--top-k", 5,
+               "--top-p", 0.5, "--seed", 2, "--max-new-tokens", 9, "--device", "cpu", "--dtype", "bfloat16")[0] == 0
+    assert loads[-1] == (("ck",), dict(device="cpu", dtype="bfloat16"))
+    assert sessions[-1] == dict(system="Be brief.", speculate=3, temperature=0.0, top_k=5, top_p=0.5, seed=2)
+    assert replies[-1] == ("hello", 9)
+
+
+def test_serve_flags_and_defaults_reach_the_server(capsys, monkeypatch):
+    import lmforge.serve
+
+    calls = []
+    monkeypatch.setattr(lmforge.serve, "serve", lambda checkpoint, **kw: calls.append((checkpoint, kw)))
+    assert run(capsys, "serve", "ck")[0] == 0
+    assert calls[-1] == ("ck", dict(host="127.0.0.1", port=8000, api_key=None, device="auto", dtype="auto", max_batch=16,
+                                    max_seq_len=None, max_queue=256, prefill_chunk=256, compile=False, model_name=None,
+                                    threads=None, writes_per_step=8, prefix_cache=True, speculate=0))
+    assert run(capsys, "serve", "ck", "--port", 9000, "--device", "cpu", "--dtype", "float32", "--max-batch", 4,
+               "--max-seq-len", 128, "--max-queue", 10, "--prefill-chunk", 32, "--compile", "--model-name", "m",
+               "--threads", 2, "--writes-per-step", 0, "--no-prefix-cache", "--speculate", 3)[0] == 0
+    assert calls[-1] == ("ck", dict(host="127.0.0.1", port=9000, api_key=None, device="cpu", dtype="float32", max_batch=4,
+                                    max_seq_len=128, max_queue=10, prefill_chunk=32, compile=True, model_name="m",
+                                    threads=2, writes_per_step=0, prefix_cache=False, speculate=3))

@@ -1,4 +1,5 @@
 import math
+import types
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from lmforge.checkpoint import load_model
 from lmforge.data import load_meta
-from lmforge.evaluate import evaluate_lm
+from lmforge.evaluate import evaluate_lm, evaluate_task
 from lmforge.evaluate.lm import _sum_nll
 from lmforge.utils.errors import UserError
 
@@ -120,3 +121,71 @@ def test_the_padded_vocabulary_takes_no_probability(trained_run, tmp_path):
         logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0].double(), dim=-1)  # the same model, unpadded
     nll = -sum(logp[i, ids[i + 1]].item() for i in range(len(ids) - 1))
     assert result["loss"] == pytest.approx(nll / (len(ids) - 1), rel=1e-5)
+
+
+
+# ---------------------------------------------------------------- evaluate_task: what it asks the pipeline, how it scores
+
+
+class _Pipe:
+    """A stand-in for the pipeline `evaluate_task` makes: answers `outputs`, in order."""
+
+    def __init__(self, task, outputs, labels=None):
+        self.task, self.outputs = task, outputs
+        self.model = types.SimpleNamespace(config=types.SimpleNamespace(labels=labels))
+
+    def __call__(self, inputs):
+        return self.outputs[: len(inputs)]
+
+
+def _fake_pipeline(monkeypatch, pipe):
+    """`evaluate_task`'s pipeline replaced by `pipe`; the list of (task, checkpoint, options) it was asked for."""
+    import lmforge.evaluate.tasks as tasks
+
+    made = []
+    monkeypatch.setattr(tasks, "pipeline", lambda task, checkpoint, **options: made.append((task, checkpoint, options)) or pipe)
+    return made
+
+
+def test_evaluate_task_passes_its_options_to_the_pipeline(monkeypatch, tmp_path):
+    data = tmp_path / "d.tsv"
+    data.write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    made = _fake_pipeline(monkeypatch, _Pipe("classify", [{"label": "1"}, {"label": "1"}], labels=["0", "1"]))
+    result = evaluate_task("ck", None, data, batch_size=4, max_answer_length=5, device="cpu", dtype="bfloat16")
+    assert made == [(None, "ck", dict(device="cpu", batch_size=4, max_new_tokens=None, max_answer_length=5, num_beams=None,
+                                      length_penalty=None, dtype="bfloat16"))]
+    assert (result["task"], result["examples"], result["accuracy"]) == ("classify", 2, 50.0)
+    with pytest.raises(UserError, match=r"^--limit must be >= 1, got 0$"):
+        evaluate_task("ck", None, data, limit=0)
+    assert evaluate_task("ck", None, data, limit=1)["accuracy"] == 100.0
+
+
+def test_evaluate_task_scores_generated_text_with_each_metric(monkeypatch, tmp_path):
+    from lmforge.evaluate.metrics import bleu, chrf, rouge
+
+    src, tgt = tmp_path / "src.en", tmp_path / "tgt.de"
+    src.write_text("a man rides a horse\ntwo dogs play\n")
+    tgt.write_text("ein Mann reitet ein Pferd\nzwei Hunde spielen\n")
+    hyps = ["ein Mann reitet ein Pferd", "zwei Katzen spielen im Garten"]
+    _fake_pipeline(monkeypatch, _Pipe("seq2seq", hyps))
+    result = evaluate_task("ck", "seq2seq", src, target=tgt)
+    refs = [["ein Mann reitet ein Pferd"], ["zwei Hunde spielen"]]
+    assert {k: result[k] for k in ("bleu", "chrf", "rouge1", "rouge2", "rougeL")} == {
+        "bleu": bleu(hyps, refs), "chrf": chrf(hyps, refs), **rouge(hyps, refs)}
+    assert result["bleu"] != result["chrf"]
+
+
+def test_a_classifier_scored_on_labels_it_never_saw_is_refused(monkeypatch, tmp_path):
+    data = tmp_path / "d.tsv"
+    data.write_text("sentence\tlabel\ngood\tpos\nbad\tneg\n")
+    _fake_pipeline(monkeypatch, _Pipe("classify", [{"label": "1"}, {"label": "0"}], labels=["0", "1"]))
+    with pytest.raises(UserError, match=r"none of the labels in .*d.tsv \('neg', 'pos'\) is one the model was fine-tuned "
+                                        r"with \('0', '1'\)"):
+        evaluate_task("ck", "classify", data)
+
+
+def test_a_checkpoint_tuned_for_sft_refuses_generation_options_when_its_task_is_implied(monkeypatch, tmp_path):
+    made = _fake_pipeline(monkeypatch, _Pipe("sft", []))
+    with pytest.raises(UserError, match=r"^--num-beams does not apply: eval --task sft scores the loss of the reference replies"):
+        evaluate_task("ck", None, tmp_path / "chat.jsonl", num_beams=2)
+    assert len(made) == 1  # the task was known only from the checkpoint

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from lmforge.infer import ChatSession, load, render_chat
 from lmforge.utils.errors import UserError
@@ -171,3 +172,76 @@ def test_an_error_outside_the_template_is_not_called_a_template_error(lm, monkey
     monkeypatch.setattr(lm.tokenizer, "encode_chat", broken)
     with pytest.raises(ZeroDivisionError):
         list(ChatSession(lm, temperature=0).send("hi"))
+
+
+def _message_of(lm, length):
+    """A user message whose prompt, alone in the conversation, is `length` tokens."""
+    from lmforge.infer import encode_chat
+
+    texts = ("word " * n + end for n in range(60) for end in ("ROMEO", "ROMEO:"))
+    return next(t for t in texts if len(encode_chat(lm, [{"role": "user", "content": t}])) == length)
+
+
+def test_a_prompt_that_fills_the_context_gets_no_reply_and_one_a_token_shorter_gets_one(lm):
+    ctx = lm.model.config.context_length
+    chat = ChatSession(lm, temperature=0, ignore_eos=True)
+    with pytest.raises(UserError, match=rf"^this message is {ctx} tokens in the chat template, leaving no room for a reply"):
+        list(chat.send(_message_of(lm, ctx), max_new_tokens=5))
+    assert chat.messages == [] and not chat.context_full
+    reply = "".join(chat.send(_message_of(lm, ctx - 1), max_new_tokens=5))  # room for one token of the five
+    assert chat.context_full and len(lm.tokenizer.encode(reply)) <= 1
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]
+    chat.reset()
+    "".join(chat.send(_message_of(lm, ctx - 1), max_new_tokens=1))  # the one token asked for: the context is not why it ended
+    assert not chat.context_full and len(chat.messages) == 2
+
+
+def test_a_first_message_too_long_with_a_system_message_names_both(lm):
+    chat = ChatSession(lm, system="Be brief.", temperature=0)
+    with pytest.raises(UserError, match=r"^the system message and this message are \d+ tokens in the chat template, "
+                                        r"leaving no room for a reply in the model's context of \d+; shorten it$"):
+        list(chat.send("word " * 200))
+    assert chat.messages == [{"role": "system", "content": "Be brief."}]
+
+
+def test_a_reply_its_reader_stops_frees_the_slot_and_leaves_nothing_in_the_next_reply(lm):
+    expected = "".join(ChatSession(lm, temperature=0, ignore_eos=True).send("JULIET:", max_new_tokens=4))
+    chat = ChatSession(lm, temperature=0, ignore_eos=True)
+    turn = chat.send("ROMEO:", max_new_tokens=30)
+    next(turn)
+    turn.close()  # the reader went away after the first piece (Ctrl-C)
+    assert "".join(chat.send("JULIET:", max_new_tokens=4)) == expected
+    assert [m["content"] for m in chat.messages] == ["JULIET:", expected.strip()]
+
+
+def test_a_template_error_names_the_model_as_the_caller_does(lm):
+    """The server names its model id, not its paths: the name given is the one an error says."""
+    from lmforge.infer import encode_chat
+
+    lm.tokenizer.chat_template = "{{ 1/0 }}"
+    with pytest.raises(UserError, match=r"^the chat template of my-model failed on this conversation \(ZeroDivisionError"):
+        encode_chat(lm, [{"role": "user", "content": "x"}], name="my-model")
+    lm.tokenizer.chat_template = None
+    with pytest.raises(UserError, match=r"^my-model has no chat template; chat needs an instruction-tuned checkpoint"):
+        encode_chat(lm, [{"role": "user", "content": "x"}], name="my-model")
+    with pytest.raises(UserError, match=rf"^{lm.path} has no chat template"):
+        encode_chat(lm, [{"role": "user", "content": "x"}])
+
+
+def test_an_encoder_decoder_replies_with_at_most_the_tokens_asked_for(lm):
+    from lmforge.config import preset
+    from lmforge.infer.session import LanguageModel
+    from lmforge.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", arch="encoder-decoder", vocab_size=lm.tokenizer.vocab_size)).eval()
+    chat = ChatSession(LanguageModel(model, lm.tokenizer, lm.path), temperature=0)
+    assert chat.engine is None  # the engine serves decoders; an encoder-decoder streams through `LanguageModel.stream`
+    reply = "".join(chat.send("ROMEO:", max_new_tokens=3))
+    assert 1 <= len(lm.tokenizer.encode(reply)) <= 3
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]
+
+
+def test_speculate_reaches_the_sessions_engine(lm):
+    assert ChatSession(lm, temperature=0, speculate=3).engine.speculate == 3
+    assert ChatSession(lm, temperature=0).engine.speculate == 0

@@ -79,3 +79,48 @@ def test_arguments_of_the_wrong_type_are_one_line(trained_run, args, kwargs, mes
     ids = lm.generate([1, 2], 2, temperature=0)  # ids as a list, tuple, numpy array or tensor, of any integer type
     assert ids == lm.generate((1, 2), 2, temperature=0) == lm.generate(np.array([1, 2]), 2, temperature=0)
     assert ids == lm.generate(torch.tensor([1, 2]), 2, temperature=0) == lm.generate([np.int64(1), 2], 2, temperature=0)
+
+
+def test_generation_stops_at_the_end_of_text_unless_told_not_to(trained_run):
+    from lmforge.config import preset
+    from lmforge.infer.session import LanguageModel
+    from lmforge.model import Transformer
+
+    tok = load(trained_run.out, device="cpu").tokenizer
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=tok.vocab_size, tie_embeddings=False)).eval()
+    with torch.no_grad():
+        model.output.weight.zero_()
+        model.output.weight[tok.eot_id] = 1.0  # the end-of-text token has the highest logit, always
+    lm = LanguageModel(model, tok, trained_run.out)
+    assert lm.generate("ROMEO:", 3, temperature=0) == ""
+    assert lm.generate("ROMEO:", 3, temperature=0, stop_at_eot=False) == tok.decode([tok.eot_id] * 3)
+
+
+def test_a_bool_is_not_a_token_id_and_dtype_reaches_the_weights(trained_run):
+    lm = load(trained_run.out, device="cpu", dtype="bfloat16")
+    assert lm.model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert load(trained_run.out, device="cpu").model.tok_embeddings.weight.dtype == torch.float32
+    with pytest.raises(UserError, match="^the prompt must be a text or a sequence of token ids, not list holding bool$"):
+        lm.generate([1, True], 2)
+
+
+def test_generate_asks_for_100_tokens_unless_told(trained_run, monkeypatch):
+    lm = load(trained_run.out, device="cpu")
+    asked = []
+    monkeypatch.setattr(lm, "stream", lambda prompt, max_new_tokens, **kw: asked.append((prompt, max_new_tokens, kw)) or iter("ab"))
+    assert lm.generate("hi") == "ab" and lm.generate("hi", 7, seed=1) == "ab"
+    assert asked == [("hi", 100, {}), ("hi", 7, {"seed": 1})]
+
+
+def test_an_encoder_decoder_encodes_the_source_with_its_end_of_text(trained_run, monkeypatch):
+    from lmforge.config import preset
+    from lmforge.infer.session import LanguageModel
+    from lmforge.model import Transformer
+
+    tok = load(trained_run.out, device="cpu").tokenizer
+    model = Transformer(preset("tiny", arch="encoder-decoder", vocab_size=tok.vocab_size)).eval()
+    sources, encode = [], model.encode_source
+    monkeypatch.setattr(model, "encode_source", lambda src, *a, **kw: sources.append(src.tolist()) or encode(src, *a, **kw))
+    LanguageModel(model, tok, trained_run.out).generate([5, 6, 7], 2, temperature=0)
+    assert sources == [[[5, 6, 7, tok.eot_id]]]
