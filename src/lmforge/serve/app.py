@@ -448,7 +448,6 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
             # An echoed prompt scored with logprobs goes out with its first event (its prefill is done then);
             # the completion's offsets then count from the end of the echoed text.
             unechoed = set(range(n_choices)) if scored else set()
-            shift = [len(echo[i // body.n]) if scored else 0 for i in range(n_choices)]
             try:
                 if chat:
                     for i in range(n_choices):
@@ -482,7 +481,8 @@ def build_app(lm: LanguageModel, engine: Engine, model_name: str = "lmforge", ap
                             held[tag] += zip(entries, offsets[tag]([e["token"] for e in entries]))
                             ready = len(held[tag]) if last.finished else sum(o <= written[tag] for _, o in held[tag])
                             out, held[tag] = held[tag][:ready], held[tag][ready:]
-                            entries, text_offset = [e for e, _ in out], [min(o, written[tag]) + shift[tag] for _, o in out]
+                            shift = len(echo[tag // body.n]) if scored else 0
+                            entries, text_offset = [e for e, _ in out], [min(o, written[tag]) + shift for _, o in out]
                         else:
                             text_offset = []
                         if not text and reason is None and not entries:
