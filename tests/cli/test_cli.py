@@ -947,6 +947,13 @@ def test_predict_flags_and_defaults_reach_predict(capsys, monkeypatch):
         max_new_tokens=9, num_beams=3, length_penalty=0.6, max_answer_length=7))
 
 
+@pytest.mark.parametrize("n, said", [(1, "wrote 1 prediction to p.jsonl"), (1234, "wrote 1,234 predictions to p.jsonl")])
+def test_predict_says_how_many_it_wrote(capsys, monkeypatch, n, said):
+    _record(monkeypatch, "predict", n)
+    code, out, _ = run(capsys, "predict", "ck", "--data", "d.tsv", "--out", "p.jsonl")
+    assert code == 0 and out.splitlines()[-1] == said
+
+
 def test_eval_flags_reach_the_task_or_language_model_evaluation(capsys, monkeypatch):
     task = _record(monkeypatch, "evaluate_task", {"task": "qa", "examples": 2, "f1": 50.0, "seconds": 0.1})
     lm = _record(monkeypatch, "evaluate_lm", {"loss": 1.0, "perplexity": 2.7, "bpb": 1.5, "tokens": 10})

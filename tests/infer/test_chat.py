@@ -242,6 +242,38 @@ def test_an_encoder_decoder_replies_with_at_most_the_tokens_asked_for(lm):
     assert [m["role"] for m in chat.messages] == ["user", "assistant"]
 
 
+def _seq2seq(lm):
+    from lmforge.config import preset
+    from lmforge.infer.session import LanguageModel
+    from lmforge.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", arch="encoder-decoder", vocab_size=lm.tokenizer.vocab_size)).eval()
+    return LanguageModel(model, lm.tokenizer, lm.path)
+
+
+def test_an_encoder_decoder_session_passes_on_the_options_it_takes(lm, monkeypatch):
+    seq2seq, seen = _seq2seq(lm), {}
+    real = type(seq2seq).stream
+
+    def spy(self, prompt, max_new_tokens, **kwargs):
+        seen.update(kwargs)
+        return real(self, prompt, max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(type(seq2seq), "stream", spy)
+    chat = ChatSession(seq2seq, temperature=0.5, top_k=7, top_p=0.9, seed=3, ignore_eos=True)
+    "".join(chat.send("ROMEO:", max_new_tokens=2))
+    assert seen == {"temperature": 0.5, "top_k": 7, "top_p": 0.9, "seed": 3, "stop_at_eot": False}
+
+
+@pytest.mark.parametrize("option", [{"min_p": 0.1}, {"stop": ["x"]}, {"repetition_penalty": 1.2}, {"logprobs": 2},
+                                    {"speculate": 2}])
+def test_an_encoder_decoder_session_refuses_options_it_cannot_honour(lm, option):
+    with pytest.raises(UserError, match=rf"^chat with an encoder-decoder model takes temperature, top_k, top_p, seed "
+                                        rf"and ignore_eos only, not {next(iter(option))}$"):
+        ChatSession(_seq2seq(lm), **option)
+
+
 def test_speculate_reaches_the_sessions_engine(lm):
     assert ChatSession(lm, temperature=0, speculate=3).engine.speculate == 3
     assert ChatSession(lm, temperature=0).engine.speculate == 0

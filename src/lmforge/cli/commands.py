@@ -108,7 +108,7 @@ def predict_cmd(args: Namespace) -> dict[str, Any]:
     n = predict(args.checkpoint, args.data, args.out, args.task, target=args.target, split_articles=args.split_articles,
                 text_field=args.text_field, label_field=args.label_field, device=args.device,
                 dtype=args.dtype, batch_size=args.batch_size, **_inference_kwargs(args))
-    _say(args)(f"wrote {n:,} predictions to {args.out}")
+    _say(args)(f"wrote {n:,} prediction{'s' if n != 1 else ''} to {args.out}")
     return {"out": args.out, "predictions": n}
 
 

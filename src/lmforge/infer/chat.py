@@ -6,7 +6,7 @@ Templates are Jinja, as in Hugging Face's `tokenizer_config.json`; the tokenizer
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Callable, Iterator, TypeVar
 
 from lmforge.infer.engine import Engine
@@ -16,6 +16,9 @@ from lmforge.tokenizer import ChatTemplateError
 from lmforge.utils.errors import UserError, require_text
 
 T = TypeVar("T")
+
+# What an encoder-decoder's `LanguageModel.stream` takes; the engine (decoder-only) takes every option.
+_SEQ2SEQ_OPTIONS = {"temperature", "top_k", "top_p", "seed", "ignore_eos"}
 
 
 def render_chat(lm: LanguageModel, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -54,10 +57,12 @@ def _require_template(lm: LanguageModel, name: str | None = None) -> None:
 class ChatSession:
     """A conversation that remembers its turns; `send` streams the assistant's reply.
 
-    `sampling`: temperature, top_k, top_p, seed. A decoder-only model answers through a
-    one-slot `Engine`, whose prefix reuse keeps the conversation's keys and values between turns:
-    each turn prefills only the new message (and the last reply's final token), not the whole
-    conversation again; `speculate` is the engine's.
+    `sampling`: `SamplingParams`' options (temperature, top_k, top_p, seed, ...). A decoder-only
+    model answers through a one-slot `Engine`, whose prefix reuse keeps the conversation's keys and
+    values between turns: each turn prefills only the new message (and the last reply's final
+    token), not the whole conversation again; `speculate` is the engine's. An encoder-decoder reads
+    the conversation as its source each turn and takes temperature, top_k, top_p, seed and
+    ignore_eos only; another option is refused here rather than ignored.
     """
 
     def __init__(self, lm: LanguageModel, system: str | None = None, speculate: int = 0, **sampling) -> None:
@@ -65,11 +70,20 @@ class ChatSession:
         self.params = SamplingParams(**sampling)
         if system is not None:
             require_text(system, "the system message")
-        self.lm, self.system, self.sampling = lm, system, sampling
+        self.lm, self.system = lm, system
         self.messages: list[dict[str, str]] = []
         self.context_full = False  # whether the last reply ended because the context had no room left
         self._finish: str | None = None
         decoder = lm.model.config.arch == "decoder"
+        if not decoder:
+            default = SamplingParams()
+            unsupported = [f.name for f in fields(SamplingParams)
+                           if f.name not in _SEQ2SEQ_OPTIONS and getattr(self.params, f.name) != getattr(default, f.name)]
+            if speculate:
+                unsupported.append("speculate")
+            if unsupported:
+                raise UserError(f"chat with an {lm.model.config.arch} model takes temperature, top_k, top_p, seed and "
+                                f"ignore_eos only, not {', '.join(unsupported)}")
         self.engine = Engine(lm.model, lm.tokenizer, max_batch=1, speculate=speculate) if decoder else None
         self.reset()
 
@@ -109,7 +123,9 @@ class ChatSession:
         """The reply's pieces; `_finish` is then why it ended ("stop", "length"; None where not told)."""
         self._finish = None
         if self.engine is None:
-            yield from self.lm.stream(ids, max_new_tokens, **self.sampling)
+            p = self.params
+            yield from self.lm.stream(ids, max_new_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                      seed=p.seed, stop_at_eot=not p.ignore_eos)
             return
         req = self.engine.add(ids, replace(self.params, max_tokens=max_new_tokens))
         try:
